@@ -1,0 +1,167 @@
+"""One call per slot: canonical form → rank → fit → errors.
+
+This is the entry point a stranger uses on adapters from anywhere:
+
+    fit = compress_slot([LoRAFactors(A, B, scale), ...], CompressionConfig(rank=32))
+    fit.errors            # relative product error per delta
+    fit.export(i, 16)     # (A', B') PEFT factors at serving rank 16, scale 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from compression.cp import fit_diag
+from compression.errors import OrthoForm, personal_errors
+from compression.export import core_ranks, export_lora
+from compression.factors import CanonicalStack, LoRAFactors, canonicalize
+from compression.joint import SlotFit, choose_rank, fit_full, user_weights
+
+SIGMA_MODES = ("full", "diag")
+WEIGHTINGS = ("uniform", "norm")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress. Exactly one of `rank` and `energy` decides r (rank wins if both)."""
+
+    rank: int | None = None  # fixed shared rank r per slot (may exceed the LoRA rank k)
+    energy: float | None = None  # else: smallest r keeping this share of the weighted energy
+    sigma: str = "full"  # "full": r × r core per user; "diag": r numbers per user
+    weights: str = "uniform"  # "uniform" or "norm" (w_i = 1/‖D_i‖²: every user counts alike)
+    group: str = "slot"  # "slot": per (layer, module); "shape": one basis per tensor shape
+    tol: float = 1e-6  # stop when an iteration gains less than tol × total energy
+    max_iters: int = 200
+    max_rank: int = 1024  # ceiling for energy-chosen ranks
+    device: str = "cpu"
+    personal_error: bool = True  # costs one dense m × n mean per module
+
+    def __post_init__(self) -> None:
+        if self.rank is None and self.energy is None:
+            raise ValueError("give a shared rank (rank=R) or an energy target (energy=E)")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        if self.sigma not in SIGMA_MODES:
+            raise ValueError(f"sigma must be one of {SIGMA_MODES}, got {self.sigma!r}")
+        if self.weights not in WEIGHTINGS:
+            raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SlotResult:
+    """A fitted slot and its honest per-delta accounting."""
+
+    fit: SlotFit
+    form: OrthoForm
+    sq_norms: Tensor  # ‖D_i‖²
+    sq_errors: Tensor  # ‖D_i − D̂_i‖²
+    personal_sq_errors: Tensor  # ‖(D_i − D̄) − (D̂_i − D̄̂)‖² (NaN when not measured)
+    personal_sq_norms: Tensor  # ‖D_i − D̄‖²
+    lora_ranks: Tensor  # k_i of the inputs
+    shape: tuple[int, int]
+
+    @property
+    def errors(self) -> Tensor:
+        """Relative product error ‖D_i − D̂_i‖ / ‖D_i‖ (0 for an all-zero delta)."""
+        return _ratio(self.sq_errors, self.sq_norms)
+
+    @property
+    def personal_errors(self) -> Tensor:
+        return _ratio(self.personal_sq_errors, self.personal_sq_norms)
+
+    def core_ranks(self) -> Tensor:
+        return core_ranks(self.form.cores)
+
+    def reconstruct(self, i: int) -> Tensor:
+        """D̂_i dense (float64); for tests and small checks only."""
+        f = self.form
+        return f.Qu.double() @ f.cores[i].double() @ f.Qv.double().T
+
+    def export(self, i: int, rank: int) -> tuple[Tensor, Tensor]:
+        return export_lora(self.form.Qu, self.form.cores[i], self.form.Qv, rank)
+
+    def params_before(self) -> int:
+        m, n = self.shape
+        return int(self.lora_ranks.sum()) * (m + n)
+
+    def params_after(self) -> int:
+        """Shared bases plus every core in its cheapest exact stored form."""
+        m, n = self.shape
+        return self.fit.rank * (m + n) + core_storage(self.fit, self.lora_ranks)
+
+
+def core_storage(fit: SlotFit, lora_ranks: Tensor) -> int:
+    """Numbers stored for the cores: r per user (diag); else per user min(r², 2·k·r).
+
+    A full core Uᵀ D_i V has rank ≤ k_i, so when 2·k·r < r² it is kept as an r×k times k×r
+    product; the count uses the padded width actually written (the slot's largest k).
+    """
+    count, r = fit.cores.shape[0], fit.rank
+    if fit.sigma == "diag":
+        return count * r
+    k = int(lora_ranks.max())
+    return count * (2 * k * r if 2 * k * r < r * r else r * r)
+
+
+def compress_slot(
+    items: Sequence[LoRAFactors],
+    config: CompressionConfig,
+    module_groups: Sequence[Sequence[int]] | None = None,
+) -> SlotResult:
+    """Jointly compress the deltas of one slot (all of one shape).
+
+    `module_groups` lists item indices per module (for the personal-part error); by default
+    all items form one group.
+    """
+    stack = canonicalize(items, device=config.device)
+    return fit_stack(stack, _ranks(items), config, module_groups)
+
+
+def fit_stack(
+    stack: CanonicalStack,
+    lora_ranks: Tensor,
+    config: CompressionConfig,
+    module_groups: Sequence[Sequence[int]] | None = None,
+) -> SlotResult:
+    weights = user_weights(stack, config.weights)
+    rank = config.rank or choose_rank(stack, weights, config.energy or 1.0, config.max_rank)
+    fitter = fit_full if config.sigma == "full" else fit_diag
+    fit = fitter(stack, rank, weights, tol=config.tol, max_iters=config.max_iters)
+    form = fit.form()
+    groups = module_groups if module_groups is not None else [list(range(stack.count))]
+    if config.personal_error:
+        pnum, pden = personal_errors(stack, form, groups)
+    else:
+        pnum = pden = torch.full((stack.count,), float("nan"), dtype=torch.float64)
+    return SlotResult(
+        fit=fit,
+        form=form,
+        sq_norms=stack.sq_norms().cpu(),
+        sq_errors=fit.sq_errors,
+        personal_sq_errors=pnum,
+        personal_sq_norms=pden,
+        lora_ranks=lora_ranks,
+        shape=stack.shape,
+    )
+
+
+def _ranks(items: Sequence[LoRAFactors]) -> Tensor:
+    known = getattr(items, "ranks", None)
+    if known is not None:
+        return torch.as_tensor(list(known))
+    return torch.tensor([item.rank for item in items])
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    out = (num.clamp_min(0) / safe).sqrt()
+    return torch.where(den > 0, out, torch.where(den.isnan(), den, torch.zeros_like(den)))

@@ -32,8 +32,8 @@ def fit_diag(
     sigma = _solve_sigma(stack, U, V)
     error = _error(stack, U, V, sigma, weights, total)
     history = [total - error]
-    converged, iterations = False, 0
-    for iterations in range(1, max_iters + 1):
+    converged = False
+    for _ in range(max_iters):
         U = _solve_basis(stack.Et, stack.S, project(stack.Ft, V), V, sigma, w)
         V = _solve_basis(stack.Ft, stack.S, project(stack.Et, U), U, sigma, w)
         U, V, sigma = _normalise(U, V, _solve_sigma(stack, U, V))
@@ -45,7 +45,7 @@ def fit_diag(
     sq_errors = squared_errors(stack, OrthoForm.from_diag(U, V, sigma))
     hosvd_error = hosvd_sq_error(stack, weights, *_hosvd_bases(spec_u, spec_v, rank))
     bracket = make_bracket(spec_u, spec_v, rank, hosvd_error, weights, sq_errors)
-    return SlotFit(U, V, "diag", sigma, weights, bracket, sq_errors, history, iterations, converged)
+    return SlotFit(U, V, "diag", sigma, weights, bracket, sq_errors, history, converged)
 
 
 def _hosvd_bases(spec_u, spec_v, rank: int) -> tuple[Tensor, Tensor]:

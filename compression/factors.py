@@ -104,23 +104,22 @@ def canonicalize(
 def _thin_svd_batch(
     batch: list[LoRAFactors], k: int, m: int, n: int, device: torch.device | str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # QR and the small SVD in float64: they are cheap (k ≤ 128) and this is where precision
-    # for the lossless case is decided.
-    B = torch.zeros(len(batch), m, k, dtype=torch.float64, device=device)
-    At = torch.zeros(len(batch), n, k, dtype=torch.float64, device=device)
+    # Tall QRs in float32 (as precise as the stored factors); the k × k SVD in float64.
+    B = torch.zeros(len(batch), m, k, device=device)
+    At = torch.zeros(len(batch), n, k, device=device)
     scale = torch.zeros(len(batch), dtype=torch.float64, device=device)
     for j, item in enumerate(batch):
         if item.shape != (m, n):
             raise ValueError(f"delta {j} has shape {item.shape}, expected {(m, n)}")
         r = item.rank
-        B[j, :, :r] = item.B.to(device=device, dtype=torch.float64)
-        At[j, :, :r] = item.A.to(device=device, dtype=torch.float64).T
+        B[j, :, :r] = item.B.to(device=device, dtype=torch.float32)
+        At[j, :, :r] = item.A.to(device=device, dtype=torch.float32).T
         scale[j] = item.scale
     P, T = torch.linalg.qr(B)
     Q, R = torch.linalg.qr(At)
-    core = scale[:, None, None] * (T @ R.transpose(1, 2))
+    core = scale[:, None, None] * (T.double() @ R.double().transpose(1, 2))
     X, s, Yh = torch.linalg.svd(core)
-    return P @ X, s, Q @ Yh.transpose(1, 2)
+    return P @ X.float(), s, Q @ Yh.transpose(1, 2).float()
 
 
 def project(rows: Tensor, basis: Tensor) -> Tensor:

@@ -60,8 +60,11 @@ class SlotFit:
     bracket: Bracket
     sq_errors: Tensor  # ‖D_i − D̂_i‖² per delta, float64
     history: list[float] = field(default_factory=list)  # captured energy, nondecreasing
-    iterations: int = 0
     converged: bool = True
+
+    @property
+    def iterations(self) -> int:
+        return len(self.history) - 1
 
     @property
     def rank(self) -> int:
@@ -123,11 +126,11 @@ def fit_full(
     U, V = spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
     total = spec_u.trace
     w = weights.to(stack.S.dtype)
+    hosvd_error = hosvd_sq_error(stack, weights, U, V)
     EU, FV = project(stack.Et, U), project(stack.Ft, V)
     history = [_captured(stack.S, EU, FV, weights)]
-    hosvd_error = hosvd_sq_error(stack, weights, U, V)
-    converged, iterations = False, 0
-    for iterations in range(1, max_iters + 1):
+    converged = False
+    for _ in range(max_iters):
         V, FV, _ = _ritz_step(stack.Ft, stack.S[:, :, None] * EU, FV, V, w)
         U, EU, captured = _ritz_step(stack.Et, stack.S[:, :, None] * FV, EU, U, w)
         history.append(captured)
@@ -137,12 +140,21 @@ def fit_full(
     cores = _cores(stack.S, EU, FV)
     sq_errors = squared_errors(stack, OrthoForm(U, V, cores))
     bracket = make_bracket(spec_u, spec_v, rank, hosvd_error, weights, sq_errors)
-    return SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, iterations, converged)
+    return SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, converged)
 
 
 def hosvd_sq_error(stack: CanonicalStack, weights: Tensor, U: Tensor, V: Tensor) -> float:
-    """Weighted error of the truncated HOSVD with its optimal cores, cancellation-free."""
-    cores = _cores(stack.S, project(stack.Et, U), project(stack.Ft, V))
+    """Weighted error of the truncated HOSVD with its optimal cores.
+
+    total − captured is exact enough unless the error is tiny; then pay for the
+    cancellation-free residual.
+    """
+    EU, FV = project(stack.Et, U), project(stack.Ft, V)
+    total = float((weights * stack.sq_norms()).sum())
+    error = total - _captured(stack.S, EU, FV, weights)
+    if error > 1e-3 * total:
+        return error
+    cores = _cores(stack.S, EU, FV)
     return float((weights * squared_errors(stack, OrthoForm(U, V, cores))).sum())
 
 

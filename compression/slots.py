@@ -37,7 +37,9 @@ class Slot:
         return list(groups.values())
 
 
-def group_slots(shapes: Mapping[str, Mapping[str, tuple[int, int]]], by: str = "slot") -> list[Slot]:
+def group_slots(
+    shapes: Mapping[str, Mapping[str, tuple[int, int]]], by: str = "slot"
+) -> list[Slot]:
     """Group users' modules into slots. `shapes[user][module] = (m, n)`."""
     if by not in GROUPINGS:
         raise ValueError(f"unknown grouping {by!r}: use one of {', '.join(GROUPINGS)}")

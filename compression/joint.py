@@ -61,6 +61,8 @@ class SlotFit:
     sq_errors: Tensor  # ‖D_i − D̂_i‖² per delta, float64
     history: list[float] = field(default_factory=list)  # captured energy, nondecreasing
     converged: bool = True
+    # Full cores as exact rank-k products L_i (r × k) @ R_i (k × r), when the fit has them.
+    core_factors: tuple[Tensor, Tensor] | None = None
 
     @property
     def iterations(self) -> int:
@@ -137,10 +139,13 @@ def fit_full(
         if captured - history[-2] <= tol * max(total, 1e-300):
             converged = True
             break
-    cores = _cores(stack.S, EU, FV)
+    left = (stack.S[:, :, None] * EU).transpose(1, 2)  # Uᵀ E_i S_i
+    cores = left @ FV
     sq_errors = squared_errors(stack, OrthoForm(U, V, cores))
     bracket = make_bracket(spec_u, spec_v, rank, hosvd_error, weights, sq_errors)
-    return SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, converged)
+    fit = SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, converged)
+    fit.core_factors = (left, FV)
+    return fit
 
 
 def hosvd_sq_error(stack: CanonicalStack, weights: Tensor, U: Tensor, V: Tensor) -> float:

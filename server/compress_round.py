@@ -1,0 +1,121 @@
+"""A compression round: users' PEFT adapters → compressed store with its report.
+
+Validation happens before any work (headers, shapes, base model, finite values). Slots are then
+fitted one at a time, reading only that slot's tensors from the safetensors files, so memory
+holds one slot's factors, never the whole population. The store is built under a temporary
+name and appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from compression.engine import CompressionConfig, compress_slot
+from compression.factors import LoRAFactors
+from compression.report import build_report, slot_entry, write_report
+from compression.slots import Slot, group_slots
+from server.compressed_store import FORMAT, MANIFEST, write_slot
+from soppu import atomic
+from soppu.adapters import AdapterInfo, read_population
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class LazySlotItems(Sequence[LoRAFactors]):
+    """A slot's (user, module) deltas, each read from its file only when indexed."""
+
+    def __init__(self, slot: Slot, adapters: Mapping[str, AdapterInfo]):
+        self._items = slot.items
+        self._adapters = adapters
+        self.ranks = [adapters[u].modules[m].rank for u, m in slot.items]
+        self.max_rank = max(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        user, module = self._items[index]
+        A, B, scale = self._adapters[user].load(module)
+        return LoRAFactors(A, B, scale)
+
+
+def compress_adapters(
+    paths: Mapping[str, Path],
+    out: Path,
+    config: CompressionConfig,
+    *,
+    progress: Progress | None = None,
+    replace: bool = False,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress every user's adapter in `paths` (user → dir) into the store `out`.
+
+    Returns the manifest. Raises AdapterError (naming the files) before doing any work if the
+    adapters are bad or do not belong together.
+    """
+    infos = read_population(paths)
+    adapters = {info.user: info for info in infos}
+    shapes = {info.user: {m: mi.shape for m, mi in info.modules.items()} for info in infos}
+    slots = group_slots(shapes, config.group)
+    entries, manifest_slots = [], []
+    with atomic.building_dir(Path(out), replace=replace) as tmp:
+        for done, slot in enumerate(slots):
+            if progress:
+                progress(slot.name, done, len(slots))
+            start = time.perf_counter()
+            result = compress_slot(LazySlotItems(slot, adapters), config, slot.module_groups())
+            entry = slot_entry(slot, result, time.perf_counter() - start)
+            entries.append(entry)
+            manifest_slots.append(_manifest_slot(slot, entry, write_slot(tmp, slot.name, result)))
+        if progress:
+            progress("report", len(slots), len(slots))
+        report = build_report(entries, config.as_dict())
+        write_report(report, tmp / "report")
+        manifest = _manifest(infos, config, manifest_slots, report["totals"], source)
+        atomic.write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest_slot(slot: Slot, entry: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": slot.name,
+        **saved,
+        "shape": list(slot.shape),
+        "rank": entry["rank"],
+        "sigma": entry["sigma"],
+        "max_core_rank": entry["max_core_rank"],
+        "params_after": entry["params_after"],
+        "items": [list(item) for item in slot.items],
+    }
+
+
+def _manifest(
+    infos: list[AdapterInfo],
+    config: CompressionConfig,
+    slots: list[dict[str, Any]],
+    totals: dict[str, Any],
+    source: dict[str, Any] | None,
+) -> dict[str, Any]:
+    first = infos[0].config
+    return {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.as_dict(),
+        "base_model": infos[0].base_model,
+        "adapter_config": {k: first[k] for k in ("task_type", "target_modules",
+                           "layers_to_transform", "layers_pattern", "fan_in_fan_out")
+                           if k in first},
+        "users": sorted(info.user for info in infos),
+        "source": {
+            **(source or {}),
+            "adapters": {info.user: str(info.path) for info in infos},
+        },
+        "slots": slots,
+        "totals": totals,
+    }

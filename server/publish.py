@@ -1,0 +1,137 @@
+"""Publishing: a compressed store → a serving version that PEFT, LoRAX and vLLM load.
+
+    SERVING/vNNNN/manifest.json        users, base model, rank, checksums, source store
+    SERVING/vNNNN/users/<user>/        adapter_config.json + adapter_model.safetensors only
+    SERVING/vNNNN/shared/              bases and cores (the store's slot files + manifest)
+    SERVING/vNNNN/report/              the reconstruction-error report
+    SERVING/current -> vNNNN           switched atomically once the version is complete
+
+A version is built under a temporary name and renamed into place; `current` moves only after
+that, so a failed publish leaves the previous version and `current` untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from compression.export import SERVING_RANKS, export_lora, serving_rank
+from server.compressed_store import MANIFEST, StoredSlot, read_manifest, sha256, verify
+from soppu import atomic
+from soppu.adapters import adapter_files, lora_config
+from soppu.userids import check_user_id
+
+CURRENT = "current"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+Progress = Callable[[str, int, int], None]
+
+
+def versions(serving: Path) -> list[str]:
+    """Complete versions in `serving`, oldest first."""
+    if not Path(serving).is_dir():
+        return []
+    found = [p.name for p in Path(serving).iterdir() if p.is_dir() and _VERSION.match(p.name)]
+    return sorted(found, key=lambda name: int(name[1:]))
+
+
+def current_version(serving: Path) -> str | None:
+    link = Path(serving) / CURRENT
+    return link.resolve().name if link.is_symlink() and link.resolve().is_dir() else None
+
+
+def publish(
+    store: Path,
+    serving: Path,
+    *,
+    export_rank: int | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write the next serving version from `store`; returns its directory."""
+    store, serving = Path(store), Path(serving)
+    manifest = read_manifest(store)
+    verify(store, manifest)
+    needed = max((s["max_core_rank"] for s in manifest["slots"]), default=1)
+    rank = export_rank or serving_rank(needed)
+    if rank not in SERVING_RANKS:
+        raise ValueError(f"export rank {rank} is not one of {SERVING_RANKS} (what LoRAX loads)")
+    existing = versions(serving)
+    version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+    with atomic.building_dir(serving / version) as tmp:
+        users = _write_users(store, manifest, tmp / "users", rank, progress)
+        _copy_shared(store, tmp / "shared")
+        if (store / "report").is_dir():
+            shutil.copytree(store / "report", tmp / "report")
+        atomic.write_json(tmp / MANIFEST, _serving_manifest(store, manifest, version, rank,
+                                                            needed, users))
+    atomic.point_symlink(serving / CURRENT, version)
+    return serving / version
+
+
+def _write_users(
+    store: Path, manifest: dict[str, Any], out: Path, rank: int, progress: Progress | None
+) -> dict[str, dict[str, Any]]:
+    slots = [StoredSlot.open(store, entry) for entry in manifest["slots"]]
+    index: dict[str, list] = {user: [] for user in manifest["users"]}
+    for slot in slots:
+        for i, (user, module) in enumerate(slot.entry["items"]):
+            index[user].append((slot, i, module))
+    config = lora_config(rank=rank, base_model=manifest["base_model"],
+                         source=manifest.get("adapter_config"))
+    written = {}
+    for done, user in enumerate(manifest["users"]):
+        check_user_id(user, source=str(store / MANIFEST))
+        if progress:
+            progress(user, done, len(manifest["users"]))
+        tensors = {}
+        for slot, i, module in index[user]:
+            tensors[module] = export_lora(slot.form.Qu, slot.core(i), slot.form.Qv, rank)
+        files = adapter_files(tensors, config)
+        (out / user).mkdir(parents=True)
+        for name, data in files.items():
+            (out / user / name).write_bytes(data)
+        written[user] = {
+            "adapter": f"users/{user}",
+            "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        }
+    return written
+
+
+def _copy_shared(store: Path, out: Path) -> None:
+    out.mkdir(parents=True)
+    shutil.copytree(store / "slots", out / "slots")
+    shutil.copy2(store / MANIFEST, out / MANIFEST)
+
+
+def _serving_manifest(
+    store: Path,
+    manifest: dict[str, Any],
+    version: str,
+    rank: int,
+    needed: int,
+    users: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    return {
+        "format": "soppu-serving/1",
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": manifest["base_model"],
+        "export_rank": rank,
+        "lora_alpha": rank,
+        # Exact when every core's rank fits the serving rank; else best rank-k' truncation.
+        "export_exact": needed <= rank,
+        "max_core_rank": needed,
+        "source": {
+            "store": str(store.resolve()),
+            "store_manifest_sha256": sha256(store / MANIFEST),
+            "run": manifest.get("source", {}).get("run"),
+        },
+        "compression": manifest["config"],
+        "totals": manifest["totals"],
+        "users": users,
+    }

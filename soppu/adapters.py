@@ -1,0 +1,334 @@
+"""PEFT LoRA adapter directories: strict reading, lazy tensors, atomic writing.
+
+An adapter dir is `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` [k, n] and `.lora_B.weight` [m, k] (some tools put
+`.default.` before `weight`; accepted on input, never written). Headers are read up front so
+a population can be validated before any work; tensors are read one module at a time.
+Pickled weights are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from soppu import atomic
+from soppu.userids import UnsafeUserId, check_user_id
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+class AdapterError(ValueError):
+    """A bad adapter: the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    key_a: str
+    key_b: str
+    rank: int
+    shape: tuple[int, int]  # (out m, in n) of the delta
+    scale: float  # lora_alpha / r, or lora_alpha / √r with rsLoRA
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter holds, from its config and safetensors header; no tensors loaded."""
+
+    user: str
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, ModuleInfo] = field(default_factory=dict)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def load(self, module: str) -> tuple[Tensor, Tensor, float]:
+        """(A, B, scale) of one module as float32, read lazily from the safetensors file."""
+        info = self.modules[module]
+        try:
+            with safe_open(self.weights_path, framework="pt") as handle:
+                A = handle.get_tensor(info.key_a).float()
+                B = handle.get_tensor(info.key_b).float()
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{self.weights_path}: cannot read {module}: {exc}") from exc
+        return A, B, info.scale
+
+    def check_finite(self) -> None:
+        """Stream every tensor once; NaN or ±inf anywhere is refused."""
+        for module, info in self.modules.items():
+            A, B, _ = self.load(module)
+            for side, tensor in (("lora_A", A), ("lora_B", B)):
+                if not torch.isfinite(tensor).all():
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise AdapterError(
+                        f"{self.weights_path}: {module}.{side} has {bad} non-finite values "
+                        "(NaN or inf)"
+                    )
+
+
+def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:
+    """Read and check one adapter dir's config and header. The user id defaults to its name."""
+    path = Path(path)
+    user = user if user is not None else path.name
+    try:
+        check_user_id(user, source=str(path))
+    except UnsafeUserId as exc:
+        raise AdapterError(str(exc)) from exc
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not a directory (expected a PEFT adapter dir)")
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [name for name in PICKLED_NAMES if (path / name).exists()]
+        if pickled:
+            raise AdapterError(
+                f"{path / pickled[0]}: pickled weights are never loaded (unpickling runs "
+                f"arbitrary code); save the adapter with safetensors ({WEIGHTS_NAME})"
+            )
+        raise AdapterError(f"{weights}: missing")
+    config = _read_config(path / CONFIG_NAME)
+    info = AdapterInfo(user=user, path=path, config=config)
+    info.modules = _read_modules(weights, config)
+    return info
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: peft_type is {peft_type}; only LoRA adapters are supported")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: DoRA adapters (use_dora) are not supported")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"{path}: {key} must be a positive number, got {value!r}")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save is set; only LoRA deltas can be compressed")
+    return config
+
+
+def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo]:
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            headers = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
+            shapes = {key: tuple(s.get_shape()) for key, s in headers.items()}
+            dtypes = {key: s.get_dtype() for key, s in headers.items()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    pairs: dict[str, dict[str, str]] = {}
+    for key in shapes:
+        match = _KEY.match(key)
+        if not match:
+            raise AdapterError(f"{weights}: unexpected tensor {key!r} (only lora_A/lora_B)")
+        if dtypes[key] not in _FLOAT_DTYPES:
+            raise AdapterError(f"{weights}: {key} has dtype {dtypes[key]}, expected a float")
+        pairs.setdefault(match["module"], {})[match["side"]] = key
+    if not pairs:
+        raise AdapterError(f"{weights}: holds no LoRA tensors")
+    return {module: _module_info(weights, config, module, keys, shapes) for module, keys in pairs.items()}
+
+
+def _module_info(
+    weights: Path, config: dict[str, Any], module: str, keys: dict[str, str], shapes: dict
+) -> ModuleInfo:
+    if set(keys) != {"A", "B"}:
+        missing = "lora_B" if "A" in keys else "lora_A"
+        raise AdapterError(f"{weights}: {module} has no {missing} weight")
+    a_shape, b_shape = shapes[keys["A"]], shapes[keys["B"]]
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise AdapterError(
+            f"{weights}: {module} lora_A {list(a_shape)} and lora_B {list(b_shape)} "
+            "do not form B @ A (expected [k, in] and [out, k])"
+        )
+    rank = a_shape[0]
+    expected = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    if rank != expected:
+        raise AdapterError(
+            f"{weights}: {module} has rank {rank} but the config says r={expected}"
+        )
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return ModuleInfo(keys["A"], keys["B"], rank, (b_shape[0], a_shape[1]), scale)
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches the end of the module path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def discover(inputs: Iterable[Path]) -> dict[str, Path]:
+    """Adapter dirs by user id: each input is an adapter dir or a folder of adapter dirs."""
+    found: dict[str, Path] = {}
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise AdapterError(f"{path}: no such file or directory")
+        candidates = [path] if _looks_like_adapter(path) else sorted(p for p in path.iterdir())
+        for candidate in candidates:
+            if not candidate.is_dir() or candidate.name.startswith("."):
+                continue
+            if not _looks_like_adapter(candidate):
+                continue
+            if candidate.name in found:
+                raise AdapterError(
+                    f"{candidate}: user id {candidate.name!r} also comes from "
+                    f"{found[candidate.name]}; user ids must be unique"
+                )
+            found[candidate.name] = candidate
+    if not found:
+        names = ", ".join(str(p) for p in inputs)
+        raise AdapterError(f"{names}: no PEFT adapter dirs found ({CONFIG_NAME} + weights)")
+    return found
+
+
+def _looks_like_adapter(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / CONFIG_NAME).exists()
+        or (path / WEIGHTS_NAME).exists()
+        or any((path / name).exists() for name in PICKLED_NAMES)
+    )
+
+
+def read_population(paths: Mapping[str, Path], *, check_values: bool = True) -> list[AdapterInfo]:
+    """Read every adapter, check they belong together, and (by default) that values are finite.
+
+    Raises one AdapterError that lists everything wrong, so a user fixes it in one pass.
+    """
+    infos, problems = [], []
+    for user, path in sorted(paths.items()):
+        try:
+            infos.append(read_adapter(path, user))
+        except AdapterError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise AdapterError("\n".join(problems))
+    check_population(infos)
+    if check_values:
+        for info in infos:
+            info.check_finite()
+    return infos
+
+
+def check_population(infos: list[AdapterInfo]) -> None:
+    """Same base model, same modules, same shapes per module; else name who differs."""
+    problems = []
+    problems += _differs(infos, "base model", lambda i: i.base_model)
+    problems += _differs(infos, "target modules", lambda i: tuple(sorted(i.modules)))
+    problems += _differs(infos, "fan_in_fan_out", lambda i: bool(i.config.get("fan_in_fan_out")))
+    shapes: dict[str, dict[tuple[int, int], list[str]]] = {}
+    for info in infos:
+        for module, mod in info.modules.items():
+            shapes.setdefault(module, {}).setdefault(mod.shape, []).append(info.user)
+    for module, by_shape in shapes.items():
+        if len(by_shape) > 1:
+            listing = "; ".join(f"{list(s)}: {_names(u)}" for s, u in by_shape.items())
+            problems.append(f"module {module} has different shapes across users: {listing}")
+    if problems:
+        raise AdapterError("adapters do not belong together:\n  " + "\n  ".join(problems))
+
+
+def _differs(infos: list[AdapterInfo], what: str, key) -> list[str]:
+    groups: dict[Any, list[str]] = {}
+    for info in infos:
+        groups.setdefault(key(info), []).append(info.user)
+    if len(groups) <= 1:
+        return []
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    majority = ranked[0][0]
+    others = "; ".join(f"{_short(v)} for {_names(users)}" for v, users in ranked[1:])
+    return [f"{what} differs: most users have {_short(majority)}, but {others}"]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _names(users: list[str]) -> str:
+    shown = ", ".join(users[:8])
+    return shown + (f" and {len(users) - 8} more" if len(users) > 8 else "")
+
+
+# Fields a plain LoRA config carries; anything else from the sources is dropped on export.
+_TARGETING_KEYS = ("target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
+
+
+def lora_config(
+    *, rank: int, base_model: str | None, source: Mapping[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A PEFT LoraConfig dict with one r and lora_alpha = r (scale 1), as LoRAX and vLLM want."""
+    source = source or {}
+    config = {
+        "peft_type": "LORA",
+        "task_type": source.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "fan_in_fan_out": False,
+    }
+    config.update({key: source[key] for key in _TARGETING_KEYS if key in source})
+    config.update(extra)
+    return config
+
+
+def adapter_files(tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping) -> dict[str, bytes]:
+    """The two files of a PEFT adapter dir, as bytes. tensors: module → (A [k, n], B [m, k])."""
+    state = {}
+    for module, (A, B) in tensors.items():
+        state[f"base_model.model.{module}.lora_A.weight"] = A.detach().float().contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = B.detach().float().contiguous()
+    return {
+        CONFIG_NAME: (json.dumps(dict(config), indent=2) + "\n").encode(),
+        WEIGHTS_NAME: safetensors_bytes(state, metadata={"format": "pt"}),
+    }
+
+
+def write_adapter(
+    path: Path, tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping, *, replace=False
+) -> None:
+    """Write a PEFT adapter dir atomically: it appears whole or not at all."""
+    with atomic.building_dir(Path(path), replace=replace) as tmp:
+        for name, data in adapter_files(tensors, config).items():
+            (tmp / name).write_bytes(data)

@@ -29,9 +29,15 @@ def plot_errors(report: dict[str, Any], path: Path) -> None:
     for ki, kind in enumerate(kinds):
         rows = [r for r in report["modules"] if r["kind"] == kind]
         xs = [positions.get(r["layer"], 0) + (ki - (len(kinds) - 1) / 2) * width for r in rows]
-        ax.bar(xs, [r["mean"] for r in rows], width=width * 0.9, color=colors(ki), alpha=0.55,
-               label=f"{kind} (mean)")
-        for x, r in zip(xs, rows):
+        ax.bar(
+            xs,
+            [r["mean"] for r in rows],
+            width=width * 0.9,
+            color=colors(ki),
+            alpha=0.55,
+            label=f"{kind} (mean)",
+        )
+        for x, r in zip(xs, rows, strict=True):
             dots = by_module[r["module"]][:_MAX_DOTS_PER_MODULE]
             jitter = [(j / max(len(dots) - 1, 1) - 0.5) * width * 0.6 for j in range(len(dots))]
             ax.scatter([x + d for d in jitter], dots, s=6, color=colors(ki), edgecolors="none")
@@ -40,8 +46,10 @@ def plot_errors(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error ‖D − D̂‖ / ‖D‖")
     t = report["totals"]
-    ax.set_title(f"Per-layer reconstruction error: {t['users']} users, mean {t['mean']:.3f}, "
-                 f"{t['ratio']:.1f}× fewer parameters")
+    ax.set_title(
+        f"Per-layer reconstruction error: {t['users']} users, mean {t['mean']:.3f}, "
+        f"{t['ratio']:.1f}× fewer parameters"
+    )
     ax.legend(loc="upper right", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -65,9 +73,14 @@ def plot_params(report: dict[str, Any], path: Path) -> None:
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], b, width=0.4, label="per-user LoRAs", color="#999999")
     ax.bar([x + 0.2 for x in xs], a, width=0.4, label="shared bases + cores", color="#1f77b4")
-    for x, before_n, after_n in zip(xs, b, a):
-        ax.annotate(f"{before_n / max(after_n, 1):.1f}×", (x + 0.2, after_n), ha="center",
-                    va="bottom", fontsize="small")
+    for x, before_n, after_n in zip(xs, b, a, strict=True):
+        ax.annotate(
+            f"{before_n / max(after_n, 1):.1f}×",
+            (x + 0.2, after_n),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels)
     ax.set_yscale("log")

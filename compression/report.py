@@ -148,14 +148,31 @@ def report_csv(report: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["user", "module", "layer", "kind", "slot", "rank", "rel_error", "rel_error_sq",
-         "personal_error"]
+        [
+            "user",
+            "module",
+            "layer",
+            "kind",
+            "slot",
+            "rank",
+            "rel_error",
+            "rel_error_sq",
+            "personal_error",
+        ]
     )
     for it in report["items"]:
         writer.writerow(
-            [it["user"], it["module"], layer_index(it["module"]), module_kind(it["module"]),
-             it["slot"], it["rank"], f"{it['error']:.6g}", f"{it['error'] ** 2:.6g}",
-             "" if it["personal_error"] is None else f"{it['personal_error']:.6g}"]
+            [
+                it["user"],
+                it["module"],
+                layer_index(it["module"]),
+                module_kind(it["module"]),
+                it["slot"],
+                it["rank"],
+                f"{it['error']:.6g}",
+                f"{it['error'] ** 2:.6g}",
+                "" if it["personal_error"] is None else f"{it['personal_error']:.6g}",
+            ]
         )
     return buffer.getvalue()
 

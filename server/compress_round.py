@@ -108,9 +108,17 @@ def _manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.as_dict(),
         "base_model": infos[0].base_model,
-        "adapter_config": {k: first[k] for k in ("task_type", "target_modules",
-                           "layers_to_transform", "layers_pattern", "fan_in_fan_out")
-                           if k in first},
+        "adapter_config": {
+            k: first[k]
+            for k in (
+                "task_type",
+                "target_modules",
+                "layers_to_transform",
+                "layers_pattern",
+                "fan_in_fan_out",
+            )
+            if k in first
+        },
         "users": sorted(info.user for info in infos),
         "source": {
             **(source or {}),

@@ -67,8 +67,9 @@ def publish(
         _copy_shared(store, tmp / "shared")
         if (store / "report").is_dir():
             shutil.copytree(store / "report", tmp / "report")
-        atomic.write_json(tmp / MANIFEST, _serving_manifest(store, manifest, version, rank,
-                                                            needed, users))
+        atomic.write_json(
+            tmp / MANIFEST, _serving_manifest(store, manifest, version, rank, needed, users)
+        )
     atomic.point_symlink(serving / CURRENT, version)
     return serving / version
 
@@ -81,8 +82,9 @@ def _write_users(
     for slot in slots:
         for i, (user, module) in enumerate(slot.entry["items"]):
             index[user].append((slot, i, module))
-    config = lora_config(rank=rank, base_model=manifest["base_model"],
-                         source=manifest.get("adapter_config"))
+    config = lora_config(
+        rank=rank, base_model=manifest["base_model"], source=manifest.get("adapter_config")
+    )
     written = {}
     for done, user in enumerate(manifest["users"]):
         check_user_id(user, source=str(store / MANIFEST))

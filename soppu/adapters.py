@@ -75,7 +75,7 @@ class AdapterInfo:
 
     def check_finite(self) -> None:
         """Stream every tensor once; NaN or ±inf anywhere is refused."""
-        for module, info in self.modules.items():
+        for module in self.modules:
             A, B, _ = self.load(module)
             for side, tensor in (("lora_A", A), ("lora_B", B)):
                 if not torch.isfinite(tensor).all():
@@ -152,7 +152,10 @@ def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo
         pairs.setdefault(match["module"], {})[match["side"]] = key
     if not pairs:
         raise AdapterError(f"{weights}: holds no LoRA tensors")
-    return {module: _module_info(weights, config, module, keys, shapes) for module, keys in pairs.items()}
+    return {
+        module: _module_info(weights, config, module, keys, shapes)
+        for module, keys in pairs.items()
+    }
 
 
 def _module_info(
@@ -170,9 +173,7 @@ def _module_info(
     rank = a_shape[0]
     expected = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
     if rank != expected:
-        raise AdapterError(
-            f"{weights}: {module} has rank {rank} but the config says r={expected}"
-        )
+        raise AdapterError(f"{weights}: {module} has rank {rank} but the config says r={expected}")
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return ModuleInfo(keys["A"], keys["B"], rank, (b_shape[0], a_shape[1]), scale)
@@ -313,7 +314,9 @@ def lora_config(
     return config
 
 
-def adapter_files(tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping) -> dict[str, bytes]:
+def adapter_files(
+    tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping
+) -> dict[str, bytes]:
     """The two files of a PEFT adapter dir, as bytes. tensors: module → (A [k, n], B [m, k])."""
     state = {}
     for module, (A, B) in tensors.items():

@@ -1,0 +1,302 @@
+"""The `soppu` command line: the one place that wires data, server and compression together."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="soppu",
+    help="One PEFT per user: compress many users' LoRA adapters into shared bases, publish "
+    "them for PEFT/LoRAX/vLLM, and report the per-layer reconstruction error.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+
+
+class Sigma(str, Enum):
+    full = "full"
+    diag = "diag"
+
+
+class Group(str, Enum):
+    slot = "slot"
+    shape = "shape"
+
+
+class Weights(str, Enum):
+    uniform = "uniform"
+    norm = "norm"
+
+
+class Structure(str, Enum):
+    shared = "shared"
+    random = "random"
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+@contextmanager
+def _clear_errors():
+    """Bad input ends in one red line naming the file and the problem, not a traceback."""
+    from server.compressed_store import StoreError
+    from soppu.adapters import AdapterError
+    from soppu.userids import UnsafeUserId
+
+    try:
+        yield
+    except (AdapterError, StoreError, UnsafeUserId, FileExistsError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _progress(label: str):
+    with Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield update
+        bar.update(task, completed=bar.tasks[0].total or 0, description="done")
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write one PEFT adapter dir per user.")],
+    users: Annotated[int, typer.Option(help="Number of users.")] = 16,
+    layers: Annotated[int, typer.Option(help="Decoder layers (q_proj, v_proj each).")] = 30,
+    rank: Annotated[int, typer.Option(help="LoRA rank k.")] = 8,
+    structure: Annotated[Structure, typer.Option(help="shared: realistic; random: hard.")] = (
+        Structure.shared
+    ),
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write seeded synthetic per-user adapters with SmolLM2-135M's q/v shapes."""
+    from soppu.synthetic import PopulationSpec, write_population
+
+    spec = PopulationSpec(users, layers, rank=rank, structure=structure.value, seed=seed)
+    paths = write_population(spec, out)
+    console.print(f"wrote {len(paths)} adapters to [bold]{out}[/]")
+
+
+@app.command()
+def compress(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="PEFT adapter dirs, or folders of them (id = dir name).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Compressed store to write.")],
+    rank: Annotated[int | None, typer.Option(help="Shared rank r per slot (may exceed k).")] = None,
+    energy: Annotated[
+        float | None, typer.Option(help="Else: smallest r per slot keeping this energy share.")
+    ] = None,
+    max_error: Annotated[
+        float | None, typer.Option(help="Else: weighted relative error target (energy 1−e²).")
+    ] = None,
+    sigma: Annotated[Sigma, typer.Option(help="Per-user core: full r×r or diagonal.")] = Sigma.full,
+    group: Annotated[
+        Group, typer.Option(help="slot: basis per (layer, module); shape: per tensor shape.")
+    ] = Group.slot,
+    weights: Annotated[
+        Weights, typer.Option(help="uniform, or norm (1/‖D_i‖²: every user counts alike).")
+    ] = Weights.uniform,
+    device: Annotated[str, typer.Option(help="cpu or cuda (or cuda:N).")] = "cpu",
+    tol: Annotated[float, typer.Option(help="Stop when an iteration gains < tol·energy.")] = 1e-6,
+    max_iters: Annotated[int, typer.Option(help="Iteration cap per slot.")] = 200,
+    personal_error: Annotated[
+        bool, typer.Option(help="Measure the personal-part error (one dense mean per module).")
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+) -> None:
+    """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
+    from compression.engine import CompressionConfig
+    from server.compress_round import compress_adapters
+    from soppu.adapters import discover
+
+    _threads(threads)
+    with _clear_errors():
+        if max_error is not None and energy is None:
+            energy = 1.0 - max_error**2
+        if rank is None and energy is None:
+            energy = 0.9
+        config = CompressionConfig(
+            rank=rank,
+            energy=energy,
+            sigma=sigma.value,
+            weights=weights.value,
+            group=group.value,
+            tol=tol,
+            max_iters=max_iters,
+            device=device,
+            personal_error=personal_error,
+        )
+        paths = discover(inputs)
+        console.print(f"compressing {len(paths)} users' adapters → [bold]{out}[/]")
+        with _progress("compress") as progress:
+            compress_adapters(
+                paths,
+                out,
+                config,
+                progress=progress,
+                replace=overwrite,
+                source={"inputs": [str(p) for p in inputs]},
+            )
+    _print_report(json.loads((out / "report" / "report.json").read_text()))
+    console.print(f"store: [bold]{out}[/]  report: [bold]{out / 'report'}[/]")
+
+
+@app.command()
+def publish(
+    store: Annotated[Path, typer.Argument(help="A compressed store (from `soppu compress`).")],
+    to: Annotated[Path, typer.Option("--to", help="Serving directory (versions + current).")],
+    export_rank: Annotated[
+        int | None, typer.Option(help="Serving rank k' (8/16/32/64/128); default: exact.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+) -> None:
+    """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
+    from server.publish import publish as publish_store
+
+    _threads(threads)
+    with _clear_errors(), _progress("publish") as progress:
+        version = publish_store(store, to, export_rank=export_rank, progress=progress)
+    manifest = json.loads((version / "manifest.json").read_text())
+    exact = "exact" if manifest["export_exact"] else "truncated"
+    console.print(
+        f"published [bold]{version}[/] ({len(manifest['users'])} users, rank "
+        f"{manifest['export_rank']}, {exact}); {to / 'current'} → {version.name}"
+    )
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A compressed store or a serving dir/version.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write (default PATH/report).")] = None,
+) -> None:
+    """Print the per-layer reconstruction-error table; write JSON, CSV, Markdown and PNG."""
+    from compression.report import write_report
+
+    with _clear_errors():
+        source = _report_dir(path)
+        data = json.loads((source / "report.json").read_text())
+        target = out or source
+        files = write_report(data, target)
+    _print_report(data)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+
+
+def _report_dir(path: Path) -> Path:
+    for candidate in (path / "report", path / "current" / "report", path):
+        if (candidate / "report.json").is_file():
+            return candidate
+    raise ValueError(f"{path}: no report.json (expected a store, a serving dir or a version)")
+
+
+def _print_report(data: dict) -> None:
+    table = Table(title="Per-layer reconstruction error ‖D−D̂‖/‖D‖", title_justify="left")
+    for column in ("layer", "module", "rank", "users", "mean", "median", "p95", "max", "personal"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for row in data["modules"]:
+        personal = row["personal_mean"]
+        table.add_row(
+            str(row["layer"]),
+            row["kind"],
+            str(row["rank"]),
+            str(row["users"]),
+            f"{row['mean']:.4f}",
+            f"{row['median']:.4f}",
+            f"{row['p95']:.4f}",
+            f"{row['max']:.4f}",
+            "–" if personal is None else f"{personal:.4f}",
+        )
+    console.print(table)
+    t = data["totals"]
+    console.print(
+        f"[bold]{t['users']} users, {t['modules']} modules[/]: parameters "
+        f"{t['params_before']:,} → {t['params_after']:,} ([bold]{t['ratio']:.1f}×[/]); "
+        f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}; "
+        f"personal-part mean {_num(t['personal_mean'])}",
+        highlight=False,
+    )
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="Adapter dir(s), store or serving dir.")]):
+    """Say what a path holds: adapters, a compressed store, or a serving dir."""
+    from soppu.inspection import describe
+
+    with _clear_errors():
+        for line in describe(path):
+            console.print(line, highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    users: Annotated[int, typer.Option(help="Synthetic users.")] = 16,
+    layers: Annotated[int, typer.Option(help="Decoder layers (SmolLM2-135M has 30).")] = 30,
+    rank: Annotated[int, typer.Option(help="Shared rank r per slot.")] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+) -> None:
+    """The embedded default end to end: synthetic users → compress → publish → report."""
+    from compression.engine import CompressionConfig
+    from server.compress_round import compress_adapters
+    from server.publish import publish as publish_store
+    from soppu.adapters import discover
+    from soppu.synthetic import PopulationSpec, write_population
+
+    _threads(threads)
+    with _clear_errors():
+        write_population(PopulationSpec(users, layers), out / "store")
+        console.print(f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {out / 'store'}")
+        compressed = _next_version(out / "compressed")
+        with _progress("compress") as progress:
+            compress_adapters(
+                discover([out / "store"]), compressed, CompressionConfig(rank=rank),
+                progress=progress,
+            )
+        with _progress("publish") as progress:
+            version = publish_store(compressed, out / "serving", progress=progress)
+    _print_report(json.loads((compressed / "report" / "report.json").read_text()))
+    console.print(f"compressed store: [bold]{compressed}[/]")
+    console.print(f"serving version:  [bold]{version}[/] (current → {version.name})")
+    console.print(f"report:           [bold]{version / 'report'}[/] (md, csv, json, png)")
+
+
+def _next_version(root: Path) -> Path:
+    numbers = [int(p.name[1:]) for p in root.glob("v*") if re.fullmatch(r"v\d{4,}", p.name)]
+    return root / f"v{max(numbers, default=0) + 1:04d}"
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()

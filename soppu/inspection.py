@@ -1,0 +1,95 @@
+"""`soppu inspect`: one readable summary of whatever a path holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from soppu.adapters import CONFIG_NAME, AdapterError, discover, read_adapter
+
+
+def describe(path: Path) -> Iterator[str]:
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"{path}: no such file or directory")
+    manifest = _json(path / "manifest.json")
+    if manifest and manifest.get("format", "").startswith("soppu-compressed"):
+        yield from _store(path, manifest)
+    elif manifest and manifest.get("format", "").startswith("soppu-serving"):
+        yield from _version(path, manifest)
+    elif (path / "current").is_symlink() or any(path.glob("v[0-9][0-9][0-9][0-9]")):
+        yield from _serving(path)
+    elif (path / CONFIG_NAME).exists():
+        yield from _adapter(path)
+    else:
+        yield from _adapters(path)
+
+
+def _json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _store(path: Path, m: dict) -> Iterator[str]:
+    t, c = m["totals"], m["config"]
+    ranks = Counter(s["rank"] for s in m["slots"])
+    yield f"[bold]compressed store[/] {path} (created {m['created']})"
+    yield f"  base model: {m['base_model']}"
+    yield f"  users: {len(m['users'])} ({_few(m['users'])})"
+    yield (f"  slots: {len(m['slots'])} grouped by {c['group']}, sigma {c['sigma']}, "
+           f"weights {c['weights']}; ranks {dict(sorted(ranks.items()))}")
+    yield (f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
+           f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}")
+    yield f"  report: {path / 'report'}"
+
+
+def _version(path: Path, m: dict) -> Iterator[str]:
+    t = m["totals"]
+    yield f"[bold]serving version[/] {m['version']} at {path} (created {m['created']})"
+    yield f"  base model: {m['base_model']}"
+    yield (f"  users: {len(m['users'])} ({_few(list(m['users']))}), each a PEFT dir under "
+           f"users/ at rank {m['export_rank']} ({'exact' if m['export_exact'] else 'truncated'})")
+    yield f"  shared bases and cores: {path / 'shared'}; source store: {m['source']['store']}"
+    yield (f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
+           f"error mean {t['mean']:.4f}, max {t['max']:.4f}")
+
+
+def _serving(path: Path) -> Iterator[str]:
+    found = sorted(p.name for p in path.glob("v[0-9]*") if p.is_dir())
+    link = path / "current"
+    current = link.resolve().name if link.is_symlink() else None
+    yield f"[bold]serving dir[/] {path}: versions {', '.join(found) or 'none'}; current → {current}"
+    if current:
+        yield from _version(path / current, _json(path / current / "manifest.json") or {})
+
+
+def _adapter(path: Path) -> Iterator[str]:
+    info = read_adapter(path)
+    ranks = Counter(mod.rank for mod in info.modules.values())
+    params = sum(mod.rank * sum(mod.shape) for mod in info.modules.values())
+    kinds = Counter(m.rsplit(".", 1)[-1] for m in info.modules)
+    yield f"[bold]PEFT LoRA adapter[/] {path} (user id {info.user!r})"
+    yield f"  base model: {info.base_model}"
+    yield f"  modules: {len(info.modules)} ({dict(kinds)}); ranks {dict(ranks)}"
+    yield (f"  lora_alpha {info.config['lora_alpha']}, rsLoRA {bool(info.config.get('use_rslora'))}"
+           f"; {params:,} parameters")
+
+
+def _adapters(path: Path) -> Iterator[str]:
+    paths = discover([path])
+    infos = [read_adapter(p, u) for u, p in paths.items()]
+    bases = Counter(i.base_model for i in infos)
+    modules = Counter(len(i.modules) for i in infos)
+    yield f"[bold]folder of {len(infos)} PEFT adapters[/] {path} ({_few(sorted(paths))})"
+    yield f"  base models: {dict(bases)}; modules per adapter: {dict(modules)}"
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    more = f", … {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -83,9 +83,8 @@ def canonicalize(
     """
     if len(items) == 0:
         raise ValueError("canonicalize needs at least one LoRA delta")
-    first = items[0]
-    m, n = first.shape
-    # A lazy sequence can tell its largest rank from file headers, sparing a second read.
+    # A lazy sequence can tell its shape and largest rank from file headers, sparing reads.
+    m, n = getattr(items, "shape", None) or items[0].shape
     k = getattr(items, "max_rank", None) or max(item.rank for item in items)
     count = len(items)
     Et = torch.zeros(count, k, m, device=device, dtype=dtype)

@@ -33,6 +33,7 @@ class LazySlotItems(Sequence[LoRAFactors]):
         self._adapters = adapters
         self.ranks = [adapters[u].modules[m].rank for u, m in slot.items]
         self.max_rank = max(self.ranks)
+        self.shape = slot.shape
 
     def __len__(self) -> int:
         return len(self._items)

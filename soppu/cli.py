@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # never break a path or an error across lines
 
 
 class Sigma(str, Enum):
@@ -282,7 +282,9 @@ def demo(
         compressed = _next_version(out / "compressed")
         with _progress("compress") as progress:
             compress_adapters(
-                discover([out / "store"]), compressed, CompressionConfig(rank=rank),
+                discover([out / "store"]),
+                compressed,
+                CompressionConfig(rank=rank),
                 progress=progress,
             )
         with _progress("publish") as progress:

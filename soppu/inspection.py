@@ -42,10 +42,14 @@ def _store(path: Path, m: dict) -> Iterator[str]:
     yield f"[bold]compressed store[/] {path} (created {m['created']})"
     yield f"  base model: {m['base_model']}"
     yield f"  users: {len(m['users'])} ({_few(m['users'])})"
-    yield (f"  slots: {len(m['slots'])} grouped by {c['group']}, sigma {c['sigma']}, "
-           f"weights {c['weights']}; ranks {dict(sorted(ranks.items()))}")
-    yield (f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
-           f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}")
+    yield (
+        f"  slots: {len(m['slots'])} grouped by {c['group']}, sigma {c['sigma']}, "
+        f"weights {c['weights']}; ranks {dict(sorted(ranks.items()))}"
+    )
+    yield (
+        f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
+        f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}"
+    )
     yield f"  report: {path / 'report'}"
 
 
@@ -53,11 +57,15 @@ def _version(path: Path, m: dict) -> Iterator[str]:
     t = m["totals"]
     yield f"[bold]serving version[/] {m['version']} at {path} (created {m['created']})"
     yield f"  base model: {m['base_model']}"
-    yield (f"  users: {len(m['users'])} ({_few(list(m['users']))}), each a PEFT dir under "
-           f"users/ at rank {m['export_rank']} ({'exact' if m['export_exact'] else 'truncated'})")
+    yield (
+        f"  users: {len(m['users'])} ({_few(list(m['users']))}), each a PEFT dir under "
+        f"users/ at rank {m['export_rank']} ({'exact' if m['export_exact'] else 'truncated'})"
+    )
     yield f"  shared bases and cores: {path / 'shared'}; source store: {m['source']['store']}"
-    yield (f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
-           f"error mean {t['mean']:.4f}, max {t['max']:.4f}")
+    yield (
+        f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
+        f"error mean {t['mean']:.4f}, max {t['max']:.4f}"
+    )
 
 
 def _serving(path: Path) -> Iterator[str]:
@@ -77,8 +85,10 @@ def _adapter(path: Path) -> Iterator[str]:
     yield f"[bold]PEFT LoRA adapter[/] {path} (user id {info.user!r})"
     yield f"  base model: {info.base_model}"
     yield f"  modules: {len(info.modules)} ({dict(kinds)}); ranks {dict(ranks)}"
-    yield (f"  lora_alpha {info.config['lora_alpha']}, rsLoRA {bool(info.config.get('use_rslora'))}"
-           f"; {params:,} parameters")
+    yield (
+        f"  lora_alpha {info.config['lora_alpha']}, rsLoRA {bool(info.config.get('use_rslora'))}"
+        f"; {params:,} parameters"
+    )
 
 
 def _adapters(path: Path) -> Iterator[str]:

@@ -1,0 +1,218 @@
+"""Reading PEFT adapters: real PEFT output, scales, key variants, and every refusal."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import tiny_population, write_users
+from safetensors.torch import load_file, save_file
+
+from soppu.adapters import (
+    AdapterError,
+    discover,
+    read_adapter,
+    read_population,
+    write_adapter,
+)
+from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
+
+
+def peft_adapter(tiny_llama, path, *, r=4, alpha=8, rslora=False, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_llama,
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], use_rslora=rslora),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=gen)
+    model.save_pretrained(path)
+    return model
+
+
+def test_reads_real_peft_output_with_its_scale(tiny_llama, tmp_path):
+    model = peft_adapter(tiny_llama, tmp_path / "alice", r=4, alpha=8)
+    info = read_adapter(tmp_path / "alice")
+    assert info.user == "alice"
+    assert sorted(info.modules) == [
+        f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")
+    ]
+    A, B, scale = info.load("model.layers.1.self_attn.v_proj")
+    assert scale == 8 / 4
+    lora = model.base_model.model.model.layers[1].self_attn.v_proj
+    torch.testing.assert_close(
+        B @ A * scale,
+        lora.lora_B["default"].weight @ lora.lora_A["default"].weight * lora.scaling["default"],
+    )
+
+
+def test_rslora_scale_is_alpha_over_root_r(tiny_llama, tmp_path):
+    peft_adapter(tiny_llama, tmp_path / "bob", r=4, alpha=8, rslora=True)
+    info = read_adapter(tmp_path / "bob")
+    assert all(math.isclose(m.scale, 8 / 2) for m in info.modules.values())
+
+
+def test_default_infix_in_keys_is_accepted(tmp_path):
+    paths = write_users(tmp_path, tiny_population(1), rank=4, alpha=4)
+    weights = paths["user00"] / "adapter_model.safetensors"
+    state = load_file(weights)
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in state.items()}, weights)
+    info = read_adapter(paths["user00"])
+    assert len(info.modules) == 4
+
+
+def test_alpha_and_rank_patterns_are_honoured(tmp_path):
+    population = tiny_population(1, k=4)
+    tensors = population["user00"]
+    q = "model.layers.0.self_attn.q_proj"
+    tensors[q] = (tensors[q][0][:2], tensors[q][1][:, :2])  # rank 2 for this one module
+    write_users(
+        tmp_path,
+        population,
+        rank=4,
+        alpha=8,
+        rank_pattern={"layers.0.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 16},
+    )
+    info = read_adapter(tmp_path / "user00")
+    assert info.modules[q].rank == 2 and info.modules[q].scale == 8 / 2
+    assert info.modules["model.layers.1.self_attn.v_proj"].scale == 16 / 4
+    assert info.modules["model.layers.1.self_attn.q_proj"].scale == 8 / 4
+
+
+def test_pickled_weights_are_refused_with_the_reason(tmp_path):
+    (tmp_path / "eve").mkdir()
+    (tmp_path / "eve" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    (tmp_path / "eve" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(AdapterError, match=r"adapter_model\.bin: pickled weights are never"):
+        read_adapter(tmp_path / "eve")
+
+
+def test_nan_values_are_refused_naming_file_and_module(tmp_path):
+    population = tiny_population(2)
+    population["user01"]["model.layers.1.self_attn.q_proj"][1][3, 1] = float("nan")
+    paths = write_users(tmp_path, population, rank=4, alpha=4)
+    with pytest.raises(
+        AdapterError,
+        match=r"user01/adapter_model\.safetensors: "
+        r"model\.layers\.1\.self_attn\.q_proj\.lora_B has 1 non-finite",
+    ):
+        read_population(paths)
+
+
+def test_inconsistent_shapes_list_who_differs(tmp_path):
+    population = tiny_population(3)
+    A, B = population["user02"]["model.layers.0.self_attn.v_proj"]
+    population["user02"]["model.layers.0.self_attn.v_proj"] = (A[:, :40], B)
+    paths = write_users(tmp_path, population, rank=4, alpha=4)
+    with pytest.raises(AdapterError, match=r"v_proj has different shapes.*\[32, 40\]: user02"):
+        read_population(paths)
+
+
+def test_different_base_models_and_modules_list_who_differs(tmp_path):
+    population = tiny_population(3)
+    paths = write_users(
+        tmp_path / "a", {k: population[k] for k in ("user00", "user01")}, rank=4, alpha=4
+    )
+    odd = {"user02": dict(list(population["user02"].items())[:2])}
+    paths |= write_users(tmp_path / "b", odd, rank=4, alpha=4, base_model="other-model")
+    with pytest.raises(AdapterError) as err:
+        read_population(paths)
+    message = str(err.value)
+    assert "base model differs" in message and "'other-model' for user02" in message
+    assert "target modules differ" in message or "target modules differs" in message
+
+
+def test_corrupt_files_name_the_file(tmp_path):
+    paths = write_users(tmp_path, tiny_population(1), rank=4, alpha=4)
+    weights = paths["user00"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: not a readable"):
+        read_adapter(paths["user00"])
+    (paths["user00"] / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not valid JSON"):
+        read_adapter(paths["user00"])
+
+
+def test_config_rank_must_match_the_weights(tmp_path):
+    paths = write_users(tmp_path, tiny_population(1, k=4), rank=8, alpha=8)
+    with pytest.raises(AdapterError, match="has rank 4 but the config says r=8"):
+        read_adapter(paths["user00"])
+
+
+def test_unexpected_tensors_and_missing_halves_are_refused(tmp_path):
+    paths = write_users(tmp_path, tiny_population(1), rank=4, alpha=4)
+    weights = paths["user00"] / "adapter_model.safetensors"
+    state = load_file(weights)
+    state.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    save_file(state, weights)
+    with pytest.raises(AdapterError, match="q_proj has no lora_B"):
+        read_adapter(paths["user00"])
+    state["base_model.model.lm_head.weight"] = torch.zeros(2, 2)
+    save_file(state, weights)
+    with pytest.raises(AdapterError, match=r"unexpected tensor '.*lm_head\.weight'"):
+        read_adapter(paths["user00"])
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        "",
+        ".",
+        "..",
+        "../x",
+        "/etc",
+        "a/b",
+        "tab\there",
+        "nul\x00",
+        "-rf",
+        " spaced",
+        "~root",
+        "x" * 200,
+    ],
+)
+def test_unsafe_user_ids_are_refused(user):
+    with pytest.raises(UnsafeUserId):
+        check_user_id(user)
+
+
+def test_safe_user_ids_and_slugs():
+    assert check_user_id("hamlet.HAMLET-1_b") == "hamlet.HAMLET-1_b"
+    assert check_user_id("Ofélia") == "Ofélia"
+    assert slugify_user_id("Hamlet / LADY MACBETH") == "Hamlet_LADY_MACBETH"
+
+
+def test_unsafe_user_id_refused_before_reading(tmp_path):
+    paths = write_users(tmp_path, tiny_population(1), rank=4, alpha=4)
+    with pytest.raises(AdapterError, match="is a path"):
+        read_adapter(paths["user00"], user="../escape")
+
+
+def test_discover_finds_folders_and_single_dirs(tmp_path):
+    paths = write_users(tmp_path / "pool", tiny_population(3), rank=4, alpha=4)
+    (tmp_path / "pool" / "notes").mkdir()
+    assert discover([tmp_path / "pool"]) == paths
+    assert discover([paths["user01"]]) == {"user01": paths["user01"]}
+    with pytest.raises(AdapterError, match="no PEFT adapter dirs"):
+        discover([tmp_path / "pool" / "notes"])
+    with pytest.raises(AdapterError, match="must be unique"):
+        discover([tmp_path / "pool", paths["user01"]])
+
+
+def test_write_adapter_is_atomic_and_refuses_to_clobber(tmp_path):
+    tensors = tiny_population(1)["user00"]
+    write_adapter(tmp_path / "a", tensors, {"r": 4, "lora_alpha": 4})
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError):
+        write_adapter(tmp_path / "a", tensors, {"r": 4})
+    bad = dict(tensors, broken=("not a tensor", None))
+    with pytest.raises(AttributeError):
+        write_adapter(tmp_path / "a", bad, {"r": 4}, replace=True)
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

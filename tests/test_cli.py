@@ -1,0 +1,135 @@
+"""The `soppu` command line end to end on a tiny population, and its error handling."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import tiny_population, write_users
+from typer.testing import CliRunner
+
+from compression import CompressionConfig
+from server.compress_round import compress_adapters
+from soppu.adapters import AdapterInfo
+from soppu.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_compress_publish_report_inspect(tmp_path):
+    code, out = invoke("synth", tmp_path / "adapters", "--users", 6, "--layers", 2)
+    assert code == 0, out
+    code, out = invoke(
+        "compress",
+        tmp_path / "adapters",
+        "--out",
+        tmp_path / "store",
+        "--rank",
+        12,
+        "--sigma",
+        "diag",
+        "--weights",
+        "norm",
+        "--threads",
+        1,
+    )
+    assert code == 0, out
+    assert "Per-layer reconstruction error" in out and "q_proj" in out
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["config"]["sigma"] == "diag" and manifest["config"]["weights"] == "norm"
+    assert len(manifest["users"]) == 6 and len(manifest["slots"]) == 4
+
+    code, out = invoke("publish", tmp_path / "store", "--to", tmp_path / "serving")
+    assert code == 0, out
+    assert "v0001" in out and (tmp_path / "serving" / "current").is_symlink()
+
+    for stale in (tmp_path / "store" / "report").iterdir():
+        stale.unlink()
+    (tmp_path / "store" / "report" / "report.json").write_text(
+        (tmp_path / "serving" / "v0001" / "report" / "report.json").read_text()
+    )
+    code, out = invoke("report", tmp_path / "store")
+    assert code == 0, out
+    written = sorted(p.name for p in (tmp_path / "store" / "report").iterdir())
+    assert written == ["errors.png", "params.png", "report.csv", "report.json", "report.md"]
+    csv_lines = (tmp_path / "store" / "report" / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 6 * 4  # one row per (user, module)
+    assert (tmp_path / "store" / "report" / "errors.png").read_bytes()[:4] == b"\x89PNG"
+
+    for path, expected in [
+        (tmp_path / "adapters", "folder of 6 PEFT adapters"),
+        (tmp_path / "adapters" / "user0001", "PEFT LoRA adapter"),
+        (tmp_path / "store", "compressed store"),
+        (tmp_path / "serving", "current → v0001"),
+        (tmp_path / "serving" / "v0001", "serving version v0001"),
+    ]:
+        code, out = invoke("inspect", path)
+        assert code == 0 and expected in out, out
+
+
+def test_energy_target_picks_ranks_per_slot(tmp_path):
+    invoke("synth", tmp_path / "adapters", "--users", 5, "--layers", 1)
+    code, out = invoke(
+        "compress",
+        tmp_path / "adapters",
+        "--out",
+        tmp_path / "store",
+        "--max-error",
+        0.2,
+        "--threads",
+        1,
+    )
+    assert code == 0, out
+    report = json.loads((tmp_path / "store" / "report" / "report.json").read_text())
+    for slot in report["slots"]:
+        assert slot["bracket"]["achieved"] <= 0.2 + 1e-6
+
+
+def test_bad_input_is_one_clear_error_and_exit_2(tmp_path):
+    (tmp_path / "pool" / "mallory").mkdir(parents=True)
+    (tmp_path / "pool" / "mallory" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+    (tmp_path / "pool" / "mallory" / "adapter_model.bin").write_bytes(b"pickle")
+    code, out = invoke("compress", tmp_path / "pool", "--out", tmp_path / "store", "--rank", 4)
+    assert code == 2
+    assert "error:" in out and "adapter_model.bin: pickled weights are never loaded" in out
+    assert not (tmp_path / "store").exists()
+    code, out = invoke("publish", tmp_path / "nowhere", "--to", tmp_path / "serving")
+    assert code == 2 and "manifest.json: missing" in out
+    code, out = invoke("compress", tmp_path / "pool", "--out", tmp_path / "s", "--rank", 0)
+    assert code == 2 and "rank must be ≥ 1" in out
+
+
+def test_demo_runs_the_whole_flow(tmp_path):
+    code, out = invoke(
+        "demo", "--out", tmp_path / "run", "--users", 4, "--layers", 1, "--rank", 8, "--threads", 1
+    )
+    assert code == 0, out
+    assert (tmp_path / "run" / "serving" / "current" / "users" / "user0003").is_dir()
+    assert (tmp_path / "run" / "compressed" / "v0001" / "manifest.json").is_file()
+
+
+def test_compression_reads_one_slot_at_a_time(tmp_path, monkeypatch):
+    """Streaming: after validation, every load of a slot happens before the next slot starts."""
+    paths = write_users(tmp_path, tiny_population(4, layers=3), rank=4, alpha=4)
+    loads = []
+    real_load = AdapterInfo.load
+
+    def spy(self, module):
+        loads.append(module)
+        return real_load(self, module)
+
+    monkeypatch.setattr(AdapterInfo, "load", spy)
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=4))
+    validation = 4 * 6  # the finiteness pass streams each module of each user once
+    fitting = loads[validation:]
+    assert len(fitting) == 4 * 6  # each (user, module) read exactly once for fitting
+    seen = []
+    for module in fitting:
+        if not seen or seen[-1] != module:
+            assert module not in seen, "a slot's tensors were read again after moving on"
+            seen.append(module)
+    assert len(seen) == 6

@@ -1,0 +1,164 @@
+"""The compression math: exact cases, invariances, monotonicity, the certificate, the errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import random_factors
+
+from compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
+from compression import spectrum as spectrum_module
+from compression.joint import user_weights
+from compression.spectrum import top_eigen
+
+
+def dense_errors(items, result):
+    out = []
+    for i, item in enumerate(items):
+        D = item.delta()
+        out.append(float((D - result.reconstruct(i)).norm() / D.norm()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_rank_covering_every_delta_is_lossless():
+    # 5 users of rank 3 span at most 15 directions on each side; r = 15 must be exact.
+    items = random_factors(5, 40, 30, 3, seed=1)
+    result = compress_slot(items, CompressionConfig(rank=15))
+    for i, item in enumerate(items):
+        torch.testing.assert_close(result.reconstruct(i), item.delta(), rtol=0, atol=2e-5)
+    assert float(result.errors.max()) < 1e-5
+    assert result.fit.bracket.relative(result.fit.bracket.lower) < 1e-6
+
+
+def test_one_user_equals_truncated_svd():
+    (item,) = random_factors(1, 50, 40, 8, seed=2)
+    result = compress_slot([item], CompressionConfig(rank=3))
+    U, S, Vh = torch.linalg.svd(item.delta())
+    best = (U[:, :3] * S[:3]) @ Vh[:3]
+    torch.testing.assert_close(result.reconstruct(0), best, rtol=0, atol=1e-5)
+
+
+def test_one_user_diag_with_enough_rank_is_its_svd():
+    (item,) = random_factors(1, 30, 20, 4, seed=3)
+    result = compress_slot([item], CompressionConfig(rank=4, sigma="diag"))
+    torch.testing.assert_close(result.reconstruct(0), item.delta(), rtol=0, atol=1e-5)
+
+
+def test_gauge_transform_gives_the_same_result():
+    items = random_factors(6, 48, 36, 4, seed=4, shared=10)
+    gen = torch.Generator().manual_seed(9)
+    gauged = []
+    for item in items:
+        G = torch.randn(4, 4, generator=gen) + 3 * torch.eye(4)
+        gauged.append(LoRAFactors(torch.linalg.solve(G, item.A), item.B @ G, item.scale))
+    a = compress_slot(items, CompressionConfig(rank=6))
+    b = compress_slot(gauged, CompressionConfig(rank=6))
+    torch.testing.assert_close(a.errors, b.errors, rtol=1e-4, atol=1e-6)
+    for i in range(len(items)):
+        torch.testing.assert_close(a.reconstruct(i), b.reconstruct(i), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", ["full", "diag"])
+@pytest.mark.parametrize("weights", ["uniform", "norm"])
+def test_objective_never_decreases_and_result_is_inside_the_bracket(sigma, weights):
+    items = random_factors(12, 60, 50, 4, seed=5)
+    for i, item in enumerate(items):  # spread the norms so the weighting matters
+        items[i] = LoRAFactors(item.A, item.B, item.scale * (1 + i))
+    result = compress_slot(items, CompressionConfig(rank=8, sigma=sigma, weights=weights))
+    history = result.fit.history
+    assert len(history) > 2
+    for before, after in itertools.pairwise(history):
+        assert after >= before - 1e-6 * abs(before)
+    b = result.fit.bracket
+    assert b.lower <= b.achieved * (1 + 1e-6)
+    assert b.hosvd <= b.upper * (1 + 1e-6)
+    if sigma == "full":
+        assert b.achieved <= b.hosvd * (1 + 1e-6)
+
+
+def test_reported_errors_equal_dense_errors():
+    items = random_factors(8, 36, 28, 3, seed=6, shared=5)
+    items += random_factors(3, 36, 28, 5, seed=7)  # mixed ranks
+    result = compress_slot(items, CompressionConfig(rank=6))
+    torch.testing.assert_close(result.errors, dense_errors(items, result), rtol=1e-4, atol=1e-6)
+
+
+def test_personal_part_error_is_measured_against_the_users_own_mean():
+    items = random_factors(7, 30, 24, 3, seed=8, shared=4)
+    result = compress_slot(items, CompressionConfig(rank=5, sigma="diag"))
+    D = [item.delta() for item in items]
+    Dhat = [result.reconstruct(i) for i in range(len(items))]
+    mean, mean_hat = sum(D) / len(D), sum(Dhat) / len(D)
+    expected = torch.tensor(
+        [
+            float(((d - mean) - (h - mean_hat)).norm() / (d - mean).norm())
+            for d, h in zip(D, Dhat, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(result.personal_errors, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_personal_error_of_a_single_user_is_undefined():
+    result = compress_slot(random_factors(1, 10, 10, 2), CompressionConfig(rank=1))
+    assert torch.isnan(result.personal_errors).all()
+
+
+def test_scale_and_rank_enter_the_delta():
+    (item,) = random_factors(1, 20, 16, 2, seed=10)
+    doubled = LoRAFactors(item.A, item.B, item.scale * 2)
+    a = compress_slot([item], CompressionConfig(rank=2))
+    b = compress_slot([doubled], CompressionConfig(rank=2))
+    torch.testing.assert_close(b.reconstruct(0), 2 * a.reconstruct(0), rtol=1e-5, atol=1e-6)
+
+
+def test_energy_target_is_met_with_the_smallest_guaranteed_rank():
+    items = random_factors(10, 50, 40, 4, seed=11, shared=8)
+    items += random_factors(10, 50, 40, 4, seed=12)
+    result = compress_slot(items, CompressionConfig(energy=0.9))
+    b = result.fit.bracket
+    assert b.achieved <= 0.1 * b.total * (1 + 1e-6)
+    smaller = compress_slot(items, CompressionConfig(rank=result.fit.rank - 1))
+    assert smaller.fit.bracket.upper > 0.1 * b.total  # r − 1 would not be guaranteed
+
+
+def test_norm_weights_protect_small_users():
+    items = random_factors(10, 40, 40, 4, seed=13)
+    items[0] = LoRAFactors(items[0].A, items[0].B, 1e-3)  # a user with a tiny delta
+    uniform = compress_slot(items, CompressionConfig(rank=8, weights="uniform"))
+    fair = compress_slot(items, CompressionConfig(rank=8, weights="norm"))
+    assert float(fair.errors[0]) < float(uniform.errors[0])
+
+
+def test_export_is_exact_when_the_core_fits_and_optimal_when_truncated():
+    items = random_factors(6, 40, 32, 4, seed=14)
+    result = compress_slot(items, CompressionConfig(rank=12))
+    A, B = result.export(0, 8)  # core rank ≤ k = 4 ≤ 8: exact
+    assert A.shape == (8, 32) and B.shape == (40, 8)
+    torch.testing.assert_close((B @ A).double(), result.reconstruct(0), rtol=0, atol=1e-5)
+    A, B = result.export(0, 2)
+    U, S, Vh = torch.linalg.svd(result.reconstruct(0))
+    torch.testing.assert_close((B @ A).double(), (U[:, :2] * S[:2]) @ Vh[:2], rtol=0, atol=1e-5)
+
+
+def test_iterative_spectrum_matches_the_exact_one(monkeypatch):
+    items = random_factors(30, 120, 100, 4, seed=15, shared=12)
+    stack = canonicalize(items)
+    coef = (user_weights(stack, "uniform")[:, None] * stack.S.double() ** 2).float()
+    exact = top_eigen(stack.Et, coef, 10)
+    monkeypatch.setattr(spectrum_module, "EXACT_SVD_FLOPS", 0)
+    iterative = top_eigen(stack.Et, coef, 10, tol=1e-9, max_iters=300)
+    assert exact.complete and not iterative.complete
+    torch.testing.assert_close(iterative.values[:10], exact.values[:10], rtol=1e-4, atol=1e-6)
+    assert abs(iterative.tail(10) - exact.tail(10)) <= 1e-4 * exact.trace
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="rank"):
+        CompressionConfig()
+    with pytest.raises(ValueError, match="sigma"):
+        CompressionConfig(rank=2, sigma="triangular")
+    with pytest.raises(ValueError, match="energy"):
+        CompressionConfig(energy=1.5)

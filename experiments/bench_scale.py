@@ -1,0 +1,164 @@
+"""Scale benchmark: compression end to end from PEFT files, time and peak memory.
+
+    python experiments/bench_scale.py            # the README's numbers (≈ 10 minutes)
+    python experiments/bench_scale.py --quick    # 100 users, a smoke check
+
+Cases (seeded synthetic adapters, see soppu/synthetic.py):
+  big-slot     1,000 users × one 4096×4096 slot, k=16, r=64
+  whole-model  1,000 users × 30 layers × q/v of SmolLM2-135M (576→576, 576→192), k=8, r=32
+
+Each run is a fresh child process (`soppu compress`'s own code path: read and validate the
+files, fit every slot, write the store and the report), so its peak RSS is its own. Writes
+experiments/results/scale_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+CASES = {
+    "big-slot": {"shapes": {"q_proj": [4096, 4096]}, "layers": 1, "rank_k": 16, "r": 64},
+    "whole-model": {
+        "shapes": {"q_proj": [576, 576], "v_proj": [192, 576]},
+        "layers": 30,
+        "rank_k": 8,
+        "r": 32,
+    },
+}
+
+CHILD = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+from compression import CompressionConfig
+from server.compress_round import compress_adapters
+from soppu.adapters import discover
+start = time.perf_counter()
+paths = discover([sys.argv[1]])
+manifest = compress_adapters(paths, sys.argv[2], CompressionConfig(
+    rank=int(sys.argv[3]), personal_error=sys.argv[5] == "1"), replace=True)
+print(json.dumps({"seconds": time.perf_counter() - start, "totals": manifest["totals"]}))
+"""
+
+
+def generate(case: dict, users: int, out: Path) -> float:
+    from soppu.synthetic import PopulationSpec, write_population
+
+    spec = PopulationSpec(
+        users=users,
+        layers=case["layers"],
+        shapes={k: tuple(v) for k, v in case["shapes"].items()},
+        rank=case["rank_k"],
+        shared_dim=48,
+        seed=1,
+    )
+    start = time.perf_counter()
+    write_population(spec, out)
+    return time.perf_counter() - start
+
+
+def run_child(adapters: Path, store: Path, rank: int, threads: int, personal: bool) -> dict:
+    """Run one compression in a fresh process; wait4 gives that process's own peak RSS."""
+    argv = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(adapters),
+        str(store),
+        str(rank),
+        str(threads),
+        "1" if personal else "0",
+    ]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=Path(__file__).parent.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(err.read()[-2000:])
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result["peak_rss_gib"] = usage.ru_maxrss / 2**20  # KiB on Linux
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="100 users")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    args = parser.parse_args()
+    users = 100 if args.quick else args.users
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="soppu-scale-") as work:
+        for name in args.cases:
+            case = CASES[name]
+            adapters = Path(work) / name / "adapters"
+            gen_seconds = generate(case, users, adapters)
+            size = sum(p.stat().st_size for p in adapters.rglob("*.safetensors"))
+            for personal in (False, True):
+                res = run_child(
+                    adapters, Path(work) / name / "store", case["r"], args.threads, personal
+                )
+                t = res["totals"]
+                rows.append(
+                    {
+                        "case": name,
+                        "users": users,
+                        "slots": t["slots"],
+                        "k": case["rank_k"],
+                        "r": case["r"],
+                        "personal_error": personal,
+                        "seconds": res["seconds"],
+                        "peak_rss_gib": res["peak_rss_gib"],
+                        "input_mib": size / 2**20,
+                        "ratio": t["ratio"],
+                        "mean_error": t["mean"],
+                        "max_error": t["max"],
+                        "generate_seconds": gen_seconds,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "command": "python experiments/bench_scale.py" + (" --quick" if args.quick else ""),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    (RESULTS / "scale_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"Command: `{meta['command']}` ({meta['threads']} torch threads, {meta['cpus']} CPUs).",
+        "End to end from PEFT files (read, validate, fit, write store and report).",
+        "",
+        "| case | users | slots | k | r | personal error | seconds | peak RSS GiB | input MiB "
+        "| ratio | mean err | max err |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['users']} | {r['slots']} | {r['k']} | {r['r']} "
+            f"| {'on' if r['personal_error'] else 'off'} | {r['seconds']:.1f} "
+            f"| {r['peak_rss_gib']:.2f} | {r['input_mib']:.0f} | {r['ratio']:.1f}× "
+            f"| {r['mean_error']:.4f} | {r['max_error']:.4f} |"
+        )
+    (RESULTS / "scale_bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

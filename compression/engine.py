@@ -2,9 +2,9 @@
 
 This is the entry point a stranger uses on adapters from anywhere:
 
-    fit = compress_slot([LoRAFactors(A, B, scale), ...], CompressionConfig(rank=32))
-    fit.errors            # relative product error per delta
-    fit.export(i, 16)     # (A', B') PEFT factors at serving rank 16, scale 1
+    result = compress_slot([LoRAFactors(A, B, scale), ...], CompressionConfig(rank=32))
+    result.errors            # relative product error per delta
+    result.export(i, 16)     # (A', B') PEFT factors at serving rank 16, scale 1
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from compression.errors import OrthoForm, personal_errors
 from compression.export import core_ranks, export_lora
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize
 from compression.joint import SlotFit, choose_rank, fit_full, user_weights
+from compression.slots import GROUPINGS
 
 SIGMA_MODES = ("full", "diag")
 WEIGHTINGS = ("uniform", "norm")
@@ -47,6 +48,8 @@ class CompressionConfig:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
         if self.sigma not in SIGMA_MODES:
             raise ValueError(f"sigma must be one of {SIGMA_MODES}, got {self.sigma!r}")
+        if self.group not in GROUPINGS:
+            raise ValueError(f"group must be one of {GROUPINGS}, got {self.group!r}")
         if self.weights not in WEIGHTINGS:
             raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -146,10 +149,10 @@ def fit_stack(
         fit=fit,
         form=form,
         sq_norms=stack.sq_norms().cpu(),
-        sq_errors=fit.sq_errors,
-        personal_sq_errors=pnum,
-        personal_sq_norms=pden,
-        lora_ranks=lora_ranks,
+        sq_errors=fit.sq_errors.cpu(),
+        personal_sq_errors=pnum.cpu(),
+        personal_sq_norms=pden.cpu(),
+        lora_ranks=lora_ranks.cpu(),
         shape=stack.shape,
     )
 

@@ -64,14 +64,15 @@ def _chunks(stack: CanonicalStack, members: Tensor) -> list[Tensor]:
 
 def squared_errors(stack: CanonicalStack, form: OrthoForm) -> Tensor:
     """‖D_i − D̂_i‖²_F for every delta (float64)."""
-    out = torch.zeros(stack.count, dtype=torch.float64)
-    for idx in _chunks(stack, torch.arange(stack.count)):
+    device = stack.S.device
+    out = torch.zeros(stack.count, dtype=torch.float64, device=device)
+    for idx in _chunks(stack, torch.arange(stack.count, device=device)):
         p = _pieces(stack, form, idx)
         S = stack.S[idx].double()
         first = (S**2 * (p.Et_perp.double() ** 2).sum(dim=2)).sum(dim=1)
         second = _cross_gram(p.X, p.Ft_perp)
         third = ((p.inner - form.cores[idx]).double() ** 2).sum(dim=(1, 2))
-        out[idx] = (first + second + third).cpu()
+        out[idx] = first + second + third
     return out
 
 
@@ -89,12 +90,13 @@ def personal_errors(
 
     A group is the set of users' deltas for one module; groups of one get NaN (no personal part).
     """
-    num = torch.full((stack.count,), float("nan"), dtype=torch.float64)
-    den = torch.full((stack.count,), float("nan"), dtype=torch.float64)
+    device = stack.S.device
+    num = torch.full((stack.count,), float("nan"), dtype=torch.float64, device=device)
+    den = torch.full((stack.count,), float("nan"), dtype=torch.float64, device=device)
     for group in groups:
         if len(group) < 2:
             continue
-        members = torch.as_tensor(list(group), dtype=torch.long)
+        members = torch.as_tensor(list(group), dtype=torch.long, device=device)
         dev_perp, dev_mid, inner, delta = _group_terms(stack, form, members)
         inner_dev = ((inner - inner.mean(0)) ** 2).sum(dim=(1, 2))
         delta_dev = ((delta - delta.mean(0)) ** 2).sum(dim=(1, 2))

@@ -178,7 +178,7 @@ def make_bracket(
         upper=tail_u + tail_v,
         achieved=float((weights * sq_errors).sum()),
         total=spec_u.trace,
-        exact=spec_u.complete and spec_v.complete,
+        exact=spec_u.exact and spec_v.exact,
     )
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from compression.errors import OrthoForm, squared_errors
 from compression.factors import CanonicalStack, project
-from compression.joint import SlotFit, hosvd_spectra, hosvd_sq_error, make_bracket
+from compression.joint import SlotFit, hosvd_start
 
 
 def fit_diag(
@@ -23,11 +23,8 @@ def fit_diag(
     tol: float = 1e-6,
     max_iters: int = 500,
 ) -> SlotFit:
-    m, n = stack.shape
-    rank = min(rank, m, n)
-    spec_u, spec_v = hosvd_spectra(stack, weights, rank)
-    U, V = spec_u.vectors[:, :rank].clone(), spec_v.vectors[:, :rank].clone()
-    total = spec_u.trace
+    start = hosvd_start(stack, rank, weights)
+    U, V, total = start.U.clone(), start.V.clone(), start.spec_u.trace
     w = weights.to(stack.S.dtype)
     sigma = _solve_sigma(stack, U, V)
     error = _error(stack, U, V, sigma, weights, total)
@@ -43,13 +40,8 @@ def fit_diag(
             converged = True
             break
     sq_errors = squared_errors(stack, OrthoForm.from_diag(U, V, sigma))
-    hosvd_error = hosvd_sq_error(stack, weights, *_hosvd_bases(spec_u, spec_v, rank))
-    bracket = make_bracket(spec_u, spec_v, rank, hosvd_error, weights, sq_errors)
+    bracket = start.bracket(weights, sq_errors)
     return SlotFit(U, V, "diag", sigma, weights, bracket, sq_errors, history, converged)
-
-
-def _hosvd_bases(spec_u, spec_v, rank: int) -> tuple[Tensor, Tensor]:
-    return spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
 
 
 def diag_of_projection(stack: CanonicalStack, U: Tensor, V: Tensor) -> Tensor:

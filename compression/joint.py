@@ -122,13 +122,9 @@ def fit_full(
     max_iters: int = 200,
 ) -> SlotFit:
     """Full Σ_i: alternate Rayleigh–Ritz block updates of V and U from the HOSVD start."""
-    m, n = stack.shape
-    rank = min(rank, m, n)
-    spec_u, spec_v = hosvd_spectra(stack, weights, rank)
-    U, V = spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
-    total = spec_u.trace
+    start = hosvd_start(stack, rank, weights)
+    U, V, total = start.U, start.V, start.spec_u.trace
     w = weights.to(stack.S.dtype)
-    hosvd_error = hosvd_sq_error(stack, weights, U, V)
     EU, FV = project(stack.Et, U), project(stack.Ft, V)
     history = [_captured(stack.S, EU, FV, weights)]
     converged = False
@@ -142,7 +138,7 @@ def fit_full(
     left = (stack.S[:, :, None] * EU).transpose(1, 2)  # Uᵀ E_i S_i
     cores = left @ FV
     sq_errors = squared_errors(stack, OrthoForm(U, V, cores))
-    bracket = make_bracket(spec_u, spec_v, rank, hosvd_error, weights, sq_errors)
+    bracket = start.bracket(weights, sq_errors)
     fit = SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, converged)
     fit.core_factors = (left, FV)
     return fit
@@ -163,23 +159,34 @@ def hosvd_sq_error(stack: CanonicalStack, weights: Tensor, U: Tensor, V: Tensor)
     return float((weights * squared_errors(stack, OrthoForm(U, V, cores))).sum())
 
 
-def make_bracket(
-    spec_u: Spectrum,
-    spec_v: Spectrum,
-    rank: int,
-    hosvd_error: float,
-    weights: Tensor,
-    sq_errors: Tensor,
-) -> Bracket:
-    tail_u, tail_v = spec_u.tail(rank), spec_v.tail(rank)
-    return Bracket(
-        lower=max(tail_u, tail_v),
-        hosvd=hosvd_error,
-        upper=tail_u + tail_v,
-        achieved=float((weights * sq_errors).sum()),
-        total=spec_u.trace,
-        exact=spec_u.exact and spec_v.exact,
-    )
+@dataclass
+class HosvdStart:
+    """The truncated HOSVD: where every fit starts, and the certificate's eigenvalue tails."""
+
+    spec_u: Spectrum
+    spec_v: Spectrum
+    U: Tensor
+    V: Tensor
+    error: float  # weighted squared error of the HOSVD with its optimal full cores
+
+    def bracket(self, weights: Tensor, sq_errors: Tensor) -> Bracket:
+        rank = self.U.shape[1]
+        tail_u, tail_v = self.spec_u.tail(rank), self.spec_v.tail(rank)
+        return Bracket(
+            lower=max(tail_u, tail_v),
+            hosvd=self.error,
+            upper=tail_u + tail_v,
+            achieved=float((weights * sq_errors).sum()),
+            total=self.spec_u.trace,
+            exact=self.spec_u.exact and self.spec_v.exact,
+        )
+
+
+def hosvd_start(stack: CanonicalStack, rank: int, weights: Tensor) -> HosvdStart:
+    rank = min(rank, *stack.shape)
+    spec_u, spec_v = hosvd_spectra(stack, weights, rank)
+    U, V = spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
+    return HosvdStart(spec_u, spec_v, U, V, hosvd_sq_error(stack, weights, U, V))
 
 
 def _cores(S: Tensor, EU: Tensor, FV: Tensor) -> Tensor:

@@ -74,16 +74,21 @@ class AdapterInfo:
         return A, B, info.scale
 
     def check_finite(self) -> None:
-        """Stream every tensor once; NaN or ±inf anywhere is refused."""
-        for module in self.modules:
-            A, B, _ = self.load(module)
-            for side, tensor in (("lora_A", A), ("lora_B", B)):
-                if not torch.isfinite(tensor).all():
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise AdapterError(
-                        f"{self.weights_path}: {module}.{side} has {bad} non-finite values "
-                        "(NaN or inf)"
-                    )
+        """Stream every tensor once (one file open); NaN or ±inf anywhere is refused."""
+        try:
+            with safe_open(self.weights_path, framework="pt") as handle:
+                for module, info in self.modules.items():
+                    for side, key in (("lora_A", info.key_a), ("lora_B", info.key_b)):
+                        _require_finite(self.weights_path, module, side, handle.get_tensor(key))
+        except (SafetensorError, OSError) as exc:
+            raise AdapterError(f"{self.weights_path}: cannot read ({exc})") from exc
+
+
+def _require_finite(path: Path, module: str, side: str, tensor: Tensor) -> None:
+    finite = torch.isfinite(tensor)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise AdapterError(f"{path}: {module}.{side} has {bad} non-finite values (NaN or inf)")
 
 
 def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:

@@ -4,8 +4,8 @@ For orthonormal U, V the best Σ_i is Uᵀ D_i V, so the fit maximises Σ_i w_i 
 i.e. two-mode Tucker/HOOI). We start from the truncated HOSVD and alternate exact block
 updates: each half-step does Rayleigh–Ritz over span[V, M(U)·V], which contains the current
 basis, so the objective can never go down. Every product is a tall GEMM over the stacked
-thin-SVD factors; no D_i and no m × m matrix is ever formed. Cost per iteration ≈
-6·N·k·r·(m + n).
+thin-SVD factors; no D_i is ever formed, and no m × m matrix outside the cost-bounded exact
+start in spectrum.py. Cost per iteration ≈ 6·N·k·r·(m + n).
 """
 
 from __future__ import annotations

@@ -54,6 +54,8 @@ class CompressionConfig:
             raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -113,7 +113,8 @@ def compress(
     out: Annotated[Path, typer.Option("--out", "-o", help="Compressed store to write.")],
     rank: Annotated[int | None, typer.Option(help="Shared rank r per slot (may exceed k).")] = None,
     energy: Annotated[
-        float | None, typer.Option(help="Else: smallest r per slot keeping this energy share.")
+        float | None,
+        typer.Option(help="Else: smallest r per slot keeping this energy share (default 0.9)."),
     ] = None,
     max_error: Annotated[
         float | None, typer.Option(help="Else: weighted relative error target (energy 1−e²).")

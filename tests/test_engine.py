@@ -163,3 +163,8 @@ def test_bad_configs_are_refused():
         CompressionConfig(rank=2, sigma="triangular")
     with pytest.raises(ValueError, match="energy"):
         CompressionConfig(energy=1.5)
+    with pytest.raises(ValueError, match="group"):
+        CompressionConfig(rank=2, group="layer")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            CompressionConfig(rank=2, device="cuda")

@@ -180,3 +180,18 @@ def test_shape_grouping_shares_one_basis_per_shape(population, tmp_path):
     torch.testing.assert_close(
         D, stored_delta(tmp_path / "store", manifest, "user02", module), rtol=0, atol=1e-5
     )
+
+
+def test_mixed_ranks_and_rslora_publish_losslessly(tmp_path):
+    users = tiny_population(6, k=4)
+    low = {u: {m: (A[:2], B[:, :2]) for m, (A, B) in t.items()} for u, t in list(users.items())[:3]}
+    high = dict(list(users.items())[3:])
+    paths = write_users(tmp_path / "a", low, rank=2, alpha=4)  # scale 4/2
+    paths |= write_users(tmp_path / "b", high, rank=4, alpha=4, use_rslora=True)  # 4/√4
+    manifest = compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=24))
+    assert {s["core_form"] for s in manifest["slots"]} == {"factored"}  # 2·4·24 < 24²
+    version = publish(tmp_path / "store", tmp_path / "serving")
+    for user, tensors in (low | high).items():
+        for module, (A, B) in tensors.items():
+            D, _ = published_delta(version, user, module)
+            torch.testing.assert_close(D, 2.0 * B.double() @ A.double(), rtol=0, atol=1e-5)

@@ -87,9 +87,20 @@ def _exact(rows: Tensor, coef: Tensor, p: int, trace: float) -> Spectrum:
 
 
 def _leading_pairs(gram: Tensor, p: int) -> tuple[Tensor, Tensor]:
-    """The p largest eigenpairs of a symmetric PSD matrix, descending."""
-    values, vectors = torch.linalg.eigh(gram)
-    return values.flip(0)[:p].clamp_min(0), vectors.flip(1)[:, :p]
+    """The p largest eigenpairs of a symmetric PSD float64 matrix, descending.
+
+    A float32 eigh (about twice as fast on CPU) finds the subspace; one float64 Rayleigh–Ritz
+    step on it restores the values, whose error is quadratic in the vectors' (~1e-14).
+    """
+    n = gram.shape[0]
+    if gram.is_cuda or 4 * p >= n:
+        values, vectors = torch.linalg.eigh(gram)
+        return values.flip(0)[:p].clamp_min(0), vectors.flip(1)[:, :p]
+    _, rough = torch.linalg.eigh(gram.float())
+    Q, _ = torch.linalg.qr(rough[:, -p:].double())
+    H = Q.T @ gram @ Q
+    values, W = torch.linalg.eigh((H + H.T) / 2)
+    return values.flip(0).clamp_min(0), Q @ W.flip(1)
 
 
 def _subspace_iteration(

@@ -64,10 +64,6 @@ class CanonicalStack:
         """‖D_i‖²_F for every delta, in float64."""
         return (self.S.double() ** 2).sum(dim=1)
 
-    def dense(self, i: int) -> Tensor:
-        """D_i as a dense float64 matrix; for tests and small checks only."""
-        return (self.Et[i].double().T * self.S[i].double()) @ self.Ft[i].double()
-
 
 def canonicalize(
     items: Sequence[LoRAFactors],

@@ -25,10 +25,6 @@ class Slot:
     def modules(self) -> list[str]:
         return sorted({module for _, module in self.items})
 
-    @property
-    def users(self) -> list[str]:
-        return sorted({user for user, _ in self.items})
-
     def module_groups(self) -> list[list[int]]:
         """Item indices per module: the populations over which personal parts are measured."""
         groups: dict[str, list[int]] = {}

@@ -20,7 +20,7 @@ def fit_diag(
     rank: int,
     weights: Tensor,
     *,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     max_iters: int = 500,
 ) -> SlotFit:
     start = hosvd_start(stack, rank, weights)

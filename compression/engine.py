@@ -35,7 +35,9 @@ class CompressionConfig:
     sigma: str = "full"  # "full": r × r core per user; "diag": r numbers per user
     weights: str = "uniform"  # "uniform" or "norm" (w_i = 1/‖D_i‖²: every user counts alike)
     group: str = "slot"  # "slot": per (layer, module); "shape": one basis per tensor shape
-    tol: float = 1e-6  # stop when an iteration gains less than tol × total energy
+    tol: float = (
+        1e-5  # stop when an iteration gains less than tol × total energy (fp32 noise ≈ 1e-7)
+    )
     max_iters: int = 200
     max_rank: int = 1024  # ceiling for energy-chosen ranks
     device: str = "cpu"

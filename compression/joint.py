@@ -118,7 +118,7 @@ def fit_full(
     rank: int,
     weights: Tensor,
     *,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     max_iters: int = 200,
 ) -> SlotFit:
     """Full Σ_i: alternate Rayleigh–Ritz block updates of V and U from the HOSVD start."""

@@ -629,7 +629,7 @@ def _setup_text(report: dict[str, Any]) -> str:
         "float64. Stored params: everything needed to rebuild every adapter (bases, cores, "
         "loadings, means, one scale per user for the peers). SOPPU runs with "
         "`personal_error=False` (no personal-part error measured, for timing comparability) and "
-        "its default tol 1e-6 / max 200 iterations; the seed loop runs its fixed 100 "
+        "its default tol 1e-5 / max 200 iterations; the seed loop runs its fixed 100 "
         "iterations with r capped at k. Time: the compression call only, median of up to 3 "
         f"runs while they fit in {REPEAT_SECONDS:.0f} s. Memory: each setting in a fresh "
         "spawned process; +MiB = ru_maxrss after the method − ru_maxrss before it (after "

@@ -125,8 +125,8 @@ def fit_full(
     start = hosvd_start(stack, rank, weights)
     U, V, total = start.U, start.V, start.spec_u.trace
     w = weights.to(stack.S.dtype)
-    EU, FV = project(stack.Et, U), project(stack.Ft, V)
-    history = [_captured(stack.S, EU, FV, weights)]
+    EU, FV = start.EU, start.FV
+    history = [start.captured]
     converged = False
     for _ in range(max_iters):
         V, FV, _ = _ritz_step(stack.Ft, stack.S[:, :, None] * EU, FV, V, w)
@@ -144,19 +144,18 @@ def fit_full(
     return fit
 
 
-def hosvd_sq_error(stack: CanonicalStack, weights: Tensor, U: Tensor, V: Tensor) -> float:
+def _hosvd_sq_error(stack: CanonicalStack, weights: Tensor, start: HosvdStart) -> float:
     """Weighted error of the truncated HOSVD with its optimal cores.
 
     total − captured is exact enough unless the error is tiny; then pay for the
     cancellation-free residual.
     """
-    EU, FV = project(stack.Et, U), project(stack.Ft, V)
     total = float((weights * stack.sq_norms()).sum())
-    error = total - _captured(stack.S, EU, FV, weights)
+    error = total - start.captured
     if error > 1e-3 * total:
         return error
-    cores = _cores(stack.S, EU, FV)
-    return float((weights * squared_errors(stack, OrthoForm(U, V, cores))).sum())
+    cores = _cores(stack.S, start.EU, start.FV)
+    return float((weights * squared_errors(stack, OrthoForm(start.U, start.V, cores))).sum())
 
 
 @dataclass
@@ -167,7 +166,10 @@ class HosvdStart:
     spec_v: Spectrum
     U: Tensor
     V: Tensor
-    error: float  # weighted squared error of the HOSVD with its optimal full cores
+    EU: Tensor  # E_iᵀ U for every user: the first iteration starts from these
+    FV: Tensor  # F_iᵀ V
+    captured: float  # Σ w_i ‖Uᵀ D_i V‖²
+    error: float = 0.0  # weighted squared error of the HOSVD with its optimal full cores
 
     def bracket(self, weights: Tensor, sq_errors: Tensor) -> Bracket:
         rank = self.U.shape[1]
@@ -186,7 +188,10 @@ def hosvd_start(stack: CanonicalStack, rank: int, weights: Tensor) -> HosvdStart
     rank = min(rank, *stack.shape)
     spec_u, spec_v = hosvd_spectra(stack, weights, rank)
     U, V = spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
-    return HosvdStart(spec_u, spec_v, U, V, hosvd_sq_error(stack, weights, U, V))
+    EU, FV = project(stack.Et, U), project(stack.Ft, V)
+    start = HosvdStart(spec_u, spec_v, U, V, EU, FV, _captured(stack.S, EU, FV, weights))
+    start.error = _hosvd_sq_error(stack, weights, start)
+    return start
 
 
 def _cores(S: Tensor, EU: Tensor, FV: Tensor) -> Tensor:

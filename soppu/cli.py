@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from soppu import cli_personal
+from soppu.cli_common import clear_errors, console, progress_bar, set_threads
 
 app = typer.Typer(
     name="soppu",
@@ -23,7 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)  # never break a path or an error across lines
 
 
 class Sigma(str, Enum):
@@ -44,46 +42,6 @@ class Weights(str, Enum):
 class Structure(str, Enum):
     shared = "shared"
     random = "random"
-
-
-def _threads(threads: int | None) -> None:
-    import torch
-
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-@contextmanager
-def _clear_errors():
-    """Bad input ends in one red line naming the file and the problem, not a traceback."""
-    from server.compressed_store import StoreError
-    from soppu.adapters import AdapterError
-    from soppu.userids import UnsafeUserId
-
-    try:
-        yield
-    except (AdapterError, StoreError, UnsafeUserId, FileExistsError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-@contextmanager
-def _progress(label: str):
-    with Progress(
-        TextColumn(f"[bold]{label}[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def update(what: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=what)
-
-        yield update
-        bar.update(task, completed=bar.tasks[0].total or 0, description="done")
 
 
 @app.command()
@@ -140,8 +98,8 @@ def compress(
     from server.compress_round import compress_adapters
     from soppu.adapters import discover
 
-    _threads(threads)
-    with _clear_errors():
+    set_threads(threads)
+    with clear_errors():
         if max_error is not None and energy is None:
             energy = 1.0 - max_error**2
         if rank is None and energy is None:
@@ -159,7 +117,7 @@ def compress(
         )
         paths = discover(inputs)
         console.print(f"compressing {len(paths)} users' adapters → [bold]{out}[/]")
-        with _progress("compress") as progress:
+        with progress_bar("compress") as progress:
             compress_adapters(
                 paths,
                 out,
@@ -184,8 +142,8 @@ def publish(
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
     from server.publish import publish as publish_store
 
-    _threads(threads)
-    with _clear_errors(), _progress("publish") as progress:
+    set_threads(threads)
+    with clear_errors(), progress_bar("publish") as progress:
         version = publish_store(store, to, export_rank=export_rank, progress=progress)
     manifest = json.loads((version / "manifest.json").read_text())
     exact = "exact" if manifest["export_exact"] else "truncated"
@@ -203,7 +161,7 @@ def report(
     """Print the per-layer reconstruction-error table; write JSON, CSV, Markdown and PNG."""
     from compression.report import write_report
 
-    with _clear_errors():
+    with clear_errors():
         source = _report_dir(path)
         data = json.loads((source / "report.json").read_text())
         target = out or source
@@ -256,7 +214,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="Adapter dir(s), store or 
     """Say what a path holds: adapters, a compressed store, or a serving dir."""
     from soppu.inspection import describe
 
-    with _clear_errors():
+    with clear_errors():
         for line in describe(path):
             console.print(line, highlight=False)
 
@@ -276,19 +234,19 @@ def demo(
     from soppu.adapters import discover
     from soppu.synthetic import PopulationSpec, write_population
 
-    _threads(threads)
-    with _clear_errors():
+    set_threads(threads)
+    with clear_errors():
         write_population(PopulationSpec(users, layers), out / "store")
         console.print(f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {out / 'store'}")
         compressed = _next_version(out / "compressed")
-        with _progress("compress") as progress:
+        with progress_bar("compress") as progress:
             compress_adapters(
                 discover([out / "store"]),
                 compressed,
                 CompressionConfig(rank=rank),
                 progress=progress,
             )
-        with _progress("publish") as progress:
+        with progress_bar("publish") as progress:
             version = publish_store(compressed, out / "serving", progress=progress)
     _print_report(json.loads((compressed / "report" / "report.json").read_text()))
     console.print(f"compressed store: [bold]{compressed}[/]")
@@ -299,6 +257,9 @@ def demo(
 def _next_version(root: Path) -> Path:
     numbers = [int(p.name[1:]) for p in root.glob("v*") if re.fullmatch(r"v\d{4,}", p.name)]
     return root / f"v{max(numbers, default=0) + 1:04d}"
+
+
+cli_personal.register(app)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -74,3 +74,70 @@ def tiny_population(count: int, *, k: int = 4, layers: int = 2, seed: int = 0, s
             tensors[f"model.layers.{layer}.self_attn.{name}"] = (A * 0.3, B * 0.3)
         out[f"user{u:02d}"] = tensors
     return out
+
+
+SAMPLE_TEXT = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A real byte-level BPE tokenizer, trained in milliseconds on a sentence."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([SAMPLE_TEXT * 4], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_causal_lm(layers: int = 6, vocab_size: int = 300, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def write_tiny_model(path: Path, layers: int = 6) -> Path:
+    """A tiny random Llama with a real tokenizer, saved as a plain HF folder."""
+    tiny_causal_lm(layers).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_users_jsonl(path: Path, users: dict[str, int], seed: int = 0) -> Path:
+    """JSONL rows (user_id, text): each user gets `chars` characters in several rows."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = SAMPLE_TEXT.split()
+    rows = []
+    for user, chars in users.items():
+        written = 0
+        while written < chars:
+            line = " ".join(rng.choice(words) for _ in range(12))
+            rows.append({"user_id": user, "text": line})
+            written += len(line) + 1
+    rng.shuffle(rows)  # users' rows interleave, as in real logs
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

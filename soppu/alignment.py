@@ -1,0 +1,159 @@
+"""Server-side alignment of the emulator to the full model (FedBiOT): a few distillation steps
+on public text, tuning only the emulator's kept middle layers.
+
+Loss = l2_weight · ‖h_emu − h_full‖² / ‖h_full‖² at the input of the top adapter layers
+     + KL(p_full ‖ p_emu) per token,
+so the adapter layers see inputs like the full model's and the outputs agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soppu import lm
+from soppu.emulator import EmulatorInfo, EmulatorPlan, build, version_id
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    steps: int = 20
+    lr: float = 5e-5
+    batch_size: int = 4
+    seq_len: int = 128
+    l2_weight: float = 1.0
+    eval_blocks: int = 8  # held-out public blocks for the before/after losses
+    seed: int = 0
+
+
+@dataclass
+class AlignTerms:
+    l2: float
+    kl: float
+
+    def total(self, l2_weight: float) -> float:
+        return l2_weight * self.l2 + self.kl
+
+
+def _boundary_inputs(model: nn.Module, batch: lm.Batch, layer: int) -> tuple[Tensor, Tensor]:
+    """(hidden state entering decoder layer `layer`, logits)."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch.ids.to(device),
+        attention_mask=batch.mask.to(device),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[layer], out.logits
+
+
+def _terms(
+    full: nn.Module, emulator: nn.Module, info: EmulatorInfo, batch: lm.Batch
+) -> tuple[Tensor, Tensor]:
+    boundary_full = info.plan["num_layers"] - info.plan["top"]  # first top adapter layer
+    boundary_emu = info.emulator_index(boundary_full)
+    with torch.no_grad():
+        h_full, logits_full = _boundary_inputs(full, batch, boundary_full)
+    h_emu, logits_emu = _boundary_inputs(emulator, batch, boundary_emu)
+    keep = batch.mask.bool().to(h_emu.device)
+    # Per token, so the few tokens with huge activations (attention sinks) do not dominate.
+    full_sq = h_full[keep].pow(2).sum(-1).clamp_min(1e-12)
+    l2 = ((h_emu - h_full)[keep].pow(2).sum(-1) / full_sq).mean()
+    log_p_full = F.log_softmax(logits_full[keep].float(), dim=-1)
+    log_p_emu = F.log_softmax(logits_emu[keep].float(), dim=-1)
+    kl = F.kl_div(log_p_emu, log_p_full, log_target=True, reduction="batchmean")
+    return l2, kl
+
+
+@torch.no_grad()
+def measure(
+    full: nn.Module,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    blocks: Sequence[Tensor],
+    pad_id: int,
+    batch_size: int,
+) -> AlignTerms:
+    l2_sum, kl_sum, count = 0.0, 0.0, 0
+    for batch in lm.batches(blocks, batch_size, pad_id):
+        l2, kl = _terms(full, emulator, info, batch)
+        l2_sum, kl_sum, count = l2_sum + float(l2), kl_sum + float(kl), count + 1
+    return AlignTerms(l2_sum / max(count, 1), kl_sum / max(count, 1))
+
+
+def align(
+    full: nn.Module,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    public_blocks: Sequence[Tensor],
+    pad_id: int,
+    config: AlignConfig = AlignConfig(),
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> dict:
+    """Tune the emulator's middle layers in place; returns the losses before and after."""
+    if len(public_blocks) <= config.eval_blocks:
+        raise ValueError(
+            f"alignment needs more than {config.eval_blocks} blocks of public text, "
+            f"got {len(public_blocks)}"
+        )
+    held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
+    params = _middle_parameters(emulator, info)
+    before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    emulator.train()
+    batches = lm.training_batches(train, config.batch_size, config.steps, pad_id, config.seed)
+    for step, batch in enumerate(batches, start=1):
+        l2, kl = _terms(full, emulator, info, batch)
+        loss = config.l2_weight * l2 + kl
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress(step, config.steps, loss.item())
+    emulator.eval().requires_grad_(False)
+    after = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    return {
+        "config": asdict(config),
+        "public_blocks": len(public_blocks),
+        "before": {**asdict(before), "loss": before.total(config.l2_weight)},
+        "after": {**asdict(after), "loss": after.total(config.l2_weight)},
+    }
+
+
+def _middle_parameters(emulator: nn.Module, info: EmulatorInfo) -> list[nn.Parameter]:
+    """Only the kept middle layers learn; embeddings, head and adapter layers stay the full
+    model's, so the adapter still plugs back in."""
+    emulator.requires_grad_(False)
+    layers = emulator.get_submodule(info.layers_path)
+    adapter = {info.emulator_index(f) for f in info.adapter_layers}
+    params = []
+    for j, layer in enumerate(layers):
+        if j not in adapter:
+            layer.requires_grad_(True)
+            params += list(layer.parameters())
+    if not params:
+        raise ValueError("the emulator keeps no middle layers (drop ratio 1): nothing to align")
+    return params
+
+
+def build_aligned(
+    full: nn.Module,
+    tokenizer,
+    base_model: str,
+    plan: EmulatorPlan,
+    public: Sequence[str],
+    config: AlignConfig = AlignConfig(),
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> tuple[nn.Module, EmulatorInfo]:
+    """Build the emulator and, when there is public text and steps > 0, align it."""
+    emulator, info = build(full, plan, base_model)
+    if config.steps > 0 and public:
+        blocks = lm.token_blocks(tokenizer, "\n".join(public), config.seq_len)
+        info.alignment = align(
+            full, emulator, info, blocks, tokenizer.pad_token_id, config, progress
+        )
+        info.version = version_id(emulator, info)
+    return emulator, info

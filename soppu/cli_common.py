@@ -1,0 +1,65 @@
+"""What every `soppu` verb shares: the console, clear errors, progress bars, thread setting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(soft_wrap=True)  # never break a path or an error across lines
+
+
+def set_threads(threads: int | None) -> int:
+    from soppu.basemodel import set_threads as pin
+
+    return pin(threads)
+
+
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """Bad input ends in one red line naming the file and the problem, not a traceback."""
+    from server.compressed_store import StoreError
+    from soppu.adapters import AdapterError
+    from soppu.basemodel import BaseModelError
+    from soppu.data import DataError
+    from soppu.emulator import EmulatorError
+    from soppu.userids import UnsafeUserId
+
+    try:
+        yield
+    except (
+        AdapterError,
+        StoreError,
+        UnsafeUserId,
+        BaseModelError,
+        DataError,
+        EmulatorError,
+        FileExistsError,
+        ValueError,
+    ) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
+    """Yields update(what, done, total)."""
+    with Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield update
+        bar.update(task, completed=bar.tasks[0].total or 0, description="done")

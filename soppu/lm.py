@@ -1,0 +1,103 @@
+"""Language-model plumbing shared by alignment, training and evaluation: text → token blocks →
+padded batches → next-token loss and perplexity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # [b, t] token ids, right-padded
+    mask: Tensor  # [b, t] 1 for real tokens
+
+    @property
+    def predicted_tokens(self) -> int:
+        """Tokens that have a next token to predict (each row's first token has none)."""
+        return int((self.mask[:, 1:] * self.mask[:, :-1]).sum())
+
+
+def token_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> list[Tensor]:
+    """Consecutive blocks of `seq_len` tokens; a final shorter block is kept if it predicts
+    anything, so users with little text still count."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    blocks = [torch.tensor(ids[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
+    return [b for b in blocks if b.numel() >= 2]
+
+
+def collate(blocks: Sequence[Tensor], pad_id: int) -> Batch:
+    width = max(b.numel() for b in blocks)
+    ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(blocks), width), dtype=torch.long)
+    for row, block in enumerate(blocks):
+        ids[row, : block.numel()] = block
+        mask[row, : block.numel()] = 1
+    return Batch(ids, mask)
+
+
+def batches(blocks: Sequence[Tensor], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """In order, for evaluation."""
+    for start in range(0, len(blocks), batch_size):
+        yield collate(blocks[start : start + batch_size], pad_id)
+
+
+def training_batches(
+    blocks: Sequence[Tensor], batch_size: int, steps: int, pad_id: int, seed: int
+) -> Iterator[Batch]:
+    """`steps` batches drawn epoch by epoch from a seeded shuffle (every block once per epoch)."""
+    if not blocks:
+        raise ValueError("no training text")
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        picked = []
+        while len(picked) < min(batch_size, len(blocks)):
+            if not order:
+                order = torch.randperm(len(blocks), generator=generator).tolist()
+            picked.append(blocks[order.pop()])
+        yield collate(picked, pad_id)
+
+
+def logits(model: nn.Module, batch: Batch) -> Tensor:
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False
+    )
+    return out.logits
+
+
+def nll(logits_: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
+    """Next-token negative log-likelihood over real tokens only."""
+    target = batch.ids[:, 1:].to(logits_.device)
+    keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).bool().to(logits_.device)
+    pred = logits_[:, :-1][keep].float()
+    return F.cross_entropy(pred, target[keep], reduction=reduction)
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
+    return nll(logits(model, batch), batch)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, blocks: Sequence[Tensor], pad_id: int, batch_size: int = 4
+) -> float:
+    """exp(mean next-token NLL) over every real token of `blocks`."""
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for batch in batches(blocks, batch_size, pad_id):
+        total += float(nll(logits(model, batch), batch, reduction="sum"))
+        count += batch.predicted_tokens
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no held-out tokens to evaluate")
+    return math.exp(total / count)

@@ -1,0 +1,283 @@
+"""Local personalisation: train one user's LoRA on the emulator, then evaluate it.
+
+This is what a Flower client calls. The LoRA sits on the adapter layers only; while it trains
+its keys use the emulator's layer numbers, and it leaves here with the full model's
+(`LoraState`), so the same tensors load on the full model with PEFT unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from soppu import atomic, lm
+from soppu.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from soppu.basemodel import default_target_modules
+from soppu.data import UserText
+from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
+
+TRAINING_NAME = "training.json"  # beside the two PEFT files; PEFT, LoRAX and vLLM ignore it
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 4
+    seq_len: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
+    seed: int = 0
+    max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
+
+
+@dataclass
+class LoraState:
+    """A LoRA on the full model: PEFT keys with full-model layer indices, and its config."""
+
+    tensors: dict[str, Tensor]
+    config: dict
+
+    def peft_config(self, layers: list[int] | None = None) -> LoraConfig:
+        """The config as PEFT takes it, optionally for other layer numbers (the emulator's)."""
+        values = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
+        if layers is not None:
+            values["layers_to_transform"] = layers
+        return LoraConfig(**values)
+
+
+@dataclass
+class PersonalizeResult:
+    user_id: str
+    lora: LoraState
+    train_loss: list[float]
+    train_tokens: int
+    test_tokens: int
+    perplexity: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "lora"}
+
+
+def new_lora_config(info: EmulatorInfo, model_type: str, config: TrainConfig) -> dict:
+    targets = list(config.target_modules or default_target_modules(model_type))
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        layers_to_transform=list(info.adapter_layers),
+        layers_pattern=info.layers_path.rsplit(".", 1)[-1],
+        base_model_name_or_path=info.base_model,
+        task_type="CAUSAL_LM",
+    )
+    return _jsonable_config(lora)
+
+
+def _jsonable_config(config: LoraConfig) -> dict:
+    values = config.to_dict()
+    for key, value in values.items():
+        if isinstance(value, set):
+            values[key] = sorted(value)
+        elif hasattr(value, "value"):  # enums such as TaskType
+            values[key] = value.value
+    return values
+
+
+@contextmanager
+def attached(
+    model: nn.Module, lora: LoraState, layers: list[int] | None = None, *, trainable: bool = False
+) -> Iterator[nn.Module]:
+    """`model` with the LoRA applied through PEFT; the model is left bare again afterwards.
+
+    `layers` renumbers the adapter for a model whose layers are numbered differently (the
+    emulator); the tensors must then use the same numbering.
+    """
+    peft_model = get_peft_model(model, lora.peft_config(layers))
+    try:
+        result = set_peft_model_state_dict(peft_model, lora.tensors)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise AdapterError(
+                f"LoRA does not fit the model: missing {missing[:3]}, "
+                f"unexpected {list(result.unexpected_keys)[:3]}"
+            )
+        if not trainable:
+            peft_model.requires_grad_(False)
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+def train_lora(
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    train_blocks: list[Tensor],
+    pad_id: int,
+    config: TrainConfig,
+    start: LoraState,
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> tuple[LoraState, list[float]]:
+    """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses."""
+    emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
+    on_emulator = LoraState(to_emulator_keys(start.tensors, info), start.config)
+    torch.manual_seed(config.seed)
+    losses = []
+    with attached(emulator, on_emulator, emulator_layers, trainable=True) as model:
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        model.train()
+        batches = lm.training_batches(
+            train_blocks, config.batch_size, config.steps, pad_id, config.seed
+        )
+        for step, batch in enumerate(batches, start=1):
+            loss = lm.lm_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress(step, config.steps, losses[-1])
+        model.eval()
+        trained = {
+            k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()
+        }
+    return LoraState(to_full_keys(trained, info), start.config), losses
+
+
+def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
+    """PEFT's own initialisation (A random, B zero): the adapter starts as the identity."""
+    lora_config = new_lora_config(info, emulator.config.model_type, config)
+    emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
+    torch.manual_seed(config.seed)
+    peft_model = get_peft_model(emulator, LoraState({}, lora_config).peft_config(emulator_layers))
+    try:
+        tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    finally:
+        peft_model.unload()
+    return LoraState(to_full_keys(tensors, info), lora_config)
+
+
+def personalize(
+    user: UserText,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    tokenizer,
+    config: TrainConfig = TrainConfig(),
+    *,
+    start: LoraState | None = None,
+    full_model: nn.Module | None = None,
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> PersonalizeResult:
+    """Train the user's LoRA on the emulator and measure held-out perplexity.
+
+    Perplexities: `emulator_start` (emulator with the starting adapter, none if fresh) and
+    `emulator_adapter`; with `full_model` also `base` (full model alone) and `full_adapter`
+    (the trained LoRA plugged into the full model).
+    """
+    began = time.perf_counter()
+    pad_id = tokenizer.pad_token_id
+    train_blocks = lm.token_blocks(tokenizer, user.train, config.seq_len)
+    test_blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
+    if not train_blocks or not test_blocks:
+        raise ValueError(f"user {user.user_id!r} has too little text to train and evaluate")
+    start = start or fresh_lora(emulator, info, config)
+    layers = [info.emulator_index(f) for f in info.adapter_layers]
+
+    def on_emulator(lora: LoraState) -> float:
+        with attached(
+            emulator, LoraState(to_emulator_keys(lora.tensors, info), lora.config), layers
+        ) as model:
+            return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
+
+    ppl = {"emulator_start": on_emulator(start)}
+    lora, losses = train_lora(emulator, info, train_blocks, pad_id, config, start, progress)
+    ppl["emulator_adapter"] = on_emulator(lora)
+    if full_model is not None:
+        ppl["base"] = lm.perplexity(full_model, test_blocks, pad_id, config.batch_size)
+        with attached(full_model, lora) as model:
+            ppl["full_adapter"] = lm.perplexity(model, test_blocks, pad_id, config.batch_size)
+    return PersonalizeResult(
+        user_id=user.user_id,
+        lora=lora,
+        train_loss=losses,
+        train_tokens=sum(b.numel() for b in train_blocks),
+        test_tokens=sum(b.numel() for b in test_blocks),
+        perplexity=ppl,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def save_lora(
+    lora: LoraState, out: Path, extra: dict | None = None, *, replace: bool = False
+) -> Path:
+    """A PEFT adapter dir for the full model, written atomically (+ training.json if given)."""
+    with atomic.building_dir(Path(out), replace=replace) as building:
+        (building / CONFIG_NAME).write_text(json.dumps(lora.config, indent=2) + "\n")
+        tensors = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
+        (building / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+        if extra is not None:
+            (building / TRAINING_NAME).write_text(json.dumps(extra, indent=2) + "\n")
+    return Path(out)
+
+
+def read_lora(path: Path) -> LoraState:
+    """A PEFT LoRA dir (e.g. a starting adapter), strictly: safetensors only, finite values."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+        tensors = load_file(path / WEIGHTS_NAME)
+    except FileNotFoundError as exc:
+        raise AdapterError(f"{path}: not a PEFT adapter dir ({exc.filename} missing)") from None
+    except (json.JSONDecodeError, SafetensorError) as exc:
+        raise AdapterError(f"{path}: unreadable adapter ({exc})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path / CONFIG_NAME}: peft_type {config.get('peft_type')!r}, not LORA")
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{path / WEIGHTS_NAME}: {key} holds NaN or inf")
+    return LoraState({k: v.float() for k, v in tensors.items()}, config)
+
+
+def relative_gain(base: float, tuned: float) -> float:
+    """Share of the held-out perplexity removed: 1 − tuned/base."""
+    return 1.0 - tuned / base if base > 0 and math.isfinite(tuned) else float("nan")
+
+
+def time_training_step(
+    model: nn.Module,
+    lora: LoraState,
+    layers: list[int] | None,
+    batch: lm.Batch,
+    repeats: int = 3,
+) -> float:
+    """Median seconds of one LoRA training step (forward, backward, AdamW) on `model`."""
+    times = []
+    with attached(model, lora, layers, trainable=True) as peft_model:
+        params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        peft_model.train()
+        for _ in range(repeats + 1):  # the first step warms up allocators and kernels
+            began = time.perf_counter()
+            lm.lm_loss(peft_model, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - began)
+        peft_model.eval()
+    return sorted(times[1:])[len(times[1:]) // 2]

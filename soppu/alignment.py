@@ -21,8 +21,8 @@ from soppu.emulator import EmulatorInfo, EmulatorPlan, build, version_id
 
 @dataclass(frozen=True)
 class AlignConfig:
-    steps: int = 20
-    lr: float = 5e-5
+    steps: int = 60
+    lr: float = 1e-3
     batch_size: int = 4
     seq_len: int = 128
     l2_weight: float = 1.0

@@ -96,21 +96,33 @@ class BaseModel:
         return self.model.config.num_hidden_layers
 
 
+def load_tokenizer(base_model: str | Path | None = None):
+    """The base model's tokenizer alone (a client holding only the emulator needs it)."""
+    from transformers import AutoTokenizer
+
+    name = str(base_model or DEFAULT_BASE_MODEL)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    except OSError as exc:
+        raise BaseModelError(f"cannot load the tokenizer of {name!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load(
     base_model: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> BaseModel:
     """Load the base model and tokenizer (offline for the embedded default), frozen, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name = str(base_model or DEFAULT_BASE_MODEL)
     where = resolve(name)
+    tokenizer = load_tokenizer(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     except OSError as exc:
         raise BaseModelError(f"cannot load base model {name!r}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
     # Adapters name their base the way the Hub and LoRAX know it, not by our cache path.
     recorded = _recorded_name(name, where)

@@ -172,3 +172,24 @@ def test_cli_emulator_build_and_personalize(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "no user 'carol'" in result.output
+
+
+def test_gpt2_style_models_work_too(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=64, n_layer=6, n_head=4, n_positions=128)
+    full = GPT2LMHeadModel(config).eval().requires_grad_(False)
+    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5), "tiny-gpt2")
+    assert info.layers_path == "transformer.h" and emulator.config.n_layer == 4
+    result = personalize(USER, emulator, info, tiny_tokenizer(), CONFIG, full_model=full)
+    assert result.lora.config["target_modules"] == ["c_attn"]
+    assert result.perplexity["emulator_adapter"] < result.perplexity["emulator_start"]
+    save_lora(result.lora, tmp_path / "gpt2")
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        peft_model = PeftModel.from_pretrained(full, tmp_path / "gpt2")
+        plugged = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(plugged, merged, atol=1e-5)

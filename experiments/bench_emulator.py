@@ -6,7 +6,8 @@
 Every measurement is one LoRA step (forward, backward, AdamW) of the same LoRA (r=8 on the
 attention q/v of the last two layers) on the same batch (4×128 tokens of public Shakespeare
 text) with the same torch thread count, in a fresh child process that loads only the model a
-client would hold (the saved emulator, or the full model), so its peak RSS is its own.
+client would hold (the saved emulator, or the full model); peak RSS (Linux VmHWM) is reset
+after the batch is made, so it counts the model, the LoRA step and the interpreter.
 Emulator and full model alternate, so machine noise hits both alike. Drop ratio 0.95 keeps
 one middle layer: its time is the floor set by what the emulator cannot drop (embeddings,
 the 49k-token head, the adapter layers and their backward pass).
@@ -27,27 +28,35 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 CHILD = """
-import json, resource, sys, torch
+import gc, json, sys, torch
 torch.set_num_threads(int(sys.argv[2]))
+from peft import get_peft_model, get_peft_model_state_dict
 from soppu import basemodel, lm
 from soppu.data import public_text
-from soppu.emulator import load, to_emulator_keys
-from soppu.personalize import LoraState, TrainConfig, fresh_lora, time_training_step
-which, repeats = sys.argv[1], int(sys.argv[3])
+from soppu.emulator import load, read_info
+from soppu.personalize import LoraState, TrainConfig, new_lora_config, time_training_step
+which, repeats, folder = sys.argv[1], int(sys.argv[3]), sys.argv[4]
 tokenizer = basemodel.load_tokenizer()
 blocks = lm.token_blocks(tokenizer, "\\n".join(public_text()), 128)
 batch = lm.collate(blocks[100:104], tokenizer.pad_token_id)
-emulator, info = load(sys.argv[4])
-lora = fresh_lora(emulator, info, TrainConfig())
-if which == "full":
-    del emulator
-    model, layers = basemodel.load().model, None
+del blocks
+gc.collect()
+with open("/proc/self/clear_refs", "w") as refs:  # reset the peak: count the model, not the data
+    refs.write("5")
+if which == "full":  # a client holding the full model never loads the emulator
+    info, model = read_info(folder), basemodel.load().model
+    layers = info.adapter_layers
 else:
-    model = emulator
+    model, info = load(folder)
     layers = [info.emulator_index(f) for f in info.adapter_layers]
-    lora = LoraState(to_emulator_keys(lora.tensors, info), lora.config)
+config = new_lora_config(info, model.config.model_type, TrainConfig())
+torch.manual_seed(0)
+peft_model = get_peft_model(model, LoraState({}, config).peft_config(layers))
+lora = LoraState(get_peft_model_state_dict(peft_model, save_embedding_layers=False), config)
+peft_model.unload()
 seconds = time_training_step(model, lora, layers, batch, repeats=repeats)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+status = open("/proc/self/status").read()
+peak = int(status.split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"seconds": seconds, "peak_rss_mib": peak}))
 """
 

@@ -126,7 +126,7 @@ def load(
     model.to(device).eval().requires_grad_(False)
     # Adapters name their base the way the Hub and LoRAX know it, not by our cache path.
     recorded = _recorded_name(name, where)
-    model.config._name_or_path = recorded
+    model.config._name_or_path = model.name_or_path = recorded  # PEFT reads the attribute
     return BaseModel(name=recorded, model=model, tokenizer=tokenizer)
 
 

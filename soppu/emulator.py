@@ -116,7 +116,8 @@ def build(model: nn.Module, plan: EmulatorPlan, base_model: str) -> tuple[nn.Mod
     emulator = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     emulator.load_state_dict(_subset_state(model.state_dict(), path, keep), strict=True)
     emulator.eval().requires_grad_(False)
-    emulator.config._name_or_path = base_model  # what PEFT records as the adapters' base
+    # What PEFT records as the adapters' base (it reads the attribute, not the config).
+    emulator.config._name_or_path = emulator.name_or_path = base_model
     info = EmulatorInfo(
         version="",
         base_model=base_model,
@@ -193,7 +194,7 @@ def load(folder: Path, *, device: str = "cpu") -> tuple[nn.Module, EmulatorInfo]
 
     info = read_info(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.config._name_or_path = info.base_model
+    model.config._name_or_path = model.name_or_path = info.base_model
     return model.to(device).eval().requires_grad_(False), info
 
 

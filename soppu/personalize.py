@@ -154,7 +154,8 @@ def train_lora(
             progress(step, config.steps, losses[-1])
         model.eval()
         trained = {
-            k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()
+            k: v.detach().float().clone()
+            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
         }
     return LoraState(to_full_keys(trained, info), start.config), losses
 
@@ -166,7 +167,10 @@ def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> 
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(emulator, LoraState({}, lora_config).peft_config(emulator_layers))
     try:
-        tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        tensors = {
+            k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
+        }
     finally:
         peft_model.unload()
     return LoraState(to_full_keys(tensors, info), lora_config)

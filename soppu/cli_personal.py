@@ -319,11 +319,11 @@ def _emulator(folder: Path | None, base, data):
         if info.base_model != base.name:
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
         return model, info
-    console.print("no --emulator: building the default one (drop 0.5, top 2) and aligning it")
+    public = public_text(data)
+    aligned = "and aligning it on public text" if public else "(no public text: not aligned)"
+    console.print(f"no --emulator: building the default one (drop 0.5, top 2) {aligned}")
     plan = EmulatorPlan(base.num_layers)
-    return build_aligned(
-        base.model, base.tokenizer, base.name, plan, public_text(data), AlignConfig()
-    )
+    return build_aligned(base.model, base.tokenizer, base.name, plan, public, AlignConfig())
 
 
 def _print_personal(result, out: Path) -> None:

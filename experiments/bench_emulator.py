@@ -48,7 +48,7 @@ if which == "full":  # a client holding the full model never loads the emulator
     layers = info.adapter_layers
 else:
     model, info = load(folder)
-    layers = [info.emulator_index(f) for f in info.adapter_layers]
+    layers = info.emulator_adapter_layers
 config = new_lora_config(info, model.config.model_type, TrainConfig())
 torch.manual_seed(0)
 peft_model = get_peft_model(model, LoraState({}, config).peft_config(layers))

@@ -128,7 +128,7 @@ def _middle_parameters(emulator: nn.Module, info: EmulatorInfo) -> list[nn.Param
     model's, so the adapter still plugs back in."""
     emulator.requires_grad_(False)
     layers = emulator.get_submodule(info.layers_path)
-    adapter = {info.emulator_index(f) for f in info.adapter_layers}
+    adapter = set(info.emulator_adapter_layers)
     params = []
     for j, layer in enumerate(layers):
         if j not in adapter:

@@ -186,17 +186,10 @@ def emulator_build(
         sample = lm.token_blocks(base.tokenizer, "\n".join(texts) or "hello " * 600, seq_len)
         batch = lm.collate(sample[:batch_size], base.tokenizer.pad_token_id)
         lora = fresh_lora(emulator, info, TrainConfig())
-        emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
-        emu_s = time_training_step(emulator, _on(lora, info), emulator_layers, batch)
+        emulator_layers = info.emulator_adapter_layers
+        emu_s = time_training_step(emulator, lora.on_emulator(info), emulator_layers, batch)
         full_s = time_training_step(base.model, lora, None, batch)
     _print_emulator(info, out, emu_s, full_s, used, batch_size, seq_len)
-
-
-def _on(lora, info):
-    from soppu.emulator import to_emulator_keys
-    from soppu.personalize import LoraState
-
-    return LoraState(to_emulator_keys(lora.tensors, info), lora.config)
 
 
 def _print_emulator(

@@ -92,6 +92,11 @@ class EmulatorInfo:
     def emulator_index(self, full_layer: int) -> int:
         return self.full_layers.index(full_layer)
 
+    @property
+    def emulator_adapter_layers(self) -> list[int]:
+        """The adapter layers as the emulator numbers them."""
+        return [self.emulator_index(f) for f in self.adapter_layers]
+
 
 def layers_path(model: nn.Module) -> str:
     """The dotted name of the decoder's layer list (`model.layers`, `transformer.h`, ...)."""
@@ -223,5 +228,5 @@ def to_full_keys(state: dict[str, Any], info: EmulatorInfo) -> dict[str, Any]:
 
 def to_emulator_keys(state: dict[str, Any], info: EmulatorInfo) -> dict[str, Any]:
     """A full-model LoRA (on adapter layers only) → the same LoRA on the emulator."""
-    mapping = {f: info.emulator_index(f) for f in info.adapter_layers}
+    mapping = dict(zip(info.adapter_layers, info.emulator_adapter_layers, strict=True))
     return remap_layer_keys(state, info.layers_path, mapping)

@@ -57,6 +57,10 @@ class LoraState:
             values["layers_to_transform"] = layers
         return LoraConfig(**values)
 
+    def on_emulator(self, info: EmulatorInfo) -> LoraState:
+        """The same LoRA with the emulator's layer numbers in its keys."""
+        return LoraState(to_emulator_keys(self.tensors, info), self.config)
+
 
 @dataclass
 class PersonalizeResult:
@@ -132,8 +136,8 @@ def train_lora(
     progress: Callable[[int, int, float], None] = lambda *_: None,
 ) -> tuple[LoraState, list[float]]:
     """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses."""
-    emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
-    on_emulator = LoraState(to_emulator_keys(start.tensors, info), start.config)
+    emulator_layers = info.emulator_adapter_layers
+    on_emulator = start.on_emulator(info)
     torch.manual_seed(config.seed)
     losses = []
     with attached(emulator, on_emulator, emulator_layers, trainable=True) as model:
@@ -163,7 +167,7 @@ def train_lora(
 def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
     """PEFT's own initialisation (A random, B zero): the adapter starts as the identity."""
     lora_config = new_lora_config(info, emulator.config.model_type, config)
-    emulator_layers = [info.emulator_index(f) for f in info.adapter_layers]
+    emulator_layers = info.emulator_adapter_layers
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(emulator, LoraState({}, lora_config).peft_config(emulator_layers))
     try:
@@ -200,17 +204,15 @@ def personalize(
     if not train_blocks or not test_blocks:
         raise ValueError(f"user {user.user_id!r} has too little text to train and evaluate")
     start = start or fresh_lora(emulator, info, config)
-    layers = [info.emulator_index(f) for f in info.adapter_layers]
+    layers = info.emulator_adapter_layers
 
-    def on_emulator(lora: LoraState) -> float:
-        with attached(
-            emulator, LoraState(to_emulator_keys(lora.tensors, info), lora.config), layers
-        ) as model:
+    def emulator_ppl(lora: LoraState) -> float:
+        with attached(emulator, lora.on_emulator(info), layers) as model:
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
 
-    ppl = {"emulator_start": on_emulator(start)}
+    ppl = {"emulator_start": emulator_ppl(start)}
     lora, losses = train_lora(emulator, info, train_blocks, pad_id, config, start, progress)
-    ppl["emulator_adapter"] = on_emulator(lora)
+    ppl["emulator_adapter"] = emulator_ppl(lora)
     if full_model is not None:
         ppl["base"] = lm.perplexity(full_model, test_blocks, pad_id, config.batch_size)
         with attached(full_model, lora) as model:

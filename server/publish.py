@@ -40,6 +40,12 @@ def versions(serving: Path) -> list[str]:
     return sorted(found, key=lambda name: int(name[1:]))
 
 
+def next_version(root: Path) -> Path:
+    """`root/vNNNN` one past the newest complete version in `root`."""
+    existing = versions(root)
+    return Path(root) / f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+
+
 def current_version(serving: Path) -> str | None:
     link = Path(serving) / CURRENT
     return link.resolve().name if link.is_symlink() and link.resolve().is_dir() else None
@@ -60,8 +66,7 @@ def publish(
     rank = export_rank or serving_rank(needed)
     if rank not in SERVING_RANKS:
         raise ValueError(f"export rank {rank} is not one of {SERVING_RANKS} (what LoRAX loads)")
-    existing = versions(serving)
-    version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+    version = next_version(serving).name
     with atomic.building_dir(serving / version) as tmp:
         users = _write_users(store, manifest, tmp / "users", rank, progress)
         _copy_shared(store, tmp / "shared")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -230,6 +229,7 @@ def demo(
     """The embedded default end to end: synthetic users → compress → publish → report."""
     from compression.engine import CompressionConfig
     from server.compress_round import compress_adapters
+    from server.publish import next_version
     from server.publish import publish as publish_store
     from soppu.adapters import discover
     from soppu.synthetic import PopulationSpec, write_population
@@ -238,7 +238,7 @@ def demo(
     with clear_errors():
         write_population(PopulationSpec(users, layers), out / "store")
         console.print(f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {out / 'store'}")
-        compressed = _next_version(out / "compressed")
+        compressed = next_version(out / "compressed")
         with progress_bar("compress") as progress:
             compress_adapters(
                 discover([out / "store"]),
@@ -252,11 +252,6 @@ def demo(
     console.print(f"compressed store: [bold]{compressed}[/]")
     console.print(f"serving version:  [bold]{version}[/] (current → {version.name})")
     console.print(f"report:           [bold]{version / 'report'}[/] (md, csv, json, png)")
-
-
-def _next_version(root: Path) -> Path:
-    numbers = [int(p.name[1:]) for p in root.glob("v*") if re.fullmatch(r"v\d{4,}", p.name)]
-    return root / f"v{max(numbers, default=0) + 1:04d}"
 
 
 cli_personal.register(app)

@@ -1,0 +1,104 @@
+"""The Flower ClientApp: one node is one user, who trains their own LoRA on the emulator.
+
+Run it with `flwr run .` (see pyproject.toml), with `soppu simulate`, or on a SuperNode. The
+node's user is `user-id` from its node config (a real deployment), else its simulation
+partition's entry in the server's user list. The handlers are plain functions so that other
+apps (and tests) can wrap them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import task
+from soppu import messages as m
+
+
+def hello(msg: Message, context: Context) -> Message:
+    setup = m.Setup.from_record(msg.content[m.SETUP])
+    user = task.my_text(context.node_config, setup)  # fails early if this node lacks the text
+    reply = ConfigRecord(
+        {"user-id": user.user_id, "emulators": task.held_versions(), "chars": user.chars}
+    )
+    return Message(RecordDict({m.CONFIG: reply}), reply_to=msg)
+
+
+def install(msg: Message, context: Context) -> Message:
+    version = task.install(*m.emulator_files(msg.content))
+    return Message(RecordDict({m.CONFIG: ConfigRecord({"installed": version})}), reply_to=msg)
+
+
+def query(msg: Message, context: Context) -> Message:
+    what = msg.content[m.CONFIG]["task"] if m.CONFIG in msg.content else m.HELLO
+    return install(msg, context) if what == m.INSTALL else hello(msg, context)
+
+
+def train(msg: Message, context: Context) -> Message:
+    setup, config, user = _request(msg, context)
+    train_config = m.train_config_from(config)
+    start = None
+    if m.LORA in msg.content:
+        start = m.lora_from(msg.content[m.LORA], str(config["lora-config"]))
+    try:
+        result = task.train(user, str(config["emulator"]), train_config, start, setup.base_model)
+    except task.MissingEmulator as exc:
+        return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
+    ppl = result.perplexity
+    metrics = m.metrics_record(
+        {
+            "num-examples": max(1, result.train_tokens // train_config.seq_len),
+            "train-tokens": result.train_tokens,
+            "train-loss": sum(result.train_loss[-5:]) / len(result.train_loss[-5:]),
+            "train-loss-first": result.train_loss[0],
+            "eval-loss-before": math.log(ppl["emulator_start"]),
+            "eval-loss-after": math.log(ppl["emulator_adapter"]),
+            "eval-tokens": result.test_tokens,
+            "seconds": result.seconds,
+        }
+    )
+    about = ConfigRecord(
+        {
+            "user-id": user.user_id,
+            "emulator": str(config["emulator"]),
+            "lora-config": json.dumps(result.lora.config),
+        }
+    )
+    content = RecordDict({m.LORA: m.lora_record(result.lora), m.METRICS: metrics, m.CONFIG: about})
+    return Message(content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    began = time.perf_counter()
+    setup, config, user = _request(msg, context)
+    lora = m.lora_from(msg.content[m.LORA], str(config["lora-config"]))
+    try:
+        loss, tokens = task.evaluate(
+            user, str(config["emulator"]), m.train_config_from(config), lora, setup.base_model
+        )
+    except task.MissingEmulator as exc:
+        return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
+    metrics = MetricRecord(
+        {"eval-loss": loss, "num-examples": tokens, "seconds": time.perf_counter() - began}
+    )
+    about = ConfigRecord({"user-id": user.user_id})
+    return Message(RecordDict({m.METRICS: metrics, m.CONFIG: about}), reply_to=msg)
+
+
+def _request(msg: Message, context: Context):
+    setup = m.Setup.from_record(msg.content[m.SETUP])
+    config = msg.content[m.CONFIG]
+    user = task.my_text(context.node_config, setup)
+    if user.user_id != config["user-id"]:
+        raise ValueError(f"sent to user {config['user-id']!r}, but this node is {user.user_id!r}")
+    return setup, config, user
+
+
+app = ClientApp()
+app.query()(query)
+app.train()(train)
+app.evaluate()(evaluate)

@@ -1,0 +1,132 @@
+"""A client's work, without Flower: find its user, hold the emulator, train and evaluate.
+
+A client process may serve many (simulated) nodes, so everything it loads is cached per
+process: the users' text per data source, the tokenizer per base model, and the emulator per
+version, in memory and on disk (`$SOPPU_CACHE/emulators/<version>/`). The emulator reaches a
+node once, in the server's "install" message; a client that restarts finds it on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from soppu import lm
+from soppu.basemodel import cache_dir, load_tokenizer
+from soppu.data import SHAKESPEARE, DataError, UserText, load_users
+from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
+from soppu.messages import Setup
+from soppu.personalize import LoraState, PersonalizeResult, TrainConfig, attached, personalize
+from soppu.userids import check_user_id
+
+_EMULATORS: dict[str, tuple[nn.Module, EmulatorInfo]] = {}
+
+
+class MissingEmulator(LookupError):
+    """This node does not hold the emulator version it was asked to use."""
+
+
+def emulator_root() -> Path:
+    return cache_dir() / "emulators"
+
+
+def my_user(node_config: dict, setup: Setup) -> str:
+    """The node's user: `user-id` from its node config, else its simulation partition's."""
+    if "user-id" in node_config:
+        return check_user_id(str(node_config["user-id"]), "node config user-id")
+    if "partition-id" not in node_config:
+        raise DataError("node config has neither user-id nor partition-id: cannot tell my user")
+    partition = int(node_config["partition-id"])
+    if not 0 <= partition < len(setup.users):
+        raise DataError(f"partition {partition} has no user: the server sent {len(setup.users)}")
+    return setup.users[partition]
+
+
+def my_text(node_config: dict, setup: Setup) -> UserText:
+    user = my_user(node_config, setup)
+    data = str(node_config.get("data", setup.data)) or SHAKESPEARE
+    users = _users(data, json.dumps(setup.options.__dict__, sort_keys=True))
+    if user not in users:
+        raise DataError(f"{data}: no user {user!r} with enough text on this node")
+    return users[user]
+
+
+@lru_cache(maxsize=2)
+def _users(data: str, options_json: str) -> dict[str, UserText]:
+    from soppu.data import DataOptions
+
+    return load_users(data, DataOptions(**json.loads(options_json)))
+
+
+@lru_cache(maxsize=2)
+def tokenizer_for(base_model: str):
+    return load_tokenizer(base_model)
+
+
+def held_versions() -> list[str]:
+    on_disk = {p.name for p in emulator_root().glob("emu-*") if (p / META_NAME).is_file()}
+    return sorted(on_disk | set(_EMULATORS))
+
+
+def emulator(version: str) -> tuple[nn.Module, EmulatorInfo]:
+    """The emulator of this version, from memory or this node's disk cache."""
+    if version not in _EMULATORS:
+        folder = emulator_root() / version
+        if not (folder / META_NAME).is_file():
+            raise MissingEmulator(f"emulator {version} is not installed on this node")
+        _EMULATORS.clear()  # one version at a time: a new one replaces the old in memory
+        _EMULATORS[version] = load(folder)
+    return _EMULATORS[version]
+
+
+def install(files: dict[str, str], state: dict[str, torch.Tensor]) -> str:
+    """Rebuild the server's emulator folder in the cache; check its content id; return it."""
+    info = EmulatorInfo(**json.loads(files[META_NAME]))
+    check_user_id(info.version, "emulator version")  # it becomes a directory name
+    target = emulator_root() / info.version
+    if (target / META_NAME).is_file():
+        return info.version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = target.with_name(f".{info.version}.{id(state)}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    for name, text in files.items():
+        (building / Path(name).name).write_text(text)
+    save_file({k: v.contiguous() for k, v in state.items()}, building / "model.safetensors")
+    model, loaded = load(building)
+    if version_id(model, loaded) != info.version:
+        shutil.rmtree(building, ignore_errors=True)
+        raise EmulatorError(f"emulator {info.version}: received weights do not match its id")
+    try:
+        building.rename(target)
+    except OSError:  # another node on this machine installed it first
+        shutil.rmtree(building, ignore_errors=True)
+    return info.version
+
+
+def train(
+    user: UserText, version: str, config: TrainConfig, start: LoraState | None, base_model: str
+) -> PersonalizeResult:
+    model, info = emulator(version)
+    return personalize(user, model, info, tokenizer_for(base_model), config, start=start)
+
+
+def evaluate(
+    user: UserText, version: str, config: TrainConfig, lora: LoraState, base_model: str
+) -> tuple[float, int]:
+    """Held-out loss (mean per token) of `lora` on the emulator, and the tokens evaluated."""
+    model, info = emulator(version)
+    tokenizer = tokenizer_for(base_model)
+    blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
+    if not blocks:
+        raise DataError(f"user {user.user_id!r} has no held-out text to evaluate")
+    with attached(model, lora.on_emulator(info), info.emulator_adapter_layers) as peft_model:
+        ppl = lm.perplexity(peft_model, blocks, tokenizer.pad_token_id, config.batch_size)
+    return math.log(ppl), sum(b.numel() for b in blocks)

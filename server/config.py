@@ -1,0 +1,130 @@
+"""The federation's one typed config: defaults here → `[tool.flwr.app.config]` → CLI flags.
+
+Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
+`soppu simulate` flags are the same names. Empty strings and zeros mean "the default" where a
+run config cannot hold None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from compression.engine import CompressionConfig
+from soppu.data import DataOptions
+from soppu.emulator import EmulatorPlan
+from soppu.personalize import TrainConfig
+
+AGGREGATIONS = ("none", "fedavg")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    run_dir: str = "runs/federation"
+    base_model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    data: str = ""  # "": the embedded Shakespeare users
+    users: int = 8  # users taken (the ones with the most text); 0: all
+    rounds: int = 2
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    fraction_evaluate: float = 0.0  # federated evaluation on the emulator each round
+    round_timeout: float = 3600.0  # seconds a round waits for replies
+    node_wait: float = 120.0  # seconds to wait for nodes to connect
+    aggregation: str = "none"  # none | fedavg (also keep an averaged global adapter)
+    compress_every: int = 0  # compress every K rounds (0: only after the last)
+    compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
+    compress_energy: float = 0.9
+    compress_sigma: str = "full"
+    export_rank: int = 0  # serving rank; 0: exact
+    final_evaluation: bool = True  # per-user perplexities on the full model after the run
+    # local training
+    local_steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 4
+    seq_len: int = 128
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    max_eval_tokens: int = 2048
+    seed: int = 0
+    # the emulator
+    emulator: str = ""  # a folder from `soppu emulator build`; "": build one
+    top: int = 2
+    bottom: int = 0
+    drop: float = 0.5
+    align_steps: int = 60
+    # the users' data
+    user_column: str = "user_id"
+    text_column: str = "text"
+    min_chars: int = 1000
+    test_fraction: float = 0.2
+    threads: int = 0  # torch threads on the server; 0: all
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be ≥ 1, got {self.rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
+            raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
+        self.compression()  # validates the compression settings now, not after training
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any], **overrides: Any) -> FederationConfig:
+        """From Flower's run config (hyphenated keys); unknown keys are refused by name."""
+        types = {f.name: type(f.default) for f in fields(cls)}
+        given = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                raise ValueError(f"run config: unknown key {key!r}")
+            given[name] = _coerce(types[name], value, key)
+        return cls(**{**given, **overrides})
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def train(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.local_steps,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            seed=self.seed,
+            max_eval_tokens=self.max_eval_tokens,
+        )
+
+    def data_options(self) -> DataOptions:
+        return DataOptions(
+            user_column=self.user_column,
+            text_column=self.text_column,
+            min_chars=self.min_chars,
+            test_fraction=self.test_fraction,
+            seed=self.seed,
+        )
+
+    def plan(self, num_layers: int) -> EmulatorPlan:
+        return EmulatorPlan(num_layers, top=self.top, bottom=self.bottom, drop=self.drop)
+
+    def compression(self) -> CompressionConfig:
+        return CompressionConfig(
+            rank=self.compress_rank or None,
+            energy=None if self.compress_rank else self.compress_energy,
+            sigma=self.compress_sigma,
+        )
+
+
+def _coerce(kind: type, value: Any, key: str) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"run config: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"run config: {key} must be {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,194 @@
+"""A federation's run folder and its adapter store: every user's latest LoRA, kept safe.
+
+    RUN/run.json            config, base model, emulator version
+    RUN/emulator/           the emulator the clients train against
+    RUN/store/<user>/       the user's latest adapter: PEFT files + training.json
+                            (round, metrics, emulator version; PEFT ignores it)
+    RUN/global/             the averaged adapter (aggregation = fedavg)
+    RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
+    RUN/rounds.jsonl        one line per round: timings and counts
+    RUN/state.json          the last complete round and the last compressed one
+    RUN/staging/round-N/    a round's replies until the round commits
+    RUN/compressed/vNNNN/   compressed stores;  RUN/serving/ the published versions
+
+A round's replies are validated and staged as they arrive. The round commits by writing a
+COMMITTED marker and then moving each staged adapter into the store; `recover()` finishes a
+commit that was interrupted and discards a round that never committed. So a run killed at any
+point resumes from its last complete round with every adapter exactly once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soppu import atomic
+from soppu.adapters import AdapterError
+from soppu.personalize import TRAINING_NAME, LoraState, read_lora, save_lora
+from soppu.userids import check_user_id
+
+COMMITTED = "COMMITTED"
+
+
+class RunFolder:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.run_json = self.root / "run.json"
+        self.emulator = self.root / "emulator"
+        self.store = self.root / "store"
+        self.global_dir = self.root / "global"
+        self.metrics = self.root / "metrics.jsonl"
+        self.rounds = self.root / "rounds.jsonl"
+        self.state_file = self.root / "state.json"
+        self.staging = self.root / "staging"
+        self.compressed = self.root / "compressed"
+        self.serving = self.root / "serving"
+
+    def state(self) -> dict[str, Any]:
+        if not self.state_file.is_file():
+            return {"round": 0, "compressed_round": 0}
+        return json.loads(self.state_file.read_text())
+
+    def set_state(self, **changes: Any) -> None:
+        atomic.write_json(self.state_file, {**self.state(), **changes})
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive against other processes: a commit, or a snapshot by `compress --run`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def users(self) -> list[str]:
+        if not self.store.is_dir():
+            return []
+        return sorted(p.name for p in self.store.iterdir() if not p.name.startswith("."))
+
+    def latest(self, user: str) -> LoraState | None:
+        folder = self.store / check_user_id(user)
+        return read_lora(folder) if folder.is_dir() else None
+
+    def global_adapter(self) -> LoraState | None:
+        return read_lora(self.global_dir) if self.global_dir.is_dir() else None
+
+    def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_reply(user: str, lora: LoraState, template: dict[str, torch.Size], source: str) -> None:
+    """Refuse an unsafe user id, and tensors with other keys or shapes or with NaN/inf."""
+    check_user_id(user, source)
+    missing = sorted(set(template) - set(lora.tensors))
+    extra = sorted(set(lora.tensors) - set(template))
+    if missing or extra:
+        raise AdapterError(f"{source}: LoRA keys differ: missing {missing[:3]}, extra {extra[:3]}")
+    for key, tensor in lora.tensors.items():
+        if tuple(tensor.shape) != tuple(template[key]):
+            raise AdapterError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(template[key])}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{source}: {key} holds NaN or inf")
+
+
+class RoundStage:
+    """One round's replies, staged under RUN/staging/round-N until the round commits."""
+
+    def __init__(self, run: RunFolder, round_: int):
+        self.run = run
+        self.round = round_
+        self.dir = run.staging / f"round-{round_:04d}"
+        shutil.rmtree(self.dir, ignore_errors=True)  # leftovers of an uncommitted attempt
+        (self.dir / "users").mkdir(parents=True)
+
+    def add(self, user: str, lora: LoraState, record: dict[str, Any]) -> None:
+        save_lora(lora, self.dir / "users" / check_user_id(user), record, replace=True)
+
+    def add_global(self, lora: LoraState, record: dict[str, Any]) -> None:
+        save_lora(lora, self.dir / "global", record, replace=True)
+
+    def commit(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        atomic.write_json(self.dir / "rows.json", {"rows": rows, "summary": summary})
+        with self.run.locked():
+            atomic.write_text(self.dir / COMMITTED, "")
+            _apply(self.run, self.dir, self.round)
+
+
+def recover(run: RunFolder) -> dict[str, Any]:
+    """Finish an interrupted commit, drop a round that never committed; return the state."""
+    if run.staging.is_dir():
+        for stage in sorted(run.staging.iterdir()):
+            if (stage / COMMITTED).is_file():
+                with run.locked():
+                    _apply(run, stage, int(stage.name.removeprefix("round-")))
+            else:
+                shutil.rmtree(stage, ignore_errors=True)
+    for leftover in run.store.glob(".*.old") if run.store.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return run.state()
+
+
+def _apply(run: RunFolder, stage: Path, round_: int) -> None:
+    """Move a committed round into place; safe to repeat after a crash at any step."""
+    run.store.mkdir(parents=True, exist_ok=True)
+    staged_users = stage / "users"
+    for folder in sorted(staged_users.iterdir()) if staged_users.is_dir() else []:
+        _swap_in(folder, run.store / folder.name)
+    if (stage / "global").is_dir():
+        _swap_in(stage / "global", run.global_dir)
+    saved = json.loads((stage / "rows.json").read_text())
+    _rewrite_jsonl(run, run.metrics, saved["rows"], round_)
+    _rewrite_jsonl(run, run.rounds, [saved["summary"]], round_)
+    run.set_state(round=round_)
+    shutil.rmtree(stage)
+    if not any(run.staging.iterdir()):
+        run.staging.rmdir()
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rewrite_jsonl(run: RunFolder, path: Path, rows: list[dict[str, Any]], round_: int) -> None:
+    kept = [row for row in run.read_jsonl(path) if row["round"] < round_]
+    text = "".join(json.dumps(row) + "\n" for row in [*kept, *rows])
+    atomic.write_text(path, text)
+
+
+def stored_round(run: RunFolder, user: str) -> int | None:
+    meta = run.store / check_user_id(user) / TRAINING_NAME
+    return json.loads(meta.read_text()).get("round") if meta.is_file() else None
+
+
+def snapshot(run: RunFolder, into: Path) -> dict[str, Path]:
+    """Hard-link every user's stored adapter into `into` (files are only ever replaced by
+    rename, never rewritten, so links are a consistent, instant copy); user → dir."""
+    paths = {}
+    with run.locked():
+        for user in run.users():
+            (into / user).mkdir(parents=True)
+            for file in (run.store / user).iterdir():
+                os.link(file, into / user / file.name)
+            paths[user] = into / user
+    if not paths:
+        raise AdapterError(f"{run.store}: no adapters stored yet")
+    return paths

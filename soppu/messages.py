@@ -1,0 +1,115 @@
+"""What the server and the clients say to each other, as Flower records.
+
+The two sides meet only through these messages, so both encode and decode here:
+
+    query "hello"    server → client: setup (data, users)      client → server: its user id and
+                                                                 the emulator versions it holds
+    query "install"  server → client: the emulator's weights   client → server: version installed
+    train            server → client: setup, training config,  client → server: the LoRA (fp32),
+                     the starting LoRA (absent: start fresh)    metrics, its user and emulator
+    evaluate         server → client: setup, a LoRA             client → server: held-out loss
+
+A LoRA travels as an ArrayRecord of its PEFT tensors (full-model layer numbers) beside its
+adapter_config as JSON; the emulator as an ArrayRecord of its state dict beside its model
+config and `soppu_emulator.json`, so the client can rebuild the very folder the server saved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from soppu.data import DataOptions
+from soppu.personalize import LoraState, TrainConfig
+
+SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
+HELLO, INSTALL = "hello", "install"
+NEEDS_EMULATOR = 4090  # error code: this node does not hold the emulator version it was sent
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every client needs to find its user and text, sent with every message."""
+
+    data: str  # a data file the clients can read, or "" for the embedded Shakespeare users
+    options: DataOptions
+    users: tuple[str, ...] = ()  # simulation: partition i is users[i]
+    base_model: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "data": self.data,
+                "options": json.dumps(asdict(self.options)),
+                "users": json.dumps(list(self.users)),
+                "base-model": self.base_model,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Setup:
+        return cls(
+            data=str(record["data"]),
+            options=DataOptions(**json.loads(str(record["options"]))),
+            users=tuple(json.loads(str(record["users"]))),
+            base_model=str(record["base-model"]),
+        )
+
+
+def train_config_record(config: TrainConfig, **extra: Any) -> ConfigRecord:
+    values = {f"train.{k}": v for k, v in asdict(config).items() if k != "target_modules"}
+    values["train.target_modules"] = json.dumps(config.target_modules)
+    return ConfigRecord({**values, **extra})
+
+
+def train_config_from(record: ConfigRecord) -> TrainConfig:
+    values = {}
+    for f in fields(TrainConfig):
+        raw = record[f"train.{f.name}"]
+        if f.name == "target_modules":
+            targets = json.loads(str(raw))
+            values[f.name] = tuple(targets) if targets else None
+        else:
+            values[f.name] = raw
+    return TrainConfig(**values)
+
+
+def lora_record(lora: LoraState) -> ArrayRecord:
+    tensors = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
+    return ArrayRecord(torch_state_dict=tensors)
+
+
+def lora_from(arrays: ArrayRecord, config_json: str) -> LoraState:
+    tensors = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
+    return LoraState(tensors, json.loads(config_json))
+
+
+def metrics_record(values: dict[str, float | int]) -> MetricRecord:
+    return MetricRecord({k: v for k, v in values.items() if v is not None})
+
+
+def emulator_content(folder_files: dict[str, str], state: dict[str, torch.Tensor]) -> RecordDict:
+    """The emulator as a message: its JSON files by name and its tensors (tied ones once)."""
+    unique: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue  # a tied weight (the head sharing the embedding) travels once
+        seen.add(tensor.data_ptr())
+        unique[name] = tensor.detach().float().contiguous()
+    return RecordDict(
+        {
+            EMULATOR: ArrayRecord(torch_state_dict=unique),
+            CONFIG: ConfigRecord({f"file.{n}": text for n, text in folder_files.items()}),
+        }
+    )
+
+
+def emulator_files(content: RecordDict) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    config = content.config_records[CONFIG]
+    files = {k.removeprefix("file."): str(v) for k, v in config.items() if k.startswith("file.")}
+    return files, content.array_records[EMULATOR].to_torch_state_dict()

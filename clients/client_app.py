@@ -39,6 +39,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
+    began = time.perf_counter()
     setup, config, user = _request(msg, context)
     train_config = m.train_config_from(config)
     start = None
@@ -58,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
             "eval-loss-before": math.log(ppl["emulator_start"]),
             "eval-loss-after": math.log(ppl["emulator_adapter"]),
             "eval-tokens": result.test_tokens,
-            "seconds": result.seconds,
+            "seconds": result.seconds,  # training and evaluation
+            "handler-seconds": time.perf_counter() - began,  # + finding data and emulator
         }
     )
     about = ConfigRecord(

@@ -19,13 +19,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from soppu import lm
-from soppu.basemodel import cache_dir, load_tokenizer
+from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
 from soppu.messages import Setup
 from soppu.personalize import LoraState, PersonalizeResult, TrainConfig, attached, personalize
 from soppu.userids import check_user_id
 
+quiet_libraries()
 _EMULATORS: dict[str, tuple[nn.Module, EmulatorInfo]] = {}
 
 

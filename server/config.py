@@ -38,7 +38,7 @@ class FederationConfig:
     export_rank: int = 0  # serving rank; 0: exact
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
     # local training
-    local_steps: int = 30
+    local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
     lr: float = 1e-3
     batch_size: int = 4
     seq_len: int = 128

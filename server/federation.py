@@ -93,6 +93,7 @@ def run_round(grid: Grid, fed: Federation, round_: int) -> dict[str, Any]:
         "trained": len(ok),
         "failed": len(rows) - len(ok),
         "client_seconds": sum(r["seconds"] for r in ok),
+        "handler_seconds": sum(r["handler-seconds"] for r in ok),
         "eval_loss_before": _mean(r["eval-loss-before"] for r in ok),
         "eval_loss_after": _mean(r["eval-loss-after"] for r in ok),
         "federated_eval_loss": eval_loss,

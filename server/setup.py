@@ -38,25 +38,32 @@ MAY_CHANGE_ON_RESUME = {
 }
 
 
-def resolve_config(config: FederationConfig, *, resume: bool) -> FederationConfig:
-    """The config to run: `config` for a new run, run.json's (plus allowed changes) to resume."""
-    run = RunFolder(Path(config.run_dir))
+def resolve_config(requested: FederationConfig, *, resume: bool) -> FederationConfig:
+    """The config to run: `requested` for a new run; to resume, run.json's, where only the
+    rounds and the operational knobs may differ."""
+    run = RunFolder(Path(requested.run_dir))
     if not run.run_json.is_file():
         if resume:
             raise FileNotFoundError(f"{run.run_json}: nothing to resume (no run.json)")
         if run.root.exists() and any(run.root.iterdir()):
             raise FileExistsError(f"{run.root} exists and is not a run; choose another --out")
-        return config
+        return requested
     if not resume:
         raise FileExistsError(f"{run.root} holds a run already; pass --resume to continue it")
-    stored = FederationConfig(**json.loads(run.run_json.read_text())["config"])
-    defaults = FederationConfig()
-    changed = {
-        f.name: getattr(config, f.name)
+    stored = stored_config(run)
+    differ = [
+        f"{f.name} (run: {getattr(stored, f.name)!r}, now: {getattr(requested, f.name)!r})"
         for f in fields(FederationConfig)
-        if f.name in MAY_CHANGE_ON_RESUME and getattr(config, f.name) != getattr(defaults, f.name)
-    }
-    return replace(stored, **changed, run_dir=config.run_dir)
+        if f.name not in MAY_CHANGE_ON_RESUME
+        and getattr(stored, f.name) != getattr(requested, f.name)
+    ]
+    if differ:
+        raise ValueError(f"{run.run_json}: a resumed run keeps its settings; {'; '.join(differ)}")
+    return replace(stored, **{name: getattr(requested, name) for name in MAY_CHANGE_ON_RESUME})
+
+
+def stored_config(run: RunFolder) -> FederationConfig:
+    return FederationConfig(**json.loads(run.run_json.read_text())["config"])
 
 
 def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:

@@ -137,6 +137,7 @@ def recover(run: RunFolder) -> dict[str, Any]:
                     _apply(run, stage, int(stage.name.removeprefix("round-")))
             else:
                 shutil.rmtree(stage, ignore_errors=True)
+        _remove_if_empty(run.staging)
     for leftover in run.store.glob(".*.old") if run.store.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)
     return run.state()
@@ -155,8 +156,12 @@ def _apply(run: RunFolder, stage: Path, round_: int) -> None:
     _rewrite_jsonl(run, run.rounds, [saved["summary"]], round_)
     run.set_state(round=round_)
     shutil.rmtree(stage)
-    if not any(run.staging.iterdir()):
-        run.staging.rmdir()
+    _remove_if_empty(run.staging)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _swap_in(new: Path, target: Path) -> None:

@@ -64,6 +64,18 @@ def set_threads(threads: int | None) -> int:
     return count
 
 
+def quiet_libraries() -> None:
+    """No per-load progress bars or deprecation chatter from transformers: a federation loads
+    models in every client process, and the lines would bury the round-by-round progress."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
 def default_target_modules(model_type: str) -> list[str]:
     return list(_QV_TARGETS.get(model_type, _DEFAULT_TARGETS))
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from soppu import cli_personal
-from soppu.cli_common import clear_errors, console, progress_bar, set_threads
+from soppu import cli_federation, cli_personal
+from soppu.cli_common import clear_errors, console, print_report, progress_bar, set_threads
 
 app = typer.Typer(
     name="soppu",
@@ -65,9 +64,22 @@ def synth(
 @app.command()
 def compress(
     inputs: Annotated[
-        list[Path], typer.Argument(help="PEFT adapter dirs, or folders of them (id = dir name).")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Compressed store to write.")],
+        list[Path] | None,
+        typer.Argument(help="PEFT adapter dirs, or folders of them (id = dir name)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Compressed store to write.")
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead: a federation's run folder (stopped or running); writes "
+            "RUN/compressed/vNNNN and publishes RUN/serving/vNNNN."
+        ),
+    ] = None,
+    export_rank: Annotated[
+        int | None, typer.Option(help="With --run: serving rank (8..128); default: exact.")
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="Shared rank r per slot (may exceed k).")] = None,
     energy: Annotated[
         float | None,
@@ -114,6 +126,13 @@ def compress(
             device=device,
             personal_error=personal_error,
         )
+        if run is not None:
+            if inputs or out:
+                raise ValueError("give either --run RUN or INPUTS with --out, not both")
+            _compress_run(run, config, export_rank)
+            return
+        if not inputs or out is None:
+            raise ValueError("give INPUTS and --out (or --run RUN)")
         paths = discover(inputs)
         console.print(f"compressing {len(paths)} users' adapters → [bold]{out}[/]")
         with progress_bar("compress") as progress:
@@ -125,8 +144,23 @@ def compress(
                 replace=overwrite,
                 source={"inputs": [str(p) for p in inputs]},
             )
-    _print_report(json.loads((out / "report" / "report.json").read_text()))
+    print_report(json.loads((out / "report" / "report.json").read_text()))
     console.print(f"store: [bold]{out}[/]  report: [bold]{out / 'report'}[/]")
+
+
+def _compress_run(run: Path, config, export_rank: int | None) -> None:
+    from server.run_compression import compress_run
+    from server.store import RunFolder
+
+    folder = RunFolder(run)
+    if not folder.run_json.is_file():
+        raise ValueError(f"{run}: not a federation run folder (no run.json)")
+    with progress_bar("compress") as progress:
+        compressed, version = compress_run(
+            folder, config, export_rank=export_rank, progress=progress
+        )
+    print_report(json.loads((compressed / "report" / "report.json").read_text()))
+    console.print(f"store: [bold]{compressed}[/]; published [bold]{version}[/] (current)")
 
 
 @app.command()
@@ -165,7 +199,7 @@ def report(
         data = json.loads((source / "report.json").read_text())
         target = out or source
         files = write_report(data, target)
-    _print_report(data)
+    print_report(data)
     console.print("wrote " + ", ".join(str(f) for f in files))
 
 
@@ -174,38 +208,6 @@ def _report_dir(path: Path) -> Path:
         if (candidate / "report.json").is_file():
             return candidate
     raise ValueError(f"{path}: no report.json (expected a store, a serving dir or a version)")
-
-
-def _print_report(data: dict) -> None:
-    table = Table(title="Per-layer reconstruction error ‖D−D̂‖/‖D‖", title_justify="left")
-    for column in ("layer", "module", "rank", "users", "mean", "median", "p95", "max", "personal"):
-        table.add_column(column, justify="left" if column == "module" else "right")
-    for row in data["modules"]:
-        personal = row["personal_mean"]
-        table.add_row(
-            str(row["layer"]),
-            row["kind"],
-            str(row["rank"]),
-            str(row["users"]),
-            f"{row['mean']:.4f}",
-            f"{row['median']:.4f}",
-            f"{row['p95']:.4f}",
-            f"{row['max']:.4f}",
-            "–" if personal is None else f"{personal:.4f}",
-        )
-    console.print(table)
-    t = data["totals"]
-    console.print(
-        f"[bold]{t['users']} users, {t['modules']} modules[/]: parameters "
-        f"{t['params_before']:,} → {t['params_after']:,} ([bold]{t['ratio']:.1f}×[/]); "
-        f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}; "
-        f"personal-part mean {_num(t['personal_mean'])}",
-        highlight=False,
-    )
-
-
-def _num(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
 
 
 @app.command()
@@ -248,13 +250,14 @@ def demo(
             )
         with progress_bar("publish") as progress:
             version = publish_store(compressed, out / "serving", progress=progress)
-    _print_report(json.loads((compressed / "report" / "report.json").read_text()))
+    print_report(json.loads((compressed / "report" / "report.json").read_text()))
     console.print(f"compressed store: [bold]{compressed}[/]")
     console.print(f"serving version:  [bold]{version}[/] (current → {version.name})")
     console.print(f"report:           [bold]{version / 'report'}[/] (md, csv, json, png)")
 
 
 cli_personal.register(app)
+cli_federation.register(app)
 
 
 def main() -> None:  # pragma: no cover - console script entry

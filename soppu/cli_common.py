@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console(soft_wrap=True)  # never break a path or an error across lines
 
@@ -38,6 +39,7 @@ def clear_errors() -> Iterator[None]:
         DataError,
         EmulatorError,
         FileExistsError,
+        FileNotFoundError,
         ValueError,
     ) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
@@ -63,3 +65,35 @@ def progress_bar(label: str) -> Iterator[Callable[[str, int, int], None]]:
 
         yield update
         bar.update(task, completed=bar.tasks[0].total or 0, description="done")
+
+
+def print_report(data: dict) -> None:
+    table = Table(title="Per-layer reconstruction error ‖D−D̂‖/‖D‖", title_justify="left")
+    for column in ("layer", "module", "rank", "users", "mean", "median", "p95", "max", "personal"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for row in data["modules"]:
+        personal = row["personal_mean"]
+        table.add_row(
+            str(row["layer"]),
+            row["kind"],
+            str(row["rank"]),
+            str(row["users"]),
+            f"{row['mean']:.4f}",
+            f"{row['median']:.4f}",
+            f"{row['p95']:.4f}",
+            f"{row['max']:.4f}",
+            "–" if personal is None else f"{personal:.4f}",
+        )
+    console.print(table)
+    t = data["totals"]
+    console.print(
+        f"[bold]{t['users']} users, {t['modules']} modules[/]: parameters "
+        f"{t['params_before']:,} → {t['params_after']:,} ([bold]{t['ratio']:.1f}×[/]); "
+        f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}; "
+        f"personal-part mean {_num(t['personal_mean'])}",
+        highlight=False,
+    )
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"

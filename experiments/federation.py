@@ -1,0 +1,212 @@
+"""A simulated federation measured: quality kept by compression, storage ratio, Flower overhead.
+
+    python experiments/federation.py --name scale64 --users 64 --rounds 1 --local-steps 15 \\
+        --max-eval-tokens 1024 --rank 16          # the README's ≥ 64-user row (≈ 30 minutes)
+    python experiments/federation.py --name main  # the README's main job (8 users, 2 rounds)
+    python experiments/federation.py --analyse runs/experiments/main   # re-read a finished run
+
+`--sweep-ranks 8,16,32` also re-compresses the finished store at those shared ranks (into a
+scratch folder) and measures every user's compressed perplexity on the full model at each:
+the storage ratio against the share of the gain kept.
+
+Runs `soppu simulate` (a subprocess: its own Ray) into runs/experiments/<name>, then reads the
+run folder and writes experiments/results/federation_<name>.json and .md:
+
+- quality: each user's held-out perplexity (base, own adapter, published compressed adapter,
+  all on the full model) and the share of the gain compression keeps, as a distribution;
+- storage: the compressed store's parameters against every user's LoRA (the report's ratio);
+- overhead per round: the server's wall time against the clients' time. `client` is the time
+  inside `personalize` (local training and evaluation); `handler` adds the ClientApp's own
+  setup (reading the user's text, loading the emulator). With W parallel workers the round's
+  useful time is client/W; Flower's overhead is the rest of the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = Path("runs/experiments")
+
+
+def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
+    soppu = str(Path(sys.executable).with_name("soppu"))
+    command = [soppu, "simulate", "--out", str(run), "--users", str(args.users),
+               "--rounds", str(args.rounds), "--client-cpus", str(args.client_cpus), *extra]
+    print("$", " ".join(command), flush=True)
+    began = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "CI": "true"})
+    return time.perf_counter() - began
+
+
+def analyse(run: Path, workers: int) -> dict:
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    report = json.loads((run / "serving" / "current" / "report" / "report.json").read_text())
+    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    overhead = []
+    for r in rounds:
+        useful = r["client_seconds"] / workers
+        handler = r.get("handler_seconds", r["client_seconds"]) / workers
+        overhead.append({
+            "round": r["round"],
+            "wall_s": r["seconds"],
+            "install_s": r["install_seconds"],
+            "client_s_per_worker": useful,
+            "handler_s_per_worker": handler,
+            "flower_overhead": 1 - handler / r["seconds"],
+            "outside_training": 1 - useful / r["seconds"],
+            "trained": r["trained"],
+            "failed": r["failed"],
+        })
+    totals = report["totals"]
+    return {
+        "run": str(run),
+        "users": evaluation["users"],
+        "summary": evaluation["summary"],
+        "compression": {
+            "ratio": totals["ratio"],
+            "params_before": totals["params_before"],
+            "params_after": totals["params_after"],
+            "error_mean": totals["mean"],
+            "ranks": sorted({m["rank"] for m in report["modules"]}),
+            "config": json.loads((run / "run.json").read_text())["config"],
+        },
+        "rounds": overhead,
+        "workers": workers,
+    }
+
+
+def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
+    """Storage ratio and share of gain kept at other shared ranks, on the same adapters."""
+    import shutil
+    import statistics as st
+
+    from compression.engine import CompressionConfig
+    from server.compress_round import compress_adapters
+    from server.evaluation import gain_kept
+    from server.publish import publish
+    from server.setup import choose_users, stored_config
+    from server.store import RunFolder, snapshot
+    from soppu import basemodel, lm
+    from soppu.personalize import attached, read_lora
+
+    folder = RunFolder(run)
+    config = stored_config(folder)
+    base = basemodel.load(config.base_model or None)
+    users = choose_users(config)
+    evaluation = {u["user"]: u for u in json.loads((run / "evaluation.json").read_text())["users"]}
+    scratch = run / "sweep"
+    shutil.rmtree(scratch, ignore_errors=True)
+    paths = snapshot(folder, scratch / "adapters")
+    rows = []
+    for rank in ranks:
+        store = scratch / f"r{rank}"
+        compress_adapters(paths, store, CompressionConfig(rank=rank))
+        version = publish(store, scratch / f"serving-r{rank}")
+        kept = []
+        for user, row in evaluation.items():
+            blocks = lm.token_blocks(base.tokenizer, users[user].test, config.seq_len,
+                                     max_eval_tokens)
+            with attached(base.model, read_lora(version / "users" / user)) as model:
+                ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
+            share = gain_kept(row["base"], row["personal"], ppl)
+            if share is not None:
+                kept.append(share)
+        totals = json.loads((store / "manifest.json").read_text())["totals"]
+        kept.sort()
+        rows.append({"rank": rank, "ratio": totals["ratio"], "error_mean": totals["mean"],
+                     "kept_median": st.median(kept), "kept_p25": kept[len(kept) // 4],
+                     "kept_min": kept[0], "users": len(kept)})
+        print(f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}",
+              flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    s, c = result["summary"], result["compression"]
+    gains = sorted(1 - u["personal"] / u["base"] for u in result["users"] if u["personal"])
+    lines = [
+        f"**{s['users']} users**, compressed {c['ratio']:.1f}× (shared ranks {c['ranks']}, "
+        f"weighted error mean {c['error_mean']:.3f}).",
+        "",
+        "| share of gain kept | min | p10 | p25 | median | p75 | max |",
+        "|---|---|---|---|---|---|---|",
+        "| compressed / own adapter | " + " | ".join(
+            f"{s[k]:.1%}" for k in
+            ("kept_min", "kept_p10", "kept_p25", "kept_median", "kept_p75", "kept_max")
+        ) + " |",
+        "",
+        f"{s['improved']}/{s['users']} users' own adapters beat the base model on the full "
+        f"model; their gain (1 − ppl_own/ppl_base): median {statistics.median(gains):.1%}, "
+        f"range {gains[0]:.1%} to {gains[-1]:.1%}. Median perplexity: base "
+        f"{s['base_median']:.2f}, own {s['personal_median']:.2f}, compressed "
+        f"{s['compressed_median']:.2f}.",
+        "",
+        f"| round | wall | emulator install | clients' work / worker ({result['workers']}) "
+        "| handlers / worker | Flower overhead | outside training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rounds"]:
+        lines.append(
+            f"| {r['round']} | {r['wall_s']:.0f} s | {r['install_s']:.1f} s | "
+            f"{r['client_s_per_worker']:.0f} s | {r['handler_s_per_worker']:.0f} s | "
+            f"{r['flower_overhead']:.1%} | {r['outside_training']:.1%} |"
+        )
+    if result.get("sweep"):
+        lines += [
+            "",
+            "| shared rank | storage ratio | error mean | gain kept: median | p25 | min |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["sweep"]:
+            lines.append(
+                f"| {r['rank']} | {r['ratio']:.1f}× | {r['error_mean']:.3f} | "
+                f"{r['kept_median']:.1%} | {r['kept_p25']:.1%} | {r['kept_min']:.1%} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="main")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--client-cpus", type=float, default=1.0)
+    parser.add_argument("--analyse", type=Path, help="Only read this finished run folder.")
+    parser.add_argument("--sweep-ranks", default="", help="e.g. 8,16,32")
+    parser.add_argument("--sweep-eval-tokens", type=int, default=1024)
+    args, extra = parser.parse_known_args()
+    workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
+    run = args.analyse or RUNS / args.name
+    seconds = None
+    if args.analyse is None:
+        if run.exists():
+            sys.exit(f"{run} exists: remove it, or pass --analyse {run}")
+        seconds = launch(args, run, extra)
+    result = analyse(run, workers)
+    ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
+    if ranks:
+        result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens)
+    result |= {"command_seconds": seconds, "extra_args": extra,
+               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    RESULTS.mkdir(exist_ok=True)
+    name = args.name if args.analyse is None else run.name
+    (RESULTS / f"federation_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    if seconds is not None:
+        text += f"\nThe whole command took {seconds / 60:.1f} minutes.\n"
+    (RESULTS / f"federation_{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""`soppu simulate`: a federation on Flower's simulation engine, one virtual node per user.
+
+Config: FederationConfig's defaults → a TOML file of run-config keys (`--config`) → flags.
+Registered on the main app by soppu/cli.py, which is the one place allowed to wire the
+clients and the server together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import tomllib
+import typer
+from rich.table import Table
+
+from soppu.cli_common import clear_errors, console, print_report
+
+Opt = typer.Option
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(simulate)
+
+
+def simulate(
+    out: Annotated[Path, Opt("--out", "-o", help="Run folder.")] = Path("runs/federation"),
+    config_file: Annotated[
+        Path | None, Opt("--config", help="TOML of run-config keys (as in pyproject.toml).")
+    ] = None,
+    resume: Annotated[bool, Opt(help="Continue the run in --out from its last round.")] = False,
+    base_model: Annotated[str | None, Opt(help="HF id or folder (default: SmolLM2-135M).")] = None,
+    data: Annotated[str | None, Opt(help="Users' text (default: Shakespeare roles).")] = None,
+    users: Annotated[int | None, Opt(help="Users (nodes): those with most text; 0: all.")] = None,
+    rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
+    fraction_train: Annotated[float | None, Opt(help="Share of users trained a round.")] = None,
+    min_train_nodes: Annotated[int | None, Opt(help="At least this many a round.")] = None,
+    fraction_evaluate: Annotated[
+        float | None, Opt(help="Share evaluated on the emulator each round.")
+    ] = None,
+    round_timeout: Annotated[float | None, Opt(help="Seconds a round waits.")] = None,
+    aggregation: Annotated[str | None, Opt(help="none, or fedavg (a global adapter).")] = None,
+    local_steps: Annotated[int | None, Opt(help="Client training steps per round.")] = None,
+    lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Sequences per step.")] = None,
+    seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
+    lora_rank: Annotated[int | None, Opt(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[float | None, Opt(help="LoRA α.")] = None,
+    max_eval_tokens: Annotated[int | None, Opt(help="Held-out tokens per user.")] = None,
+    emulator: Annotated[str | None, Opt(help="Emulator folder (default: build, cached).")] = None,
+    drop: Annotated[float | None, Opt(help="Emulator drop ratio.")] = None,
+    top: Annotated[int | None, Opt(help="Adapter: the last N layers.")] = None,
+    align_steps: Annotated[int | None, Opt(help="Emulator alignment steps.")] = None,
+    compress_every: Annotated[int | None, Opt(help="Compress every K rounds (0: last).")] = None,
+    rank: Annotated[int | None, Opt(help="Compression: shared rank per slot.")] = None,
+    energy: Annotated[float | None, Opt(help="Compression: energy kept (if no --rank).")] = None,
+    sigma: Annotated[str | None, Opt(help="Compression: full or diag cores.")] = None,
+    export_rank: Annotated[int | None, Opt(help="Serving rank (0: exact).")] = None,
+    min_chars: Annotated[int | None, Opt(help="Skip users with less text.")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    final_evaluation: Annotated[
+        bool | None, Opt(help="Per-user perplexities on the full model after the run.")
+    ] = None,
+    client_cpus: Annotated[float, Opt(help="CPUs per simulated client.")] = 1.0,
+    threads: Annotated[int | None, Opt(help="torch threads on the server (default: all).")] = None,
+) -> None:
+    """Run a simulated federation: every user trains their LoRA on the emulator; the server
+    keeps every adapter, compresses them, publishes a serving version and reports."""
+    flags = {k: v for k, v in locals().items() if v is not None}
+    aliases = {"rank": "compress_rank", "energy": "compress_energy", "sigma": "compress_sigma"}
+    overrides = {aliases.get(k, k): v for k, v in flags.items() if k not in _NOT_CONFIG}
+    overrides["run_dir"] = str(out)
+    with clear_errors():
+        config = _config(config_file, overrides, resume)
+        _simulate(config, resume, client_cpus)
+    _print_results(Path(config.run_dir))
+
+
+_NOT_CONFIG = {"out", "config_file", "resume", "client_cpus"}
+
+
+def _config(config_file: Path | None, overrides: dict[str, Any], resume: bool):
+    from server.config import FederationConfig
+    from server.setup import stored_config
+    from server.store import RunFolder
+
+    run = RunFolder(Path(overrides["run_dir"]))
+    if resume and run.run_json.is_file():
+        values = stored_config(run).to_run_config()
+    elif config_file is not None:
+        values = _read_toml(config_file)
+    else:
+        values = {}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    return FederationConfig.from_run_config({**values, **overrides})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the config ({exc})") from None
+    return data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+
+
+def _simulate(config, resume: bool, client_cpus: float) -> None:
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server.server_app import server_app
+    from server.setup import choose_users, resolve_config
+    from soppu.basemodel import quiet_libraries
+
+    quiet_libraries()
+    config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
+    nodes = len(choose_users(config))
+    console.print(
+        f"simulating [bold]{nodes}[/] users × {config.rounds} rounds → [bold]{config.run_dir}[/]"
+    )
+    run_simulation(
+        server_app(config, resume=resume, log=lambda line: console.print(line, highlight=False)),
+        client_app,
+        num_supernodes=nodes,
+        backend_config={
+            "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
+    if not (Path(config.run_dir) / "state.json").is_file():
+        raise RuntimeError(f"the federation in {config.run_dir} stopped before any round")
+
+
+def _print_results(root: Path) -> None:
+    from server.publish import CURRENT
+
+    state = json.loads((root / "state.json").read_text())
+    serving = root / "serving" / CURRENT
+    report = serving / "report" / "report.json"
+    if report.is_file():
+        print_report(json.loads(report.read_text()))
+    evaluation = root / "evaluation.json"
+    if evaluation.is_file():
+        print_evaluation(json.loads(evaluation.read_text()))
+    console.print(f"rounds done: {state['round']}; adapters: [bold]{root / 'store'}[/]")
+    console.print(
+        f"serving version: [bold]{serving.resolve()}[/] ({serving} → {state.get('serving')})"
+    )
+    console.print(
+        f"report: [bold]{serving / 'report'}[/]; per-user table: {root / 'evaluation.md'}"
+    )
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    table = Table(
+        title="held-out perplexity per user (full model unless said)", title_justify="left"
+    )
+    columns = ("user", "base", "global", "emulator+own", "own", "compressed", "gain kept")
+    for column in columns:
+        if column == "user":
+            table.add_column(column, no_wrap=True)
+        else:
+            table.add_column(column, justify="right")
+    for row in result["users"]:
+        cells = [row[k] for k in ("base", "global", "emulator", "personal", "compressed")]
+        kept = row["kept"]
+        table.add_row(
+            row["user"],
+            *("–" if v is None else f"{v:.2f}" for v in cells),
+            "–" if kept is None else f"{kept:.1%}",
+        )
+    console.print(table)
+    s = result["summary"]
+    if s.get("kept_median") is not None:
+        console.print(
+            f"[bold]{s['improved']}/{s['users']}[/] users improved; the compressed adapters keep "
+            f"a median [bold]{s['kept_median']:.1%}[/] of the gain (p25 {s['kept_p25']:.1%}, "
+            f"min {s['kept_min']:.1%})",
+            highlight=False,
+        )

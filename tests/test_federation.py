@@ -1,0 +1,218 @@
+"""The federation end to end on Flower's simulation engine, with a tiny random Llama.
+
+Each simulation starts Ray (about 10 s), so the tests share a few runs and check much per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from flwr.clientapp import ClientApp
+from helpers import write_tiny_model, write_users_jsonl
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from clients import client_app, task
+from server.config import FederationConfig
+from server.server_app import server_app
+from server.store import RunFolder
+from soppu import messages
+from soppu.cli import app as cli
+
+USERS = [f"user{i}" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model folder, four users' text and a private SOPPU cache for the clients."""
+    root = tmp_path_factory.mktemp("federation")
+    previous = os.environ.get("SOPPU_CACHE")
+    os.environ["SOPPU_CACHE"] = str(root / "cache")  # Ray workers inherit it
+    model = write_tiny_model(root / "model", layers=6)
+    data = write_users_jsonl(root / "users.jsonl", {u: 3000 for u in USERS})
+    yield root, model, data
+    if previous is None:
+        os.environ.pop("SOPPU_CACHE", None)
+    else:
+        os.environ["SOPPU_CACHE"] = previous
+
+
+def tiny_config(world, run: str, **changes) -> FederationConfig:
+    root, model, data = world
+    values = dict(
+        run_dir=str(root / run),
+        base_model=str(model),
+        data=str(data),
+        users=4,
+        rounds=2,
+        local_steps=4,
+        lr=5e-3,
+        seq_len=32,
+        max_eval_tokens=256,
+        align_steps=0,
+        compress_rank=32,  # = 4 users × LoRA rank 8: the compression is exact
+        threads=1,
+    )
+    return FederationConfig(**{**values, **changes})
+
+
+def simulate(config: FederationConfig, app: ClientApp = client_app.app) -> list[str]:
+    from flwr.simulation import run_simulation
+
+    lines: list[str] = []
+    run_simulation(
+        server_app(config, log=lines.append),
+        app,
+        num_supernodes=config.users,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    return lines
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
+    config = tiny_config(world, "run-ok")
+    simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 2 and run.state()["compressed_round"] == 2
+    assert run.users() == USERS
+    rows = run.read_jsonl(run.metrics)
+    assert sorted((r["round"], r["user"]) for r in rows) == [(r, u) for r in (1, 2) for u in USERS]
+    assert all(r["status"] == "trained" and r["eval-loss-after"] < r["eval-loss-before"] for r in rows)
+    for user in USERS:
+        training = json.loads((run.store / user / "training.json").read_text())
+        assert training["round"] == 2 and training["emulator"].startswith("emu-")
+
+    # The published adapter is the user's own adapter (rank N·k compresses exactly).
+    serving = run.serving / "current" / "users"
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
+    plain = logits(base, ids)
+    for user in USERS[:2]:
+        own = PeftModel.from_pretrained(base, run.store / user)
+        own_logits = logits(own, ids)
+        base = own.unload()
+        published = PeftModel.from_pretrained(base, serving / user)
+        assert torch.allclose(logits(published, ids), own_logits, atol=1e-4)
+        assert not torch.allclose(own_logits, plain, atol=1e-4)
+        base = published.unload()
+
+    evaluation = json.loads((run.root / "evaluation.json").read_text())
+    assert [r["user"] for r in evaluation["users"]] == USERS
+    for row in evaluation["users"]:
+        assert row["compressed"] == pytest.approx(row["personal"], rel=1e-4)
+        assert row["emulator"] is not None and row["global"] is None
+
+    # A compression round from the command line on the stopped run: the next versions.
+    result = CliRunner().invoke(cli, ["compress", "--run", str(run.root), "--rank", "8"])
+    assert result.exit_code == 0, result.output
+    assert (run.compressed / "v0002" / "manifest.json").is_file()
+    assert (run.serving / "current").resolve().name == "v0002"
+    manifest = json.loads((run.compressed / "v0002" / "manifest.json").read_text())
+    assert manifest["source"]["round"] == 2 and manifest["users"] == USERS
+
+
+def _flaky_train(msg, context):
+    """user1 raises, user2 answers too late, user3 sends NaN: all in round 1 only."""
+    setup = messages.Setup.from_record(msg.content[messages.SETUP])
+    user = task.my_user(context.node_config, setup)
+    first = int(msg.content[messages.CONFIG]["round"]) == 1
+    if first and user == "user1":
+        raise RuntimeError("disk full")
+    if first and user == "user2":
+        time.sleep(8)
+    reply = client_app.train(msg, context)
+    if first and user == "user3":
+        tensors = reply.content[messages.LORA].to_torch_state_dict()
+        poisoned = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+        reply.content[messages.LORA] = ArrayRecord(torch_state_dict=poisoned)
+    return reply
+
+
+def test_failed_slow_and_bad_clients_cost_only_their_own_round(world):
+    flaky = ClientApp()
+    flaky.query()(client_app.query)
+    flaky.train()(_flaky_train)
+    flaky.evaluate()(client_app.evaluate)
+    config = tiny_config(world, "run-flaky", round_timeout=5.0, aggregation="fedavg",
+                         fraction_evaluate=1.0)
+    lines = simulate(config, flaky)
+    run = RunFolder(Path(config.run_dir))
+    rows = {(r["round"], r["user"]): r for r in run.read_jsonl(run.metrics)}
+    assert rows[(1, "user0")]["status"] == "trained"
+    assert rows[(1, "user1")]["status"] == "failed" and "disk full" in rows[(1, "user1")]["reason"]
+    assert "no reply within" in rows[(1, "user2")]["reason"]
+    assert "NaN" in rows[(1, "user3")]["reason"]
+    assert all(rows[(2, u)]["status"] == "trained" for u in USERS)
+    assert run.users() == USERS  # every user has an adapter in the end
+    assert (run.global_dir / "adapter_model.safetensors").is_file()
+    summary = run.read_jsonl(run.rounds)
+    assert [s["trained"] for s in summary] == [1, 4] and summary[0]["failed"] == 3
+    assert all(s["federated_eval_loss"] > 0 for s in summary)  # the global adapter, evaluated
+    assert any("user1: failed" in line and "disk full" in line for line in lines)
+
+
+def test_a_killed_run_resumes_with_every_adapter_exactly_once(world, tmp_path):
+    root, model, data = world
+    run_dir = tmp_path / "run"
+    args = [str(Path(sys.executable).with_name("soppu")), "simulate", "--out", str(run_dir),
+            "--base-model", str(model), "--data", str(data), "--users", "4", "--rounds", "3",
+            "--local-steps", "40", "--seq-len", "32", "--max-eval-tokens", "256",
+            "--align-steps", "0", "--rank", "32", "--threads", "1",
+            "--no-final-evaluation"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    first = subprocess.Popen(args, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run_dir / "state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while not (state.is_file() and json.loads(state.read_text())["round"] >= 1):
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "round 1 never committed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the CLI, Ray and its workers
+        first.wait()
+    killed_at = json.loads(state.read_text())["round"]
+    assert killed_at < 3
+
+    again = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True,
+                           timeout=300, start_new_session=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resuming after round {killed_at}" in again.stdout
+    run = RunFolder(run_dir)
+    assert run.state()["round"] == 3 and run.state()["compressed_round"] == 3
+    rows = run.read_jsonl(run.metrics)
+    keys = [(r["round"], r["user"]) for r in rows]
+    assert sorted(keys) == [(r, u) for r in (1, 2, 3) for u in USERS]  # none lost or doubled
+    for user in USERS:
+        assert json.loads((run.store / user / "training.json").read_text())["round"] == 3
+    assert not run.staging.exists()
+
+
+def test_flwr_run_config_in_pyproject_is_the_federation_config():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    values = dict(pyproject["tool"]["flwr"]["app"]["config"])
+    assert values.pop("resume") is False  # an action for the ServerApp, not a setting
+    config = FederationConfig.from_run_config(values)
+    assert config == FederationConfig(run_dir=values["run-dir"])
+    with pytest.raises(ValueError, match="unknown key 'round'"):
+        FederationConfig.from_run_config({"round": 3})
+    with pytest.raises(ValueError, match="final-evaluation must be true or false"):
+        FederationConfig.from_run_config({"final-evaluation": "maybe"})

@@ -1,0 +1,127 @@
+"""The adapter store: strict about what it keeps, and exact about rounds across crashes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from server.setup import resolve_config
+from server.config import FederationConfig
+from server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
+from soppu.adapters import AdapterError
+from soppu.personalize import LoraState, read_lora
+from soppu.userids import UnsafeUserId
+
+KEY_A = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"
+KEY_B = "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight"
+CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+def lora(value: float = 1.0) -> LoraState:
+    return LoraState({KEY_A: torch.full((2, 8), value), KEY_B: torch.full((8, 2), value)}, CONFIG)
+
+
+SHAPES = {KEY_A: torch.Size([2, 8]), KEY_B: torch.Size([8, 2])}
+
+
+@pytest.mark.parametrize("user", ["../evil", "", "/etc", "a b", "..", "x\n"])
+def test_refuses_unsafe_user_ids(user):
+    with pytest.raises(UnsafeUserId):
+        check_reply(user, lora(), SHAPES, "reply")
+
+
+def test_refuses_wrong_shapes_keys_and_nan():
+    bad_shape = LoraState({KEY_A: torch.ones(2, 9), KEY_B: torch.ones(8, 2)}, CONFIG)
+    with pytest.raises(AdapterError, match=r"lora_A.weight has shape \(2, 9\), expected \(2, 8\)"):
+        check_reply("alice", bad_shape, SHAPES, "reply from alice")
+    with pytest.raises(AdapterError, match="keys differ"):
+        check_reply("alice", LoraState({KEY_A: torch.ones(2, 8)}, CONFIG), SHAPES, "reply")
+    with pytest.raises(AdapterError, match="NaN or inf"):
+        check_reply("alice", lora(float("nan")), SHAPES, "reply")
+    check_reply("alice", lora(), SHAPES, "reply")  # a good one passes
+
+
+def commit_round(run: RunFolder, round_: int, users: dict[str, float]) -> RoundStage:
+    stage = RoundStage(run, round_)
+    for user, value in users.items():
+        stage.add(user, lora(value), {"round": round_})
+    rows = [{"round": round_, "user": u, "status": "trained"} for u in users]
+    stage.commit(rows, {"round": round_})
+    return stage
+
+
+def test_commit_moves_a_round_into_place(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    commit_round(run, 1, {"alice": 1.0, "bob": 2.0})
+    commit_round(run, 2, {"alice": 3.0})
+    assert run.state()["round"] == 2
+    assert run.users() == ["alice", "bob"]
+    assert float(run.latest("alice").tensors[KEY_A][0, 0]) == 3.0
+    assert float(run.latest("bob").tensors[KEY_A][0, 0]) == 2.0  # not sampled: kept
+    assert [(r["round"], r["user"]) for r in run.read_jsonl(run.metrics)] == [
+        (1, "alice"), (1, "bob"), (2, "alice")
+    ]
+    assert not run.staging.exists()
+
+
+def test_recover_finishes_an_interrupted_commit(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    commit_round(run, 1, {"alice": 1.0, "bob": 1.0})
+    # Round 2 crashed half-way through its commit: marker written, alice moved, bob not.
+    stage = RoundStage(run, 2)
+    for user in ("alice", "bob"):
+        stage.add(user, lora(2.0), {"round": 2})
+    rows = [{"round": 2, "user": u, "status": "trained"} for u in ("alice", "bob")]
+    (stage.dir / "rows.json").write_text(json.dumps({"rows": rows, "summary": {"round": 2}}))
+    (stage.dir / COMMITTED).write_text("")
+    shutil.rmtree(run.store / "alice")
+    (stage.dir / "users" / "alice").rename(run.store / "alice")
+    # ... and bob's old adapter had been moved aside just before the crash.
+    (run.store / "bob").rename(run.store / ".bob.old")
+
+    state = recover(run)
+    assert state["round"] == 2
+    for user in ("alice", "bob"):
+        assert float(read_lora(run.store / user).tensors[KEY_B][0, 0]) == 2.0
+    keys = [(r["round"], r["user"]) for r in run.read_jsonl(run.metrics)]
+    assert keys == [(1, "alice"), (1, "bob"), (2, "alice"), (2, "bob")]
+    assert not (run.store / ".bob.old").exists() and not run.staging.exists()
+
+
+def test_recover_discards_a_round_that_never_committed(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    commit_round(run, 1, {"alice": 1.0})
+    stage = RoundStage(run, 2)
+    stage.add("alice", lora(9.0), {"round": 2})  # staged, never committed
+    assert recover(run)["round"] == 1
+    assert float(run.latest("alice").tensors[KEY_A][0, 0]) == 1.0
+    assert not run.staging.exists()
+
+
+def test_snapshot_is_a_consistent_copy(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    commit_round(run, 1, {"alice": 1.0, "bob": 2.0})
+    paths = snapshot(run, tmp_path / "snap")
+    commit_round(run, 2, {"alice": 5.0})  # the store moves on; the snapshot does not
+    assert float(read_lora(paths["alice"]).tensors[KEY_A][0, 0]) == 1.0
+    with pytest.raises(AdapterError, match="no adapters stored"):
+        snapshot(RunFolder(tmp_path / "empty"), tmp_path / "snap2")
+
+
+def test_resume_keeps_the_runs_settings(tmp_path):
+    config = FederationConfig(run_dir=str(tmp_path / "run"), rounds=2)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        resolve_config(config, resume=True)
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.run_json.write_text(json.dumps({"config": {**config.__dict__}}))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        resolve_config(config, resume=False)
+    more = FederationConfig(run_dir=config.run_dir, rounds=5)
+    assert resolve_config(more, resume=True).rounds == 5  # more rounds: allowed
+    other = FederationConfig(run_dir=config.run_dir, lr=0.1)
+    with pytest.raises(ValueError, match=r"keeps its settings; lr \(run: 0.001, now: 0.1\)"):
+        resolve_config(other, resume=True)

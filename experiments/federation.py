@@ -39,8 +39,19 @@ RUNS = Path("runs/experiments")
 
 def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
     soppu = str(Path(sys.executable).with_name("soppu"))
-    command = [soppu, "simulate", "--out", str(run), "--users", str(args.users),
-               "--rounds", str(args.rounds), "--client-cpus", str(args.client_cpus), *extra]
+    command = [
+        soppu,
+        "simulate",
+        "--out",
+        str(run),
+        "--users",
+        str(args.users),
+        "--rounds",
+        str(args.rounds),
+        "--client-cpus",
+        str(args.client_cpus),
+        *extra,
+    ]
     print("$", " ".join(command), flush=True)
     began = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "CI": "true"})
@@ -55,17 +66,19 @@ def analyse(run: Path, workers: int) -> dict:
     for r in rounds:
         useful = r["client_seconds"] / workers
         handler = r.get("handler_seconds", r["client_seconds"]) / workers
-        overhead.append({
-            "round": r["round"],
-            "wall_s": r["seconds"],
-            "install_s": r["install_seconds"],
-            "client_s_per_worker": useful,
-            "handler_s_per_worker": handler,
-            "flower_overhead": 1 - handler / r["seconds"],
-            "outside_training": 1 - useful / r["seconds"],
-            "trained": r["trained"],
-            "failed": r["failed"],
-        })
+        overhead.append(
+            {
+                "round": r["round"],
+                "wall_s": r["seconds"],
+                "install_s": r["install_seconds"],
+                "client_s_per_worker": useful,
+                "handler_s_per_worker": handler,
+                "flower_overhead": 1 - handler / r["seconds"],
+                "outside_training": 1 - useful / r["seconds"],
+                "trained": r["trained"],
+                "failed": r["failed"],
+            }
+        )
     totals = report["totals"]
     return {
         "run": str(run),
@@ -113,8 +126,9 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
         version = publish(store, scratch / f"serving-r{rank}")
         kept = []
         for user, row in evaluation.items():
-            blocks = lm.token_blocks(base.tokenizer, users[user].test, config.seq_len,
-                                     max_eval_tokens)
+            blocks = lm.token_blocks(
+                base.tokenizer, users[user].test, config.seq_len, max_eval_tokens
+            )
             with attached(base.model, read_lora(version / "users" / user)) as model:
                 ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
             share = gain_kept(row["base"], row["personal"], ppl)
@@ -122,11 +136,21 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
                 kept.append(share)
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         kept.sort()
-        rows.append({"rank": rank, "ratio": totals["ratio"], "error_mean": totals["mean"],
-                     "kept_median": st.median(kept), "kept_p25": kept[len(kept) // 4],
-                     "kept_min": kept[0], "users": len(kept)})
-        print(f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}",
-              flush=True)
+        rows.append(
+            {
+                "rank": rank,
+                "ratio": totals["ratio"],
+                "error_mean": totals["mean"],
+                "kept_median": st.median(kept),
+                "kept_p25": kept[len(kept) // 4],
+                "kept_min": kept[0],
+                "users": len(kept),
+            }
+        )
+        print(
+            f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}",
+            flush=True,
+        )
     shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
@@ -140,10 +164,12 @@ def markdown(result: dict) -> str:
         "",
         "| share of gain kept | min | p10 | p25 | median | p75 | max |",
         "|---|---|---|---|---|---|---|",
-        "| compressed / own adapter | " + " | ".join(
-            f"{s[k]:.1%}" for k in
-            ("kept_min", "kept_p10", "kept_p25", "kept_median", "kept_p75", "kept_max")
-        ) + " |",
+        "| compressed / own adapter | "
+        + " | ".join(
+            f"{s[k]:.1%}"
+            for k in ("kept_min", "kept_p10", "kept_p25", "kept_median", "kept_p75", "kept_max")
+        )
+        + " |",
         "",
         f"{s['improved']}/{s['users']} users' own adapters beat the base model on the full "
         f"model; their gain (1 − ppl_own/ppl_base): median {statistics.median(gains):.1%}, "
@@ -196,8 +222,11 @@ def main() -> None:
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     if ranks:
         result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens)
-    result |= {"command_seconds": seconds, "extra_args": extra,
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    result |= {
+        "command_seconds": seconds,
+        "extra_args": extra,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
     RESULTS.mkdir(exist_ok=True)
     name = args.name if args.analyse is None else run.name
     (RESULTS / f"federation_{name}.json").write_text(json.dumps(result, indent=2) + "\n")

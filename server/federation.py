@@ -109,7 +109,7 @@ def run_round(grid: Grid, fed: Federation, round_: int) -> dict[str, Any]:
 
 def meet_nodes(grid: Grid, fed: Federation) -> None:
     """Wait for nodes, then ask each new one which user it is and what it holds."""
-    wanted = len(fed.setup.users) or 1
+    wanted = len(fed.setup.users) or fed.config.users or 1
     nodes = _wait_for_nodes(grid, wanted, fed.config.node_wait)
     new = [n for n in nodes if n not in fed.users_by_node]
     if not new:

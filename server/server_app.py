@@ -17,6 +17,7 @@ from server.evaluation import evaluate_run
 from server.federation import Log, run_federation
 from server.setup import choose_users, load_base, prepare, resolve_config
 from soppu.basemodel import set_threads
+from soppu.data import DataError
 
 
 def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) -> dict[str, Any]:
@@ -28,12 +29,17 @@ def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) ->
     state = run_federation(grid, fed)
     if not config.final_evaluation:
         return state
+    try:
+        users = choose_users(config)
+    except DataError as exc:
+        log(f"no evaluation after the run: the server cannot read the users' text ({exc})")
+        return state
     log(f"evaluating {len(fed.run.users())} users on the full model")
     result = evaluate_run(
         fed.run,
         base.model,
         base.tokenizer,
-        choose_users(config),
+        users,
         config.train(),
         lambda user, done, total: log(f"  evaluate [{done + 1}/{total}] {user}"),
     )

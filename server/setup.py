@@ -24,7 +24,7 @@ from soppu import atomic, basemodel
 from soppu import messages as m
 from soppu.alignment import AlignConfig, build_aligned
 from soppu.basemodel import BaseModel, cache_dir
-from soppu.data import UserText, load_users, public_text
+from soppu.data import DataError, UserText, load_users, public_text
 from soppu.emulator import EmulatorError, EmulatorInfo, load, save
 from soppu.personalize import fresh_lora
 
@@ -70,7 +70,14 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run = RunFolder(Path(config.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     emulator, info = _emulator(run, config, base, log)
-    users = choose_users(config)
+    try:
+        users = choose_users(config)
+    except DataError as exc:  # a real deployment: the users' text stays on their nodes
+        log(
+            f"the server cannot read the users' text ({exc}); each SuperNode must name its "
+            "user in its node config (user-id=...)"
+        )
+        users = {}
     template = fresh_lora(emulator, info, config.train())
     if not run.run_json.is_file():
         atomic.write_json(

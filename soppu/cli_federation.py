@@ -8,6 +8,7 @@ clients and the server together.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -116,6 +117,7 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
     from soppu.basemodel import quiet_libraries
 
     quiet_libraries()
+    logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
     config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
     nodes = len(choose_users(config))
     console.print(
@@ -132,6 +134,17 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
     )
     if not (Path(config.run_dir) / "state.json").is_file():
         raise RuntimeError(f"the federation in {config.run_dir} stopped before any round")
+
+
+class _NoRunSimulationDeprecation(logging.Filter):
+    """`run_simulation` is what lets one command run the apps in-process with a config of its
+    own; `flwr run .` is the documented alternative, so its deprecation notice is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith("DEPRECATED FEATURE")
+            and "run_simulation" in str(record.args)
+        )
 
 
 def _print_results(root: Path) -> None:

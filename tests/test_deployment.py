@@ -74,21 +74,33 @@ def test_superlink_and_two_supernodes_run_a_federation(tmp_path):
     with ExitStack() as processes:
         superlink = start(
             [str(BIN / "flower-superlink"), "--insecure", "--port", str(link)],
-            env, tmp_path / "superlink.log",
+            env,
+            tmp_path / "superlink.log",
         )
         processes.callback(stop, superlink)
         for i, port in enumerate(ports):
             node = start(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                 f"127.0.0.1:{link}", "--port", str(port),
-                 "--node-config", f'user-id="user{i}"'],
-                env, tmp_path / f"supernode{i}.log",
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f'user-id="user{i}"',
+                ],
+                env,
+                tmp_path / f"supernode{i}.log",
             )
             processes.callback(stop, node)
         submitted = subprocess.run(
-            [str(BIN / "flwr"), "run", str(ROOT), "deploy", "--run-config", overrides,
-             "--stream"],
-            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            [str(BIN / "flwr"), "run", str(ROOT), "deploy", "--run-config", overrides, "--stream"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
             start_new_session=True,
         )
         logs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))

@@ -92,7 +92,9 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     assert run.users() == USERS
     rows = run.read_jsonl(run.metrics)
     assert sorted((r["round"], r["user"]) for r in rows) == [(r, u) for r in (1, 2) for u in USERS]
-    assert all(r["status"] == "trained" and r["eval-loss-after"] < r["eval-loss-before"] for r in rows)
+    assert all(
+        r["status"] == "trained" and r["eval-loss-after"] < r["eval-loss-before"] for r in rows
+    )
     for user in USERS:
         training = json.loads((run.store / user / "training.json").read_text())
         assert training["round"] == 2 and training["emulator"].startswith("emu-")
@@ -148,8 +150,9 @@ def test_failed_slow_and_bad_clients_cost_only_their_own_round(world):
     flaky.query()(client_app.query)
     flaky.train()(_flaky_train)
     flaky.evaluate()(client_app.evaluate)
-    config = tiny_config(world, "run-flaky", round_timeout=5.0, aggregation="fedavg",
-                         fraction_evaluate=1.0)
+    config = tiny_config(
+        world, "run-flaky", round_timeout=5.0, aggregation="fedavg", fraction_evaluate=1.0
+    )
     lines = simulate(config, flaky)
     run = RunFolder(Path(config.run_dir))
     rows = {(r["round"], r["user"]): r for r in run.read_jsonl(run.metrics)}
@@ -167,16 +170,39 @@ def test_failed_slow_and_bad_clients_cost_only_their_own_round(world):
 
 
 def test_a_killed_run_resumes_with_every_adapter_exactly_once(world, tmp_path):
-    root, model, data = world
+    _, model, data = world
     run_dir = tmp_path / "run"
-    args = [str(Path(sys.executable).with_name("soppu")), "simulate", "--out", str(run_dir),
-            "--base-model", str(model), "--data", str(data), "--users", "4", "--rounds", "3",
-            "--local-steps", "40", "--seq-len", "32", "--max-eval-tokens", "256",
-            "--align-steps", "0", "--rank", "32", "--threads", "1",
-            "--no-final-evaluation"]
+    args = [
+        str(Path(sys.executable).with_name("soppu")),
+        "simulate",
+        "--out",
+        str(run_dir),
+        "--base-model",
+        str(model),
+        "--data",
+        str(data),
+        "--users",
+        "4",
+        "--rounds",
+        "3",
+        "--local-steps",
+        "40",
+        "--seq-len",
+        "32",
+        "--max-eval-tokens",
+        "256",
+        "--align-steps",
+        "0",
+        "--rank",
+        "32",
+        "--threads",
+        "1",
+        "--no-final-evaluation",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    first = subprocess.Popen(args, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     state = run_dir / "state.json"
     deadline = time.monotonic() + 240
     try:
@@ -190,8 +216,14 @@ def test_a_killed_run_resumes_with_every_adapter_exactly_once(world, tmp_path):
     killed_at = json.loads(state.read_text())["round"]
     assert killed_at < 3
 
-    again = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True,
-                           timeout=300, start_new_session=True)
+    again = subprocess.run(
+        [*args, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"resuming after round {killed_at}" in again.stdout
     run = RunFolder(run_dir)

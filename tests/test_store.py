@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from server.setup import resolve_config
 from server.config import FederationConfig
+from server.setup import resolve_config
 from server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
 from soppu.adapters import AdapterError
 from soppu.personalize import LoraState, read_lora
@@ -62,7 +62,9 @@ def test_commit_moves_a_round_into_place(tmp_path):
     assert float(run.latest("alice").tensors[KEY_A][0, 0]) == 3.0
     assert float(run.latest("bob").tensors[KEY_A][0, 0]) == 2.0  # not sampled: kept
     assert [(r["round"], r["user"]) for r in run.read_jsonl(run.metrics)] == [
-        (1, "alice"), (1, "bob"), (2, "alice")
+        (1, "alice"),
+        (1, "bob"),
+        (2, "alice"),
     ]
     assert not run.staging.exists()
 

@@ -2,12 +2,15 @@
 
     python experiments/federation.py --name scale64 --users 64 --rounds 1 --local-steps 15 \\
         --max-eval-tokens 1024 --rank 16          # the README's ≥ 64-user row (≈ 30 minutes)
-    python experiments/federation.py --name main  # the README's main job (8 users, 2 rounds)
+    python experiments/federation.py --name main --cold   # the README's main job, timed
     python experiments/federation.py --analyse runs/experiments/main   # re-read a finished run
 
 `--sweep-ranks 8,16,32` also re-compresses the finished store at those shared ranks (into a
 scratch folder) and measures every user's compressed perplexity on the full model at each:
 the storage ratio against the share of the gain kept.
+
+`--cold` times what a first run pays: a fresh SOPPU cache that shares only the prepared model
+and data (set-up), so the emulator is built and aligned inside the timed command.
 
 Runs `soppu simulate` (a subprocess: its own Ray) into runs/experiments/<name>, then reads the
 run folder and writes experiments/results/federation_<name>.json and .md:
@@ -37,7 +40,22 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/experiments")
 
 
+def cold_cache(into: Path) -> dict[str, str]:
+    """A fresh SOPPU cache holding only links to the prepared model and data."""
+    from soppu.basemodel import cache_dir
+
+    into.mkdir(parents=True)
+    for part in ("models", "data"):
+        (into / part).symlink_to(cache_dir() / part)
+    return {"SOPPU_CACHE": str(into)}
+
+
 def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
+    import tempfile
+
+    env = {**os.environ, "CI": "true"}
+    if args.cold:
+        env |= cold_cache(Path(tempfile.mkdtemp(prefix="soppu-cold-")) / "cache")
     soppu = str(Path(sys.executable).with_name("soppu"))
     command = [
         soppu,
@@ -54,7 +72,7 @@ def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
     ]
     print("$", " ".join(command), flush=True)
     began = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "CI": "true"})
+    subprocess.run(command, check=True, env=env)
     return time.perf_counter() - began
 
 
@@ -209,6 +227,7 @@ def main() -> None:
     parser.add_argument("--client-cpus", type=float, default=1.0)
     parser.add_argument("--analyse", type=Path, help="Only read this finished run folder.")
     parser.add_argument("--sweep-ranks", default="", help="e.g. 8,16,32")
+    parser.add_argument("--cold", action="store_true", help="Align the emulator afresh.")
     parser.add_argument("--sweep-eval-tokens", type=int, default=1024)
     args, extra = parser.parse_known_args()
     workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))

@@ -155,14 +155,20 @@ def install_emulator(grid: Grid, fed: Federation, nodes: list[int]) -> None:
     lacking = [n for n in nodes if n not in fed.has_emulator]
     if not lacking:
         return
-    fed.log(f"installing emulator {fed.emulator_version} on {len(lacking)} node(s)")
     content = fed.emulator_content()
     content[m.CONFIG]["task"] = m.INSTALL
     _install(grid, fed, lacking[:1], content)
+    sent = 1
     if len(lacking) > 1:
         fed.users_by_node = {n: u for n, u in fed.users_by_node.items() if n not in lacking[1:]}
         meet_nodes(grid, fed)  # re-asks the rest what they hold
-        _install(grid, fed, [n for n in lacking[1:] if n not in fed.has_emulator], content)
+        still = [n for n in lacking[1:] if n not in fed.has_emulator]
+        _install(grid, fed, still, content)
+        sent += len(still)
+    fed.log(
+        f"emulator {fed.emulator_version}: sent to {sent} node(s); "
+        f"{len(lacking) - sent} found it in their machine's cache"
+    )
 
 
 def _install(grid: Grid, fed: Federation, nodes: list[int], content: RecordDict) -> None:

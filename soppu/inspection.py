@@ -14,6 +14,9 @@ def describe(path: Path) -> Iterator[str]:
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: no such file or directory")
+    if (path / "run.json").is_file():
+        yield from _run(path)
+        return
     manifest = _json(path / "manifest.json")
     if manifest and manifest.get("format", "").startswith("soppu-compressed"):
         yield from _store(path, manifest)
@@ -34,6 +37,36 @@ def _json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _run(path: Path) -> Iterator[str]:
+    run = _json(path / "run.json") or {}
+    state = _json(path / "state.json") or {"round": 0}
+    config = run.get("config", {})
+    users = run.get("users", [])
+    yield f"[bold]federation run[/] {path}"
+    yield f"  base model: {run.get('base_model')}; emulator {run.get('emulator')}"
+    yield (
+        f"  rounds: {state['round']} of {config.get('rounds')} done; users: {len(users)} "
+        f"({_few(users)}); aggregation {config.get('aggregation')}"
+    )
+    stored = (
+        sorted(p.name for p in (path / "store").glob("[!.]*")) if (path / "store").is_dir() else []
+    )
+    yield f"  adapters stored: {len(stored)} in {path / 'store'}"
+    if state.get("serving"):
+        yield (
+            f"  compressed after round {state.get('compressed_round')}: "
+            f"{path / 'compressed' / state['compressed']}; serving {path / 'serving'} "
+            f"(current → {state['serving']})"
+        )
+    summary = (_json(path / "evaluation.json") or {}).get("summary")
+    if summary and summary.get("kept_median") is not None:
+        yield (
+            f"  evaluation: {summary['improved']}/{summary['users']} users improved; compressed "
+            f"adapters keep a median {summary['kept_median']:.1%} of the gain "
+            f"({path / 'evaluation.md'})"
+        )
 
 
 def _store(path: Path, m: dict) -> Iterator[str]:

@@ -119,6 +119,10 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
         assert row["compressed"] == pytest.approx(row["personal"], rel=1e-4)
         assert row["emulator"] is not None and row["global"] is None
 
+    described = CliRunner().invoke(cli, ["inspect", str(run.root)])
+    assert "federation run" in described.output and "rounds: 2 of 2 done" in described.output
+    assert "adapters stored: 4" in described.output
+
     # A compression round from the command line on the stopped run: the next versions.
     result = CliRunner().invoke(cli, ["compress", "--run", str(run.root), "--rank", "8"])
     assert result.exit_code == 0, result.output

@@ -332,7 +332,7 @@ def exchange(
             if on_reply is not None:
                 on_reply(node, reply)
         if sent:
-            time.sleep(0.05)
+            time.sleep(0.2)  # rounds take minutes; a slower poll leaves the CPU to clients
     for node in sent.values():
         failed[node] = f"no reply within {timeout:.0f} s"
     return replies, failed

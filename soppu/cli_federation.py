@@ -171,18 +171,23 @@ def print_evaluation(result: dict[str, Any]) -> None:
     table = Table(
         title="held-out perplexity per user (full model unless said)", title_justify="left"
     )
-    columns = ("user", "base", "global", "emulator+own", "own", "compressed", "gain kept")
-    for column in columns:
-        if column == "user":
-            table.add_column(column, no_wrap=True)
-        else:
-            table.add_column(column, justify="right")
+    keys = {
+        "base": "base",
+        "global": "global",
+        "emulator": "emulator+own",
+        "personal": "own",
+        "compressed": "compressed",
+    }
+    if all(row["global"] is None for row in result["users"]):
+        keys.pop("global")  # no averaging in this run
+    table.add_column("user", overflow="fold", min_width=12)
+    for label in [*keys.values(), "gain kept"]:
+        table.add_column(label, justify="right", no_wrap=True)
     for row in result["users"]:
-        cells = [row[k] for k in ("base", "global", "emulator", "personal", "compressed")]
         kept = row["kept"]
         table.add_row(
             row["user"],
-            *("–" if v is None else f"{v:.2f}" for v in cells),
+            *("–" if row[k] is None else f"{row[k]:.2f}" for k in keys),
             "–" if kept is None else f"{kept:.1%}",
         )
     console.print(table)

@@ -39,7 +39,7 @@ def test_the_client_rebuilds_the_servers_emulator_exactly(shipped):
 
 
 def test_tampered_weights_are_refused_and_nothing_is_cached(shipped):
-    _, info, (files, state) = shipped
+    _, _, (files, state) = shipped
     key = next(k for k in state if "layers.1." in k)
     state[key] = state[key] + 1e-3
     with pytest.raises(EmulatorError, match="do not match its id"):

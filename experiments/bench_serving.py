@@ -1,0 +1,288 @@
+"""Serving many users: the shared-basis engine against the base model and against PEFT.
+
+    python experiments/bench_serving.py                  # the README's numbers
+    python experiments/bench_serving.py --quick          # 8 users, 4 tokens
+
+On the embedded default (SmolLM2-135M-Instruct): 64 users' synthetic rank-8 adapters on q/v
+of all 30 layers (`soppu synth`'s realistic population), compressed at shared rank 32 and
+published. With one request per user in flight (prompts of 16–48 tokens, --tokens new tokens
+each, greedy), measures generated tokens per second for:
+
+- soppu: the continuous-batching engine, every row its own user (U, V once, Σ_i per row);
+- base: the same engine and batching, every row the base model (the ceiling);
+- PEFT, switching: one request at a time, `set_adapter(user)` then `generate`;
+- PEFT, mixed batch: one `generate(..., adapter_names=[...])` over all requests (PEFT's
+  mixed-adapter batch inference; left-padded).
+
+Also the memory of 1,000 users' cores beside 1,000 PEFT adapters (same slots, float32), and
+a load test: --clients concurrent HTTP clients against `soppu serve`'s app on 127.0.0.1 for
+--requests requests, errors and latency percentiles. Writes
+experiments/results/serving_bench.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build_serving(root: Path, users: int, rank: int) -> Path:
+    from compression.engine import CompressionConfig
+    from server.compress_round import compress_adapters
+    from server.publish import publish
+    from soppu.adapters import discover
+    from soppu.synthetic import PopulationSpec, write_population
+
+    write_population(PopulationSpec(users, 30), root / "adapters")
+    compress_adapters(discover([root / "adapters"]), root / "store", CompressionConfig(rank=rank))
+    publish(root / "store", root / "serving")
+    return root / "serving" / "current"
+
+
+def prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
+    from soppu.data import public_text
+
+    words = " ".join(public_text()[:400]).split()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        start = rng.randrange(len(words) - 60)
+        ids = tokenizer(" ".join(words[start : start + 60]), add_special_tokens=False)["input_ids"]
+        out.append(ids[: rng.randint(16, 48)])
+    return out
+
+
+def run_engine(engine, jobs, tokens: int) -> float:
+    from server.serving.engine import Request, Sampling
+
+    done = [threading.Event() for _ in jobs]
+    began = time.perf_counter()
+    for (prompt, user), event in zip(jobs, done, strict=True):
+        engine.submit(
+            Request(
+                prompt,
+                user,
+                Sampling(max_new_tokens=tokens),
+                lambda e, ev=event: ev.set() if e is None else None,
+            )
+        )
+    for event in done:
+        event.wait()
+    return time.perf_counter() - began
+
+
+def peft_switching(model, jobs, tokens: int, pad: int) -> float:
+    began = time.perf_counter()
+    for prompt, user in jobs:
+        model.set_adapter(user)
+        model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return time.perf_counter() - began
+
+
+def peft_mixed(model, jobs, tokens: int, pad: int) -> float:
+    width = max(len(p) for p, _ in jobs)
+    ids = torch.full((len(jobs), width), pad)
+    mask = torch.zeros((len(jobs), width), dtype=torch.long)
+    for i, (prompt, _) in enumerate(jobs):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    began = time.perf_counter()
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        adapter_names=[u for _, u in jobs],
+    )
+    return time.perf_counter() - began
+
+
+def memory(version: Path, users: int, lora_rank: int = 8) -> dict:
+    manifest = json.loads((version / "shared" / "manifest.json").read_text())
+    cores = adapters = 0
+    for slot in manifest["slots"]:
+        m, n = slot["shape"]
+        r = slot["rank"]
+        cores += (m + n) * r + users * r * r
+        adapters += users * lora_rank * (m + n)
+    return {
+        "users": users,
+        "soppu_bytes": 4 * cores,
+        "peft_bytes": 4 * adapters,
+        "ratio": adapters / cores,
+    }
+
+
+def load_test(version_root: Path, clients: int, count: int, tokens: int, users: list[str]):
+    import requests
+    import uvicorn
+
+    from server.serving.runner import build
+
+    app, _ = build(version_root, max_wait=0.01)
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/generate"
+
+    def one(i: int) -> tuple[int, float]:
+        body = {
+            "inputs": "Now is the winter of our discontent",
+            "parameters": {"adapter_id": users[i % len(users)], "max_new_tokens": tokens},
+        }
+        began = time.perf_counter()
+        try:
+            status = requests.post(url, json=body, timeout=600).status_code
+        except requests.RequestException:
+            status = 0
+        return status, time.perf_counter() - began
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(count)))
+    wall = time.perf_counter() - began
+    server.should_exit = True
+    thread.join(timeout=60)
+    latencies = sorted(t for _, t in results)
+    return {
+        "clients": clients,
+        "requests": count,
+        "errors": sum(s != 200 for s, _ in results),
+        "p50_s": latencies[len(latencies) // 2],
+        "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "wall_s": wall,
+        "tokens_per_s": count * tokens / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.users, args.tokens, args.clients, args.requests = 8, 4, 10, 20
+    torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+
+    from server.serving.engine import Engine
+    from server.serving.shared_lora import load_shared
+    from soppu import basemodel
+
+    root = Path(tempfile.mkdtemp(prefix="soppu-serving-bench-"))
+    version = build_serving(root, args.users, args.rank)
+    adapters = load_shared(version)
+    users = sorted(adapters.users)
+    base = basemodel.load()
+    jobs_prompts = prompts(base.tokenizer, args.users)
+    pad = base.tokenizer.pad_token_id
+    rows = {}
+
+    engine = Engine(base.model, base.tokenizer, adapters, max_batch=args.users).start()
+    run_engine(engine, [(jobs_prompts[0], users[0])], 2)  # warm-up
+    user_jobs = list(zip(jobs_prompts, users, strict=True))
+    rows["soppu"] = run_engine(engine, user_jobs, args.tokens)
+    rows["base"] = run_engine(engine, [(p, None) for p in jobs_prompts], args.tokens)
+    engine.stop()
+    print({k: f"{v:.1f} s" for k, v in rows.items()}, flush=True)
+
+    plain = basemodel.load().model
+    peft = PeftModel.from_pretrained(
+        plain, str(version / "users" / users[0]), adapter_name=users[0]
+    )
+    for user in users[1:]:
+        peft.load_adapter(str(version / "users" / user), adapter_name=user)
+    peft.eval()
+    with torch.no_grad():
+        rows["peft_switching"] = peft_switching(peft, user_jobs, args.tokens, pad)
+        rows["peft_mixed_batch"] = peft_mixed(peft, user_jobs, args.tokens, pad)
+    print({k: f"{v:.1f} s" for k, v in rows.items()}, flush=True)
+
+    generated = args.users * args.tokens
+    throughput = {k: generated / v for k, v in rows.items()}
+    result = {
+        "users": args.users,
+        "tokens_each": args.tokens,
+        "shared_rank": args.rank,
+        "threads": args.threads,
+        "seconds": rows,
+        "tokens_per_s": throughput,
+        "vs_base": throughput["soppu"] / throughput["base"],
+        "vs_peft_switching": throughput["soppu"] / throughput["peft_switching"],
+        "vs_peft_mixed_batch": throughput["soppu"] / throughput["peft_mixed_batch"],
+        "memory_1000_users": memory(version, 1000),
+        "load_test": load_test(version.parent, args.clients, args.requests, args.tokens, users),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serving_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (RESULTS / "serving_bench.md").write_text(text)
+    print(text)
+
+
+def markdown(r: dict) -> str:
+    t = r["tokens_per_s"]
+    mem = r["memory_1000_users"]
+    load = r["load_test"]
+    names = {
+        "soppu": "soppu (shared bases, continuous batching)",
+        "base": "base model alone, same batching",
+        "peft_switching": "PEFT, set_adapter per request",
+        "peft_mixed_batch": "PEFT, mixed-adapter batch (adapter_names)",
+    }
+    lines = [
+        f"{r['users']} users in flight, {r['tokens_each']} new tokens each, greedy, "
+        f"{r['threads']} threads, shared rank {r['shared_rank']}:",
+        "",
+        "| server | seconds | tokens/s | soppu is |",
+        "|---|---|---|---|",
+    ]
+    for key, label in names.items():
+        lines.append(
+            f"| {label} | {r['seconds'][key]:.1f} | {t[key]:.1f} | {t['soppu'] / t[key]:.2f}× |"
+        )
+    lines += [
+        "",
+        f"Memory for {mem['users']:,} users (float32): soppu bases + cores "
+        f"{mem['soppu_bytes'] / 2**20:.1f} MiB, PEFT adapters {mem['peft_bytes'] / 2**20:.1f} MiB "
+        f"({mem['ratio']:.1f}× less).",
+        "",
+        f"Load test: {load['clients']} concurrent clients, {load['requests']} requests of "
+        f"{r['tokens_each']} tokens: {load['errors']} errors, p50 {load['p50_s']:.2f} s, p99 "
+        f"{load['p99_s']:.2f} s, {load['tokens_per_s']:.1f} tokens/s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

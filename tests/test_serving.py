@@ -1,0 +1,316 @@
+"""Serving many users from the shared bases: exact against PEFT, through a real HTTP server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import uvicorn
+from helpers import tiny_population, write_tiny_model, write_users
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compression.engine import CompressionConfig
+from server.compress_round import compress_adapters
+from server.publish import publish
+from server.serving.engine import Engine, Request, Sampling
+from server.serving.runner import build
+from server.serving.shared_lora import batch_users, load_shared
+
+USERS = ["user00", "user01", "user02", "user03"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny model and a serving dir whose version holds 4 users exactly (rank N·k)."""
+    root = tmp_path_factory.mktemp("serving")
+    model = write_tiny_model(root / "model", layers=2)
+    paths = write_users(
+        root / "adapters", tiny_population(4, k=4, layers=2), rank=4, alpha=8, base_model=str(model)
+    )
+    compress_adapters(paths, root / "store", CompressionConfig(rank=16))
+    publish(root / "store", root / "serving")
+    return root, model
+
+
+def peft_model(model_dir: Path, adapter: Path):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def test_batched_multi_user_logits_equal_each_users_peft_logits(served):
+    root, model_dir = served
+    version = root / "serving" / "current"
+    adapters = load_shared(version)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(model, tokenizer, adapters)
+    ids = torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([adapters.users[u] for u in USERS] + [0])  # the last row: base model
+    with torch.no_grad(), batch_users(engine.layers, rows):
+        batched = model(input_ids=ids).logits
+    for i, user in enumerate(USERS):
+        reference = peft_model(model_dir, version / "users" / user)
+        with torch.no_grad():
+            expected = reference(input_ids=ids[i : i + 1]).logits
+        assert torch.allclose(batched[i : i + 1], expected, atol=1e-4), user
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(batched[4:], base(input_ids=ids[4:]).logits, atol=1e-5)
+
+
+def run_engine(engine: Engine, jobs: list[tuple[list[int], str | None, int]]) -> list[list[int]]:
+    """Submit every job at once (so they share batches) and wait for all."""
+    done = [threading.Event() for _ in jobs]
+    requests_ = []
+    for (prompt, user, steps), event in zip(jobs, done, strict=True):
+        request = Request(
+            prompt,
+            user,
+            Sampling(max_new_tokens=steps),
+            lambda e, event=event: event.set() if e is None else None,
+        )
+        requests_.append(request)
+        engine.submit(request)
+    for event in done:
+        assert event.wait(60)
+    assert all(r.error is None for r in requests_), [r.error for r in requests_]
+    return [[t.id for t in r.tokens] for r in requests_]
+
+
+def test_greedy_generation_matches_peft_token_for_token(served):
+    root, model_dir = served
+    version = root / "serving" / "current"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(model, tokenizer, load_shared(version), max_wait=0.05).start()
+    try:
+        gen = torch.Generator().manual_seed(2)
+        # Prompts of different lengths and lengths of output: rows join and leave the batch.
+        jobs = [
+            (torch.randint(3, 300, (n,), generator=gen).tolist(), user, steps)
+            for n, user, steps in [
+                (5, "user00", 12),
+                (9, "user01", 4),
+                (3, None, 8),
+                (7, "user02", 10),
+                (11, "user03", 6),
+                (4, "user00", 9),
+            ]
+        ]
+        outputs = run_engine(engine, jobs)
+    finally:
+        engine.stop()
+    for (prompt, user, steps), tokens in zip(jobs, outputs, strict=True):
+        if user is None:
+            reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        else:
+            reference = peft_model(model_dir, version / "users" / user)
+        with torch.no_grad():
+            out = reference.generate(
+                input_ids=torch.tensor([prompt]),
+                max_new_tokens=steps,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        expected = out[0, len(prompt) :].tolist()
+        assert tokens == expected[: len(tokens)], (user, steps)
+        if len(tokens) < steps:  # stopped early: only at the end-of-sequence token
+            assert tokens[-1] == engine.tokenizer.eos_token_id
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """`soppu serve`'s app under uvicorn on loopback, started and stopped here."""
+    root, model_dir = served
+    serving = root / "serving-live"
+    shutil.copytree(root / "serving", serving, symlinks=True)
+    app, engine = build(serving, str(model_dir), max_wait=0.01, watch_interval=0.2)
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield url, serving, engine
+    instance.should_exit = True
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_lorax_generate_and_details(server):
+    url, _, _ = server
+    body = {
+        "inputs": "To be, or not",
+        "parameters": {"adapter_id": "user01", "max_new_tokens": 5, "details": True},
+    }
+    reply = requests.post(f"{url}/generate", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert data["details"]["finish_reason"] == "length"
+    assert data["details"]["generated_tokens"] == 5 == len(data["details"]["tokens"])
+    assert data["generated_text"] == "".join(t["text"] for t in data["details"]["tokens"])
+    # The same request by the published adapter's path (adapter_source="local") is the same.
+    body["parameters"] |= {"adapter_id": "/anywhere/users/user01", "adapter_source": "local"}
+    assert requests.post(f"{url}/generate", json=body, timeout=60).json() == data
+    # The base model, without an adapter, answers differently.
+    del body["parameters"]["adapter_id"]
+    assert requests.post(f"{url}/generate", json=body, timeout=60).json() != data
+
+
+def test_streams_match_the_whole_answer(server):
+    url, _, _ = server
+    body = {
+        "inputs": "Whether tis nobler",
+        "parameters": {"adapter_id": "user02", "max_new_tokens": 6},
+    }
+    whole = requests.post(f"{url}/generate", json=body, timeout=60).json()["generated_text"]
+    events = []
+    with requests.post(f"{url}/generate_stream", json=body, stream=True, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        for line in reply.iter_lines():
+            if line.startswith(b"data:"):
+                events.append(json.loads(line[5:]))
+    assert len(events) == 6 and events[-1]["generated_text"] == whole
+    assert "".join(e["token"]["text"] for e in events) == whole
+    assert events[-1]["details"]["finish_reason"] == "length"
+
+    chat = {
+        "model": "user02",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    answer = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+    assert answer["object"] == "chat.completion"
+    assert answer["usage"]["completion_tokens"] == 4
+    pieces = []
+    with requests.post(
+        f"{url}/v1/chat/completions", json={**chat, "stream": True}, stream=True, timeout=60
+    ) as reply:
+        for line in reply.iter_lines():
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                pieces.append(json.loads(line[5:])["choices"][0]["delta"]["content"])
+    assert "".join(pieces) == answer["choices"][0]["message"]["content"]
+
+    completion = requests.post(
+        f"{url}/v1/completions",
+        timeout=60,
+        json={"model": "user02", "prompt": "Whether tis nobler", "max_tokens": 6, "temperature": 0},
+    )
+    assert completion.json()["choices"][0]["text"] == whole
+
+
+def test_errors_are_clear_4xx(server):
+    url, _, _ = server
+    cases = [
+        ({"inputs": "hi", "parameters": {"adapter_id": "mallory"}}, 404, "mallory"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422, "max_new_tokens"),
+        ({"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "top_p"),
+        ({"inputs": "hi", "parameters": {"best_of": 2}}, 422, "best_of"),
+        ({"parameters": {}}, 422, "inputs"),
+        ({"inputs": "word " * 400}, 422, "at most"),
+        ({"inputs": "hi", "parameters": {"max_new_tokens": 5000}}, 422, "exceed"),
+    ]
+    for body, status, words in cases:
+        reply = requests.post(f"{url}/generate", json=body, timeout=60)
+        assert reply.status_code == status, (body, reply.text)
+        assert words in reply.json()["error"], reply.json()
+    reply = requests.post(f"{url}/v1/completions", json={"model": "eve", "prompt": "x"}, timeout=60)
+    assert reply.status_code == 404
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+    info = requests.get(f"{url}/info", timeout=10).json()
+    assert info["adapters"] == 4 and info["serving_version"] == "v0001"
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    assert 'soppu_requests_total{route="/generate",status="404"}' in metrics
+    assert "soppu_batch_size_bucket" in metrics
+
+
+def test_lorax_client_from_pypi_works_unchanged(server, tmp_path):
+    url, _, _ = server
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(tmp_path),
+            "lorax-client==0.6.3",
+        ],
+        check=True,
+        timeout=120,
+    )
+    wheel = next(tmp_path.glob("lorax_client-*.whl"))
+    sys.path.insert(0, str(wheel))  # pure Python: importable from the wheel itself
+    try:
+        from lorax import Client
+
+        client = Client(url, timeout=60)
+        response = client.generate("To be, or not", adapter_id="user01", max_new_tokens=5)
+        assert response.details.finish_reason == "length"
+        direct = requests.post(
+            f"{url}/generate",
+            timeout=60,
+            json={
+                "inputs": "To be, or not",
+                "parameters": {"adapter_id": "user01", "max_new_tokens": 5},
+            },
+        ).json()
+        assert response.generated_text == direct["generated_text"]
+        streamed = [
+            r.token.text
+            for r in client.generate_stream("To be, or not", adapter_id="user01", max_new_tokens=5)
+        ]
+        assert "".join(streamed) == direct["generated_text"]
+    finally:
+        sys.path.remove(str(wheel))
+
+
+def test_a_new_version_is_picked_up_under_load_without_losing_requests(server, served):
+    url, serving, engine = server
+    root, _ = served
+    body = {"inputs": "To be", "parameters": {"adapter_id": "user03", "max_new_tokens": 8}}
+
+    def ask(_: int) -> int:
+        return requests.post(f"{url}/generate", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        pending = [pool.submit(ask, i) for i in range(48)]
+        time.sleep(0.2)
+        # Publish v0002 from a store holding only three of the users, while requests run.
+        keep = {u: root / "adapters" / u for u in USERS[1:]}
+        compress_adapters(keep, root / "store-3", CompressionConfig(rank=12))
+        publish(root / "store-3", serving)
+        statuses = [f.result() for f in pending]
+    assert statuses == [200] * 48
+    deadline = time.monotonic() + 10
+    while engine.adapters.version != "v0002":
+        assert time.monotonic() < deadline, "v0002 was not picked up"
+        time.sleep(0.1)
+    gone = requests.post(
+        f"{url}/generate", timeout=60, json={"inputs": "hi", "parameters": {"adapter_id": "user00"}}
+    )
+    assert gone.status_code == 404  # user00 is not in v0002

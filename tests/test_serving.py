@@ -69,23 +69,30 @@ def test_batched_multi_user_logits_equal_each_users_peft_logits(served):
         assert torch.allclose(batched[4:], base(input_ids=ids[4:]).logits, atol=1e-5)
 
 
-def run_engine(engine: Engine, jobs: list[tuple[list[int], str | None, int]]) -> list[list[int]]:
-    """Submit every job at once (so they share batches) and wait for all."""
-    done = [threading.Event() for _ in jobs]
-    requests_ = []
-    for (prompt, user, steps), event in zip(jobs, done, strict=True):
-        request = Request(
-            prompt,
-            user,
-            Sampling(max_new_tokens=steps),
-            lambda e, event=event: event.set() if e is None else None,
-        )
-        requests_.append(request)
-        engine.submit(request)
+def run_engine(engine: Engine, waves: list[list[tuple[list[int], str | None, int]]]):
+    """Submit wave after wave, each once the previous one is decoding, so that rows join a
+    running batch (its KV cache merged, left-padded) and leave it at different steps."""
+    requests_, done = [], []
+    for wave in waves:
+        started = []
+        for prompt, user, steps in wave:
+            first, finished = threading.Event(), threading.Event()
+            request = Request(
+                prompt,
+                user,
+                Sampling(max_new_tokens=steps),
+                lambda e, f=first, d=finished: f.set() if e is not None else d.set(),
+            )
+            requests_.append(request)
+            done.append(finished)
+            started.append(first)
+            engine.submit(request)
+        for event in started:
+            assert event.wait(60)
     for event in done:
         assert event.wait(60)
     assert all(r.error is None for r in requests_), [r.error for r in requests_]
-    return [[t.id for t in r.tokens] for r in requests_]
+    return [r.tokens for r in requests_]
 
 
 def test_greedy_generation_matches_peft_token_for_token(served):
@@ -97,18 +104,20 @@ def test_greedy_generation_matches_peft_token_for_token(served):
     try:
         gen = torch.Generator().manual_seed(2)
         # Prompts of different lengths and lengths of output: rows join and leave the batch.
-        jobs = [
-            (torch.randint(3, 300, (n,), generator=gen).tolist(), user, steps)
-            for n, user, steps in [
-                (5, "user00", 12),
-                (9, "user01", 4),
-                (3, None, 8),
-                (7, "user02", 10),
-                (11, "user03", 6),
-                (4, "user00", 9),
+        waves = [
+            [
+                (torch.randint(3, 300, (n,), generator=gen).tolist(), user, steps)
+                for n, user, steps in wave
+            ]
+            for wave in [
+                [(5, "user00", 16), (3, None, 14)],  # short prompts first: the batch is
+                [(9, "user01", 4), (7, "user02", 10)],  # narrower than the newcomers'
+                [(11, "user03", 6), (4, "user00", 9)],
             ]
         ]
-        outputs = run_engine(engine, jobs)
+        jobs = [job for wave in waves for job in wave]
+        outputs = run_engine(engine, waves)
+        assert engine.merges >= 2  # rows really joined a running batch
     finally:
         engine.stop()
     for (prompt, user, steps), tokens in zip(jobs, outputs, strict=True):
@@ -123,11 +132,17 @@ def test_greedy_generation_matches_peft_token_for_token(served):
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
             )
-        expected = out[0, len(prompt) :].tolist()
-        assert tokens == expected[: len(tokens)], (user, steps)
+        expected = out.sequences[0, len(prompt) :].tolist()
+        assert [t.id for t in tokens] == expected[: len(tokens)], (user, steps)
+        # Not only the same argmax: the same distribution at every step, to float precision.
+        for step, token in enumerate(tokens):
+            logprob = torch.log_softmax(out.scores[step][0].float(), -1)[token.id]
+            assert token.logprob == pytest.approx(float(logprob), abs=1e-4), (user, step)
         if len(tokens) < steps:  # stopped early: only at the end-of-sequence token
-            assert tokens[-1] == engine.tokenizer.eos_token_id
+            assert tokens[-1].id == engine.tokenizer.eos_token_id
 
 
 def free_port() -> int:

@@ -95,6 +95,7 @@ class Engine:
         self.rows = torch.zeros(0, dtype=torch.long)
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.cache: DynamicCache | None = None
+        self.merges = 0  # times newcomers joined a running batch
         self.device = next(model.parameters()).device
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="soppu-engine", daemon=True)
@@ -216,6 +217,7 @@ class Engine:
         if not self.active:
             self.active, self.rows, self.mask, self.cache = list(requests), rows, mask, cache
             return
+        self.merges += 1
         old, new = self.mask.shape[1], mask.shape[1]
         width = max(old, new)
         merged = DynamicCache()

@@ -96,6 +96,7 @@ class Engine:
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.cache: DynamicCache | None = None
         self.merges = 0  # times newcomers joined a running batch
+        self.swaps: list[tuple[str, int]] = []  # (version, rows in flight) at each swap
         self.device = next(model.parameters()).device
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="soppu-engine", daemon=True)
@@ -173,6 +174,7 @@ class Engine:
         adapters, self.pending_adapters = self.pending_adapters, None
         self.layers = install(self.model, adapters)
         self.adapters = adapters
+        self.swaps.append((adapters.version, len(self.active)))
         self.rows = torch.tensor([self._row(r) for r in self.active], dtype=torch.long)
 
     @torch.no_grad()

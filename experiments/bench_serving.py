@@ -9,7 +9,7 @@ published. With one request per user in flight (prompts of 16–48 tokens, --tok
 each, greedy), measures generated tokens per second for:
 
 - soppu: the continuous-batching engine, every row its own user (U, V once, Σ_i per row);
-- base: the same engine and batching, every row the base model (the ceiling);
+- base: the bare base model (no adapter layers) in the same engine and batching: the ceiling;
 - PEFT, switching: one request at a time, `set_adapter(user)` then `generate`;
 - PEFT, mixed batch: one `generate(..., adapter_names=[...])` over all requests (PEFT's
   mixed-adapter batch inference; left-padded).
@@ -196,7 +196,7 @@ def main() -> None:
     from peft import PeftModel
 
     from server.serving.engine import Engine
-    from server.serving.shared_lora import load_shared
+    from server.serving.shared_lora import SharedAdapters, load_shared
     from soppu import basemodel
 
     root = Path(tempfile.mkdtemp(prefix="soppu-serving-bench-"))
@@ -212,8 +212,14 @@ def main() -> None:
     run_engine(engine, [(jobs_prompts[0], users[0])], 2)  # warm-up
     user_jobs = list(zip(jobs_prompts, users, strict=True))
     rows["soppu"] = run_engine(engine, user_jobs, args.tokens)
-    rows["base"] = run_engine(engine, [(p, None) for p in jobs_prompts], args.tokens)
     engine.stop()
+    # The ceiling: the bare base model (no adapter layers at all) in the same engine.
+    bare = Engine(
+        basemodel.load().model, base.tokenizer, SharedAdapters("base", {}, {}), max_batch=args.users
+    ).start()
+    run_engine(bare, [(jobs_prompts[0], None)], 2)
+    rows["base"] = run_engine(bare, [(p, None) for p in jobs_prompts], args.tokens)
+    bare.stop()
     print({k: f"{v:.1f} s" for k, v in rows.items()}, flush=True)
 
     plain = basemodel.load().model

@@ -31,7 +31,9 @@ def serve(
     import uvicorn
 
     from server.serving.runner import build
+    from soppu.basemodel import quiet_libraries
 
+    quiet_libraries()
     set_threads(threads)
     with clear_errors():
         app, engine = build(serving, base_model, max_batch=max_batch, max_wait=max_wait_ms / 1000)

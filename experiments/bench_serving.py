@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -139,7 +140,7 @@ def load_test(version_root: Path, clients: int, count: int, tokens: int, users: 
     from server.serving.runner import build
 
     app, _ = build(version_root, max_wait=0.01)
-    with __import__("socket").socket() as sock:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))

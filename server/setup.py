@@ -25,7 +25,7 @@ from soppu import messages as m
 from soppu.alignment import AlignConfig, build_aligned
 from soppu.basemodel import BaseModel, cache_dir
 from soppu.data import DataError, UserText, load_users, public_text
-from soppu.emulator import EmulatorError, EmulatorInfo, load, save
+from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save
 from soppu.personalize import fresh_lora
 
 MAY_CHANGE_ON_RESUME = {
@@ -127,8 +127,6 @@ def _emulator(run: RunFolder, config: FederationConfig, base: BaseModel, log: Lo
 
 
 def _check_base(folder: Path, base: BaseModel) -> None:
-    from soppu.emulator import read_info
-
     info: EmulatorInfo = read_info(folder)
     if info.base_model != base.name:
         raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")

@@ -141,3 +141,12 @@ def write_users_jsonl(path: Path, users: dict[str, int], seed: int = 0) -> Path:
     rng.shuffle(rows)  # users' rows interleave, as in real logs
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

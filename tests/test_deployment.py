@@ -8,23 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from helpers import write_tiny_model, write_users_jsonl
+from helpers import free_port, write_tiny_model, write_users_jsonl
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:

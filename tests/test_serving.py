@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from helpers import tiny_population, write_tiny_model, write_users
+from helpers import free_port, tiny_population, write_tiny_model, write_users
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,12 +142,6 @@ def test_greedy_generation_matches_peft_token_for_token(served):
             assert token.logprob == pytest.approx(float(logprob), abs=1e-4), (user, step)
         if len(tokens) < steps:  # stopped early: only at the end-of-sequence token
             assert tokens[-1].id == engine.tokenizer.eos_token_id
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,26 @@ def test_lorax_generate_and_details(server):
     # The same request by the published adapter's path (adapter_source="local") is the same.
     body["parameters"] |= {"adapter_id": "/anywhere/users/user01", "adapter_source": "local"}
     assert requests.post(f"{url}/generate", json=body, timeout=60).json() == data
+    # Sampling: top_k=1 is greedy; a seed makes a sample repeatable.
+    greedy = data["generated_text"]
+    sample = {
+        "inputs": "To be, or not",
+        "parameters": {
+            "adapter_id": "user01",
+            "max_new_tokens": 5,
+            "do_sample": True,
+            "top_k": 1,
+            "seed": 3,
+        },
+    }
+    assert (
+        requests.post(f"{url}/generate", json=sample, timeout=60).json()["generated_text"] == greedy
+    )
+    sample["parameters"] |= {"top_k": None, "temperature": 1.5, "seed": 5}
+    first, second = (
+        requests.post(f"{url}/generate", json=sample, timeout=60).json() for _ in range(2)
+    )
+    assert first == second
     # The base model, without an adapter, answers differently.
     del body["parameters"]["adapter_id"]
     assert requests.post(f"{url}/generate", json=body, timeout=60).json() != data
@@ -236,6 +256,8 @@ def test_errors_are_clear_4xx(server):
         ({"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 422, "max_new_tokens"),
         ({"inputs": "hi", "parameters": {"top_p": 1.5}}, 422, "top_p"),
         ({"inputs": "hi", "parameters": {"best_of": 2}}, 422, "best_of"),
+        ({"inputs": "hi", "parameters": {"repetition_penalty": 1.3}}, 422, "repetition_penalty"),
+        ({"inputs": "hi", "parameters": {"watermark": True}}, 422, "not supported"),
         ({"parameters": {}}, 422, "inputs"),
         ({"inputs": "word " * 400}, 422, "at most"),
         ({"inputs": "hi", "parameters": {"max_new_tokens": 5000}}, 422, "exceed"),

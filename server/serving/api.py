@@ -31,7 +31,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.serving.engine import Engine, Request, Sampling, Token, UnknownUser, event_sink
 
@@ -55,6 +55,8 @@ class Parameters(BaseModel):
     stop: list[str] = Field(default_factory=list)
     details: bool = False
     return_full_text: bool | None = False
+    top_k: int | None = Field(default=None, ge=1)
+    ignore_eos_token: bool = False
     best_of: int | None = None
 
     @field_validator("best_of")
@@ -63,6 +65,19 @@ class Parameters(BaseModel):
         if value not in (None, 1):
             raise ValueError("best_of > 1 is not supported")
         return value
+
+    @model_validator(mode="after")
+    def _nothing_silently_ignored(self) -> Parameters:
+        """lorax-client sends every field; those at their neutral value are fine, anything
+        else this server does not do is refused by name rather than ignored."""
+        neutral = {"repetition_penalty": 1.0, "api_token": None}
+        for name, value in (self.model_extra or {}).items():
+            if value in (None, False, [], {}) or neutral.get(name, object()) == value:
+                continue
+            if name == "api_token":
+                continue  # adapters are local: there is nothing to authenticate against
+            raise ValueError(f"{name}={value!r} is not supported by soppu serve")
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -209,9 +224,11 @@ def create_app(
             max_new_tokens=p.max_new_tokens or 20,
             temperature=p.temperature or 1.0,
             top_p=p.top_p or 1.0,
+            top_k=p.top_k,
             do_sample=p.do_sample,
             seed=p.seed,
             stop=tuple(p.stop),
+            ignore_eos=p.ignore_eos_token,
         )
 
     def details(request: Request, with_tokens: bool) -> dict[str, Any]:

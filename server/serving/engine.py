@@ -31,9 +31,11 @@ class Sampling:
     max_new_tokens: int = 20
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int | None = None
     do_sample: bool = False
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -294,7 +296,11 @@ def _left_pad_mask(mask: Tensor, width: int) -> Tensor:
 def _choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     if not sampling.do_sample or sampling.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.numel():
+        cutoff = logits.topk(sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
@@ -303,7 +309,7 @@ def _choose(logits: Tensor, sampling: Sampling, generator: torch.Generator | Non
 
 
 def _finish(request: Request, eos: bool) -> str | None:
-    if eos:
+    if eos and not request.sampling.ignore_eos:
         return "eos_token"
     if any(stop and request.text.endswith(stop) for stop in request.sampling.stop):
         return "stop_sequence"

@@ -132,9 +132,12 @@ def recover(run: RunFolder) -> dict[str, Any]:
     """Finish an interrupted commit, drop a round that never committed; return the state."""
     if run.staging.is_dir():
         for stage in sorted(run.staging.iterdir()):
-            if (stage / COMMITTED).is_file():
+            round_ = int(stage.name.removeprefix("round-"))
+            # Past the state's round, a committed stage has moves left to make; at or before
+            # it, only its clean-up was cut short.
+            if (stage / COMMITTED).is_file() and round_ > run.state()["round"]:
                 with run.locked():
-                    _apply(run, stage, int(stage.name.removeprefix("round-")))
+                    _apply(run, stage, round_)
             else:
                 shutil.rmtree(stage, ignore_errors=True)
         _remove_if_empty(run.staging)
@@ -155,6 +158,7 @@ def _apply(run: RunFolder, stage: Path, round_: int) -> None:
     _rewrite_jsonl(run, run.metrics, saved["rows"], round_)
     _rewrite_jsonl(run, run.rounds, [saved["summary"]], round_)
     run.set_state(round=round_)
+    os.unlink(stage / COMMITTED)  # first, so a clean-up cut short reads as "nothing to redo"
     shutil.rmtree(stage)
     _remove_if_empty(run.staging)
 

@@ -93,6 +93,25 @@ def test_recover_finishes_an_interrupted_commit(tmp_path):
     assert not (run.store / ".bob.old").exists() and not run.staging.exists()
 
 
+def test_recover_after_a_crash_while_cleaning_up_a_committed_round(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    commit_round(run, 1, {"alice": 1.0})
+    # Round 2 was applied and its state written; the crash came while deleting its stage,
+    # which had lost rows.json but still held the marker.
+    stage = RoundStage(run, 2)
+    stage.add("alice", lora(2.0), {"round": 2})
+    stage.commit([{"round": 2, "user": "alice", "status": "trained"}], {"round": 2})
+    stage.dir.mkdir(parents=True)
+    (stage.dir / COMMITTED).write_text("")
+    assert recover(run)["round"] == 2
+    assert float(run.latest("alice").tensors[KEY_A][0, 0]) == 2.0
+    assert [(r["round"], r["user"]) for r in run.read_jsonl(run.metrics)] == [
+        (1, "alice"),
+        (2, "alice"),
+    ]
+    assert not run.staging.exists()
+
+
 def test_recover_discards_a_round_that_never_committed(tmp_path):
     run = RunFolder(tmp_path / "run")
     commit_round(run, 1, {"alice": 1.0})

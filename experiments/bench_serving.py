@@ -98,12 +98,9 @@ def peft_switching(model, jobs, tokens: int, pad: int) -> float:
 
 
 def peft_mixed(model, jobs, tokens: int, pad: int) -> float:
-    width = max(len(p) for p, _ in jobs)
-    ids = torch.full((len(jobs), width), pad)
-    mask = torch.zeros((len(jobs), width), dtype=torch.long)
-    for i, (prompt, _) in enumerate(jobs):
-        ids[i, width - len(prompt) :] = torch.tensor(prompt)
-        mask[i, width - len(prompt) :] = 1
+    from server.serving.engine import left_padded
+
+    ids, mask = left_padded([p for p, _ in jobs], pad)
     began = time.perf_counter()
     model.generate(
         input_ids=ids,

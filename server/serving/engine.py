@@ -182,12 +182,7 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, requests: list[Request]) -> None:
         began = time.perf_counter()
-        width = max(len(r.prompt) for r in requests)
-        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, request in enumerate(requests):
-            ids[i, width - len(request.prompt) :] = torch.tensor(request.prompt)
-            mask[i, width - len(request.prompt) :] = 1
+        ids, mask = left_padded([r.prompt for r in requests], self.pad)
         rows = torch.tensor([self._row(r) for r in requests], dtype=torch.long)
         cache = DynamicCache()
         logits = self._forward(ids, mask, rows, cache)
@@ -235,7 +230,6 @@ class Engine:
         self.cache = merged
 
     def _emit(self, requests: list[Request], logits: Tensor) -> None:
-        finished = []
         logprobs = torch.log_softmax(logits, dim=-1)
         for i, request in enumerate(requests):
             token = _choose(logits[i], request.sampling, request.generator)
@@ -252,17 +246,9 @@ class Engine:
             request.on_event(piece)
             if request.finish_reason is not None:
                 request.on_event(None)
-                finished.append(i)
-        if finished and requests is self.active:
-            self._drop(finished)
-        elif finished:  # newcomers that finished at their first token
-            done = {id(requests[i]) for i in finished}
-            keep = [i for i, r in enumerate(self.active) if id(r) not in done]
+        keep = [i for i, r in enumerate(self.active) if r.finish_reason is None]
+        if len(keep) < len(self.active):  # finished rows leave the batch at once
             self._keep(keep)
-
-    def _drop(self, finished: list[int]) -> None:
-        gone = set(finished)
-        self._keep([i for i in range(len(self.active)) if i not in gone])
 
     def _keep(self, keep: list[int]) -> None:
         if not keep:
@@ -278,6 +264,17 @@ class Engine:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
         self.mask = self.mask[:, start:]
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Token ids right-aligned in one [batch, longest] tensor, and their attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask
 
 
 def _left_pad(tensor: Tensor, width: int) -> Tensor:

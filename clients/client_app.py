@@ -45,8 +45,19 @@ def train(msg: Message, context: Context) -> Message:
     start = None
     if m.LORA in msg.content:
         start = m.lora_from(msg.content[m.LORA], str(config["lora-config"]))
+    correction = None
+    if m.CORRECTION in msg.content:
+        correction = m.tensors_from(msg.content[m.CORRECTION])
     try:
-        result = task.train(user, str(config["emulator"]), train_config, start, setup.base_model)
+        result = task.train(
+            user,
+            str(config["emulator"]),
+            train_config,
+            start,
+            setup.base_model,
+            correction,
+            _device(config, context),
+        )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
     ppl = result.perplexity
@@ -80,7 +91,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     lora = m.lora_from(msg.content[m.LORA], str(config["lora-config"]))
     try:
         loss, tokens = task.evaluate(
-            user, str(config["emulator"]), m.train_config_from(config), lora, setup.base_model
+            user,
+            str(config["emulator"]),
+            m.train_config_from(config),
+            lora,
+            setup.base_model,
+            _device(config, context),
         )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
@@ -89,6 +105,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     about = ConfigRecord({"user-id": user.user_id})
     return Message(RecordDict({m.METRICS: metrics, m.CONFIG: about}), reply_to=msg)
+
+
+def _device(config: ConfigRecord, context: Context) -> str:
+    """The node's own `device` setting wins over the server's request."""
+    return str(context.node_config.get("device", config.get("device", "cpu")))
 
 
 def _request(msg: Message, context: Context):

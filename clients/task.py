@@ -3,7 +3,11 @@
 A client process may serve many (simulated) nodes, so everything it loads is cached per
 process: the users' text per data source, the tokenizer per base model, and the emulator per
 version, in memory and on disk (`$SOPPU_CACHE/emulators/<version>/`). The emulator reaches a
-node once, in the server's "install" message; a client that restarts finds it on disk.
+node once, in the server's "install" message; a client that restarts finds it on disk. In
+full mode the "emulator" the server installs is the full model itself (no layer dropped).
+
+A client trains on CUDA when the server asks for it (`client-gpus` in the run config) or its
+node config says `device=cuda`, and torch sees a GPU; otherwise on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from soppu.personalize import LoraState, PersonalizeResult, TrainConfig, attache
 from soppu.userids import check_user_id
 
 quiet_libraries()
-_EMULATORS: dict[str, tuple[nn.Module, EmulatorInfo]] = {}
+_EMULATORS: dict[tuple[str, str], tuple[nn.Module, EmulatorInfo]] = {}
 
 
 class MissingEmulator(LookupError):
@@ -73,18 +77,23 @@ def tokenizer_for(base_model: str):
 
 def held_versions() -> list[str]:
     on_disk = {p.name for p in emulator_root().glob("emu-*") if (p / META_NAME).is_file()}
-    return sorted(on_disk | set(_EMULATORS))
+    return sorted(on_disk | {version for version, _ in _EMULATORS})
 
 
-def emulator(version: str) -> tuple[nn.Module, EmulatorInfo]:
+def device_for(requested: str) -> str:
+    """"cuda" only if asked for and torch sees a GPU; anything else trains on the CPU."""
+    return "cuda" if requested == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def emulator(version: str, device: str = "cpu") -> tuple[nn.Module, EmulatorInfo]:
     """The emulator of this version, from memory or this node's disk cache."""
-    if version not in _EMULATORS:
+    if (version, device) not in _EMULATORS:
         folder = emulator_root() / version
         if not (folder / META_NAME).is_file():
             raise MissingEmulator(f"emulator {version} is not installed on this node")
         _EMULATORS.clear()  # one version at a time: a new one replaces the old in memory
-        _EMULATORS[version] = load(folder)
-    return _EMULATORS[version]
+        _EMULATORS[version, device] = load(folder, device=device)
+    return _EMULATORS[version, device]
 
 
 def install(files: dict[str, str], state: dict[str, torch.Tensor]) -> str:
@@ -113,21 +122,35 @@ def install(files: dict[str, str], state: dict[str, torch.Tensor]) -> str:
 
 
 def train(
-    user: UserText, version: str, config: TrainConfig, start: LoraState | None, base_model: str
+    user: UserText,
+    version: str,
+    config: TrainConfig,
+    start: LoraState | None,
+    base_model: str,
+    correction: dict[str, torch.Tensor] | None = None,
+    device: str = "cpu",
 ) -> PersonalizeResult:
-    model, info = emulator(version)
-    return personalize(user, model, info, tokenizer_for(base_model), config, start=start)
+    model, info = emulator(version, device_for(device))
+    tokenizer = tokenizer_for(base_model)
+    return personalize(
+        user, model, info, tokenizer, config, start=start, correction=correction or None
+    )
 
 
 def evaluate(
-    user: UserText, version: str, config: TrainConfig, lora: LoraState, base_model: str
+    user: UserText,
+    version: str,
+    config: TrainConfig,
+    lora: LoraState,
+    base_model: str,
+    device: str = "cpu",
 ) -> tuple[float, int]:
     """Held-out loss (mean per token) of `lora` on the emulator, and the tokens evaluated."""
-    model, info = emulator(version)
+    model, info = emulator(version, device_for(device))
     tokenizer = tokenizer_for(base_model)
     blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
     if not blocks:
         raise DataError(f"user {user.user_id!r} has no held-out text to evaluate")
-    with attached(model, lora.on_emulator(info), info.emulator_adapter_layers) as peft_model:
+    with attached(model, lora.on_emulator(info)) as peft_model:
         ppl = lm.perplexity(peft_model, blocks, tokenizer.pad_token_id, config.batch_size)
     return math.log(ppl), sum(b.numel() for b in blocks)

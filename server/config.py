@@ -12,10 +12,12 @@ from typing import Any
 
 from compression.engine import CompressionConfig
 from soppu.data import DataOptions
-from soppu.emulator import EmulatorPlan
-from soppu.personalize import TrainConfig
+from soppu.emulator import SELECTIONS, EmulatorPlan
+from soppu.personalize import LORA_LAYERS, TrainConfig
 
-AGGREGATIONS = ("none", "fedavg")
+AGGREGATIONS = ("fedavg", "none")
+CLIENT_MODES = ("emulator", "full")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,11 @@ class FederationConfig:
     fraction_evaluate: float = 0.0  # federated evaluation on the emulator each round
     round_timeout: float = 3600.0  # seconds a round waits for replies
     node_wait: float = 120.0  # seconds to wait for nodes to connect
-    aggregation: str = "none"  # none | fedavg (also keep an averaged global adapter)
+    # fedavg: a federated-average global adapter, and every user's personal adapter trained
+    # from it each round; none: purely local, each user continues their own adapter
+    aggregation: str = "fedavg"
+    # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
+    client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
     compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
     compress_energy: float = 0.9
@@ -44,6 +50,9 @@ class FederationConfig:
     seq_len: int = 128
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    target_modules: str = ""  # comma-separated; "": the attention query and value projections
+    lora_layers: str = "all"  # all: every layer the client's model has; adapter: top/bottom
+    correction_batches: int = 8  # public batches for the per-round gradient correction; 0: off
     max_eval_tokens: int = 2048
     seed: int = 0
     # the emulator
@@ -51,7 +60,12 @@ class FederationConfig:
     top: int = 2
     bottom: int = 0
     drop: float = 0.5
+    layer_select: str = "importance"  # which middle layers the emulator keeps: importance|even
     align_steps: int = 60
+    public: str = ""  # public text (no user's) to align on; "": the embedded public pool
+    # devices
+    client_gpus: float = 0.0  # GPUs per simulated client; > 0: clients train on CUDA
+    device: str = "cpu"  # the server's alignment, gradient corrections, evaluation, compression
     # the users' data
     user_column: str = "user_id"
     text_column: str = "text"
@@ -66,8 +80,18 @@ class FederationConfig:
             raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        for name, allowed in (
+            ("aggregation", AGGREGATIONS),
+            ("client_mode", CLIENT_MODES),
+            ("lora_layers", LORA_LAYERS),
+            ("layer_select", SELECTIONS),
+            ("device", DEVICES),
+        ):
+            if getattr(self, name) not in allowed:
+                key = name.replace("_", "-")
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.correction_batches < 0 or self.client_gpus < 0:
+            raise ValueError("correction-batches and client-gpus must be ≥ 0")
         if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
             raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
         self.compression()  # validates the compression settings now, not after training
@@ -95,9 +119,16 @@ class FederationConfig:
             seq_len=self.seq_len,
             rank=self.lora_rank,
             alpha=self.lora_alpha,
+            target_modules=self.targets,
+            lora_layers=self.lora_layers,
             seed=self.seed,
             max_eval_tokens=self.max_eval_tokens,
         )
+
+    @property
+    def targets(self) -> tuple[str, ...] | None:
+        names = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return names or None
 
     def data_options(self) -> DataOptions:
         return DataOptions(
@@ -109,13 +140,18 @@ class FederationConfig:
         )
 
     def plan(self, num_layers: int) -> EmulatorPlan:
-        return EmulatorPlan(num_layers, top=self.top, bottom=self.bottom, drop=self.drop)
+        """In full mode the client's model is the full model: an emulator that drops nothing."""
+        drop = 0.0 if self.client_mode == "full" else self.drop
+        return EmulatorPlan(
+            num_layers, top=self.top, bottom=self.bottom, drop=drop, select=self.layer_select
+        )
 
     def compression(self) -> CompressionConfig:
         return CompressionConfig(
             rank=self.compress_rank or None,
             energy=None if self.compress_rank else self.compress_energy,
             sigma=self.compress_sigma,
+            device=self.device,
         )
 
 

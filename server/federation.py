@@ -1,10 +1,15 @@
 """The federation's rounds, driven message by message so that every user's adapter is kept.
 
 Each round: meet new nodes (who is your user, which emulators do you hold), sample users,
-install the emulator on nodes that lack it, send each sampled user their starting adapter
-(their own latest, else the global one, else none: start fresh), stage every valid reply,
-average if asked, evaluate if asked, commit, and compress + publish every K rounds and after
-the last. A node that fails, times out or sends a bad adapter costs only its own reply.
+install the emulator on nodes that lack it, send each sampled user their starting adapter and
+the gradient correction measured at it, stage every valid reply, average, evaluate if asked,
+commit, and compress + publish every K rounds and after the last. A node that fails, times
+out or sends a bad adapter costs only its own reply.
+
+Schemes (`aggregation`): with fedavg every sampled user starts from the global adapter (the
+fresh LoRA before the first average); their reply is their personal adapter (the global one
+fine-tuned on their text) and the weighted average of the replies is the next global one.
+With none each user continues their own latest adapter and no global one exists.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 
 from compression.engine import CompressionConfig
 from server.config import FederationConfig
@@ -28,6 +34,7 @@ from soppu import messages as m
 from soppu.personalize import LoraState
 
 Log = Callable[[str], None]
+Correction = Callable[[LoraState, int], dict[str, Tensor]]  # (starting LoRA, round) → tensors
 
 
 @dataclass
@@ -41,6 +48,8 @@ class Federation:
     emulator_content: Callable[[], RecordDict]  # built only if some node needs it
     template: LoraState  # the fresh LoRA's config and shapes: replies must match it
     log: Log = print
+    correction: Correction | None = None  # None: the clients train uncorrected
+    correction_seconds: float = 0.0  # the last round's
     users_by_node: dict[int, str] = field(default_factory=dict)
     has_emulator: set[int] = field(default_factory=set)
 
@@ -89,6 +98,7 @@ def run_round(grid: Grid, fed: Federation, round_: int) -> dict[str, Any]:
         "round": round_,
         "seconds": time.perf_counter() - began,
         "install_seconds": install_s,
+        "correction_seconds": fed.correction_seconds,
         "sampled": len(sampled),
         "trained": len(ok),
         "failed": len(rows) - len(ok),
@@ -183,19 +193,23 @@ def _install(grid: Grid, fed: Federation, nodes: list[int], content: RecordDict)
 def _train(
     grid: Grid, fed: Federation, round_: int, sampled: dict[int, str], stage: RoundStage
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[LoraState, int]]]:
-    global_lora = fed.run.global_adapter()
+    starts = starting_adapters(fed, sorted(sampled.values()))
+    corrections = _corrections(fed, round_, starts)
+    device = "cuda" if fed.config.client_gpus > 0 else "cpu"
     base_config = m.train_config_record(
-        fed.config.train(), emulator=fed.emulator_version, round=round_
+        fed.config.train(), emulator=fed.emulator_version, round=round_, device=device
     )
 
     def content(node: int) -> RecordDict:
         user = sampled[node]
-        start = fed.run.latest(user) or global_lora
-        config = ConfigRecord({**base_config, "user-id": user})
+        start = starts[user]
+        config = ConfigRecord(
+            {**base_config, "user-id": user, "lora-config": json.dumps(start.config)}
+        )
         records = _content(fed, config)
-        if start is not None:
-            config["lora-config"] = json.dumps(start.config)
-            records[m.LORA] = m.lora_record(start)
+        records[m.LORA] = m.lora_record(start)
+        if corrections.get(user):
+            records[m.CORRECTION] = m.tensors_record(corrections[user])
         return records
 
     rows: list[dict[str, Any]] = []
@@ -226,6 +240,35 @@ def _train(
         rows.append(_failure(round_, sampled[node], reason))
         fed.log(f"  {sampled[node]}: failed ({reason})")
     return rows, trained
+
+
+def starting_adapters(fed: Federation, users: list[str]) -> dict[str, LoraState]:
+    """fedavg: the global adapter for everyone (the fresh one before the first average);
+    none: each user's own latest. Users sharing a start share one LoraState object."""
+    if fed.config.aggregation == "fedavg":
+        start = fed.run.global_adapter() or fed.template
+        return dict.fromkeys(users, start)
+    return {user: fed.run.latest(user) or fed.template for user in users}
+
+
+def _corrections(
+    fed: Federation, round_: int, starts: dict[str, LoraState]
+) -> dict[str, dict[str, Tensor]]:
+    """One gradient correction per distinct starting adapter (one in all under fedavg)."""
+    if fed.correction is None:
+        return {}
+    began = time.perf_counter()
+    by_start: dict[int, dict[str, Tensor]] = {}
+    for start in starts.values():
+        if id(start) not in by_start:
+            by_start[id(start)] = fed.correction(start, round_)
+    fed.correction_seconds = time.perf_counter() - began
+    fed.log(
+        f"  gradient correction for {len(by_start)} starting adapter(s), "
+        f"{fed.config.correction_batches} public batches each "
+        f"({fed.correction_seconds:.0f} s)"
+    )
+    return {user: by_start[id(start)] for user, start in starts.items()}
 
 
 def _accept(fed: Federation, user: str, reply: Message) -> tuple[LoraState, dict[str, float]]:

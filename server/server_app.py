@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.config import FederationConfig
-from server.evaluation import evaluate_run
+from server.evaluation import evaluate_run, summary_lines
 from server.federation import Log, run_federation
 from server.setup import choose_users, load_base, prepare, resolve_config
 from soppu.basemodel import set_threads
@@ -43,11 +43,9 @@ def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) ->
         config.train(),
         lambda user, done, total: log(f"  evaluate [{done + 1}/{total}] {user}"),
     )
-    s = result["summary"]
-    log(
-        f"{s['improved']}/{s['users']} users improved; compressed adapters keep a median "
-        f"{s.get('kept_median', float('nan')):.1%} of the gain → {fed.run.root / 'evaluation.md'}"
-    )
+    for line in summary_lines(result["summary"]):
+        log(line)
+    log(f"per-user table: {fed.run.root / 'evaluation.md'}")
     return result
 
 

@@ -2,8 +2,9 @@
 
 A new run gets its folder, its emulator (an existing one, one from the cache of aligned
 emulators, or one built and aligned now), its users and its fresh-LoRA template, all recorded
-in run.json. A resumed run takes run.json's config; only the number of rounds and the
-operational knobs (timeouts, threads, final evaluation) may change.
+in run.json. The server also keeps the full model, the emulator and the public text, to
+measure each round's gradient correction. A resumed run takes run.json's config; only the
+number of rounds and the operational knobs (timeouts, threads, final evaluation) may change.
 """
 
 from __future__ import annotations
@@ -11,22 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from flwr.app import RecordDict
+from torch import Tensor, nn
 
 from server.config import FederationConfig
-from server.federation import Federation, Log
+from server.federation import Correction, Federation, Log
 from server.store import RunFolder
-from soppu import atomic, basemodel
+from soppu import atomic, basemodel, lm
 from soppu import messages as m
-from soppu.alignment import AlignConfig, build_aligned
+from soppu.alignment import AlignConfig, build_aligned, gradient_correction
 from soppu.basemodel import BaseModel, cache_dir
 from soppu.data import DataError, UserText, load_users, public_text
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save
-from soppu.personalize import fresh_lora
+from soppu.personalize import LoraState, fresh_lora
 
 MAY_CHANGE_ON_RESUME = {
     "rounds",
@@ -35,6 +39,8 @@ MAY_CHANGE_ON_RESUME = {
     "node_wait",
     "threads",
     "final_evaluation",
+    "device",
+    "client_gpus",
 }
 
 
@@ -69,7 +75,9 @@ def stored_config(run: RunFolder) -> FederationConfig:
 def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run = RunFolder(Path(config.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    emulator, info = _emulator(run, config, base, log)
+    public = public_for(config, log)
+    emulator, info = _emulator(run, config, base, public, log)
+    say_alignment(info, log)
     try:
         users = choose_users(config)
     except DataError as exc:  # a real deployment: the users' text stays on their nodes
@@ -90,7 +98,9 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
             },
         )
     setup = m.Setup(config.data, config.data_options(), tuple(sorted(users)), base.name)
-    del emulator  # the clients train; the server keeps only what it sends
+    correction = None
+    if config.correction_batches and not info.exact:
+        correction = _correction(config, base, emulator.to(config.device), info, public)
     return Federation(
         run=run,
         config=config,
@@ -99,7 +109,59 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
         emulator_content=lambda: emulator_message(run.emulator),
         template=template,
         log=log,
+        correction=correction,
     )
+
+
+def public_for(config: FederationConfig, log: Log) -> list[str]:
+    """The run's public text: `public` if set, else the embedded pool (said when the users'
+    data is the user's own, whose domain it may not share)."""
+    if not config.public and config.data:
+        log(
+            "public text: none given (--public FILE); aligning the emulator and correcting "
+            "gradients on the embedded public pool (Shakespeare text no user owns)"
+        )
+    return public_text(Path(config.public) if config.public else None)
+
+
+def say_alignment(info: EmulatorInfo, log: Log) -> None:
+    """Name what the clients will train against; an unaligned emulator is never silent."""
+    kept = f"{len(info.full_layers)} of {info.plan['num_layers']} layers"
+    if info.exact:
+        log(f"clients train against the full model ({kept}): full mode")
+    elif info.aligned:
+        after = info.alignment["after"]
+        log(f"emulator {info.version}: {kept}, aligned (KL to the full model {after['kl']:.3f})")
+    else:
+        log(
+            f"WARNING: emulator {info.version} ({kept}) is NOT aligned to the full model; "
+            "adapters trained on it may make the full model worse"
+        )
+
+
+def _correction(
+    config: FederationConfig,
+    base: BaseModel,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    public: list[str],
+) -> Correction:
+    blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+
+    def correction(lora: LoraState, round_: int) -> dict[str, Tensor]:
+        return gradient_correction(
+            base.model,
+            emulator,
+            info,
+            lora,
+            blocks,
+            base.tokenizer.pad_token_id,
+            batches=config.correction_batches,
+            batch_size=config.batch_size,
+            seed=config.seed * 100_003 + round_,  # other public batches each round
+        )
+
+    return correction
 
 
 def choose_users(config: FederationConfig) -> dict[str, UserText]:
@@ -116,9 +178,11 @@ def emulator_message(folder: Path) -> RecordDict:
     return m.emulator_content(files, model.state_dict())
 
 
-def _emulator(run: RunFolder, config: FederationConfig, base: BaseModel, log: Log):
+def _emulator(
+    run: RunFolder, config: FederationConfig, base: BaseModel, public: list[str], log: Log
+):
     if not run.emulator.is_dir():
-        source = Path(config.emulator) if config.emulator else _aligned(config, base, log)
+        source = Path(config.emulator) if config.emulator else _aligned(config, base, public, log)
         _check_base(source, base)
         shutil.copytree(source, run.emulator.with_name(".emulator.copying"), dirs_exist_ok=True)
         run.emulator.with_name(".emulator.copying").rename(run.emulator)
@@ -132,38 +196,50 @@ def _check_base(folder: Path, base: BaseModel) -> None:
         raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
 
 
-def _aligned(config: FederationConfig, base: BaseModel, log: Log) -> Path:
+def _aligned(config: FederationConfig, base: BaseModel, public: list[str], log: Log) -> Path:
     """The aligned emulator for this recipe, from the cache or built (and cached) now."""
     plan = config.plan(base.num_layers)
-    public = public_text(config.data or None)  # custom data has none unless it says so
     align = AlignConfig(
         steps=config.align_steps, batch_size=config.batch_size, seq_len=config.seq_len
     )
     key = _recipe_key(base, plan, align, public)
     folder = cache_dir() / "aligned-emulators" / key
     if (folder / "soppu_emulator.json").is_file():
-        log(f"emulator: reusing the aligned one cached in {folder}")
+        log(f"emulator: reusing the one cached in {folder}")
         return folder
-    steps = align.steps if public else 0
-    log(
-        f"emulator: building it (drop {plan.drop}, top {plan.top}) and aligning it for "
-        f"{steps} steps on public text; cached afterwards"
-    )
+    if plan.drop == 0:
+        log("full mode: the clients' model is the full model itself (nothing to align)")
+    else:
+        log(
+            f"emulator: keeping {plan.keep_count} of {len(plan.middle)} middle layers "
+            f"(by {plan.select}), top {plan.top}, bottom {plan.bottom}; aligning it for "
+            f"{align.steps} steps on {len(public):,} public texts; cached afterwards"
+        )
     emulator, info = build_aligned(
-        base.model,
-        base.tokenizer,
-        base.name,
-        plan,
-        public,
-        align,
-        lambda step, total, loss: (
-            log(f"  align {step}/{total}: loss {loss:.4f}")
-            if step % 10 == 0 or step == total
-            else None
-        ),
+        base.model, base.tokenizer, base.name, plan, public, align, step_logger(log, "align")
     )
     save(emulator, info, folder, replace=True)
     return folder
+
+
+def step_logger(log: Log, what: str, every: int = 10) -> Callable[[int, int, float], None]:
+    """Progress lines for a loop of steps: at its start, after the first step (with a time
+    estimate), every `every` steps and at the end."""
+    began = time.perf_counter()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step == 0:
+            log(f"  {what} 0/{total}: loss {loss:.4f}")
+            return
+        if step in (1, total) or step % every == 0:
+            per_step = (time.perf_counter() - began) / step
+            left = per_step * (total - step)
+            log(
+                f"  {what} {step}/{total}: loss {loss:.4f} "
+                + f"({per_step:.1f} s/step, ~{left:.0f} s left)"
+            )
+
+    return progress
 
 
 def _recipe_key(base: BaseModel, plan: Any, align: AlignConfig, public: list[str]) -> str:
@@ -176,4 +252,4 @@ def _recipe_key(base: BaseModel, plan: Any, align: AlignConfig, public: list[str
 
 
 def load_base(config: FederationConfig) -> BaseModel:
-    return basemodel.load(config.base_model or None)
+    return basemodel.load(config.base_model or None, device=config.device)

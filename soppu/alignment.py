@@ -1,9 +1,20 @@
-"""Server-side alignment of the emulator to the full model (FedBiOT): a few distillation steps
-on public text, tuning only the emulator's kept middle layers.
+"""Server-side alignment of the emulator to the full model (FedBiOT), on public text only.
 
-Loss = l2_weight · ‖h_emu − h_full‖² / ‖h_full‖² at the input of the top adapter layers
-     + KL(p_full ‖ p_emu) per token,
-so the adapter layers see inputs like the full model's and the outputs agree.
+Two parts, both the server's, neither touching a user's text:
+
+- Weights, once per emulator: a few distillation steps tuning only the emulator's kept middle
+  layers. Loss = l2_weight · ‖h_emu − h_full‖² / ‖h_full‖² at the input of the top adapter
+  layers + KL(p_full ‖ p_emu) per token, so the adapter layers see inputs like the full
+  model's and the outputs agree.
+- Gradients, every round (`gradient_correction`): even an aligned emulator is a different
+  function, and a LoRA trained on it mostly learns to repair the emulator's own errors, which
+  the full model does not have (measured: the LoRA's gradient on public text points almost
+  orthogonally on the two models). The server measures that bias at the round's starting
+  adapter, g_full − g_emu on public batches, and the client adds it to every gradient step: a
+  control variate (as SCAFFOLD corrects client drift), so the client descends the full
+  model's loss on its own text. It is FedBiOT's bi-level step (align with the current adapter
+  plugged into both models) done on the gradients the client uses, at the cost of two
+  forward-backward passes per public batch on the server, and no new emulator to ship.
 """
 
 from __future__ import annotations
@@ -16,7 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soppu import lm
-from soppu.emulator import EmulatorInfo, EmulatorPlan, build, version_id
+from soppu.emulator import (
+    EmulatorError,
+    EmulatorInfo,
+    EmulatorPlan,
+    build,
+    layer_importance,
+    to_full_keys,
+    version_id,
+)
+from soppu.personalize import LoraState, attached, lora_parameters
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,7 @@ class AlignConfig:
     seq_len: int = 128
     l2_weight: float = 1.0
     eval_blocks: int = 8  # held-out public blocks for the before/after losses
+    importance_blocks: int = 16  # public blocks that rank the middle layers (select=importance)
     seed: int = 0
 
 
@@ -94,7 +115,8 @@ def align(
     config: AlignConfig = AlignConfig(),
     progress: Callable[[int, int, float], None] = lambda *_: None,
 ) -> dict:
-    """Tune the emulator's middle layers in place; returns the losses before and after."""
+    """Tune the emulator's middle layers in place; returns the losses before and after.
+    `progress(0, steps, loss)` comes before the first step, then once per step."""
     if len(public_blocks) <= config.eval_blocks:
         raise ValueError(
             f"alignment needs more than {config.eval_blocks} blocks of public text, "
@@ -103,6 +125,7 @@ def align(
     held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
     params = _middle_parameters(emulator, info)
     before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    progress(0, config.steps, before.total(config.l2_weight))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     emulator.train()
     batches = lm.training_batches(train, config.batch_size, config.steps, pad_id, config.seed)
@@ -148,12 +171,54 @@ def build_aligned(
     config: AlignConfig = AlignConfig(),
     progress: Callable[[int, int, float], None] = lambda *_: None,
 ) -> tuple[nn.Module, EmulatorInfo]:
-    """Build the emulator and, when there is public text and steps > 0, align it."""
-    emulator, info = build(full, plan, base_model)
-    if config.steps > 0 and public:
-        blocks = lm.token_blocks(tokenizer, "\n".join(public), config.seq_len)
+    """Build the emulator (its middle layers chosen on public text if the plan asks) and, when
+    it drops layers and steps > 0, align it. With no public text it stays unaligned:
+    `info.aligned` says so, and callers must say it too."""
+    blocks = lm.token_blocks(tokenizer, "\n".join(public), config.seq_len) if public else []
+    importance = None
+    if plan.needs_importance:
+        if not blocks:
+            raise EmulatorError("choosing layers by importance needs public text")
+        sample = blocks[config.eval_blocks :][: config.importance_blocks] or blocks
+        importance = layer_importance(
+            full, lm.batches(sample, config.batch_size, tokenizer.pad_token_id)
+        )
+    emulator, info = build(full, plan, base_model, importance)
+    if not info.exact and config.steps > 0 and blocks:
         info.alignment = align(
             full, emulator, info, blocks, tokenizer.pad_token_id, config, progress
         )
         info.version = version_id(emulator, info)
     return emulator, info
+
+
+def gradient_correction(
+    full: nn.Module,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    lora: LoraState,
+    public_blocks: Sequence[Tensor],
+    pad_id: int,
+    *,
+    batches: int = 8,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """The emulator's gradient bias at `lora` (full-model keys): g_full − g_emu of the LoRA's
+    mean loss over `batches` public batches. Empty for an exact emulator (full mode)."""
+    if info.exact or batches <= 0:
+        return {}
+    chosen = list(lm.training_batches(public_blocks, batch_size, batches, pad_id, seed))
+    on_full = _lora_gradient(full, lora, chosen)
+    on_emulator = to_full_keys(_lora_gradient(emulator, lora.on_emulator(info), chosen), info)
+    return {key: on_full[key] - on_emulator[key] for key in on_full}
+
+
+def _lora_gradient(model: nn.Module, lora: LoraState, batches: list[lm.Batch]) -> dict:
+    with attached(model, lora, trainable=True) as peft_model:
+        params = lora_parameters(peft_model)
+        peft_model.train()
+        for batch in batches:
+            (lm.lm_loss(peft_model, batch) / len(batches)).backward()
+        peft_model.eval()
+        return {key: param.grad.detach().clone() for key, param in params.items()}

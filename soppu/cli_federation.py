@@ -42,18 +42,40 @@ def simulate(
         float | None, Opt(help="Share evaluated on the emulator each round.")
     ] = None,
     round_timeout: Annotated[float | None, Opt(help="Seconds a round waits.")] = None,
-    aggregation: Annotated[str | None, Opt(help="none, or fedavg (a global adapter).")] = None,
+    aggregation: Annotated[
+        str | None,
+        Opt(help="fedavg: a global adapter + a personal one per user; none: purely local."),
+    ] = None,
+    client_mode: Annotated[
+        str | None, Opt(help="emulator (clients never hold the full model) or full.")
+    ] = None,
     local_steps: Annotated[int | None, Opt(help="Client training steps per round.")] = None,
     lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
     batch_size: Annotated[int | None, Opt(help="Sequences per step.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
     lora_rank: Annotated[int | None, Opt(help="LoRA rank.")] = None,
     lora_alpha: Annotated[float | None, Opt(help="LoRA α.")] = None,
+    target_modules: Annotated[
+        str | None, Opt(help="LoRA targets, comma-separated (default: q_proj,v_proj).")
+    ] = None,
+    lora_layers: Annotated[
+        str | None, Opt(help="all: every layer the client's model has; adapter: top/bottom.")
+    ] = None,
+    correction_batches: Annotated[
+        int | None, Opt(help="Public batches for each round's gradient correction (0: off).")
+    ] = None,
     max_eval_tokens: Annotated[int | None, Opt(help="Held-out tokens per user.")] = None,
     emulator: Annotated[str | None, Opt(help="Emulator folder (default: build, cached).")] = None,
     drop: Annotated[float | None, Opt(help="Emulator drop ratio.")] = None,
     top: Annotated[int | None, Opt(help="Adapter: the last N layers.")] = None,
+    bottom: Annotated[int | None, Opt(help="Adapter: also the first N layers.")] = None,
+    layer_select: Annotated[
+        str | None, Opt(help="Middle layers the emulator keeps: importance or even.")
+    ] = None,
     align_steps: Annotated[int | None, Opt(help="Emulator alignment steps.")] = None,
+    public: Annotated[
+        str | None, Opt(help="Public text (JSONL/CSV/Parquet, 'text' column) to align on.")
+    ] = None,
     compress_every: Annotated[int | None, Opt(help="Compress every K rounds (0: last).")] = None,
     rank: Annotated[int | None, Opt(help="Compression: shared rank per slot.")] = None,
     energy: Annotated[float | None, Opt(help="Compression: energy kept (if no --rank).")] = None,
@@ -65,6 +87,12 @@ def simulate(
         bool | None, Opt(help="Per-user perplexities on the full model after the run.")
     ] = None,
     client_cpus: Annotated[float, Opt(help="CPUs per simulated client.")] = 1.0,
+    client_gpus: Annotated[
+        float | None, Opt(help="GPUs per simulated client; > 0: clients train on CUDA.")
+    ] = None,
+    device: Annotated[
+        str | None, Opt(help="Server device: alignment, corrections, evaluation, compression.")
+    ] = None,
     threads: Annotated[int | None, Opt(help="torch threads on the server (default: all).")] = None,
 ) -> None:
     """Run a simulated federation: every user trains their LoRA on the emulator; the server
@@ -128,7 +156,7 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
         client_app,
         num_supernodes=nodes,
         backend_config={
-            "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": client_cpus, "num_gpus": config.client_gpus},
             "init_args": {"logging_level": "ERROR", "log_to_driver": False},
         },
     )
@@ -168,6 +196,8 @@ def _print_results(root: Path) -> None:
 
 
 def print_evaluation(result: dict[str, Any]) -> None:
+    from server.evaluation import summary_lines
+
     table = Table(
         title="held-out perplexity per user (full model unless said)", title_justify="left"
     )
@@ -178,24 +208,19 @@ def print_evaluation(result: dict[str, Any]) -> None:
         "personal": "own",
         "compressed": "compressed",
     }
+    kept = {"kept": "kept", "kept_over_global": "kept over global"}
     if all(row["global"] is None for row in result["users"]):
         keys.pop("global")  # no averaging in this run
+        kept.pop("kept_over_global")
     table.add_column("user", overflow="fold", min_width=12)
-    for label in [*keys.values(), "gain kept"]:
+    for label in [*keys.values(), *kept.values()]:
         table.add_column(label, justify="right", no_wrap=True)
     for row in result["users"]:
-        kept = row["kept"]
         table.add_row(
             row["user"],
             *("–" if row[k] is None else f"{row[k]:.2f}" for k in keys),
-            "–" if kept is None else f"{kept:.1%}",
+            *("–" if row[k] is None else f"{row[k]:.1%}" for k in kept),
         )
     console.print(table)
-    s = result["summary"]
-    if s.get("kept_median") is not None:
-        console.print(
-            f"[bold]{s['improved']}/{s['users']}[/] users improved; the compressed adapters keep "
-            f"a median [bold]{s['kept_median']:.1%}[/] of the gain (p25 {s['kept_p25']:.1%}, "
-            f"min {s['kept_min']:.1%})",
-            highlight=False,
-        )
+    for line in summary_lines(result["summary"]):
+        console.print(line, highlight=False)

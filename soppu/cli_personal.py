@@ -137,16 +137,26 @@ def data(
     )
 
 
+PublicOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Public text (JSONL/CSV/Parquet, 'text' column; no user's) to align on "
+        "(default: the embedded public pool)."
+    ),
+]
+SelectOpt = Annotated[
+    str, typer.Option(help="Middle layers the emulator keeps: importance or even.")
+]
+
+
 def emulator_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the emulator to.")],
     base_model: BaseModelOpt = None,
-    data: DataOpt = None,
-    public: Annotated[
-        Path | None, typer.Option(help="Public text (JSONL/CSV/Parquet, 'text' column) to align.")
-    ] = None,
+    public: PublicOpt = None,
     top: Annotated[int, typer.Option(help="Adapter: the last N decoder layers.")] = 2,
     bottom: Annotated[int, typer.Option(help="Adapter: also the first N layers.")] = 0,
     drop: Annotated[float, typer.Option(help="Share of the other layers dropped.")] = 0.5,
+    layer_select: SelectOpt = "importance",
     align_steps: Annotated[int, typer.Option(help="Distillation steps (0: none).")] = 60,
     align_lr: Annotated[float, typer.Option(help="Alignment learning rate.")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
@@ -157,8 +167,7 @@ def emulator_build(
     """Build the emulator from the full model, align it on public text, save it, and time one
     client training step on it against the full model."""
     from soppu import basemodel, lm
-    from soppu.alignment import AlignConfig, build_aligned
-    from soppu.data import public_text
+    from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorPlan, save
     from soppu.personalize import TrainConfig, fresh_lora, time_training_step
 
@@ -167,29 +176,41 @@ def emulator_build(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         base = basemodel.load(base_model)
-        plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop)
-        texts = public_text(data, public)
-        if align_steps and not texts:
-            console.print("no public text for this data: pass --public FILE; not aligning")
+        plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop, select=layer_select)
         config = AlignConfig(steps=align_steps, lr=align_lr, batch_size=batch_size, seq_len=seq_len)
-        with progress_bar("align") as progress:
-            emulator, info = build_aligned(
-                base.model,
-                base.tokenizer,
-                base.name,
-                plan,
-                texts,
-                config,
-                lambda step, total, loss: progress(f"loss {loss:.4f}", step, total),
-            )
+        emulator, info, texts = _build_emulator(base, plan, public, config)
         save(emulator, info, out, replace=overwrite)
-        sample = lm.token_blocks(base.tokenizer, "\n".join(texts) or "hello " * 600, seq_len)
+        sample = lm.token_blocks(base.tokenizer, "\n".join(texts[:2000]), seq_len)
         batch = lm.collate(sample[:batch_size], base.tokenizer.pad_token_id)
         lora = fresh_lora(emulator, info, TrainConfig())
-        emulator_layers = info.emulator_adapter_layers
-        emu_s = time_training_step(emulator, lora.on_emulator(info), emulator_layers, batch)
-        full_s = time_training_step(base.model, lora, None, batch)
+        emu_s = time_training_step(emulator, lora.on_emulator(info), batch)
+        full_s = time_training_step(base.model, lora, batch)
     _print_emulator(info, out, emu_s, full_s, used, batch_size, seq_len)
+
+
+def _build_emulator(base, plan, public: Path | None, config):
+    """Build and align with a progress bar from the first second; say what it is aligned on."""
+    from soppu.alignment import build_aligned
+    from soppu.data import public_text
+
+    texts = public_text(public)
+    where = public or "the embedded public pool (Shakespeare text no user owns)"
+    if plan.drop > 0 and config.steps > 0:
+        console.print(f"aligning the emulator for {config.steps} steps on {where}", highlight=False)
+    elif plan.drop > 0:
+        console.print("[bold red]the emulator is NOT aligned (--align-steps 0)[/]")
+    with progress_bar("align") as progress:
+        progress("choosing layers and measuring the first loss", 0, max(config.steps, 1))
+        emulator, info = build_aligned(
+            base.model,
+            base.tokenizer,
+            base.name,
+            plan,
+            texts,
+            config,
+            lambda step, total, loss: progress(f"loss {loss:.4f}", step, total),
+        )
+    return emulator, info, texts
 
 
 def _print_emulator(
@@ -223,9 +244,13 @@ def personalize(
     out: Annotated[Path, typer.Option("--out", "-o", help="PEFT adapter dir to write.")],
     base_model: BaseModelOpt = None,
     data: DataOpt = None,
+    client_mode: Annotated[
+        str, typer.Option(help="emulator: train on the emulator; full: on the full model.")
+    ] = "emulator",
     emulator: Annotated[
         Path | None, typer.Option(help="An emulator from `soppu emulator build` (else built).")
     ] = None,
+    public: PublicOpt = None,
     start: Annotated[Path | None, typer.Option(help="Starting adapter (PEFT dir).")] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -236,6 +261,12 @@ def personalize(
     target_modules: Annotated[
         list[str] | None, typer.Option(help="LoRA targets (default: attention q and v).")
     ] = None,
+    lora_layers: Annotated[
+        str, typer.Option(help="all: every layer the emulator keeps; adapter: top/bottom only.")
+    ] = "all",
+    correction_batches: Annotated[
+        int, typer.Option(help="Public batches for the gradient correction (0: off).")
+    ] = 8,
     max_eval_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = 2048,
     seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter at --out.")] = False,
@@ -249,8 +280,8 @@ def personalize(
     min_chars: MinCharsOpt = 1000,
     test_fraction: TestFractionOpt = 0.2,
 ) -> None:
-    """Train one user's LoRA on the emulator; write a PEFT dir for the full model; report
-    held-out perplexity of the base model, the adapter on the emulator and on the full model."""
+    """Train one user's LoRA on the emulator (or the full model); write a PEFT dir for the full
+    model; report held-out perplexity of the base model and the adapter on both."""
     from soppu import basemodel
     from soppu.data import load_users, pick_user, resolve_data
     from soppu.personalize import TrainConfig, read_lora, save_lora
@@ -267,24 +298,28 @@ def personalize(
         min_chars,
         test_fraction,
     )
-    config = TrainConfig(
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        rank=rank,
-        alpha=lora_alpha,
-        seed=seed,
-        max_eval_tokens=max_eval_tokens,
-        target_modules=tuple(target_modules) if target_modules else None,
-    )
     with clear_errors():
+        config = TrainConfig(
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            rank=rank,
+            alpha=lora_alpha,
+            seed=seed,
+            max_eval_tokens=max_eval_tokens,
+            target_modules=tuple(target_modules) if target_modules else None,
+            lora_layers=lora_layers,
+        )
+        if client_mode not in ("emulator", "full"):
+            raise ValueError(f"client mode {client_mode!r} is not one of emulator, full")
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         person = pick_user(load_users(data, options), user, str(resolve_data(data)))
         base = basemodel.load(base_model)
-        emu_model, info = _emulator(emulator, base, data)
+        emu_model, info, texts = _emulator(emulator, base, client_mode, public)
         starting = read_lora(start) if start else None
+        correction = _correction(base, emu_model, info, texts, config, starting, correction_batches)
         with progress_bar("train") as progress:
             result = run(
                 person,
@@ -295,6 +330,7 @@ def personalize(
                 start=starting,
                 full_model=base.model,
                 progress=lambda s, n, loss: progress(f"loss {loss:.3f}", s, n),
+                correction=correction,
             )
         save_lora(
             result.lora, out, {"emulator": info.version, **result.summary()}, replace=overwrite
@@ -302,21 +338,48 @@ def personalize(
     _print_personal(result, out)
 
 
-def _emulator(folder: Path | None, base, data):
-    from soppu.alignment import AlignConfig, build_aligned
+def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
+    """(model, info, public texts): the given emulator, the full model itself (full mode), or
+    the default emulator built and aligned now."""
+    from soppu.alignment import AlignConfig
     from soppu.data import public_text
-    from soppu.emulator import EmulatorError, EmulatorPlan, load
+    from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
 
+    if client_mode == "full":
+        return base.model, full_model_info(base.model, base.name), []
     if folder is not None:
         model, info = load(folder)
         if info.base_model != base.name:
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
-        return model, info
-    public = public_text(data)
-    aligned = "and aligning it on public text" if public else "(no public text: not aligned)"
-    console.print(f"no --emulator: building the default one (drop 0.5, top 2) {aligned}")
-    plan = EmulatorPlan(base.num_layers)
-    return build_aligned(base.model, base.tokenizer, base.name, plan, public, AlignConfig())
+        if not info.exact and not info.aligned:
+            console.print(f"[bold red]{folder} is NOT aligned to the full model[/]")
+        return model, info, public_text(public)
+    console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
+    return _build_emulator(base, EmulatorPlan(base.num_layers), public, AlignConfig())
+
+
+def _correction(base, emulator, info, texts, config, start, batches: int):
+    """The emulator's gradient bias at the starting adapter, on public text (as the
+    federation's server measures it each round); None in full mode or when off."""
+    from soppu import lm
+    from soppu.alignment import gradient_correction
+    from soppu.personalize import fresh_lora
+
+    if info.exact or batches <= 0:
+        return None
+    blocks = lm.token_blocks(base.tokenizer, "\n".join(texts), config.seq_len)
+    with console.status(f"measuring the gradient correction on {batches} public batches"):
+        return gradient_correction(
+            base.model,
+            emulator,
+            info,
+            start or fresh_lora(emulator, info, config),
+            blocks,
+            base.tokenizer.pad_token_id,
+            batches=batches,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
 
 
 def _print_personal(result, out: Path) -> None:
@@ -329,8 +392,8 @@ def _print_personal(result, out: Path) -> None:
         table.add_column(column, justify="left" if column == "model" else "right")
     rows = [
         ("base model", "base"),
-        ("emulator, starting adapter", "emulator_start"),
-        ("emulator + adapter", "emulator_adapter"),
+        ("client's model, starting adapter", "emulator_start"),
+        ("client's model + adapter", "emulator_adapter"),
         ("full model + adapter", "full_adapter"),
     ]
     for label, key in rows:

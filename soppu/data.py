@@ -173,16 +173,21 @@ def resolve_data(data: str | Path | None) -> Path:
     return path
 
 
-def public_text(data: str | Path | None = None, public: Path | None = None) -> list[str]:
-    """Text that belongs to no user: `public` if given, else the embedded public pool."""
-    if public is None:
-        if data is not None and str(data) != SHAKESPEARE:
-            return []
-        public = prepare_shakespeare() / "public.jsonl"
-    table = _load_table(Path(public))
+def public_text(public: Path | None = None) -> list[str]:
+    """Text that belongs to no user (to align the emulator on): `public` if given, else the
+    embedded public pool (Shakespeare speeches of small roles, groups and stage directions)."""
+    public = Path(public) if public else prepare_shakespeare() / "public.jsonl"
+    if not public.is_file():
+        raise DataError(f"{public}: no such public text file")
+    if public.suffix.lower() not in _FORMATS:
+        raise DataError(f"{public}: unknown format; use .jsonl, .csv or .parquet")
+    table = _load_table(public)
     if "text" not in table.column_names:
         raise DataError(f"{public}: no 'text' column (has {', '.join(table.column_names)})")
-    return [t for t in table["text"] if isinstance(t, str) and t.strip()]
+    texts = [t for t in table["text"] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError(f"{public}: the 'text' column holds no text")
+    return texts
 
 
 def load_users(

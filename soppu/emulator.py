@@ -1,10 +1,13 @@
 """The FedBiOT emulator: a compressed stand-in for the base model that clients train against.
 
 The full model's decoder layers split into the *adapter* (the last `top` layers, and
-optionally the first `bottom`), which users personalise with LoRA, and the rest, of which the
-emulator keeps an evenly spaced subset at a drop ratio. Embeddings, final norm and head stay.
-Because the adapter layers are the full model's own layers, a LoRA trained on the emulator
-plugs into the full model once its keys carry the full model's layer indices (`to_full_keys`).
+optionally the first `bottom`), kept exactly, and the rest, of which the emulator keeps a
+subset at a drop ratio: by default the most important ones (those that change the residual
+stream most on public text, ShortGPT's block influence), or an evenly spaced subset.
+Embeddings, final norm and head stay. Every emulator layer is some full-model layer, so a LoRA
+trained on the emulator plugs into the full model once its keys and `layers_to_transform`
+carry the full model's layer indices (`to_full_keys`). With drop 0 the emulator is the full
+model itself: what a client in full mode trains against.
 
 On disk an emulator is a plain Hugging Face folder (it loads with `from_pretrained`) plus
 `soppu_emulator.json`: its version id, the base model and the full-model layer each of its
@@ -16,14 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from soppu import atomic
+from soppu import atomic, lm
 
 FORMAT = "soppu-emulator/1"
 META_NAME = "soppu_emulator.json"
@@ -31,6 +36,9 @@ META_NAME = "soppu_emulator.json"
 
 class EmulatorError(ValueError):
     """A bad emulator plan or folder; the message names what is wrong."""
+
+
+SELECTIONS = ("importance", "even")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,7 @@ class EmulatorPlan:
     top: int = 2
     bottom: int = 0
     drop: float = 0.5
+    select: str = "importance"  # which middle layers stay: "importance" or "even"
 
     def __post_init__(self) -> None:
         if self.top < 1 or self.bottom < 0 or self.top + self.bottom > self.num_layers:
@@ -50,6 +59,8 @@ class EmulatorPlan:
             )
         if not 0.0 <= self.drop < 1.0:
             raise EmulatorError(f"drop ratio {self.drop} must be in [0, 1)")
+        if self.select not in SELECTIONS:
+            raise EmulatorError(f"layer selection {self.select!r} is not one of {SELECTIONS}")
 
     @property
     def adapter_layers(self) -> list[int]:
@@ -57,21 +68,37 @@ class EmulatorPlan:
         return list(range(self.bottom)) + list(range(n - self.top, n))
 
     @property
-    def middle_kept(self) -> list[int]:
-        """An evenly spaced subset of the non-adapter layers, their ends included."""
-        middle = list(range(self.bottom, self.num_layers - self.top))
-        keep = len(middle) - round(self.drop * len(middle))
+    def middle(self) -> list[int]:
+        return list(range(self.bottom, self.num_layers - self.top))
+
+    @property
+    def keep_count(self) -> int:
+        return len(self.middle) - round(self.drop * len(self.middle))
+
+    @property
+    def needs_importance(self) -> bool:
+        return self.select == "importance" and 0 < self.keep_count < len(self.middle)
+
+    def middle_kept(self, importance: Sequence[float] | None = None) -> list[int]:
+        """The middle layers kept: the `keep_count` most important (importance per full-model
+        layer, from `layer_importance`), or evenly spaced with their ends included."""
+        middle, keep = self.middle, self.keep_count
         if keep <= 0:
             return []
+        if keep == len(middle):
+            return middle
+        if self.select == "importance":
+            if importance is None or len(importance) != self.num_layers:
+                raise EmulatorError("importance selection needs one score per layer")
+            return sorted(sorted(middle, key=lambda layer: -importance[layer])[:keep])
         if keep == 1:
             return [middle[len(middle) // 2]]
         step = (len(middle) - 1) / (keep - 1)
         return [middle[round(i * step)] for i in range(keep)]
 
-    @property
-    def full_layers(self) -> list[int]:
-        """Emulator layer j is full-model layer full_layers[j]."""
-        return sorted(set(self.adapter_layers) | set(self.middle_kept))
+    def full_layers(self, importance: Sequence[float] | None = None) -> list[int]:
+        """Emulator layer j is full-model layer full_layers()[j]."""
+        return sorted(set(self.adapter_layers) | set(self.middle_kept(importance)))
 
 
 @dataclass
@@ -89,13 +116,26 @@ class EmulatorInfo:
     alignment: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
+    importance: list[float] = field(default_factory=list)  # per full-model layer, if measured
+
     def emulator_index(self, full_layer: int) -> int:
+        if full_layer not in self.full_layers:
+            raise EmulatorError(f"full-model layer {full_layer} is not in this emulator")
         return self.full_layers.index(full_layer)
 
     @property
     def emulator_adapter_layers(self) -> list[int]:
         """The adapter layers as the emulator numbers them."""
         return [self.emulator_index(f) for f in self.adapter_layers]
+
+    @property
+    def exact(self) -> bool:
+        """No layer dropped: the emulator is the full model (a client in full mode)."""
+        return len(self.full_layers) == self.plan["num_layers"]
+
+    @property
+    def aligned(self) -> bool:
+        return bool(self.alignment.get("config", {}).get("steps"))
 
 
 def layers_path(model: nn.Module) -> str:
@@ -107,7 +147,36 @@ def layers_path(model: nn.Module) -> str:
     raise EmulatorError(f"{type(model).__name__}: no list of {n} decoder layers found")
 
 
-def build(model: nn.Module, plan: EmulatorPlan, base_model: str) -> tuple[nn.Module, EmulatorInfo]:
+def layer_importance(model: nn.Module, batches: Iterable[lm.Batch]) -> list[float]:
+    """Per decoder layer, 1 − mean cosine between its input and output hidden states (ShortGPT's
+    block influence): a layer that barely turns the residual stream can be dropped cheaply."""
+    n = model.config.num_hidden_layers
+    device = next(model.parameters()).device
+    total, count = torch.zeros(n), 0
+    with torch.no_grad():
+        for batch in batches:
+            out = model(
+                input_ids=batch.ids.to(device),
+                attention_mask=batch.mask.to(device),
+                output_hidden_states=True,
+            )
+            keep = batch.mask.bool().to(device)
+            states = out.hidden_states  # n + 1: the embeddings, then each layer's output
+            for layer in range(n):
+                cos = F.cosine_similarity(states[layer][keep], states[layer + 1][keep], dim=-1)
+                total[layer] += float(1 - cos.mean())
+            count += 1
+    if count == 0:
+        raise EmulatorError("layer importance needs at least one batch of text")
+    return (total / count).tolist()
+
+
+def build(
+    model: nn.Module,
+    plan: EmulatorPlan,
+    base_model: str,
+    importance: Sequence[float] | None = None,
+) -> tuple[nn.Module, EmulatorInfo]:
     """A fresh emulator model (own weights, the full model untouched) and its description."""
     from transformers import AutoModelForCausalLM
 
@@ -116,13 +185,34 @@ def build(model: nn.Module, plan: EmulatorPlan, base_model: str) -> tuple[nn.Mod
             f"plan is for {plan.num_layers} layers, model has {model.config.num_hidden_layers}"
         )
     path = layers_path(model)
-    keep = plan.full_layers
+    keep = plan.full_layers(importance)
     config = _subset_config(model.config, keep)
     emulator = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     emulator.load_state_dict(_subset_state(model.state_dict(), path, keep), strict=True)
     emulator.eval().requires_grad_(False)
     # What PEFT records as the adapters' base (it reads the attribute, not the config).
     emulator.config._name_or_path = emulator.name_or_path = base_model
+    info = _describe(emulator, model, plan, path, keep, base_model, importance)
+    return emulator, info
+
+
+def full_model_info(model: nn.Module, base_model: str, top: int = 2) -> EmulatorInfo:
+    """The full model described as an emulator that drops nothing, without copying it: what a
+    client in full mode trains against."""
+    n = model.config.num_hidden_layers
+    plan = EmulatorPlan(n, top=top, drop=0.0)
+    return _describe(model, model, plan, layers_path(model), list(range(n)), base_model, None)
+
+
+def _describe(
+    emulator: nn.Module,
+    full: nn.Module,
+    plan: EmulatorPlan,
+    path: str,
+    keep: list[int],
+    base_model: str,
+    importance: Sequence[float] | None,
+) -> EmulatorInfo:
     info = EmulatorInfo(
         version="",
         base_model=base_model,
@@ -130,11 +220,12 @@ def build(model: nn.Module, plan: EmulatorPlan, base_model: str) -> tuple[nn.Mod
         full_layers=keep,
         adapter_layers=plan.adapter_layers,
         layers_path=path,
-        params_full=_count(model),
+        params_full=_count(full),
         params_emulator=_count(emulator),
+        importance=[round(float(x), 6) for x in importance or []],
     )
     info.version = version_id(emulator, info)
-    return emulator, info
+    return info
 
 
 def _subset_config(config, keep: list[int]):
@@ -213,7 +304,7 @@ def remap_layer_keys(state: dict[str, Any], path: str, mapping: dict[int, int]) 
             return key
         index = int(match[2])
         if index not in mapping:
-            raise EmulatorError(f"{key}: layer {index} is not an adapter layer of this emulator")
+            raise EmulatorError(f"{key}: layer {index} is not a layer of this emulator")
         start, end = match.span()
         return f"{key[:start]}{match[1]}{path}.{mapping[index]}.{key[end:]}"
 
@@ -222,11 +313,10 @@ def remap_layer_keys(state: dict[str, Any], path: str, mapping: dict[int, int]) 
 
 def to_full_keys(state: dict[str, Any], info: EmulatorInfo) -> dict[str, Any]:
     """LoRA keys on the emulator → the same LoRA on the full model."""
-    mapping = {info.emulator_index(f): f for f in info.adapter_layers}
-    return remap_layer_keys(state, info.layers_path, mapping)
+    return remap_layer_keys(state, info.layers_path, dict(enumerate(info.full_layers)))
 
 
 def to_emulator_keys(state: dict[str, Any], info: EmulatorInfo) -> dict[str, Any]:
-    """A full-model LoRA (on adapter layers only) → the same LoRA on the emulator."""
-    mapping = dict(zip(info.adapter_layers, info.emulator_adapter_layers, strict=True))
+    """A full-model LoRA (on layers the emulator keeps) → the same LoRA on the emulator."""
+    mapping = {full: j for j, full in enumerate(info.full_layers)}
     return remap_layer_keys(state, info.layers_path, mapping)

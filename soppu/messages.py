@@ -6,7 +6,8 @@ The two sides meet only through these messages, so both encode and decode here:
                                                                  the emulator versions it holds
     query "install"  server → client: the emulator's weights   client → server: version installed
     train            server → client: setup, training config,  client → server: the LoRA (fp32),
-                     the starting LoRA (absent: start fresh)    metrics, its user and emulator
+                     the starting LoRA (absent: start fresh),   metrics, its user and emulator
+                     the gradient correction (absent: none)
     evaluate         server → client: setup, a LoRA             client → server: held-out loss
 
 A LoRA travels as an ArrayRecord of its PEFT tensors (full-model layer numbers) beside its
@@ -27,6 +28,7 @@ from soppu.data import DataOptions
 from soppu.personalize import LoraState, TrainConfig
 
 SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
+CORRECTION = "correction"  # the emulator's gradient bias at the starting LoRA, LoRA-shaped
 HELLO, INSTALL = "hello", "install"
 NEEDS_EMULATOR = 4090  # error code: this node does not hold the emulator version it was sent
 
@@ -79,13 +81,21 @@ def train_config_from(record: ConfigRecord) -> TrainConfig:
 
 
 def lora_record(lora: LoraState) -> ArrayRecord:
-    tensors = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
-    return ArrayRecord(torch_state_dict=tensors)
+    return tensors_record(lora.tensors)
+
+
+def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """fp32 on the CPU: ArrayRecord refuses bfloat16, and the other side may have no GPU."""
+    values = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    return ArrayRecord(torch_state_dict=values)
 
 
 def lora_from(arrays: ArrayRecord, config_json: str) -> LoraState:
-    tensors = {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
-    return LoraState(tensors, json.loads(config_json))
+    return LoraState(tensors_from(arrays), json.loads(config_json))
+
+
+def tensors_from(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in arrays.to_torch_state_dict().items()}
 
 
 def metrics_record(values: dict[str, float | int]) -> MetricRecord:

@@ -1,14 +1,16 @@
 """Local personalisation: train one user's LoRA on the emulator, then evaluate it.
 
-This is what a Flower client calls. The LoRA sits on the adapter layers only; while it trains
-its keys use the emulator's layer numbers, and it leaves here with the full model's
-(`LoraState`), so the same tensors load on the full model with PEFT unchanged.
+This is what a Flower client calls. The LoRA sits on every layer the emulator keeps (or on the
+adapter layers only); while it trains its keys use the emulator's layer numbers, and it leaves
+here with the full model's (`LoraState`), so the same tensors load on the full model with PEFT
+unchanged. The server may send a gradient correction (`alignment.gradient_correction`): the
+emulator's gradient bias measured on public text, added to every step's gradient so that the
+client descends the full model's loss rather than repairing the emulator's own errors.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
@@ -30,6 +32,9 @@ from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
 TRAINING_NAME = "training.json"  # beside the two PEFT files; PEFT, LoRAX and vLLM ignore it
 
 
+LORA_LAYERS = ("all", "adapter")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 30
@@ -39,8 +44,13 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
+    lora_layers: str = "all"  # every layer the emulator keeps, or the adapter layers only
     seed: int = 0
     max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
+
+    def __post_init__(self) -> None:
+        if self.lora_layers not in LORA_LAYERS:
+            raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
 
 
 @dataclass
@@ -50,16 +60,24 @@ class LoraState:
     tensors: dict[str, Tensor]
     config: dict
 
-    def peft_config(self, layers: list[int] | None = None) -> LoraConfig:
-        """The config as PEFT takes it, optionally for other layer numbers (the emulator's)."""
+    def peft_config(self) -> LoraConfig:
         values = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
-        if layers is not None:
-            values["layers_to_transform"] = layers
         return LoraConfig(**values)
 
     def on_emulator(self, info: EmulatorInfo) -> LoraState:
-        """The same LoRA with the emulator's layer numbers in its keys."""
-        return LoraState(to_emulator_keys(self.tensors, info), self.config)
+        """The same LoRA with the emulator's layer numbers in its keys and config."""
+        full = self.config.get("layers_to_transform")
+        if full is None:  # PEFT's "every layer"
+            full = range(info.plan["num_layers"])
+        layers = [info.emulator_index(f) for f in full]
+        config = {**self.config, "layers_to_transform": layers}
+        return LoraState(to_emulator_keys(self.tensors, info), config)
+
+    def on_full_model(self, info: EmulatorInfo) -> LoraState:
+        """The inverse of `on_emulator`."""
+        layers = [info.full_layers[j] for j in self.config["layers_to_transform"]]
+        config = {**self.config, "layers_to_transform": layers}
+        return LoraState(to_full_keys(self.tensors, info), config)
 
 
 @dataclass
@@ -77,13 +95,15 @@ class PersonalizeResult:
 
 
 def new_lora_config(info: EmulatorInfo, model_type: str, config: TrainConfig) -> dict:
+    """A full-model LoRA config: on every layer the emulator keeps, or on the adapter layers."""
     targets = list(config.target_modules or default_target_modules(model_type))
+    layers = info.full_layers if config.lora_layers == "all" else info.adapter_layers
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=0.0,
         target_modules=targets,
-        layers_to_transform=list(info.adapter_layers),
+        layers_to_transform=list(layers),
         layers_pattern=info.layers_path.rsplit(".", 1)[-1],
         base_model_name_or_path=info.base_model,
         task_type="CAUSAL_LM",
@@ -102,15 +122,11 @@ def _jsonable_config(config: LoraConfig) -> dict:
 
 
 @contextmanager
-def attached(
-    model: nn.Module, lora: LoraState, layers: list[int] | None = None, *, trainable: bool = False
-) -> Iterator[nn.Module]:
+def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> Iterator[nn.Module]:
     """`model` with the LoRA applied through PEFT; the model is left bare again afterwards.
-
-    `layers` renumbers the adapter for a model whose layers are numbered differently (the
-    emulator); the tensors must then use the same numbering.
+    The LoRA's keys and layers must use the model's numbering (`on_emulator` for the emulator).
     """
-    peft_model = get_peft_model(model, lora.peft_config(layers))
+    peft_model = get_peft_model(model, lora.peft_config())
     try:
         result = set_peft_model_state_dict(peft_model, lora.tensors)
         missing = [k for k in result.missing_keys if "lora_" in k]
@@ -119,11 +135,23 @@ def attached(
                 f"LoRA does not fit the model: missing {missing[:3]}, "
                 f"unexpected {list(result.unexpected_keys)[:3]}"
             )
-        if not trainable:
+        if trainable:
+            for param in lora_parameters(peft_model).values():
+                param.requires_grad_(True)
+        else:
             peft_model.requires_grad_(False)
         yield peft_model
     finally:
         peft_model.unload()
+
+
+def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters by their PEFT state-dict key (the adapter name left out)."""
+    return {
+        name.replace(".default.", "."): param
+        for name, param in peft_model.named_parameters()
+        if "lora_" in name
+    }
 
 
 def train_lora(
@@ -134,17 +162,20 @@ def train_lora(
     config: TrainConfig,
     start: LoraState,
     progress: Callable[[int, int, float], None] = lambda *_: None,
+    correction: dict[str, Tensor] | None = None,
 ) -> tuple[LoraState, list[float]]:
-    """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses."""
-    emulator_layers = info.emulator_adapter_layers
+    """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses.
+
+    `correction` (full-model keys, as `start`'s tensors) is added to every step's gradient.
+    """
     on_emulator = start.on_emulator(info)
+    shift = to_emulator_keys(correction, info) if correction else {}
     torch.manual_seed(config.seed)
     losses = []
-    with attached(emulator, on_emulator, emulator_layers, trainable=True) as model:
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    with attached(emulator, on_emulator, trainable=True) as model:
+        params = lora_parameters(model)
+        _check_correction(shift, params)
+        optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
         model.train()
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed
@@ -152,32 +183,38 @@ def train_lora(
         for step, batch in enumerate(batches, start=1):
             loss = lm.lm_loss(model, batch)
             loss.backward()
+            for key, delta in shift.items():
+                params[key].grad += delta.to(params[key].grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress(step, config.steps, losses[-1])
         model.eval()
-        trained = {
-            k: v.detach().float().clone()
-            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
-        }
-    return LoraState(to_full_keys(trained, info), start.config), losses
+        trained = {k: v.detach().float().clone() for k, v in params.items()}
+    return LoraState(trained, on_emulator.config).on_full_model(info), losses
+
+
+def _check_correction(shift: dict[str, Tensor], params: dict[str, nn.Parameter]) -> None:
+    if not shift:
+        return
+    if set(shift) != set(params):
+        raise AdapterError("gradient correction does not fit the LoRA: its keys differ")
+    for key, delta in shift.items():
+        if delta.shape != params[key].shape or not torch.isfinite(delta).all():
+            raise AdapterError(f"gradient correction for {key}: wrong shape or not finite")
 
 
 def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
     """PEFT's own initialisation (A random, B zero): the adapter starts as the identity."""
-    lora_config = new_lora_config(info, emulator.config.model_type, config)
-    emulator_layers = info.emulator_adapter_layers
+    full_config = new_lora_config(info, emulator.config.model_type, config)
+    on_emulator = LoraState({}, full_config).on_emulator(info)
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(emulator, LoraState({}, lora_config).peft_config(emulator_layers))
+    peft_model = get_peft_model(emulator, on_emulator.peft_config())
     try:
-        tensors = {
-            k: v.detach().clone()
-            for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
-        }
+        tensors = {k: v.detach().clone() for k, v in lora_parameters(peft_model).items()}
     finally:
         peft_model.unload()
-    return LoraState(to_full_keys(tensors, info), lora_config)
+    return LoraState(tensors, on_emulator.config).on_full_model(info)
 
 
 def personalize(
@@ -190,6 +227,7 @@ def personalize(
     start: LoraState | None = None,
     full_model: nn.Module | None = None,
     progress: Callable[[int, int, float], None] = lambda *_: None,
+    correction: dict[str, Tensor] | None = None,
 ) -> PersonalizeResult:
     """Train the user's LoRA on the emulator and measure held-out perplexity.
 
@@ -204,14 +242,15 @@ def personalize(
     if not train_blocks or not test_blocks:
         raise ValueError(f"user {user.user_id!r} has too little text to train and evaluate")
     start = start or fresh_lora(emulator, info, config)
-    layers = info.emulator_adapter_layers
 
     def emulator_ppl(lora: LoraState) -> float:
-        with attached(emulator, lora.on_emulator(info), layers) as model:
+        with attached(emulator, lora.on_emulator(info)) as model:
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
 
     ppl = {"emulator_start": emulator_ppl(start)}
-    lora, losses = train_lora(emulator, info, train_blocks, pad_id, config, start, progress)
+    lora, losses = train_lora(
+        emulator, info, train_blocks, pad_id, config, start, progress, correction
+    )
     ppl["emulator_adapter"] = emulator_ppl(lora)
     if full_model is not None:
         ppl["base"] = lm.perplexity(full_model, test_blocks, pad_id, config.batch_size)
@@ -259,25 +298,13 @@ def read_lora(path: Path) -> LoraState:
     return LoraState({k: v.float() for k, v in tensors.items()}, config)
 
 
-def relative_gain(base: float, tuned: float) -> float:
-    """Share of the held-out perplexity removed: 1 − tuned/base."""
-    return 1.0 - tuned / base if base > 0 and math.isfinite(tuned) else float("nan")
-
-
 def time_training_step(
-    model: nn.Module,
-    lora: LoraState,
-    layers: list[int] | None,
-    batch: lm.Batch,
-    repeats: int = 3,
+    model: nn.Module, lora: LoraState, batch: lm.Batch, repeats: int = 3
 ) -> float:
     """Median seconds of one LoRA training step (forward, backward, AdamW) on `model`."""
     times = []
-    with attached(model, lora, layers, trainable=True) as peft_model:
-        params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=1e-6)
+    with attached(model, lora, trainable=True) as peft_model:
+        optimizer = torch.optim.AdamW(lora_parameters(peft_model).values(), lr=1e-6)
         peft_model.train()
         for _ in range(repeats + 1):  # the first step warms up allocators and kernels
             began = time.perf_counter()

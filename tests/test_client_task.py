@@ -18,7 +18,7 @@ def shipped(tmp_path, monkeypatch):
     """An emulator saved by the server, and the message it sends (the client's cache empty)."""
     monkeypatch.setenv("SOPPU_CACHE", str(tmp_path / "client-cache"))
     task._EMULATORS.clear()
-    emulator, info = build(tiny_causal_lm(6), EmulatorPlan(6, drop=0.5), "tiny")
+    emulator, info = build(tiny_causal_lm(6), EmulatorPlan(6, drop=0.5, select="even"), "tiny")
     folder = save(emulator, info, tmp_path / "emulator")
     return emulator, info, messages.emulator_files(emulator_message(folder))
 

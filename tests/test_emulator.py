@@ -10,20 +10,66 @@ from helpers import tiny_causal_lm, tiny_tokenizer
 
 from soppu import emulator as E
 from soppu import lm
-from soppu.alignment import AlignConfig, align
+from soppu.alignment import AlignConfig, align, build_aligned
 from soppu.emulator import EmulatorError, EmulatorPlan
 
 
 def test_plan_keeps_adapter_and_evenly_spaced_middle():
-    plan = EmulatorPlan(30, top=2, drop=0.5)
+    plan = EmulatorPlan(30, top=2, drop=0.5, select="even")
     assert plan.adapter_layers == [28, 29]
-    assert plan.middle_kept == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]
-    assert plan.full_layers == [*plan.middle_kept, 28, 29]
-    offsite = EmulatorPlan(12, top=2, bottom=2, drop=0.5)
+    assert plan.middle_kept() == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]
+    assert plan.full_layers() == [*plan.middle_kept(), 28, 29]
+    offsite = EmulatorPlan(12, top=2, bottom=2, drop=0.5, select="even")
     assert offsite.adapter_layers == [0, 1, 10, 11]
-    assert offsite.middle_kept == [2, 4, 7, 9]
-    assert EmulatorPlan(8, top=2, drop=0.0).full_layers == list(range(8))
-    assert EmulatorPlan(8, top=2, drop=0.9).full_layers == [3, 6, 7]
+    assert offsite.middle_kept() == [2, 4, 7, 9]
+    assert EmulatorPlan(8, top=2, drop=0.0).full_layers() == list(range(8))  # no scores needed
+    assert EmulatorPlan(8, top=2, drop=0.9, select="even").full_layers() == [3, 6, 7]
+
+
+def test_importance_keeps_the_layers_that_turn_the_residual_stream_most():
+    plan = EmulatorPlan(8, top=2, bottom=1, drop=0.6)  # middle 1..5, keep 2
+    scores = [9.0, 0.1, 0.5, 0.2, 0.4, 0.3, 9.0, 9.0]
+    assert plan.middle_kept(scores) == [2, 4]
+    assert plan.full_layers(scores) == [0, 2, 4, 6, 7]
+    with pytest.raises(EmulatorError, match="one score per layer"):
+        plan.full_layers()
+    with pytest.raises(EmulatorError, match="one score per layer"):
+        E.build(tiny_causal_lm(layers=8), plan, "tiny")
+
+
+def test_layer_importance_is_one_minus_the_cosine_of_each_layers_input_and_output():
+    full = tiny_causal_lm(layers=4)
+    batch = lm.collate([torch.randint(0, 300, (12,)), torch.randint(0, 300, (7,))], 0)
+    scores = E.layer_importance(full, [batch])
+    out = full(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True)
+    keep = batch.mask.bool()
+    h = out.hidden_states
+    cos = torch.nn.functional.cosine_similarity(h[1][keep], h[2][keep], dim=-1).mean()
+    assert len(scores) == 4
+    assert scores[1] == pytest.approx(float(1 - cos), abs=1e-6)
+
+
+def test_build_aligned_chooses_layers_on_public_text_and_records_them(tmp_path):
+    full = tiny_causal_lm(layers=6)
+    tokenizer = tiny_tokenizer()
+    public = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(80)]
+    config = AlignConfig(steps=2, batch_size=4, seq_len=32, eval_blocks=2)
+    emulator, info = build_aligned(
+        full, tokenizer, "tiny", EmulatorPlan(6, top=2, drop=0.5), public, config
+    )
+    middle = [0, 1, 2, 3]
+    expected = sorted(sorted(middle, key=lambda layer: -info.importance[layer])[:2])
+    assert info.full_layers == [*expected, 4, 5]
+    assert info.aligned and not info.exact
+    assert E.read_info(E.save(emulator, info, tmp_path / "e")) == info
+    with pytest.raises(EmulatorError, match="needs public text"):
+        build_aligned(full, tokenizer, "tiny", EmulatorPlan(6, top=2, drop=0.5), [], config)
+    _unaligned, unaligned_info = build_aligned(
+        full, tokenizer, "tiny", EmulatorPlan(6, top=2, drop=0.5), public, AlignConfig(steps=0)
+    )
+    assert not unaligned_info.aligned  # callers must say so (tested in test_federation)
+    _, exact = build_aligned(full, tokenizer, "tiny", EmulatorPlan(6, drop=0.0), [], config)
+    assert exact.exact and exact.full_layers == list(range(6)) and not exact.alignment
 
 
 @pytest.mark.parametrize(
@@ -37,7 +83,7 @@ def test_bad_plans_are_refused(kwargs, message):
 
 def test_emulator_layers_are_the_full_models_layers():
     full = tiny_causal_lm(layers=6)
-    emulator, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5), "tiny")
+    emulator, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
     assert info.full_layers == [0, 3, 4, 5] and info.adapter_layers == [4, 5]
     assert emulator.config.num_hidden_layers == 4
     full_state = full.state_dict()
@@ -57,8 +103,8 @@ def test_emulator_layers_are_the_full_models_layers():
 
 def test_save_load_round_trip_and_content_version(tmp_path):
     full = tiny_causal_lm(layers=6)
-    emulator, info = E.build(full, EmulatorPlan(6), "tiny")
-    _again, info_again = E.build(full, EmulatorPlan(6), "tiny")
+    emulator, info = E.build(full, EmulatorPlan(6, select="even"), "tiny")
+    _again, info_again = E.build(full, EmulatorPlan(6, select="even"), "tiny")
     assert info.version == info_again.version and info.version.startswith("emu-")
     E.save(emulator, info, tmp_path / "emu")
     loaded, loaded_info = E.load(tmp_path / "emu")
@@ -74,7 +120,7 @@ def test_save_load_round_trip_and_content_version(tmp_path):
 def test_alignment_lowers_its_loss_and_trains_only_middle_layers():
     full = tiny_causal_lm(layers=6)
     tokenizer = tiny_tokenizer()
-    emulator, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5), "tiny")
+    emulator, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
     fixed = {
         k: v.clone()
         for k, v in emulator.state_dict().items()
@@ -102,9 +148,12 @@ def test_alignment_lowers_its_loss_and_trains_only_middle_layers():
 
 def test_layer_keys_map_both_ways():
     full = tiny_causal_lm(layers=6)
-    _, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5), "tiny")
-    key = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
-    assert list(E.to_full_keys({key: 0}, info)) == [key.replace("layers.2.", "layers.4.")]
-    assert E.to_emulator_keys(E.to_full_keys({key: 0}, info), info) == {key: 0}
-    with pytest.raises(EmulatorError, match="not an adapter layer"):
-        E.to_full_keys({key.replace("layers.2.", "layers.0."): 0}, info)
+    _, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
+    key = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.weight"
+    state = {key.format(j): j for j in range(4)}  # every emulator layer: full 0, 3, 4, 5
+    assert E.to_full_keys(state, info) == {key.format(f): j for j, f in enumerate([0, 3, 4, 5])}
+    assert E.to_emulator_keys(E.to_full_keys(state, info), info) == state
+    with pytest.raises(EmulatorError, match="not a layer of this emulator"):
+        E.to_emulator_keys({key.format(1): 0}, info)  # full layer 1 was dropped
+    with pytest.raises(EmulatorError, match="not a layer of this emulator"):
+        E.to_full_keys({key.format(4): 0}, info)  # the emulator has 4 layers

@@ -1,6 +1,7 @@
-"""Local personalisation on a tiny random Llama: the LoRA trained on the emulator plugs into the
-full model (PEFT loads it; logits equal the hand-merged deltas), training continues from a
-starting adapter, and the CLI runs prepare-free on a local model folder."""
+"""Local personalisation on a tiny random Llama: for every placement of the LoRA the adapter
+trained on the emulator plugs into the full model (PEFT loads it; logits equal the hand-merged
+deltas), the gradient correction turns an emulator step into the full model's step, training
+continues from a starting adapter, and the CLI runs prepare-free on a local model folder."""
 
 from __future__ import annotations
 
@@ -13,46 +14,92 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from soppu import emulator as E
+from soppu import lm
 from soppu.adapters import read_adapter
+from soppu.alignment import gradient_correction
 from soppu.data import UserText
-from soppu.personalize import TrainConfig, personalize, read_lora, save_lora
+from soppu.personalize import (
+    TrainConfig,
+    fresh_lora,
+    personalize,
+    read_lora,
+    save_lora,
+    train_lora,
+)
 
 TEXT = "\n".join(
     f"speech {i}: now is the winter of our discontent made glorious summer" for i in range(40)
 )
 USER = UserText("alice", TEXT, "speech 99: made glorious summer by this sun of york")
 CONFIG = TrainConfig(steps=4, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IMPORTANCE = [1.0, 0.2, 0.9, 0.1, 1.0, 1.0]  # keeps middle layers 0 and 2 of 0..3
 
 
 @pytest.fixture
 def setup():
     full = tiny_causal_lm(layers=6)
-    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5), "tiny")
+    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
     return full, emulator, info, tiny_tokenizer()
 
 
-def test_adapter_plugs_into_the_full_model(setup, tmp_path):
+def hand_merged(lora_dir, layers: int = 6) -> torch.nn.Module:
+    """A fresh copy of the full model with every LoRA delta added to its weight by hand."""
+    config = json.loads((lora_dir / "adapter_config.json").read_text())
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    merged = tiny_causal_lm(layers=layers)
+    scale = config["lora_alpha"] / config["r"]
+    with torch.no_grad():
+        for key, A in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            B = tensors[key.replace(".lora_A.", ".lora_B.")]
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            merged.get_submodule(module).weight += scale * (B @ A)
+    return merged
+
+
+@pytest.mark.parametrize(
+    ("plan", "importance", "lora_layers", "targets", "layers"),
+    [
+        (E.EmulatorPlan(6, drop=0.5, select="even"), None, "all", None, {0, 3, 4, 5}),
+        (E.EmulatorPlan(6, drop=0.5, select="even"), None, "adapter", None, {4, 5}),
+        (E.EmulatorPlan(6, drop=0.5), IMPORTANCE, "all", ALL_LINEAR, {0, 2, 4, 5}),
+        (E.EmulatorPlan(6, top=1, bottom=1, drop=0.5), IMPORTANCE, "adapter", None, {0, 5}),
+        (E.EmulatorPlan(6, drop=0.0), None, "all", ("q_proj", "down_proj"), set(range(6))),
+    ],
+    ids=["even-all", "even-adapter", "importance-all-linear", "sandwich", "full-mode"],
+)
+def test_every_placement_plugs_into_the_full_model(
+    tmp_path, plan, importance, lora_layers, targets, layers
+):
     from peft import PeftModel
 
-    full, emulator, info, tokenizer = setup
-    result = personalize(USER, emulator, info, tokenizer, CONFIG, full_model=full)
+    full = tiny_causal_lm(layers=6)
+    emulator, info = E.build(full, plan, "tiny", importance)
+    config = TrainConfig(
+        steps=4,
+        lr=1e-2,
+        batch_size=2,
+        seq_len=32,
+        rank=4,
+        alpha=8,
+        lora_layers=lora_layers,
+        target_modules=targets,
+    )
+    result = personalize(USER, emulator, info, tiny_tokenizer(), config, full_model=full)
     assert result.perplexity["emulator_adapter"] < result.perplexity["emulator_start"]
     assert set(result.perplexity) == {"emulator_start", "emulator_adapter", "base", "full_adapter"}
     save_lora(result.lora, tmp_path / "alice", {"emulator": info.version})
     keys = load_file(tmp_path / "alice" / "adapter_model.safetensors")
-    assert {k.split(".layers.")[1].split(".")[0] for k in keys} == {"4", "5"}  # full indices
-    assert read_adapter(tmp_path / "alice").config["layers_to_transform"] == [4, 5]
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in keys} == layers  # full indices
+    assert read_adapter(tmp_path / "alice").config["layers_to_transform"] == sorted(layers)
+    modules = {k.split(".")[-3] for k in keys}
+    assert modules == set(targets or ("q_proj", "v_proj"))
 
     ids = torch.randint(0, 300, (2, 24))
-    merged = tiny_causal_lm(layers=6)
     with torch.no_grad():
-        for layer in (4, 5):
-            for proj in ("q_proj", "v_proj"):
-                prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-                delta = keys[f"{prefix}.lora_B.weight"] @ keys[f"{prefix}.lora_A.weight"]
-                weight = getattr(merged.model.layers[layer].self_attn, proj).weight
-                weight += (8 / 4) * delta
-        expected = merged(input_ids=ids).logits
+        expected = hand_merged(tmp_path / "alice")(input_ids=ids).logits
         peft_model = PeftModel.from_pretrained(tiny_causal_lm(layers=6), tmp_path / "alice")
         got = peft_model(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5)
@@ -60,6 +107,31 @@ def test_adapter_plugs_into_the_full_model(setup, tmp_path):
     # The emulator and the full model are left bare: no LoRA layers remain.
     assert not any("lora_" in n for n, _ in emulator.named_modules())
     assert not any("lora_" in n for n, _ in full.named_modules())
+
+
+def test_the_correction_turns_an_emulator_step_into_the_full_models_step(setup):
+    """When the client's text is the public text, g_emu(text) + (g_full − g_emu)(public) is
+    g_full(text) exactly: the corrected step on the emulator is the full model's own step."""
+    full, emulator, info, tokenizer = setup
+    config = TrainConfig(steps=1, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)
+    blocks = lm.token_blocks(tokenizer, TEXT, config.seq_len)[:2]
+    start = fresh_lora(emulator, info, config)
+    start.tensors = {k: v + 0.01 * torch.randn_like(v) for k, v in start.tensors.items()}
+    pad = tokenizer.pad_token_id
+    correction = gradient_correction(
+        full, emulator, info, start, blocks, pad, batches=1, batch_size=2
+    )
+    assert set(correction) == set(start.tensors)
+    on_emulator, _ = train_lora(emulator, info, blocks, pad, config, start, correction=correction)
+    _, exact = E.build(full, E.EmulatorPlan(6, drop=0.0), "tiny")
+    on_full, _ = train_lora(full, exact, blocks, pad, config, start)
+    uncorrected, _ = train_lora(emulator, info, blocks, pad, config, start)
+    for key, value in on_full.tensors.items():
+        assert torch.allclose(on_emulator.tensors[key], value, atol=1e-6), key
+    assert any(
+        not torch.allclose(uncorrected.tensors[k], v, atol=1e-4) for k, v in on_full.tensors.items()
+    )
+    assert gradient_correction(full, full, exact, start, blocks, pad) == {}  # full mode: none
 
 
 def test_training_continues_from_a_starting_adapter(setup, tmp_path):
@@ -79,7 +151,7 @@ def test_a_starting_adapter_on_other_layers_is_refused(setup, tmp_path):
     _full, emulator, info, tokenizer = setup
     lora = personalize(USER, emulator, info, tokenizer, CONFIG).lora
     moved = {k.replace("layers.4.", "layers.1."): v for k, v in lora.tensors.items()}
-    with pytest.raises(E.EmulatorError, match="not an adapter layer"):
+    with pytest.raises(E.EmulatorError, match="not a layer of this emulator"):
         personalize(USER, emulator, info, tokenizer, CONFIG, start=type(lora)(moved, lora.config))
 
 
@@ -181,7 +253,7 @@ def test_gpt2_style_models_work_too(tmp_path):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=300, n_embd=64, n_layer=6, n_head=4, n_positions=128)
     full = GPT2LMHeadModel(config).eval().requires_grad_(False)
-    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5), "tiny-gpt2")
+    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny-gpt2")
     assert info.layers_path == "transformer.h" and emulator.config.n_layer == 4
     result = personalize(USER, emulator, info, tiny_tokenizer(), CONFIG, full_model=full)
     assert result.lora.config["target_modules"] == ["c_attn"]

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -84,14 +83,16 @@ def analyse(run: Path, workers: int) -> dict:
     for r in rounds:
         useful = r["client_seconds"] / workers
         handler = r.get("handler_seconds", r["client_seconds"]) / workers
+        server = r.get("correction_seconds", 0.0)  # the server's own work in the round
         overhead.append(
             {
                 "round": r["round"],
                 "wall_s": r["seconds"],
                 "install_s": r["install_seconds"],
+                "correction_s": r.get("correction_seconds", 0.0),
                 "client_s_per_worker": useful,
                 "handler_s_per_worker": handler,
-                "flower_overhead": 1 - handler / r["seconds"],
+                "flower_overhead": 1 - (handler + server) / r["seconds"],
                 "outside_training": 1 - useful / r["seconds"],
                 "trained": r["trained"],
                 "failed": r["failed"],
@@ -118,7 +119,6 @@ def analyse(run: Path, workers: int) -> dict:
 def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
     """Storage ratio and share of gain kept at other shared ranks, on the same adapters."""
     import shutil
-    import statistics as st
 
     from compression.engine import CompressionConfig
     from server.compress_round import compress_adapters
@@ -142,79 +142,95 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
         store = scratch / f"r{rank}"
         compress_adapters(paths, store, CompressionConfig(rank=rank))
         version = publish(store, scratch / f"serving-r{rank}")
-        kept = []
+        kept, kept_over_global = [], []
         for user, row in evaluation.items():
             blocks = lm.token_blocks(
                 base.tokenizer, users[user].test, config.seq_len, max_eval_tokens
             )
             with attached(base.model, read_lora(version / "users" / user)) as model:
                 ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
-            share = gain_kept(row["base"], row["personal"], ppl)
-            if share is not None:
-                kept.append(share)
+            for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
+                share = gain_kept(reference, row["personal"], ppl)
+                if share is not None:
+                    shares.append(share)
         totals = json.loads((store / "manifest.json").read_text())["totals"]
-        kept.sort()
         rows.append(
             {
                 "rank": rank,
                 "ratio": totals["ratio"],
                 "error_mean": totals["mean"],
-                "kept_median": st.median(kept),
-                "kept_p25": kept[len(kept) // 4],
-                "kept_min": kept[0],
-                "users": len(kept),
+                **_shares("kept", kept),
+                **_shares("kept_over_global", kept_over_global),
             }
         )
         print(
-            f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}",
+            f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}, "
+            f"over global {rows[-1]['kept_over_global_median']:.1%}",
             flush=True,
         )
     shutil.rmtree(scratch, ignore_errors=True)
     return rows
 
 
+def _shares(key: str, values: list[float]) -> dict:
+    import statistics as st
+
+    values = sorted(values)
+    if not values:
+        return {f"{key}_median": float("nan"), f"{key}_p25": float("nan"),
+                f"{key}_min": float("nan"), f"{key}_users": 0}
+    return {f"{key}_median": st.median(values), f"{key}_p25": values[len(values) // 4],
+            f"{key}_min": values[0], f"{key}_users": len(values)}
+
+
 def markdown(result: dict) -> str:
+    from server.evaluation import summary_lines
+
     s, c = result["summary"], result["compression"]
-    gains = sorted(1 - u["personal"] / u["base"] for u in result["users"] if u["personal"])
     lines = [
         f"**{s['users']} users**, compressed {c['ratio']:.1f}× (shared ranks {c['ranks']}, "
         f"weighted error mean {c['error_mean']:.3f}).",
         "",
-        "| share of gain kept | min | p10 | p25 | median | p75 | max |",
+        "| share of the gain kept | min | p10 | p25 | median | p75 | max |",
         "|---|---|---|---|---|---|---|",
-        "| compressed / own adapter | "
-        + " | ".join(
-            f"{s[k]:.1%}"
-            for k in ("kept_min", "kept_p10", "kept_p25", "kept_median", "kept_p75", "kept_max")
-        )
-        + " |",
+    ]
+    for key, what in (("kept", "over the base model"), ("kept_over_global", "over global")):
+        if s.get(f"{key}_median") is not None:
+            cells = " | ".join(
+                f"{s[f'{key}_{q}']:.1%}" for q in ("min", "p10", "p25", "median", "p75", "max")
+            )
+            lines.append(f"| {what} ({s[f'{key}_users']} users) | {cells} |")
+    lines += [
         "",
-        f"{s['improved']}/{s['users']} users' own adapters beat the base model on the full "
-        f"model; their gain (1 − ppl_own/ppl_base): median {statistics.median(gains):.1%}, "
-        f"range {gains[0]:.1%} to {gains[-1]:.1%}. Median perplexity: base "
-        f"{s['base_median']:.2f}, own {s['personal_median']:.2f}, compressed "
-        f"{s['compressed_median']:.2f}.",
+        *summary_lines(s),
+        f"Median perplexity: base {s['base_median']:.2f}, global "
+        + ("–" if s["global_median"] is None else f"{s['global_median']:.2f}")
+        + f", personal {s['personal_median']:.2f}, compressed {s['compressed_median']:.2f}.",
         "",
-        f"| round | wall | emulator install | clients' work / worker ({result['workers']}) "
-        "| handlers / worker | Flower overhead | outside training |",
-        "|---|---|---|---|---|---|---|",
+        f"| round | wall | emulator install | gradient correction | clients' work / worker "
+        f"({result['workers']}) | handlers / worker | Flower overhead | outside training |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rounds"]:
         lines.append(
             f"| {r['round']} | {r['wall_s']:.0f} s | {r['install_s']:.1f} s | "
-            f"{r['client_s_per_worker']:.0f} s | {r['handler_s_per_worker']:.0f} s | "
-            f"{r['flower_overhead']:.1%} | {r['outside_training']:.1%} |"
+            f"{r['correction_s']:.0f} s | {r['client_s_per_worker']:.0f} s | "
+            f"{r['handler_s_per_worker']:.0f} s | {r['flower_overhead']:.1%} | "
+            f"{r['outside_training']:.1%} |"
         )
     if result.get("sweep"):
         lines += [
             "",
-            "| shared rank | storage ratio | error mean | gain kept: median | p25 | min |",
-            "|---|---|---|---|---|---|",
+            "| shared rank | storage ratio | error mean | kept over base: median | p25 "
+            "| kept over global: median | p25 | min |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["sweep"]:
             lines.append(
                 f"| {r['rank']} | {r['ratio']:.1f}× | {r['error_mean']:.3f} | "
-                f"{r['kept_median']:.1%} | {r['kept_p25']:.1%} | {r['kept_min']:.1%} |"
+                f"{r['kept_median']:.1%} | {r['kept_p25']:.1%} | "
+                f"{r['kept_over_global_median']:.1%} | {r['kept_over_global_p25']:.1%} | "
+                f"{r['kept_over_global_min']:.1%} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -114,6 +114,8 @@ def quality_job(job: tuple[Recipe, str, Path, int, int]) -> dict:
     torch.set_num_threads(1)
     recipe, user, emulators, steps, max_eval_tokens = job
     from soppu import basemodel, lm
+
+    basemodel.quiet_libraries()
     from soppu.alignment import gradient_correction
     from soppu.data import UserText, load_users, public_text
     from soppu.emulator import full_model_info, load
@@ -185,11 +187,12 @@ print(json.dumps({"step_s": seconds, "peak_rss_mib": peak}))
 """
 
 
-def cost(recipe: Recipe, emulators: Path) -> dict:
+def cost(recipe: Recipe, emulator: Path) -> dict:
+    """One client step's seconds and the client's peak RSS; `emulator`: its folder."""
     if recipe.mode == "public":
         return {"step_s": None, "peak_rss_mib": None}  # the server's work, not a client's
     done = subprocess.run(
-        [sys.executable, "-c", COST_CHILD, recipe.mode, str(emulators / recipe.emulator_key),
+        [sys.executable, "-c", COST_CHILD, recipe.mode, str(emulator),
          recipe.lora_layers, ",".join(recipe.targets)],
         capture_output=True, text=True, check=True,
     )
@@ -212,8 +215,10 @@ def main() -> None:
         args.users, args.steps, args.align_steps, args.max_eval_tokens = 2, 4, 2, 256
         args.emulators = args.emulators.with_name(args.emulators.name + "-quick")
 
+    from soppu.basemodel import quiet_libraries
     from soppu.data import load_users
 
+    quiet_libraries()
     users = load_users()
     eligible = sorted(u for u, text in users.items() if text.chars >= args.min_chars)
     picked = random.Random(0).sample(eligible, args.users)
@@ -226,7 +231,7 @@ def main() -> None:
             rows.append(row)
             print(f"{row['recipe']} / {row['user']}: base {row['base']:.1f} → "
                   f"{row['full']:.1f} ({-row['gain']:+.1%})", flush=True)
-    costs = {r.name: cost(r, args.emulators) for r in recipes}
+    costs = {r.name: cost(r, args.emulators / r.emulator_key) for r in recipes}
     write(recipes, rows, costs, picked, args)
 
 

@@ -8,6 +8,10 @@
 
 A version is built under a temporary name and renamed into place; `current` moves only after
 that, so a failed publish leaves the previous version and `current` untouched.
+
+Every published adapter has every target module on every layer of the base model: layers a
+user's LoRA does not touch (an emulator-trained LoRA covers the layers the emulator keeps) get
+zero factors, because LoRAX drops a module type for the whole adapter when any layer lacks it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from compression.export import SERVING_RANKS, export_lora, serving_rank
 from server.compressed_store import MANIFEST, StoredSlot, read_manifest, sha256, verify
@@ -56,19 +62,24 @@ def publish(
     serving: Path,
     *,
     export_rank: int | None = None,
+    num_layers: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Write the next serving version from `store`; returns its directory."""
+    """Write the next serving version from `store`; returns its directory.
+
+    `num_layers`: the base model's decoder layers, every one of which the published adapters
+    cover (default: the store's record of it, else one past the highest layer adapted)."""
     store, serving = Path(store), Path(serving)
     manifest = read_manifest(store)
     verify(store, manifest)
+    num_layers = num_layers or manifest.get("source", {}).get("num_layers")
     needed = max((s["max_core_rank"] for s in manifest["slots"]), default=1)
     rank = export_rank or serving_rank(needed)
     if rank not in SERVING_RANKS:
         raise ValueError(f"export rank {rank} is not one of {SERVING_RANKS} (what LoRAX loads)")
     version = next_version(serving).name
     with atomic.building_dir(serving / version) as tmp:
-        users = _write_users(store, manifest, tmp / "users", rank, progress)
+        users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
         _copy_shared(store, tmp / "shared")
         if (store / "report").is_dir():
             shutil.copytree(store / "report", tmp / "report")
@@ -80,25 +91,34 @@ def publish(
 
 
 def _write_users(
-    store: Path, manifest: dict[str, Any], out: Path, rank: int, progress: Progress | None
+    store: Path,
+    manifest: dict[str, Any],
+    out: Path,
+    rank: int,
+    num_layers: int | None,
+    progress: Progress | None,
 ) -> dict[str, dict[str, Any]]:
     slots = [StoredSlot.open(store, entry) for entry in manifest["slots"]]
     index: dict[str, list] = {user: [] for user in manifest["users"]}
+    shapes: dict[str, tuple[int, int]] = {}
     for slot in slots:
         for i, (user, module) in enumerate(slot.entry["items"]):
             index[user].append((slot, i, module))
-    config = lora_config(
-        rank=rank, base_model=manifest["base_model"], source=manifest.get("adapter_config")
-    )
+            shapes[module] = tuple(slot.entry["shape"])
+    every = every_layer(shapes, num_layers)
+    source = {**manifest.get("adapter_config", {}), "layers_to_transform": None}
+    config = lora_config(rank=rank, base_model=manifest["base_model"], source=source)
     written = {}
     for done, user in enumerate(manifest["users"]):
         check_user_id(user, source=str(store / MANIFEST))
         if progress:
             progress(user, done, len(manifest["users"]))
-        tensors = {}
+        tensors = {
+            module: (torch.zeros(rank, n), torch.zeros(m, rank)) for module, (m, n) in every.items()
+        }
         for slot, i, module in index[user]:
             tensors[module] = export_lora(slot.form.Qu, slot.core(i), slot.form.Qv, rank)
-        files = adapter_files(tensors, config)
+        files = adapter_files(dict(sorted(tensors.items())), config)
         (out / user).mkdir(parents=True)
         for name, data in files.items():
             (out / user / name).write_bytes(data)
@@ -107,6 +127,29 @@ def _write_users(
             "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         }
     return written
+
+
+_LAYER = re.compile(r"^(?P<head>.+?\.)(?P<index>\d+)(?P<tail>\..+)$")
+
+
+def every_layer(
+    shapes: dict[str, tuple[int, int]], num_layers: int | None
+) -> dict[str, tuple[int, int]]:
+    """Every module path of `shapes`' kinds on each of `num_layers` layers, with its shape:
+    `model.layers.3.self_attn.q_proj` stands for `model.layers.<i>.self_attn.q_proj`."""
+    kinds: dict[tuple[str, str], tuple[int, int]] = {}
+    highest = -1
+    for module, shape in shapes.items():
+        match = _LAYER.match(module)
+        if match is None:
+            continue  # not in a numbered layer list: nothing to pad
+        kinds[match["head"], match["tail"]] = shape
+        highest = max(highest, int(match["index"]))
+    count = num_layers or highest + 1
+    padded = {
+        f"{head}{i}{tail}": shape for (head, tail), shape in kinds.items() for i in range(count)
+    }
+    return {**padded, **shapes}
 
 
 def _copy_shared(store: Path, out: Path) -> None:

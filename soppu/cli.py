@@ -170,6 +170,14 @@ def publish(
     export_rank: Annotated[
         int | None, typer.Option(help="Serving rank k' (8/16/32/64/128); default: exact.")
     ] = None,
+    num_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="The base model's decoder layers; every one gets every target module (zero "
+            "where a user's LoRA has none), as LoRAX needs. Default: the store's record, else "
+            "one past the highest layer adapted."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
 ) -> None:
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
@@ -177,7 +185,9 @@ def publish(
 
     set_threads(threads)
     with clear_errors(), progress_bar("publish") as progress:
-        version = publish_store(store, to, export_rank=export_rank, progress=progress)
+        version = publish_store(
+            store, to, export_rank=export_rank, num_layers=num_layers, progress=progress
+        )
     manifest = json.loads((version / "manifest.json").read_text())
     exact = "exact" if manifest["export_exact"] else "truncated"
     console.print(

@@ -187,9 +187,10 @@ def build(
     path = layers_path(model)
     keep = plan.full_layers(importance)
     config = _subset_config(model.config, keep)
-    emulator = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    weight = next(model.parameters())
+    emulator = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
     emulator.load_state_dict(_subset_state(model.state_dict(), path, keep), strict=True)
-    emulator.eval().requires_grad_(False)
+    emulator.to(weight.device).eval().requires_grad_(False)  # where the full model is
     # What PEFT records as the adapters' base (it reads the attribute, not the config).
     emulator.config._name_or_path = emulator.name_or_path = base_model
     info = _describe(emulator, model, plan, path, keep, base_model, importance)

@@ -45,7 +45,10 @@ def _run(path: Path) -> Iterator[str]:
     config = run.get("config", {})
     users = run.get("users", [])
     yield f"[bold]federation run[/] {path}"
-    yield f"  base model: {run.get('base_model')}; emulator {run.get('emulator')}"
+    yield (
+        f"  base model: {run.get('base_model')}; clients in {config.get('client_mode')} mode "
+        f"(emulator {run.get('emulator')})"
+    )
     yield (
         f"  rounds: {state['round']} of {config.get('rounds')} done; users: {len(users)} "
         f"({_few(users)}); aggregation {config.get('aggregation')}"
@@ -61,11 +64,15 @@ def _run(path: Path) -> Iterator[str]:
             f"(current → {state['serving']})"
         )
     summary = (_json(path / "evaluation.json") or {}).get("summary")
-    if summary and summary.get("kept_median") is not None:
+    if summary and summary.get("gain_median") is not None:
+        beats = (
+            f"; personal beats global for {summary['beats_global']}/{summary['with_global']}"
+            if summary.get("with_global")
+            else ""
+        )
         yield (
-            f"  evaluation: {summary['improved']}/{summary['users']} users improved; compressed "
-            f"adapters keep a median {summary['kept_median']:.1%} of the gain "
-            f"({path / 'evaluation.md'})"
+            f"  evaluation: {summary['improved']}/{summary['users']} users improved, median "
+            f"gain {summary['gain_median']:.1%}{beats} ({path / 'evaluation.md'})"
         )
 
 

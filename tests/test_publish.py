@@ -195,3 +195,37 @@ def test_mixed_ranks_and_rslora_publish_losslessly(tmp_path):
         for module, (A, B) in tensors.items():
             D, _ = published_delta(version, user, module)
             torch.testing.assert_close(D, 2.0 * B.double() @ A.double(), rtol=0, atol=1e-5)
+
+
+def test_every_layer_of_the_base_model_carries_every_target_module(tmp_path, tiny_llama):
+    """LoRAX drops a module type for the whole adapter when one layer lacks it: a LoRA on
+    layer 1 only is published with zero factors on layer 0, and PEFT's logits do not move."""
+    from peft import PeftModel
+
+    users = tiny_population(3, k=4, layers=2, shared=6)
+    only_layer_1 = {
+        user: {m: t for m, t in tensors.items() if ".layers.1." in m}
+        for user, tensors in users.items()
+    }
+    paths = write_users(tmp_path / "adapters", only_layer_1, rank=4, alpha=8)
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=12))
+    version = publish(tmp_path / "store", tmp_path / "serving", num_layers=2)
+    user_dir = version / "users" / "user01"
+    state = load_file(user_dir / "adapter_model.safetensors")
+    config = json.loads((user_dir / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] is None
+    for layer in (0, 1):
+        for name in ("q_proj", "v_proj"):
+            for factor in ("A", "B"):
+                key = f"base_model.model.model.layers.{layer}.self_attn.{name}.lora_{factor}.weight"
+                assert (state[key].abs().sum() == 0) == (layer == 0), key
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    for module, (A, B) in only_layer_1["user01"].items():
+        merged[f"{module}.weight"] += (8 / 4) * B @ A
+    with torch.no_grad():
+        expected = tiny_llama.__class__(tiny_llama.config)
+        expected.load_state_dict(merged)
+        want = expected.eval()(input_ids=tokens).logits
+        got = PeftModel.from_pretrained(tiny_llama, user_dir).eval()(input_ids=tokens).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -1,0 +1,155 @@
+"""Each user's gain, emulator mode against full mode, side by side: the issue's targets.
+
+    python experiments/gains.py                     # the README's table (≈ 80 minutes)
+    python experiments/gains.py --users 4 --rounds 1 --local-steps 3 --name quick
+
+Runs the same federation twice through `soppu simulate` (each its own Ray), once with the
+clients holding the emulator (the default) and once holding the full model, with the same
+users (the --users roles with the most text, all with ≥ 10,000 characters), rounds, local
+steps, batch and threads. Both use the default scheme: a federated-average global adapter,
+and every user's personal adapter fine-tuned from it each round. Then, per mode:
+
+- each user's held-out perplexity on the full model: base, global, personal, compressed;
+- the median gain over the base model, and emulator mode's share of full mode's gain;
+- how many users' personal adapter beats the global one, and by how much;
+- the compressed adapters' share of both gains at several shared ranks (their storage ratio);
+- the client's cost: one training step's time and the client process's peak memory (one
+  torch thread, the same batch), measured apart in fresh processes.
+
+Writes experiments/results/gains_<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from federation import RESULTS, RUNS, analyse, launch, sweep
+from sweep_recipes import Recipe, cost
+
+MODES = ("emulator", "full")
+
+
+def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
+    run = RUNS / f"gains-{args.name}-{mode}"
+    seconds = None
+    if not (run / "evaluation.json").is_file():
+        if run.exists():
+            sys.exit(f"{run} exists but is unfinished: remove it")
+        seconds = launch(args, run, ["--client-mode", mode, *extra])
+    workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
+    result = analyse(run, workers)
+    ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
+    result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens) if ranks else []
+    result["command_seconds"] = seconds
+    return result
+
+
+def client_costs(args: argparse.Namespace) -> dict[str, dict]:
+    """Step time and peak RSS of one client of each mode, the emulator the run used."""
+    emulator_run = RUNS / f"gains-{args.name}-emulator"
+    plan = json.loads((emulator_run / "emulator" / "soppu_emulator.json").read_text())
+    folder = (emulator_run / "emulator").resolve()
+    return {
+        "emulator": cost(Recipe("emulator"), folder),
+        "full": cost(Recipe("full", mode="full"), folder),
+        "emulator_layers": len(plan["full_layers"]),
+    }
+
+
+def markdown(results: dict[str, dict], costs: dict, args: argparse.Namespace) -> str:
+    em, fu = results["emulator"]["summary"], results["full"]["summary"]
+    share = em["gain_median"] / fu["gain_median"] if fu["gain_median"] else float("nan")
+
+    def pct(value):
+        return "–" if value is None else f"{value:.1%}"
+
+    lines = [
+        f"{em['users']} Shakespeare roles, {args.rounds} rounds × {args.local_steps} local "
+        "steps of 4×128 tokens, fedavg global + personal adapters, LoRA r=8 on q/v.",
+        "",
+        "| | emulator mode | full mode |",
+        "|---|---|---|",
+        f"| median gain over the base model (personal, full model) | **{pct(em['gain_median'])}** "
+        f"| **{pct(fu['gain_median'])}** |",
+        f"| median gain of the global adapter | {pct(em['global_gain_median'])} "
+        f"| {pct(fu['global_gain_median'])} |",
+        f"| users improved | {em['improved']}/{em['users']} | {fu['improved']}/{fu['users']} |",
+        f"| personal beats global | **{em['beats_global']}/{em['with_global']}** "
+        f"| **{fu['beats_global']}/{fu['with_global']}** |",
+        f"| median personal gain over global | {pct(em['personal_over_global_median'])} "
+        f"| {pct(fu['personal_over_global_median'])} |",
+        f"| client step (1 thread, 4×128 tokens) | {costs['emulator']['step_s']:.2f} s "
+        f"| {costs['full']['step_s']:.2f} s |",
+        f"| client peak RSS | {costs['emulator']['peak_rss_mib']:.0f} MiB "
+        f"| {costs['full']['peak_rss_mib']:.0f} MiB |",
+        f"| layers the client holds | {costs['emulator_layers']} of 30 | 30 of 30 |",
+        "",
+        f"Emulator mode reaches **{share:.0%}** of full mode's median gain.",
+    ]
+    for mode, result in results.items():
+        if not result["sweep"]:
+            continue
+        lines += [
+            "",
+            f"Compression, {mode} mode (the same adapters re-compressed at each shared rank):",
+            "",
+            "| shared rank | storage ratio | kept of the gain over base: median "
+            "| kept of the personal gain over global: median | p25 | min |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["sweep"]:
+            lines.append(
+                f"| {r['rank']} | {r['ratio']:.1f}× | {r['kept_median']:.1%} | "
+                f"**{r['kept_over_global_median']:.1%}** | {r['kept_over_global_p25']:.1%} | "
+                f"{r['kept_over_global_min']:.1%} |"
+            )
+    for mode, result in results.items():
+        lines += ["", f"Per user, {mode} mode (held-out perplexity on the full model):", "",
+                  "| user | base | global | personal | compressed | gain | over global |",
+                  "|---|---|---|---|---|---|---|"]
+        for u in result["users"]:
+            gain = 1 - u["personal"] / u["base"]
+            over = 1 - u["personal"] / u["global"] if u["global"] else None
+            lines.append(
+                f"| {u['user']} | {u['base']:.2f} | {u['global']:.2f} | {u['personal']:.2f} "
+                f"| {u['compressed']:.2f} | {gain:.1%} | {pct(over)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="main")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=15)
+    parser.add_argument("--client-cpus", type=float, default=1.0)
+    parser.add_argument("--sweep-ranks", default="4,8,12,16,24,32")
+    parser.add_argument("--sweep-eval-tokens", type=int, default=2048)
+    args, extra = parser.parse_known_args()
+    args.cold = False
+    extra = ["--local-steps", str(args.local_steps), "--min-chars", "10000", *extra]
+    results = {mode: run_mode(args, mode, extra) for mode in MODES}
+    costs = client_costs(args)
+    out = {
+        "args": vars(args), "extra_args": extra, "modes": results, "client_costs": costs,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+    }
+    em, fu = results["emulator"]["summary"], results["full"]["summary"]
+    out["gain_share"] = em["gain_median"] / fu["gain_median"] if fu["gain_median"] else None
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"gains_{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    text = markdown(results, costs, args)
+    (RESULTS / f"gains_{args.name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ def fit_diag(
     tol: float = 1e-5,
     max_iters: int = 500,
 ) -> SlotFit:
-    start = hosvd_start(stack, rank, weights)
+    start = hosvd_start(stack, (rank, rank), weights)
     U, V, total = start.U.clone(), start.V.clone(), start.spec_u.trace
     w = weights.to(stack.S.dtype)
     sigma = _solve_sigma(stack, U, V)

@@ -19,7 +19,7 @@ from compression.cp import fit_diag
 from compression.errors import OrthoForm, personal_errors
 from compression.export import core_ranks, export_lora
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize
-from compression.joint import SlotFit, choose_rank, fit_full, user_weights
+from compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
 from compression.slots import GROUPINGS
 
 SIGMA_MODES = ("full", "diag")
@@ -103,20 +103,24 @@ class SlotResult:
     def params_after(self) -> int:
         """Shared bases plus every core in its cheapest exact stored form."""
         m, n = self.shape
-        return self.fit.rank * (m + n) + core_storage(self.fit, self.lora_ranks)
+        r_u, r_v = self.fit.ranks
+        return r_u * m + r_v * n + core_storage(self.fit, self.lora_ranks)
+
+
+def core_form(k: int, r_u: int, r_v: int) -> str:
+    """How a full core is stored. Uᵀ D_i V has rank ≤ k, so when k·(r_U + r_V) < r_U·r_V it
+    is kept as an r_U × k times k × r_V product ("factored"), else whole ("dense")."""
+    return "factored" if k * (r_u + r_v) < r_u * r_v else "dense"
 
 
 def core_storage(fit: SlotFit, lora_ranks: Tensor) -> int:
-    """Numbers stored for the cores: r per user (diag); else per user min(r², 2·k·r).
-
-    A full core Uᵀ D_i V has rank ≤ k_i, so when 2·k·r < r² it is kept as an r×k times k×r
-    product; the count uses the padded width actually written (the slot's largest k).
-    """
-    count, r = fit.cores.shape[0], fit.rank
+    """Numbers stored for the cores: r per user (diag); else each core in its `core_form`;
+    the count uses the padded width actually written (the slot's largest k)."""
+    count, (r_u, r_v) = fit.cores.shape[0], fit.ranks
     if fit.sigma == "diag":
-        return count * r
+        return count * r_u
     k = int(lora_ranks.max())
-    return count * (2 * k * r if 2 * k * r < r * r else r * r)
+    return count * (k * (r_u + r_v) if core_form(k, r_u, r_v) == "factored" else r_u * r_v)
 
 
 def compress_slot(
@@ -140,9 +144,14 @@ def fit_stack(
     module_groups: Sequence[Sequence[int]] | None = None,
 ) -> SlotResult:
     weights = user_weights(stack, config.weights)
-    rank = config.rank or choose_rank(stack, weights, config.energy or 1.0, config.max_rank)
-    fitter = fit_full if config.sigma == "full" else fit_diag
-    fit = fitter(stack, rank, weights, tol=config.tol, max_iters=config.max_iters)
+    if config.rank:
+        ranks = cap_ranks(stack, config.rank)
+    else:
+        ranks = choose_ranks(stack, weights, config.energy or 1.0, config.max_rank)
+    if config.sigma == "full":
+        fit = fit_full(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters)
+    else:  # a diagonal core pairs one U column with one V column
+        fit = fit_diag(stack, min(ranks), weights, tol=config.tol, max_iters=config.max_iters)
     form = fit.form()
     groups = module_groups if module_groups is not None else [list(range(stack.count))]
     if config.personal_error:

@@ -6,6 +6,10 @@ updates: each half-step does Rayleigh–Ritz over span[V, M(U)·V], which contai
 basis, so the objective can never go down. Every product is a tall GEMM over the stacked
 thin-SVD factors; no D_i is ever formed, and no m × m matrix outside the cost-bounded exact
 start in spectrum.py. Cost per iteration ≈ 6·N·k·r·(m + n).
+
+The two sides have ranks of their own, (r_U, r_V), and Σ_i is r_U × r_V: a narrow slot (16 × 64,
+like a GQA v_proj) is exact at r_U = 16 while its input side still needs every direction the
+users span. A requested rank never exceeds what a side spans: min(its dimension, Σ_i rank D_i).
 """
 
 from __future__ import annotations
@@ -48,13 +52,17 @@ class Bracket:
         }
 
 
+Ranks = tuple[int, int]  # (r_U, r_V): the output side's and the input side's
+
+
 @dataclass
 class SlotFit:
     """Shared bases and per-delta cores for one slot."""
 
-    U: Tensor  # m × r
-    V: Tensor  # n × r
-    sigma: str  # "full": cores N × r × r; "diag": cores N × r (U, V then not orthonormal)
+    U: Tensor  # m × r_U
+    V: Tensor  # n × r_V
+    sigma: str  # "full": cores N × r_U × r_V; "diag": cores N × r (r_U = r_V = r; U, V then
+    # not orthonormal)
     cores: Tensor
     weights: Tensor  # N, float64
     bracket: Bracket
@@ -69,8 +77,8 @@ class SlotFit:
         return len(self.history) - 1
 
     @property
-    def rank(self) -> int:
-        return self.U.shape[1]
+    def ranks(self) -> Ranks:
+        return (self.U.shape[1], self.V.shape[1])
 
     def form(self) -> OrthoForm:
         if self.sigma == "full":
@@ -88,41 +96,72 @@ def user_weights(stack: CanonicalStack, scheme: str) -> Tensor:
     raise ValueError(f"unknown weighting {scheme!r}: use 'uniform' or 'norm'")
 
 
-def hosvd_spectra(stack: CanonicalStack, weights: Tensor, p: int) -> tuple[Spectrum, Spectrum]:
+def hosvd_spectra(
+    stack: CanonicalStack, weights: Tensor, p_u: int, p_v: int | None = None
+) -> tuple[Spectrum, Spectrum]:
     coef = (weights[:, None] * stack.S.double() ** 2).to(stack.S.dtype)
-    return top_eigen(stack.Et, coef, p), top_eigen(stack.Ft, coef, p)
+    return top_eigen(stack.Et, coef, p_u), top_eigen(stack.Ft, coef, p_v or p_u)
 
 
-def choose_rank(stack: CanonicalStack, weights: Tensor, energy: float, max_rank: int) -> int:
-    """Smallest r whose HOSVD guarantee τ_U(r) + τ_V(r) keeps `energy` of the weighted total.
+def span(stack: CanonicalStack) -> Ranks:
+    """How many directions each side can need: min(dimension, Σ_i rank D_i)."""
+    S = stack.S
+    floor = 1e-7 * float(S.max().clamp_min(1e-300)) if S.numel() else 0.0
+    directions = int((S.abs() > floor).sum())  # Σ_i rank D_i, numerically
+    m, n = stack.shape
+    return (max(1, min(m, directions)), max(1, min(n, directions)))
+
+
+def cap_ranks(stack: CanonicalStack, rank: int) -> Ranks:
+    """`rank` on each side, capped at what that side spans."""
+    span_u, span_v = span(stack)
+    return (min(rank, span_u), min(rank, span_v))
+
+
+def choose_ranks(
+    stack: CanonicalStack, weights: Tensor, energy: float, max_rank: int
+) -> Ranks:
+    """The cheapest (r_U, r_V) whose HOSVD guarantee τ_U(r_U) + τ_V(r_V) keeps `energy` of
+    the weighted total; storage r_U·m + r_V·n + N·r_U·r_V.
 
     The fit starts at the HOSVD and only improves, so the target is met for certain.
     """
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"energy target must be in (0, 1], got {energy}")
-    cap = min(max_rank, *stack.shape)
-    p = min(cap, 64)
+    cap_u, cap_v = (min(max_rank, side) for side in span(stack))
+    p_u, p_v = min(cap_u, 64), min(cap_v, 64)
+    m, n = stack.shape
     while True:
-        spec_u, spec_v = hosvd_spectra(stack, weights, p)
-        budget = (1.0 - energy) * spec_u.trace
-        for r in range(1, p + 1):
-            if spec_u.tail(r) + spec_v.tail(r) <= budget + 1e-12 * spec_u.trace:
-                return r
-        if p >= cap:
-            return cap
-        p = min(cap, 2 * p)
+        spec_u, spec_v = hosvd_spectra(stack, weights, p_u, p_v)
+        budget = (1.0 - energy) * spec_u.trace * (1 + 1e-12)
+        tails_u = [spec_u.tail(r) for r in range(1, p_u + 1)]
+        tails_v = [spec_v.tail(r) for r in range(1, p_v + 1)]
+        best: tuple[int, Ranks] | None = None
+        r_v = p_v
+        for r_u in range(1, p_u + 1):  # the smallest r_V that fits falls as r_U grows
+            while r_v > 1 and tails_u[r_u - 1] + tails_v[r_v - 2] <= budget:
+                r_v -= 1
+            if tails_u[r_u - 1] + tails_v[r_v - 1] <= budget:
+                cost = r_u * m + r_v * n + stack.count * r_u * r_v
+                if best is None or cost < best[0]:
+                    best = (cost, (r_u, r_v))
+        if best is not None:
+            return best[1]
+        if p_u >= cap_u and p_v >= cap_v:
+            return (cap_u, cap_v)
+        p_u, p_v = min(cap_u, 2 * p_u), min(cap_v, 2 * p_v)
 
 
 def fit_full(
     stack: CanonicalStack,
-    rank: int,
+    ranks: Ranks,
     weights: Tensor,
     *,
     tol: float = 1e-5,
     max_iters: int = 200,
 ) -> SlotFit:
     """Full Σ_i: alternate Rayleigh–Ritz block updates of V and U from the HOSVD start."""
-    start = hosvd_start(stack, rank, weights)
+    start = hosvd_start(stack, ranks, weights)
     U, V, total = start.U, start.V, start.spec_u.trace
     w = weights.to(stack.S.dtype)
     EU, FV = start.EU, start.FV
@@ -172,8 +211,7 @@ class HosvdStart:
     error: float = 0.0  # weighted squared error of the HOSVD with its optimal full cores
 
     def bracket(self, weights: Tensor, sq_errors: Tensor) -> Bracket:
-        rank = self.U.shape[1]
-        tail_u, tail_v = self.spec_u.tail(rank), self.spec_v.tail(rank)
+        tail_u, tail_v = self.spec_u.tail(self.U.shape[1]), self.spec_v.tail(self.V.shape[1])
         return Bracket(
             lower=max(tail_u, tail_v),
             hosvd=self.error,
@@ -184,10 +222,10 @@ class HosvdStart:
         )
 
 
-def hosvd_start(stack: CanonicalStack, rank: int, weights: Tensor) -> HosvdStart:
-    rank = min(rank, *stack.shape)
-    spec_u, spec_v = hosvd_spectra(stack, weights, rank)
-    U, V = spec_u.vectors[:, :rank], spec_v.vectors[:, :rank]
+def hosvd_start(stack: CanonicalStack, ranks: Ranks, weights: Tensor) -> HosvdStart:
+    r_u, r_v = (min(r, side) for r, side in zip(ranks, span(stack), strict=True))
+    spec_u, spec_v = hosvd_spectra(stack, weights, r_u, r_v)
+    U, V = spec_u.vectors[:, :r_u], spec_v.vectors[:, :r_v]
     EU, FV = project(stack.Et, U), project(stack.Ft, V)
     start = HosvdStart(spec_u, spec_v, U, V, EU, FV, _captured(stack.S, EU, FV, weights))
     start.error = _hosvd_sq_error(stack, weights, start)

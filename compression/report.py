@@ -34,7 +34,8 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
         "slot": slot.name,
         "shape": list(slot.shape),
         "modules": slot.modules,
-        "rank": fit.rank,
+        "rank": rank_label(fit.ranks),
+        "ranks": list(fit.ranks),
         "sigma": fit.sigma,
         "items": len(slot.items),
         "params_before": before,
@@ -55,6 +56,12 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
             for i, (user, module) in enumerate(slot.items)
         ],
     }
+
+
+def rank_label(ranks: tuple[int, int]) -> int | str:
+    """A slot's rank as people read it: 16, or 16×24 for a rectangular core."""
+    r_u, r_v = ranks
+    return r_u if r_u == r_v else f"{r_u}×{r_v}"
 
 
 def build_report(entries: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +89,10 @@ def build_report(entries: Sequence[dict[str, Any]], config: dict[str, Any]) -> d
         "personal_mean": _mean(personal),
         "personal_max": max(personal) if personal else None,
         "seconds": sum(e["seconds"] for e in entries),
+        # A requested rank no slot side can use: that side keeps all it spans (exactly).
+        "capped_slots": sum(
+            1 for e in entries if config.get("rank") and min(e["ranks"]) < config["rank"]
+        ),
     }
     slots = [{k: v for k, v in e.items() if k != "per_item"} for e in entries]
     return {"config": config, "totals": totals, "slots": slots, "modules": modules, "items": items}

@@ -4,8 +4,9 @@
     <store>/slots/<slot>.safetensors   U, V and the cores of every (user, module) item
     <store>/report/                    the reconstruction-error report
 
-Cores are kept in their cheapest exact form: `cores` (N × r × r), `core_left` (N × r × k) with
-`core_right` (N × k × r) when 2·k·r < r², or `sigma` (N × r) for diagonal cores.
+Cores are kept in their cheapest exact form (`compression.engine.core_form`): `cores`
+(N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
+k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from compression.engine import SlotResult
+from compression.engine import SlotResult, core_form
 from compression.errors import OrthoForm
 from soppu.atomic import sha256
 
@@ -40,10 +41,10 @@ def slot_tensors(result: SlotResult) -> tuple[dict[str, Tensor], str]:
     tensors = {"U": fit.U, "V": fit.V}
     if fit.sigma == "diag":
         return {**tensors, "sigma": fit.cores}, "diag"
-    r = fit.rank
-    if fit.core_factors is not None and 2 * fit.core_factors[0].shape[2] * r < r * r:
+    if fit.core_factors is not None:
         left, right = fit.core_factors
-        return {**tensors, "core_left": left, "core_right": right}, "factored"
+        if core_form(left.shape[2], *fit.ranks) == "factored":
+            return {**tensors, "core_left": left, "core_right": right}, "factored"
     return {**tensors, "cores": fit.cores}, "dense"
 
 

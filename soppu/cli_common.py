@@ -93,6 +93,13 @@ def print_report(data: dict) -> None:
         f"personal-part mean {_num(t['personal_mean'])}",
         highlight=False,
     )
+    rank = data.get("config", {}).get("rank")
+    if t.get("capped_slots"):
+        console.print(
+            f"rank {rank} is more than {t['capped_slots']} of {t['slots']} slots span on one "
+            "side or both: there each side keeps every direction it spans (nothing is lost)",
+            highlight=False,
+        )
 
 
 def _num(value: float | None) -> str:

@@ -29,6 +29,7 @@ DataOpt = Annotated[
     typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]
 UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
 TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
 PartitionerOpt = Annotated[
@@ -163,6 +164,7 @@ def emulator_build(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing emulator.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Build the emulator from the full model, align it on public text, save it, and time one
     client training step on it against the full model."""
@@ -175,7 +177,7 @@ def emulator_build(
     with clear_errors():
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        base = basemodel.load(base_model)
+        base = basemodel.load(base_model, device=_device(device))
         plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop, select=layer_select)
         config = AlignConfig(steps=align_steps, lr=align_lr, batch_size=batch_size, seq_len=seq_len)
         emulator, info, texts = _build_emulator(base, plan, public, config)
@@ -271,6 +273,7 @@ def personalize(
     seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter at --out.")] = False,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
     user_column: UserColumnOpt = "user_id",
     text_column: TextColumnOpt = "text",
     partitioner: PartitionerOpt = Partitioner.natural,
@@ -316,7 +319,7 @@ def personalize(
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         person = pick_user(load_users(data, options), user, str(resolve_data(data)))
-        base = basemodel.load(base_model)
+        base = basemodel.load(base_model, device=_device(device))
         emu_model, info, texts = _emulator(emulator, base, client_mode, public)
         starting = read_lora(start) if start else None
         correction = _correction(base, emu_model, info, texts, config, starting, correction_batches)
@@ -348,7 +351,7 @@ def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
     if folder is not None:
-        model, info = load(folder)
+        model, info = load(folder, device=str(next(base.model.parameters()).device))
         if info.base_model != base.name:
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
         if not info.exact and not info.aligned:
@@ -356,6 +359,16 @@ def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
         return model, info, public_text(public)
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, AlignConfig())
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA device")
+    return device
 
 
 def _correction(base, emulator, info, texts, config, start, batches: int):

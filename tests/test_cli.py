@@ -89,6 +89,17 @@ def test_energy_target_picks_ranks_per_slot(tmp_path):
         assert slot["bracket"]["achieved"] <= 0.2 + 1e-6
 
 
+def test_a_rank_above_the_span_is_capped_exact_and_said_once(tmp_path):
+    """6 users of rank 4 span 24 directions: --rank 32 gives the lossless result."""
+    invoke("synth", tmp_path / "adapters", "--users", 6, "--layers", 1, "--rank", 4)
+    code, out = invoke("compress", tmp_path / "adapters", "--out", tmp_path / "store", "--rank", 32)
+    assert code == 0, out
+    assert out.count("rank 32 is more than") == 1 and "nothing is lost" in out
+    report = json.loads((tmp_path / "store" / "report" / "report.json").read_text())
+    assert report["totals"]["max"] <= 1e-5
+    assert all(max(slot["ranks"]) <= 24 for slot in report["slots"])
+
+
 def test_bad_input_is_one_clear_error_and_exit_2(tmp_path):
     (tmp_path / "pool" / "mallory").mkdir(parents=True)
     (tmp_path / "pool" / "mallory" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')

@@ -10,7 +10,7 @@ from helpers import random_factors
 
 from compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
 from compression import spectrum as spectrum_module
-from compression.joint import user_weights
+from compression.joint import hosvd_spectra, user_weights
 from compression.spectrum import top_eigen
 
 
@@ -114,14 +114,23 @@ def test_scale_and_rank_enter_the_delta():
     torch.testing.assert_close(b.reconstruct(0), 2 * a.reconstruct(0), rtol=1e-5, atol=1e-6)
 
 
-def test_energy_target_is_met_with_the_smallest_guaranteed_rank():
+def test_energy_target_is_met_with_the_cheapest_guaranteed_pair_of_ranks():
     items = random_factors(10, 50, 40, 4, seed=11, shared=8)
     items += random_factors(10, 50, 40, 4, seed=12)
     result = compress_slot(items, CompressionConfig(energy=0.9))
     b = result.fit.bracket
     assert b.achieved <= 0.1 * b.total * (1 + 1e-6)
-    smaller = compress_slot(items, CompressionConfig(rank=result.fit.rank - 1))
-    assert smaller.fit.bracket.upper > 0.1 * b.total  # r − 1 would not be guaranteed
+    stack = canonicalize(items)
+    spec_u, spec_v = hosvd_spectra(stack, torch.ones(stack.count, dtype=torch.float64), 40, 40)
+    r_u, r_v = result.fit.ranks
+
+    def cost(a, b):
+        return a * 50 + b * 40 + 20 * a * b
+
+    for a in range(1, 41):
+        for c in range(1, 41):
+            if cost(a, c) < cost(r_u, r_v):  # anything cheaper is not guaranteed
+                assert spec_u.tail(a) + spec_v.tail(c) > 0.1 * b.total, (a, c)
 
 
 def test_norm_weights_protect_small_users():
@@ -168,3 +177,36 @@ def test_bad_configs_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             CompressionConfig(rank=2, device="cuda")
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (16, 64), (64, 16)], ids=["square", "narrow", "wide"])
+def test_full_span_is_exact_at_any_shape_with_mixed_user_ranks(shape):
+    """6 users of ranks 2–5 span 21 directions: a 16-row side can hold only 16 of them, so
+    r_U = 16 and r_V = 21 (a rectangular core) is exact where one shared r could not be."""
+    m, n = shape
+    items = []
+    for seed, k in enumerate((2, 3, 3, 4, 4, 5)):
+        items += random_factors(1, m, n, k, seed=40 + seed)
+    for rank in (21, 32, 500):  # at the span, and asked for more than there is
+        result = compress_slot(items, CompressionConfig(rank=rank))
+        assert result.fit.ranks == (min(m, 21), min(n, 21))
+        assert float(result.errors.max()) <= 1e-5
+        assert float(dense_errors(items, result).max()) <= 1e-5
+        A, B = result.export(0, 32)
+        torch.testing.assert_close(
+            (B.double() @ A.double()),
+            items[0].delta(),
+            rtol=0,
+            atol=1e-5 * float(items[0].delta().norm()),
+        )
+    capped = compress_slot(items, CompressionConfig(rank=500, sigma="diag"))
+    assert capped.fit.ranks == (min(m, n, 21), min(m, n, 21))
+
+
+def test_rectangular_storage_counts_each_side_and_the_cheaper_core_form():
+    items = random_factors(6, 16, 64, 4, seed=50)  # 24 directions; the 16-row side caps at 16
+    result = compress_slot(items, CompressionConfig(rank=24))
+    assert result.fit.ranks == (16, 24)
+    # bases 16·16 + 24·64; each core 16 × 24 = 384 numbers, or 4·(16 + 24) = 160 factored
+    assert result.params_after() == 16 * 16 + 24 * 64 + 6 * 160
+    assert result.params_before() == 6 * 4 * (16 + 64)

@@ -68,6 +68,38 @@ def test_batched_multi_user_logits_equal_each_users_peft_logits(served):
         assert torch.allclose(batched[4:], base(input_ids=ids[4:]).logits, atol=1e-5)
 
 
+def test_rectangular_cores_publish_and_serve_exactly(tmp_path):
+    """10 users of rank 4 span 40 directions; v_proj has 32 rows, so its cores are 32 × 40.
+    Served from the shared bases and loaded by PEFT from the published dirs, every user
+    gets their own adapter's logits."""
+    model_dir = write_tiny_model(tmp_path / "model", layers=2)
+    population = tiny_population(10, k=4, layers=2, shared=12)
+    paths = write_users(
+        tmp_path / "adapters", population, rank=4, alpha=8, base_model=str(model_dir)
+    )
+    manifest = compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=40))
+    ranks = {
+        tuple(slot["ranks"])
+        for slot in json.loads((tmp_path / "store" / "report" / "report.json").read_text())["slots"]
+    }
+    assert ranks == {(40, 40), (32, 40)} and manifest["totals"]["max"] <= 1e-5
+    version = publish(tmp_path / "store", tmp_path / "serving")
+    adapters = load_shared(version)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = Engine(model, AutoTokenizer.from_pretrained(model_dir), adapters)
+    users = ["user00", "user07"]
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([adapters.users[u] for u in users])
+    with torch.no_grad(), batch_users(engine.layers, rows):
+        batched = model(input_ids=ids).logits
+    for i, user in enumerate(users):
+        with torch.no_grad():
+            own = peft_model(model_dir, paths[user])(input_ids=ids[i : i + 1]).logits
+            published = peft_model(model_dir, version / "users" / user)(input_ids=ids[i : i + 1])
+        assert torch.allclose(batched[i : i + 1], own, atol=1e-4), user
+        assert torch.allclose(published.logits, own, atol=1e-4), user
+
+
 def run_engine(engine: Engine, waves: list[list[tuple[list[int], str | None, int]]]):
     """Submit wave after wave, each once the previous one is decoding, so that rows join a
     running batch (its KV cache merged, left-padded) and leave it at different steps."""

@@ -1,7 +1,8 @@
 """Many users' adapters in one forward pass, from the shared bases.
 
 A published version's `shared/` holds, per slot (one weight matrix), orthonormal bases U
-(m × r) and V (n × r) and every user's core Σ_i (r × r), with D̂_i = U Σ_i Vᵀ (scale folded in).
+(m × r_U) and V (n × r_V) and every user's core Σ_i (r_U × r_V), with D̂_i = U Σ_i Vᵀ (scale
+folded in).
 For a batch whose rows belong to different users, the adapted layer computes
 
     y = W x + U (Σ_{u(row)} (Vᵀ x))
@@ -29,9 +30,9 @@ class SlotWeights:
     """One slot's bases and the cores of every user (row 0: zeros, for users without one)."""
 
     module: str
-    U: Tensor  # m × r
-    V: Tensor  # n × r
-    cores: Tensor  # (1 + users) × r × r
+    U: Tensor  # m × r_U
+    V: Tensor  # n × r_V
+    cores: Tensor  # (1 + users) × r_U × r_V
 
 
 @dataclass
@@ -60,8 +61,8 @@ def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> Shared
         slot = StoredSlot.open(shared, entry)
         modules = {module for _, module in entry["items"]}
         for module in sorted(modules):
-            r = slot.form.Qu.shape[1]
-            cores = torch.zeros(len(users) + 1, r, r, dtype=dtype)
+            ranks = (slot.form.Qu.shape[1], slot.form.Qv.shape[1])
+            cores = torch.zeros(len(users) + 1, *ranks, dtype=dtype)
             for i, (user, item_module) in enumerate(entry["items"]):
                 if item_module == module:
                     cores[users[user]] = slot.core(i).to(dtype)

@@ -16,11 +16,12 @@ import torch
 from torch import Tensor
 
 from compression.cp import fit_diag
-from compression.errors import OrthoForm, personal_errors
+from compression.errors import OrthoForm, personal_errors, squared_errors
 from compression.export import core_ranks, export_lora
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize
 from compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
 from compression.slots import GROUPINGS
+from compression.storage import BITS, SlotStorage, core_form
 
 SIGMA_MODES = ("full", "diag")
 WEIGHTINGS = ("uniform", "norm")
@@ -42,6 +43,7 @@ class CompressionConfig:
     max_rank: int = 1024  # ceiling for energy-chosen ranks
     device: str = "cpu"
     personal_error: bool = True  # costs one dense m × n mean per module
+    bits: int = 32  # 8 or 4: bases and cores stored as integer codes, a scale per column
 
     def __post_init__(self) -> None:
         if self.rank is None and self.energy is None:
@@ -56,6 +58,8 @@ class CompressionConfig:
             raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
 
@@ -68,9 +72,11 @@ class SlotResult:
     """A fitted slot and its honest per-delta accounting."""
 
     fit: SlotFit
-    form: OrthoForm
+    form: OrthoForm  # what is stored, as read back (quantised values, if any)
+    stored: SlotStorage
     sq_norms: Tensor  # ‖D_i‖²
-    sq_errors: Tensor  # ‖D_i − D̂_i‖²
+    sq_errors: Tensor  # ‖D_i − D̂_i‖² of what is stored
+    sq_errors_float: Tensor  # the same before quantisation (= sq_errors at 32 bits)
     personal_sq_errors: Tensor  # ‖(D_i − D̄) − (D̂_i − D̄̂)‖² (NaN when not measured)
     personal_sq_norms: Tensor  # ‖D_i − D̄‖²
     lora_ranks: Tensor  # k_i of the inputs
@@ -106,11 +112,13 @@ class SlotResult:
         r_u, r_v = self.fit.ranks
         return r_u * m + r_v * n + core_storage(self.fit, self.lora_ranks)
 
+    def bytes_before(self) -> int:
+        """The users' LoRA factors as float32, as the federation stores them."""
+        return 4 * self.params_before()
 
-def core_form(k: int, r_u: int, r_v: int) -> str:
-    """How a full core is stored. Uᵀ D_i V has rank ≤ k, so when k·(r_U + r_V) < r_U·r_V it
-    is kept as an r_U × k times k × r_V product ("factored"), else whole ("dense")."""
-    return "factored" if k * (r_u + r_v) < r_u * r_v else "dense"
+    def bytes_after(self) -> int:
+        """What the slot's file holds: floats, or codes and their scales."""
+        return self.stored.nbytes
 
 
 def core_storage(fit: SlotFit, lora_ranks: Tensor) -> int:
@@ -152,7 +160,9 @@ def fit_stack(
         fit = fit_full(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters)
     else:  # a diagonal core pairs one U column with one V column
         fit = fit_diag(stack, min(ranks), weights, tol=config.tol, max_iters=config.max_iters)
-    form = fit.form()
+    stored = SlotStorage.of(fit, config.bits)
+    form = fit.form() if config.bits == 32 else stored.form_read_back()
+    sq_errors = fit.sq_errors if config.bits == 32 else squared_errors(stack, form)
     groups = module_groups if module_groups is not None else [list(range(stack.count))]
     if config.personal_error:
         pnum, pden = personal_errors(stack, form, groups)
@@ -161,8 +171,10 @@ def fit_stack(
     return SlotResult(
         fit=fit,
         form=form,
+        stored=stored,
         sq_norms=stack.sq_norms().cpu(),
-        sq_errors=fit.sq_errors.cpu(),
+        sq_errors=sq_errors.cpu(),
+        sq_errors_float=fit.sq_errors.cpu(),
         personal_sq_errors=pnum.cpu(),
         personal_sq_norms=pden.cpu(),
         lora_ranks=lora_ranks.cpu(),

@@ -48,7 +48,7 @@ def plot_errors(report: dict[str, Any], path: Path) -> None:
     t = report["totals"]
     ax.set_title(
         f"Per-layer reconstruction error: {t['users']} users, mean {t['mean']:.3f}, "
-        f"{t['ratio']:.1f}× fewer parameters"
+        f"{t['ratio']:.1f}× fewer bytes"
     )
     ax.legend(loc="upper right", fontsize="small")
     ax.grid(axis="y", alpha=0.3)

@@ -30,6 +30,8 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
     fit = result.fit
     before, after = result.params_before(), result.params_after()
     errors, personal = result.errors.tolist(), result.personal_errors.tolist()
+    float_errors = _ratio(result.sq_errors_float, result.sq_norms).tolist()
+    bytes_before, bytes_after = result.bytes_before(), result.bytes_after()
     return {
         "slot": slot.name,
         "shape": list(slot.shape),
@@ -40,7 +42,10 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
         "items": len(slot.items),
         "params_before": before,
         "params_after": after,
-        "ratio": before / after if after else math.inf,
+        "bits": result.stored.bits,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "ratio": bytes_before / bytes_after if bytes_after else math.inf,  # counted in bytes
         "bracket": fit.bracket.as_dict(),
         "iterations": fit.iterations,
         "converged": fit.converged,
@@ -50,7 +55,8 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
             {
                 "user": user,
                 "module": module,
-                "error": errors[i],
+                "error": errors[i],  # of what is stored (after quantisation, if any)
+                "error_float": float_errors[i],  # the fit's own, before quantisation
                 "personal_error": _clean(personal[i]),
             }
             for i, (user, module) in enumerate(slot.items)
@@ -76,7 +82,10 @@ def build_report(entries: Sequence[dict[str, Any]], config: dict[str, Any]) -> d
     ]
     before = sum(e["params_before"] for e in entries)
     after = sum(e["params_after"] for e in entries)
+    bytes_before = sum(e["bytes_before"] for e in entries)
+    bytes_after = sum(e["bytes_after"] for e in entries)
     errors = torch.tensor([it["error"] for it in items], dtype=torch.float64)
+    float_errors = torch.tensor([it["error_float"] for it in items], dtype=torch.float64)
     personal = _finite([it["personal_error"] for it in items])
     totals = {
         "users": len({it["user"] for it in items}),
@@ -84,8 +93,13 @@ def build_report(entries: Sequence[dict[str, Any]], config: dict[str, Any]) -> d
         "slots": len(entries),
         "params_before": before,
         "params_after": after,
-        "ratio": before / after if after else math.inf,
+        "params_ratio": before / after if after else math.inf,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "ratio": bytes_before / bytes_after if bytes_after else math.inf,  # counted in bytes
+        "bits": entries[0]["bits"] if entries else 32,
         **_stats(errors),
+        "float_mean": float(float_errors.mean()) if len(items) else 0.0,  # before quantising
         "personal_mean": _mean(personal),
         "personal_max": max(personal) if personal else None,
         "seconds": sum(e["seconds"] for e in entries),
@@ -124,6 +138,11 @@ def _stats(errors: torch.Tensor) -> dict[str, float]:
         "max": float(errors.max()),
         "mean_sq": float((errors**2).mean()),
     }
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, (num.clamp_min(0) / safe).sqrt(), torch.zeros_like(den))
 
 
 def _finite(values: list) -> list[float]:
@@ -202,11 +221,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         "# Reconstruction-error report",
         "",
         f"{t['users']} users, {t['modules']} modules in {t['slots']} slots. "
-        f"Parameters {t['params_before']:,} → {t['params_after']:,} "
+        f"Parameters {t['params_before']:,} → {t['params_after']:,}; bytes "
+        f"{t['bytes_before']:,} → {t['bytes_after']:,} at {t['bits']} bits "
         f"(**{t['ratio']:.1f}×** smaller). Relative product error ‖D−D̂‖/‖D‖: "
         f"mean {t['mean']:.4f}, median {t['median']:.4f}, p95 {t['p95']:.4f}, "
-        f"max {t['max']:.4f} (mean squared {t['mean_sq']:.4f}); "
-        f"personal-part error mean {_fmt(t['personal_mean'])}.",
+        f"max {t['max']:.4f} (mean squared {t['mean_sq']:.4f}"
+        + (f"; {t['float_mean']:.4f} before quantising" if t["bits"] != 32 else "")
+        + f"); personal-part error mean {_fmt(t['personal_mean'])}.",
         "",
         "## Per module",
         "",
@@ -227,15 +248,16 @@ def report_markdown(report: dict[str, Any]) -> str:
         "Bracket values are weighted relative errors √(Σ wᵢ‖Dᵢ−D̂ᵢ‖² / Σ wᵢ‖Dᵢ‖²): no shared "
         "basis of this rank can go below *lower*; the HOSVD start guarantees *upper*.",
         "",
-        "| slot | shape | rank | σ | params before | after | ratio | lower | achieved | hosvd "
-        "| upper | iters |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| slot | shape | rank | σ | params before | after | bytes after | ratio | lower "
+        "| achieved | hosvd | upper | iters |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["slots"]:
         b = s["bracket"]
         lines.append(
             f"| {s['slot']} | {s['shape'][0]}×{s['shape'][1]} | {s['rank']} | {s['sigma']} "
-            f"| {s['params_before']:,} | {s['params_after']:,} | {s['ratio']:.1f}× "
+            f"| {s['params_before']:,} | {s['params_after']:,} | {s['bytes_after']:,} "
+            f"| {s['ratio']:.1f}× "
             f"| {b['lower']:.4f} | {b['achieved']:.4f} | {b['hosvd']:.4f} | {b['upper']:.4f} "
             f"| {s['iterations']} |"
         )

@@ -4,9 +4,11 @@
     <store>/slots/<slot>.safetensors   U, V and the cores of every (user, module) item
     <store>/report/                    the reconstruction-error report
 
-Cores are kept in their cheapest exact form (`compression.engine.core_form`): `cores`
+Cores are kept in their cheapest exact form (`compression.storage.core_form`): `cores`
 (N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
-k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores.
+k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
+tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
+the tensors' shapes); reading dequantises.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from compression.engine import SlotResult, core_form
+from compression.engine import SlotResult
 from compression.errors import OrthoForm
+from compression.storage import SlotReader
 from soppu.atomic import sha256
 
 FORMAT = "soppu-compressed/1"
@@ -35,28 +38,18 @@ class StoreError(ValueError):
     """A store that is missing, corrupt, or not a store; the message names the file."""
 
 
-def slot_tensors(result: SlotResult) -> tuple[dict[str, Tensor], str]:
-    """Tensors to save for one slot and the core form used."""
-    fit = result.fit
-    tensors = {"U": fit.U, "V": fit.V}
-    if fit.sigma == "diag":
-        return {**tensors, "sigma": fit.cores}, "diag"
-    if fit.core_factors is not None:
-        left, right = fit.core_factors
-        if core_form(left.shape[2], *fit.ranks) == "factored":
-            return {**tensors, "core_left": left, "core_right": right}, "factored"
-    return {**tensors, "cores": fit.cores}, "dense"
-
-
 def write_slot(directory: Path, name: str, result: SlotResult) -> dict[str, Any]:
-    """Save one slot's tensors; returns its manifest entry (file, checksum, form)."""
+    """Save one slot's tensors; returns its manifest entry (file, checksum, form, bits)."""
     if not _SAFE_SLOT.match(name):
         raise StoreError(f"slot name {name!r} is not safe as a file name")
-    tensors, form = slot_tensors(result)
+    stored = result.stored
     path = Path(directory) / "slots" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path)
-    return {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": form}
+    save_file(stored.tensors(), path)
+    entry = {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": stored.form}
+    if stored.bits != 32:
+        entry |= {"bits": stored.bits, "shapes": stored.shapes()}
+    return entry
 
 
 def read_manifest(store: Path) -> dict[str, Any]:
@@ -89,31 +82,24 @@ class StoredSlot:
     entry: dict[str, Any]
     path: Path
     form: OrthoForm  # Qu, Qv ready; cores read per item with `core`
-    handle: Any  # an open safe_open: items are memory-mapped, read one at a time
-    _R: tuple[Tensor, Tensor] | None  # (Ru, Rv) for diagonal cores
+    reader: SlotReader  # items are memory-mapped, read (and dequantised) one at a time
 
     @staticmethod
     def open(store: Path, entry: dict[str, Any]) -> StoredSlot:
         path = Path(store) / entry["file"]
         try:
             handle = safe_open(path, framework="pt")
-            U, V = handle.get_tensor("U"), handle.get_tensor("V")
-        except (SafetensorError, OSError) as exc:
+            reader = SlotReader(
+                entry["core_form"],
+                int(entry.get("bits", 32)),
+                handle.get_tensor,
+                entry.get("shapes", {}),
+                lambda name, i: handle.get_slice(name)[i : i + 1][0],
+            )
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise StoreError(f"{path}: cannot read ({exc})") from exc
-        if entry["core_form"] == "diag":
-            Qu, Ru = torch.linalg.qr(U)
-            Qv, Rv = torch.linalg.qr(V)
-            return StoredSlot(entry, path, OrthoForm(Qu, Qv, torch.empty(0)), handle, (Ru, Rv))
-        return StoredSlot(entry, path, OrthoForm(U, V, torch.empty(0)), handle, None)
+        return StoredSlot(entry, path, OrthoForm(reader.Qu, reader.Qv, torch.empty(0)), reader)
 
     def core(self, index: int) -> Tensor:
-        """Item `index`'s r × r core in the orthonormal bases (Qu, Qv)."""
-        form, h = self.entry["core_form"], self.handle
-        if form == "dense":
-            return h.get_slice("cores")[index : index + 1][0]
-        if form == "factored":
-            left = h.get_slice("core_left")[index : index + 1][0]
-            return left @ h.get_slice("core_right")[index : index + 1][0]
-        sigma = h.get_slice("sigma")[index : index + 1][0]
-        Ru, Rv = self._R
-        return (Ru * sigma[None, :]) @ Rv.T
+        """Item `index`'s r_U × r_V core in the orthonormal bases (Qu, Qv)."""
+        return self.reader.core(index)

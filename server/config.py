@@ -41,6 +41,7 @@ class FederationConfig:
     compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
     compress_energy: float = 0.9
     compress_sigma: str = "full"
+    compress_bits: int = 32  # 8 or 4: quantised bases and cores
     export_rank: int = 0  # serving rank; 0: exact
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
     # local training
@@ -151,6 +152,7 @@ class FederationConfig:
             rank=self.compress_rank or None,
             energy=None if self.compress_rank else self.compress_energy,
             sigma=self.compress_sigma,
+            bits=self.compress_bits,
             device=self.device,
         )
 

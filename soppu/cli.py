@@ -89,6 +89,9 @@ def compress(
         float | None, typer.Option(help="Else: weighted relative error target (energy 1−e²).")
     ] = None,
     sigma: Annotated[Sigma, typer.Option(help="Per-user core: full r×r or diagonal.")] = Sigma.full,
+    bits: Annotated[
+        int, typer.Option(help="32, or 8/4: bases and cores stored as codes with column scales.")
+    ] = 32,
     group: Annotated[
         Group, typer.Option(help="slot: basis per (layer, module); shape: per tensor shape.")
     ] = Group.slot,
@@ -125,6 +128,7 @@ def compress(
             max_iters=max_iters,
             device=device,
             personal_error=personal_error,
+            bits=bits,
         )
         if run is not None:
             if inputs or out:

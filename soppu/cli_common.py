@@ -88,8 +88,11 @@ def print_report(data: dict) -> None:
     t = data["totals"]
     console.print(
         f"[bold]{t['users']} users, {t['modules']} modules[/]: parameters "
-        f"{t['params_before']:,} → {t['params_after']:,} ([bold]{t['ratio']:.1f}×[/]); "
-        f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}; "
+        f"{t['params_before']:,} → {t['params_after']:,}, bytes {t['bytes_before']:,} → "
+        f"{t['bytes_after']:,} at {t['bits']} bits ([bold]{t['ratio']:.1f}×[/]); "
+        f"error mean {t['mean']:.4f}"
+        + (f" ({t['float_mean']:.4f} before quantising)" if t["bits"] != 32 else "")
+        + f", p95 {t['p95']:.4f}, max {t['max']:.4f}; "
         f"personal-part mean {_num(t['personal_mean'])}",
         highlight=False,
     )

@@ -80,6 +80,7 @@ def simulate(
     rank: Annotated[int | None, Opt(help="Compression: shared rank per slot.")] = None,
     energy: Annotated[float | None, Opt(help="Compression: energy kept (if no --rank).")] = None,
     sigma: Annotated[str | None, Opt(help="Compression: full or diag cores.")] = None,
+    bits: Annotated[int | None, Opt(help="Compression: 32, or 8/4 (quantised storage).")] = None,
     export_rank: Annotated[int | None, Opt(help="Serving rank (0: exact).")] = None,
     min_chars: Annotated[int | None, Opt(help="Skip users with less text.")] = None,
     seed: Annotated[int | None, Opt()] = None,
@@ -98,7 +99,12 @@ def simulate(
     """Run a simulated federation: every user trains their LoRA on the emulator; the server
     keeps every adapter, compresses them, publishes a serving version and reports."""
     flags = {k: v for k, v in locals().items() if v is not None}
-    aliases = {"rank": "compress_rank", "energy": "compress_energy", "sigma": "compress_sigma"}
+    aliases = {
+        "rank": "compress_rank",
+        "energy": "compress_energy",
+        "sigma": "compress_sigma",
+        "bits": "compress_bits",
+    }
     overrides = {aliases.get(k, k): v for k, v in flags.items() if k not in _NOT_CONFIG}
     overrides["run_dir"] = str(out)
     with clear_errors():

@@ -150,14 +150,16 @@ def fit_stack(
     lora_ranks: Tensor,
     config: CompressionConfig,
     module_groups: Sequence[Sequence[int]] | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> SlotResult:
+    """Fit one slot's canonical stack; `init` = (U, V) warm-starts a refit (full cores)."""
     weights = user_weights(stack, config.weights)
     if config.rank:
         ranks = cap_ranks(stack, config.rank)
     else:
         ranks = choose_ranks(stack, weights, config.energy or 1.0, config.max_rank)
     if config.sigma == "full":
-        fit = fit_full(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters)
+        fit = fit_full(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters, init=init)
     else:  # a diagonal core pairs one U column with one V column
         fit = fit_diag(stack, min(ranks), weights, tol=config.tol, max_iters=config.max_iters)
     stored = SlotStorage.of(fit, config.bits)

@@ -118,9 +118,7 @@ def cap_ranks(stack: CanonicalStack, rank: int) -> Ranks:
     return (min(rank, span_u), min(rank, span_v))
 
 
-def choose_ranks(
-    stack: CanonicalStack, weights: Tensor, energy: float, max_rank: int
-) -> Ranks:
+def choose_ranks(stack: CanonicalStack, weights: Tensor, energy: float, max_rank: int) -> Ranks:
     """The cheapest (r_U, r_V) whose HOSVD guarantee τ_U(r_U) + τ_V(r_V) keeps `energy` of
     the weighted total; storage r_U·m + r_V·n + N·r_U·r_V.
 
@@ -159,13 +157,21 @@ def fit_full(
     *,
     tol: float = 1e-5,
     max_iters: int = 200,
+    init: tuple[Tensor, Tensor] | None = None,
 ) -> SlotFit:
-    """Full Σ_i: alternate Rayleigh–Ritz block updates of V and U from the HOSVD start."""
+    """Full Σ_i: alternate Rayleigh–Ritz block updates of V and U from the HOSVD start, or
+    from `init` = (U, V), bases of an earlier fit (a refit after new users joined), when it
+    captures more."""
     start = hosvd_start(stack, ranks, weights)
     U, V, total = start.U, start.V, start.spec_u.trace
     w = weights.to(stack.S.dtype)
     EU, FV = start.EU, start.FV
-    history = [start.captured]
+    captured = start.captured
+    if init is not None:
+        warm = _warm(stack, init, start, weights)
+        if warm[4] > captured:
+            U, V, EU, FV, captured = warm
+    history = [captured]
     converged = False
     for _ in range(max_iters):
         V, FV, _ = _ritz_step(stack.Ft, stack.S[:, :, None] * EU, FV, V, w)
@@ -181,6 +187,23 @@ def fit_full(
     fit = SlotFit(U, V, "full", cores, weights, bracket, sq_errors, history, converged)
     fit.core_factors = (left, FV)
     return fit
+
+
+def _warm(
+    stack: CanonicalStack, init: tuple[Tensor, Tensor], start: HosvdStart, weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """Orthonormal bases from earlier ones (their leading columns, topped up from the HOSVD
+    start's when fewer than now needed)."""
+    bases = []
+    for old, new in zip(init, (start.U, start.V), strict=True):
+        r = new.shape[1]
+        Q, _ = torch.linalg.qr(old.to(new)[:, :r])
+        if Q.shape[1] < r:
+            Q = torch.linalg.qr(torch.cat([Q, new - Q @ (Q.T @ new)], dim=1))[0][:, :r]
+        bases.append(Q)
+    U, V = bases
+    EU, FV = project(stack.Et, U), project(stack.Ft, V)
+    return U, V, EU, FV, _captured(stack.S, EU, FV, weights)
 
 
 def _hosvd_sq_error(stack: CanonicalStack, weights: Tensor, start: HosvdStart) -> float:

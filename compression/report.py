@@ -253,12 +253,30 @@ def report_markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["slots"]:
-        b = s["bracket"]
+        b = s["bracket"]  # None where users were added onto old bases without a fit
+        bounds = (
+            " | ".join(f"{b[key]:.4f}" for key in ("lower", "achieved", "hosvd", "upper"))
+            if b
+            else "– | – | – | –"
+        )
         lines.append(
             f"| {s['slot']} | {s['shape'][0]}×{s['shape'][1]} | {s['rank']} | {s['sigma']} "
             f"| {s['params_before']:,} | {s['params_after']:,} | {s['bytes_after']:,} "
-            f"| {s['ratio']:.1f}× "
-            f"| {b['lower']:.4f} | {b['achieved']:.4f} | {b['hosvd']:.4f} | {b['upper']:.4f} "
-            f"| {s['iterations']} |"
+            f"| {s['ratio']:.1f}× | {bounds} | {s['iterations']} |"
         )
+    drifts = [s for s in report["slots"] if "drift" in s]
+    if drifts:
+        lines += [
+            "",
+            "## Added users",
+            "",
+            "Drift: the share of the new users' energy outside a slot's bases.",
+            "",
+            "| slot | drift | refit |",
+            "|---|---:|---|",
+            *(
+                f"| {s['slot']} | {s['drift']:.4f} | {'yes' if s['refit'] else 'no'} |"
+                for s in drifts
+            ),
+        ]
     return "\n".join(lines) + "\n"

@@ -58,14 +58,32 @@ def reduced_axis(name: str, shape: tuple[int, ...]) -> int:
 
 @dataclass
 class Quantized:
-    codes: Tensor  # int8 (8 bits), or uint8 with two 4-bit codes per byte (4 bits)
+    codes: Tensor  # int8, one per number (4-bit codes are packed only on disk)
     scales: Tensor  # float16, the tensor's shape with the reduced axis of size 1
     bits: int
-    shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * 2
+        code_bytes = self.codes.numel() if self.bits == 8 else (self.codes.numel() + 1) // 2
+        return code_bytes + self.scales.numel() * 2
+
+    def packed(self) -> Tensor:
+        """The codes as the file holds them: int8, or 4-bit pairs packed in uint8."""
+        return _pack4(self.codes) if self.bits == 4 else self.codes
+
+    @staticmethod
+    def unpacked(codes: Tensor, scales: Tensor, bits: int, shape: tuple[int, ...]) -> Quantized:
+        return Quantized(_unpack4(codes, shape) if bits == 4 else codes, scales, bits)
+
+    def cat(self, other: Quantized) -> Quantized:
+        """Rows appended (axis 0): each row keeps its own scales."""
+        return Quantized(
+            torch.cat([self.codes, other.codes]), torch.cat([self.scales, other.scales]), self.bits
+        )
 
 
 def quantize(tensor: Tensor, bits: int, axis: int) -> Quantized:
@@ -81,14 +99,11 @@ def quantize(tensor: Tensor, bits: int, axis: int) -> Quantized:
     scales = torch.where(scales.float() * levels < peak, scales.float() * (1 + 2**-10), scales)
     scales = scales.to(torch.float16)
     codes = torch.round(x / scales.float()).clamp(-levels, levels).to(torch.int8)
-    if bits == 4:
-        codes = _pack4(codes)
-    return Quantized(codes, scales, bits, tuple(x.shape))
+    return Quantized(codes, scales, bits)
 
 
 def dequantize(q: Quantized) -> Tensor:
-    codes = _unpack4(q.codes, q.shape) if q.bits == 4 else q.codes
-    return codes.float() * q.scales.float()
+    return q.codes.float() * q.scales.float()
 
 
 def _pack4(codes: Tensor) -> Tensor:
@@ -122,15 +137,48 @@ class SlotStorage:
 
     @staticmethod
     def of(fit: SlotFit, bits: int = 32) -> SlotStorage:
+        floats, form = stored_floats(fit)
+        return SlotStorage.coded(form, bits, floats)
+
+    @staticmethod
+    def coded(form: str, bits: int, floats: dict[str, Tensor]) -> SlotStorage:
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
-        floats, form = stored_floats(fit)
         if bits == 32:
             return SlotStorage(form, bits, floats, {})
         quantized = {
             k: quantize(v, bits, reduced_axis(k, tuple(v.shape))) for k, v in floats.items()
         }
         return SlotStorage(form, bits, {}, quantized)
+
+    @staticmethod
+    def from_file(
+        form: str, bits: int, tensors: dict[str, Tensor], shapes: dict[str, list[int]]
+    ) -> SlotStorage:
+        """A slot as `tensors()` wrote it."""
+        if bits == 32:
+            return SlotStorage(form, bits, dict(tensors), {})
+        quantized = {
+            name: Quantized.unpacked(
+                tensors[f"{name}.codes"], tensors[f"{name}.scales"], bits, tuple(shape)
+            )
+            for name, shape in shapes.items()
+        }
+        return SlotStorage(form, bits, {}, quantized)
+
+    def with_rows(self, new: dict[str, Tensor]) -> SlotStorage:
+        """New users' per-user tensors (cores, core factors or sigma; float, in the stored
+        bases' coordinates) appended after the old users'; bases and old rows unchanged."""
+        added = SlotStorage.coded(self.form, self.bits, new)
+        if self.bits == 32:
+            floats = dict(self.floats)
+            for name, tensor in added.floats.items():
+                floats[name] = torch.cat([floats[name], tensor.to(floats[name])])
+            return SlotStorage(self.form, self.bits, floats, {})
+        quantized = dict(self.quantized)
+        for name, q in added.quantized.items():
+            quantized[name] = quantized[name].cat(q)
+        return SlotStorage(self.form, self.bits, {}, quantized)
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +189,7 @@ class SlotStorage:
         """What goes into the slot's file: floats, or `NAME.codes` and `NAME.scales`."""
         out = {k: v.detach().float().cpu().contiguous() for k, v in self.floats.items()}
         for name, q in self.quantized.items():
-            out[f"{name}.codes"] = q.codes.contiguous()
+            out[f"{name}.codes"] = q.packed().contiguous()
             out[f"{name}.scales"] = q.scales.contiguous()
         return out
 
@@ -184,6 +232,20 @@ class SlotReader:
         else:
             self.Qu, self.Qv = U, V
 
+    def bases(self) -> tuple[Tensor, Tensor]:
+        """U and V as stored (dequantised): what diagonal cores multiply."""
+        return self._tensor("U"), self._tensor("V")
+
+    def to_stored_coordinates(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+        """Core factors in the bases (Qu, Qv) → in the stored U, V: L ↦ Ru⁻¹L, R ↦ R Rv⁻ᵀ,
+        so that reading them back (which folds the R's in) returns L and R."""
+        if self._R is None:
+            return left, right
+        Ru, Rv = self._R
+        left = torch.linalg.solve_triangular(Ru, left, upper=True)
+        right = torch.linalg.solve_triangular(Rv, right.transpose(1, 2), upper=True)
+        return left, right.transpose(1, 2)
+
     def core(self, index: int) -> Tensor:
         """Item `index`'s r_U × r_V core in the bases (Qu, Qv)."""
         if self.form == "dense":
@@ -213,7 +275,7 @@ class SlotReader:
         if name not in self._decoded:
             codes, scales = self._get(f"{name}.codes"), self._get(f"{name}.scales")
             shape = tuple(self._shapes[name])
-            self._decoded[name] = dequantize(Quantized(codes, scales, self.bits, shape))
+            self._decoded[name] = dequantize(Quantized.unpacked(codes, scales, self.bits, shape))
         return self._decoded[name]
 
     def _item(self, name: str, index: int) -> Tensor:

@@ -73,7 +73,7 @@ def compress_adapters(
             result = compress_slot(LazySlotItems(slot, adapters), config, slot.module_groups())
             entry = slot_entry(slot, result, time.perf_counter() - start)
             entries.append(entry)
-            manifest_slots.append(_manifest_slot(slot, entry, write_slot(tmp, slot.name, result)))
+            manifest_slots.append(manifest_slot(slot, entry, write_slot(tmp, slot.name, result)))
         if progress:
             progress("report", len(slots), len(slots))
         report = build_report(entries, config.as_dict())
@@ -83,7 +83,7 @@ def compress_adapters(
     return manifest
 
 
-def _manifest_slot(slot: Slot, entry: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+def manifest_slot(slot: Slot, entry: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": slot.name,
         **saved,

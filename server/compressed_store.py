@@ -26,7 +26,7 @@ from torch import Tensor
 
 from compression.engine import SlotResult
 from compression.errors import OrthoForm
-from compression.storage import SlotReader
+from compression.storage import SlotReader, SlotStorage
 from soppu.atomic import sha256
 
 FORMAT = "soppu-compressed/1"
@@ -40,9 +40,12 @@ class StoreError(ValueError):
 
 def write_slot(directory: Path, name: str, result: SlotResult) -> dict[str, Any]:
     """Save one slot's tensors; returns its manifest entry (file, checksum, form, bits)."""
+    return write_storage(directory, name, result.stored)
+
+
+def write_storage(directory: Path, name: str, stored: SlotStorage) -> dict[str, Any]:
     if not _SAFE_SLOT.match(name):
         raise StoreError(f"slot name {name!r} is not safe as a file name")
-    stored = result.stored
     path = Path(directory) / "slots" / f"{name}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(stored.tensors(), path)

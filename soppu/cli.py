@@ -168,6 +168,59 @@ def _compress_run(run: Path, config, export_rank: int | None) -> None:
 
 
 @app.command()
+def add(
+    store: Annotated[Path, typer.Argument(help="A compressed store to add users to.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="The new users' PEFT adapter dirs, or folders of them.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The new store to write.")],
+    refit_above: Annotated[
+        float | None,
+        typer.Option(
+            help="Refit a slot (warm-started from its bases) when the new users' energy "
+            "outside its bases passes this share; default: never refit."
+        ),
+    ] = None,
+    originals: Annotated[
+        list[Path] | None,
+        typer.Option(help="The old users' own adapters, for refits (default: as recorded)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+) -> None:
+    """Project new users onto a store's bases (their cores only, no refit); report their
+    errors and the drift; refit the slots that drift past --refit-above."""
+    from server.add_users import add_adapters
+    from soppu.adapters import discover
+
+    set_threads(threads)
+    with clear_errors():
+        paths = discover(inputs)
+        old = discover(originals) if originals else None
+        console.print(f"adding {len(paths)} users to {store} → [bold]{out}[/]")
+        with progress_bar("add") as progress:
+            manifest = add_adapters(
+                store,
+                paths,
+                out,
+                refit_above=refit_above,
+                originals=old,
+                progress=progress,
+                replace=overwrite,
+            )
+    print_report(json.loads((out / "report" / "report.json").read_text()))
+    added = manifest["added"]
+    refits = added["refit_slots"]
+    console.print(
+        f"added {len(added['users'])} users; drift (their energy outside the bases) max "
+        f"{added['drift_max']:.4f}; "
+        + (f"refit {len(refits)} slots: {', '.join(refits[:6])}" if refits else "no slot refit"),
+        highlight=False,
+    )
+    console.print(f"store: [bold]{out}[/]  report: [bold]{out / 'report'}[/]")
+
+
+@app.command()
 def publish(
     store: Annotated[Path, typer.Argument(help="A compressed store (from `soppu compress`).")],
     to: Annotated[Path, typer.Option("--to", help="Serving directory (versions + current).")],

@@ -10,7 +10,7 @@ import torch
 from helpers import random_factors, tiny_population, write_users
 
 from compression import CompressionConfig, compress_slot
-from compression.storage import dequantize, quantize
+from compression.storage import Quantized, dequantize, quantize
 from server.compress_round import compress_adapters
 from server.compressed_store import StoredSlot, read_manifest
 from server.publish import publish
@@ -29,8 +29,11 @@ def test_codes_round_trip_within_half_a_step(bits, shape):
     assert back.shape == x.shape and q.scales.dtype == torch.float16
     assert bool(((back - x).abs() <= step / 2 + 1e-6 * step).all())
     assert bool((back[0] == 0).all())
-    if bits == 4:  # two codes a byte
-        assert q.codes.dtype == torch.uint8 and q.codes.numel() == (x.numel() + 1) // 2
+    if bits == 4:  # two codes a byte on disk
+        packed = q.packed()
+        assert packed.dtype == torch.uint8 and packed.numel() == (x.numel() + 1) // 2
+        again = Quantized.unpacked(packed, q.scales, 4, tuple(x.shape))
+        assert torch.equal(again.codes, q.codes)
 
 
 def test_eight_bit_storage_is_smaller_at_little_error_and_reads_back_exactly():

@@ -1,0 +1,300 @@
+"""New users into a compressed store without recompressing everyone.
+
+Each new user's adapter is projected onto every slot's existing bases (`compression.project`):
+their cores only, the old users' bytes copied unchanged. The report gives the new users'
+errors and each slot's drift, the share of the new users' energy outside its bases. A slot
+whose drift passes `refit_above` is refit on every user's own adapter, warm-started from its
+bases; only there do old users' cores change, and the manifest says which slots refit.
+
+    STORE/                 the store as it was (never modified)
+    OUT/                   a complete store: old users + new ones, with manifest["added"]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from compression.engine import CompressionConfig, SlotResult, fit_stack
+from compression.errors import OrthoForm, squared_errors
+from compression.factors import canonicalize
+from compression.project import Projected, project_diag, project_full
+from compression.report import build_report, rank_label, slot_entry, write_report
+from compression.slots import Slot
+from compression.storage import SlotStorage
+from server.compress_round import LazySlotItems, Progress, manifest_slot
+from server.compressed_store import (
+    MANIFEST,
+    StoredSlot,
+    StoreError,
+    read_manifest,
+    verify,
+    write_slot,
+    write_storage,
+)
+from soppu import atomic
+from soppu.adapters import AdapterError, AdapterInfo, read_population
+
+
+def add_adapters(
+    store: Path,
+    paths: Mapping[str, Path],
+    out: Path,
+    *,
+    refit_above: float | None = None,
+    originals: Mapping[str, Path] | None = None,
+    progress: Progress | None = None,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """Write `out`: `store` with the users in `paths` added. Returns the new manifest.
+
+    `originals` (user → adapter dir) are the old users' own adapters, needed only where a
+    slot refits; by default the paths the store recorded, if they still exist.
+    """
+    store, out = Path(store), Path(out)
+    manifest = read_manifest(store)
+    verify(store, manifest)
+    new = _check_new(store, manifest, read_population(paths))
+    config = CompressionConfig(**manifest["config"])
+    old_items, old_slots = _old_report(store)
+    entries, manifest_slots, added = [], [], {}
+    with atomic.building_dir(out, replace=replace) as tmp:
+        for done, slot_manifest in enumerate(manifest["slots"]):
+            name = slot_manifest["name"]
+            if progress:
+                progress(name, done, len(manifest["slots"]))
+            began = time.perf_counter()
+            slot = Slot(name, tuple(slot_manifest["shape"]), _new_items(slot_manifest, new))
+            stored = StoredSlot.open(store, slot_manifest)
+            items = LazySlotItems(slot, new)
+            stack = canonicalize(items, device=config.device)
+            projected = _project(stack, stored)
+            drift = projected.total_drift()
+            refit = refit_above is not None and drift > refit_above
+            added[name] = {"drift": drift, "refit": refit}
+            everyone = Slot(name, slot.shape, (*map(tuple, slot_manifest["items"]), *slot.items))
+            if refit:
+                adapters = {**_originals(store, manifest, originals, slot_manifest), **new}
+                result = _refit(everyone, adapters, config, stored)
+                entry = slot_entry(everyone, result, time.perf_counter() - began)
+                saved = write_slot(tmp, name, result)
+            else:
+                storage = _appended(store, slot_manifest, stored, projected)
+                saved = write_storage(tmp, name, storage)
+                entry = _appended_entry(
+                    old_slots[name], old_items[name], everyone, storage, stack, projected
+                )
+                entry["seconds"] = time.perf_counter() - began
+            entry |= {"drift": drift, "refit": refit}
+            entries.append(entry)
+            manifest_slots.append(manifest_slot(everyone, entry, saved))
+        report = build_report(entries, config.as_dict())
+        write_report(report, tmp / "report")
+        result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
+        atomic.write_json(tmp / MANIFEST, result)
+    return result
+
+
+def _check_new(
+    store: Path, manifest: dict[str, Any], infos: list[AdapterInfo]
+) -> dict[str, AdapterInfo]:
+    """The new users by id; refused by name if already stored or if they do not fit."""
+    clash = sorted(info.user for info in infos if info.user in manifest["users"])
+    if clash:
+        raise AdapterError(f"{store}: already holds {', '.join(clash)}; add only new users")
+    shapes = {m: tuple(s["shape"]) for s in manifest["slots"] for _, m in s["items"]}
+    for info in infos:
+        if info.base_model != manifest["base_model"]:
+            raise AdapterError(
+                f"{info.path}: base model {info.base_model}, the store's is "
+                f"{manifest['base_model']}"
+            )
+        missing = sorted(set(shapes) - set(info.modules))
+        extra = sorted(set(info.modules) - set(shapes))
+        if missing or extra:
+            raise AdapterError(
+                f"{info.path}: modules differ from the store's: missing {missing[:3]}, "
+                f"extra {extra[:3]}"
+            )
+        for module, mod in info.modules.items():
+            if mod.shape != shapes[module]:
+                raise AdapterError(
+                    f"{info.path}: {module} has shape {mod.shape}, the store's is {shapes[module]}"
+                )
+    return {info.user: info for info in infos}
+
+
+def _new_items(slot_manifest: dict[str, Any], new: dict[str, AdapterInfo]) -> tuple:
+    modules = sorted({module for _, module in slot_manifest["items"]})
+    return tuple((user, module) for user in sorted(new) for module in modules)
+
+
+def _project(stack, stored: StoredSlot) -> Projected:
+    if stored.entry["core_form"] == "diag":
+        return project_diag(stack, *stored.reader.bases())
+    return project_full(stack, stored.form.Qu, stored.form.Qv)
+
+
+def _appended(
+    store: Path, slot_manifest: dict[str, Any], stored: StoredSlot, projected: Projected
+) -> SlotStorage:
+    """The old slot file's tensors with the new users' rows after them."""
+    form = slot_manifest["core_form"]
+    old = SlotStorage.from_file(
+        form,
+        int(slot_manifest.get("bits", 32)),
+        load_file(store / slot_manifest["file"]),
+        slot_manifest.get("shapes", {}),
+    )
+    if form == "diag":
+        return old.with_rows({"sigma": projected.sigma})
+    left, right = projected.core_factors
+    left, right = stored.reader.to_stored_coordinates(left, right)
+    if form == "factored":
+        return old.with_rows({"core_left": left, "core_right": right})
+    return old.with_rows({"cores": left @ right})
+
+
+def _appended_entry(
+    old_slot: dict[str, Any],
+    old_items: list[dict[str, Any]],
+    everyone: Slot,
+    storage: SlotStorage,
+    stack,
+    projected: Projected,
+) -> dict[str, Any]:
+    """The slot's report entry: the old users' numbers as they were, the new users' from
+    what is now stored (after quantisation, if the store quantises)."""
+    form = storage.form_read_back()
+    count = stack.count
+    new_cores = form.cores[-count:]
+    sq_errors = squared_errors(stack, OrthoForm(form.Qu, form.Qv, new_cores))
+    errors = _relative(sq_errors, stack.sq_norms())
+    m, n = everyone.shape
+    k = stack.rank
+    new_items = everyone.items[-count:]
+    per_item = [dict(item) for item in old_items] + [
+        {
+            "user": user,
+            "module": module,
+            "error": float(errors[i]),
+            "error_float": float(projected.errors[i]),
+            "personal_error": None,
+        }
+        for i, (user, module) in enumerate(new_items)
+    ]
+    ranks = (form.Qu.shape[1], form.Qv.shape[1])
+    new_ranks = (stack.S.abs() > 0).sum(dim=1)  # each new delta's own LoRA rank, at most
+    params_before = old_slot["params_before"] + int(new_ranks.sum()) * (m + n)
+    params_after = old_slot["params_after"] + _core_params(storage.form, ranks, k, count)
+    bytes_after = storage.nbytes
+    core_ranks = torch.linalg.matrix_rank(form.cores.double(), rtol=1e-6)
+    return {
+        "slot": everyone.name,
+        "shape": [m, n],
+        "modules": everyone.modules,
+        "rank": rank_label(ranks),
+        "ranks": list(ranks),
+        "sigma": "diag" if storage.form == "diag" else "full",
+        "items": len(everyone.items),
+        "params_before": params_before,
+        "params_after": params_after,
+        "bits": storage.bits,
+        "bytes_before": 4 * params_before,
+        "bytes_after": bytes_after,
+        "ratio": 4 * params_before / bytes_after,
+        "bracket": None,  # no fit ran: the old certificate does not cover the new users
+        "iterations": 0,
+        "converged": True,
+        "max_core_rank": int(core_ranks.max()),
+        "per_item": per_item,
+    }
+
+
+def _core_params(form: str, ranks: tuple[int, int], k: int, count: int) -> int:
+    r_u, r_v = ranks
+    per_user = {"diag": r_u, "factored": k * (r_u + r_v), "dense": r_u * r_v}[form]
+    return count * per_user
+
+
+def _relative(sq_errors: Tensor, sq_norms: Tensor) -> Tensor:
+    safe = sq_norms.clamp_min(1e-300)
+    return torch.where(sq_norms > 0, (sq_errors.clamp_min(0) / safe).sqrt(), 0.0)
+
+
+def _refit(
+    everyone: Slot, adapters: dict[str, AdapterInfo], config: CompressionConfig, stored
+) -> SlotResult:
+    """Every user's own adapter, fitted again from the slot's current bases."""
+    items = LazySlotItems(everyone, adapters)
+    stack = canonicalize(items, device=config.device)
+    ranks = torch.as_tensor(items.ranks)
+    init = (stored.form.Qu, stored.form.Qv)
+    return fit_stack(stack, ranks, config, everyone.module_groups(), init=init)
+
+
+def _originals(
+    store: Path,
+    manifest: dict[str, Any],
+    originals: Mapping[str, Path] | None,
+    slot_manifest: dict[str, Any],
+) -> dict[str, AdapterInfo]:
+    recorded = {u: Path(p) for u, p in manifest.get("source", {}).get("adapters", {}).items()}
+    paths = dict(originals or recorded)
+    users = sorted({user for user, _ in slot_manifest["items"]})
+    missing = [u for u in users if u not in paths or not Path(paths[u]).is_dir()]
+    if missing:
+        raise StoreError(
+            f"{store}: slot {slot_manifest['name']} drifts past --refit-above and a refit needs "
+            f"every old user's own adapter; missing {', '.join(missing[:5])} (pass "
+            "--originals DIR, or recompress)"
+        )
+    return {info.user: info for info in read_population({u: paths[u] for u in users})}
+
+
+def _old_report(store: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict]]:
+    """The old report's per-item numbers and slot entries by slot (they stay true for the
+    old users: their cores are copied)."""
+    path = store / "report" / "report.json"
+    if not path.is_file():
+        raise StoreError(f"{path}: missing; the store's report is needed to add users")
+    report = json.loads(path.read_text())
+    by_slot: dict[str, list[dict[str, Any]]] = {s["slot"]: [] for s in report["slots"]}
+    keys = ("user", "module", "error", "error_float", "personal_error")
+    for item in report["items"]:
+        by_slot[item["slot"]].append({k: item.get(k) for k in keys})
+    return by_slot, {s["slot"]: s for s in report["slots"]}
+
+
+def _new_manifest(
+    manifest: dict[str, Any],
+    slots: list[dict[str, Any]],
+    report: dict[str, Any],
+    new: dict[str, AdapterInfo],
+    added: dict[str, dict[str, Any]],
+    refit_above: float | None,
+) -> dict[str, Any]:
+    drifts = [a["drift"] for a in added.values()]
+    adapters = {**manifest.get("source", {}).get("adapters", {})}
+    adapters |= {user: str(info.path) for user, info in new.items()}
+    return {
+        **manifest,
+        "users": sorted({*manifest["users"], *new}),
+        "source": {**manifest.get("source", {}), "adapters": adapters},
+        "slots": slots,
+        "totals": report["totals"],
+        "added": {
+            "users": sorted(new),
+            "refit_above": refit_above,
+            "drift_max": max(drifts, default=0.0),
+            "refit_slots": sorted(name for name, a in added.items() if a["refit"]),
+            "slots": added,
+        },
+    }

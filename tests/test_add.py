@@ -1,0 +1,140 @@
+"""New users into a store without a refit: old users' bytes untouched, the new users' cores
+optimal on the old bases, the drift flag raised by a user unlike the others, refits where it
+is, and bad additions refused before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from helpers import tiny_population, write_users
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from compression import CompressionConfig
+from server.add_users import add_adapters
+from server.compress_round import compress_adapters
+from server.compressed_store import StoredSlot, read_manifest
+from soppu.adapters import AdapterError
+from soppu.cli import app
+
+
+def _digest(folder):
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _delta(store, user, module):
+    manifest = read_manifest(store)
+    for entry in manifest["slots"]:
+        for i, (u, m) in enumerate(entry["items"]):
+            if (u, m) == (user, module):
+                slot = StoredSlot.open(store, entry)
+                return slot.form.Qu.double() @ slot.core(i).double() @ slot.form.Qv.double().T
+    raise KeyError((user, module))
+
+
+@pytest.fixture(params=[32, 8], ids=["float", "8-bit"])
+def stored(tmp_path, request):
+    """6 users sharing 6-dim subspaces per slot, compressed at rank 6 (their span)."""
+    population = tiny_population(8, k=4, layers=2, shared=6)
+    old = {u: population[u] for u in list(population)[:6]}
+    new = {u: population[u] for u in list(population)[6:]}
+    paths = write_users(tmp_path / "old", old, rank=4, alpha=8)
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=6, bits=request.param))
+    return tmp_path, old, new, write_users(tmp_path / "new", new, rank=4, alpha=8)
+
+
+def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
+    tmp_path, old, new, new_paths = stored
+    before = _digest(tmp_path / "store")
+    manifest = add_adapters(tmp_path / "store", new_paths, tmp_path / "grown")
+    assert _digest(tmp_path / "store") == before  # the input store is never touched
+    assert manifest["users"] == sorted([*old, *new])
+    assert manifest["added"]["users"] == sorted(new) and manifest["added"]["refit_slots"] == []
+    old_slot = load_file(
+        tmp_path / "store" / "slots" / f"{manifest['slots'][0]['name']}.safetensors"
+    )
+    grown = load_file(tmp_path / "grown" / manifest["slots"][0]["file"])
+    for name, tensor in old_slot.items():  # bases identical, old rows identical
+        assert torch.equal(grown[name][: tensor.shape[0]], tensor) or name.startswith(("U", "V"))
+        if name.startswith(("U", "V")):
+            assert torch.equal(grown[name], tensor)
+    report = json.loads((tmp_path / "grown" / "report" / "report.json").read_text())
+    for user, tensors in new.items():  # the new users lie (nearly) in the old span
+        for module, (A, B) in tensors.items():
+            D = (8 / 4) * B.double() @ A.double()
+            rebuilt = _delta(tmp_path / "grown", user, module)
+            # the best a core on these bases can do: the projection of D
+            Qu = StoredSlot.open(tmp_path / "grown", _entry(manifest, module)).form.Qu.double()
+            Qv = StoredSlot.open(tmp_path / "grown", _entry(manifest, module)).form.Qv.double()
+            best = Qu @ (Qu.T @ D @ Qv) @ Qv.T
+            assert float((rebuilt - best).norm() / D.norm()) < 0.02  # 8-bit codes, nothing more
+    errors = {(i["user"], i["module"]): i["error"] for i in report["items"]}
+    old_report = json.loads((tmp_path / "store" / "report" / "report.json").read_text())
+    for item in old_report["items"]:  # old users' numbers are what they were
+        assert errors[item["user"], item["module"]] == item["error"]
+    assert all(0 <= s["drift"] < 0.05 for s in report["slots"])
+
+
+def _entry(manifest, module):
+    return next(e for e in manifest["slots"] if any(m == module for _, m in e["items"]))
+
+
+def test_a_user_unlike_the_others_raises_the_drift_flag_and_refits_that_slot(stored):
+    tmp_path, old, _new, _ = stored
+    gen = torch.Generator().manual_seed(99)
+    stranger = {
+        module: (
+            torch.randn(4, A.shape[1], generator=gen),
+            torch.randn(B.shape[0], 4, generator=gen),
+        )
+        for module, (A, B) in next(iter(old.values())).items()
+    }
+    paths = write_users(tmp_path / "stranger", {"stranger": stranger}, rank=4, alpha=8)
+    flagged = add_adapters(tmp_path / "store", paths, tmp_path / "flagged")
+    assert flagged["added"]["drift_max"] > 0.5 and flagged["added"]["refit_slots"] == []
+    refit = add_adapters(tmp_path / "store", paths, tmp_path / "refit", refit_above=0.3)
+    assert sorted(refit["added"]["refit_slots"]) == sorted(s["name"] for s in refit["slots"])
+    before = {
+        i["user"]: i["error"] for i in _items(tmp_path / "flagged") if i["user"] == "stranger"
+    }
+    after = {i["user"]: i["error"] for i in _items(tmp_path / "refit") if i["user"] == "stranger"}
+    assert after["stranger"] < before["stranger"]
+
+
+def _items(store):
+    return json.loads((store / "report" / "report.json").read_text())["items"]
+
+
+def test_bad_additions_are_refused_by_name_before_anything_is_written(stored):
+    tmp_path, old, new, _new_paths = stored
+    again = write_users(tmp_path / "again", {"user00": old["user00"]}, rank=4, alpha=8)
+    with pytest.raises(AdapterError, match="already holds user00"):
+        add_adapters(tmp_path / "store", again, tmp_path / "out")
+    other = write_users(tmp_path / "other", new, rank=4, alpha=8, base_model="another-model")
+    with pytest.raises(AdapterError, match="base model another-model"):
+        add_adapters(tmp_path / "store", other, tmp_path / "out")
+    fewer = {u: dict(list(t.items())[:2]) for u, t in new.items()}
+    with pytest.raises(AdapterError, match="modules differ"):
+        add_adapters(
+            tmp_path / "store",
+            write_users(tmp_path / "f", fewer, rank=4, alpha=8),
+            tmp_path / "out",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_add_reports_errors_and_drift(stored):
+    tmp_path, _old, _new, _ = stored
+    result = CliRunner().invoke(
+        app, ["add", str(tmp_path / "store"), str(tmp_path / "new"), "--out", str(tmp_path / "cli")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "added 2 users" in result.output and "no slot refit" in result.output
+    assert "Per-layer reconstruction error" in result.output

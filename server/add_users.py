@@ -52,11 +52,13 @@ def add_adapters(
     originals: Mapping[str, Path] | None = None,
     progress: Progress | None = None,
     replace: bool = False,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write `out`: `store` with the users in `paths` added. Returns the new manifest.
 
     `originals` (user → adapter dir) are the old users' own adapters, needed only where a
-    slot refits; by default the paths the store recorded, if they still exist.
+    slot refits; by default the paths the store recorded, if they still exist. `source`
+    updates the manifest's record of where the adapters came from.
     """
     store, out = Path(store), Path(out)
     manifest = read_manifest(store)
@@ -98,6 +100,7 @@ def add_adapters(
         report = build_report(entries, config.as_dict())
         write_report(report, tmp / "report")
         result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
+        result["source"] |= source or {}
         atomic.write_json(tmp / MANIFEST, result)
     return result
 
@@ -284,6 +287,7 @@ def _new_manifest(
     drifts = [a["drift"] for a in added.values()]
     adapters = {**manifest.get("source", {}).get("adapters", {})}
     adapters |= {user: str(info.path) for user, info in new.items()}
+    # (a refit slot read every old user's own adapter from `originals`, recorded as they were)
     return {
         **manifest,
         "users": sorted({*manifest["users"], *new}),

@@ -42,6 +42,9 @@ class FederationConfig:
     compress_energy: float = 0.9
     compress_sigma: str = "full"
     compress_bits: int = 32  # 8 or 4: quantised bases and cores
+    # users who join after a compression round are projected onto its bases; a slot whose
+    # new users carry more than this share of their energy outside its bases is refit
+    compress_refit_above: float = 0.2
     export_rank: int = 0  # serving rank; 0: exact
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
     # local training

@@ -334,9 +334,21 @@ def evaluate(
 def compress(fed: Federation, round_: int) -> None:
     fed.log(f"compression round after round {round_}")
     config: CompressionConfig = fed.config.compression()
-    compressed, version = compress_run(fed.run, config, export_rank=fed.config.export_rank or None)
+    compressed, version = compress_run(
+        fed.run,
+        config,
+        export_rank=fed.config.export_rank or None,
+        refit_above=fed.config.compress_refit_above,
+    )
     fed.run.set_state(compressed_round=round_, compressed=compressed.name, serving=version.name)
-    totals = json.loads((compressed / "manifest.json").read_text())["totals"]
+    manifest = json.loads((compressed / "manifest.json").read_text())
+    totals, added = manifest["totals"], manifest.get("added")
+    if added:
+        refit = added["refit_slots"]
+        fed.log(
+            f"added {len(added['users'])} new users onto the last version's bases (drift max "
+            f"{added['drift_max']:.3f}; {len(refit)} slots refit)"
+        )
     fed.log(
         f"compressed {totals['users']} users' adapters {totals['ratio']:.1f}× "
         f"(error mean {totals['mean']:.4f}) → {compressed}; published {version}"

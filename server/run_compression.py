@@ -2,6 +2,10 @@
 
 Works on a stopped or a running federation: the store is snapshotted by hard links under the
 run's lock (instant), so a round committing meanwhile neither blocks on nor corrupts it.
+
+When the only change since the last compressed version is new users (every user it holds
+still has the adapter it was compressed from), the new users are projected onto its bases
+(`add_users`) instead of recompressing everyone; a slot they drift away from is refit.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from compression.engine import CompressionConfig
+from server.add_users import add_adapters
 from server.compress_round import Progress, compress_adapters
-from server.publish import next_version, publish
-from server.store import RunFolder, snapshot
+from server.compressed_store import read_manifest
+from server.publish import next_version, publish, versions
+from server.store import RunFolder, snapshot, stored_round
 from soppu.emulator import read_info
 
 
@@ -22,9 +28,12 @@ def compress_run(
     config: CompressionConfig,
     *,
     export_rank: int | None = None,
+    refit_above: float | None = 0.2,
+    incremental: bool = True,
     progress: Progress | None = None,
 ) -> tuple[Path, Path]:
-    """Compress every stored user's adapter and publish; returns (compressed, serving version)."""
+    """Compress every stored user's adapter (or, `incremental`, add the new ones to the last
+    version) and publish; returns (compressed, serving version)."""
     round_ = run.state()["round"]
     num_layers = read_info(run.emulator).plan["num_layers"]
     target = next_version(run.compressed)
@@ -37,8 +46,37 @@ def compress_run(
             "round": round_,
             "num_layers": num_layers,  # so publishing covers every layer of the base model
         }
-        compress_adapters(paths, target, config, progress=progress, source=source)
+        previous = _grown_from(run, set(paths)) if incremental else None
+        if previous is None:
+            compress_adapters(paths, target, config, progress=progress, source=source)
+        else:
+            old = set(read_manifest(previous)["users"])
+            add_adapters(
+                previous,
+                {u: p for u, p in paths.items() if u not in old},
+                target,
+                refit_above=refit_above,
+                originals={u: p for u, p in paths.items() if u in old},
+                progress=progress,
+                source=source,
+            )
     finally:
         shutil.rmtree(links, ignore_errors=True)
     version = publish(target, run.serving, export_rank=export_rank, progress=progress)
     return target, version
+
+
+def _grown_from(run: RunFolder, users: set[str]) -> Path | None:
+    """The last compressed version, if every user it holds is unchanged since and others
+    have joined; else None (recompress everyone)."""
+    done = versions(run.compressed)
+    if not done:
+        return None
+    previous = run.compressed / done[-1]
+    manifest = read_manifest(previous)
+    old = set(manifest["users"])
+    since = manifest.get("source", {}).get("round")
+    if since is None or not old < users:
+        return None
+    changed = [u for u in old if (stored_round(run, u) or 0) > since]
+    return None if changed else previous

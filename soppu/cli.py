@@ -160,8 +160,8 @@ def _compress_run(run: Path, config, export_rank: int | None) -> None:
     if not folder.run_json.is_file():
         raise ValueError(f"{run}: not a federation run folder (no run.json)")
     with progress_bar("compress") as progress:
-        compressed, version = compress_run(
-            folder, config, export_rank=export_rank, progress=progress
+        compressed, version = compress_run(  # what was asked for, for everyone
+            folder, config, export_rank=export_rank, incremental=False, progress=progress
         )
     print_report(json.loads((compressed / "report" / "report.json").read_text()))
     console.print(f"store: [bold]{compressed}[/]; published [bold]{version}[/] (current)")

@@ -146,3 +146,44 @@ def test_resume_keeps_the_runs_settings(tmp_path):
     other = FederationConfig(run_dir=config.run_dir, lr=0.1)
     with pytest.raises(ValueError, match=r"keeps its settings; lr \(run: 0.001, now: 0.1\)"):
         resolve_config(other, resume=True)
+
+
+def test_a_compression_round_adds_users_who_joined_and_recompresses_when_one_changed(tmp_path):
+    """Users who first reply after a compression round are projected onto its bases (the
+    others' bytes kept); once a stored user retrains, everyone is compressed again."""
+    import json
+
+    from helpers import tiny_causal_lm, tiny_population, write_users
+    from safetensors.torch import load_file
+
+    from compression import CompressionConfig
+    from server.run_compression import compress_run
+    from soppu import emulator as E
+
+    run = RunFolder(tmp_path / "run")
+    E.save(
+        *E.build(tiny_causal_lm(layers=2), E.EmulatorPlan(2, top=1, drop=0.0), "t"), run.emulator
+    )
+    population = tiny_population(4, k=4, layers=2, shared=6)
+
+    def train(users, round_):
+        write_users(run.store, {u: population[u] for u in users}, rank=4, alpha=8, replace=True)
+        for user in users:
+            (run.store / user / "training.json").write_text(json.dumps({"round": round_}))
+        run.set_state(round=round_)
+
+    config = CompressionConfig(rank=6)
+    train(["user00", "user01", "user02"], 1)
+    first, _ = compress_run(run, config)
+    train(["user03"], 2)
+    second, _ = compress_run(run, config)
+    added = json.loads((second / "manifest.json").read_text())["added"]
+    assert added["users"] == ["user03"] and added["refit_slots"] == []
+    for slot in json.loads((first / "manifest.json").read_text())["slots"]:
+        old, grown = load_file(first / slot["file"]), load_file(second / slot["file"])
+        for name, tensor in old.items():
+            assert torch.equal(grown[name][: tensor.shape[0]], tensor), name
+    train(["user00"], 3)
+    third, _ = compress_run(run, config)
+    manifest = json.loads((third / "manifest.json").read_text())
+    assert "added" not in manifest and len(manifest["users"]) == 4

@@ -10,11 +10,12 @@ This is the entry point a stranger uses on adapters from anywhere:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
 
+from compression.clusters import MAX_AUTO_CLUSTERS, Clustering, fit_clusters, rank_for_budget
 from compression.cp import fit_diag
 from compression.errors import OrthoForm, personal_errors, squared_errors
 from compression.export import core_ranks, export_lora
@@ -44,6 +45,7 @@ class CompressionConfig:
     device: str = "cpu"
     personal_error: bool = True  # costs one dense m × n mean per module
     bits: int = 32  # 8 or 4: bases and cores stored as integer codes, a scale per column
+    clusters: int = 1  # bases per slot; 0: choose 1–4 per slot at the one-basis budget
 
     def __post_init__(self) -> None:
         if self.rank is None and self.energy is None:
@@ -58,6 +60,8 @@ class CompressionConfig:
             raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.clusters < 0:
+            raise ValueError(f"clusters must be ≥ 1, or 0 to choose, got {self.clusters}")
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -182,6 +186,57 @@ def fit_stack(
         lora_ranks=lora_ranks.cpu(),
         shape=stack.shape,
     )
+
+
+def cluster_slot(
+    items: Sequence[LoRAFactors],
+    config: CompressionConfig,
+    module_groups: Sequence[Sequence[int]] | None = None,
+) -> Clustering:
+    """`compress_slot` with `config.clusters` bases (0: the count, 1 to 4, that does best at
+    the storage one basis takes at the requested rank; with an energy target, the count that
+    meets it most cheaply)."""
+    stack = canonicalize(items, device=config.device)
+    lora_ranks = _ranks(items)
+    groups = module_groups if module_groups is not None else [list(range(stack.count))]
+    counts = [config.clusters] if config.clusters else range(1, MAX_AUTO_CLUSTERS + 1)
+    total = float((user_weights(stack, config.weights) * stack.sq_norms()).sum())
+    best: Clustering | None = None
+    budget = None
+    for count in counts:
+        if count > stack.count:
+            break
+        single = replace(config, clusters=1)
+        if config.rank and not config.clusters and count > 1:
+            rank = rank_for_budget(budget, count, stack.count, stack.shape, stack.rank)
+            if rank < 1:
+                break
+            single = replace(single, rank=rank)
+        clustering = fit_clusters(
+            stack,
+            count,
+            single.rank or 8,
+            lambda sub, members, cfg=single: fit_stack(
+                sub, lora_ranks[members], cfg, _local_groups(groups, members)
+            ),
+        )
+        if budget is None:
+            budget = sum(r.params_after() for r in clustering.results)
+        if best is None or _better(clustering, best, by_error=bool(config.rank), total=total):
+            best = clustering
+    return best
+
+
+def _better(new: Clustering, old: Clustering, *, by_error: bool, total: float) -> bool:
+    """Fewer clusters win ties: more must lower the error by more than rounding does."""
+    if by_error:  # the same storage budget: the lower weighted error wins
+        return new.sq_error() < old.sq_error() - 1e-6 * total
+    return new.bytes_after() < old.bytes_after()  # the same guarantee: the cheaper wins
+
+
+def _local_groups(groups: Sequence[Sequence[int]], members: list[int]) -> list[list[int]]:
+    position = {item: i for i, item in enumerate(members)}
+    return [[position[i] for i in group if i in position] for group in groups]
 
 
 def _ranks(items: Sequence[LoRAFactors]) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from compression.engine import CompressionConfig, SlotResult, fit_stack
+from compression.clusters import subset
+from compression.engine import CompressionConfig, SlotResult, cluster_slot, fit_stack
 from compression.errors import OrthoForm, squared_errors
 from compression.factors import canonicalize
 from compression.project import Projected, project_diag, project_full
 from compression.report import build_report, rank_label, slot_entry, write_report
 from compression.slots import Slot
 from compression.storage import SlotStorage
-from server.compress_round import LazySlotItems, Progress, manifest_slot
+from server.compress_round import LazySlotItems, Progress, clustered_parts, manifest_slot
 from server.compressed_store import (
     MANIFEST,
     StoredSlot,
@@ -65,44 +67,92 @@ def add_adapters(
     verify(store, manifest)
     new = _check_new(store, manifest, read_population(paths))
     config = CompressionConfig(**manifest["config"])
-    old_items, old_slots = _old_report(store)
+    previous = _old_report(store)
     entries, manifest_slots, added = [], [], {}
+    groups = _slot_groups(manifest["slots"])
     with atomic.building_dir(out, replace=replace) as tmp:
-        for done, slot_manifest in enumerate(manifest["slots"]):
-            name = slot_manifest["name"]
+        for done, (name, members) in enumerate(groups):
             if progress:
-                progress(name, done, len(manifest["slots"]))
+                progress(name, done, len(groups))
             began = time.perf_counter()
-            slot = Slot(name, tuple(slot_manifest["shape"]), _new_items(slot_manifest, new))
-            stored = StoredSlot.open(store, slot_manifest)
-            items = LazySlotItems(slot, new)
-            stack = canonicalize(items, device=config.device)
-            projected = _project(stack, stored)
-            drift = projected.total_drift()
+            slot = Slot(name, tuple(members[0]["shape"]), _new_items(members, new))
+            stack = canonicalize(LazySlotItems(slot, new), device=config.device)
+            stored = [StoredSlot.open(store, member) for member in members]
+            choice, drift = _assign(stack, stored)
             refit = refit_above is not None and drift > refit_above
             added[name] = {"drift": drift, "refit": refit}
-            everyone = Slot(name, slot.shape, (*map(tuple, slot_manifest["items"]), *slot.items))
+            old = tuple(tuple(item) for member in members for item in member["items"])
+            everyone = Slot(name, slot.shape, (*old, *slot.items))
             if refit:
-                adapters = {**_originals(store, manifest, originals, slot_manifest), **new}
-                result = _refit(everyone, adapters, config, stored)
-                entry = slot_entry(everyone, result, time.perf_counter() - began)
-                saved = write_slot(tmp, name, result)
+                adapters = {**_originals(store, manifest, originals, members), **new}
+                made = [
+                    (part, slot_entry(part, result, 0.0), write_slot(tmp, part.name, result))
+                    for part, result in _refit(everyone, adapters, config, stored)
+                ]
             else:
-                storage = _appended(store, slot_manifest, stored, projected)
-                saved = write_storage(tmp, name, storage)
-                entry = _appended_entry(
-                    old_slots[name], old_items[name], everyone, storage, stack, projected
-                )
-                entry["seconds"] = time.perf_counter() - began
-            entry |= {"drift": drift, "refit": refit}
-            entries.append(entry)
-            manifest_slots.append(manifest_slot(everyone, entry, saved))
+                made = [
+                    _append_one(tmp, store, member, stored[j], slot, stack, choice == j, previous)
+                    for j, member in enumerate(members)
+                ]
+            seconds = (time.perf_counter() - began) / len(made)
+            for part, entry, saved in made:
+                entry |= {"drift": drift, "refit": refit, "seconds": seconds}
+                if len(made) > 1:
+                    entry["cluster"] = {"of": name, "count": len(made)}
+                entries.append(entry)
+                manifest_slots.append(manifest_slot(part, entry, saved))
         report = build_report(entries, config.as_dict())
         write_report(report, tmp / "report")
         result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
         result["source"] |= source or {}
         atomic.write_json(tmp / MANIFEST, result)
     return result
+
+
+def _slot_groups(slots: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Slots by the slot they belong to: a clustered slot's sub-slots together."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for entry in slots:
+        groups.setdefault(entry.get("cluster", {}).get("of", entry["name"]), []).append(entry)
+    return list(groups.items())
+
+
+def _assign(stack, stored: list[StoredSlot]) -> tuple[Tensor, float]:
+    """Each new item's cluster (the one it drifts least from) and the energy-weighted drift."""
+    drifts = torch.stack([_project(stack, slot).drift for slot in stored])
+    choice = drifts.argmin(dim=0)
+    held = drifts.gather(0, choice[None]).flatten()
+    norms = stack.sq_norms()
+    total = float(norms.sum())
+    return choice, float((held * norms).sum()) / total if total > 0 else 0.0
+
+
+def _append_one(
+    tmp: Path,
+    store: Path,
+    member: dict[str, Any],
+    stored: StoredSlot,
+    slot: Slot,
+    stack,
+    mine: Tensor,
+    previous: tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]],
+) -> tuple[Slot, dict[str, Any], dict[str, Any]]:
+    """One (sub-)slot with the new items assigned to it appended after its old ones."""
+    chosen = torch.nonzero(mine).flatten().tolist()
+    items = tuple(slot.items[i] for i in chosen)
+    part = Slot(member["name"], slot.shape, (*map(tuple, member["items"]), *items))
+    old_items, old_slots = previous
+    if not chosen:  # no new user here: the (sub-)slot as it was
+        storage = _read(store, member)
+        entry = {**old_slots[member["name"]], "per_item": old_items[member["name"]]}
+        return part, entry, write_storage(tmp, member["name"], storage)
+    sub = subset(stack, chosen)
+    projected = _project(sub, stored)
+    storage = _appended(store, member, stored, projected)
+    entry = _appended_entry(
+        old_slots[member["name"]], old_items[member["name"]], part, storage, sub, projected
+    )
+    return part, entry, write_storage(tmp, member["name"], storage)
 
 
 def _check_new(
@@ -134,8 +184,8 @@ def _check_new(
     return {info.user: info for info in infos}
 
 
-def _new_items(slot_manifest: dict[str, Any], new: dict[str, AdapterInfo]) -> tuple:
-    modules = sorted({module for _, module in slot_manifest["items"]})
+def _new_items(members: list[dict[str, Any]], new: dict[str, AdapterInfo]) -> tuple:
+    modules = sorted({module for member in members for _, module in member["items"]})
     return tuple((user, module) for user in sorted(new) for module in modules)
 
 
@@ -150,12 +200,7 @@ def _appended(
 ) -> SlotStorage:
     """The old slot file's tensors with the new users' rows after them."""
     form = slot_manifest["core_form"]
-    old = SlotStorage.from_file(
-        form,
-        int(slot_manifest.get("bits", 32)),
-        load_file(store / slot_manifest["file"]),
-        slot_manifest.get("shapes", {}),
-    )
+    old = _read(store, slot_manifest)
     if form == "diag":
         return old.with_rows({"sigma": projected.sigma})
     left, right = projected.core_factors
@@ -163,6 +208,15 @@ def _appended(
     if form == "factored":
         return old.with_rows({"core_left": left, "core_right": right})
     return old.with_rows({"cores": left @ right})
+
+
+def _read(store: Path, slot_manifest: dict[str, Any]) -> SlotStorage:
+    return SlotStorage.from_file(
+        slot_manifest["core_form"],
+        int(slot_manifest.get("bits", 32)),
+        load_file(store / slot_manifest["file"]),
+        slot_manifest.get("shapes", {}),
+    )
 
 
 def _appended_entry(
@@ -233,29 +287,36 @@ def _relative(sq_errors: Tensor, sq_norms: Tensor) -> Tensor:
 
 
 def _refit(
-    everyone: Slot, adapters: dict[str, AdapterInfo], config: CompressionConfig, stored
-) -> SlotResult:
-    """Every user's own adapter, fitted again from the slot's current bases."""
+    everyone: Slot,
+    adapters: dict[str, AdapterInfo],
+    config: CompressionConfig,
+    stored: list[StoredSlot],
+) -> list[tuple[Slot, SlotResult]]:
+    """Every user's own adapter, fitted again: from the slot's current bases, or (a clustered
+    slot) into as many clusters as before."""
     items = LazySlotItems(everyone, adapters)
+    if len(stored) > 1:
+        config = replace(config, clusters=len(stored))
+        return clustered_parts(everyone, cluster_slot(items, config, everyone.module_groups()))
     stack = canonicalize(items, device=config.device)
     ranks = torch.as_tensor(items.ranks)
-    init = (stored.form.Qu, stored.form.Qv)
-    return fit_stack(stack, ranks, config, everyone.module_groups(), init=init)
+    init = (stored[0].form.Qu, stored[0].form.Qv)
+    return [(everyone, fit_stack(stack, ranks, config, everyone.module_groups(), init=init))]
 
 
 def _originals(
     store: Path,
     manifest: dict[str, Any],
     originals: Mapping[str, Path] | None,
-    slot_manifest: dict[str, Any],
+    members: list[dict[str, Any]],
 ) -> dict[str, AdapterInfo]:
     recorded = {u: Path(p) for u, p in manifest.get("source", {}).get("adapters", {}).items()}
     paths = dict(originals or recorded)
-    users = sorted({user for user, _ in slot_manifest["items"]})
+    users = sorted({user for member in members for user, _ in member["items"]})
     missing = [u for u in users if u not in paths or not Path(paths[u]).is_dir()]
     if missing:
         raise StoreError(
-            f"{store}: slot {slot_manifest['name']} drifts past --refit-above and a refit needs "
+            f"{store}: slot {members[0]['name']} drifts past --refit-above and a refit needs "
             f"every old user's own adapter; missing {', '.join(missing[:5])} (pass "
             "--originals DIR, or recompress)"
         )

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from compression.engine import CompressionConfig, compress_slot
+from compression.clusters import Clustering
+from compression.engine import CompressionConfig, SlotResult, cluster_slot, compress_slot
 from compression.factors import LoRAFactors
 from compression.report import build_report, slot_entry, write_report
 from compression.slots import Slot, group_slots
@@ -70,10 +71,19 @@ def compress_adapters(
             if progress:
                 progress(slot.name, done, len(slots))
             start = time.perf_counter()
-            result = compress_slot(LazySlotItems(slot, adapters), config, slot.module_groups())
-            entry = slot_entry(slot, result, time.perf_counter() - start)
-            entries.append(entry)
-            manifest_slots.append(manifest_slot(slot, entry, write_slot(tmp, slot.name, result)))
+            items = LazySlotItems(slot, adapters)
+            if config.clusters == 1:
+                fitted = [(slot, compress_slot(items, config, slot.module_groups()))]
+            else:
+                fitted = clustered_parts(slot, cluster_slot(items, config, slot.module_groups()))
+            seconds = (time.perf_counter() - start) / len(fitted)
+            for part, result in fitted:
+                entry = slot_entry(part, result, seconds)
+                if len(fitted) > 1:
+                    entry["cluster"] = {"of": slot.name, "count": len(fitted)}
+                entries.append(entry)
+                saved = write_slot(tmp, part.name, result)
+                manifest_slots.append(manifest_slot(part, entry, saved))
         if progress:
             progress("report", len(slots), len(slots))
         report = build_report(entries, config.as_dict())
@@ -83,8 +93,19 @@ def compress_adapters(
     return manifest
 
 
+def clustered_parts(slot: Slot, clustering: Clustering) -> list[tuple[Slot, SlotResult]]:
+    """One sub-slot per cluster (`<slot>.c<j>`), each an ordinary slot over its items."""
+    if clustering.count == 1:
+        return [(slot, clustering.results[0])]
+    parts = []
+    for j, result in enumerate(clustering.results):
+        items = tuple(slot.items[i] for i in clustering.members(j))
+        parts.append((Slot(f"{slot.name}.c{j}", slot.shape, items), result))
+    return parts
+
+
 def manifest_slot(slot: Slot, entry: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    return {
+    out = {
         "name": slot.name,
         **saved,
         "shape": list(slot.shape),
@@ -94,6 +115,9 @@ def manifest_slot(slot: Slot, entry: dict[str, Any], saved: dict[str, Any]) -> d
         "params_after": entry["params_after"],
         "items": [list(item) for item in slot.items],
     }
+    if "cluster" in entry:
+        out["cluster"] = entry["cluster"]
+    return out
 
 
 def _manifest(

@@ -42,6 +42,7 @@ class FederationConfig:
     compress_energy: float = 0.9
     compress_sigma: str = "full"
     compress_bits: int = 32  # 8 or 4: quantised bases and cores
+    compress_clusters: int = 1  # bases per slot; 0: choose per slot
     # users who join after a compression round are projected onto its bases; a slot whose
     # new users carry more than this share of their energy outside its bases is refit
     compress_refit_above: float = 0.2
@@ -156,6 +157,7 @@ class FederationConfig:
             energy=None if self.compress_rank else self.compress_energy,
             sigma=self.compress_sigma,
             bits=self.compress_bits,
+            clusters=self.compress_clusters,
             device=self.device,
         )
 

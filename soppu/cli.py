@@ -92,6 +92,13 @@ def compress(
     bits: Annotated[
         int, typer.Option(help="32, or 8/4: bases and cores stored as codes with column scales.")
     ] = 32,
+    clusters: Annotated[
+        int,
+        typer.Option(
+            help="Bases per slot, users assigned to the one that holds them best; 0: choose "
+            "1–4 per slot where more do better at one basis's storage."
+        ),
+    ] = 1,
     group: Annotated[
         Group, typer.Option(help="slot: basis per (layer, module); shape: per tensor shape.")
     ] = Group.slot,
@@ -129,6 +136,7 @@ def compress(
             device=device,
             personal_error=personal_error,
             bits=bits,
+            clusters=clusters,
         )
         if run is not None:
             if inputs or out:

@@ -81,6 +81,7 @@ def simulate(
     energy: Annotated[float | None, Opt(help="Compression: energy kept (if no --rank).")] = None,
     sigma: Annotated[str | None, Opt(help="Compression: full or diag cores.")] = None,
     bits: Annotated[int | None, Opt(help="Compression: 32, or 8/4 (quantised storage).")] = None,
+    clusters: Annotated[int | None, Opt(help="Compression: bases per slot (0: choose).")] = None,
     export_rank: Annotated[int | None, Opt(help="Serving rank (0: exact).")] = None,
     min_chars: Annotated[int | None, Opt(help="Skip users with less text.")] = None,
     seed: Annotated[int | None, Opt()] = None,
@@ -104,6 +105,7 @@ def simulate(
         "energy": "compress_energy",
         "sigma": "compress_sigma",
         "bits": "compress_bits",
+        "clusters": "compress_clusters",
     }
     overrides = {aliases.get(k, k): v for k, v in flags.items() if k not in _NOT_CONFIG}
     overrides["run_dir"] = str(out)

@@ -9,7 +9,9 @@ For a batch whose rows belong to different users, the adapted layer computes
 
 so Vᵀx and U(·) are one matrix product each for the whole batch, and the per-user part is a
 batched r × r product. Row users are indices into the cores; index 0 is "no adapter" (a zero
-core), so base-model requests share the batch.
+core), so base-model requests share the batch. A slot compressed with clusters has bases per
+cluster (zero-padded to one width): each row then gathers its cluster's U and V, which costs
+the same multiply-adds as one basis.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from server.compressed_store import StoredSlot, read_manifest, verify
 
 @dataclass
 class SlotWeights:
-    """One slot's bases and the cores of every user (row 0: zeros, for users without one)."""
+    """One module's bases (per cluster) and the cores of every user (row 0: zeros, for users
+    without one)."""
 
     module: str
-    U: Tensor  # m × r_U
-    V: Tensor  # n × r_V
+    U: Tensor  # clusters × m × r_U
+    V: Tensor  # clusters × n × r_V
     cores: Tensor  # (1 + users) × r_U × r_V
+    cluster: Tensor  # (1 + users): the cluster whose bases each row's core is on
 
 
 @dataclass
@@ -43,36 +47,47 @@ class SharedAdapters:
     users: dict[str, int]  # user id → row in every slot's cores (1-based)
     slots: dict[str, SlotWeights]  # module name → weights
 
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for s in self.slots.values() for t in (s.U, s.V, s.cores)
-        )
 
 
 def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> SharedAdapters:
-    """Read `VERSION/shared/` (checksums verified) into dense per-slot tensors."""
+    """Read `VERSION/shared/` (checksums verified) into dense per-module tensors."""
     shared = Path(version_dir) / "shared"
     manifest = read_manifest(shared)
     verify(shared, manifest)
     users = {user: row for row, user in enumerate(sorted(manifest["users"]), start=1)}
-    slots = {}
+    parts: dict[str, list[tuple[StoredSlot, list[tuple[int, str]]]]] = {}
     for entry in manifest["slots"]:
         slot = StoredSlot.open(shared, entry)
-        modules = {module for _, module in entry["items"]}
-        for module in sorted(modules):
-            ranks = (slot.form.Qu.shape[1], slot.form.Qv.shape[1])
-            cores = torch.zeros(len(users) + 1, *ranks, dtype=dtype)
-            for i, (user, item_module) in enumerate(entry["items"]):
-                if item_module == module:
-                    cores[users[user]] = slot.core(i).to(dtype)
-            slots[module] = SlotWeights(
-                module,
-                slot.form.Qu.to(dtype).contiguous(),
-                slot.form.Qv.to(dtype).contiguous(),
-                cores,
-            )
+        by_module: dict[str, list[tuple[int, str]]] = {}
+        for i, (user, module) in enumerate(entry["items"]):
+            by_module.setdefault(module, []).append((i, user))
+        for module, items in by_module.items():
+            parts.setdefault(module, []).append((slot, items))
+    slots = {m: _module_weights(m, p, len(users), users, dtype) for m, p in sorted(parts.items())}
     return SharedAdapters(Path(version_dir).name, users, slots)
+
+
+def _module_weights(
+    module: str,
+    parts: list[tuple[StoredSlot, list[tuple[int, str]]]],
+    count: int,
+    users: dict[str, int],
+    dtype: torch.dtype,
+) -> SlotWeights:
+    r_u = max(slot.form.Qu.shape[1] for slot, _ in parts)
+    r_v = max(slot.form.Qv.shape[1] for slot, _ in parts)
+    m, n = parts[0][0].form.Qu.shape[0], parts[0][0].form.Qv.shape[0]
+    U = torch.zeros(len(parts), m, r_u, dtype=dtype)
+    V = torch.zeros(len(parts), n, r_v, dtype=dtype)
+    cores = torch.zeros(count + 1, r_u, r_v, dtype=dtype)
+    cluster = torch.zeros(count + 1, dtype=torch.long)
+    for j, (slot, items) in enumerate(parts):
+        a, b = slot.form.Qu.shape[1], slot.form.Qv.shape[1]
+        U[j, :, :a], V[j, :, :b] = slot.form.Qu.to(dtype), slot.form.Qv.to(dtype)
+        for i, user in items:
+            cores[users[user], :a, :b] = slot.core(i).to(dtype)
+            cluster[users[user]] = j
+    return SlotWeights(module, U, V, cores, cluster)
 
 
 class SharedLoRALinear(nn.Module):
@@ -89,14 +104,20 @@ class SharedLoRALinear(nn.Module):
         self.U = weights.U.to(device)
         self.V = weights.V.to(device)
         self.cores = weights.cores.to(device)
+        self.cluster = weights.cluster.to(device)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         if self.rows is None:
             return y
-        h = x.to(self.V.dtype) @ self.V  # [b, t, r]: once for the whole batch
-        h = torch.bmm(h, self.cores[self.rows].transpose(1, 2))  # each row's own Σ_i
-        return y + (h @ self.U.T).to(y.dtype)
+        x = x.to(self.V.dtype)
+        cores = self.cores[self.rows].transpose(1, 2)  # each row's own Σ_iᵀ
+        if self.U.shape[0] == 1:  # one basis: Vᵀx and U(·) once for the whole batch
+            h = torch.bmm(x @ self.V[0], cores)
+            return y + (h @ self.U[0].T).to(y.dtype)
+        clusters = self.cluster[self.rows]  # each row on its cluster's bases
+        h = torch.bmm(torch.bmm(x, self.V[clusters]), cores)
+        return y + torch.bmm(h, self.U[clusters].transpose(1, 2)).to(y.dtype)
 
 
 def install(model: nn.Module, adapters: SharedAdapters) -> dict[str, SharedLoRALinear]:
@@ -113,9 +134,9 @@ def install(model: nn.Module, adapters: SharedAdapters) -> dict[str, SharedLoRAL
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{name}: expected a Linear to adapt, found {type(base).__name__}")
         expected = (base.out_features, base.in_features)
-        if (weights.U.shape[0], weights.V.shape[0]) != expected:
+        if (weights.U.shape[1], weights.V.shape[1]) != expected:
             raise ValueError(
-                f"{name}: adapter shape {(weights.U.shape[0], weights.V.shape[0])}"
+                f"{name}: adapter shape {(weights.U.shape[1], weights.V.shape[1])}"
                 f" does not fit the base model's {expected}"
             )
         wrapper = SharedLoRALinear(base, weights)

@@ -8,7 +8,12 @@ Cases (seeded synthetic adapters, see soppu/synthetic.py):
   whole-model  1,000 users × 30 layers × q/v of SmolLM2-135M (576→576, 576→192), k=8, r=32
 
 Each run is a fresh child process (`soppu compress`'s own code path: read and validate the
-files, fit every slot, write the store and the report), so its peak RSS is its own. Writes
+files, fit every slot, write the store and the report), so its peak RSS is its own.
+
+Adding users (`soppu add`'s code path, timed in a fresh child): on the big slot, the first
+999 users are compressed and the 1,000th added onto their bases; its error is compared with
+the error it gets when all 1,000 are compressed together, and a user drawn unlike the others
+(independent random factors) is added too, to show the drift flag. Writes
 experiments/results/scale_bench.json and .md.
 """
 
@@ -48,6 +53,66 @@ manifest = compress_adapters(paths, sys.argv[2], CompressionConfig(
     rank=int(sys.argv[3]), personal_error=sys.argv[5] == "1"), replace=True)
 print(json.dumps({"seconds": time.perf_counter() - start, "totals": manifest["totals"]}))
 """
+
+
+ADD_CHILD = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+from server.add_users import add_adapters
+from soppu.adapters import discover
+paths = discover([sys.argv[2]])
+start = time.perf_counter()
+manifest = add_adapters(sys.argv[1], paths, sys.argv[3], replace=True)
+seconds = time.perf_counter() - start
+report = json.load(open(sys.argv[3] + "/report/report.json"))
+new = {i["user"]: i["error"] for i in report["items"] if i["user"] in paths}
+print(json.dumps({"seconds": seconds, "errors": new, "drift": manifest["added"]["drift_max"]}))
+"""
+
+
+def add_case(work: Path, users: int, threads: int) -> list[dict]:
+    """999 users compressed, then the 1,000th (and a stranger) added onto their bases."""
+    import shutil
+
+    from soppu.synthetic import PopulationSpec, write_population
+
+    case = CASES["big-slot"]
+    everyone = work / "big-slot" / "adapters"
+    first, last = work / "add" / "first", work / "add" / "last"
+    first.mkdir(parents=True)
+    last.mkdir(parents=True)
+    names = sorted(p.name for p in everyone.iterdir())
+    for name in names[:-1]:
+        (first / name).symlink_to(everyone / name)
+    (last / names[-1]).symlink_to(everyone / names[-1])
+    base = run_child(first, work / "add" / "store", case["r"], threads, False)
+    joint = json.loads((work / "big-slot" / "store" / "report" / "report.json").read_text())
+    joint_error = next(i["error"] for i in joint["items"] if i["user"] == names[-1])
+    rows = []
+    added = run_add(work / "add" / "store", last, work / "add" / "grown", threads)
+    rows.append({"case": "add one user", "users": users, "seconds": added["seconds"],
+                 "error": added["errors"][names[-1]], "joint_error": joint_error,
+                 "drift": added["drift"], "compress_999_seconds": base["seconds"]})
+    stranger = PopulationSpec(users=1, layers=1, shapes={k: tuple(v) for k, v in
+                              case["shapes"].items()}, rank=case["rank_k"], structure="random",
+                              seed=7)
+    write_population(stranger, work / "add" / "stranger")
+    shutil.move(work / "add" / "stranger" / "user0000", work / "add" / "stranger" / "stranger")
+    odd = run_add(work / "add" / "store", work / "add" / "stranger", work / "add" / "odd", threads)
+    rows.append({"case": "add a user unlike the others", "users": users, "seconds": odd["seconds"],
+                 "error": odd["errors"]["stranger"], "joint_error": None, "drift": odd["drift"],
+                 "compress_999_seconds": base["seconds"]})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run_add(store: Path, new: Path, out: Path, threads: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", ADD_CHILD, str(store), str(new), str(out), str(threads)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def generate(case: dict, users: int, out: Path) -> float:
@@ -129,10 +194,11 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    write(rows, args)
+        adds = add_case(Path(work), users, args.threads) if "big-slot" in args.cases else []
+    write(rows, adds, args)
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
+def write(rows: list[dict], adds: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "command": "python experiments/bench_scale.py" + (" --quick" if args.quick else ""),
@@ -140,7 +206,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
-    (RESULTS / "scale_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / "scale_bench.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "add": adds}, indent=2)
+    )
     lines = [
         f"Command: `{meta['command']}` ({meta['threads']} torch threads, {meta['cpus']} CPUs).",
         "End to end from PEFT files (read, validate, fit, write store and report).",
@@ -156,6 +224,20 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
             f"| {r['peak_rss_gib']:.2f} | {r['input_mib']:.0f} | {r['ratio']:.1f}× "
             f"| {r['mean_error']:.4f} | {r['max_error']:.4f} |"
         )
+    if adds:
+        lines += [
+            "",
+            "Adding users onto a 999-user store of the big slot (`soppu add`, no refit):",
+            "",
+            "| case | seconds | its error | its error compressed with everyone | drift |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for a in adds:
+            joint = "–" if a["joint_error"] is None else f"{a['joint_error']:.4f}"
+            lines.append(
+                f"| {a['case']} | {a['seconds']:.2f} | {a['error']:.4f} | {joint} "
+                f"| {a['drift']:.4f} |"
+            )
     (RESULTS / "scale_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,15 +1,17 @@
 """A compression round: users' PEFT adapters → compressed store with its report.
 
-Validation happens before any work (headers, shapes, base model, finite values). Slots are then
-fitted one at a time, reading only that slot's tensors from the safetensors files, so memory
-holds one slot's factors, never the whole population. The store is built under a temporary
-name and appears whole or not at all.
+Headers, shapes and base models are validated before any work. Slots are then read in chunks
+of a bounded size: each user's file is opened once per chunk and every tensor is read once
+(and checked for NaN/inf as it is read), so memory holds a chunk of slots' factors, never the
+whole population; a slot bigger than the chunk is read one delta at a time. The store is built
+under a temporary name and appears whole or not at all, so bad values found while reading
+leave nothing behind.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,60 @@ from soppu import atomic
 from soppu.adapters import AdapterInfo, read_population
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+CHUNK_BYTES = 256 * 2**20  # the raw factors read at once, before their canonical form
+
+
+class LoadedSlotItems(Sequence[LoRAFactors]):
+    """A slot's (user, module) deltas, already read (a chunk of slots at a time)."""
+
+    def __init__(self, slot: Slot, loaded: Mapping[str, Mapping[str, tuple]]):
+        self._factors = [LoRAFactors(*loaded[u][m]) for u, m in slot.items]
+        self.ranks = [f.rank for f in self._factors]
+        self.max_rank = max(self.ranks)
+        self.shape = slot.shape
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._factors[index]
+
+
+def slot_chunks(
+    slots: list[Slot], adapters: Mapping[str, AdapterInfo], budget: int | None = None
+) -> Iterator[tuple[list[Slot], Callable[[Slot], Sequence[LoRAFactors]]]]:
+    """Consecutive slots whose factors fit `budget` (default CHUNK_BYTES), with how to get a
+    slot's items: read for the whole chunk with one open per user's file, or (a slot over
+    budget) lazily."""
+    budget = CHUNK_BYTES if budget is None else budget
+    chunk: list[Slot] = []
+    size = 0
+    for slot in [*slots, None]:
+        need = _slot_bytes(slot, adapters) if slot is not None else 0
+        if chunk and (slot is None or size + need > budget):
+            yield chunk, _reader(chunk, adapters, size > budget)
+            chunk, size = [], 0
+        if slot is not None:
+            chunk.append(slot)
+            size += need
+
+
+def _slot_bytes(slot: Slot, adapters: Mapping[str, AdapterInfo]) -> int:
+    m, n = slot.shape
+    return sum(4 * adapters[u].modules[mod].rank * (m + n) for u, mod in slot.items)
+
+
+def _reader(chunk: list[Slot], adapters: Mapping[str, AdapterInfo], lazy: bool):
+    if lazy:
+        return lambda slot: LazySlotItems(slot, adapters)
+    wanted: dict[str, list[str]] = {}
+    for slot in chunk:
+        for user, module in slot.items:
+            wanted.setdefault(user, []).append(module)
+    loaded = {user: adapters[user].load_many(modules) for user, modules in wanted.items()}
+    return lambda slot: LoadedSlotItems(slot, loaded)
 
 
 class LazySlotItems(Sequence[LoRAFactors]):
@@ -61,29 +117,19 @@ def compress_adapters(
     Returns the manifest. Raises AdapterError (naming the files) before doing any work if the
     adapters are bad or do not belong together.
     """
-    infos = read_population(paths)
+    infos = read_population(paths, check_values=False)  # values: checked as they are read
     adapters = {info.user: info for info in infos}
     shapes = {info.user: {m: mi.shape for m, mi in info.modules.items()} for info in infos}
     slots = group_slots(shapes, config.group)
     entries, manifest_slots = [], []
     with atomic.building_dir(Path(out), replace=replace) as tmp:
-        for done, slot in enumerate(slots):
-            if progress:
-                progress(slot.name, done, len(slots))
-            start = time.perf_counter()
-            items = LazySlotItems(slot, adapters)
-            if config.clusters == 1:
-                fitted = [(slot, compress_slot(items, config, slot.module_groups()))]
-            else:
-                fitted = clustered_parts(slot, cluster_slot(items, config, slot.module_groups()))
-            seconds = (time.perf_counter() - start) / len(fitted)
-            for part, result in fitted:
-                entry = slot_entry(part, result, seconds)
-                if len(fitted) > 1:
-                    entry["cluster"] = {"of": slot.name, "count": len(fitted)}
-                entries.append(entry)
-                saved = write_slot(tmp, part.name, result)
-                manifest_slots.append(manifest_slot(part, entry, saved))
+        done = 0
+        for chunk, read in slot_chunks(slots, adapters):
+            for slot in chunk:
+                _compress_one(tmp, slot, read(slot), config, entries, manifest_slots)
+                done += 1
+                if progress:
+                    progress(slot.name, done, len(slots))
         if progress:
             progress("report", len(slots), len(slots))
         report = build_report(entries, config.as_dict())
@@ -91,6 +137,29 @@ def compress_adapters(
         manifest = _manifest(infos, config, manifest_slots, report["totals"], source)
         atomic.write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _compress_one(
+    tmp: Path,
+    slot: Slot,
+    items: Sequence[LoRAFactors],
+    config: CompressionConfig,
+    entries: list[dict[str, Any]],
+    manifest_slots: list[dict[str, Any]],
+) -> None:
+    """Fit one slot (or its clusters), write it, and record its report and manifest entries."""
+    start = time.perf_counter()
+    if config.clusters == 1:
+        fitted = [(slot, compress_slot(items, config, slot.module_groups()))]
+    else:
+        fitted = clustered_parts(slot, cluster_slot(items, config, slot.module_groups()))
+    seconds = (time.perf_counter() - start) / len(fitted)
+    for part, result in fitted:
+        entry = slot_entry(part, result, seconds)
+        if len(fitted) > 1:
+            entry["cluster"] = {"of": slot.name, "count": len(fitted)}
+        entries.append(entry)
+        manifest_slots.append(manifest_slot(part, entry, write_slot(tmp, part.name, result)))
 
 
 def clustered_parts(slot: Slot, clustering: Clustering) -> list[tuple[Slot, SlotResult]]:

@@ -64,14 +64,23 @@ class AdapterInfo:
 
     def load(self, module: str) -> tuple[Tensor, Tensor, float]:
         """(A, B, scale) of one module as float32, read lazily from the safetensors file."""
-        info = self.modules[module]
+        return self.load_many([module])[module]
+
+    def load_many(self, modules: Iterable[str]) -> dict[str, tuple[Tensor, Tensor, float]]:
+        """(A, B, scale) of several modules from one open of the file; NaN or ±inf refused."""
+        out = {}
         try:
             with safe_open(self.weights_path, framework="pt") as handle:
-                A = handle.get_tensor(info.key_a).float()
-                B = handle.get_tensor(info.key_b).float()
+                for module in modules:
+                    info = self.modules[module]
+                    A = handle.get_tensor(info.key_a).float()
+                    B = handle.get_tensor(info.key_b).float()
+                    _require_finite(self.weights_path, module, "lora_A", A)
+                    _require_finite(self.weights_path, module, "lora_B", B)
+                    out[module] = (A, B, info.scale)
         except (SafetensorError, OSError) as exc:
-            raise AdapterError(f"{self.weights_path}: cannot read {module}: {exc}") from exc
-        return A, B, info.scale
+            raise AdapterError(f"{self.weights_path}: cannot read ({exc})") from exc
+        return out
 
     def check_finite(self) -> None:
         """Stream every tensor once (one file open); NaN or ±inf anywhere is refused."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import tiny_population, write_users
 from typer.testing import CliRunner
 
@@ -123,22 +124,44 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert (tmp_path / "run" / "compressed" / "v0001" / "manifest.json").is_file()
 
 
-def test_compression_reads_one_slot_at_a_time(tmp_path, monkeypatch):
-    """Streaming: every load of a slot happens before the next slot starts, each item once."""
+@pytest.mark.parametrize("budget", [10**9, 1], ids=["one chunk", "a slot at a time"])
+def test_compression_reads_every_tensor_once(tmp_path, monkeypatch, budget):
+    """Each (user, module) is read exactly once, NaN check included, with one open of a
+    user's file per chunk of slots; a chunk too big for the budget is read lazily."""
+    from server import compress_round
+
     paths = write_users(tmp_path, tiny_population(4, layers=3), rank=4, alpha=4)
-    loads = []
-    real_load = AdapterInfo.load
+    opens, reads = [], []
+    real = AdapterInfo.load_many
 
-    def spy(self, module):
-        loads.append(module)
-        return real_load(self, module)
+    def spy(self, modules):
+        modules = list(modules)
+        opens.append(self.user)
+        reads.extend((self.user, m) for m in modules)
+        return real(self, modules)
 
-    monkeypatch.setattr(AdapterInfo, "load", spy)
+    monkeypatch.setattr(AdapterInfo, "load_many", spy)
+    monkeypatch.setattr(AdapterInfo, "check_finite", lambda self: pytest.fail("read twice"))
+    monkeypatch.setattr(compress_round, "CHUNK_BYTES", budget)
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=4))
-    assert len(loads) == 4 * 6  # each (user, module) read exactly once for fitting
-    seen = []
-    for module in loads:
-        if not seen or seen[-1] != module:
-            assert module not in seen, "a slot's tensors were read again after moving on"
-            seen.append(module)
-    assert len(seen) == 6
+    assert sorted(reads) == sorted({(u, m) for u in paths for m in _modules(paths)})
+    assert len(reads) == 4 * 6
+    assert len(opens) == (4 if budget > 1 else 4 * 6)
+
+
+def _modules(paths):
+    from soppu.adapters import read_adapter
+
+    return read_adapter(next(iter(paths.values()))).modules
+
+
+def test_nan_found_while_reading_leaves_nothing_behind(tmp_path):
+    import torch
+
+    users = tiny_population(3, layers=1)
+    users["user01"]["model.layers.0.self_attn.v_proj"][1][0, 0] = float("nan")
+    write_users(tmp_path / "adapters", users, rank=4, alpha=4)
+    code, out = invoke("compress", tmp_path / "adapters", "--out", tmp_path / "store", "--rank", 4)
+    assert code == 2 and "user01" in out and "non-finite" in out
+    assert not (tmp_path / "store").exists()
+    assert torch.isnan(users["user01"]["model.layers.0.self_attn.v_proj"][1]).any()

@@ -79,7 +79,8 @@ def test_a_quantised_store_publishes_and_serves_what_it_stores(tmp_path, bits):
             stored = slot.form.Qu @ slot.core(i) @ slot.form.Qv.T
             served = shared.slots[module]
             row = shared.users[user]
-            torch.testing.assert_close(served.U @ served.cores[row] @ served.V.T, stored)
+            c = served.cluster[row]
+            torch.testing.assert_close(served.U[c] @ served.cores[row] @ served.V[c].T, stored)
             if user == "user02":
                 merged[f"{module}.weight"] += stored
     with torch.no_grad():

@@ -70,6 +70,8 @@ class Method:
 
 METHODS = (
     Method("soppu_full_slot", "SOPPU full Σ, slot", "r", (4, 8, 16, 32, 64, 128), (8, 16)),
+    Method("soppu8_full_slot", "SOPPU full Σ, slot, 8-bit", "r", (8, 16, 32, 64, 128), (16,)),
+    Method("soppuC_full_slot", "SOPPU full Σ, slot, clusters", "r", (8, 16, 32, 64), (16,)),
     Method("soppu_diag_slot", "SOPPU diag Σ, slot", "r", (4, 8, 16, 32, 64, 128), (8,)),
     Method("soppu_full_shape", "SOPPU full Σ, shape", "r", (8, 16, 32, 64), (16,)),
     Method("seed_shape", "seed loop, shape", "r", (4, 8, 16), (16,)),
@@ -77,6 +79,7 @@ METHODS = (
     Method("lorashare", "lorashare", "K", (1, 2, 4, 8, 16, 32), (4,)),
     Method("vlora", "vlora", "K", (1, 2, 4, 8, 16, 32), (4,)),
     Method("svd", "per-user SVD", "k'", (1, 2, 4, 8), (2,)),
+    Method("mean", "mean only (one adapter for all)", "K", (16, 64, 256), (16,)),
 )
 BY_KEY = {m.key: m for m in METHODS}
 
@@ -91,12 +94,25 @@ def _repo_on_path() -> None:
 
 
 def load_users(case: str, n_users: int) -> list[User]:
-    """The seeded population in the peers' format: per user {module: (A, B, scale)}."""
+    """The seeded population in the peers' format: per user {module: (A, B, scale)}; or,
+    for case "federation", the first `n_users` real adapters in $SOPPU_BENCH_ADAPTERS
+    (a federation run's store), on the layers 0 and 28 of their q/v projections."""
     from soppu.synthetic import PopulationSpec, population
+
+    if case == "federation":
+        return _real_users(Path(os.environ["SOPPU_BENCH_ADAPTERS"]), n_users)
 
     spec = PopulationSpec(users=n_users, layers=2, shapes=SHAPES, rank=16, alpha=32, structure=case)
     scale = spec.alpha / spec.rank
     return [{m: (a, b, scale) for m, (a, b) in t.items()} for _, t in population(spec)]
+
+
+def _real_users(store: Path, n_users: int) -> list[User]:
+    from soppu.adapters import discover, read_population
+
+    infos = read_population(dict(sorted(discover([store]).items())[:n_users]))
+    keep = [m for m in sorted(infos[0].modules) if ".layers.0." in m or ".layers.28." in m]
+    return [{m: info.load(m) for m in keep} for info in infos]
 
 
 def original_params(users: list[User]) -> int:
@@ -121,26 +137,39 @@ def product_errors(users: list[User], recon: list[User]) -> list[float]:
 Outcome = tuple[list[User], int, float, dict[str, Any]]
 
 
-def run_soppu(users: list[User], rank: int, sigma: str, group: str) -> Outcome:
-    """SOPPU's engine, one compress_slot call per group (a module, or all 128 deltas)."""
+def run_soppu(
+    users: list[User], rank: int, sigma: str, group: str, bits: int = 32, clusters: int = 1
+) -> Outcome:
+    """SOPPU's engine, one call per group (a module, or all 128 deltas). Stored numbers count
+    bytes / 4 (float32 equivalents), so quantised stores are charged what they really take;
+    with clusters (0: chosen per slot at the one-basis budget) each cluster's fit counts."""
     from compression import CompressionConfig, LoRAFactors, compress_slot
+    from compression.engine import cluster_slot
 
     # personal_error=False: the seed and the peers measure nothing extra, so neither do we.
-    config = CompressionConfig(rank=rank, sigma=sigma, group=group, personal_error=False)
+    config = CompressionConfig(
+        rank=rank, sigma=sigma, group=group, personal_error=False, bits=bits, clusters=clusters
+    )
     recon: list[User] = [{} for _ in users]
     stored, seconds, engine_errors, iters, converged = 0, 0.0, [], [], []
     for keys in _soppu_groups(users, group):
         items = [LoRAFactors(users[i][m][0], users[i][m][1], users[i][m][2]) for i, m in keys]
         start = time.perf_counter()
-        result = compress_slot(items, config)
+        if clusters == 1:
+            parts = [(list(range(len(keys))), compress_slot(items, config))]
+        else:
+            found = cluster_slot(items, config)
+            parts = [(found.members(c), r) for c, r in enumerate(found.results)]
         seconds += time.perf_counter() - start
-        stored += result.params_after()
-        form = result.form
-        for j, (i, m) in enumerate(keys):
-            recon[i][m] = (form.Qv.T.contiguous(), form.Qu @ form.cores[j], 1.0)
-        engine_errors += result.errors.tolist()
-        iters.append(result.fit.iterations)
-        converged.append(result.fit.converged)
+        for members, result in parts:
+            stored += result.bytes_after() // 4
+            form = result.form
+            for j, index in enumerate(members):
+                i, m = keys[index]
+                recon[i][m] = (form.Qv.T.contiguous(), form.Qu @ form.cores[j], 1.0)
+            engine_errors += result.errors.tolist()
+            iters.append(result.fit.iterations)
+            converged.append(result.fit.converged)
     extras = {
         "engine_mean_error": statistics.fmean(engine_errors),
         "iterations": iters,
@@ -169,8 +198,12 @@ def _hosvd_seconds(users: list[User], group: str, rank: int) -> float:
 
 def _soppu_groups(users: list[User], group: str) -> list[list[tuple[int, str]]]:
     modules = sorted(users[0])
-    if group == "shape":  # every module here is 896 × 896: one group
-        return [[(i, m) for m in modules for i in range(len(users))]]
+    if group == "shape":  # one group per tensor shape (the synthetic data: all 896 × 896)
+        shapes: dict[tuple[int, int], list[str]] = {}
+        for m in modules:
+            a, b, _ = users[0][m]
+            shapes.setdefault((b.shape[0], a.shape[1]), []).append(m)
+        return [[(i, m) for m in ms for i in range(len(users))] for ms in shapes.values()]
     return [[(i, m) for i in range(len(users))] for m in modules]
 
 
@@ -209,10 +242,33 @@ def _truncated_svd(a: Tensor, b: Tensor, scale: float, keep: int) -> Factors:
     return (wt[:keep] @ qa.T, qb @ (p[:, :keep] * sv[:keep]), 1.0)
 
 
+def run_mean(users: list[User], keep: int) -> Outcome:
+    """One averaged adapter for everyone: the mean delta of each module, truncated to rank K
+    (K·(m+n) numbers per module, whatever the number of users)."""
+    recon: list[User] = [{} for _ in users]
+    stored = 0
+    start = time.perf_counter()
+    for module in sorted(users[0]):
+        # D̄ = (1/N) Σ s_i B_i A_i = [s_i B_i / N] [A_i]: one stacked factorisation
+        B = torch.cat([u[module][2] * u[module][1] / len(users) for u in users], dim=1)
+        A = torch.cat([u[module][0] for u in users], dim=0)
+        mean = _truncated_svd(A, B, 1.0, keep)
+        for i in range(len(users)):
+            recon[i][module] = mean
+        stored += keep * (B.shape[0] + A.shape[1])
+    return recon, stored, time.perf_counter() - start, {}
+
+
 def _dispatch(key: str, users: list[User], knob: int) -> Callable[[], Outcome]:
+    if key.startswith("soppu8"):
+        return lambda: run_soppu(users, knob, "full", "slot", bits=8)
+    if key.startswith("soppuC"):
+        return lambda: run_soppu(users, knob, "full", "slot", clusters=0)
     if key.startswith("soppu"):
         _, sigma, group = key.split("_")
         return lambda: run_soppu(users, knob, sigma, group)
+    if key == "mean":
+        return lambda: run_mean(users, knob)
     if key.startswith("seed"):
         return lambda: run_seed(users, knob, key.split("_")[1])
     if key in ("lorashare", "vlora"):
@@ -293,7 +349,9 @@ def _import_for(key: str) -> None:
 
 
 def cases_for(quick: bool) -> tuple[str, ...]:
-    return ("shared",) if quick else CASES  # the smoke run must stay under a minute
+    if quick:
+        return ("shared",)  # the smoke run must stay under a minute
+    return (*CASES, "federation") if os.environ.get("SOPPU_BENCH_ADAPTERS") else CASES
 
 
 def tasks_for(quick: bool, threads: int) -> list[Task]:
@@ -521,6 +579,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             budget_markdown(rows),
             "",
         ]
+    for case in cases:
+        parts += [
+            f"## Held-out users — {case} data",
+            "",
+            f"Each of the last {HELD_OUT_USERS} users left out of the fit, then projected "
+            "onto the others' bases (`soppu add`, no refit); mean relative product error.",
+            "",
+            held_out_markdown(report["held_out"][case]),
+            "",
+        ]
     parts += ["## Speed vs the seed loop (same grouping, same r, same storage)", ""]
     parts += [speed_markdown(report["speed_table"]), "", _speed_note(report), ""]
     parts += ["## Where SOPPU is not the best", ""]
@@ -715,7 +783,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="8 users, few settings (smoke)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--adapters", type=Path, default=None, help="also: real adapters (a run's store)"
+    )
+    args = parser.parse_args(argv)
+    if args.adapters:  # the spawned children read it from the environment
+        os.environ["SOPPU_BENCH_ADAPTERS"] = str(args.adapters.resolve())
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -729,6 +803,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     records = run_all(tasks)
     report = build_report(records, args, time.perf_counter() - start, engine)
+    report["held_out"] = {
+        case: held_out_rows(case, report["config"]["users"]) for case in report["config"]["cases"]
+    }
     write_outputs(report, out)
     print_tables(report)
     print(f"wrote {out / 'compression_bench.json'} and {out / 'compression_bench.md'}")
@@ -759,6 +836,54 @@ def build_report(
         "budget_table": {c: budget_table(records, c) for c in cases},
         "speed_table": speed_table(records),
     }
+
+
+HELD_OUT_RANKS = (16, 32, 64)
+HELD_OUT_USERS = 4  # each of the last 4 users held out in turn
+
+
+def held_out_rows(case: str, n_users: int) -> list[dict[str, Any]]:
+    """Compress N−1 users, project the N-th onto their bases (`soppu add`'s projection), and
+    compare its error with the one it gets when compressed together with everyone: a basis
+    that only carries what the population shares shows it here."""
+    from compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
+    from compression.project import project_full
+
+    users = load_users(case, n_users)
+    rows = []
+    for rank in HELD_OUT_RANKS:
+        config = CompressionConfig(rank=rank, personal_error=False)
+        held, joint = [], []
+        for module in sorted(users[0]):
+            items = [LoRAFactors(*u[module]) for u in users]
+            together = compress_slot(items, config)
+            for out in range(n_users - HELD_OUT_USERS, n_users):
+                rest = compress_slot(items[:out] + items[out + 1 :], config)
+                projected = project_full(canonicalize([items[out]]), rest.form.Qu, rest.form.Qv)
+                held.append(float(projected.errors[0]))
+                joint.append(float(together.errors[out]))
+        rows.append(
+            {
+                "rank": rank,
+                "held_out_error": statistics.fmean(held),
+                "in_sample_error": statistics.fmean(joint),
+            }
+        )
+    return rows
+
+
+def held_out_markdown(rows: list[dict[str, Any]]) -> str:
+    body = [
+        [
+            str(r["rank"]),
+            f"{r['in_sample_error']:.4f}",
+            f"{r['held_out_error']:.4f}",
+            f"{r['held_out_error'] / max(r['in_sample_error'], 1e-12):.2f}×",
+        ]
+        for r in rows
+    ]
+    header = ["r", "error compressed with everyone", "error held out, then projected", "ratio"]
+    return _md_table(header, body)
 
 
 def _original(records: list[dict[str, Any]], case: str) -> int:

@@ -20,7 +20,7 @@ import hashlib
 import re
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def _serving_manifest(
     return {
         "format": "soppu-serving/1",
         "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model": manifest["base_model"],
         "export_rank": rank,
         "lora_alpha": rank,

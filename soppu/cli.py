@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -22,22 +22,22 @@ app = typer.Typer(
 )
 
 
-class Sigma(str, Enum):
+class Sigma(StrEnum):
     full = "full"
     diag = "diag"
 
 
-class Group(str, Enum):
+class Group(StrEnum):
     slot = "slot"
     shape = "shape"
 
 
-class Weights(str, Enum):
+class Weights(StrEnum):
     uniform = "uniform"
     norm = "norm"
 
 
-class Structure(str, Enum):
+class Structure(StrEnum):
     shared = "shared"
     random = "random"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-import tomllib
 import typer
 from rich.table import Table
 

@@ -4,7 +4,7 @@ federation. Registered on the main app by soppu/cli.py."""
 from __future__ import annotations
 
 import statistics
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +14,7 @@ from rich.table import Table
 from soppu.cli_common import clear_errors, console, progress_bar, set_threads
 
 
-class Partitioner(str, Enum):
+class Partitioner(StrEnum):
     natural = "natural"
     iid = "iid"
     dirichlet = "dirichlet"

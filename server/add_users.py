@@ -76,7 +76,8 @@ def add_adapters(
                 progress(name, done, len(groups))
             began = time.perf_counter()
             slot = Slot(name, tuple(members[0]["shape"]), _new_items(members, new))
-            stack = canonicalize(LazySlotItems(slot, new), device=config.device)
+            items = LazySlotItems(slot, new)
+            stack = canonicalize(items, device=config.device)
             stored = [StoredSlot.open(store, member) for member in members]
             choice, drift = _assign(stack, stored)
             refit = refit_above is not None and drift > refit_above
@@ -90,8 +91,9 @@ def add_adapters(
                     for part, result in _refit(everyone, adapters, config, stored)
                 ]
             else:
+                new_rows = (slot, stack, items.ranks)
                 made = [
-                    _append_one(tmp, store, member, stored[j], slot, stack, choice == j, previous)
+                    _append_one(tmp, store, member, stored[j], new_rows, choice == j, previous)
                     for j, member in enumerate(members)
                 ]
             seconds = (time.perf_counter() - began) / len(made)
@@ -132,12 +134,13 @@ def _append_one(
     store: Path,
     member: dict[str, Any],
     stored: StoredSlot,
-    slot: Slot,
-    stack,
+    new_rows: tuple[Slot, Any, list[int]],
     mine: Tensor,
     previous: tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]],
 ) -> tuple[Slot, dict[str, Any], dict[str, Any]]:
-    """One (sub-)slot with the new items assigned to it appended after its old ones."""
+    """One (sub-)slot with the new items assigned to it appended after its old ones;
+    `new_rows`: the new items' slot, canonical stack and LoRA ranks."""
+    slot, stack, lora_ranks = new_rows
     chosen = torch.nonzero(mine).flatten().tolist()
     items = tuple(slot.items[i] for i in chosen)
     part = Slot(member["name"], slot.shape, (*map(tuple, member["items"]), *items))
@@ -150,7 +153,12 @@ def _append_one(
     projected = _project(sub, stored)
     storage = _appended(store, member, stored, projected)
     entry = _appended_entry(
-        old_slots[member["name"]], old_items[member["name"]], part, storage, sub, projected
+        old_slots[member["name"]],
+        old_items[member["name"]],
+        part,
+        storage,
+        (sub, [lora_ranks[i] for i in chosen]),
+        projected,
     )
     return part, entry, write_storage(tmp, member["name"], storage)
 
@@ -224,11 +232,13 @@ def _appended_entry(
     old_items: list[dict[str, Any]],
     everyone: Slot,
     storage: SlotStorage,
-    stack,
+    new: tuple[Any, list[int]],
     projected: Projected,
 ) -> dict[str, Any]:
     """The slot's report entry: the old users' numbers as they were, the new users' from
-    what is now stored (after quantisation, if the store quantises)."""
+    what is now stored (after quantisation, if the store quantises); `new`: the new items'
+    canonical stack and LoRA ranks."""
+    stack, lora_ranks = new
     form = storage.form_read_back()
     count = stack.count
     new_cores = form.cores[-count:]
@@ -248,8 +258,7 @@ def _appended_entry(
         for i, (user, module) in enumerate(new_items)
     ]
     ranks = (form.Qu.shape[1], form.Qv.shape[1])
-    new_ranks = (stack.S.abs() > 0).sum(dim=1)  # each new delta's own LoRA rank, at most
-    params_before = old_slot["params_before"] + int(new_ranks.sum()) * (m + n)
+    params_before = old_slot["params_before"] + sum(lora_ranks) * (m + n)
     params_after = old_slot["params_after"] + _core_params(storage.form, ranks, k, count)
     bytes_after = storage.nbytes
     core_ranks = torch.linalg.matrix_rank(form.cores.double(), rtol=1e-6)

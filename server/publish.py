@@ -106,7 +106,9 @@ def _write_users(
             index[user].append((slot, i, module))
             shapes[module] = tuple(slot.entry["shape"])
     every = every_layer(shapes, num_layers)
+    # Every layer is written (zeros where no user has a LoRA), so no layer selection remains.
     source = {**manifest.get("adapter_config", {}), "layers_to_transform": None}
+    source["layers_pattern"] = None
     config = lora_config(rank=rank, base_model=manifest["base_model"], source=source)
     written = {}
     for done, user in enumerate(manifest["users"]):

@@ -207,13 +207,21 @@ def test_every_layer_of_the_base_model_carries_every_target_module(tmp_path, tin
         user: {m: t for m, t in tensors.items() if ".layers.1." in m}
         for user, tensors in users.items()
     }
-    paths = write_users(tmp_path / "adapters", only_layer_1, rank=4, alpha=8)
+    # Configured as a client writes it: a layer selection PEFT needs both keys for.
+    paths = write_users(
+        tmp_path / "adapters",
+        only_layer_1,
+        rank=4,
+        alpha=8,
+        layers_to_transform=[1],
+        layers_pattern="layers",
+    )
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=12))
     version = publish(tmp_path / "store", tmp_path / "serving", num_layers=2)
     user_dir = version / "users" / "user01"
     state = load_file(user_dir / "adapter_model.safetensors")
     config = json.loads((user_dir / "adapter_config.json").read_text())
-    assert config["layers_to_transform"] is None
+    assert config["layers_to_transform"] is None and config["layers_pattern"] is None
     for layer in (0, 1):
         for name in ("q_proj", "v_proj"):
             for factor in ("A", "B"):

@@ -7,7 +7,7 @@ cluster is fitted on its users and each user moves to the cluster whose bases ho
 delta, ‖Q_uᵀ D_i Q_v‖², until no user moves. Every fit is the ordinary joint diagonalisation,
 so a cluster's result is an ordinary `SlotResult` over its users.
 
-`choose_clusters` compares counts at one storage budget: the single basis at the requested
+`engine.cluster_slot` compares counts at one storage budget: the single basis at the requested
 rank sets it, and c clusters get the largest rank whose storage fits it (with an energy target,
 the count that meets it most cheaply wins). Clusters are used only where they do better.
 """
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from compression.factors import CanonicalStack, project
-from compression.joint import cap_ranks, hosvd_spectra, user_weights
+from compression.joint import hosvd_spectra, user_weights
 
 MAX_AUTO_CLUSTERS = 4
 
@@ -39,18 +39,19 @@ class Clustering:
         return torch.nonzero(self.labels == cluster).flatten().tolist()
 
     def sq_error(self) -> float:
-        return sum(float((r.fit.weights * r.sq_errors).sum()) for r in self.results)
+        return sum(float((r.fit.weights.cpu() * r.sq_errors).sum()) for r in self.results)
 
     def bytes_after(self) -> int:
         return sum(r.bytes_after() for r in self.results)
 
 
-Fitter = Callable[[CanonicalStack, Tensor, int | None], object]  # (stack, ranks, rank) → result
-
-
 def subset(stack: CanonicalStack, members: Sequence[int]) -> CanonicalStack:
+    """The members' items, padded only to their own largest rank (so a cluster's storage is
+    counted, and stored, at its own k)."""
     index = torch.as_tensor(list(members), dtype=torch.long, device=stack.S.device)
-    return CanonicalStack(stack.Et[index], stack.S[index], stack.Ft[index])
+    S = stack.S[index]
+    k = max(1, int((S != 0).sum(dim=1).max()))  # singular values sort, padding zeros last
+    return CanonicalStack(stack.Et[index, :k], S[:, :k], stack.Ft[index, :k])
 
 
 def initial_labels(stack: CanonicalStack, count: int, rank: int, seed: int = 0) -> Tensor:
@@ -62,7 +63,7 @@ def initial_labels(stack: CanonicalStack, count: int, rank: int, seed: int = 0) 
     right = (stack.S[:, :, None] * project(stack.Ft, spec_v.vectors[:, :p])).pow(2).sum(1)
     features = torch.cat([left, right], dim=1).double()
     features = features / features.sum(1, keepdim=True).clamp_min(1e-300)
-    return _kmeans(features, count, seed)
+    return _kmeans(features.cpu(), count, seed)
 
 
 def _kmeans(x: Tensor, count: int, seed: int, iters: int = 50) -> Tensor:
@@ -70,7 +71,9 @@ def _kmeans(x: Tensor, count: int, seed: int, iters: int = 50) -> Tensor:
     centres = x[torch.randint(len(x), (1,), generator=gen)]
     while len(centres) < count:  # k-means++: far points are likelier next centres
         distance = torch.cdist(x, centres).min(dim=1).values ** 2
-        pick = torch.multinomial(distance / distance.sum().clamp_min(1e-300), 1, generator=gen)
+        if not distance.sum() > 0:  # every item alike: any is as good a centre
+            distance = torch.ones_like(distance)
+        pick = torch.multinomial(distance / distance.sum(), 1, generator=gen)
         centres = torch.cat([centres, x[pick]])
     labels = torch.zeros(len(x), dtype=torch.long)
     for _ in range(iters):
@@ -116,32 +119,35 @@ def fit_clusters(
         if count > 1
         else torch.zeros(stack.count, dtype=torch.long)
     )
-    results: list = []
-    for _ in range(max_rounds):
+
+    def fit_all(labels: Tensor) -> list:
         groups = [torch.nonzero(labels == c).flatten().tolist() for c in range(count)]
-        results = [fit(subset(stack, members), members) for members in groups]
+        return [fit(subset(stack, members), members) for members in groups]
+
+    for _ in range(max_rounds):
+        results = fit_all(labels)
         if count == 1:
             break
         held = torch.stack([captured(stack, r.form.Qu, r.form.Qv) for r in results], dim=1)
-        new = _no_empty(held.argmax(dim=1), count)
+        new = _no_empty(held.argmax(dim=1).cpu(), count)
         if torch.equal(new, labels):
             break
         labels = new
+    else:  # still moving after max_rounds: the results must be fitted on the final labels
+        results = fit_all(labels)
     return Clustering(labels, results)
 
 
-def rank_for_budget(budget: int, count: int, items: int, shape: tuple[int, int], k: int) -> int:
+def rank_for_budget(
+    budget: int, count: int, items: int, shape: tuple[int, int], k: int, *, diagonal: bool = False
+) -> int:
     """The largest shared rank r whose storage with `count` clusters fits `budget` numbers:
-    count·r·(m + n) + items·min(r², 2·k·r)."""
+    count·r·(m + n) + items·min(r², 2·k·r) (items·r for diagonal cores)."""
     m, n = shape
     best = 0
     for r in range(1, min(m, n) + 1):
-        cores = items * min(r * r, 2 * k * r)
+        cores = items * (r if diagonal else min(r * r, 2 * k * r))
         if count * r * (m + n) + cores > budget:
             break
         best = r
     return best
-
-
-def span_rank(stack: CanonicalStack, rank: int) -> int:
-    return max(cap_ranks(stack, rank))

@@ -167,7 +167,7 @@ def fit_stack(
     else:  # a diagonal core pairs one U column with one V column
         fit = fit_diag(stack, min(ranks), weights, tol=config.tol, max_iters=config.max_iters)
     stored = SlotStorage.of(fit, config.bits)
-    form = fit.form() if config.bits == 32 else stored.form_read_back()
+    form = fit.form() if config.bits == 32 else stored.form_read_back(stack.S.device)
     sq_errors = fit.sq_errors if config.bits == 32 else squared_errors(stack, form)
     groups = module_groups if module_groups is not None else [list(range(stack.count))]
     if config.personal_error:
@@ -199,7 +199,10 @@ def cluster_slot(
     stack = canonicalize(items, device=config.device)
     lora_ranks = _ranks(items)
     groups = module_groups if module_groups is not None else [list(range(stack.count))]
-    counts = [config.clusters] if config.clusters else range(1, MAX_AUTO_CLUSTERS + 1)
+    if config.clusters:  # no more clusters than items
+        counts = [min(config.clusters, stack.count)]
+    else:
+        counts = range(1, MAX_AUTO_CLUSTERS + 1)
     total = float((user_weights(stack, config.weights) * stack.sq_norms()).sum())
     best: Clustering | None = None
     budget = None
@@ -208,7 +211,9 @@ def cluster_slot(
             break
         single = replace(config, clusters=1)
         if config.rank and not config.clusters and count > 1:
-            rank = rank_for_budget(budget, count, stack.count, stack.shape, stack.rank)
+            rank = rank_for_budget(
+                budget, count, stack.count, stack.shape, stack.rank, diagonal=config.sigma == "diag"
+            )
             if rank < 1:
                 break
             single = replace(single, rank=rank)

@@ -197,10 +197,10 @@ class SlotStorage:
         """The quantised tensors' shapes (4-bit codes are packed flat)."""
         return {name: list(q.shape) for name, q in self.quantized.items()}
 
-    def form_read_back(self) -> OrthoForm:
+    def form_read_back(self, device: torch.device | str = "cpu") -> OrthoForm:
         """Every core as read back, in orthonormal bases: what serving reconstructs."""
         reader = SlotReader(self.form, self.bits, self.tensors().__getitem__, self.shapes())
-        return OrthoForm(reader.Qu, reader.Qv, reader.all_cores())
+        return OrthoForm(reader.Qu.to(device), reader.Qv.to(device), reader.all_cores().to(device))
 
 
 Getter = Callable[[str], Tensor]

@@ -4,7 +4,8 @@ Each new user's adapter is projected onto every slot's existing bases (`compress
 their cores only, the old users' bytes copied unchanged. The report gives the new users'
 errors and each slot's drift, the share of the new users' energy outside its bases. A slot
 whose drift passes `refit_above` is refit on every user's own adapter, warm-started from its
-bases; only there do old users' cores change, and the manifest says which slots refit.
+bases (full cores; diagonal ones refit from the HOSVD start); only there do old users' cores
+change, and the manifest says which slots refit.
 
     STORE/                 the store as it was (never modified)
     OUT/                   a complete store: old users + new ones, with manifest["added"]
@@ -66,8 +67,11 @@ def add_adapters(
     manifest = read_manifest(store)
     verify(store, manifest)
     new = _check_new(store, manifest, read_population(paths))
-    config = CompressionConfig(**manifest["config"])
+    # Projection is cheap and the bases are read on the CPU, so adding runs there (a store
+    # compressed on a GPU grows on any machine).
+    config = CompressionConfig(**{**manifest["config"], "device": "cpu"})
     previous = _old_report(store)
+    read_originals: dict[str, AdapterInfo] = {}  # each old user's adapter read once
     entries, manifest_slots, added = [], [], {}
     groups = _slot_groups(manifest["slots"])
     with atomic.building_dir(out, replace=replace) as tmp:
@@ -85,7 +89,8 @@ def add_adapters(
             old = tuple(tuple(item) for member in members for item in member["items"])
             everyone = Slot(name, slot.shape, (*old, *slot.items))
             if refit:
-                adapters = {**_originals(store, manifest, originals, members), **new}
+                found = _originals(store, manifest, originals, members, read_originals)
+                adapters = {**found, **new}
                 made = [
                     (part, slot_entry(part, result, 0.0), write_slot(tmp, part.name, result))
                     for part, result in _refit(everyone, adapters, config, stored)
@@ -214,8 +219,35 @@ def _appended(
     left, right = projected.core_factors
     left, right = stored.reader.to_stored_coordinates(left, right)
     if form == "factored":
+        left, right = _to_width(left, right, _factor_width(old), store / slot_manifest["file"])
         return old.with_rows({"core_left": left, "core_right": right})
     return old.with_rows({"cores": left @ right})
+
+
+def _factor_width(storage: SlotStorage) -> int:
+    """k of the stored core factors (N × r_U × k)."""
+    if storage.bits == 32:
+        return int(storage.floats["core_left"].shape[-1])
+    return int(storage.quantized["core_left"].shape[-1])
+
+
+def _to_width(left: Tensor, right: Tensor, width: int, file: Path) -> tuple[Tensor, Tensor]:
+    """New users' core factors at the stored factors' width k: zero-padded when theirs is
+    smaller; columns that are all zero (ranks above the user's own) dropped when larger."""
+    k = left.shape[-1]
+    if k < width:
+        left = torch.nn.functional.pad(left, (0, width - k))
+        right = torch.nn.functional.pad(right, (0, 0, 0, width - k))
+    elif k > width:
+        used = (left.abs().sum(dim=(0, 1)) > 0) | (right.abs().sum(dim=(0, 2)) > 0)
+        if int(used.sum()) > width:
+            raise AdapterError(
+                f"{file}: the new users' LoRA rank ({int(used.sum())}) is above the rank the "
+                f"store's core factors hold ({width}); compress everyone with `soppu compress`"
+            )
+        left, right = left[..., used], right[:, used]
+        left, right = _to_width(left, right, width, file)
+    return left, right
 
 
 def _read(store: Path, slot_manifest: dict[str, Any]) -> SlotStorage:
@@ -245,7 +277,7 @@ def _appended_entry(
     sq_errors = squared_errors(stack, OrthoForm(form.Qu, form.Qv, new_cores))
     errors = _relative(sq_errors, stack.sq_norms())
     m, n = everyone.shape
-    k = stack.rank
+    k = _factor_width(storage) if storage.form == "factored" else stack.rank
     new_items = everyone.items[-count:]
     per_item = [dict(item) for item in old_items] + [
         {
@@ -318,18 +350,24 @@ def _originals(
     manifest: dict[str, Any],
     originals: Mapping[str, Path] | None,
     members: list[dict[str, Any]],
+    read: dict[str, AdapterInfo],
 ) -> dict[str, AdapterInfo]:
+    """The old users' own adapters (given, else recorded), read once into `read`."""
     recorded = {u: Path(p) for u, p in manifest.get("source", {}).get("adapters", {}).items()}
-    paths = dict(originals or recorded)
+    paths = {**recorded, **(originals or {})}
     users = sorted({user for member in members for user, _ in member["items"]})
-    missing = [u for u in users if u not in paths or not Path(paths[u]).is_dir()]
+    missing = [
+        u for u in users if u not in read and (u not in paths or not Path(paths[u]).is_dir())
+    ]
     if missing:
         raise StoreError(
             f"{store}: slot {members[0]['name']} drifts past --refit-above and a refit needs "
             f"every old user's own adapter; missing {', '.join(missing[:5])} (pass "
             "--originals DIR, or recompress)"
         )
-    return {info.user: info for info in read_population({u: paths[u] for u in users})}
+    unread = {u: paths[u] for u in users if u not in read}
+    read |= {info.user: info for info in read_population(unread)} if unread else {}
+    return {u: read[u] for u in users}
 
 
 def _old_report(store: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict]]:

@@ -11,6 +11,7 @@ still has the adapter it was compressed from), the new users are projected onto 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def compress_run(
             "round": round_,
             "num_layers": num_layers,  # so publishing covers every layer of the base model
         }
-        previous = _grown_from(run, set(paths)) if incremental else None
+        previous = _grown_from(run, set(paths), config) if incremental else None
         if previous is None:
             compress_adapters(paths, target, config, progress=progress, source=source)
         else:
@@ -66,14 +67,16 @@ def compress_run(
     return target, version
 
 
-def _grown_from(run: RunFolder, users: set[str]) -> Path | None:
-    """The last compressed version, if every user it holds is unchanged since and others
-    have joined; else None (recompress everyone)."""
+def _grown_from(run: RunFolder, users: set[str], config: CompressionConfig) -> Path | None:
+    """The last compressed version, if it was made with this config, every user it holds is
+    unchanged since and others have joined; else None (recompress everyone)."""
     done = versions(run.compressed)
     if not done:
         return None
     previous = run.compressed / done[-1]
     manifest = read_manifest(previous)
+    if replace(CompressionConfig(**manifest["config"]), device=config.device) != config:
+        return None
     old = set(manifest["users"])
     since = manifest.get("source", {}).get("round")
     if since is None or not old < users:

@@ -185,8 +185,8 @@ def add(
     refit_above: Annotated[
         float | None,
         typer.Option(
-            help="Refit a slot (warm-started from its bases) when the new users' energy "
-            "outside its bases passes this share; default: never refit."
+            help="Refit a slot (full cores: warm-started from its bases) when the new users' "
+            "energy outside its bases passes this share; default: never refit."
         ),
     ] = None,
     originals: Annotated[

@@ -138,3 +138,27 @@ def test_cli_add_reports_errors_and_drift(stored):
     assert result.exit_code == 0, result.output
     assert "added 2 users" in result.output and "no slot refit" in result.output
     assert "Per-layer reconstruction error" in result.output
+
+
+def test_factored_cores_take_new_users_of_a_smaller_rank_and_refuse_a_larger_one(tmp_path):
+    """Cores stored as r×k · k×r factors: a rank-1 newcomer is zero-padded to k = 2 and
+    rebuilt exactly (it lies in the span); a rank-4 one cannot fit k = 2 and is refused."""
+    population = tiny_population(5, k=2, layers=1, shared=12)
+    old = {u: population[u] for u in list(population)[:4]}
+    paths = write_users(tmp_path / "old", old, rank=2, alpha=2)
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=12))
+    assert {s["core_form"] for s in read_manifest(tmp_path / "store")["slots"]} == {"factored"}
+    # the new user: one direction of an old user's delta, so the bases hold it exactly
+    first = next(iter(old.values()))
+    small = {m: (A[:1], B[:, :1]) for m, (A, B) in first.items()}
+    new_paths = write_users(tmp_path / "new", {"zz-small": small}, rank=1, alpha=1)
+    add_adapters(tmp_path / "store", new_paths, tmp_path / "grown")
+    for module, (A, B) in small.items():
+        D = B.double() @ A.double()
+        rebuilt = _delta(tmp_path / "grown", "zz-small", module)
+        assert float((rebuilt - D).norm() / D.norm()) < 1e-5
+    big = tiny_population(1, k=4, layers=1, seed=9)
+    big_paths = write_users(tmp_path / "big", {"zz-big": next(iter(big.values()))}, rank=4, alpha=4)
+    with pytest.raises(AdapterError, match="above the rank the store's core factors hold"):
+        add_adapters(tmp_path / "store", big_paths, tmp_path / "grown-big")
+    assert not (tmp_path / "grown-big").exists()

@@ -100,3 +100,33 @@ def test_a_clustered_store_publishes_serves_and_grows(tmp_path):
 def test_bad_cluster_counts_are_refused(bad):
     with pytest.raises(ValueError, match="clusters"):
         CompressionConfig(rank=4, clusters=bad)
+
+
+def test_each_clusters_result_is_fitted_on_its_own_members_even_when_moves_do_not_settle():
+    """One reassignment round only: the results must still be the fits of the final labels
+    (a result over other users would serve one user another's core)."""
+    from compression.clusters import fit_clusters, subset
+    from compression.engine import fit_stack
+    from compression.factors import canonicalize
+
+    items = two_groups()
+    items = items[::2] + items[1::2]  # interleaved, so the seeded start is not the answer
+    stack = canonicalize(items)
+    ranks = torch.tensor([3] * len(items))
+    config = CompressionConfig(rank=5)
+    clustering = fit_clusters(
+        stack, 2, 5, lambda sub, members: fit_stack(sub, ranks[members], config), max_rounds=1
+    )
+    for j, result in enumerate(clustering.results):
+        members = clustering.members(j)
+        expected = fit_stack(subset(stack, members), ranks[members], config)
+        torch.testing.assert_close(result.errors, expected.errors)
+
+
+def test_more_clusters_than_users_and_identical_users_still_compress():
+    items = random_factors(1, 20, 16, 2, seed=3) * 3  # three identical users
+    clustered = cluster_slot(items, CompressionConfig(rank=4, clusters=5))
+    assert 1 <= clustered.count <= 3
+    assert all(float(r.errors.max()) < 1e-5 for r in clustered.results)
+    automatic = cluster_slot(items, CompressionConfig(rank=4, clusters=0))
+    assert automatic.count == 1  # alike users never split

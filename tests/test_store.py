@@ -164,7 +164,7 @@ def test_a_compression_round_adds_users_who_joined_and_recompresses_when_one_cha
     E.save(
         *E.build(tiny_causal_lm(layers=2), E.EmulatorPlan(2, top=1, drop=0.0), "t"), run.emulator
     )
-    population = tiny_population(4, k=4, layers=2, shared=6)
+    population = tiny_population(5, k=4, layers=2, shared=6)
 
     def train(users, round_):
         write_users(run.store, {u: population[u] for u in users}, rank=4, alpha=8, replace=True)
@@ -187,3 +187,7 @@ def test_a_compression_round_adds_users_who_joined_and_recompresses_when_one_cha
     third, _ = compress_run(run, config)
     manifest = json.loads((third / "manifest.json").read_text())
     assert "added" not in manifest and len(manifest["users"]) == 4
+    train(["user04"], 4)  # a newcomer, but the round asks for another rank: everyone again
+    fourth, _ = compress_run(run, CompressionConfig(rank=8))
+    manifest = json.loads((fourth / "manifest.json").read_text())
+    assert "added" not in manifest and manifest["config"]["rank"] == 8

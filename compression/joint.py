@@ -120,7 +120,8 @@ def cap_ranks(stack: CanonicalStack, rank: int) -> Ranks:
 
 def choose_ranks(stack: CanonicalStack, weights: Tensor, energy: float, max_rank: int) -> Ranks:
     """The cheapest (r_U, r_V) whose HOSVD guarantee τ_U(r_U) + τ_V(r_V) keeps `energy` of
-    the weighted total; storage r_U·m + r_V·n + N·r_U·r_V.
+    the weighted total; storage r_U·m + r_V·n + N·min(r_U·r_V, k·(r_U + r_V)) (a core is
+    stored as its k-rank factors when they are smaller).
 
     The fit starts at the HOSVD and only improves, so the target is met for certain.
     """
@@ -140,7 +141,8 @@ def choose_ranks(stack: CanonicalStack, weights: Tensor, energy: float, max_rank
             while r_v > 1 and tails_u[r_u - 1] + tails_v[r_v - 2] <= budget:
                 r_v -= 1
             if tails_u[r_u - 1] + tails_v[r_v - 1] <= budget:
-                cost = r_u * m + r_v * n + stack.count * r_u * r_v
+                core = min(r_u * r_v, stack.rank * (r_u + r_v))
+                cost = r_u * m + r_v * n + stack.count * core
                 if best is None or cost < best[0]:
                     best = (cost, (r_u, r_v))
         if best is not None:

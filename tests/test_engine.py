@@ -124,8 +124,8 @@ def test_energy_target_is_met_with_the_cheapest_guaranteed_pair_of_ranks():
     spec_u, spec_v = hosvd_spectra(stack, torch.ones(stack.count, dtype=torch.float64), 40, 40)
     r_u, r_v = result.fit.ranks
 
-    def cost(a, b):
-        return a * 50 + b * 40 + 20 * a * b
+    def cost(a, b):  # cores as stored: dense r_U × r_V, or k = 4 rank factors if smaller
+        return a * 50 + b * 40 + 20 * min(a * b, 4 * (a + b))
 
     for a in range(1, 41):
         for c in range(1, 41):

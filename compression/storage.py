@@ -197,10 +197,12 @@ class SlotStorage:
         """The quantised tensors' shapes (4-bit codes are packed flat)."""
         return {name: list(q.shape) for name, q in self.quantized.items()}
 
-    def form_read_back(self, device: torch.device | str = "cpu") -> OrthoForm:
-        """Every core as read back, in orthonormal bases: what serving reconstructs."""
+    def form_read_back(self, device: torch.device | str = "cpu", start: int = 0) -> OrthoForm:
+        """The cores from item `start` on as read back, in orthonormal bases: what serving
+        reconstructs."""
         reader = SlotReader(self.form, self.bits, self.tensors().__getitem__, self.shapes())
-        return OrthoForm(reader.Qu.to(device), reader.Qv.to(device), reader.all_cores().to(device))
+        cores = reader.all_cores(start)
+        return OrthoForm(reader.Qu.to(device), reader.Qv.to(device), cores.to(device))
 
 
 Getter = Callable[[str], Tensor]
@@ -259,9 +261,12 @@ class SlotReader:
         Ru, Rv = self._R
         return Ru @ core @ Rv.T
 
-    def all_cores(self) -> Tensor:
+    def all_cores(self, start: int = 0) -> Tensor:
+        """Every core from item `start` on."""
         count = self._count()
-        return torch.stack([self.core(i) for i in range(count)]) if count else torch.empty(0)
+        if count <= start:
+            return torch.empty(0)
+        return torch.stack([self.core(i) for i in range(start, count)])
 
     def _count(self) -> int:
         name = {"dense": "cores", "factored": "core_left", "diag": "sigma"}[self.form]

@@ -108,7 +108,7 @@ def analyse(run: Path, workers: int) -> dict:
             "params_before": totals["params_before"],
             "params_after": totals["params_after"],
             "error_mean": totals["mean"],
-            "ranks": sorted({m["rank"] for m in report["modules"]}),
+            "ranks": sorted({m["rank"] for m in report["modules"]}, key=str),
             "config": json.loads((run / "run.json").read_text())["config"],
         },
         "rounds": overhead,

@@ -271,9 +271,9 @@ def _appended_entry(
     what is now stored (after quantisation, if the store quantises); `new`: the new items'
     canonical stack and LoRA ranks."""
     stack, lora_ranks = new
-    form = storage.form_read_back()
     count = stack.count
-    new_cores = form.cores[-count:]
+    form = storage.form_read_back(start=len(old_items))  # the new rows only
+    new_cores = form.cores
     sq_errors = squared_errors(stack, OrthoForm(form.Qu, form.Qv, new_cores))
     errors = _relative(sq_errors, stack.sq_norms())
     m, n = everyone.shape
@@ -293,7 +293,7 @@ def _appended_entry(
     params_before = old_slot["params_before"] + sum(lora_ranks) * (m + n)
     params_after = old_slot["params_after"] + _core_params(storage.form, ranks, k, count)
     bytes_after = storage.nbytes
-    core_ranks = torch.linalg.matrix_rank(form.cores.double(), rtol=1e-6)
+    new_ranks = int(torch.linalg.matrix_rank(new_cores.double(), rtol=1e-6).max())
     return {
         "slot": everyone.name,
         "shape": [m, n],
@@ -311,7 +311,7 @@ def _appended_entry(
         "bracket": None,  # no fit ran: the old certificate does not cover the new users
         "iterations": 0,
         "converged": True,
-        "max_core_rank": int(core_ranks.max()),
+        "max_core_rank": max(old_slot.get("max_core_rank", 0), new_ranks),
         "per_item": per_item,
     }
 

@@ -861,6 +861,7 @@ def held_out_rows(case: str, n_users: int) -> list[dict[str, Any]]:
     from compression.project import project_full
 
     users = load_users(case, n_users)
+    n_users = len(users)  # a federation's store may hold fewer
     rows = []
     for rank in HELD_OUT_RANKS:
         config = CompressionConfig(rank=rank, personal_error=False)

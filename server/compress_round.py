@@ -28,7 +28,9 @@ from soppu.adapters import AdapterInfo, read_population
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
-CHUNK_BYTES = 256 * 2**20  # the raw factors read at once, before their canonical form
+# The raw factors read at once, before their canonical form. Measured on the 1,000-user
+# whole-model case: 48 MiB 41 s / 0.66 GiB, 128 MiB 31 s / 0.87 GiB, 256 MiB 33 s / 1.13 GiB.
+CHUNK_BYTES = 128 * 2**20
 
 
 class LoadedSlotItems(Sequence[LoRAFactors]):
@@ -130,6 +132,7 @@ def compress_adapters(
                 done += 1
                 if progress:
                     progress(slot.name, done, len(slots))
+            del read  # this chunk's factors go before the next chunk is read
         if progress:
             progress("report", len(slots), len(slots))
         report = build_report(entries, config.as_dict())

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from compression.clusters import MAX_AUTO_CLUSTERS, Clustering, fit_clusters, rank_for_budget
 from compression.cp import fit_diag
-from compression.errors import OrthoForm, personal_errors, squared_errors
+from compression.errors import OrthoForm, personal_errors, relative, squared_errors
 from compression.export import core_ranks, export_lora
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize
 from compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
@@ -89,11 +89,11 @@ class SlotResult:
     @property
     def errors(self) -> Tensor:
         """Relative product error ‖D_i − D̂_i‖ / ‖D_i‖ (0 for an all-zero delta)."""
-        return _ratio(self.sq_errors, self.sq_norms)
+        return relative(self.sq_errors, self.sq_norms)
 
     @property
     def personal_errors(self) -> Tensor:
-        return _ratio(self.personal_sq_errors, self.personal_sq_norms)
+        return relative(self.personal_sq_errors, self.personal_sq_norms)
 
     def core_ranks(self) -> Tensor:
         return core_ranks(self.form.cores)
@@ -251,7 +251,3 @@ def _ranks(items: Sequence[LoRAFactors]) -> Tensor:
     return torch.tensor([item.rank for item in items])
 
 
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    out = (num.clamp_min(0) / safe).sqrt()
-    return torch.where(den > 0, out, torch.where(den.isnan(), den, torch.zeros_like(den)))

@@ -62,6 +62,14 @@ def _chunks(stack: CanonicalStack, members: Tensor) -> list[Tensor]:
     return list(members.split(size))
 
 
+def relative(sq_errors: Tensor, sq_norms: Tensor) -> Tensor:
+    """‖D − D̂‖ / ‖D‖ from the squares: 0 for a zero delta, NaN where the norm is unknown."""
+    safe = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
+    out = (sq_errors.clamp_min(0) / safe).sqrt()
+    zero_or_nan = torch.where(sq_norms.isnan(), sq_norms, torch.zeros_like(sq_norms))
+    return torch.where(sq_norms > 0, out, zero_or_nan)
+
+
 def squared_errors(stack: CanonicalStack, form: OrthoForm) -> Tensor:
     """‖D_i − D̂_i‖²_F for every delta (float64)."""
     device = stack.S.device

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from compression.cp import _solve_sigma
-from compression.errors import OrthoForm, squared_errors
+from compression.errors import OrthoForm, relative, squared_errors
 from compression.factors import CanonicalStack, project
 
 
@@ -34,13 +34,7 @@ class Projected:
 
     @property
     def errors(self) -> Tensor:
-        safe = self.sq_norms.clamp_min(1e-300)
-        return torch.where(self.sq_norms > 0, (self.sq_errors.clamp_min(0) / safe).sqrt(), 0.0)
-
-    def total_drift(self) -> float:
-        """The new deltas' energy outside the bases, as a share of their energy."""
-        total = float(self.sq_norms.sum())
-        return float((self.drift * self.sq_norms).sum()) / total if total > 0 else 0.0
+        return relative(self.sq_errors, self.sq_norms)
 
 
 def project_full(stack: CanonicalStack, Qu: Tensor, Qv: Tensor) -> Projected:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from compression.engine import SlotResult
+from compression.errors import relative
 from compression.slots import Slot, layer_index, module_kind, module_sort_key
 
 REPORT_FILES = ("report.json", "report.csv", "report.md", "errors.png", "params.png")
@@ -30,7 +31,7 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
     fit = result.fit
     before, after = result.params_before(), result.params_after()
     errors, personal = result.errors.tolist(), result.personal_errors.tolist()
-    float_errors = _ratio(result.sq_errors_float, result.sq_norms).tolist()
+    float_errors = relative(result.sq_errors_float, result.sq_norms).tolist()
     bytes_before, bytes_after = result.bytes_before(), result.bytes_after()
     return {
         "slot": slot.name,
@@ -140,9 +141,6 @@ def _stats(errors: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(den > 0, (num.clamp_min(0) / safe).sqrt(), torch.zeros_like(den))
 
 
 def _finite(values: list) -> list[float]:

@@ -1,6 +1,6 @@
 """Each user's gain, emulator mode against full mode, side by side: the issue's targets.
 
-    python experiments/gains.py                     # the README's table (≈ 80 minutes)
+    python experiments/gains.py                     # the README's table (≈ 60 minutes)
     python experiments/gains.py --users 4 --rounds 1 --local-steps 3 --name quick
 
 Runs the same federation twice through `soppu simulate` (each its own Ray), once with the
@@ -127,10 +127,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="main")
     parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--client-cpus", type=float, default=1.0)
-    parser.add_argument("--sweep-ranks", default="4,8,12,16,24,32")
+    parser.add_argument("--sweep-ranks", default="4,8,16,32")
     parser.add_argument("--sweep-eval-tokens", type=int, default=2048)
     args, extra = parser.parse_known_args()
     args.cold = False

@@ -37,7 +37,7 @@ def cosine(a: dict, b: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args()
     if args.quick:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from compression.clusters import subset
 from compression.engine import CompressionConfig, SlotResult, cluster_slot, fit_stack
-from compression.errors import OrthoForm, squared_errors
+from compression.errors import OrthoForm, relative, squared_errors
 from compression.factors import canonicalize
 from compression.project import Projected, project_diag, project_full
 from compression.report import build_report, rank_label, slot_entry, write_report
@@ -275,7 +275,7 @@ def _appended_entry(
     form = storage.form_read_back(start=len(old_items))  # the new rows only
     new_cores = form.cores
     sq_errors = squared_errors(stack, OrthoForm(form.Qu, form.Qv, new_cores))
-    errors = _relative(sq_errors, stack.sq_norms())
+    errors = relative(sq_errors, stack.sq_norms())
     m, n = everyone.shape
     k = _factor_width(storage) if storage.form == "factored" else stack.rank
     new_items = everyone.items[-count:]
@@ -322,9 +322,6 @@ def _core_params(form: str, ranks: tuple[int, int], k: int, count: int) -> int:
     return count * per_user
 
 
-def _relative(sq_errors: Tensor, sq_norms: Tensor) -> Tensor:
-    safe = sq_norms.clamp_min(1e-300)
-    return torch.where(sq_norms > 0, (sq_errors.clamp_min(0) / safe).sqrt(), 0.0)
 
 
 def _refit(

@@ -28,8 +28,8 @@ from soppu.adapters import AdapterInfo, read_population
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
-# The raw factors read at once, before their canonical form. Measured on the 1,000-user
-# whole-model case: 48 MiB 41 s / 0.66 GiB, 128 MiB 31 s / 0.87 GiB, 256 MiB 33 s / 1.13 GiB.
+# The raw factors read at once, before their canonical form: a smaller chunk lowers the
+# peak memory and costs more file opens (one per user per chunk).
 CHUNK_BYTES = 128 * 2**20
 
 

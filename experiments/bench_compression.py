@@ -599,6 +599,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         exactness_markdown(report["exactness"]),
         "",
     ]
+    parts += [
+        "## 8-bit storage against float32 (same ranks)",
+        "",
+        bits_markdown(report["records"]),
+        "",
+    ]
     parts += ["## Speed vs the seed loop (same grouping, same r, same storage)", ""]
     parts += [speed_markdown(report["speed_table"]), "", _speed_note(report), ""]
     parts += ["## Where SOPPU is not the best", ""]
@@ -895,6 +901,39 @@ def held_out_markdown(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     header = ["r", "error compressed with everyone", "error held out, then projected", "ratio"]
+    return _md_table(header, body)
+
+
+def bits_markdown(records: list[dict[str, Any]]) -> str:
+    """`--bits 8` beside float32 at each rank: how much smaller, and the error it adds."""
+    by_key = {(r["case"], r["method"], r["setting"]): r for r in records}
+    body = []
+    for (case, method, rank), coded in sorted(by_key.items(), key=lambda kv: kv[0][::2]):
+        plain = by_key.get((case, "soppu_full_slot", rank))
+        if method != "soppu8_full_slot" or plain is None:
+            continue
+        body.append(
+            [
+                case,
+                str(rank),
+                f"{plain['ratio']:.1f}×",
+                f"{coded['ratio']:.1f}×",
+                f"{coded['ratio'] / plain['ratio']:.2f}×",
+                f"{plain['mean_error']:.4f}",
+                f"{coded['mean_error']:.4f}",
+                f"{coded['mean_error'] - plain['mean_error']:+.4f}",
+            ]
+        )
+    header = [
+        "data",
+        "r",
+        "float32 ratio",
+        "8-bit ratio",
+        "smaller by",
+        "error float32",
+        "error 8-bit",
+        "Δ error",
+    ]
     return _md_table(header, body)
 
 

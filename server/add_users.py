@@ -74,7 +74,8 @@ def add_adapters(
     read_originals: dict[str, AdapterInfo] = {}  # each old user's adapter read once
     entries, manifest_slots, added = [], [], {}
     groups = _slot_groups(manifest["slots"])
-    with atomic.building_dir(out, replace=replace) as tmp:
+    inputs = [store, *paths.values(), *(originals or {}).values()]
+    with atomic.building_dir(out, replace=replace, inputs=inputs) as tmp:
         for done, (name, members) in enumerate(groups):
             if progress:
                 progress(name, done, len(groups))
@@ -320,8 +321,6 @@ def _core_params(form: str, ranks: tuple[int, int], k: int, count: int) -> int:
     r_u, r_v = ranks
     per_user = {"diag": r_u, "factored": k * (r_u + r_v), "dense": r_u * r_v}[form]
     return count * per_user
-
-
 
 
 def _refit(

@@ -77,17 +77,31 @@ def publish(
     rank = export_rank or serving_rank(needed)
     if rank not in SERVING_RANKS:
         raise ValueError(f"export rank {rank} is not one of {SERVING_RANKS} (what LoRAX loads)")
-    version = next_version(serving).name
-    with atomic.building_dir(serving / version) as tmp:
-        users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
-        _copy_shared(store, tmp / "shared")
-        if (store / "report").is_dir():
-            shutil.copytree(store / "report", tmp / "report")
-        atomic.write_json(
-            tmp / MANIFEST, _serving_manifest(store, manifest, version, rank, needed, users)
-        )
-    atomic.point_symlink(serving / CURRENT, version)
+    check_serving_dir(serving)
+    # One publisher at a time takes the next number and moves `current`.
+    with atomic.lock(serving / CURRENT, f"the versions in {serving}"):
+        version = next_version(serving).name
+        with atomic.building_dir(serving / version, locked=False) as tmp:
+            users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
+            _copy_shared(store, tmp / "shared")
+            if (store / "report").is_dir():
+                shutil.copytree(store / "report", tmp / "report")
+            atomic.write_json(
+                tmp / MANIFEST, _serving_manifest(store, manifest, version, rank, needed, users)
+            )
+        atomic.point_symlink(serving / CURRENT, version)
     return serving / version
+
+
+def check_serving_dir(serving: Path) -> None:
+    """Refuse, before any work, a serving dir that is not a folder of versions."""
+    if serving.exists() and not serving.is_dir():
+        raise atomic.WriteRefused(f"{serving} is a file, not a serving dir")
+    current = serving / CURRENT
+    if current.exists() and not current.is_symlink():
+        raise atomic.WriteRefused(
+            f"{current} is a real folder or file, not the symlink to a version SOPPU keeps there"
+        )
 
 
 def _write_users(

@@ -10,7 +10,6 @@ still has the adapter it was compressed from), the new users are projected onto 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from compression.engine import CompressionConfig
 from server.add_users import add_adapters
 from server.compress_round import Progress, compress_adapters
 from server.compressed_store import read_manifest
-from server.publish import next_version, publish, versions
+from server.publish import check_serving_dir, next_version, publish, versions
 from server.store import RunFolder, snapshot, stored_round
+from soppu import atomic
 from soppu.emulator import read_info
 
 
@@ -37,10 +37,13 @@ def compress_run(
     version) and publish; returns (compressed, serving version)."""
     round_ = run.state()["round"]
     num_layers = read_info(run.emulator).plan["num_layers"]
-    target = next_version(run.compressed)
-    links = run.compressed / f".{target.name}.snapshot"
-    shutil.rmtree(links, ignore_errors=True)
-    try:
+    check_serving_dir(run.serving)
+    # One compression round at a time takes the next number.
+    with (
+        atomic.lock(run.compressed / "versions", f"the compressed versions in {run.root}"),
+        atomic.scratch_dir(run.compressed, "snapshot") as links,
+    ):
+        target = next_version(run.compressed)
         paths = snapshot(run, links)
         source: dict[str, Any] = {
             "run": str(run.root.resolve()),
@@ -61,8 +64,6 @@ def compress_run(
                 progress=progress,
                 source=source,
             )
-    finally:
-        shutil.rmtree(links, ignore_errors=True)
     version = publish(target, run.serving, export_rank=export_rank, progress=progress)
     return target, version
 

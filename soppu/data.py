@@ -97,7 +97,7 @@ def prepare_shakespeare(
         totals[user] += len(text)
     users = [(u, t) for u, t in speeches if totals[u] >= MIN_ROLE_CHARS]
     public += [t for u, t in speeches if totals[u] < MIN_ROLE_CHARS]
-    with atomic.building_dir(target, replace=True) as building:
+    with atomic.building_dir(target, cache=True, private=True) as building:
         _write_jsonl(building / "users.jsonl", ({"user_id": u, "text": t} for u, t in users))
         _write_jsonl(building / "public.jsonl", ({"text": t} for t in public))
     return target

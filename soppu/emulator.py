@@ -265,9 +265,17 @@ def version_id(emulator: nn.Module, info: EmulatorInfo) -> str:
     return "emu-" + digest.hexdigest()[:12]
 
 
-def save(emulator: nn.Module, info: EmulatorInfo, folder: Path, *, replace: bool = False) -> Path:
-    """Write the emulator folder atomically (it appears whole or not at all)."""
-    with atomic.building_dir(Path(folder), replace=replace) as building:
+def save(
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    folder: Path,
+    *,
+    replace: bool = False,
+    cache: bool = False,
+) -> Path:
+    """Write the emulator folder atomically (it appears whole or not at all);
+    `replace`/`cache` as in `atomic.building_dir`."""
+    with atomic.building_dir(Path(folder), replace=replace, cache=cache) as building:
         emulator.save_pretrained(building)
         atomic.write_json(building / META_NAME, asdict(info))
     return Path(folder)

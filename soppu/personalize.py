@@ -268,10 +268,16 @@ def personalize(
 
 
 def save_lora(
-    lora: LoraState, out: Path, extra: dict | None = None, *, replace: bool = False
+    lora: LoraState,
+    out: Path,
+    extra: dict | None = None,
+    *,
+    replace: bool = False,
+    cache: bool = False,
 ) -> Path:
-    """A PEFT adapter dir for the full model, written atomically (+ training.json if given)."""
-    with atomic.building_dir(Path(out), replace=replace) as building:
+    """A PEFT adapter dir for the full model, written atomically (+ training.json if given);
+    `replace`/`cache` as in `atomic.building_dir`."""
+    with atomic.building_dir(Path(out), replace=replace, cache=cache) as building:
         (building / CONFIG_NAME).write_text(json.dumps(lora.config, indent=2) + "\n")
         tensors = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
         (building / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))

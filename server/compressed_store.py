@@ -63,9 +63,23 @@ def read_manifest(store: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise StoreError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    except RecursionError:
+        raise StoreError(f"{path}: nested too deeply to be a store manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise StoreError(f"{path}: {key!r} missing or not a {kind.__name__}")
+    for i, slot in enumerate(manifest["slots"]):
+        missing = [k for k in _SLOT_KEYS if not isinstance(slot, dict) or k not in slot]
+        if missing:
+            raise StoreError(f"{path}: slots[{i}] lacks {', '.join(missing)}")
     return manifest
+
+
+_MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}
+_SLOT_KEYS = ("name", "file", "sha256", "items", "shape", "core_form", "max_core_rank")
 
 
 def verify(store: Path, manifest: dict[str, Any]) -> None:

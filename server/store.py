@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from soppu import atomic
-from soppu.adapters import AdapterError
+from soppu.adapters import AdapterError, require_sane
 from soppu.personalize import TRAINING_NAME, LoraState, read_lora, save_lora
 from soppu.userids import check_user_id
 
@@ -101,8 +101,7 @@ def check_reply(user: str, lora: LoraState, template: dict[str, torch.Size], sou
             raise AdapterError(
                 f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(template[key])}"
             )
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{source}: {key} holds NaN or inf")
+        require_sane(f"{source}: {key}", tensor)
 
 
 class RoundStage:

@@ -75,8 +75,8 @@ class AdapterInfo:
                     info = self.modules[module]
                     A = handle.get_tensor(info.key_a).float()
                     B = handle.get_tensor(info.key_b).float()
-                    _require_finite(self.weights_path, module, "lora_A", A)
-                    _require_finite(self.weights_path, module, "lora_B", B)
+                    require_sane(f"{self.weights_path}: {module}.lora_A", A)
+                    require_sane(f"{self.weights_path}: {module}.lora_B", B)
                     out[module] = (A, B, info.scale)
         except (SafetensorError, OSError) as exc:
             raise AdapterError(f"{self.weights_path}: cannot read ({exc})") from exc
@@ -88,16 +88,29 @@ class AdapterInfo:
             with safe_open(self.weights_path, framework="pt") as handle:
                 for module, info in self.modules.items():
                     for side, key in (("lora_A", info.key_a), ("lora_B", info.key_b)):
-                        _require_finite(self.weights_path, module, side, handle.get_tensor(key))
+                        tensor = handle.get_tensor(key)
+                        require_sane(f"{self.weights_path}: {module}.{side}", tensor)
         except (SafetensorError, OSError) as exc:
             raise AdapterError(f"{self.weights_path}: cannot read ({exc})") from exc
 
 
-def _require_finite(path: Path, module: str, side: str, tensor: Tensor) -> None:
+# Largest |weight| accepted: a real LoRA factor is ≪ 1; past this, B @ A and the Gram
+# products of compression overflow float32 (max 3.4e38).
+MAX_WEIGHT = 1e6
+
+
+def require_sane(where: str, tensor: Tensor) -> None:
+    """Refuse NaN, ±inf and weights no trained LoRA has; `where` names the file and tensor."""
     finite = torch.isfinite(tensor)
     if not finite.all():
         bad = int((~finite).sum())
-        raise AdapterError(f"{path}: {module}.{side} has {bad} non-finite values (NaN or inf)")
+        raise AdapterError(f"{where} has {bad} non-finite values (NaN or inf)")
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if largest > MAX_WEIGHT:
+        raise AdapterError(
+            f"{where} holds |w| = {largest:.3g}, past the {MAX_WEIGHT:g} no "
+            "trained LoRA reaches (a corrupt or mis-scaled file)"
+        )
 
 
 def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:
@@ -132,6 +145,8 @@ def _read_config(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise AdapterError(f"{path}: nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -139,13 +154,42 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: peft_type is {peft_type}; only LoRA adapters are supported")
     if config.get("use_dora"):
         raise AdapterError(f"{path}: DoRA adapters (use_dora) are not supported")
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterError(f"{path}: {key} must be a positive number, got {value!r}")
+    _positive(path, "r", config.get("r"), integer=True)
+    _positive(path, "lora_alpha", config.get("lora_alpha"), integer=False)
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(path, key, config.get(key) or {}, integer=key == "rank_pattern")
     if config.get("modules_to_save"):
         raise AdapterError(f"{path}: modules_to_save is set; only LoRA deltas can be compressed")
     return config
+
+
+# A LoRA scale or rank past these is a corrupt file, and would overflow float32 downstream.
+MAX_RANK = 65536
+MAX_ALPHA = 1e6
+
+
+def _positive(path: Path, key: str, value: Any, *, integer: bool) -> None:
+    kinds = (int,) if integer else (int, float)
+    limit = MAX_RANK if integer else MAX_ALPHA
+    if (
+        not isinstance(value, kinds)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 < value <= limit
+    ):
+        what = "a positive integer" if integer else "a positive finite number"
+        raise AdapterError(f"{path}: {key} must be {what} up to {limit:g}, got {value!r}")
+
+
+def _check_patterns(path: Path, key: str, patterns: Any, *, integer: bool) -> None:
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{path}: {key} must be an object of pattern → value")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise AdapterError(f"{path}: {key} {pattern!r} is not a regex ({exc})") from None
+        _positive(path, f"{key}[{pattern!r}]", value, integer=integer)
 
 
 def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo]:

@@ -59,6 +59,8 @@ def cache_dir() -> Path:
 
 def set_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads (default: every core); returns the count used."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
     count = threads or os.cpu_count() or 1
     torch.set_num_threads(count)
     return count

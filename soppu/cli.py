@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from soppu import cli_federation, cli_personal, cli_serve
-from soppu.cli_common import clear_errors, console, print_report, progress_bar, set_threads
+from soppu.cli_common import clear_errors, console, print_report, progress_bar, set_threads, shown
 
 app = typer.Typer(
     name="soppu",
@@ -58,7 +58,7 @@ def synth(
 
     spec = PopulationSpec(users, layers, rank=rank, structure=structure.value, seed=seed)
     paths = write_population(spec, out)
-    console.print(f"wrote {len(paths)} adapters to [bold]{out}[/]")
+    console.print(f"wrote {len(paths)} adapters to [bold]{shown(out)}[/]")
 
 
 @app.command()
@@ -112,7 +112,9 @@ def compress(
         bool, typer.Option(help="Measure the personal-part error (one dense mean per module).")
     ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: all).")
+    ] = None,
 ) -> None:
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
     from compression.engine import CompressionConfig
@@ -146,7 +148,7 @@ def compress(
         if not inputs or out is None:
             raise ValueError("give INPUTS and --out (or --run RUN)")
         paths = discover(inputs)
-        console.print(f"compressing {len(paths)} users' adapters → [bold]{out}[/]")
+        console.print(f"compressing {len(paths)} users' adapters → [bold]{shown(out)}[/]")
         with progress_bar("compress") as progress:
             compress_adapters(
                 paths,
@@ -157,7 +159,7 @@ def compress(
                 source={"inputs": [str(p) for p in inputs]},
             )
     print_report(json.loads((out / "report" / "report.json").read_text()))
-    console.print(f"store: [bold]{out}[/]  report: [bold]{out / 'report'}[/]")
+    console.print(f"store: [bold]{shown(out)}[/]  report: [bold]{shown(out / 'report')}[/]")
 
 
 def _compress_run(run: Path, config, export_rank: int | None) -> None:
@@ -172,7 +174,9 @@ def _compress_run(run: Path, config, export_rank: int | None) -> None:
             folder, config, export_rank=export_rank, incremental=False, progress=progress
         )
     print_report(json.loads((compressed / "report" / "report.json").read_text()))
-    console.print(f"store: [bold]{compressed}[/]; published [bold]{version}[/] (current)")
+    console.print(
+        f"store: [bold]{shown(compressed)}[/]; published [bold]{shown(version)}[/] (current)"
+    )
 
 
 @app.command()
@@ -194,7 +198,9 @@ def add(
         typer.Option(help="The old users' own adapters, for refits (default: as recorded)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: all).")
+    ] = None,
 ) -> None:
     """Project new users onto a store's bases (their cores only, no refit); report their
     errors and the drift; refit the slots that drift past --refit-above."""
@@ -205,7 +211,7 @@ def add(
     with clear_errors():
         paths = discover(inputs)
         old = discover(originals) if originals else None
-        console.print(f"adding {len(paths)} users to {store} → [bold]{out}[/]")
+        console.print(f"adding {len(paths)} users to {shown(store)} → [bold]{shown(out)}[/]")
         with progress_bar("add") as progress:
             manifest = add_adapters(
                 store,
@@ -225,7 +231,7 @@ def add(
         + (f"refit {len(refits)} slots: {', '.join(refits[:6])}" if refits else "no slot refit"),
         highlight=False,
     )
-    console.print(f"store: [bold]{out}[/]  report: [bold]{out / 'report'}[/]")
+    console.print(f"store: [bold]{shown(out)}[/]  report: [bold]{shown(out / 'report')}[/]")
 
 
 @app.command()
@@ -243,7 +249,9 @@ def publish(
             "one past the highest layer adapted."
         ),
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: all).")
+    ] = None,
 ) -> None:
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
     from server.publish import publish as publish_store
@@ -256,8 +264,8 @@ def publish(
     manifest = json.loads((version / "manifest.json").read_text())
     exact = "exact" if manifest["export_exact"] else "truncated"
     console.print(
-        f"published [bold]{version}[/] ({len(manifest['users'])} users, rank "
-        f"{manifest['export_rank']}, {exact}); {to / 'current'} → {version.name}"
+        f"published [bold]{shown(version)}[/] ({len(manifest['users'])} users, rank "
+        f"{manifest['export_rank']}, {exact}); {shown(to / 'current')} → {version.name}"
     )
 
 
@@ -301,7 +309,9 @@ def demo(
     users: Annotated[int, typer.Option(help="Synthetic users.")] = 16,
     layers: Annotated[int, typer.Option(help="Decoder layers (SmolLM2-135M has 30).")] = 30,
     rank: Annotated[int, typer.Option(help="Shared rank r per slot.")] = 32,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads (default: all).")
+    ] = None,
 ) -> None:
     """The embedded default end to end: synthetic users → compress → publish → report."""
     from compression.engine import CompressionConfig
@@ -314,7 +324,9 @@ def demo(
     set_threads(threads)
     with clear_errors():
         write_population(PopulationSpec(users, layers), out / "store")
-        console.print(f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {out / 'store'}")
+        console.print(
+            f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {shown(out / 'store')}"
+        )
         compressed = next_version(out / "compressed")
         with progress_bar("compress") as progress:
             compress_adapters(
@@ -326,9 +338,9 @@ def demo(
         with progress_bar("publish") as progress:
             version = publish_store(compressed, out / "serving", progress=progress)
     print_report(json.loads((compressed / "report" / "report.json").read_text()))
-    console.print(f"compressed store: [bold]{compressed}[/]")
-    console.print(f"serving version:  [bold]{version}[/] (current → {version.name})")
-    console.print(f"report:           [bold]{version / 'report'}[/] (md, csv, json, png)")
+    console.print(f"compressed store: [bold]{shown(compressed)}[/]")
+    console.print(f"serving version:  [bold]{shown(version)}[/] (current → {version.name})")
+    console.print(f"report:           [bold]{shown(version / 'report')}[/] (md, csv, json, png)")
 
 
 cli_personal.register(app)

@@ -14,6 +14,11 @@ from rich.table import Table
 console = Console(soft_wrap=True)  # never break a path or an error across lines
 
 
+def shown(path: object) -> str:
+    """A path or name as it is, never read as rich markup (`runs/[bold]x` stays that)."""
+    return escape(str(path))
+
+
 def set_threads(threads: int | None) -> int:
     from soppu.basemodel import set_threads as pin
 
@@ -43,7 +48,7 @@ def clear_errors() -> Iterator[None]:
         FileNotFoundError,
         ValueError,
     ) as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
 
 

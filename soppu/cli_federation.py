@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from soppu.cli_common import clear_errors, console, print_report
+from soppu.cli_common import clear_errors, console, print_report, shown
 
 Opt = typer.Option
 
@@ -95,7 +95,9 @@ def simulate(
     device: Annotated[
         str | None, Opt(help="Server device: alignment, corrections, evaluation, compression.")
     ] = None,
-    threads: Annotated[int | None, Opt(help="torch threads on the server (default: all).")] = None,
+    threads: Annotated[
+        int | None, Opt(min=1, help="torch threads on the server (default: all).")
+    ] = None,
 ) -> None:
     """Run a simulated federation: every user trains their LoRA on the emulator; the server
     keeps every adapter, compresses them, publishes a serving version and reports."""
@@ -157,7 +159,8 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
     config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
     nodes = len(choose_users(config))
     console.print(
-        f"simulating [bold]{nodes}[/] users × {config.rounds} rounds → [bold]{config.run_dir}[/]"
+        f"simulating [bold]{nodes}[/] users × {config.rounds} rounds → "
+        f"[bold]{shown(config.run_dir)}[/]"
     )
     run_simulation(
         server_app(config, resume=resume, log=lambda line: console.print(line, highlight=False)),
@@ -194,12 +197,14 @@ def _print_results(root: Path) -> None:
     evaluation = root / "evaluation.json"
     if evaluation.is_file():
         print_evaluation(json.loads(evaluation.read_text()))
-    console.print(f"rounds done: {state['round']}; adapters: [bold]{root / 'store'}[/]")
+    console.print(f"rounds done: {state['round']}; adapters: [bold]{shown(root / 'store')}[/]")
     console.print(
-        f"serving version: [bold]{serving.resolve()}[/] ({serving} → {state.get('serving')})"
+        f"serving version: [bold]{shown(serving.resolve())}[/] "
+        f"({shown(serving)} → {state.get('serving')})"
     )
     console.print(
-        f"report: [bold]{serving / 'report'}[/]; per-user table: {root / 'evaluation.md'}"
+        f"report: [bold]{shown(serving / 'report')}[/]; "
+        f"per-user table: {shown(root / 'evaluation.md')}"
     )
 
 

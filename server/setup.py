@@ -24,12 +24,12 @@ from torch import Tensor, nn
 from server.config import FederationConfig
 from server.federation import Correction, Federation, Log
 from server.store import RunFolder
-from soppu import atomic, basemodel, lm
+from soppu import atomic, basemodel, cache, lm
 from soppu import messages as m
 from soppu.alignment import AlignConfig, build_aligned, gradient_correction
 from soppu.basemodel import BaseModel, cache_dir
 from soppu.data import DataError, UserText, load_users, public_text
-from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save
+from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import LoraState, fresh_lora
 
 MAY_CHANGE_ON_RESUME = {
@@ -182,12 +182,26 @@ def _emulator(
     run: RunFolder, config: FederationConfig, base: BaseModel, public: list[str], log: Log
 ):
     if not run.emulator.is_dir():
-        source = Path(config.emulator) if config.emulator else _aligned(config, base, public, log)
-        _check_base(source, base)
-        shutil.copytree(source, run.emulator.with_name(".emulator.copying"), dirs_exist_ok=True)
-        run.emulator.with_name(".emulator.copying").rename(run.emulator)
+        if config.emulator:
+            _check_base(Path(config.emulator), base)
+            with atomic.building_dir(run.emulator, cache=True) as copy:
+                shutil.copytree(config.emulator, copy, dirs_exist_ok=True)
+        else:
+            _into_run(_aligned(config, base, public, run, log), run, base)
     _check_base(run.emulator, base)
     return load(run.emulator)
+
+
+def _into_run(source: Path, run: RunFolder, base: BaseModel) -> None:
+    """The emulator from the cache into the run, named after this run's base model: a cache
+    entry matches the base by its weights, and may have been built from another folder of it."""
+    if source == run.emulator:
+        return
+    emulator, info = load(source)
+    if info.base_model != base.name:
+        info = replace(info, base_model=base.name)
+        info.version = version_id(emulator, info)
+    save(emulator, info, run.emulator, cache=True)
 
 
 def _check_base(folder: Path, base: BaseModel) -> None:
@@ -196,30 +210,38 @@ def _check_base(folder: Path, base: BaseModel) -> None:
         raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
 
 
-def _aligned(config: FederationConfig, base: BaseModel, public: list[str], log: Log) -> Path:
-    """The aligned emulator for this recipe, from the cache or built (and cached) now."""
+def _aligned(
+    config: FederationConfig, base: BaseModel, public: list[str], run: RunFolder, log: Log
+) -> Path:
+    """The aligned emulator for this recipe, from the cache or built (and cached) now; one
+    with nothing to align (full mode, or 0 steps) is built into the run, never cached."""
     plan = config.plan(base.num_layers)
     align = AlignConfig(
         steps=config.align_steps, batch_size=config.batch_size, seq_len=config.seq_len
     )
-    key = _recipe_key(base, plan, align, public)
-    folder = cache_dir() / "aligned-emulators" / key
-    if (folder / "soppu_emulator.json").is_file():
-        log(f"emulator: reusing the one cached in {folder}")
-        return folder
+    worth_caching = plan.drop > 0 and align.steps > 0 and bool(public)
+    folder = cache_dir() / "aligned-emulators" / _recipe_key(base, plan, align, public)
+    if worth_caching and (folder / "soppu_emulator.json").is_file():
+        if read_info(folder).aligned:
+            log(f"emulator: reusing the one cached in {folder}")
+            cache.mark_used(folder)
+            return folder
+        cache.remove(folder)  # an unaligned entry never stands in for an aligned one
     if plan.drop == 0:
         log("full mode: the clients' model is the full model itself (nothing to align)")
     else:
         log(
             f"emulator: keeping {plan.keep_count} of {len(plan.middle)} middle layers "
             f"(by {plan.select}), top {plan.top}, bottom {plan.bottom}; aligning it for "
-            f"{align.steps} steps on {len(public):,} public texts; cached afterwards"
+            f"{align.steps} steps on {len(public):,} public texts"
+            + ("; cached afterwards" if worth_caching else "")
         )
     emulator, info = build_aligned(
         base.model, base.tokenizer, base.name, plan, public, align, step_logger(log, "align")
     )
-    save(emulator, info, folder, cache=True)
-    return folder
+    target = folder if worth_caching else run.emulator
+    save(emulator, info, target, cache=True)
+    return target
 
 
 def step_logger(log: Log, what: str, every: int = 10) -> Callable[[int, int, float], None]:
@@ -243,12 +265,15 @@ def step_logger(log: Log, what: str, every: int = 10) -> Callable[[int, int, flo
 
 
 def _recipe_key(base: BaseModel, plan: Any, align: AlignConfig, public: list[str]) -> str:
-    digest = hashlib.sha256(
-        json.dumps([base.name, asdict(plan), asdict(align), len(public)]).encode()
-    )
+    """`<model>-<hash>`: the base model by its weights (the same model in another folder is
+    the same entry), the plan, the alignment settings and the public text."""
+    identity = [basemodel.fingerprint(base.model), asdict(plan), asdict(align), len(public)]
+    digest = hashlib.sha256(json.dumps(identity).encode())
     for text in public:
         digest.update(text.encode())
-    return digest.hexdigest()[:16]
+    # A Hub id names the entry; a local folder's name would split one model into many.
+    name = base.model.config.model_type if Path(base.name).exists() else Path(base.name).name
+    return f"{name[:60]}-{digest.hexdigest()[:16]}"
 
 
 def load_base(config: FederationConfig) -> BaseModel:

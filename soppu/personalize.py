@@ -123,9 +123,11 @@ def _jsonable_config(config: LoraConfig) -> dict:
 
 @contextmanager
 def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> Iterator[nn.Module]:
-    """`model` with the LoRA applied through PEFT; the model is left bare again afterwards.
+    """`model` with the LoRA applied through PEFT; the model is left bare again afterwards,
+    in the train/eval mode it had (PEFT leaves it training: dropout on, for GPT-2-style models).
     The LoRA's keys and layers must use the model's numbering (`on_emulator` for the emulator).
     """
+    was_training = model.training
     peft_model = get_peft_model(model, lora.peft_config())
     try:
         result = set_peft_model_state_dict(peft_model, lora.tensors)
@@ -143,6 +145,7 @@ def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> I
         yield peft_model
     finally:
         peft_model.unload()
+        model.train(was_training)
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:

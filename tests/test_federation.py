@@ -148,6 +148,15 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     assert manifest["source"]["round"] == 2 and manifest["users"] == USERS
 
 
+def _after_round_one_committed() -> None:
+    state = Path(os.environ["SOPPU_TEST_FLAKY_RUN"]) / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+            return
+        time.sleep(0.2)
+
+
 def _flaky_train(msg, context):
     """user1 raises, user2 answers too late, user3 sends NaN: all in round 1 only."""
     setup = messages.Setup.from_record(msg.content[messages.SETUP])
@@ -156,7 +165,7 @@ def _flaky_train(msg, context):
     if first and user == "user1":
         raise RuntimeError("disk full")
     if first and user == "user2":
-        time.sleep(8)
+        _after_round_one_committed()  # too late on any machine, however loaded
     reply = client_app.train(msg, context)
     if first and user == "user3":
         tensors = reply.content[messages.LORA].to_torch_state_dict()
@@ -170,9 +179,11 @@ def test_failed_slow_and_bad_clients_cost_only_their_own_round(world):
     flaky.query()(client_app.query)
     flaky.train()(_flaky_train)
     flaky.evaluate()(client_app.evaluate)
+    # The others have 20 s to train 4 tiny steps; user2 answers only once round 1 is over.
     config = tiny_config(
-        world, "run-flaky", round_timeout=5.0, aggregation="fedavg", fraction_evaluate=1.0
+        world, "run-flaky", round_timeout=20.0, aggregation="fedavg", fraction_evaluate=1.0
     )
+    os.environ["SOPPU_TEST_FLAKY_RUN"] = config.run_dir  # Ray's workers inherit it
     lines = simulate(config, flaky)
     run = RunFolder(Path(config.run_dir))
     rows = {(r["round"], r["user"]): r for r in run.read_jsonl(run.metrics)}

@@ -45,7 +45,11 @@ def test_real_default_model_user_emulator_and_plug_in(tmp_path):
     short = data.UserText(hamlet.user_id, hamlet.train[:2000], hamlet.test[:400])
     config = TrainConfig(steps=2, batch_size=2, seq_len=48, max_eval_tokens=48)
     result = personalize(short, emulator, info, base.tokenizer, config, full_model=base.model)
-    assert all(ppl > 1 for ppl in result.perplexity.values())
+    ppl = result.perplexity
+    # SmolLM2 knows English: the full model is far from a uniform guess over its 49k tokens,
+    # and the emulator, half its middle layers gone, is worse than the full model.
+    assert 1 < ppl["base"] < 1000 < base.tokenizer.vocab_size
+    assert ppl["emulator_start"] > ppl["base"]
     save_lora(result.lora, tmp_path / "hamlet")
 
     ids = base.tokenizer("To be, or not to be", return_tensors="pt")["input_ids"]

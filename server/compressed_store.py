@@ -28,13 +28,14 @@ from compression.engine import SlotResult
 from compression.errors import OrthoForm
 from compression.storage import SlotReader, SlotStorage
 from soppu.atomic import sha256
+from soppu.errors import SoppuError
 
 FORMAT = "soppu-compressed/1"
 MANIFEST = "manifest.json"
 _SAFE_SLOT = re.compile(r"^[\w.\-]+$")
 
 
-class StoreError(ValueError):
+class StoreError(SoppuError, ValueError):
     """A store that is missing, corrupt, or not a store; the message names the file."""
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from soppu import atomic
+from soppu.errors import SoppuError
 from soppu.userids import UnsafeUserId, check_user_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,7 +33,7 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])(?:\.
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
-class AdapterError(ValueError):
+class AdapterError(SoppuError, ValueError):
     """A bad adapter: the message names the file and what is wrong with it."""
 
 

@@ -31,17 +31,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from soppu.errors import SoppuError
+
 STAMP = ".soppu"  # in every folder this module built: what --overwrite may replace
 _OWNER = ".owner"
 _TEMP_KINDS = (".building", ".scratch")
 _MAX_PREFIX = 100  # temp and lock names stay far below the 255-byte name limit
 
 
-class WriteRefused(ValueError):
+class WriteRefused(SoppuError, ValueError):
     """A write that would lose or clobber something; the message names the path and why."""
 
 
-class TargetExists(FileExistsError):
+class TargetExists(SoppuError, FileExistsError):
     """The target is there and replacing it was not asked for."""
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from soppu import atomic
+from soppu.errors import SoppuError
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -45,7 +46,7 @@ _QV_TARGETS = {
 _DEFAULT_TARGETS = ["q_proj", "v_proj"]  # Llama, Mistral, Qwen, Gemma, Phi-3 style
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(SoppuError, RuntimeError):
     """The base model cannot be found, fetched or loaded; the message says what to do."""
 
 
@@ -82,18 +83,14 @@ def default_target_modules(model_type: str) -> list[str]:
     return list(_QV_TARGETS.get(model_type, _DEFAULT_TARGETS))
 
 
-def resolve(base_model: str | Path | None = None, *, prepare_missing: bool = True) -> Path | str:
+def resolve(base_model: str | Path | None = None) -> Path | str:
     """A local folder for the embedded default (prepared on first use), else what was given."""
     name = str(base_model or DEFAULT_BASE_MODEL)
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser()
     if name == DEFAULT_BASE_MODEL:
         folder = cache_dir() / "models" / _MODEL_DIR
-        if _prepared(folder):
-            return folder
-        if not prepare_missing:
-            raise BaseModelError(f"{name} is not prepared; run `soppu prepare`")
-        return prepare_default_model()
+        return folder if _prepared(folder) else prepare_default_model()
     return name
 
 

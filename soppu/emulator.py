@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from soppu import atomic, lm
+from soppu.errors import SoppuError
 
 FORMAT = "soppu-emulator/1"
 META_NAME = "soppu_emulator.json"
 
 
-class EmulatorError(ValueError):
+class EmulatorError(SoppuError, ValueError):
     """A bad emulator plan or folder; the message names what is wrong."""
 
 

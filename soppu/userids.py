@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+from soppu.errors import SoppuError
+
 # Letters (any script), digits and a few separators; no path syntax, no whitespace.
 _SAFE = re.compile(r"^[\w][\w.\-+@=]*$", re.UNICODE)
 MAX_LENGTH = 128
 
 
-class UnsafeUserId(ValueError):
+class UnsafeUserId(SoppuError, ValueError):
     pass
 
 

@@ -6,7 +6,8 @@
 On the embedded default (SmolLM2-135M-Instruct): 64 users' synthetic rank-8 adapters on q/v
 of all 30 layers (`soppu synth`'s realistic population), compressed at shared rank 32 and
 published. With one request per user in flight (prompts of 16–48 tokens, --tokens new tokens
-each, greedy), measures generated tokens per second for:
+each, greedy, end-of-sequence ignored on every side so that each row really generates --tokens
+tokens), measures generated tokens per second, from the tokens each side really generated, for:
 
 - soppu: the continuous-batching engine, every row its own user (U, V once, Σ_i per row);
 - base: the bare base model (no adapter layers) in the same engine and batching: the ceiling;
@@ -16,8 +17,9 @@ each, greedy), measures generated tokens per second for:
 
 Also the memory of 1,000 users' cores beside 1,000 PEFT adapters (same slots, float32), and
 a load test: --clients concurrent HTTP clients against `soppu serve`'s app on 127.0.0.1 for
---requests requests, errors and latency percentiles. Writes
-experiments/results/serving_bench.{json,md}.
+--requests requests, errors, latency percentiles and tokens per second (from each answer's
+`details.generated_tokens`). Writes serving_bench.{json,md} to --out (default
+experiments/results; `--quick` writes serving_bench_quick.*).
 """
 
 from __future__ import annotations
@@ -64,54 +66,65 @@ def prompts(tokenizer, count: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def run_engine(engine, jobs, tokens: int) -> float:
+Timed = tuple[float, int]  # (seconds, tokens really generated)
+
+
+def run_engine(engine, jobs, tokens: int) -> Timed:
+    """Every job at once; EOS ignored, as PEFT's min_new_tokens does on the other side."""
     from server.serving.engine import Request, Sampling
 
     done = [threading.Event() for _ in jobs]
-    began = time.perf_counter()
-    for (prompt, user), event in zip(jobs, done, strict=True):
-        engine.submit(
-            Request(
-                prompt,
-                user,
-                Sampling(max_new_tokens=tokens),
-                lambda e, ev=event: ev.set() if e is None else None,
-            )
+    requests = [
+        Request(
+            prompt,
+            user,
+            Sampling(max_new_tokens=tokens, ignore_eos=True),
+            lambda e, ev=event: ev.set() if e is None else None,
         )
+        for (prompt, user), event in zip(jobs, done, strict=True)
+    ]
+    began = time.perf_counter()
+    for request in requests:
+        engine.submit(request)
     for event in done:
         event.wait()
-    return time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    failed = [r.error for r in requests if r.error]
+    assert not failed, failed
+    return seconds, sum(len(r.tokens) for r in requests)
 
 
-def peft_switching(model, jobs, tokens: int, pad: int) -> float:
+def peft_switching(model, jobs, tokens: int, pad: int) -> Timed:
+    generated = 0
     began = time.perf_counter()
     for prompt, user in jobs:
         model.set_adapter(user)
-        model.generate(
+        out = model.generate(
             input_ids=torch.tensor([prompt]),
             max_new_tokens=tokens,
             min_new_tokens=tokens,
             do_sample=False,
             pad_token_id=pad,
         )
-    return time.perf_counter() - began
+        generated += out.shape[1] - len(prompt)
+    return time.perf_counter() - began, generated
 
 
-def peft_mixed(model, jobs, tokens: int, pad: int) -> float:
+def peft_mixed(model, jobs, tokens: int, pad: int) -> Timed:
     from server.serving.engine import left_padded
 
     ids, mask = left_padded([p for p, _ in jobs], pad)
     began = time.perf_counter()
-    model.generate(
+    out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=tokens,
-        min_new_tokens=tokens,
+        min_new_tokens=tokens,  # no row stops early: each generates exactly `tokens`
         do_sample=False,
         pad_token_id=pad,
         adapter_names=[u for _, u in jobs],
     )
-    return time.perf_counter() - began
+    return time.perf_counter() - began, len(jobs) * (out.shape[1] - ids.shape[1])
 
 
 def memory(version: Path, users: int, lora_rank: int = 8) -> dict:
@@ -147,17 +160,22 @@ def load_test(version_root: Path, clients: int, count: int, tokens: int, users: 
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}/generate"
 
-    def one(i: int) -> tuple[int, float]:
-        body = {
-            "inputs": "Now is the winter of our discontent",
-            "parameters": {"adapter_id": users[i % len(users)], "max_new_tokens": tokens},
+    def one(i: int) -> tuple[int, float, int]:
+        parameters = {
+            "adapter_id": users[i % len(users)],
+            "max_new_tokens": tokens,
+            "ignore_eos_token": True,
+            "details": True,
         }
+        body = {"inputs": "Now is the winter of our discontent", "parameters": parameters}
         began = time.perf_counter()
         try:
-            status = requests.post(url, json=body, timeout=600).status_code
+            reply = requests.post(url, json=body, timeout=600)
+            status = reply.status_code
+            generated = reply.json()["details"]["generated_tokens"] if reply.ok else 0
         except requests.RequestException:
-            status = 0
-        return status, time.perf_counter() - began
+            status, generated = 0, 0
+        return status, time.perf_counter() - began, generated
 
     began = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -165,15 +183,17 @@ def load_test(version_root: Path, clients: int, count: int, tokens: int, users: 
     wall = time.perf_counter() - began
     server.should_exit = True
     thread.join(timeout=60)
-    latencies = sorted(t for _, t in results)
+    latencies = sorted(t for _, t, _ in results)
+    generated = sum(g for _, _, g in results)
     return {
         "clients": clients,
         "requests": count,
-        "errors": sum(s != 200 for s, _ in results),
+        "errors": sum(s != 200 for s, _, _ in results),
         "p50_s": latencies[len(latencies) // 2],
         "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "wall_s": wall,
-        "tokens_per_s": count * tokens / wall,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / wall,
     }
 
 
@@ -186,9 +206,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     args = parser.parse_args()
+    name = "serving_bench"
     if args.quick:
         args.users, args.tokens, args.clients, args.requests = 8, 4, 10, 20
+        name = "serving_bench_quick"  # never over the README's numbers
     torch.set_num_threads(args.threads)
 
     from peft import PeftModel
@@ -218,7 +241,7 @@ def main() -> None:
     run_engine(bare, [(jobs_prompts[0], None)], 2)
     rows["base"] = run_engine(bare, [(p, None) for p in jobs_prompts], args.tokens)
     bare.stop()
-    print({k: f"{v:.1f} s" for k, v in rows.items()}, flush=True)
+    print({k: f"{v[0]:.1f} s" for k, v in rows.items()}, flush=True)
 
     plain = basemodel.load().model
     peft = PeftModel.from_pretrained(
@@ -230,16 +253,16 @@ def main() -> None:
     with torch.no_grad():
         rows["peft_switching"] = peft_switching(peft, user_jobs, args.tokens, pad)
         rows["peft_mixed_batch"] = peft_mixed(peft, user_jobs, args.tokens, pad)
-    print({k: f"{v:.1f} s" for k, v in rows.items()}, flush=True)
+    print({k: f"{v[0]:.1f} s" for k, v in rows.items()}, flush=True)
 
-    generated = args.users * args.tokens
-    throughput = {k: generated / v for k, v in rows.items()}
+    throughput = {k: generated / seconds for k, (seconds, generated) in rows.items()}
     result = {
         "users": args.users,
         "tokens_each": args.tokens,
         "shared_rank": args.rank,
         "threads": args.threads,
-        "seconds": rows,
+        "seconds": {k: seconds for k, (seconds, _) in rows.items()},
+        "generated_tokens": {k: generated for k, (_, generated) in rows.items()},
         "tokens_per_s": throughput,
         "vs_base": throughput["soppu"] / throughput["base"],
         "vs_peft_switching": throughput["soppu"] / throughput["peft_switching"],
@@ -247,10 +270,10 @@ def main() -> None:
         "memory_1000_users": memory(version, 1000),
         "load_test": load_test(version.parent, args.clients, args.requests, args.tokens, users),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serving_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (RESULTS / "serving_bench.md").write_text(text)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -265,15 +288,17 @@ def markdown(r: dict) -> str:
         "peft_mixed_batch": "PEFT, mixed-adapter batch (adapter_names)",
     }
     lines = [
-        f"{r['users']} users in flight, {r['tokens_each']} new tokens each, greedy, "
-        f"{r['threads']} threads, shared rank {r['shared_rank']}:",
+        f"{r['users']} users in flight, {r['tokens_each']} new tokens each (end-of-sequence "
+        f"ignored on every side), greedy, {r['threads']} threads, shared rank "
+        f"{r['shared_rank']}; tokens/s from the tokens each side really generated:",
         "",
-        "| server | seconds | tokens/s | soppu is |",
-        "|---|---|---|---|",
+        "| server | seconds | tokens | tokens/s | soppu is |",
+        "|---|---|---|---|---|",
     ]
     for key, label in names.items():
         lines.append(
-            f"| {label} | {r['seconds'][key]:.1f} | {t[key]:.1f} | {t['soppu'] / t[key]:.2f}× |"
+            f"| {label} | {r['seconds'][key]:.1f} | {r['generated_tokens'][key]} | "
+            f"{t[key]:.1f} | {t['soppu'] / t[key]:.2f}× |"
         )
     lines += [
         "",
@@ -282,8 +307,9 @@ def markdown(r: dict) -> str:
         f"({mem['ratio']:.1f}× less).",
         "",
         f"Load test: {load['clients']} concurrent clients, {load['requests']} requests of "
-        f"{r['tokens_each']} tokens: {load['errors']} errors, p50 {load['p50_s']:.2f} s, p99 "
-        f"{load['p99_s']:.2f} s, {load['tokens_per_s']:.1f} tokens/s.",
+        f"{r['tokens_each']} tokens ({load['generated_tokens']} generated): {load['errors']} "
+        f"errors, p50 {load['p50_s']:.2f} s, p99 {load['p99_s']:.2f} s, "
+        f"{load['tokens_per_s']:.1f} tokens/s.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -25,20 +25,29 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Rows per model step, at most.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long an idle batch waits.")] = 5.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Larger request bodies are refused (413) unread.")
+    ] = 1 << 20,
 ) -> None:
     """Serve every user of the current version: U and V once per batch, Σ_i per row; a new
-    version under `current` is picked up without dropping requests."""
-    import uvicorn
-
-    from server.serving.runner import build
+    version under `current` is picked up without dropping requests (one that does not fit the
+    base model is refused and the old one kept). Exits 1 if the engine stops."""
+    from server.serving.runner import build, run
     from soppu.basemodel import quiet_libraries
 
     quiet_libraries()
     set_threads(threads)
     with clear_errors():
-        app, engine = build(serving, base_model, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+        app, engine = build(
+            serving,
+            base_model,
+            max_batch=max_batch,
+            max_wait=max_wait_ms / 1000,
+            max_body_bytes=max_body_bytes,
+        )
     console.print(
         f"serving {len(engine.users)} users of [bold]{engine.adapters.version}[/] on "
         f"http://{host}:{port} (LoRAX: POST /generate; OpenAI: /v1/completions)"
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if status := run(app, engine, host, port):
+        raise typer.Exit(status)

@@ -5,9 +5,14 @@
     POST /v1/completions, /v1/chat/completions   OpenAI style; `model` is the user id
     GET  /health, /info, /metrics (Prometheus)
 
-`parameters.adapter_id` is the user id (or a path whose last part is one, as LoRAX users pass
-`serving/current/users/<user>` with `adapter_source="local"`); no adapter id means the base
-model. Unknown users are 404, bad parameters and oversized inputs 422, each with a message.
+`parameters.adapter_id` is the user id, or (adapter_source "local") the path of a published
+user dir inside the serving dir; no adapter id means the base model. Unknown users are 404,
+bad parameters and oversized inputs 422, bodies over the limit 413, a stopped engine 503;
+every error is one JSON line `{"error": message, "error_type": kind}`, in a stream too.
+
+Prompts are tokenised off the event loop, so a long one never stalls other requests. A
+client that goes away (a closed stream, a dropped connection while waiting) cancels its
+request: its row leaves the batch at the engine's next step.
 """
 
 from __future__ import annotations
@@ -24,120 +29,23 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from server.serving.asgi import DEFAULT_MAX_BODY, BodyLimit, CountRequests, Metrics
+from server.serving.engine import Engine, EngineStopped, Request, Sampling, Token, UnknownUser
+from server.serving.request import event_sink, one_line
+from server.serving.schemas import (
+    ApiError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    lorax_user,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.serving.engine import Engine, Request, Sampling, Token, UnknownUser, event_sink
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-class Parameters(BaseModel):
-    model_config = ConfigDict(extra="allow")  # lorax-client sends every field, mostly null
-
-    adapter_id: str | None = None
-    adapter_source: str | None = None
-    max_new_tokens: int | None = Field(default=20, ge=1)
-    temperature: float | None = Field(default=None, gt=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    do_sample: bool = False
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    details: bool = False
-    return_full_text: bool | None = False
-    top_k: int | None = Field(default=None, ge=1)
-    ignore_eos_token: bool = False
-    best_of: int | None = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _one(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("best_of > 1 is not supported")
-        return value
-
-    @model_validator(mode="after")
-    def _nothing_silently_ignored(self) -> Parameters:
-        """lorax-client sends every field; those at their neutral value are fine, anything
-        else this server does not do is refused by name rather than ignored."""
-        neutral = {"repetition_penalty": 1.0, "api_token": None}
-        for name, value in (self.model_extra or {}).items():
-            if value in (None, False, [], {}) or neutral.get(name, object()) == value:
-                continue
-            if name == "api_token":
-                continue  # adapters are local: there is nothing to authenticate against
-            raise ValueError(f"{name}={value!r} is not supported by soppu serve")
-        return self
-
-
-class GenerateRequest(BaseModel):
-    inputs: str
-    parameters: Parameters = Field(default_factory=Parameters)
-    stream: bool = False
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = ""
-    prompt: str
-    max_tokens: int | None = Field(default=16, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
-
-
-class ChatMessage(BaseModel):
-    role: str
-    content: str
-
-
-class ChatRequest(CompletionRequest):
-    prompt: str = ""
-    messages: list[ChatMessage]
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "soppu_requests",
-            "Requests by route and status",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.tokens = Counter("soppu_generated_tokens", "Tokens generated", registry=self.registry)
-        self.batch = Histogram(
-            "soppu_batch_size",
-            "Rows per model step",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "soppu_request_seconds",
-            "Request latency",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
-            registry=self.registry,
-        )
-        self.first_token = Histogram(
-            "soppu_time_to_first_token_seconds",
-            "Time to first token",
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
-            registry=self.registry,
-        )
+STATUS = {"generation": 500, "not_found": 404, "unavailable": 503}  # engine error kinds
 
 
 def create_app(
@@ -146,90 +54,42 @@ def create_app(
     *,
     max_input_tokens: int = 1024,
     max_total_tokens: int = 2048,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    serving: Path | None = None,
     metrics: Metrics | None = None,
     lifespan=None,
 ) -> FastAPI:
     metrics = metrics or Metrics()
-    engine.on_step = lambda rows, seconds: metrics.batch.observe(rows)
+    metrics.watch(engine)
     app = FastAPI(title="soppu serve", version=info.get("version", ""), lifespan=lifespan)
     app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics, routes=lambda: _paths(app))
+    _error_handlers(app)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: HttpRequest, exc: ApiError) -> JSONResponse:
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
-        return JSONResponse({"error": exc.message, "error_type": exc.kind}, exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        metrics.requests.labels(request.url.path, "422").inc()
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        return JSONResponse({"error": problems, "error_type": "validation"}, 422)
-
-    def start(prompt: str, user: str | None, sampling: Sampling) -> tuple[Request, asyncio.Queue]:
-        ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ApiError(422, "inputs are empty", "validation")
-        if len(ids) > max_input_tokens:
+    def encode(prompt: str) -> list[int]:
+        try:
+            prompt.encode("utf-8")  # JSON may carry lone surrogates, which no tokenizer takes
+            return engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        except Exception as exc:
             raise ApiError(
-                422, f"inputs are {len(ids)} tokens; at most {max_input_tokens}", "validation"
-            )
-        if len(ids) + sampling.max_new_tokens > max_total_tokens:
-            raise ApiError(
-                422,
-                f"inputs ({len(ids)}) + max_new_tokens "
-                f"({sampling.max_new_tokens}) exceed {max_total_tokens} tokens",
-                "validation",
-            )
+                422, f"inputs cannot be tokenised: {one_line(exc)}", "validation"
+            ) from None
+
+    async def start(prompt: str, user: str | None, sampling: Sampling) -> Generation:
+        ids = await asyncio.to_thread(encode, prompt)  # a long prompt takes seconds
+        _check_lengths(len(ids), sampling.max_new_tokens, max_input_tokens, max_total_tokens)
         events: asyncio.Queue = asyncio.Queue()
         request = Request(ids, user, sampling, event_sink(asyncio.get_running_loop(), events))
         try:
             engine.submit(request)
         except UnknownUser:
-            raise ApiError(
-                404,
-                f"no adapter for user {user!r} in serving version {engine.adapters.version}",
-                "not_found",
-            ) from None
-        return request, events
-
-    async def tokens(request: Request, events: asyncio.Queue) -> AsyncIterator[Token]:
-        while (event := await events.get()) is not None:
-            yield event
-        if request.error:
-            raise ApiError(500, request.error, "generation")
-
-    async def finished(request: Request, events: asyncio.Queue) -> Request:
-        async for _ in tokens(request, events):
-            pass
-        observe(request)
-        return request
-
-    def observe(request: Request) -> None:
-        metrics.tokens.inc(len(request.tokens))
-        metrics.latency.observe(time.perf_counter() - request.arrived)
-        if request.first_token_at is not None:
-            metrics.first_token.observe(request.first_token_at - request.arrived)
-
-    def lorax_user(parameters: Parameters) -> str | None:
-        if not parameters.adapter_id:
-            return None
-        if parameters.adapter_source == "local" or "/" in parameters.adapter_id:
-            return Path(parameters.adapter_id).name
-        return parameters.adapter_id
-
-    def lorax_sampling(p: Parameters) -> Sampling:
-        return Sampling(
-            max_new_tokens=p.max_new_tokens or 20,
-            temperature=p.temperature or 1.0,
-            top_p=p.top_p or 1.0,
-            top_k=p.top_k,
-            do_sample=p.do_sample,
-            seed=p.seed,
-            stop=tuple(p.stop),
-            ignore_eos=p.ignore_eos_token,
-        )
+            version = engine.adapters.version
+            message = f"no adapter for user {user!r} in serving version {version}"
+            raise ApiError(404, message, "not_found") from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), "unavailable") from None
+        return Generation(engine, request, events)
 
     def details(request: Request, with_tokens: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -246,11 +106,12 @@ def create_app(
             }
         return out
 
-    async def generate_body(body: GenerateRequest) -> dict[str, Any]:
-        request = await finished(
-            *start(body.inputs, lorax_user(body.parameters), lorax_sampling(body.parameters))
-        )
-        metrics.requests.labels("/generate", "200").inc()
+    async def lorax_start(body: GenerateRequest) -> Generation:
+        user = lorax_user(body.parameters, serving)
+        return await start(body.inputs, user, body.parameters.sampling())
+
+    async def generate_body(http: HttpRequest, body: GenerateRequest) -> dict[str, Any]:
+        request = await (await lorax_start(body)).answer(http.receive)
         text = request.text
         if body.parameters.return_full_text:
             text = body.inputs + text
@@ -260,12 +121,11 @@ def create_app(
         }
 
     async def generate_events(body: GenerateRequest) -> StreamingResponse:
-        request, events = start(
-            body.inputs, lorax_user(body.parameters), lorax_sampling(body.parameters)
-        )
+        generation = await lorax_start(body)
+        request = generation.request
 
         async def stream() -> AsyncIterator[str]:
-            async for token in tokens(request, events):
+            async for token in generation.tokens():
                 done = request.finish_reason is not None and token is request.tokens[-1]
                 yield _sse(
                     {
@@ -274,51 +134,37 @@ def create_app(
                         "details": details(request, False) if done else None,
                     }
                 )
-            observe(request)
-            metrics.requests.labels("/generate_stream", "200").inc()
+            if request.error:
+                yield _sse({"error": request.error, "error_type": request.error_kind})
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return EventStream(stream(), generation)
 
     @app.post("/generate")
-    async def generate(body: GenerateRequest) -> dict[str, Any]:
-        return await generate_body(body)
+    async def generate(http: HttpRequest, body: GenerateRequest) -> dict[str, Any]:
+        return await generate_body(http, body)
 
     @app.post("/generate_stream")
     async def generate_stream(body: GenerateRequest) -> StreamingResponse:
         return await generate_events(body)
 
     @app.post("/")
-    async def compat_generate(body: GenerateRequest):
-        return await generate_events(body) if body.stream else [await generate_body(body)]
+    async def compat_generate(http: HttpRequest, body: GenerateRequest):
+        if body.stream:
+            return await generate_events(body)
+        return [await generate_body(http, body)]
 
     def openai_user(model: str) -> str | None:
         return None if model in ("", info["model_id"]) else model
 
-    def openai_sampling(body: CompletionRequest) -> Sampling:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        temperature = 1.0 if body.temperature is None else body.temperature
-        return Sampling(
-            max_new_tokens=body.max_tokens or 16,
-            temperature=temperature or 1.0,
-            top_p=body.top_p or 1.0,
-            do_sample=temperature > 0,
-            seed=body.seed,
-            stop=tuple(stop),
-        )
-
-    async def openai(body: CompletionRequest, prompt: str, chat: bool):
-        request, events = start(prompt, openai_user(body.model), openai_sampling(body))
+    async def openai(http: HttpRequest, body: CompletionRequest, prompt: str, chat: bool):
+        generation = await start(prompt, openai_user(body.model), body.sampling())
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
         base = {"id": ident, "created": int(time.time()), "model": body.model or info["model_id"]}
         if body.stream:
-            return StreamingResponse(
-                _openai_stream(request, events, tokens, observe, base, kind, chat),
-                media_type="text/event-stream",
-            )
-        await finished(request, events)
-        reason = "stop" if request.finish_reason in ("eos_token", "stop_sequence") else "length"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+            return EventStream(_openai_stream(generation, base, kind, chat), generation)
+        request = await generation.answer(http.receive)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _reason(request), "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": request.text}
         else:
@@ -331,16 +177,27 @@ def create_app(
         return {**base, "object": kind, "choices": [choice], "usage": usage}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await openai(body, body.prompt, chat=False)
+    async def completions(http: HttpRequest, body: CompletionRequest):
+        return await openai(http, body, body.prompt, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await openai(body, _chat_prompt(engine.tokenizer, body.messages), chat=True)
+    async def chat_completions(http: HttpRequest, body: ChatRequest):
+        prompt = await asyncio.to_thread(_chat_prompt, engine.tokenizer, body.messages)
+        return await openai(http, body, prompt, chat=True)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {}
+    async def health():
+        serving_now = engine.pending_adapters or engine.adapters
+        state = {
+            "version": serving_now.version,
+            "users": len(serving_now.users),
+            "engine_alive": engine.alive,
+            "refused_versions": engine.refused,
+        }
+        if not engine.alive:
+            failure = {"error": engine.why_stopped(), "error_type": "unavailable"}
+            return JSONResponse({**failure, **state}, 503)
+        return state
 
     @app.get("/info")
     async def get_info() -> dict[str, Any]:
@@ -351,6 +208,7 @@ def create_app(
             "max_input_length": max_input_tokens,
             "max_total_tokens": max_total_tokens,
             "max_batch_size": engine.max_batch,
+            "max_body_bytes": max_body_bytes,
         }
 
     @app.get("/metrics")
@@ -360,22 +218,133 @@ def create_app(
     return app
 
 
-async def _openai_stream(request, events, tokens, observe, base, kind, chat) -> AsyncIterator[str]:
-    chunk_kind = "chat.completion.chunk" if chat else kind
-    async for token in tokens(request, events):
-        done = request.finish_reason is not None and token is request.tokens[-1]
-        reason = None
-        if done:
-            reason = "stop" if request.finish_reason in ("eos_token", "stop_sequence") else "length"
-        piece = {"delta": {"content": token.text}} if chat else {"text": token.text}
-        yield _sse(
-            {
-                **base,
-                "object": chunk_kind,
-                "choices": [{"index": 0, **piece, "finish_reason": reason}],
-            }
+class Generation:
+    """A submitted request, read by its HTTP handler as its tokens come."""
+
+    def __init__(self, engine: Engine, request: Request, events: asyncio.Queue):
+        self.engine, self.request, self.events = engine, request, events
+
+    async def tokens(self) -> AsyncIterator[Token]:
+        """Its tokens; a reader that stops early (a stream whose client left is cancelled by
+        Starlette) cancels the request in the engine."""
+        try:
+            while (event := await self.events.get()) is not None:
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the request in the engine unless it has finished."""
+        if self.request.finish_reason is None:
+            self.engine.cancel(self.request)
+
+    async def answer(self, receive: Receive) -> Request:
+        """The finished request; raises its error, or 499 if the client left first."""
+        finished = asyncio.ensure_future(self._finished())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not finished.done():
+                finished.cancel()
+                self.close()
+        if not finished.done() or finished.cancelled():
+            raise ApiError(499, "the client closed the connection", "cancelled")
+        if self.request.error:
+            kind = self.request.error_kind
+            raise ApiError(STATUS.get(kind, 500), self.request.error, kind)
+        return self.request
+
+    async def _finished(self) -> None:
+        async for _ in self.tokens():
+            pass
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client is gone (the body was read already: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _check_lengths(prompt: int, new: int, max_input: int, max_total: int) -> None:
+    if not prompt:
+        raise ApiError(422, "inputs are empty", "validation")
+    if prompt > max_input:
+        raise ApiError(422, f"inputs are {prompt} tokens; at most {max_input}", "validation")
+    if prompt + new > max_total:
+        raise ApiError(
+            422,
+            f"inputs ({prompt}) + max_new_tokens ({new}) exceed {max_total} tokens",
+            "validation",
         )
-    observe(request)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, "; ".join(_problem(e) for e in exc.errors()), "validation")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: HttpRequest, exc: HTTPException) -> JSONResponse:
+        kind = "too_large" if exc.status_code == 413 else "http"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: HttpRequest, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {one_line(exc)}", "internal")
+
+
+def _problem(error: dict[str, Any]) -> str:
+    if error.get("type") == "json_invalid":
+        return f"the body is not JSON: {error.get('ctx', {}).get('error', 'invalid')}"
+    where = ".".join(str(p) for p in error["loc"][1:]) or "body"
+    return f"{where}: {error['msg']}"
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": kind}, status)
+
+
+def _paths(app: FastAPI) -> set[str]:
+    return {getattr(route, "path", "") for route in app.routes}
+
+
+def _reason(request: Request) -> str:
+    return "stop" if request.finish_reason in ("eos_token", "stop_sequence") else "length"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; once the response ends, by its last event or because Starlette
+    saw the client leave and cancelled it, an unfinished request is cancelled in the engine."""
+
+    def __init__(self, events: AsyncIterator[str], generation: Generation):
+        super().__init__(events, media_type="text/event-stream")
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+async def _openai_stream(
+    generation: Generation, base: dict[str, Any], kind: str, chat: bool
+) -> AsyncIterator[str]:
+    request = generation.request
+    chunk_kind = "chat.completion.chunk" if chat else kind
+    async for token in generation.tokens():
+        done = request.finish_reason is not None and token is request.tokens[-1]
+        piece = {"delta": {"content": token.text}} if chat else {"text": token.text}
+        choice = {"index": 0, **piece, "finish_reason": _reason(request) if done else None}
+        yield _sse({**base, "object": chunk_kind, "choices": [choice]})
+    if request.error:
+        yield _sse({"error": request.error, "error_type": request.error_kind})
     yield "data: [DONE]\n\n"
 
 
@@ -385,6 +354,9 @@ def _sse(payload: dict[str, Any]) -> str:
 
 def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
     turns = [{"role": m.role, "content": m.content} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    try:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    except Exception as exc:  # the model's template refuses these turns (roles, order)
+        raise ApiError(422, f"messages: {one_line(exc)}", "validation") from None

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI
 
 from server.publish import CURRENT
 from server.serving.api import create_app
-from server.serving.engine import Engine
+from server.serving.asgi import DEFAULT_MAX_BODY
+from server.serving.engine import Engine, VersionMisfit
 from server.serving.shared_lora import SharedAdapters, load_shared
 from soppu import basemodel
 
@@ -33,10 +35,15 @@ def base_model_of(version: Path) -> str:
 
 
 class VersionWatcher:
-    """Polls `serving/current`; loads a new version off the engine thread and hands it over."""
+    """Polls `serving/current`; loads a new version off the engine thread and hands it over.
+    A version that does not fit the loaded model is refused once (logged, kept in
+    `engine.refused`) and the old one keeps serving; one that fails to load (half-written,
+    corrupt) is tried again at the next poll, its reason logged once."""
 
     def __init__(self, serving: Path, engine: Engine, loaded: Path, interval: float = 1.0):
         self.serving, self.engine, self.loaded, self.interval = serving, engine, loaded, interval
+        self.refused: set[Path] = set()
+        self._said: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soppu-watcher", daemon=True)
 
@@ -46,19 +53,36 @@ class VersionWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                version = current_dir(self.serving)
-                if version != self.loaded:
-                    adapters = load_shared(version)
-                    self.engine.swap(adapters)
-                    self.loaded = version
-                    log.info("serving version %s (%d users)", version.name, len(adapters.users))
+                self.poll()
+            except VersionMisfit as exc:
+                log.error("not switching versions: %s; still serving %s", exc, self.loaded.name)
             except Exception as exc:  # a half-written or bad version: keep serving the old one
-                log.warning("not switching versions: %s", exc)
+                self._say(f"not switching versions: {exc}")
+
+    def poll(self) -> None:
+        version = current_dir(self.serving)
+        if version == self.loaded or version in self.refused:
+            return
+        adapters = load_shared(version)
+        try:
+            self.engine.swap(adapters)
+        except VersionMisfit:
+            self.refused.add(version)
+            raise
+        self.loaded = version
+        self._said = None
+        log.info("serving version %s (%d users)", version.name, len(adapters.users))
+
+    def _say(self, message: str) -> None:
+        if message != self._said:
+            log.warning("%s", message)
+            self._said = message
 
 
 def build(
@@ -68,11 +92,19 @@ def build(
     max_batch: int = 64,
     max_wait: float = 0.005,
     watch_interval: float = 1.0,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> tuple[FastAPI, Engine]:
     version = current_dir(serving)
     adapters: SharedAdapters = load_shared(version)
     base = basemodel.load(base_model or base_model_of(version))
-    engine = Engine(base.model, base.tokenizer, adapters, max_batch=max_batch, max_wait=max_wait)
+    engine = Engine(
+        base.model,
+        base.tokenizer,
+        adapters,
+        max_batch=max_batch,
+        max_wait=max_wait,
+        base_model=base_model_of(version),
+    )
     info = {
         "model_id": base.name,
         "model_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
@@ -100,6 +132,33 @@ def build(
         info,
         max_input_tokens=min(1024, max_positions // 2),
         max_total_tokens=max_positions,
+        max_body_bytes=max_body_bytes,
+        serving=Path(serving),
         lifespan=lifespan,
     )
+    app.state.watcher = watcher
     return app, engine
+
+
+def run(app: FastAPI, engine: Engine, host: str, port: int) -> int:
+    """Serve until SIGTERM/SIGINT (uvicorn shuts down gracefully and re-raises the signal)
+    or until the engine thread dies; returns the exit status: 1 if the engine died."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30
+    )
+    server = uvicorn.Server(config)
+    if not log.handlers:  # version switches, refusals and engine failures on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+    def stop_serving(exc: BaseException) -> None:
+        server.should_exit = True  # uvicorn polls it; answered requests drain first
+
+    engine.on_death = stop_serving
+    server.run()
+    if engine.died is not None:
+        log.critical("exiting: %s", engine.why_stopped())
+        return 1
+    return 0 if server.started else 1

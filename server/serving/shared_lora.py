@@ -46,7 +46,7 @@ class SharedAdapters:
     version: str
     users: dict[str, int]  # user id → row in every slot's cores (1-based)
     slots: dict[str, SlotWeights]  # module name → weights
-
+    base_model: str | None = None  # what the adapters were trained on, as the store says
 
 
 def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> SharedAdapters:
@@ -64,7 +64,7 @@ def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> Shared
         for module, items in by_module.items():
             parts.setdefault(module, []).append((slot, items))
     slots = {m: _module_weights(m, p, len(users), users, dtype) for m, p in sorted(parts.items())}
-    return SharedAdapters(Path(version_dir).name, users, slots)
+    return SharedAdapters(Path(version_dir).name, users, slots, manifest.get("base_model"))
 
 
 def _module_weights(
@@ -120,8 +120,33 @@ class SharedLoRALinear(nn.Module):
         return y + torch.bmm(h, self.U[clusters].transpose(1, 2)).to(y.dtype)
 
 
+def misfits(model: nn.Module, adapters: SharedAdapters) -> list[str]:
+    """What in `adapters` does not fit `model` (a module it lacks, of another kind or shape);
+    empty when every slot fits. Only reads the model, so any thread may ask."""
+    problems = []
+    for name, weights in adapters.slots.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: the base model has no such module")
+            continue
+        if isinstance(base, SharedLoRALinear):
+            base = base.base
+        if not isinstance(base, nn.Linear):
+            problems.append(f"{name}: expected a Linear to adapt, found {type(base).__name__}")
+            continue
+        expected = (base.out_features, base.in_features)
+        shape = (weights.U.shape[1], weights.V.shape[1])
+        if shape != expected:
+            problems.append(f"{name}: adapter shape {shape}, the base model's is {expected}")
+    return problems
+
+
 def install(model: nn.Module, adapters: SharedAdapters) -> dict[str, SharedLoRALinear]:
-    """Wrap every adapted linear of `model` (in place); returns module name → wrapper."""
+    """Wrap every adapted linear of `model` (in place); returns module name → wrapper.
+    Everything is checked first, so a misfit changes nothing."""
+    if problems := misfits(model, adapters):
+        raise ValueError("; ".join(problems))
     wrapped = {}
     for name, weights in adapters.slots.items():
         parent_name, _, child = name.rpartition(".")
@@ -129,19 +154,10 @@ def install(model: nn.Module, adapters: SharedAdapters) -> dict[str, SharedLoRAL
         base = getattr(parent, child)
         if isinstance(base, SharedLoRALinear):
             base.set_weights(weights)
-            wrapped[name] = base
-            continue
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name}: expected a Linear to adapt, found {type(base).__name__}")
-        expected = (base.out_features, base.in_features)
-        if (weights.U.shape[1], weights.V.shape[1]) != expected:
-            raise ValueError(
-                f"{name}: adapter shape {(weights.U.shape[1], weights.V.shape[1])}"
-                f" does not fit the base model's {expected}"
-            )
-        wrapper = SharedLoRALinear(base, weights)
-        setattr(parent, child, wrapper)
-        wrapped[name] = wrapper
+        else:
+            base = SharedLoRALinear(base, weights)
+            setattr(parent, child, base)
+        wrapped[name] = base
     return wrapped
 
 

@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from soppu import cache, lm
+from soppu.adapters import LoraState
 from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
 from soppu.messages import Setup
-from soppu.personalize import LoraState, PersonalizeResult, TrainConfig, attached, personalize
+from soppu.personalize import PersonalizeResult, TrainConfig, attached, personalize
 from soppu.userids import check_user_id
 
 quiet_libraries()

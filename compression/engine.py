@@ -11,18 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from compression.clusters import MAX_AUTO_CLUSTERS, Clustering, fit_clusters, rank_for_budget
+from compression.core_size import cheapest_core_params
 from compression.cp import fit_diag
 from compression.errors import OrthoForm, personal_errors, relative, squared_errors
 from compression.export import core_ranks, export_lora
-from compression.factors import CanonicalStack, LoRAFactors, canonicalize
+from compression.factors import CanonicalStack, LoRAFactors, canonicalize, item_ranks
 from compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
 from compression.slots import GROUPINGS
-from compression.storage import BITS, SlotStorage, core_form
+from compression.storage import BITS, SlotStorage
 
 SIGMA_MODES = ("full", "diag")
 WEIGHTINGS = ("uniform", "norm")
@@ -66,6 +68,23 @@ class CompressionConfig:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
+
+    @classmethod
+    def from_target(
+        cls,
+        *,
+        rank: int | None = None,
+        energy: float | None = None,
+        max_error: float | None = None,
+        **rest: Any,
+    ) -> CompressionConfig:
+        """From what a user asks for: a shared rank, or the energy to keep, or the relative
+        error allowed (energy = 1 − e², the HOSVD guarantee); neither: keep 90% of the energy."""
+        if max_error is not None and energy is None:
+            energy = 1.0 - max_error**2
+        if rank is None and energy is None:
+            energy = 0.9
+        return cls(rank=rank, energy=energy, **rest)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +151,7 @@ def core_storage(fit: SlotFit, lora_ranks: Tensor) -> int:
     if fit.sigma == "diag":
         return count * r_u
     k = int(lora_ranks.max())
-    return count * (k * (r_u + r_v) if core_form(k, r_u, r_v) == "factored" else r_u * r_v)
+    return count * cheapest_core_params(k, r_u, r_v)
 
 
 def compress_slot(
@@ -245,9 +264,6 @@ def _local_groups(groups: Sequence[Sequence[int]], members: list[int]) -> list[l
 
 
 def _ranks(items: Sequence[LoRAFactors]) -> Tensor:
-    known = getattr(items, "ranks", None)
-    if known is not None:
-        return torch.as_tensor(list(known))
-    return torch.tensor([item.rank for item in items])
+    return torch.as_tensor(item_ranks(items))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -65,6 +66,26 @@ class CanonicalStack:
         return (self.S.double() ** 2).sum(dim=1)
 
 
+@runtime_checkable
+class KnownItems(Protocol):
+    """A lazy sequence of LoRA deltas that already knows, from file headers, what reading every
+    item would tell: the slot's shape and each item's LoRA rank (so nothing is read for them)."""
+
+    shape: tuple[int, int]
+    ranks: Sequence[int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> LoRAFactors: ...
+
+
+def item_ranks(items: Sequence[LoRAFactors]) -> list[int]:
+    """Each item's LoRA rank, from the headers when the items know them."""
+    if isinstance(items, KnownItems):
+        return list(items.ranks)
+    return [item.rank for item in items]
+
+
 def canonicalize(
     items: Sequence[LoRAFactors],
     *,
@@ -79,9 +100,8 @@ def canonicalize(
     """
     if len(items) == 0:
         raise ValueError("canonicalize needs at least one LoRA delta")
-    # A lazy sequence can tell its shape and largest rank from file headers, sparing reads.
-    m, n = getattr(items, "shape", None) or items[0].shape
-    k = getattr(items, "max_rank", None) or max(item.rank for item in items)
+    m, n = items.shape if isinstance(items, KnownItems) else items[0].shape
+    k = max(item_ranks(items))
     count = len(items)
     Et = torch.zeros(count, k, m, device=device, dtype=dtype)
     Ft = torch.zeros(count, k, n, device=device, dtype=dtype)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from compression.core_size import cheapest_core_params
 from compression.errors import OrthoForm, squared_errors
 from compression.factors import CanonicalStack, project
 from compression.spectrum import Spectrum, top_eigen
@@ -141,7 +142,7 @@ def choose_ranks(stack: CanonicalStack, weights: Tensor, energy: float, max_rank
             while r_v > 1 and tails_u[r_u - 1] + tails_v[r_v - 2] <= budget:
                 r_v -= 1
             if tails_u[r_u - 1] + tails_v[r_v - 1] <= budget:
-                core = min(r_u * r_v, stack.rank * (r_u + r_v))
+                core = cheapest_core_params(stack.rank, r_u, r_v)
                 cost = r_u * m + r_v * n + stack.count * core
                 if best is None or cost < best[0]:
                     best = (cost, (r_u, r_v))

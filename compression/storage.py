@@ -21,17 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from compression.core_size import core_form
 from compression.errors import OrthoForm
 from compression.joint import SlotFit
 
 BITS = (32, 8, 4)
 FORMS = ("dense", "factored", "diag")
-
-
-def core_form(k: int, r_u: int, r_v: int) -> str:
-    """How a full core is stored. Uᵀ D_i V has rank ≤ k, so when k·(r_U + r_V) < r_U·r_V it
-    is kept as an r_U × k times k × r_V product ("factored"), else whole ("dense")."""
-    return "factored" if k * (r_u + r_v) < r_u * r_v else "dense"
 
 
 def stored_floats(fit: SlotFit) -> tuple[dict[str, Tensor], str]:

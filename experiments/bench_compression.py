@@ -108,7 +108,7 @@ def load_users(case: str, n_users: int) -> list[User]:
 
 
 def _real_users(store: Path, n_users: int) -> list[User]:
-    from soppu.adapters import discover, read_population
+    from soppu.adapter_sets import discover, read_population
 
     infos = read_population(dict(sorted(discover([store]).items())[:n_users]))
     keep = [m for m in sorted(infos[0].modules) if ".layers.0." in m or ".layers.28." in m]

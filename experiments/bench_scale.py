@@ -46,7 +46,7 @@ import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from compression import CompressionConfig
 from server.compress_round import compress_adapters
-from soppu.adapters import discover
+from soppu.adapter_sets import discover
 start = time.perf_counter()
 paths = discover([sys.argv[1]])
 manifest = compress_adapters(paths, sys.argv[2], CompressionConfig(
@@ -59,7 +59,7 @@ ADD_CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from server.add_users import add_adapters
-from soppu.adapters import discover
+from soppu.adapter_sets import discover
 paths = discover([sys.argv[2]])
 start = time.perf_counter()
 manifest = add_adapters(sys.argv[1], paths, sys.argv[3], replace=True)

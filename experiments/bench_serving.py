@@ -42,14 +42,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def build_serving(root: Path, users: int, rank: int) -> Path:
     from compression.engine import CompressionConfig
-    from server.compress_round import compress_adapters
-    from server.publish import publish
-    from soppu.adapters import discover
+    from server.run_compression import compress_and_publish
+    from soppu.adapter_sets import discover
     from soppu.synthetic import PopulationSpec, write_population
 
     write_population(PopulationSpec(users, 30), root / "adapters")
-    compress_adapters(discover([root / "adapters"]), root / "store", CompressionConfig(rank=rank))
-    publish(root / "store", root / "serving")
+    paths = discover([root / "adapters"])
+    compress_and_publish(paths, root / "store", root / "serving", CompressionConfig(rank=rank))
     return root / "serving" / "current"
 
 

@@ -76,9 +76,14 @@ def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
 
 
 def analyse(run: Path, workers: int) -> dict:
-    evaluation = json.loads((run / "evaluation.json").read_text())
-    report = json.loads((run / "serving" / "current" / "report" / "report.json").read_text())
-    rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    from server.store import RunFolder
+    from server.versions import Versions
+
+    folder = RunFolder(run)
+    evaluation = json.loads(folder.evaluation.read_text())
+    current = Versions(folder.serving).require_current()
+    report = json.loads((current / "report" / "report.json").read_text())
+    rounds = folder.read_jsonl(folder.rounds)
     overhead = []
     for r in rounds:
         useful = r["client_seconds"] / workers
@@ -109,7 +114,7 @@ def analyse(run: Path, workers: int) -> dict:
             "params_after": totals["params_after"],
             "error_mean": totals["mean"],
             "ranks": sorted({m["rank"] for m in report["modules"]}, key=str),
-            "config": json.loads((run / "run.json").read_text())["config"],
+            "config": json.loads(folder.run_json.read_text())["config"],
         },
         "rounds": overhead,
         "workers": workers,
@@ -121,27 +126,27 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
     import shutil
 
     from compression.engine import CompressionConfig
-    from server.compress_round import compress_adapters
     from server.evaluation import gain_kept
-    from server.publish import publish
+    from server.run_compression import compress_and_publish
     from server.setup import choose_users, stored_config
     from server.store import RunFolder, snapshot
     from soppu import basemodel, lm
-    from soppu.personalize import attached, read_lora
+    from soppu.adapters import read_lora
+    from soppu.personalize import attached
 
     folder = RunFolder(run)
     config = stored_config(folder)
     base = basemodel.load(config.base_model or None)
     users = choose_users(config)
-    evaluation = {u["user"]: u for u in json.loads((run / "evaluation.json").read_text())["users"]}
+    evaluation = {u["user"]: u for u in json.loads(folder.evaluation.read_text())["users"]}
     scratch = run / "sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     paths = snapshot(folder, scratch / "adapters")
     rows = []
     for rank in ranks:
         store = scratch / f"r{rank}"
-        compress_adapters(paths, store, CompressionConfig(rank=rank))
-        version = publish(store, scratch / f"serving-r{rank}")
+        config = CompressionConfig(rank=rank)
+        version = compress_and_publish(paths, store, scratch / f"serving-r{rank}", config)
         kept, kept_over_global = [], []
         for user, row in evaluation.items():
             blocks = lm.token_blocks(

@@ -32,13 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, analyse, launch, sweep
 from sweep_recipes import Recipe, cost
 
+from server.store import RunFolder
+from soppu.emulator import META_NAME
+
 MODES = ("emulator", "full")
 
 
 def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
     run = RUNS / f"gains-{args.name}-{mode}"
     seconds = None
-    if not (run / "evaluation.json").is_file():
+    if not RunFolder(run).evaluation.is_file():
         if run.exists():
             sys.exit(f"{run} exists but is unfinished: remove it")
         seconds = launch(args, run, ["--client-mode", mode, *extra])
@@ -53,8 +56,8 @@ def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
 def client_costs(args: argparse.Namespace) -> dict[str, dict]:
     """Step time and peak RSS of one client of each mode, the emulator the run used."""
     emulator_run = RUNS / f"gains-{args.name}-emulator"
-    plan = json.loads((emulator_run / "emulator" / "soppu_emulator.json").read_text())
-    folder = (emulator_run / "emulator").resolve()
+    folder = RunFolder(emulator_run).emulator.resolve()
+    plan = json.loads((folder / META_NAME).read_text())
     return {
         "emulator": cost(Recipe("emulator"), folder),
         "full": cost(Recipe("full", mode="full"), folder),

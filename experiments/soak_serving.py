@@ -77,14 +77,13 @@ def tiny_serving(root: Path, users: int) -> tuple[Path, Path, Path]:
 
     from compression.engine import CompressionConfig
     from server.compress_round import compress_adapters
-    from server.publish import publish
+    from server.run_compression import compress_and_publish
 
     model = write_tiny_model(root / "model", layers=2)
     population = tiny_population(users + 2, k=4, layers=2)
     paths = write_users(root / "adapters", population, rank=4, alpha=8, base_model=str(model))
     first = {u: paths[u] for u in sorted(paths)[:users]}
-    compress_adapters(first, root / "store-1", CompressionConfig(rank=16))
-    publish(root / "store-1", root / "serving")
+    compress_and_publish(first, root / "store-1", root / "serving", CompressionConfig(rank=16))
     compress_adapters(paths, root / "store-2", CompressionConfig(rank=12))
     return model, root / "serving", root / "store-2"
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from compression.clusters import subset
+from compression.core_size import core_params
 from compression.engine import CompressionConfig, SlotResult, cluster_slot, fit_stack
 from compression.errors import OrthoForm, relative, squared_errors
 from compression.factors import canonicalize
@@ -34,16 +35,17 @@ from compression.slots import Slot
 from compression.storage import SlotStorage
 from server.compress_round import LazySlotItems, Progress, clustered_parts, manifest_slot
 from server.compressed_store import (
-    MANIFEST,
     StoredSlot,
     StoreError,
     read_manifest,
     verify,
+    write_manifest,
     write_slot,
     write_storage,
 )
 from soppu import atomic
-from soppu.adapters import AdapterError, AdapterInfo, read_population
+from soppu.adapter_sets import read_population
+from soppu.adapters import AdapterError, AdapterInfo
 
 
 def add_adapters(
@@ -113,7 +115,7 @@ def add_adapters(
         write_report(report, tmp / "report")
         result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
         result["source"] |= source or {}
-        atomic.write_json(tmp / MANIFEST, result)
+        write_manifest(tmp, result)
     return result
 
 
@@ -318,9 +320,7 @@ def _appended_entry(
 
 
 def _core_params(form: str, ranks: tuple[int, int], k: int, count: int) -> int:
-    r_u, r_v = ranks
-    per_user = {"diag": r_u, "factored": k * (r_u + r_v), "dense": r_u * r_v}[form]
-    return count * per_user
+    return count * core_params(form, k, *ranks)
 
 
 def _refit(

@@ -21,9 +21,10 @@ from compression.engine import CompressionConfig, SlotResult, cluster_slot, comp
 from compression.factors import LoRAFactors
 from compression.report import build_report, slot_entry, write_report
 from compression.slots import Slot, group_slots
-from server.compressed_store import FORMAT, MANIFEST, write_slot
+from server.compressed_store import write_manifest, write_slot
 from soppu import atomic
-from soppu.adapters import AdapterInfo, read_population
+from soppu.adapter_sets import read_population
+from soppu.adapters import AdapterInfo
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -39,7 +40,6 @@ class LoadedSlotItems(Sequence[LoRAFactors]):
     def __init__(self, slot: Slot, loaded: Mapping[str, Mapping[str, tuple]]):
         self._factors = [LoRAFactors(*loaded[u][m]) for u, m in slot.items]
         self.ranks = [f.rank for f in self._factors]
-        self.max_rank = max(self.ranks)
         self.shape = slot.shape
 
     def __len__(self) -> int:
@@ -85,13 +85,13 @@ def _reader(chunk: list[Slot], adapters: Mapping[str, AdapterInfo], lazy: bool):
 
 
 class LazySlotItems(Sequence[LoRAFactors]):
-    """A slot's (user, module) deltas, each read from its file only when indexed."""
+    """A slot's (user, module) deltas, each read from its file only when indexed; its shape and
+    ranks come from the headers (`compression.factors.KnownItems`)."""
 
     def __init__(self, slot: Slot, adapters: Mapping[str, AdapterInfo]):
         self._items = slot.items
         self._adapters = adapters
         self.ranks = [adapters[u].modules[m].rank for u, m in slot.items]
-        self.max_rank = max(self.ranks)
         self.shape = slot.shape
 
     def __len__(self) -> int:
@@ -138,7 +138,7 @@ def compress_adapters(
         report = build_report(entries, config.as_dict())
         write_report(report, tmp / "report")
         manifest = _manifest(infos, config, manifest_slots, report["totals"], source)
-        atomic.write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp, manifest)
     return manifest
 
 
@@ -201,7 +201,6 @@ def _manifest(
 ) -> dict[str, Any]:
     first = infos[0].config
     return {
-        "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.as_dict(),
         "base_model": infos[0].base_model,

@@ -27,6 +27,7 @@ from torch import Tensor
 from compression.engine import SlotResult
 from compression.errors import OrthoForm
 from compression.storage import SlotReader, SlotStorage
+from soppu import atomic
 from soppu.atomic import sha256
 from soppu.errors import SoppuError
 
@@ -56,6 +57,12 @@ def write_storage(directory: Path, name: str, stored: SlotStorage) -> dict[str, 
     return entry
 
 
+def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
+    """Write a store's manifest (atomically), holding it to what `read_manifest` requires."""
+    _check_manifest(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
+    atomic.write_json(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
+
+
 def read_manifest(store: Path) -> dict[str, Any]:
     path = Path(store) / MANIFEST
     if not path.is_file():
@@ -66,6 +73,11 @@ def read_manifest(store: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: not valid JSON ({exc})") from exc
     except RecursionError:
         raise StoreError(f"{path}: nested too deeply to be a store manifest") from None
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise StoreError(f"{path}: format {found!r}, expected {FORMAT!r}")
@@ -76,7 +88,6 @@ def read_manifest(store: Path) -> dict[str, Any]:
         missing = [k for k in _SLOT_KEYS if not isinstance(slot, dict) or k not in slot]
         if missing:
             raise StoreError(f"{path}: slots[{i}] lacks {', '.join(missing)}")
-    return manifest
 
 
 _MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}

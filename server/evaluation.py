@@ -20,16 +20,16 @@ import csv
 import io
 import math
 import statistics
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from server.publish import CURRENT
 from server.store import RunFolder
+from server.versions import CURRENT
 from soppu import atomic, lm
+from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
-from soppu.personalize import LoraState, TrainConfig, attached, read_lora
+from soppu.personalize import TrainConfig, attached
 
 COLUMNS = ("base", "global", "emulator", "personal", "compressed")
 
@@ -74,7 +74,7 @@ def evaluate_run(
         row["kept_over_global"] = gain_kept(row["global"], row["personal"], row["compressed"])
         rows.append(row)
     result = {"users": rows, "summary": summarise(rows)}
-    write(run.root, result)
+    write(run, result)
     return result
 
 
@@ -152,14 +152,14 @@ def _latest_emulator_loss(run: RunFolder) -> dict[str, float]:
     return losses
 
 
-def write(root: Path, result: dict[str, Any]) -> None:
-    atomic.write_json(root / "evaluation.json", result)
-    atomic.write_text(root / "evaluation.md", markdown(result))
+def write(run: RunFolder, result: dict[str, Any]) -> None:
+    atomic.write_json(run.evaluation, result)
+    atomic.write_text(run.evaluation.with_suffix(".md"), markdown(result))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ["user", "tokens", *COLUMNS, "kept", "kept_over_global"])
     writer.writeheader()
     writer.writerows(result["users"])
-    atomic.write_text(root / "evaluation.csv", buffer.getvalue())
+    atomic.write_text(run.evaluation.with_suffix(".csv"), buffer.getvalue())
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from server.config import FederationConfig
 from server.run_compression import compress_run
 from server.store import RoundStage, RunFolder, check_reply, recover
 from soppu import messages as m
-from soppu.personalize import LoraState
+from soppu.adapters import LoraState
 
 Log = Callable[[str], None]
 Correction = Callable[[LoraState, int], dict[str, Tensor]]  # (starting LoRA, round) → tensors

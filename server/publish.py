@@ -28,33 +28,13 @@ import torch
 
 from compression.export import SERVING_RANKS, export_lora, serving_rank
 from server.compressed_store import MANIFEST, StoredSlot, read_manifest, sha256, verify
+from server.versions import Versions
 from soppu import atomic
-from soppu.adapters import adapter_files, lora_config
+from soppu.adapters import LoraState, lora_config, lora_files
 from soppu.userids import check_user_id
 
-CURRENT = "current"
-_VERSION = re.compile(r"^v(\d{4,})$")
-
 Progress = Callable[[str, int, int], None]
-
-
-def versions(serving: Path) -> list[str]:
-    """Complete versions in `serving`, oldest first."""
-    if not Path(serving).is_dir():
-        return []
-    found = [p.name for p in Path(serving).iterdir() if p.is_dir() and _VERSION.match(p.name)]
-    return sorted(found, key=lambda name: int(name[1:]))
-
-
-def next_version(root: Path) -> Path:
-    """`root/vNNNN` one past the newest complete version in `root`."""
-    existing = versions(root)
-    return Path(root) / f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
-
-
-def current_version(serving: Path) -> str | None:
-    link = Path(serving) / CURRENT
-    return link.resolve().name if link.is_symlink() and link.resolve().is_dir() else None
+SERVING_FORMAT = "soppu-serving/1"
 
 
 def publish(
@@ -77,10 +57,10 @@ def publish(
     rank = export_rank or serving_rank(needed)
     if rank not in SERVING_RANKS:
         raise ValueError(f"export rank {rank} is not one of {SERVING_RANKS} (what LoRAX loads)")
-    check_serving_dir(serving)
-    # One publisher at a time takes the next number and moves `current`.
-    with atomic.lock(serving / CURRENT, f"the versions in {serving}"):
-        version = next_version(serving).name
+    versions = Versions(serving)
+    versions.check()
+    with versions.lock():  # one publisher at a time takes the next number and moves `current`
+        version = versions.next().name
         with atomic.building_dir(serving / version, locked=False) as tmp:
             users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
             _copy_shared(store, tmp / "shared")
@@ -89,19 +69,8 @@ def publish(
             atomic.write_json(
                 tmp / MANIFEST, _serving_manifest(store, manifest, version, rank, needed, users)
             )
-        atomic.point_symlink(serving / CURRENT, version)
+        versions.point_current(serving / version)
     return serving / version
-
-
-def check_serving_dir(serving: Path) -> None:
-    """Refuse, before any work, a serving dir that is not a folder of versions."""
-    if serving.exists() and not serving.is_dir():
-        raise atomic.WriteRefused(f"{serving} is a file, not a serving dir")
-    current = serving / CURRENT
-    if current.exists() and not current.is_symlink():
-        raise atomic.WriteRefused(
-            f"{current} is a real folder or file, not the symlink to a version SOPPU keeps there"
-        )
 
 
 def _write_users(
@@ -134,7 +103,7 @@ def _write_users(
         }
         for slot, i, module in index[user]:
             tensors[module] = export_lora(slot.form.Qu, slot.core(i), slot.form.Qv, rank)
-        files = adapter_files(dict(sorted(tensors.items())), config)
+        files = lora_files(LoraState.from_factors(dict(sorted(tensors.items())), config))
         (out / user).mkdir(parents=True)
         for name, data in files.items():
             (out / user / name).write_bytes(data)
@@ -183,7 +152,7 @@ def _serving_manifest(
     users: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     return {
-        "format": "soppu-serving/1",
+        "format": SERVING_FORMAT,
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model": manifest["base_model"],

@@ -10,6 +10,7 @@ still has the adapter it was compressed from), the new users are projected onto 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,28 @@ from compression.engine import CompressionConfig
 from server.add_users import add_adapters
 from server.compress_round import Progress, compress_adapters
 from server.compressed_store import read_manifest
-from server.publish import check_serving_dir, next_version, publish, versions
+from server.publish import publish
 from server.store import RunFolder, snapshot, stored_round
+from server.versions import Versions
 from soppu import atomic
 from soppu.emulator import read_info
+
+
+def compress_and_publish(
+    paths: Mapping[str, Path],
+    store: Path,
+    serving: Path,
+    config: CompressionConfig,
+    *,
+    export_rank: int | None = None,
+    progress: Progress | None = None,
+    source: dict[str, Any] | None = None,
+) -> Path:
+    """Users' adapter dirs (user → dir) → the store `store` → the next version in `serving`
+    (made current); returns that version."""
+    Versions(serving).check()  # before the compression's work, not after it
+    compress_adapters(paths, store, config, progress=progress, source=source)
+    return publish(store, serving, export_rank=export_rank, progress=progress)
 
 
 def compress_run(
@@ -37,13 +56,10 @@ def compress_run(
     version) and publish; returns (compressed, serving version)."""
     round_ = run.state()["round"]
     num_layers = read_info(run.emulator).plan["num_layers"]
-    check_serving_dir(run.serving)
-    # One compression round at a time takes the next number.
-    with (
-        atomic.lock(run.compressed / "versions", f"the compressed versions in {run.root}"),
-        atomic.scratch_dir(run.compressed, "snapshot") as links,
-    ):
-        target = next_version(run.compressed)
+    Versions(run.serving).check()
+    compressed = Versions(run.compressed)
+    with compressed.lock(), atomic.scratch_dir(run.compressed, "snapshot") as links:
+        target = compressed.next()  # one compression round at a time takes the next number
         paths = snapshot(run, links)
         source: dict[str, Any] = {
             "run": str(run.root.resolve()),
@@ -71,10 +87,9 @@ def compress_run(
 def _grown_from(run: RunFolder, users: set[str], config: CompressionConfig) -> Path | None:
     """The last compressed version, if it was made with this config, every user it holds is
     unchanged since and others have joined; else None (recompress everyone)."""
-    done = versions(run.compressed)
-    if not done:
+    previous = Versions(run.compressed).newest()
+    if previous is None:
         return None
-    previous = run.compressed / done[-1]
     manifest = read_manifest(previous)
     if replace(CompressionConfig(**manifest["config"]), device=config.device) != config:
         return None

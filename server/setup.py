@@ -26,11 +26,12 @@ from server.federation import Correction, Federation, Log
 from server.store import RunFolder
 from soppu import atomic, basemodel, cache, lm
 from soppu import messages as m
+from soppu.adapters import LoraState
 from soppu.alignment import AlignConfig, build_aligned, gradient_correction
 from soppu.basemodel import BaseModel, cache_dir
 from soppu.data import DataError, UserText, load_users, public_text
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
-from soppu.personalize import LoraState, fresh_lora
+from soppu.personalize import fresh_lora
 
 MAY_CHANGE_ON_RESUME = {
     "rounds",

@@ -10,6 +10,7 @@
     RUN/state.json          the last complete round and the last compressed one
     RUN/staging/round-N/    a round's replies until the round commits
     RUN/compressed/vNNNN/   compressed stores;  RUN/serving/ the published versions
+    RUN/evaluation.{json,md,csv}  per-user perplexities after the run
 
 A round's replies are validated and staged as they arrive. The round commits by writing a
 COMMITTED marker and then moving each staged adapter into the store; `recover()` finishes a
@@ -30,8 +31,7 @@ from typing import Any
 import torch
 
 from soppu import atomic
-from soppu.adapters import AdapterError, require_sane
-from soppu.personalize import TRAINING_NAME, LoraState, read_lora, save_lora
+from soppu.adapters import TRAINING_NAME, AdapterError, LoraState, check_lora, read_lora, write_lora
 from soppu.userids import check_user_id
 
 COMMITTED = "COMMITTED"
@@ -50,6 +50,7 @@ class RunFolder:
         self.staging = self.root / "staging"
         self.compressed = self.root / "compressed"
         self.serving = self.root / "serving"
+        self.evaluation = self.root / "evaluation.json"  # and .md, .csv beside it
 
     def state(self) -> dict[str, Any]:
         if not self.state_file.is_file():
@@ -86,16 +87,7 @@ class RunFolder:
 def check_reply(user: str, lora: LoraState, template: dict[str, torch.Size], source: str) -> None:
     """Refuse an unsafe user id, and tensors with other keys or shapes or with NaN/inf."""
     check_user_id(user, source)
-    missing = sorted(set(template) - set(lora.tensors))
-    extra = sorted(set(lora.tensors) - set(template))
-    if missing or extra:
-        raise AdapterError(f"{source}: LoRA keys differ: missing {missing[:3]}, extra {extra[:3]}")
-    for key, tensor in lora.tensors.items():
-        if tuple(tensor.shape) != tuple(template[key]):
-            raise AdapterError(
-                f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(template[key])}"
-            )
-        require_sane(f"{source}: {key}", tensor)
+    check_lora(lora, template, source)
 
 
 class RoundStage:
@@ -109,10 +101,10 @@ class RoundStage:
         (self.dir / "users").mkdir(parents=True)
 
     def add(self, user: str, lora: LoraState, record: dict[str, Any]) -> None:
-        save_lora(lora, self.dir / "users" / check_user_id(user), record, cache=True)
+        write_lora(lora, self.dir / "users" / check_user_id(user), record, cache=True)
 
     def add_global(self, lora: LoraState, record: dict[str, Any]) -> None:
-        save_lora(lora, self.dir / "global", record, cache=True)
+        write_lora(lora, self.dir / "global", record, cache=True)
 
     def commit(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         atomic.write_json(self.dir / "rows.json", {"rows": rows, "summary": summary})

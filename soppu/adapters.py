@@ -1,10 +1,13 @@
-"""PEFT LoRA adapter directories: strict reading, lazy tensors, atomic writing.
+"""One PEFT LoRA adapter: its type in memory (`LoraState`), its one strict reader (headers up
+front and tensors lazily, `read_adapter`; or whole, `read_lora`), its one writer
+(`write_lora`, atomic, with the optional `training.json`) and its one validator for LoRAs that
+arrive as tensors (`check_lora`).
 
 An adapter dir is `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight` [k, n] and `.lora_B.weight` [m, k] (some tools put
 `.default.` before `weight`; accepted on input, never written). Headers are read up front so
-a population can be validated before any work; tensors are read one module at a time.
-Pickled weights are never loaded.
+a population (`adapter_sets`) can be validated before any work; tensors are read one module
+at a time. Pickled weights are never loaded.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from soppu import atomic
+from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
 from soppu.errors import SoppuError
 from soppu.userids import UnsafeUserId, check_user_id
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+TRAINING_NAME = "training.json"  # beside the two PEFT files; PEFT, LoRAX and vLLM ignore it
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -122,6 +128,11 @@ def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:
         check_user_id(user, source=str(path))
     except UnsafeUserId as exc:
         raise AdapterError(str(exc)) from exc
+    return _read_checked(path, user)
+
+
+def _read_checked(path: Path, user: str | None) -> AdapterInfo:
+    """Every check of a dir but its name's (a starting adapter's dir may be called anything)."""
     if not path.is_dir():
         raise AdapterError(f"{path}: not a directory (expected a PEFT adapter dir)")
     weights = path / WEIGHTS_NAME
@@ -134,7 +145,7 @@ def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:
             )
         raise AdapterError(f"{weights}: missing")
     config = _read_config(path / CONFIG_NAME)
-    info = AdapterInfo(user=user, path=path, config=config)
+    info = AdapterInfo(user=user or path.name, path=path, config=config)
     info.modules = _read_modules(weights, config)
     return info
 
@@ -246,99 +257,6 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
-def discover(inputs: Iterable[Path]) -> dict[str, Path]:
-    """Adapter dirs by user id: each input is an adapter dir or a folder of adapter dirs."""
-    found: dict[str, Path] = {}
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise AdapterError(f"{path}: no such file or directory")
-        candidates = [path] if _looks_like_adapter(path) else sorted(p for p in path.iterdir())
-        for candidate in candidates:
-            if not candidate.is_dir() or candidate.name.startswith("."):
-                continue
-            if not _looks_like_adapter(candidate):
-                continue
-            if candidate.name in found:
-                raise AdapterError(
-                    f"{candidate}: user id {candidate.name!r} also comes from "
-                    f"{found[candidate.name]}; user ids must be unique"
-                )
-            found[candidate.name] = candidate
-    if not found:
-        names = ", ".join(str(p) for p in inputs)
-        raise AdapterError(f"{names}: no PEFT adapter dirs found ({CONFIG_NAME} + weights)")
-    return found
-
-
-def _looks_like_adapter(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / CONFIG_NAME).exists()
-        or (path / WEIGHTS_NAME).exists()
-        or any((path / name).exists() for name in PICKLED_NAMES)
-    )
-
-
-def read_population(paths: Mapping[str, Path], *, check_values: bool = True) -> list[AdapterInfo]:
-    """Read every adapter, check they belong together, and (by default) that values are finite.
-
-    Raises one AdapterError that lists everything wrong, so a user fixes it in one pass.
-    """
-    infos, problems = [], []
-    for user, path in sorted(paths.items()):
-        try:
-            infos.append(read_adapter(path, user))
-        except AdapterError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise AdapterError("\n".join(problems))
-    check_population(infos)
-    if check_values:
-        for info in infos:
-            info.check_finite()
-    return infos
-
-
-def check_population(infos: list[AdapterInfo]) -> None:
-    """Same base model, same modules, same shapes per module; else name who differs."""
-    problems = []
-    problems += _differs(infos, "base model", lambda i: i.base_model)
-    problems += _differs(infos, "target modules", lambda i: tuple(sorted(i.modules)))
-    problems += _differs(infos, "fan_in_fan_out", lambda i: bool(i.config.get("fan_in_fan_out")))
-    shapes: dict[str, dict[tuple[int, int], list[str]]] = {}
-    for info in infos:
-        for module, mod in info.modules.items():
-            shapes.setdefault(module, {}).setdefault(mod.shape, []).append(info.user)
-    for module, by_shape in shapes.items():
-        if len(by_shape) > 1:
-            listing = "; ".join(f"{list(s)}: {_names(u)}" for s, u in by_shape.items())
-            problems.append(f"module {module} has different shapes across users: {listing}")
-    if problems:
-        raise AdapterError("adapters do not belong together:\n  " + "\n  ".join(problems))
-
-
-def _differs(infos: list[AdapterInfo], what: str, key) -> list[str]:
-    groups: dict[Any, list[str]] = {}
-    for info in infos:
-        groups.setdefault(key(info), []).append(info.user)
-    if len(groups) <= 1:
-        return []
-    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    majority = ranked[0][0]
-    others = "; ".join(f"{_short(v)} for {_names(users)}" for v, users in ranked[1:])
-    return [f"{what} differs: most users have {_short(majority)}, but {others}"]
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _names(users: list[str]) -> str:
-    shown = ", ".join(users[:8])
-    return shown + (f" and {len(users) - 8} more" if len(users) > 8 else "")
-
-
 # Fields a plain LoRA config carries; anything else from the sources is dropped on export.
 _TARGETING_KEYS = ("target_modules", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
 
@@ -373,24 +291,103 @@ def lora_config(
     return config
 
 
-def adapter_files(
-    tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping
-) -> dict[str, bytes]:
-    """The two files of a PEFT adapter dir, as bytes. tensors: module → (A [k, n], B [m, k])."""
-    state = {}
-    for module, (A, B) in tensors.items():
-        state[f"base_model.model.{module}.lora_A.weight"] = A.detach().float().contiguous()
-        state[f"base_model.model.{module}.lora_B.weight"] = B.detach().float().contiguous()
-    return {
-        CONFIG_NAME: (json.dumps(dict(config), indent=2) + "\n").encode(),
+@dataclass
+class LoraState:
+    """A LoRA in memory: PEFT state-dict keys (`base_model.model.<module>.lora_A.weight`, no
+    adapter name) with the full model's layer numbers, and its PEFT config."""
+
+    tensors: dict[str, Tensor]
+    config: dict
+
+    @staticmethod
+    def from_factors(factors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping) -> LoraState:
+        """From module → (A [k, n], B [m, k])."""
+        tensors = {}
+        for module, (A, B) in factors.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+        return LoraState(tensors, dict(config))
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        values = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
+        return LoraConfig(**values)
+
+    def on_emulator(self, info: EmulatorInfo) -> LoraState:
+        """The same LoRA with the emulator's layer numbers in its keys and config."""
+        full = self.config.get("layers_to_transform")
+        if full is None:  # PEFT's "every layer"
+            full = range(info.plan["num_layers"])
+        layers = [info.emulator_index(f) for f in full]
+        config = {**self.config, "layers_to_transform": layers}
+        return LoraState(to_emulator_keys(self.tensors, info), config)
+
+    def on_full_model(self, info: EmulatorInfo) -> LoraState:
+        """The inverse of `on_emulator`."""
+        layers = [info.full_layers[j] for j in self.config["layers_to_transform"]]
+        config = {**self.config, "layers_to_transform": layers}
+        return LoraState(to_full_keys(self.tensors, info), config)
+
+
+def read_lora(path: Path) -> LoraState:
+    """An adapter dir whole, in memory, with every check `read_adapter` makes and every
+    value checked (finite, sane); keys written by other tools lose their adapter name."""
+    path = Path(path)
+    info = _read_checked(path, user=None)
+    try:
+        raw = load_file(info.weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{info.weights_path}: cannot read ({exc})") from exc
+    tensors = {}
+    for key, tensor in raw.items():
+        require_sane(f"{info.weights_path}: {key}", tensor)
+        tensors[_ADAPTER_NAME.sub(r"\1.weight", key)] = tensor.float()
+    return LoraState(tensors, info.config)
+
+
+_ADAPTER_NAME = re.compile(r"(\.lora_[AB])\.[^.]+\.weight$")
+
+
+def lora_files(lora: LoraState, training: Mapping | None = None) -> dict[str, bytes]:
+    """The files of a PEFT adapter dir, as bytes: config, weights (float32) and, if given,
+    `training.json` (what trained it; PEFT, LoRAX and vLLM ignore it)."""
+    state = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
+    files = {
+        CONFIG_NAME: (json.dumps(dict(lora.config), indent=2) + "\n").encode(),
         WEIGHTS_NAME: safetensors_bytes(state, metadata={"format": "pt"}),
     }
+    if training is not None:
+        files[TRAINING_NAME] = (json.dumps(dict(training), indent=2) + "\n").encode()
+    return files
 
 
-def write_adapter(
-    path: Path, tensors: Mapping[str, tuple[Tensor, Tensor]], config: Mapping, *, replace=False
-) -> None:
-    """Write a PEFT adapter dir atomically: it appears whole or not at all."""
-    with atomic.building_dir(Path(path), replace=replace) as tmp:
-        for name, data in adapter_files(tensors, config).items():
+def write_lora(
+    lora: LoraState,
+    path: Path,
+    training: Mapping | None = None,
+    *,
+    replace: bool = False,
+    cache: bool = False,
+) -> Path:
+    """Write a PEFT adapter dir atomically: it appears whole or not at all; `replace` and
+    `cache` as in `atomic.building_dir`."""
+    with atomic.building_dir(Path(path), replace=replace, cache=cache) as tmp:
+        for name, data in lora_files(lora, training).items():
             (tmp / name).write_bytes(data)
+    return Path(path)
+
+
+def check_lora(lora: LoraState, template: Mapping[str, torch.Size], source: str) -> None:
+    """Refuse a LoRA whose keys or shapes differ from `template`'s, or whose values are not
+    sane (NaN, inf, past MAX_WEIGHT); `source` names where it came from."""
+    missing = sorted(set(template) - set(lora.tensors))
+    extra = sorted(set(lora.tensors) - set(template))
+    if missing or extra:
+        raise AdapterError(f"{source}: LoRA keys differ: missing {missing[:3]}, extra {extra[:3]}")
+    for key, tensor in lora.tensors.items():
+        if tuple(tensor.shape) != tuple(template[key]):
+            raise AdapterError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(template[key])}"
+            )
+        require_sane(f"{source}: {key}", tensor)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soppu import lm
+from soppu.adapters import LoraState
 from soppu.emulator import (
     EmulatorError,
     EmulatorInfo,
@@ -36,7 +37,7 @@ from soppu.emulator import (
     to_full_keys,
     version_id,
 )
-from soppu.personalize import LoraState, attached, lora_parameters
+from soppu.personalize import attached, lora_parameters
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from soppu.adapters import LoraState
 from soppu.data import DataOptions
-from soppu.personalize import LoraState, TrainConfig
+from soppu.personalize import TrainConfig
 
 SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
 CORRECTION = "correction"  # the emulator's gradient bias at the starting LoRA, LoRA-shaped

@@ -2,35 +2,29 @@
 
 This is what a Flower client calls. The LoRA sits on every layer the emulator keeps (or on the
 adapter layers only); while it trains its keys use the emulator's layer numbers, and it leaves
-here with the full model's (`LoraState`), so the same tensors load on the full model with PEFT
-unchanged. The server may send a gradient correction (`alignment.gradient_correction`): the
-emulator's gradient bias measured on public text, added to every step's gradient so that the
-client descends the full model's loss rather than repairing the emulator's own errors.
+here with the full model's (`adapters.LoraState`), so the same tensors load on the full model
+with PEFT unchanged. The server may send a gradient correction
+(`alignment.gradient_correction`): the emulator's gradient bias measured on public text, added
+to every step's gradient so that the client descends the full model's loss rather than
+repairing the emulator's own errors.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from soppu import atomic, lm
-from soppu.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from soppu import lm
+from soppu.adapters import AdapterError, LoraState
 from soppu.basemodel import default_target_modules
 from soppu.data import UserText
-from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
-
-TRAINING_NAME = "training.json"  # beside the two PEFT files; PEFT, LoRAX and vLLM ignore it
-
+from soppu.emulator import EmulatorInfo, to_emulator_keys
 
 LORA_LAYERS = ("all", "adapter")
 
@@ -51,33 +45,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lora_layers not in LORA_LAYERS:
             raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
-
-
-@dataclass
-class LoraState:
-    """A LoRA on the full model: PEFT keys with full-model layer indices, and its config."""
-
-    tensors: dict[str, Tensor]
-    config: dict
-
-    def peft_config(self) -> LoraConfig:
-        values = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
-        return LoraConfig(**values)
-
-    def on_emulator(self, info: EmulatorInfo) -> LoraState:
-        """The same LoRA with the emulator's layer numbers in its keys and config."""
-        full = self.config.get("layers_to_transform")
-        if full is None:  # PEFT's "every layer"
-            full = range(info.plan["num_layers"])
-        layers = [info.emulator_index(f) for f in full]
-        config = {**self.config, "layers_to_transform": layers}
-        return LoraState(to_emulator_keys(self.tensors, info), config)
-
-    def on_full_model(self, info: EmulatorInfo) -> LoraState:
-        """The inverse of `on_emulator`."""
-        layers = [info.full_layers[j] for j in self.config["layers_to_transform"]]
-        config = {**self.config, "layers_to_transform": layers}
-        return LoraState(to_full_keys(self.tensors, info), config)
 
 
 @dataclass
@@ -268,43 +235,6 @@ def personalize(
         perplexity=ppl,
         seconds=time.perf_counter() - began,
     )
-
-
-def save_lora(
-    lora: LoraState,
-    out: Path,
-    extra: dict | None = None,
-    *,
-    replace: bool = False,
-    cache: bool = False,
-) -> Path:
-    """A PEFT adapter dir for the full model, written atomically (+ training.json if given);
-    `replace`/`cache` as in `atomic.building_dir`."""
-    with atomic.building_dir(Path(out), replace=replace, cache=cache) as building:
-        (building / CONFIG_NAME).write_text(json.dumps(lora.config, indent=2) + "\n")
-        tensors = {k: v.detach().float().contiguous() for k, v in lora.tensors.items()}
-        (building / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        if extra is not None:
-            (building / TRAINING_NAME).write_text(json.dumps(extra, indent=2) + "\n")
-    return Path(out)
-
-
-def read_lora(path: Path) -> LoraState:
-    """A PEFT LoRA dir (e.g. a starting adapter), strictly: safetensors only, finite values."""
-    path = Path(path)
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text())
-        tensors = load_file(path / WEIGHTS_NAME)
-    except FileNotFoundError as exc:
-        raise AdapterError(f"{path}: not a PEFT adapter dir ({exc.filename} missing)") from None
-    except (json.JSONDecodeError, SafetensorError) as exc:
-        raise AdapterError(f"{path}: unreadable adapter ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path / CONFIG_NAME}: peft_type {config.get('peft_type')!r}, not LORA")
-    for key, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{path / WEIGHTS_NAME}: {key} holds NaN or inf")
-    return LoraState({k: v.float() for k, v in tensors.items()}, config)
 
 
 def time_training_step(

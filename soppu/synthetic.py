@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from soppu.adapters import lora_config, write_adapter
+from soppu.adapters import LoraState, lora_config, write_lora
 
 # (out, in) of the attention projections of SmolLM2-135M (hidden 576, 3 KV heads of 64).
 SMOLLM2_SHAPES: dict[str, tuple[int, int]] = {"q_proj": (576, 576), "v_proj": (192, 576)}
@@ -77,7 +77,7 @@ def write_population(spec: PopulationSpec, out: Path) -> list[Path]:
     config["lora_alpha"] = spec.alpha
     for user, tensors in population(spec):
         path = out / user
-        write_adapter(path, tensors, config, replace=True)
+        write_lora(LoraState.from_factors(tensors, config), path, replace=True)
         paths.append(path)
     return paths
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from compression import LoRAFactors
-from soppu.adapters import lora_config, write_adapter
+from soppu.adapters import LoraState, lora_config, write_lora
 
 
 def random_factors(
@@ -45,7 +45,7 @@ def write_users(
     config["lora_alpha"] = alpha
     paths = {}
     for user, tensors in users.items():
-        write_adapter(root / user, tensors, config, replace=replace)
+        write_lora(LoraState.from_factors(tensors, config), root / user, replace=replace)
         paths[user] = root / user
     return paths
 

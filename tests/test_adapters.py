@@ -10,12 +10,14 @@ import torch
 from helpers import tiny_population, write_users
 from safetensors.torch import load_file, save_file
 
+from soppu.adapter_sets import discover, read_population
 from soppu.adapters import (
+    TRAINING_NAME,
     AdapterError,
-    discover,
+    LoraState,
     read_adapter,
-    read_population,
-    write_adapter,
+    read_lora,
+    write_lora,
 )
 from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
 
@@ -204,15 +206,39 @@ def test_discover_finds_folders_and_single_dirs(tmp_path):
         discover([tmp_path / "pool", paths["user01"]])
 
 
-def test_write_adapter_is_atomic_and_refuses_to_clobber(tmp_path):
+def test_write_lora_is_atomic_and_refuses_to_clobber(tmp_path):
     tensors = tiny_population(1)["user00"]
-    write_adapter(tmp_path / "a", tensors, {"r": 4, "lora_alpha": 4})
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 4}
+    write_lora(LoraState.from_factors(tensors, config), tmp_path / "a")
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     with pytest.raises(FileExistsError):
-        write_adapter(tmp_path / "a", tensors, {"r": 4})
-    bad = dict(tensors, broken=("not a tensor", None))
+        write_lora(LoraState.from_factors(tensors, {"r": 4}), tmp_path / "a")
+    bad = LoraState.from_factors(dict(tensors, broken=("not a tensor", None)), {"r": 4})
     with pytest.raises(AttributeError):
-        write_adapter(tmp_path / "a", bad, {"r": 4}, replace=True)
+        write_lora(bad, tmp_path / "a", replace=True)
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_read_lora_is_as_strict_as_read_adapter_and_reads_back_what_was_written(tmp_path):
+    tensors = tiny_population(1)["user00"]
+    lora = LoraState.from_factors(tensors, {"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    write_lora(lora, tmp_path / "my adapter", {"round": 3})  # any dir name: not a user id
+    again = read_lora(tmp_path / "my adapter")
+    assert again.config == lora.config and again.tensors.keys() == lora.tensors.keys()
+    for key, tensor in lora.tensors.items():
+        assert torch.equal(again.tensors[key], tensor.float())
+    assert json.loads((tmp_path / "my adapter" / TRAINING_NAME).read_text()) == {"round": 3}
+
+    for config, says in (
+        ({"peft_type": "LORA", "r": 8, "lora_alpha": 8}, "config says r=8"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}, "DoRA"),
+    ):
+        write_lora(LoraState.from_factors(tensors, config), tmp_path / "bad", replace=True)
+        with pytest.raises(AdapterError, match=says):
+            read_lora(tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_model.safetensors").unlink()
+    (tmp_path / "bad" / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(AdapterError, match="never loaded"):
+        read_lora(tmp_path / "bad")

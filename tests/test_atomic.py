@@ -16,7 +16,8 @@ from helpers import tiny_population, write_users
 
 from compression import CompressionConfig
 from server.compress_round import compress_adapters
-from server.publish import publish, versions
+from server.publish import publish
+from server.versions import Versions
 from soppu import atomic
 
 ROOT = Path(__file__).parents[1]
@@ -90,7 +91,7 @@ def test_two_publishers_at_once_make_two_versions(adapters, tmp_path):
         thread.join()
     assert not errors
     assert sorted(made) == ["v0001", "v0002", "v0003"]
-    assert versions(tmp_path / "serving") == ["v0001", "v0002", "v0003"]
+    assert Versions(tmp_path / "serving").names() == ["v0001", "v0002", "v0003"]
     assert os.readlink(tmp_path / "serving" / "current") == "v0003"
     assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == [
         "current",

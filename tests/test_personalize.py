@@ -17,15 +17,13 @@ from typer.testing import CliRunner
 
 from soppu import emulator as E
 from soppu import lm
-from soppu.adapters import read_adapter
+from soppu.adapters import read_adapter, read_lora, write_lora
 from soppu.alignment import gradient_correction
 from soppu.data import UserText
 from soppu.personalize import (
     TrainConfig,
     fresh_lora,
     personalize,
-    read_lora,
-    save_lora,
     train_lora,
 )
 
@@ -94,7 +92,7 @@ def test_every_placement_plugs_into_the_full_model(
     result = personalize(USER, emulator, info, tiny_tokenizer(), config, full_model=full)
     assert result.perplexity["emulator_adapter"] < result.perplexity["emulator_start"]
     assert set(result.perplexity) == {"emulator_start", "emulator_adapter", "base", "full_adapter"}
-    save_lora(result.lora, tmp_path / "alice", {"emulator": info.version})
+    write_lora(result.lora, tmp_path / "alice", {"emulator": info.version})
     keys = load_file(tmp_path / "alice" / "adapter_model.safetensors")
     assert {int(k.split(".layers.")[1].split(".")[0]) for k in keys} == layers  # full indices
     assert read_adapter(tmp_path / "alice").config["layers_to_transform"] == sorted(layers)
@@ -141,7 +139,7 @@ def test_the_correction_turns_an_emulator_step_into_the_full_models_step(setup):
 def test_training_continues_from_a_starting_adapter(setup, tmp_path):
     _full, emulator, info, tokenizer = setup
     first = personalize(USER, emulator, info, tokenizer, CONFIG)
-    save_lora(first.lora, tmp_path / "start")
+    write_lora(first.lora, tmp_path / "start")
     second = personalize(
         USER, emulator, info, tokenizer, CONFIG, start=read_lora(tmp_path / "start")
     )
@@ -164,7 +162,7 @@ def test_nan_starting_adapter_is_refused(setup, tmp_path):
     lora = personalize(USER, emulator, info, tokenizer, CONFIG).lora
     key = next(iter(lora.tensors))
     lora.tensors[key][0, 0] = float("nan")
-    save_lora(lora, tmp_path / "bad")
+    write_lora(lora, tmp_path / "bad")
     with pytest.raises(ValueError, match="NaN"):
         read_lora(tmp_path / "bad")
 
@@ -262,7 +260,7 @@ def test_gpt2_style_models_work_too(tmp_path):
     result = personalize(USER, emulator, info, tiny_tokenizer(), CONFIG, full_model=full)
     assert result.lora.config["target_modules"] == ["c_attn"]
     assert result.perplexity["emulator_adapter"] < result.perplexity["emulator_start"]
-    save_lora(result.lora, tmp_path / "gpt2")
+    write_lora(result.lora, tmp_path / "gpt2")
     ids = torch.randint(0, 300, (1, 16))
     assert not full.training and not emulator.training  # left as found: dropout off
     by_hand = hand_merged(tmp_path / "gpt2", model=copy.deepcopy(full))

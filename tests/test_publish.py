@@ -13,7 +13,8 @@ from compression import CompressionConfig
 from server import publish as publish_module
 from server.compress_round import compress_adapters
 from server.compressed_store import StoredSlot, StoreError, read_manifest
-from server.publish import current_version, publish, versions
+from server.publish import publish
+from server.versions import Versions
 
 
 @pytest.fixture
@@ -90,8 +91,8 @@ def test_versions_accumulate_and_current_moves(population, tmp_path):
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=4))
     assert publish(tmp_path / "store", tmp_path / "serving").name == "v0001"
     assert publish(tmp_path / "store", tmp_path / "serving").name == "v0002"
-    assert versions(tmp_path / "serving") == ["v0001", "v0002"]
-    assert current_version(tmp_path / "serving") == "v0002"
+    assert Versions(tmp_path / "serving").names() == ["v0001", "v0002"]
+    assert Versions(tmp_path / "serving").current().name == "v0002"
     assert (tmp_path / "serving" / "current").is_symlink()
     manifest = json.loads((tmp_path / "serving" / "current" / "manifest.json").read_text())
     assert manifest["version"] == "v0002" and len(manifest["users"]) == 5
@@ -122,7 +123,7 @@ def test_a_failed_publish_leaves_the_previous_version_and_current(
     with pytest.raises(OSError, match="disk full"):
         publish(tmp_path / "store", tmp_path / "serving")
     assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == ["current", "v0001"]
-    assert current_version(tmp_path / "serving") == "v0001"
+    assert Versions(tmp_path / "serving").current().name == "v0001"
     after = {
         p.relative_to(tmp_path): p.read_bytes()
         for p in (tmp_path / "serving" / "v0001").rglob("*")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from soppu import basemodel, data
+from soppu.adapters import write_lora
 from soppu.alignment import AlignConfig, build_aligned
 from soppu.emulator import EmulatorPlan
-from soppu.personalize import TrainConfig, personalize, save_lora
+from soppu.personalize import TrainConfig, personalize
 
 
 def test_real_default_model_user_emulator_and_plug_in(tmp_path):
@@ -50,7 +51,7 @@ def test_real_default_model_user_emulator_and_plug_in(tmp_path):
     # and the emulator, half its middle layers gone, is worse than the full model.
     assert 1 < ppl["base"] < 1000 < base.tokenizer.vocab_size
     assert ppl["emulator_start"] > ppl["base"]
-    save_lora(result.lora, tmp_path / "hamlet")
+    write_lora(result.lora, tmp_path / "hamlet")
 
     ids = base.tokenizer("To be, or not to be", return_tensors="pt")["input_ids"]
     with torch.no_grad():

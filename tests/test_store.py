@@ -11,8 +11,7 @@ import torch
 from server.config import FederationConfig
 from server.setup import resolve_config
 from server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
-from soppu.adapters import AdapterError
-from soppu.personalize import LoraState, read_lora
+from soppu.adapters import AdapterError, LoraState, read_lora
 from soppu.userids import UnsafeUserId
 
 KEY_A = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"

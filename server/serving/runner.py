@@ -13,21 +13,18 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from server.publish import CURRENT
 from server.serving.api import create_app
 from server.serving.asgi import DEFAULT_MAX_BODY
 from server.serving.engine import Engine, VersionMisfit
 from server.serving.shared_lora import SharedAdapters, load_shared
+from server.versions import Versions
 from soppu import basemodel
 
 log = logging.getLogger("soppu.serve")
 
 
 def current_dir(serving: Path) -> Path:
-    link = Path(serving) / CURRENT
-    if not link.is_symlink() or not link.resolve().is_dir():
-        raise FileNotFoundError(f"{link}: no current serving version (run `soppu publish`)")
-    return link.resolve()
+    return Versions(serving).require_current()
 
 
 def base_model_of(version: Path) -> str:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from soppu.cli_common import clear_errors, console, print_report, shown
+from soppu.cli.common import clear_errors, console, print_report, shown
 
 Opt = typer.Option
 
@@ -99,8 +99,7 @@ def simulate(
         int | None, Opt(min=1, help="torch threads on the server (default: all).")
     ] = None,
 ) -> None:
-    """Run a simulated federation: every user trains their LoRA on the emulator; the server
-    keeps every adapter, compresses them, publishes a serving version and reports."""
+    """Run a simulated federation: train every user's LoRA, compress, publish and report."""
     flags = {k: v for k, v in locals().items() if v is not None}
     aliases = {
         "rank": "compress_rank",
@@ -152,6 +151,7 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
     from clients.client_app import app as client_app
     from server.server_app import server_app
     from server.setup import choose_users, resolve_config
+    from server.store import RunFolder
     from soppu.basemodel import quiet_libraries
 
     quiet_libraries()
@@ -171,7 +171,7 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
             "init_args": {"logging_level": "ERROR", "log_to_driver": False},
         },
     )
-    if not (Path(config.run_dir) / "state.json").is_file():
+    if not RunFolder(Path(config.run_dir)).state_file.is_file():
         raise RuntimeError(f"the federation in {config.run_dir} stopped before any round")
 
 
@@ -187,24 +187,25 @@ class _NoRunSimulationDeprecation(logging.Filter):
 
 
 def _print_results(root: Path) -> None:
-    from server.publish import CURRENT
+    from server.store import RunFolder
+    from server.versions import Versions
 
-    state = json.loads((root / "state.json").read_text())
-    serving = root / "serving" / CURRENT
+    run = RunFolder(root)
+    state = run.state()
+    serving = Versions(run.serving).current_link
     report = serving / "report" / "report.json"
     if report.is_file():
         print_report(json.loads(report.read_text()))
-    evaluation = root / "evaluation.json"
-    if evaluation.is_file():
-        print_evaluation(json.loads(evaluation.read_text()))
-    console.print(f"rounds done: {state['round']}; adapters: [bold]{shown(root / 'store')}[/]")
+    if run.evaluation.is_file():
+        print_evaluation(json.loads(run.evaluation.read_text()))
+    console.print(f"rounds done: {state['round']}; adapters: [bold]{shown(run.store)}[/]")
     console.print(
         f"serving version: [bold]{shown(serving.resolve())}[/] "
         f"({shown(serving)} → {state.get('serving')})"
     )
     console.print(
         f"report: [bold]{shown(serving / 'report')}[/]; "
-        f"per-user table: {shown(root / 'evaluation.md')}"
+        f"per-user table: {shown(run.evaluation.with_suffix('.md'))}"
     )
 
 

@@ -1,4 +1,5 @@
-"""The `soppu` command line: the one place that wires data, server and compression together."""
+"""`soppu synth`, `compress`, `add`, `publish`, `report`, `inspect` and `demo`: adapters in,
+compressed stores and serving versions out."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ from typing import Annotated
 
 import typer
 
-from soppu import cli_cache, cli_federation, cli_personal, cli_serve
-from soppu.cli_common import clear_errors, console, print_report, progress_bar, set_threads, shown
-
-app = typer.Typer(
-    name="soppu",
-    help="One PEFT per user: compress many users' LoRA adapters into shared bases, publish "
-    "them for PEFT/LoRAX/vLLM, and report the per-layer reconstruction error.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from soppu.cli.common import (
+    ThreadsOpt,
+    clear_errors,
+    console,
+    print_report,
+    progress_bar,
+    set_threads,
+    shown,
 )
 
 
@@ -42,7 +41,6 @@ class Structure(StrEnum):
     random = "random"
 
 
-@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write one PEFT adapter dir per user.")],
     users: Annotated[int, typer.Option(help="Number of users.")] = 16,
@@ -61,7 +59,6 @@ def synth(
     console.print(f"wrote {len(paths)} adapters to [bold]{shown(out)}[/]")
 
 
-@app.command()
 def compress(
     inputs: Annotated[
         list[Path] | None,
@@ -112,24 +109,19 @@ def compress(
         bool, typer.Option(help="Measure the personal-part error (one dense mean per module).")
     ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (default: all).")
-    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
     from compression.engine import CompressionConfig
     from server.compress_round import compress_adapters
-    from soppu.adapters import discover
+    from soppu.adapter_sets import discover
 
     set_threads(threads)
     with clear_errors():
-        if max_error is not None and energy is None:
-            energy = 1.0 - max_error**2
-        if rank is None and energy is None:
-            energy = 0.9
-        config = CompressionConfig(
+        config = CompressionConfig.from_target(
             rank=rank,
             energy=energy,
+            max_error=max_error,
             sigma=sigma.value,
             weights=weights.value,
             group=group.value,
@@ -179,7 +171,6 @@ def _compress_run(run: Path, config, export_rank: int | None) -> None:
     )
 
 
-@app.command()
 def add(
     store: Annotated[Path, typer.Argument(help="A compressed store to add users to.")],
     inputs: Annotated[
@@ -198,14 +189,12 @@ def add(
         typer.Option(help="The old users' own adapters, for refits (default: as recorded)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store at --out.")] = False,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (default: all).")
-    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Project new users onto a store's bases (their cores only, no refit); report their
-    errors and the drift; refit the slots that drift past --refit-above."""
+    """Add users to a store: their cores on its bases, their errors and the drift reported."""
+    # No refit unless a slot's drift passes --refit-above: the old users' cores stay as they are.
     from server.add_users import add_adapters
-    from soppu.adapters import discover
+    from soppu.adapter_sets import discover
 
     set_threads(threads)
     with clear_errors():
@@ -234,7 +223,6 @@ def add(
     console.print(f"store: [bold]{shown(out)}[/]  report: [bold]{shown(out / 'report')}[/]")
 
 
-@app.command()
 def publish(
     store: Annotated[Path, typer.Argument(help="A compressed store (from `soppu compress`).")],
     to: Annotated[Path, typer.Option("--to", help="Serving directory (versions + current).")],
@@ -249,9 +237,7 @@ def publish(
             "one past the highest layer adapted."
         ),
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (default: all).")
-    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
     from server.publish import publish as publish_store
@@ -269,7 +255,6 @@ def publish(
     )
 
 
-@app.command()
 def report(
     path: Annotated[Path, typer.Argument(help="A compressed store or a serving dir/version.")],
     out: Annotated[Path | None, typer.Option(help="Where to write (default PATH/report).")] = None,
@@ -293,32 +278,27 @@ def _report_dir(path: Path) -> Path:
     raise ValueError(f"{path}: no report.json (expected a store, a serving dir or a version)")
 
 
-@app.command()
 def inspect(path: Annotated[Path, typer.Argument(help="Adapter dir(s), store or serving dir.")]):
     """Say what a path holds: adapters, a compressed store, or a serving dir."""
-    from soppu.inspection import describe
+    from soppu.cli.inspection import describe
 
     with clear_errors():
         for line in describe(path):
             console.print(line, highlight=False)
 
 
-@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
     users: Annotated[int, typer.Option(help="Synthetic users.")] = 16,
     layers: Annotated[int, typer.Option(help="Decoder layers (SmolLM2-135M has 30).")] = 30,
     rank: Annotated[int, typer.Option(help="Shared rank r per slot.")] = 32,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="torch threads (default: all).")
-    ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """The embedded default end to end: synthetic users → compress → publish → report."""
     from compression.engine import CompressionConfig
-    from server.compress_round import compress_adapters
-    from server.publish import next_version
-    from server.publish import publish as publish_store
-    from soppu.adapters import discover
+    from server.run_compression import compress_and_publish
+    from server.versions import Versions
+    from soppu.adapter_sets import discover
     from soppu.synthetic import PopulationSpec, write_population
 
     set_threads(threads)
@@ -327,27 +307,26 @@ def demo(
         console.print(
             f"{users} users' adapters (SmolLM2-135M q/v, rank 8) in {shown(out / 'store')}"
         )
-        compressed = next_version(out / "compressed")
-        with progress_bar("compress") as progress:
-            compress_adapters(
+        compressed = Versions(out / "compressed").next()
+        with progress_bar("compress and publish") as progress:
+            version = compress_and_publish(
                 discover([out / "store"]),
                 compressed,
+                out / "serving",
                 CompressionConfig(rank=rank),
                 progress=progress,
             )
-        with progress_bar("publish") as progress:
-            version = publish_store(compressed, out / "serving", progress=progress)
     print_report(json.loads((compressed / "report" / "report.json").read_text()))
     console.print(f"compressed store: [bold]{shown(compressed)}[/]")
     console.print(f"serving version:  [bold]{shown(version)}[/] (current → {version.name})")
     console.print(f"report:           [bold]{shown(version / 'report')}[/] (md, csv, json, png)")
 
 
-cli_personal.register(app)
-cli_federation.register(app)
-cli_serve.register(app)
-cli_cache.register(app)
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    app()
+def register(app: typer.Typer) -> None:
+    app.command()(synth)
+    app.command()(compress)
+    app.command()(add)
+    app.command()(publish)
+    app.command()(report)
+    app.command()(inspect)
+    app.command()(demo)

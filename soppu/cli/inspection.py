@@ -7,23 +7,31 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from soppu.adapters import CONFIG_NAME, AdapterError, discover, read_adapter
+from server.compressed_store import FORMAT as STORE_FORMAT
+from server.compressed_store import MANIFEST
+from server.publish import SERVING_FORMAT
+from server.store import RunFolder
+from server.versions import Versions
+from soppu.adapter_sets import discover
+from soppu.adapters import CONFIG_NAME, AdapterError, read_adapter
+from soppu.cli.common import shown
 
 
 def describe(path: Path) -> Iterator[str]:
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: no such file or directory")
-    if (path / "run.json").is_file():
-        yield from _run(path)
+    if RunFolder(path).run_json.is_file():
+        yield from _run(RunFolder(path))
         return
-    manifest = _json(path / "manifest.json")
-    if manifest and manifest.get("format", "").startswith("soppu-compressed"):
+    manifest = _json(path / MANIFEST)
+    versions = Versions(path)
+    if manifest and manifest.get("format") == STORE_FORMAT:
         yield from _store(path, manifest)
-    elif manifest and manifest.get("format", "").startswith("soppu-serving"):
+    elif manifest and manifest.get("format") == SERVING_FORMAT:
         yield from _version(path, manifest)
-    elif (path / "current").is_symlink() or any(path.glob("v[0-9][0-9][0-9][0-9]")):
-        yield from _serving(path)
+    elif versions.current_link.is_symlink() or versions.names():
+        yield from _serving(versions)
     elif (path / CONFIG_NAME).exists():
         yield from _adapter(path)
     else:
@@ -39,31 +47,29 @@ def _json(path: Path) -> dict | None:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _run(path: Path) -> Iterator[str]:
-    run = _json(path / "run.json") or {}
-    state = _json(path / "state.json") or {"round": 0}
-    config = run.get("config", {})
-    users = run.get("users", [])
-    yield f"[bold]federation run[/] {path}"
+def _run(run: RunFolder) -> Iterator[str]:
+    path = run.root
+    meta = _json(run.run_json) or {}
+    state = run.state()
+    config = meta.get("config", {})
+    users = meta.get("users", [])
+    yield f"[bold]federation run[/] {shown(path)}"
     yield (
-        f"  base model: {run.get('base_model')}; clients in {config.get('client_mode')} mode "
-        f"(emulator {run.get('emulator')})"
+        f"  base model: {shown(meta.get('base_model'))}; clients in "
+        f"{config.get('client_mode')} mode (emulator {meta.get('emulator')})"
     )
     yield (
         f"  rounds: {state['round']} of {config.get('rounds')} done; users: {len(users)} "
         f"({_few(users)}); aggregation {config.get('aggregation')}"
     )
-    stored = (
-        sorted(p.name for p in (path / "store").glob("[!.]*")) if (path / "store").is_dir() else []
-    )
-    yield f"  adapters stored: {len(stored)} in {path / 'store'}"
+    yield f"  adapters stored: {len(run.users())} in {shown(run.store)}"
     if state.get("serving"):
         yield (
             f"  compressed after round {state.get('compressed_round')}: "
-            f"{path / 'compressed' / state['compressed']}; serving {path / 'serving'} "
+            f"{shown(run.compressed / state['compressed'])}; serving {shown(run.serving)} "
             f"(current → {state['serving']})"
         )
-    summary = (_json(path / "evaluation.json") or {}).get("summary")
+    summary = (_json(run.evaluation) or {}).get("summary")
     if summary and summary.get("gain_median") is not None:
         beats = (
             f"; personal beats global for {summary['beats_global']}/{summary['with_global']}"
@@ -72,15 +78,15 @@ def _run(path: Path) -> Iterator[str]:
         )
         yield (
             f"  evaluation: {summary['improved']}/{summary['users']} users improved, median "
-            f"gain {summary['gain_median']:.1%}{beats} ({path / 'evaluation.md'})"
+            f"gain {summary['gain_median']:.1%}{beats} ({shown(run.evaluation.with_suffix('.md'))})"
         )
 
 
 def _store(path: Path, m: dict) -> Iterator[str]:
     t, c = m["totals"], m["config"]
     ranks = Counter(s["rank"] for s in m["slots"])
-    yield f"[bold]compressed store[/] {path} (created {m['created']})"
-    yield f"  base model: {m['base_model']}"
+    yield f"[bold]compressed store[/] {shown(path)} (created {m['created']})"
+    yield f"  base model: {shown(m['base_model'])}"
     yield f"  users: {len(m['users'])} ({_few(m['users'])})"
     yield (
         f"  slots: {len(m['slots'])} grouped by {c['group']}, sigma {c['sigma']}, "
@@ -90,31 +96,35 @@ def _store(path: Path, m: dict) -> Iterator[str]:
         f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
         f"error mean {t['mean']:.4f}, p95 {t['p95']:.4f}, max {t['max']:.4f}"
     )
-    yield f"  report: {path / 'report'}"
+    yield f"  report: {shown(path / 'report')}"
 
 
 def _version(path: Path, m: dict) -> Iterator[str]:
     t = m["totals"]
-    yield f"[bold]serving version[/] {m['version']} at {path} (created {m['created']})"
-    yield f"  base model: {m['base_model']}"
+    yield f"[bold]serving version[/] {m['version']} at {shown(path)} (created {m['created']})"
+    yield f"  base model: {shown(m['base_model'])}"
     yield (
         f"  users: {len(m['users'])} ({_few(list(m['users']))}), each a PEFT dir under "
         f"users/ at rank {m['export_rank']} ({'exact' if m['export_exact'] else 'truncated'})"
     )
-    yield f"  shared bases and cores: {path / 'shared'}; source store: {m['source']['store']}"
+    yield (
+        f"  shared bases and cores: {shown(path / 'shared')}; "
+        f"source store: {shown(m['source']['store'])}"
+    )
     yield (
         f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
         f"error mean {t['mean']:.4f}, max {t['max']:.4f}"
     )
 
 
-def _serving(path: Path) -> Iterator[str]:
-    found = sorted(p.name for p in path.glob("v[0-9]*") if p.is_dir())
-    link = path / "current"
-    current = link.resolve().name if link.is_symlink() else None
-    yield f"[bold]serving dir[/] {path}: versions {', '.join(found) or 'none'}; current → {current}"
+def _serving(versions: Versions) -> Iterator[str]:
+    current = versions.current()
+    yield (
+        f"[bold]serving dir[/] {shown(versions.root)}: versions "
+        f"{', '.join(versions.names()) or 'none'}; current → {current.name if current else None}"
+    )
     if current:
-        yield from _version(path / current, _json(path / current / "manifest.json") or {})
+        yield from _version(current, _json(current / MANIFEST) or {})
 
 
 def _adapter(path: Path) -> Iterator[str]:
@@ -122,8 +132,8 @@ def _adapter(path: Path) -> Iterator[str]:
     ranks = Counter(mod.rank for mod in info.modules.values())
     params = sum(mod.rank * sum(mod.shape) for mod in info.modules.values())
     kinds = Counter(m.rsplit(".", 1)[-1] for m in info.modules)
-    yield f"[bold]PEFT LoRA adapter[/] {path} (user id {info.user!r})"
-    yield f"  base model: {info.base_model}"
+    yield f"[bold]PEFT LoRA adapter[/] {shown(path)} (user id {info.user!r})"
+    yield f"  base model: {shown(info.base_model)}"
     yield f"  modules: {len(info.modules)} ({dict(kinds)}); ranks {dict(ranks)}"
     yield (
         f"  lora_alpha {info.config['lora_alpha']}, rsLoRA {bool(info.config.get('use_rslora'))}"
@@ -136,7 +146,7 @@ def _adapters(path: Path) -> Iterator[str]:
     infos = [read_adapter(p, u) for u, p in paths.items()]
     bases = Counter(i.base_model for i in infos)
     modules = Counter(len(i.modules) for i in infos)
-    yield f"[bold]folder of {len(infos)} PEFT adapters[/] {path} ({_few(sorted(paths))})"
+    yield f"[bold]folder of {len(infos)} PEFT adapters[/] {shown(path)} ({_few(sorted(paths))})"
     yield f"  base models: {dict(bases)}; modules per adapter: {dict(modules)}"
 
 

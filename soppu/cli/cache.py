@@ -1,5 +1,5 @@
 """`soppu cache list` and `soppu cache prune`: see and trim SOPPU's cache.
-Registered on the main app by soppu/cli.py."""
+Registered on the main app by soppu/cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from soppu.cli_common import clear_errors, console, shown
+from soppu.cli.common import clear_errors, console, shown
 
 cache_app = typer.Typer(help="See and trim SOPPU's cache of emulators, models and data.")
 

@@ -1,5 +1,5 @@
 """`soppu serve`: answer LoRAX- and OpenAI-style requests for every user from the shared bases.
-Registered on the main app by soppu/cli.py."""
+Registered on the main app by soppu/cli/__init__.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from soppu.cli_common import clear_errors, console, set_threads
+from soppu.cli.common import ThreadsOpt, clear_errors, console, set_threads
 
 
 def register(app: typer.Typer) -> None:
@@ -24,14 +24,15 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
     max_batch: Annotated[int, typer.Option(help="Rows per model step, at most.")] = 64,
     max_wait_ms: Annotated[float, typer.Option(help="How long an idle batch waits.")] = 5.0,
-    threads: Annotated[int | None, typer.Option(help="torch threads (default: all).")] = None,
+    threads: ThreadsOpt = None,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Larger request bodies are refused (413) unread.")
     ] = 1 << 20,
 ) -> None:
-    """Serve every user of the current version: U and V once per batch, Σ_i per row; a new
-    version under `current` is picked up without dropping requests (one that does not fit the
-    base model is refused and the old one kept). Exits 1 if the engine stops."""
+    """Serve every user of the current version from the shared bases (LoRAX/OpenAI HTTP)."""
+    # U and V once per batch, Σ_i per row; a new version under `current` is swapped in without
+    # dropping requests (one that does not fit the base model is refused, the old one kept);
+    # exits 1 if the engine stops.
     from server.serving.runner import build, run
     from soppu.basemodel import quiet_libraries
 

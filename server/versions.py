@@ -1,0 +1,74 @@
+"""A folder of numbered versions, `v0001`, `v0002`, …, and (for serving) `current` → one of
+them: the one place that numbers versions and finds the current one, for RUN/compressed/ and
+every serving dir.
+
+    ROOT/vNNNN/          complete versions (each built under a temporary name, then renamed)
+    ROOT/current         a relative symlink to the newest published one, switched atomically
+    ROOT/.current.lock   held while a writer takes the next number and moves `current`
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from soppu import atomic
+
+CURRENT = "current"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+class Versions:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.current_link = self.root / CURRENT
+
+    def names(self) -> list[str]:
+        """Complete versions, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION.match(p.name)]
+        return sorted(found, key=lambda name: int(name[1:]))
+
+    def newest(self) -> Path | None:
+        names = self.names()
+        return self.root / names[-1] if names else None
+
+    def next(self) -> Path:
+        """One past the newest; take it under `lock()` when others may write here too."""
+        names = self.names()
+        return self.root / f"v{(int(names[-1][1:]) + 1) if names else 1:04d}"
+
+    def current(self) -> Path | None:
+        """The version `current` points at, if it points at one."""
+        link = self.current_link
+        return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+    def require_current(self) -> Path:
+        found = self.current()
+        if found is None:
+            raise FileNotFoundError(
+                f"{self.current_link}: no current serving version (run `soppu publish`)"
+            )
+        return found
+
+    def point_current(self, version: Path) -> None:
+        atomic.point_symlink(self.current_link, Path(version).name)
+
+    def check(self) -> None:
+        """Refuse, before any work, a root that is not a folder of versions."""
+        if self.root.exists() and not self.root.is_dir():
+            raise atomic.WriteRefused(f"{self.root} is a file, not a folder of versions")
+        link = self.current_link
+        if link.exists() and not link.is_symlink():
+            raise atomic.WriteRefused(
+                f"{link} is a real folder or file, not the symlink to a version SOPPU keeps there"
+            )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time takes the next number (and moves `current`)."""
+        with atomic.lock(self.current_link, f"the versions in {self.root}"):
+            yield

@@ -3,7 +3,7 @@
 Pure tensors in, tensors out: no Flower, transformers or PEFT here.
 """
 
-from compression.engine import CompressionConfig, SlotResult, compress_slot, fit_stack
+from compression.compress import CompressionConfig, SlotResult, compress_slot, fit_stack
 from compression.export import SERVING_RANKS, export_lora, serving_rank
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize
 from compression.joint import Bracket, SlotFit

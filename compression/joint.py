@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from compression.core_size import cheapest_core_params
-from compression.errors import OrthoForm, squared_errors
 from compression.factors import CanonicalStack, project
+from compression.residuals import OrthoForm, squared_errors
 from compression.spectrum import Spectrum, top_eigen
 
 

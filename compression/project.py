@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compression.cp import _solve_sigma
-from compression.errors import OrthoForm, relative, squared_errors
+from compression.diagonal import _solve_sigma
 from compression.factors import CanonicalStack, project
+from compression.residuals import OrthoForm, relative, squared_errors
 
 
 @dataclass

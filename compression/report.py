@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from compression.engine import SlotResult
-from compression.errors import relative
+from compression.compress import SlotResult
+from compression.residuals import relative
 from compression.slots import Slot, layer_index, module_kind, module_sort_key
 
 REPORT_FILES = ("report.json", "report.csv", "report.md", "errors.png", "params.png")

@@ -10,7 +10,7 @@ byte. Sizes are counted in bytes, codes and scales both.
 
 Reading back gives orthonormal bases and per-item cores whatever was stored: quantised bases
 are no longer orthonormal, so U' = Q_u R_u and V' = Q_v R_v are re-factored and the R's folded
-into each core, which keeps the error accounting of `errors.py` exact for what was stored.
+into each core, which keeps the error accounting of `residuals.py` exact for what was stored.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from compression.core_size import core_form
-from compression.errors import OrthoForm
 from compression.joint import SlotFit
+from compression.residuals import OrthoForm
 
 BITS = (32, 8, 4)
 FORMS = ("dense", "factored", "diag")

@@ -144,7 +144,7 @@ def run_soppu(
     bytes / 4 (float32 equivalents), so quantised stores are charged what they really take;
     with clusters (0: chosen per slot at the one-basis budget) each cluster's fit counts."""
     from compression import CompressionConfig, LoRAFactors, compress_slot
-    from compression.engine import cluster_slot
+    from compression.compress import cluster_slot
 
     # personal_error=False: the seed and the peers measure nothing extra, so neither do we.
     config = CompressionConfig(

@@ -45,7 +45,7 @@ CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from compression import CompressionConfig
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from soppu.adapter_sets import discover
 start = time.perf_counter()
 paths = discover([sys.argv[1]])

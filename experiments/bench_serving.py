@@ -41,8 +41,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def build_serving(root: Path, users: int, rank: int) -> Path:
-    from compression.engine import CompressionConfig
-    from server.run_compression import compress_and_publish
+    from compression.compress import CompressionConfig
+    from server.compression_round import compress_and_publish
     from soppu.adapter_sets import discover
     from soppu.synthetic import PopulationSpec, write_population
 

@@ -125,10 +125,10 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
     """Storage ratio and share of gain kept at other shared ranks, on the same adapters."""
     import shutil
 
-    from compression.engine import CompressionConfig
+    from compression.compress import CompressionConfig
+    from server.compression_round import compress_and_publish
     from server.evaluation import gain_kept
-    from server.run_compression import compress_and_publish
-    from server.setup import choose_users, stored_config
+    from server.prepare_run import choose_users, stored_config
     from server.store import RunFolder, snapshot
     from soppu import basemodel, lm
     from soppu.adapters import read_lora

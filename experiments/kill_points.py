@@ -111,7 +111,7 @@ def current_complete(serving: Path) -> bool:
 def startup_seconds(env: dict[str, str], cwd: Path) -> float:
     """What a `soppu` process spends importing torch and the project before any work: kill
     points are drawn after it, so they land in the work (reading, writing, renaming)."""
-    imports = "import torch, soppu.cli, server.compress_round, server.publish"
+    imports = "import torch, soppu.cli, server.compress_store, server.publish"
     return run([sys.executable, "-c", imports], env, cwd)
 
 

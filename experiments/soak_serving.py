@@ -75,9 +75,9 @@ def tiny_serving(root: Path, users: int) -> tuple[Path, Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import tiny_population, write_tiny_model, write_users
 
-    from compression.engine import CompressionConfig
-    from server.compress_round import compress_adapters
-    from server.run_compression import compress_and_publish
+    from compression.compress import CompressionConfig
+    from server.compress_store import compress_adapters
+    from server.compression_round import compress_and_publish
 
     model = write_tiny_model(root / "model", layers=2)
     population = tiny_population(users + 2, k=4, layers=2)

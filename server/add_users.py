@@ -25,15 +25,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from compression.clusters import subset
+from compression.compress import CompressionConfig, SlotResult, cluster_slot, fit_stack
 from compression.core_size import core_params
-from compression.engine import CompressionConfig, SlotResult, cluster_slot, fit_stack
-from compression.errors import OrthoForm, relative, squared_errors
 from compression.factors import canonicalize
 from compression.project import Projected, project_diag, project_full
 from compression.report import build_report, rank_label, slot_entry, write_report
+from compression.residuals import OrthoForm, relative, squared_errors
 from compression.slots import Slot
 from compression.storage import SlotStorage
-from server.compress_round import LazySlotItems, Progress, clustered_parts, manifest_slot
+from server.compress_store import LazySlotItems, Progress, clustered_parts, manifest_slot
 from server.compressed_store import (
     StoredSlot,
     StoreError,

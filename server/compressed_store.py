@@ -24,8 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from compression.engine import SlotResult
-from compression.errors import OrthoForm
+from compression.compress import SlotResult
+from compression.residuals import OrthoForm
 from compression.storage import SlotReader, SlotStorage
 from soppu import atomic
 from soppu.atomic import sha256

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from compression.engine import CompressionConfig
+from compression.compress import CompressionConfig
 from soppu.data import DataOptions
 from soppu.emulator import SELECTIONS, EmulatorPlan
 from soppu.personalize import LORA_LAYERS, TrainConfig

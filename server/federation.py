@@ -26,9 +26,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from compression.engine import CompressionConfig
+from compression.compress import CompressionConfig
+from server.compression_round import compress_run
 from server.config import FederationConfig
-from server.run_compression import compress_run
 from server.store import RoundStage, RunFolder, check_reply, recover
 from soppu import messages as m
 from soppu.adapters import LoraState

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.config import FederationConfig
 from server.evaluation import evaluate_run, summary_lines
 from server.federation import Log, run_federation
-from server.setup import choose_users, load_base, prepare, resolve_config
+from server.prepare_run import choose_users, load_base, prepare, resolve_config
 from soppu.basemodel import set_threads
 from soppu.data import DataError
 

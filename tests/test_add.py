@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from compression import CompressionConfig
 from server.add_users import add_adapters
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.compressed_store import StoredSlot, read_manifest
 from soppu.adapters import AdapterError
 from soppu.cli import app

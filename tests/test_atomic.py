@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny_population, write_users
 
 from compression import CompressionConfig
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.publish import publish
 from server.versions import Versions
 from soppu import atomic

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from compression import CompressionConfig
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.publish import publish
 from soppu.cli import app
 

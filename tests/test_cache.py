@@ -13,7 +13,7 @@ from helpers import write_tiny_model, write_users_jsonl
 from typer.testing import CliRunner
 
 from server.config import FederationConfig
-from server.setup import load_base, prepare
+from server.prepare_run import load_base, prepare
 from soppu import cache
 from soppu.cli import app
 

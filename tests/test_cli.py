@@ -9,7 +9,7 @@ from helpers import tiny_population, write_users
 from typer.testing import CliRunner
 
 from compression import CompressionConfig
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from soppu.adapters import AdapterInfo
 from soppu.cli import app
 
@@ -128,7 +128,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
 def test_compression_reads_every_tensor_once(tmp_path, monkeypatch, budget):
     """Each (user, module) is read exactly once, NaN check included, with one open of a
     user's file per chunk of slots; a chunk too big for the budget is read lazily."""
-    from server import compress_round
+    from server import compress_store
 
     paths = write_users(tmp_path, tiny_population(4, layers=3), rank=4, alpha=4)
     opens, reads = [], []
@@ -142,7 +142,7 @@ def test_compression_reads_every_tensor_once(tmp_path, monkeypatch, budget):
 
     monkeypatch.setattr(AdapterInfo, "load_many", spy)
     monkeypatch.setattr(AdapterInfo, "check_finite", lambda self: pytest.fail("read twice"))
-    monkeypatch.setattr(compress_round, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(compress_store, "CHUNK_BYTES", budget)
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=4))
     assert sorted(reads) == sorted({(u, m) for u in paths for m in _modules(paths)})
     assert len(reads) == 4 * 6

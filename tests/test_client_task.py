@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_causal_lm
 
 from clients import task
-from server.setup import emulator_message
+from server.prepare_run import emulator_message
 from soppu import messages
 from soppu.data import DataError, DataOptions
 from soppu.emulator import EmulatorError, EmulatorPlan, build, save

@@ -11,9 +11,9 @@ import torch
 from helpers import random_factors, tiny_causal_lm, tiny_population, write_users
 
 from compression import CompressionConfig, compress_slot
-from compression.engine import cluster_slot
+from compression.compress import cluster_slot
 from server.add_users import add_adapters
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.publish import publish
 from server.serving.shared_lora import batch_users, install, load_shared
 
@@ -106,7 +106,7 @@ def test_each_clusters_result_is_fitted_on_its_own_members_even_when_moves_do_no
     """One reassignment round only: the results must still be the fits of the final labels
     (a result over other users would serve one user another's core)."""
     from compression.clusters import fit_clusters, subset
-    from compression.engine import fit_stack
+    from compression.compress import fit_stack
     from compression.factors import canonicalize
 
     items = two_groups()

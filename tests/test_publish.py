@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from compression import CompressionConfig
 from server import publish as publish_module
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.compressed_store import StoredSlot, StoreError, read_manifest
 from server.publish import publish
 from server.versions import Versions

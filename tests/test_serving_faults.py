@@ -23,8 +23,8 @@ import uvicorn
 from helpers import free_port, tiny_population, write_tiny_model, write_users
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compression.engine import CompressionConfig
-from server.compress_round import compress_adapters
+from compression.compress import CompressionConfig
+from server.compress_store import compress_adapters
 from server.publish import publish
 from server.serving import sampling
 from server.serving.engine import Engine, Request, Sampling

@@ -29,8 +29,8 @@ from test_serving_faults import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compression.engine import CompressionConfig
-from server.compress_round import compress_adapters
+from compression.compress import CompressionConfig
+from server.compress_store import compress_adapters
 from server.publish import publish
 from server.serving.engine import Engine, VersionMisfit
 from server.serving.shared_lora import load_shared

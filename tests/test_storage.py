@@ -11,7 +11,7 @@ from helpers import random_factors, tiny_population, write_users
 
 from compression import CompressionConfig, compress_slot
 from compression.storage import Quantized, dequantize, quantize
-from server.compress_round import compress_adapters
+from server.compress_store import compress_adapters
 from server.compressed_store import StoredSlot, read_manifest
 from server.publish import publish
 from server.serving.shared_lora import load_shared

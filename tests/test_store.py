@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.config import FederationConfig
-from server.setup import resolve_config
+from server.prepare_run import resolve_config
 from server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
 from soppu.adapters import AdapterError, LoraState, read_lora
 from soppu.userids import UnsafeUserId
@@ -156,7 +156,7 @@ def test_a_compression_round_adds_users_who_joined_and_recompresses_when_one_cha
     from safetensors.torch import load_file
 
     from compression import CompressionConfig
-    from server.run_compression import compress_run
+    from server.compression_round import compress_run
     from soppu import emulator as E
 
     run = RunFolder(tmp_path / "run")

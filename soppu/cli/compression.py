@@ -112,8 +112,8 @@ def compress(
     threads: ThreadsOpt = None,
 ) -> None:
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
-    from compression.engine import CompressionConfig
-    from server.compress_round import compress_adapters
+    from compression.compress import CompressionConfig
+    from server.compress_store import compress_adapters
     from soppu.adapter_sets import discover
 
     set_threads(threads)
@@ -155,7 +155,7 @@ def compress(
 
 
 def _compress_run(run: Path, config, export_rank: int | None) -> None:
-    from server.run_compression import compress_run
+    from server.compression_round import compress_run
     from server.store import RunFolder
 
     folder = RunFolder(run)
@@ -295,8 +295,8 @@ def demo(
     threads: ThreadsOpt = None,
 ) -> None:
     """The embedded default end to end: synthetic users → compress → publish → report."""
-    from compression.engine import CompressionConfig
-    from server.run_compression import compress_and_publish
+    from compression.compress import CompressionConfig
+    from server.compression_round import compress_and_publish
     from server.versions import Versions
     from soppu.adapter_sets import discover
     from soppu.synthetic import PopulationSpec, write_population

@@ -121,7 +121,7 @@ _NOT_CONFIG = {"out", "config_file", "resume", "client_cpus"}
 
 def _config(config_file: Path | None, overrides: dict[str, Any], resume: bool):
     from server.config import FederationConfig
-    from server.setup import stored_config
+    from server.prepare_run import stored_config
     from server.store import RunFolder
 
     run = RunFolder(Path(overrides["run_dir"]))
@@ -149,8 +149,8 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
+    from server.prepare_run import choose_users, resolve_config
     from server.server_app import server_app
-    from server.setup import choose_users, resolve_config
     from server.store import RunFolder
     from soppu.basemodel import quiet_libraries
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from compression.errors import OrthoForm, squared_errors
 from compression.factors import CanonicalStack, project
 from compression.joint import SlotFit, hosvd_start
+from compression.residuals import OrthoForm, squared_errors
 
 
 def fit_diag(

@@ -18,11 +18,11 @@ from torch import Tensor
 
 from compression.clusters import MAX_AUTO_CLUSTERS, Clustering, fit_clusters, rank_for_budget
 from compression.core_size import cheapest_core_params
-from compression.cp import fit_diag
-from compression.errors import OrthoForm, personal_errors, relative, squared_errors
+from compression.diagonal import fit_diag
 from compression.export import core_ranks, export_lora
 from compression.factors import CanonicalStack, LoRAFactors, canonicalize, item_ranks
 from compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
+from compression.residuals import OrthoForm, personal_errors, relative, squared_errors
 from compression.slots import GROUPINGS
 from compression.storage import BITS, SlotStorage
 

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compression.engine import CompressionConfig
+from compression.compress import CompressionConfig
 from server.add_users import add_adapters
-from server.compress_round import Progress, compress_adapters
+from server.compress_store import Progress, compress_adapters
 from server.compressed_store import read_manifest
 from server.publish import publish
 from server.store import RunFolder, snapshot, stored_round

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compression.clusters import Clustering
-from compression.engine import CompressionConfig, SlotResult, cluster_slot, compress_slot
+from compression.compress import CompressionConfig, SlotResult, cluster_slot, compress_slot
 from compression.factors import LoRAFactors
 from compression.report import build_report, slot_entry, write_report
 from compression.slots import Slot, group_slots

@@ -1,19 +1,22 @@
-"""The federation's one typed config: defaults here → `[tool.flwr.app.config]` → CLI flags.
+"""The federation's one typed config, the one source of every setting's name, default and help:
+`soppu simulate`'s flags are derived from it (`FLAGS`, `HELP`), `[tool.flwr.app.config]`
+holds the same keys and defaults, and a test proves the three agree.
 
 Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
-`soppu simulate` flags are the same names. Empty strings and zeros mean "the default" where a
-run config cannot hold None.
+`soppu simulate` flags are the same names, but for the few in `FLAGS`. Empty strings and zeros
+mean "the default" where a run config cannot hold None.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compression.compress import CompressionConfig
-from soppu.data import DataOptions
-from soppu.emulator import SELECTIONS, EmulatorPlan
-from soppu.personalize import LORA_LAYERS, TrainConfig
+if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
+    from compression.compress import CompressionConfig
+    from soppu.data import DataOptions
+    from soppu.emulator import EmulatorPlan
+    from soppu.personalize import TrainConfig
 
 AGGREGATIONS = ("fedavg", "none")
 CLIENT_MODES = ("emulator", "full")
@@ -43,6 +46,8 @@ class FederationConfig:
     compress_sigma: str = "full"
     compress_bits: int = 32  # 8 or 4: quantised bases and cores
     compress_clusters: int = 1  # bases per slot; 0: choose per slot
+    compress_weights: str = "uniform"  # or "norm": every user counts alike
+    compress_group: str = "slot"  # a basis per (layer, module), or "shape": per tensor shape
     # users who join after a compression round are projected onto its bases; a slot whose
     # new users carry more than this share of their energy outside its bases is refit
     compress_refit_above: float = 0.2
@@ -88,8 +93,8 @@ class FederationConfig:
         for name, allowed in (
             ("aggregation", AGGREGATIONS),
             ("client_mode", CLIENT_MODES),
-            ("lora_layers", LORA_LAYERS),
-            ("layer_select", SELECTIONS),
+            ("lora_layers", ("all", "adapter")),  # soppu.personalize.LORA_LAYERS
+            ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
             ("device", DEVICES),
         ):
             if getattr(self, name) not in allowed:
@@ -99,6 +104,8 @@ class FederationConfig:
             raise ValueError("correction-batches and client-gpus must be ≥ 0")
         if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
             raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
+        if self.threads < 0:
+            raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
         self.compression()  # validates the compression settings now, not after training
 
     @classmethod
@@ -117,6 +124,8 @@ class FederationConfig:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     def train(self) -> TrainConfig:
+        from soppu.personalize import TrainConfig
+
         return TrainConfig(
             steps=self.local_steps,
             lr=self.lr,
@@ -136,6 +145,8 @@ class FederationConfig:
         return names or None
 
     def data_options(self) -> DataOptions:
+        from soppu.data import DataOptions
+
         return DataOptions(
             user_column=self.user_column,
             text_column=self.text_column,
@@ -147,19 +158,94 @@ class FederationConfig:
     def plan(self, num_layers: int) -> EmulatorPlan:
         """In full mode the client's model is the full model: an emulator that drops nothing."""
         drop = 0.0 if self.client_mode == "full" else self.drop
+        from soppu.emulator import EmulatorPlan
+
         return EmulatorPlan(
             num_layers, top=self.top, bottom=self.bottom, drop=drop, select=self.layer_select
         )
 
     def compression(self) -> CompressionConfig:
+        from compression.compress import CompressionConfig
+
         return CompressionConfig(
             rank=self.compress_rank or None,
             energy=None if self.compress_rank else self.compress_energy,
             sigma=self.compress_sigma,
             bits=self.compress_bits,
             clusters=self.compress_clusters,
+            weights=self.compress_weights,
+            group=self.compress_group,
             device=self.device,
         )
+
+
+# `soppu simulate` flags that are not the field's name with `-` for `_`.
+FLAGS = {
+    "run_dir": "out",
+    "compress_rank": "rank",
+    "compress_energy": "energy",
+    "compress_sigma": "sigma",
+    "compress_bits": "bits",
+    "compress_clusters": "clusters",
+    "compress_weights": "weights",
+    "compress_group": "group",
+}
+
+HELP = {
+    "run_dir": "Run folder.",
+    "base_model": "HF id or folder ('': the embedded SmolLM2-135M-Instruct).",
+    "data": "Users' text, JSONL/CSV/Parquet ('': the embedded Shakespeare roles).",
+    "users": "Users (nodes): those with the most text; 0: all.",
+    "rounds": "Federated rounds.",
+    "fraction_train": "Share of the users trained each round.",
+    "min_train_nodes": "At least this many users trained each round.",
+    "fraction_evaluate": "Share of the users evaluated on the emulator each round.",
+    "round_timeout": "Seconds a round waits for replies.",
+    "node_wait": "Seconds to wait for the nodes to connect.",
+    "aggregation": "fedavg: a global adapter and a personal one per user; none: purely local.",
+    "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
+    "compress_every": "Compress every K rounds; 0: after the last only.",
+    "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",
+    "compress_energy": "Compression: share of the energy kept (when no --rank).",
+    "compress_sigma": "Compression: full or diag cores.",
+    "compress_bits": "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
+    "compress_clusters": "Compression: bases per slot; 0: choose 1–4 per slot.",
+    "compress_weights": "Compression: uniform, or norm (every user counts alike).",
+    "compress_group": "Compression: slot (a basis per layer and module) or shape.",
+    "compress_refit_above": "Refit a slot when users joining carry more energy outside it.",
+    "export_rank": "Serving rank of the published adapters; 0: exact.",
+    "final_evaluation": "Per-user perplexities on the full model after the run.",
+    "local_steps": "Client training steps per round.",
+    "lr": "Client learning rate.",
+    "batch_size": "Sequences per step.",
+    "seq_len": "Tokens per sequence.",
+    "lora_rank": "LoRA rank.",
+    "lora_alpha": "LoRA α.",
+    "target_modules": "LoRA targets, comma-separated ('': q_proj,v_proj).",
+    "lora_layers": "all: every layer the client's model has; adapter: top/bottom only.",
+    "correction_batches": "Public batches for each round's gradient correction; 0: off.",
+    "max_eval_tokens": "Held-out tokens evaluated per user.",
+    "seed": "Seed for sampling, data splits and training.",
+    "emulator": "An emulator folder ('': build one and cache it).",
+    "top": "Adapter layers: the last N.",
+    "bottom": "Adapter layers: also the first N.",
+    "drop": "Share of the middle layers the emulator drops.",
+    "layer_select": "Middle layers the emulator keeps: importance or even.",
+    "align_steps": "Emulator alignment steps.",
+    "public": "Public text to align on, a 'text' column ('': the embedded public pool).",
+    "client_gpus": "GPUs per simulated client; > 0: clients train on CUDA.",
+    "device": "Server device: alignment, corrections, evaluation, compression.",
+    "user_column": "Column with the user id.",
+    "text_column": "Column with the text.",
+    "min_chars": "Skip users with less text than this.",
+    "test_fraction": "Held-out share of each user's text (the last part).",
+    "threads": "torch threads on the server; 0: all.",
+}
+
+
+def flag(name: str) -> str:
+    """The `soppu simulate` flag of a field."""
+    return "--" + FLAGS.get(name, name).replace("_", "-")
 
 
 def _coerce(kind: type, value: Any, key: str) -> Any:

@@ -268,17 +268,3 @@ def test_a_killed_run_resumes_with_every_adapter_exactly_once(world, tmp_path):
     for user in USERS:
         assert json.loads((run.store / user / "training.json").read_text())["round"] == 3
     assert not run.staging.exists()
-
-
-def test_flwr_run_config_in_pyproject_is_the_federation_config():
-    import tomllib
-
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    values = dict(pyproject["tool"]["flwr"]["app"]["config"])
-    assert values.pop("resume") is False  # an action for the ServerApp, not a setting
-    config = FederationConfig.from_run_config(values)
-    assert config == FederationConfig(run_dir=values["run-dir"])
-    with pytest.raises(ValueError, match="unknown key 'round'"):
-        FederationConfig.from_run_config({"round": 3})
-    with pytest.raises(ValueError, match="final-evaluation must be true or false"):
-        FederationConfig.from_run_config({"final-evaluation": "maybe"})

@@ -1,122 +1,91 @@
 """`soppu simulate`: a federation on Flower's simulation engine, one virtual node per user.
 
-Config: FederationConfig's defaults → a TOML file of run-config keys (`--config`) → flags.
-Registered on the main app by soppu/cli.py, which is the one place allowed to wire the
-clients and the server together.
+Config: FederationConfig's defaults → a TOML file of run-config keys (`--config`) → flags;
+the flags are derived from FederationConfig's fields and their help (server/config.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import tomllib
+from collections.abc import Callable
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from server.config import HELP, flag
 from soppu.cli.common import clear_errors, console, print_report, shown
-
-Opt = typer.Option
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(simulate)
+    app.command("simulate")(_simulate_command())
 
 
-def simulate(
-    out: Annotated[Path, Opt("--out", "-o", help="Run folder.")] = Path("runs/federation"),
-    config_file: Annotated[
-        Path | None, Opt("--config", help="TOML of run-config keys (as in pyproject.toml).")
-    ] = None,
-    resume: Annotated[bool, Opt(help="Continue the run in --out from its last round.")] = False,
-    base_model: Annotated[str | None, Opt(help="HF id or folder (default: SmolLM2-135M).")] = None,
-    data: Annotated[str | None, Opt(help="Users' text (default: Shakespeare roles).")] = None,
-    users: Annotated[int | None, Opt(help="Users (nodes): those with most text; 0: all.")] = None,
-    rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
-    fraction_train: Annotated[float | None, Opt(help="Share of users trained a round.")] = None,
-    min_train_nodes: Annotated[int | None, Opt(help="At least this many a round.")] = None,
-    fraction_evaluate: Annotated[
-        float | None, Opt(help="Share evaluated on the emulator each round.")
-    ] = None,
-    round_timeout: Annotated[float | None, Opt(help="Seconds a round waits.")] = None,
-    aggregation: Annotated[
-        str | None,
-        Opt(help="fedavg: a global adapter + a personal one per user; none: purely local."),
-    ] = None,
-    client_mode: Annotated[
-        str | None, Opt(help="emulator (clients never hold the full model) or full.")
-    ] = None,
-    local_steps: Annotated[int | None, Opt(help="Client training steps per round.")] = None,
-    lr: Annotated[float | None, Opt(help="Client learning rate.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Sequences per step.")] = None,
-    seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
-    lora_rank: Annotated[int | None, Opt(help="LoRA rank.")] = None,
-    lora_alpha: Annotated[float | None, Opt(help="LoRA α.")] = None,
-    target_modules: Annotated[
-        str | None, Opt(help="LoRA targets, comma-separated (default: q_proj,v_proj).")
-    ] = None,
-    lora_layers: Annotated[
-        str | None, Opt(help="all: every layer the client's model has; adapter: top/bottom.")
-    ] = None,
-    correction_batches: Annotated[
-        int | None, Opt(help="Public batches for each round's gradient correction (0: off).")
-    ] = None,
-    max_eval_tokens: Annotated[int | None, Opt(help="Held-out tokens per user.")] = None,
-    emulator: Annotated[str | None, Opt(help="Emulator folder (default: build, cached).")] = None,
-    drop: Annotated[float | None, Opt(help="Emulator drop ratio.")] = None,
-    top: Annotated[int | None, Opt(help="Adapter: the last N layers.")] = None,
-    bottom: Annotated[int | None, Opt(help="Adapter: also the first N layers.")] = None,
-    layer_select: Annotated[
-        str | None, Opt(help="Middle layers the emulator keeps: importance or even.")
-    ] = None,
-    align_steps: Annotated[int | None, Opt(help="Emulator alignment steps.")] = None,
-    public: Annotated[
-        str | None, Opt(help="Public text (JSONL/CSV/Parquet, 'text' column) to align on.")
-    ] = None,
-    compress_every: Annotated[int | None, Opt(help="Compress every K rounds (0: last).")] = None,
-    rank: Annotated[int | None, Opt(help="Compression: shared rank per slot.")] = None,
-    energy: Annotated[float | None, Opt(help="Compression: energy kept (if no --rank).")] = None,
-    sigma: Annotated[str | None, Opt(help="Compression: full or diag cores.")] = None,
-    bits: Annotated[int | None, Opt(help="Compression: 32, or 8/4 (quantised storage).")] = None,
-    clusters: Annotated[int | None, Opt(help="Compression: bases per slot (0: choose).")] = None,
-    export_rank: Annotated[int | None, Opt(help="Serving rank (0: exact).")] = None,
-    min_chars: Annotated[int | None, Opt(help="Skip users with less text.")] = None,
-    seed: Annotated[int | None, Opt()] = None,
-    final_evaluation: Annotated[
-        bool | None, Opt(help="Per-user perplexities on the full model after the run.")
-    ] = None,
-    client_cpus: Annotated[float, Opt(help="CPUs per simulated client.")] = 1.0,
-    client_gpus: Annotated[
-        float | None, Opt(help="GPUs per simulated client; > 0: clients train on CUDA.")
-    ] = None,
-    device: Annotated[
-        str | None, Opt(help="Server device: alignment, corrections, evaluation, compression.")
-    ] = None,
-    threads: Annotated[
-        int | None, Opt(min=1, help="torch threads on the server (default: all).")
-    ] = None,
-) -> None:
-    """Run a simulated federation: train every user's LoRA, compress, publish and report."""
-    flags = {k: v for k, v in locals().items() if v is not None}
-    aliases = {
-        "rank": "compress_rank",
-        "energy": "compress_energy",
-        "sigma": "compress_sigma",
-        "bits": "compress_bits",
-        "clusters": "compress_clusters",
-    }
-    overrides = {aliases.get(k, k): v for k, v in flags.items() if k not in _NOT_CONFIG}
-    overrides["run_dir"] = str(out)
-    with clear_errors():
-        config = _config(config_file, overrides, resume)
-        _simulate(config, resume, client_cpus)
-    _print_results(Path(config.run_dir))
+def _simulate_command() -> Callable[..., None]:
+    """`soppu simulate`, its flags derived from `FederationConfig` (name, default, help): a
+    flag left out keeps the run's, the --config file's or the config's default, in that order."""
+    from server.config import FederationConfig
+
+    def simulate(
+        config_file: Path | None = None,
+        resume: bool = False,
+        client_cpus: float = 1.0,
+        **settings: Any,
+    ) -> None:
+        """Run a simulated federation: train every user's LoRA, compress, publish and report."""
+        overrides = {k: v for k, v in settings.items() if v is not None}
+        overrides.setdefault("run_dir", FederationConfig.run_dir)
+        with clear_errors():
+            config = _config(config_file, overrides, resume)
+            _simulate(config, resume, client_cpus)
+        _print_results(Path(config.run_dir))
+
+    own = [
+        _option(
+            "config_file",
+            Path | None,
+            None,
+            "--config",
+            "TOML of run-config keys (as in pyproject.toml).",
+        ),
+        _option(
+            "resume",
+            bool,
+            False,
+            "--resume/--no-resume",
+            "Continue the run in --out from its last round.",
+        ),
+        _option("client_cpus", float, 1.0, "--client-cpus", "CPUs per simulated client."),
+    ]
+    derived = [_setting(f) for f in fields(FederationConfig) if f.name in HELP]
+    simulate.__signature__ = inspect.Signature([*own, *derived])  # type: ignore[attr-defined]
+    simulate.__annotations__ = {p.name: p.annotation for p in [*own, *derived]}
+    return simulate
 
 
-_NOT_CONFIG = {"out", "config_file", "resume", "client_cpus"}
+def _setting(field: Field) -> inspect.Parameter:
+    kind = type(field.default)
+    names = [flag(field.name)] + (["-o"] if field.name == "run_dir" else [])
+    if kind is bool:
+        names = [f"{names[0]}/--no-{names[0].removeprefix('--')}"]
+    default = field.default if field.default != "" else "''"
+    help_text = f"{HELP[field.name]} {escape(f'[default: {default}]')}"
+    return _option(field.name, kind | None, None, *names, help_text)
+
+
+def _option(name: str, kind: Any, default: Any, *flags_and_help: str) -> inspect.Parameter:
+    *flags, help_text = flags_and_help
+    annotation = Annotated[kind, typer.Option(*flags, help=help_text, show_default=False)]
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
 
 
 def _config(config_file: Path | None, overrides: dict[str, Any], resume: bool):

@@ -1,0 +1,84 @@
+"""One source per setting: FederationConfig's fields give `soppu simulate` its flags, defaults
+and help, and pyproject's `[tool.flwr.app.config]` the same keys and values."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from server.config import FLAGS, HELP, FederationConfig, flag
+from soppu.cli import app
+from soppu.cli import federation as cli_federation
+
+ROOT = Path(__file__).parents[1]
+
+
+def simulate_options() -> dict[str, click.Option]:
+    command = typer.main.get_command(app).commands["simulate"]
+    return {p.name: p for p in command.params}
+
+
+def test_every_setting_is_a_flag_with_its_default_and_help():
+    options = simulate_options()
+    names = {f.name for f in fields(FederationConfig)}
+    assert set(HELP) == names and set(FLAGS) <= names
+    assert set(options) == names | {"config_file", "resume", "client_cpus"}
+    for field in fields(FederationConfig):
+        option = options[field.name]
+        assert flag(field.name) in option.opts + option.secondary_opts
+        assert option.default is None  # unset flags leave the run's or the file's value
+        default = field.default if field.default != "" else "''"
+        assert option.help.endswith(f"[default: {default}]"), option.help
+
+
+def test_pyproject_holds_every_setting_at_its_default():
+    values = dict(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    )
+    assert values.pop("resume") is False
+    assert set(values) == {f.name.replace("_", "-") for f in fields(FederationConfig)}
+    assert FederationConfig.from_run_config(values) == FederationConfig(run_dir=values["run-dir"])
+    with pytest.raises(ValueError, match="unknown key 'round'"):
+        FederationConfig.from_run_config({"round": 3})
+    with pytest.raises(ValueError, match="final-evaluation must be true or false"):
+        FederationConfig.from_run_config({"final-evaluation": "maybe"})
+
+
+def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli_federation, "_simulate", lambda config, *_: seen.update(c=config))
+    monkeypatch.setattr(cli_federation, "_print_results", lambda _: None)
+    (tmp_path / "run.toml").write_text("rounds = 5\ncompress-rank = 3\nlr = 0.01\n")
+    args = ["simulate", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml")]
+    args += ["--rank", "7", "--weights", "norm", "--group", "shape", "--no-final-evaluation"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = seen["c"]
+    assert (config.rounds, config.lr, config.compress_rank) == (5, 0.01, 7)
+    assert (config.compress_weights, config.compress_group) == ("norm", "shape")
+    assert config.final_evaluation is False and config.run_dir == str(tmp_path / "run")
+    compression = config.compression()
+    assert (compression.rank, compression.weights, compression.group) == (7, "norm", "shape")
+    assert config.users == FederationConfig.users  # untouched: the default
+
+
+def test_the_config_checks_against_the_modules_that_own_the_choices():
+    from soppu.emulator import SELECTIONS
+    from soppu.personalize import LORA_LAYERS
+
+    with pytest.raises(ValueError, match="lora-layers must be one of"):
+        FederationConfig(lora_layers="some")
+    with pytest.raises(ValueError, match="layer-select must be one of"):
+        FederationConfig(layer_select="random")
+    for value in LORA_LAYERS:
+        FederationConfig(lora_layers=value)
+    for value in SELECTIONS:
+        FederationConfig(layer_select=value)
+    with pytest.raises(ValueError, match="threads must be ≥ 0"):
+        FederationConfig(threads=-1)

@@ -8,7 +8,6 @@ apps (and tests) can wrap them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -74,13 +73,8 @@ def train(msg: Message, context: Context) -> Message:
             "handler-seconds": time.perf_counter() - began,  # + finding data and emulator
         }
     )
-    about = ConfigRecord(
-        {
-            "user-id": user.user_id,
-            "emulator": str(config["emulator"]),
-            "lora-config": json.dumps(result.lora.config),
-        }
-    )
+    # Tensors only: the LoRA config went one way, from the server, which keeps its own.
+    about = ConfigRecord({"user-id": user.user_id, "emulator": str(config["emulator"])})
     content = RecordDict({m.LORA: m.lora_record(result.lora), m.METRICS: metrics, m.CONFIG: about})
     return Message(content, reply_to=msg)
 

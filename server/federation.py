@@ -1,4 +1,5 @@
-"""The federation's rounds, driven message by message so that every user's adapter is kept.
+"""The federation's rounds, driven message by message so that every user's adapter is kept; the
+messages themselves, and which node is which user, are `server/nodes.py`'s.
 
 Each round: meet new nodes (who is your user, which emulators do you hold), sample users,
 install the emulator on nodes that lack it, send each sampled user their starting adapter and
@@ -18,7 +19,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 from compression.compress import CompressionConfig
 from server.compression_round import compress_run
 from server.config import FederationConfig
+from server.nodes import Nodes
 from server.store import RoundStage, RunFolder, check_reply, recover
 from soppu import messages as m
 from soppu.adapters import LoraState
@@ -50,8 +52,7 @@ class Federation:
     log: Log = print
     correction: Correction | None = None  # None: the clients train uncorrected
     correction_seconds: float = 0.0  # the last round's
-    users_by_node: dict[int, str] = field(default_factory=dict)
-    has_emulator: set[int] = field(default_factory=set)
+    nodes: Nodes | None = None  # set when the rounds start: they need the grid
 
     @property
     def shapes(self) -> dict[str, torch.Size]:
@@ -60,6 +61,14 @@ class Federation:
 
 def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
     """Run (or resume) the rounds; returns the run's state afterwards."""
+    fed.nodes = Nodes(
+        grid,
+        fed.setup,
+        fed.emulator_version,
+        fed.log,
+        wanted=len(fed.setup.users) or fed.config.users or 1,
+        wait=fed.config.node_wait,
+    )
     state = recover(fed.run)
     first = state["round"] + 1
     if first > fed.config.rounds:
@@ -67,7 +76,7 @@ def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
     elif first > 1:
         fed.log(f"resuming after round {state['round']}")
     for round_ in range(first, fed.config.rounds + 1):
-        run_round(grid, fed, round_)
+        run_round(fed, round_)
         if _compress_now(fed.config, round_):
             compress(fed, round_)
     if fed.run.state().get("compressed_round", 0) < fed.run.state()["round"]:
@@ -80,19 +89,20 @@ def _compress_now(config: FederationConfig, round_: int) -> bool:
     return round_ == config.rounds or (every > 0 and round_ % every == 0)
 
 
-def run_round(grid: Grid, fed: Federation, round_: int) -> dict[str, Any]:
+def run_round(fed: Federation, round_: int) -> dict[str, Any]:
+    nodes = _nodes(fed)
     began = time.perf_counter()
-    meet_nodes(grid, fed)
+    nodes.meet()
     sampled = sample_users(fed, round_)
     fed.log(f"round {round_}/{fed.config.rounds}: training {len(sampled)} users")
     install_began = time.perf_counter()
-    install_emulator(grid, fed, list(sampled))
+    nodes.install_emulator(list(sampled), fed.emulator_content)
     install_s = time.perf_counter() - install_began
     stage = RoundStage(fed.run, round_)
-    rows, trained = _train(grid, fed, round_, sampled, stage)
+    rows, trained = _train(fed, round_, sampled, stage)
     if fed.config.aggregation == "fedavg" and trained:
         stage.add_global(fedavg(trained), {"round": round_, "users": sorted(trained)})
-    eval_loss = evaluate(grid, fed, round_, trained) if fed.config.fraction_evaluate else None
+    eval_loss = evaluate(fed, round_, trained) if fed.config.fraction_evaluate else None
     ok = [r for r in rows if r["status"] == "trained"]
     summary = {
         "round": round_,
@@ -117,81 +127,24 @@ def run_round(grid: Grid, fed: Federation, round_: int) -> dict[str, Any]:
     return summary
 
 
-def meet_nodes(grid: Grid, fed: Federation) -> None:
-    """Wait for nodes, then ask each new one which user it is and what it holds."""
-    wanted = len(fed.setup.users) or fed.config.users or 1
-    nodes = _wait_for_nodes(grid, wanted, fed.config.node_wait)
-    new = [n for n in nodes if n not in fed.users_by_node]
-    if not new:
-        return
-    config = ConfigRecord({"task": m.HELLO})
-    replies, failed = exchange(grid, fed, new, "query", lambda _: _content(fed, config), 600)
-    for node, reply in replies.items():
-        user = str(reply.content[m.CONFIG]["user-id"])
-        if user in fed.users_by_node.values():
-            fed.log(f"node {node} says it is {user}, already served by another node: ignored")
-            continue
-        fed.users_by_node[node] = user
-        if fed.emulator_version in list(reply.content[m.CONFIG]["emulators"]):
-            fed.has_emulator.add(node)
-    for node, reason in failed.items():
-        fed.log(f"node {node} did not introduce itself: {reason}")
-
-
-def _wait_for_nodes(grid: Grid, wanted: int, wait: float) -> list[int]:
-    deadline = time.monotonic() + wait
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() > deadline:
-            if not nodes:
-                raise TimeoutError(f"no node connected within {wait:.0f} s")
-            return nodes
-        time.sleep(0.2)
+def _nodes(fed: Federation) -> Nodes:
+    if fed.nodes is None:
+        raise RuntimeError("the rounds have not started: run_federation sets the nodes")
+    return fed.nodes
 
 
 def sample_users(fed: Federation, round_: int) -> dict[int, str]:
     """node → user for this round; seeded by (seed, round) over user ids, so a resumed run
     samples the same users even though node ids change."""
-    by_user = {user: node for node, user in fed.users_by_node.items()}
+    by_user = _nodes(fed).node_of()
     users = sorted(by_user)
     count = max(fed.config.min_train_nodes, round(fed.config.fraction_train * len(users)))
     chosen = random.Random(f"{fed.config.seed}:{round_}").sample(users, min(count, len(users)))
     return {by_user[u]: u for u in sorted(chosen)}
 
 
-def install_emulator(grid: Grid, fed: Federation, nodes: list[int]) -> None:
-    """Send the emulator to nodes that lack it: one first, then ask the rest again, because
-    nodes on one machine (a simulation) share the first one's disk cache."""
-    lacking = [n for n in nodes if n not in fed.has_emulator]
-    if not lacking:
-        return
-    content = fed.emulator_content()
-    content[m.CONFIG]["task"] = m.INSTALL
-    _install(grid, fed, lacking[:1], content)
-    sent = 1
-    if len(lacking) > 1:
-        fed.users_by_node = {n: u for n, u in fed.users_by_node.items() if n not in lacking[1:]}
-        meet_nodes(grid, fed)  # re-asks the rest what they hold
-        still = [n for n in lacking[1:] if n not in fed.has_emulator]
-        _install(grid, fed, still, content)
-        sent += len(still)
-    fed.log(
-        f"emulator {fed.emulator_version}: sent to {sent} node(s); "
-        f"{len(lacking) - sent} found it in their machine's cache"
-    )
-
-
-def _install(grid: Grid, fed: Federation, nodes: list[int], content: RecordDict) -> None:
-    if not nodes:
-        return
-    replies, failed = exchange(grid, fed, nodes, "query", lambda _: content, 1800)
-    fed.has_emulator.update(replies)
-    for node, reason in failed.items():
-        fed.log(f"node {node} could not install the emulator: {reason}")
-
-
 def _train(
-    grid: Grid, fed: Federation, round_: int, sampled: dict[int, str], stage: RoundStage
+    fed: Federation, round_: int, sampled: dict[int, str], stage: RoundStage
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[LoraState, int]]]:
     starts = starting_adapters(fed, sorted(sampled.values()))
     corrections = _corrections(fed, round_, starts)
@@ -206,7 +159,7 @@ def _train(
         config = ConfigRecord(
             {**base_config, "user-id": user, "lora-config": json.dumps(start.config)}
         )
-        records = _content(fed, config)
+        records = _nodes(fed).content(config)
         records[m.LORA] = m.lora_record(start)
         if corrections.get(user):
             records[m.CORRECTION] = m.tensors_record(corrections[user])
@@ -233,8 +186,8 @@ def _train(
             f"({metrics['seconds']:.0f} s)"
         )
 
-    _, failed = exchange(
-        grid, fed, list(sampled), "train", content, fed.config.round_timeout, on_reply
+    _, failed = _nodes(fed).exchange(
+        list(sampled), "train", content, fed.config.round_timeout, on_reply
     )
     for node, reason in failed.items():
         rows.append(_failure(round_, sampled[node], reason))
@@ -275,8 +228,8 @@ def _accept(fed: Federation, user: str, reply: Message) -> tuple[LoraState, dict
     about = reply.content[m.CONFIG]
     if str(about["user-id"]) != user:
         raise ValueError(f"reply is for user {about['user-id']!r}, expected {user!r}")
-    lora = m.lora_from(reply.content[m.LORA], str(about["lora-config"]))
-    lora.config = fed.template.config  # the server's config is the one stored and published
+    # The LoRA config goes one way: the server's is the one trained, stored and published.
+    lora = LoraState(m.tensors_from(reply.content[m.LORA]), dict(fed.template.config))
     check_reply(user, lora, fed.shapes, f"reply from {user}")
     metrics = {k: float(v) for k, v in reply.content[m.METRICS].items()}
     return lora, metrics
@@ -298,21 +251,22 @@ def fedavg(trained: dict[str, tuple[LoraState, int]]) -> LoraState:
 
 
 def evaluate(
-    grid: Grid, fed: Federation, round_: int, trained: dict[str, tuple[LoraState, int]]
+    fed: Federation, round_: int, trained: dict[str, tuple[LoraState, int]]
 ) -> float | None:
     """Federated evaluation on the emulator: each sampled user's held-out loss for the global
     adapter (fedavg) or their own latest one."""
-    users = sorted(fed.users_by_node.values())
+    transport = _nodes(fed)
+    users = sorted(transport.users.values())
     count = round(fed.config.fraction_evaluate * len(users))
     chosen = set(random.Random(f"eval:{fed.config.seed}:{round_}").sample(users, count))
-    nodes = [n for n, u in fed.users_by_node.items() if u in chosen]
+    nodes = [n for n, u in transport.users.items() if u in chosen]
     global_lora = fed.run.global_adapter()
     if fed.config.aggregation == "fedavg" and trained:
         global_lora = fedavg(trained)
     base_config = m.train_config_record(fed.config.train(), emulator=fed.emulator_version)
 
     def content(node: int) -> RecordDict | None:
-        user = fed.users_by_node[node]
+        user = transport.users[node]
         own = trained[user][0] if user in trained else fed.run.latest(user)
         lora = global_lora if fed.config.aggregation == "fedavg" else own
         if lora is None:
@@ -320,13 +274,13 @@ def evaluate(
         config = ConfigRecord(
             {**base_config, "user-id": user, "lora-config": json.dumps(lora.config)}
         )
-        records = _content(fed, config)
+        records = transport.content(config)
         records[m.LORA] = m.lora_record(lora)
         return records
 
-    replies, failed = exchange(grid, fed, nodes, "evaluate", content, fed.config.round_timeout)
+    replies, failed = transport.exchange(nodes, "evaluate", content, fed.config.round_timeout)
     for node, reason in failed.items():
-        fed.log(f"  evaluate {fed.users_by_node[node]}: failed ({reason})")
+        fed.log(f"  evaluate {transport.users[node]}: failed ({reason})")
     losses = [float(r.content[m.METRICS]["eval-loss"]) for r in replies.values()]
     return _mean(losses)
 
@@ -353,54 +307,6 @@ def compress(fed: Federation, round_: int) -> None:
         f"compressed {totals['users']} users' adapters {totals['ratio']:.1f}× "
         f"(error mean {totals['mean']:.4f}) → {compressed}; published {version}"
     )
-
-
-def exchange(
-    grid: Grid,
-    fed: Federation,
-    nodes: list[int],
-    message_type: str,
-    content: Callable[[int], RecordDict | None],
-    timeout: float,
-    on_reply: Callable[[int, Message], None] | None = None,
-) -> tuple[dict[int, Message], dict[int, str]]:
-    """Send one message per node and collect replies as they come, until all are in or the
-    timeout passes. Returns (replies, failures with their reasons)."""
-    sent: dict[str, int] = {}
-    for node in nodes:
-        body = content(node)
-        if body is None:
-            continue
-        message = Message(body, dst_node_id=node, message_type=message_type)
-        for message_id in grid.push_messages([message]):
-            sent[message_id] = node
-    replies: dict[int, Message] = {}
-    failed: dict[int, str] = {}
-    deadline = time.monotonic() + timeout
-    while sent and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(sent)):
-            node = sent.pop(reply.metadata.reply_to_message_id)
-            if reply.has_error():
-                failed[node] = _error_reason(fed, node, reply)
-                continue
-            replies[node] = reply
-            if on_reply is not None:
-                on_reply(node, reply)
-        if sent:
-            time.sleep(0.2)  # rounds take minutes; a slower poll leaves the CPU to clients
-    for node in sent.values():
-        failed[node] = f"no reply within {timeout:.0f} s"
-    return replies, failed
-
-
-def _error_reason(fed: Federation, node: int, reply: Message) -> str:
-    if reply.error.code == m.NEEDS_EMULATOR:
-        fed.has_emulator.discard(node)  # it lost its cache; the next round reinstalls
-    return (reply.error.reason or f"error {reply.error.code}").strip().splitlines()[-1]
-
-
-def _content(fed: Federation, config: ConfigRecord) -> RecordDict:
-    return RecordDict({m.SETUP: fed.setup.to_record(), m.CONFIG: config})
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -216,7 +216,7 @@ def main() -> None:
     from peft import PeftModel
 
     from server.serving.engine import Engine
-    from server.serving.shared_lora import SharedAdapters, load_shared
+    from server.serving.shared_weights import SharedAdapters, load_shared
     from soppu import basemodel
 
     root = Path(tempfile.mkdtemp(prefix="soppu-serving-bench-"))

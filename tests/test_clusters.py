@@ -15,7 +15,8 @@ from compression.compress import cluster_slot
 from server.add_users import add_adapters
 from server.compress_store import compress_adapters
 from server.publish import publish
-from server.serving.shared_lora import batch_users, install, load_shared
+from server.serving.shared_lora import batch_users, install
+from server.serving.shared_weights import load_shared
 
 
 def two_groups(count: int = 6, m: int = 40, n: int = 36, k: int = 3, shared: int = 5):

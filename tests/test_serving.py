@@ -24,7 +24,8 @@ from server.compress_store import compress_adapters
 from server.publish import publish
 from server.serving.engine import Engine, Request, Sampling
 from server.serving.runner import build
-from server.serving.shared_lora import batch_users, load_shared
+from server.serving.shared_lora import batch_users
+from server.serving.shared_weights import load_shared
 
 USERS = ["user00", "user01", "user02", "user03"]
 

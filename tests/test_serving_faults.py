@@ -29,7 +29,7 @@ from server.publish import publish
 from server.serving import sampling
 from server.serving.engine import Engine, Request, Sampling
 from server.serving.runner import build
-from server.serving.shared_lora import load_shared
+from server.serving.shared_weights import load_shared
 
 PATIENCE = 120  # seconds: what "soon" may take on a loaded machine; never reached if it works
 

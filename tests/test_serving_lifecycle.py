@@ -33,7 +33,7 @@ from compression.compress import CompressionConfig
 from server.compress_store import compress_adapters
 from server.publish import publish
 from server.serving.engine import Engine, VersionMisfit
-from server.serving.shared_lora import load_shared
+from server.serving.shared_weights import load_shared
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from compression.storage import Quantized, dequantize, quantize
 from server.compress_store import compress_adapters
 from server.compressed_store import StoredSlot, read_manifest
 from server.publish import publish
-from server.serving.shared_lora import load_shared
+from server.serving.shared_weights import load_shared
 
 
 @pytest.mark.parametrize("bits", [8, 4])

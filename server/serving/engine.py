@@ -41,13 +41,8 @@ from server.serving.request import (
     one_line,
 )
 from server.serving.sampling import NumericalFailure, Sampling, broken_rows, finish_reason
-from server.serving.shared_lora import (
-    SharedAdapters,
-    SharedLoRALinear,
-    batch_users,
-    install,
-    misfits,
-)
+from server.serving.shared_lora import SharedLoRALinear, batch_users, install, misfits
+from server.serving.shared_weights import SharedAdapters
 
 __all__ = [
     "Engine",

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from server.serving.api import create_app
 from server.serving.asgi import DEFAULT_MAX_BODY
 from server.serving.engine import Engine, VersionMisfit
-from server.serving.shared_lora import SharedAdapters, load_shared
+from server.serving.shared_weights import SharedAdapters, load_shared
 from server.versions import Versions
 from soppu import basemodel
 

@@ -1,0 +1,154 @@
+"""One request from an HTTP handler to the engine and back, over the app's one context:
+tokenising off the event loop, length checks, submitting, reading tokens as they come, and
+cancelling when the client goes away. The LoRAX and OpenAI routes are mappers over this."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request as HttpRequest
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.serving.asgi import DEFAULT_MAX_BODY, Metrics
+from server.serving.engine import Engine, EngineStopped, Request, Sampling, Token, UnknownUser
+from server.serving.request import event_sink, one_line
+from server.serving.schemas import ApiError
+
+STATUS = {"generation": 500, "not_found": 404, "unavailable": 503}  # engine error kinds
+
+
+@dataclass
+class AppContext:
+    """What every route reads: the engine, the limits, the serving dir and the metrics."""
+
+    engine: Engine
+    info: dict[str, Any]
+    max_input_tokens: int = 1024
+    max_total_tokens: int = 2048
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    serving: Path | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    async def start(self, prompt: str, user: str | None, sampling: Sampling) -> Generation:
+        """Tokenise (in a thread: a long prompt takes seconds), check, submit."""
+        ids = await asyncio.to_thread(self._encode, prompt)
+        _check_lengths(
+            len(ids), sampling.max_new_tokens, self.max_input_tokens, self.max_total_tokens
+        )
+        events: asyncio.Queue = asyncio.Queue()
+        request = Request(ids, user, sampling, event_sink(asyncio.get_running_loop(), events))
+        try:
+            self.engine.submit(request)
+        except UnknownUser:
+            version = self.engine.adapters.version
+            message = f"no adapter for user {user!r} in serving version {version}"
+            raise ApiError(404, message, "not_found") from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), "unavailable") from None
+        return Generation(self.engine, request, events)
+
+    def _encode(self, prompt: str) -> list[int]:
+        try:
+            prompt.encode("utf-8")  # JSON may carry lone surrogates, which no tokenizer takes
+            return self.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        except Exception as exc:
+            raise ApiError(
+                422, f"inputs cannot be tokenised: {one_line(exc)}", "validation"
+            ) from None
+
+
+def context(http: HttpRequest) -> AppContext:
+    return http.app.state.soppu
+
+
+class Generation:
+    """A submitted request, read by its HTTP handler as its tokens come."""
+
+    def __init__(self, engine: Engine, request: Request, events: asyncio.Queue):
+        self.engine, self.request, self.events = engine, request, events
+
+    async def tokens(self) -> AsyncIterator[Token]:
+        """Its tokens; a reader that stops early (a stream whose client left is cancelled by
+        Starlette) cancels the request in the engine."""
+        try:
+            while (event := await self.events.get()) is not None:
+                yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the request in the engine unless it has finished."""
+        if self.request.finish_reason is None:
+            self.engine.cancel(self.request)
+
+    async def answer(self, receive: Receive) -> Request:
+        """The finished request; raises its error, or 499 if the client left first."""
+        finished = asyncio.ensure_future(self._finished())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not finished.done():
+                finished.cancel()
+                self.close()
+        if not finished.done() or finished.cancelled():
+            raise ApiError(499, "the client closed the connection", "cancelled")
+        if self.request.error:
+            kind = self.request.error_kind
+            raise ApiError(STATUS.get(kind, 500), self.request.error, kind)
+        return self.request
+
+    async def _finished(self) -> None:
+        async for _ in self.tokens():
+            pass
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client is gone (the body was read already: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client is gone (the body was read already: nothing else comes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _check_lengths(prompt: int, new: int, max_input: int, max_total: int) -> None:
+    if not prompt:
+        raise ApiError(422, "inputs are empty", "validation")
+    if prompt > max_input:
+        raise ApiError(422, f"inputs are {prompt} tokens; at most {max_input}", "validation")
+    if prompt + new > max_total:
+        raise ApiError(
+            422,
+            f"inputs ({prompt}) + max_new_tokens ({new}) exceed {max_total} tokens",
+            "validation",
+        )
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; once the response ends, by its last event or because Starlette
+    saw the client leave and cancelled it, an unfinished request is cancelled in the engine."""
+
+    def __init__(self, events: AsyncIterator[str], generation: Generation):
+        super().__init__(events, media_type="text/event-stream")
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    return f"data:{json.dumps(payload)}\n\n"

@@ -230,14 +230,38 @@ def test_lorax_generate_and_details(server):
     assert (
         requests.post(f"{url}/generate", json=sample, timeout=60).json()["generated_text"] == greedy
     )
-    sample["parameters"] |= {"top_k": None, "temperature": 1.5, "seed": 5}
+    sample["parameters"] |= {"top_k": None, "temperature": 1.5, "seed": 5, "details": True}
     first, second = (
         requests.post(f"{url}/generate", json=sample, timeout=60).json() for _ in range(2)
     )
     assert first == second
+    sampled = [t["id"] for t in first["details"]["tokens"]]
+    assert sampled == seeded_reference(serving, "user01", "To be, or not", 5, 1.5, 5)
+    other = {**sample, "parameters": {**sample["parameters"], "seed": 6}}
+    again = requests.post(f"{url}/generate", json=other, timeout=60).json()
+    assert [t["id"] for t in again["details"]["tokens"]] != sampled  # the seed decides
     # The base model, without an adapter, answers differently.
     del body["parameters"]["adapter_id"]
     assert requests.post(f"{url}/generate", json=body, timeout=60).json() != data
+
+
+def seeded_reference(serving, user, prompt, steps, temperature, seed) -> list[int]:
+    """Sampling by hand on the published adapter through PEFT: softmax(logits / T) drawn with
+    torch.multinomial from a generator seeded `seed`, one token at a time."""
+    version = serving / "current"
+    model_dir = json.loads((version / "manifest.json").read_text())["base_model"]
+    model = peft_model(Path(model_dir), version / "users" / user)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    generator, out = torch.Generator().manual_seed(seed), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids).logits[0, -1].double()
+            probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
 
 
 def test_streams_match_the_whole_answer(server):

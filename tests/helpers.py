@@ -150,3 +150,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def make_served(root: Path) -> tuple[Path, Path]:
+    """A tiny 2-layer Llama and a serving dir holding 4 users (v0001)."""
+    model = write_tiny_model(root / "model", layers=2)
+    paths = write_users(
+        root / "adapters", tiny_population(4, k=4, layers=2), rank=4, alpha=8, base_model=str(model)
+    )
+    from compression import CompressionConfig
+    from server.compression_round import compress_and_publish
+
+    compress_and_publish(paths, root / "store", root / "serving", CompressionConfig(rank=16))
+    return root, model

@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 import uvicorn
-from helpers import free_port, tiny_population, write_tiny_model, write_users
+from helpers import free_port, make_served, tiny_population, write_tiny_model, write_users
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,14 +33,7 @@ USERS = ["user00", "user01", "user02", "user03"]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny model and a serving dir whose version holds 4 users exactly (rank N·k)."""
-    root = tmp_path_factory.mktemp("serving")
-    model = write_tiny_model(root / "model", layers=2)
-    paths = write_users(
-        root / "adapters", tiny_population(4, k=4, layers=2), rank=4, alpha=8, base_model=str(model)
-    )
-    compress_adapters(paths, root / "store", CompressionConfig(rank=16))
-    publish(root / "store", root / "serving")
-    return root, model
+    return make_served(tmp_path_factory.mktemp("serving"))
 
 
 def peft_model(model_dir: Path, adapter: Path):

@@ -20,12 +20,9 @@ import pytest
 import requests
 import torch
 import uvicorn
-from helpers import free_port, tiny_population, write_tiny_model, write_users
+from helpers import free_port, make_served
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compression.compress import CompressionConfig
-from server.compress_store import compress_adapters
-from server.publish import publish
 from server.serving import sampling
 from server.serving.engine import Engine, Request, Sampling
 from server.serving.runner import build
@@ -37,17 +34,6 @@ PATIENCE = 120  # seconds: what "soon" may take on a loaded machine; never reach
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> tuple[Path, Path]:
     return make_served(tmp_path_factory.mktemp("faults"))
-
-
-def make_served(root: Path) -> tuple[Path, Path]:
-    """A tiny 2-layer Llama and a serving dir holding 4 users (v0001)."""
-    model = write_tiny_model(root / "model", layers=2)
-    paths = write_users(
-        root / "adapters", tiny_population(4, k=4, layers=2), rank=4, alpha=8, base_model=str(model)
-    )
-    compress_adapters(paths, root / "store", CompressionConfig(rank=16))
-    publish(root / "store", root / "serving")
-    return root, model
 
 
 @contextmanager
@@ -67,13 +53,16 @@ def live(serving: Path, model: Path) -> Iterator[tuple[str, Engine]]:
         thread.join(timeout=PATIENCE)
 
 
-@pytest.fixture(scope="module")
-def server(served, tmp_path_factory):
+def live_server(served, tmp_path_factory):
+    """A copy of the module's `served` serving dir, served live (a module-scoped fixture)."""
     root, model = served
     serving = tmp_path_factory.mktemp("live") / "serving"
     shutil.copytree(root / "serving", serving, symlinks=True)
     with live(serving, model) as (url, engine):
         yield url, serving, engine
+
+
+server = pytest.fixture(scope="module", name="server")(live_server)
 
 
 def wait_for(condition, what: str, timeout: float = PATIENCE) -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from helpers import free_port, tiny_population, write_users
+from helpers import free_port, make_served, tiny_population, write_users
 from test_serving_faults import (
     PATIENCE,
     assert_one_line_error,
     live,
-    make_served,
+    live_server,
     post_raw,
     slow_steps,
     wait_for,
@@ -41,13 +41,7 @@ def served(tmp_path_factory) -> tuple[Path, Path]:
     return make_served(tmp_path_factory.mktemp("lifecycle"))
 
 
-@pytest.fixture(scope="module")
-def server(served, tmp_path_factory):
-    root, model = served
-    serving = tmp_path_factory.mktemp("live") / "serving"
-    shutil.copytree(root / "serving", serving, symlinks=True)
-    with live(serving, model) as (url, engine):
-        yield url, serving, engine
+server = pytest.fixture(scope="module", name="server")(live_server)
 
 
 # ---------------------------------------------------------------------- adapters by path

@@ -214,6 +214,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    # One page of Markdown written top to bottom: long, but read as the page it makes.
     t = report["totals"]
     lines = [
         "# Reconstruction-error report",

@@ -65,6 +65,8 @@ def add_adapters(
     slot refits; by default the paths the store recorded, if they still exist. `source`
     updates the manifest's record of where the adapters came from.
     """
+    # Long for a reason: one pass over the slots that reads, projects or refits, and writes
+    # each in turn, so that no slot's factors outlive its own step.
     store, out = Path(store), Path(out)
     manifest = read_manifest(store)
     verify(store, manifest)

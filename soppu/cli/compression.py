@@ -112,6 +112,7 @@ def compress(
     threads: ThreadsOpt = None,
 ) -> None:
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
+    # Long for a reason: most of its lines are the option list typer reads from the signature.
     from compression.compress import CompressionConfig
     from server.compress_store import compress_adapters
     from soppu.adapter_sets import discover

@@ -187,6 +187,7 @@ def personalize(
     test_fraction: TestFractionOpt = 0.2,
 ) -> None:
     """Train one user's LoRA on the emulator; write it for the full model; report perplexities."""
+    # Long for a reason: most of its lines are the option list typer reads from the signature.
     from soppu import basemodel
     from soppu.adapters import read_lora, write_lora
     from soppu.data import load_users, pick_user, resolve_data

@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -71,6 +72,31 @@ def resolve_config(requested: FederationConfig, *, resume: bool) -> FederationCo
 
 def stored_config(run: RunFolder) -> FederationConfig:
     return FederationConfig(**json.loads(run.run_json.read_text())["config"])
+
+
+def load_config(
+    overrides: dict[str, Any], *, config_file: Path | None = None, resume: bool = False
+) -> FederationConfig:
+    """The config a run asks for, by precedence: FederationConfig's defaults, then the
+    resumed run's run.json (or else a TOML file of run-config keys, bare or under
+    `[tool.flwr.app.config]`), then `overrides` (field names; `run_dir` among them)."""
+    run = RunFolder(Path(overrides["run_dir"]))
+    if resume and run.run_json.is_file():
+        values = stored_config(run).to_run_config()
+    elif config_file is not None:
+        values = _read_toml(config_file)
+    else:
+        values = {}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    return FederationConfig.from_run_config({**values, **overrides})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the config ({exc})") from None
+    return data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
 
 
 def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:

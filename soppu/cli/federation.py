@@ -10,7 +10,6 @@ import inspect
 import json
 import logging
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import Field, fields
 from pathlib import Path
@@ -32,7 +31,6 @@ def _simulate_command() -> Callable[..., None]:
     """`soppu simulate`, its flags derived from `FederationConfig` (name, default, help): a
     flag left out keeps the run's, the --config file's or the config's default, in that order."""
     from server.config import FederationConfig
-
     def simulate(
         config_file: Path | None = None,
         resume: bool = False,
@@ -40,10 +38,12 @@ def _simulate_command() -> Callable[..., None]:
         **settings: Any,
     ) -> None:
         """Run a simulated federation: train every user's LoRA, compress, publish and report."""
+        from server.prepare_run import load_config
+
         overrides = {k: v for k, v in settings.items() if v is not None}
         overrides.setdefault("run_dir", FederationConfig.run_dir)
         with clear_errors():
-            config = _config(config_file, overrides, resume)
+            config = load_config(overrides, config_file=config_file, resume=resume)
             _simulate(config, resume, client_cpus)
         _print_results(Path(config.run_dir))
 
@@ -86,30 +86,6 @@ def _option(name: str, kind: Any, default: Any, *flags_and_help: str) -> inspect
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
     )
-
-
-def _config(config_file: Path | None, overrides: dict[str, Any], resume: bool):
-    from server.config import FederationConfig
-    from server.prepare_run import stored_config
-    from server.store import RunFolder
-
-    run = RunFolder(Path(overrides["run_dir"]))
-    if resume and run.run_json.is_file():
-        values = stored_config(run).to_run_config()
-    elif config_file is not None:
-        values = _read_toml(config_file)
-    else:
-        values = {}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    return FederationConfig.from_run_config({**values, **overrides})
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the config ({exc})") from None
-    return data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
 
 
 def _simulate(config, resume: bool, client_cpus: float) -> None:

@@ -133,18 +133,13 @@ MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than t
 TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
 
 
-def data_options(
-    user_column, text_column, partitioner, num_users, partition_by, alpha, min_chars, test_fraction
-):
+def data_options(flags: dict):
+    """DataOptions from a verb's data flags (its locals(): the options named as DataOptions'
+    fields, so the verbs that take them need not list them twice)."""
     from soppu.data import DataOptions
 
+    names = ("user_column", "text_column", "num_users", "partition_by", "alpha", "min_chars")
     return DataOptions(
-        user_column=user_column,
-        text_column=text_column,
-        partitioner=partitioner.value,
-        num_users=num_users,
-        partition_by=partition_by,
-        alpha=alpha,
-        min_chars=min_chars,
-        test_fraction=test_fraction,
+        **{name: flags[name] for name in (*names, "test_fraction")},
+        partitioner=flags["partitioner"].value,
     )

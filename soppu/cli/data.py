@@ -72,16 +72,7 @@ def data(
     """List the users and how much text each has (train / held out), largest first."""
     from soppu.data import load_users
 
-    options = data_options(
-        user_column,
-        text_column,
-        partitioner,
-        num_users,
-        partition_by,
-        alpha,
-        min_chars,
-        test_fraction,
-    )
+    options = data_options(locals())
     with clear_errors():
         users = load_users(data, options)
     ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))

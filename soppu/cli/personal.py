@@ -195,16 +195,7 @@ def personalize(
     from soppu.personalize import personalize as run
 
     set_threads(threads)
-    options = data_options(
-        user_column,
-        text_column,
-        partitioner,
-        num_users,
-        partition_by,
-        alpha,
-        min_chars,
-        test_fraction,
-    )
+    options = data_options(locals())
     with clear_errors():
         config = TrainConfig(
             steps=steps,

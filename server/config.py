@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from soppu.train_config import LORA_LAYERS, TrainConfig
+
 if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
     from compression.compress import CompressionConfig
     from soppu.data import DataOptions
     from soppu.emulator import EmulatorPlan
-    from soppu.personalize import TrainConfig
 
 AGGREGATIONS = ("fedavg", "none")
 CLIENT_MODES = ("emulator", "full")
@@ -93,7 +94,7 @@ class FederationConfig:
         for name, allowed in (
             ("aggregation", AGGREGATIONS),
             ("client_mode", CLIENT_MODES),
-            ("lora_layers", ("all", "adapter")),  # soppu.personalize.LORA_LAYERS
+            ("lora_layers", LORA_LAYERS),
             ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
             ("device", DEVICES),
         ):
@@ -124,8 +125,6 @@ class FederationConfig:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     def train(self) -> TrainConfig:
-        from soppu.personalize import TrainConfig
-
         return TrainConfig(
             steps=self.local_steps,
             lr=self.lr,

@@ -25,26 +25,7 @@ from soppu.adapters import AdapterError, LoraState
 from soppu.basemodel import default_target_modules
 from soppu.data import UserText
 from soppu.emulator import EmulatorInfo, to_emulator_keys
-
-LORA_LAYERS = ("all", "adapter")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 30
-    lr: float = 1e-3
-    batch_size: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
-    lora_layers: str = "all"  # every layer the emulator keeps, or the adapter layers only
-    seed: int = 0
-    max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
-
-    def __post_init__(self) -> None:
-        if self.lora_layers not in LORA_LAYERS:
-            raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
+from soppu.train_config import TrainConfig
 
 
 @dataclass

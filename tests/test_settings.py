@@ -70,7 +70,7 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
 
 def test_the_config_checks_against_the_modules_that_own_the_choices():
     from soppu.emulator import SELECTIONS
-    from soppu.personalize import LORA_LAYERS
+    from soppu.train_config import LORA_LAYERS
 
     with pytest.raises(ValueError, match="lora-layers must be one of"):
         FederationConfig(lora_layers="some")
@@ -82,3 +82,17 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
         FederationConfig(layer_select=value)
     with pytest.raises(ValueError, match="threads must be ≥ 0"):
         FederationConfig(threads=-1)
+
+
+def test_personalize_takes_every_training_setting_from_train_config():
+    from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
+
+    command = typer.main.get_command(app).commands["personalize"]
+    options = {p.name: p for p in command.params}
+    assert set(TRAIN_HELP) == {f.name for f in fields(TrainConfig)}
+    for field in fields(TrainConfig):
+        option = options[TRAIN_FLAGS.get(field.name, field.name)]
+        assert option.default is None  # unset: TrainConfig's own default
+        if field.default is not None:
+            assert option.help.endswith(f"[default: {field.default}]"), option.help
+    assert options["alpha"].help.startswith("dirichlet")  # the data's alpha, not LoRA's

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import Field
 from enum import StrEnum
-from typing import Annotated
+from inspect import Parameter, Signature
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -143,3 +145,30 @@ def data_options(flags: dict):
         **{name: flags[name] for name in (*names, "test_fraction")},
         partitioner=flags["partitioner"].value,
     )
+
+
+def keyword_option(name: str, kind: Any, default: Any, *flags: str, help: str) -> Parameter:
+    """One typer option as a signature parameter, for verbs whose flags are derived from a
+    settings dataclass (its fields' names, defaults and help)."""
+    annotation = Annotated[kind, typer.Option(*flags, help=help, show_default=False)]
+    return Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def setting_option(
+    field: Field, flag: str, help_text: str, *short: str, kind: Any = None, name: str = ""
+) -> Parameter:
+    """The option of a settings field: `--flag` (`--flag/--no-flag` for a bool) and any
+    `short` names, its help ending in the field's default; an unset flag passes None to the
+    parameter `name` (default: the field's)."""
+    kind = kind or type(field.default)
+    flags = [f"{flag}/--no-{flag.removeprefix('--')}"] if kind is bool else [flag, *short]
+    shown = "''" if field.default == "" else field.default
+    text = help_text if field.default is None else f"{help_text} {escape(f'[default: {shown}]')}"
+    return keyword_option(name or field.name, kind | None, None, *flags, help=text)
+
+
+def with_signature(func: Callable, parameters: list[Parameter]) -> Callable:
+    """`func` (taking **kwargs) as typer sees it: these parameters, in this order."""
+    func.__signature__ = Signature(parameters)  # type: ignore[attr-defined]
+    func.__annotations__ = {p.name: p.annotation for p in parameters}
+    return func

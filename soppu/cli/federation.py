@@ -6,21 +6,27 @@ the flags are derived from FederationConfig's fields and their help (server/conf
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import Field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from server.config import HELP, flag
-from soppu.cli.common import clear_errors, console, print_report, shown
+from soppu.cli.common import (
+    clear_errors,
+    console,
+    keyword_option,
+    print_report,
+    setting_option,
+    shown,
+    with_signature,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +37,7 @@ def _simulate_command() -> Callable[..., None]:
     """`soppu simulate`, its flags derived from `FederationConfig` (name, default, help): a
     flag left out keeps the run's, the --config file's or the config's default, in that order."""
     from server.config import FederationConfig
+
     def simulate(
         config_file: Path | None = None,
         resume: bool = False,
@@ -48,44 +55,21 @@ def _simulate_command() -> Callable[..., None]:
         _print_results(Path(config.run_dir))
 
     own = [
-        _option(
-            "config_file",
-            Path | None,
-            None,
-            "--config",
-            "TOML of run-config keys (as in pyproject.toml).",
+        keyword_option(
+            "config_file", Path | None, None, "--config", help="TOML of run-config keys."
         ),
-        _option(
-            "resume",
-            bool,
-            False,
-            "--resume/--no-resume",
-            "Continue the run in --out from its last round.",
+        keyword_option(
+            "resume", bool, False, "--resume/--no-resume", help="Continue the run in --out."
         ),
-        _option("client_cpus", float, 1.0, "--client-cpus", "CPUs per simulated client."),
+        keyword_option(
+            "client_cpus", float, 1.0, "--client-cpus", help="CPUs per simulated client."
+        ),
     ]
-    derived = [_setting(f) for f in fields(FederationConfig) if f.name in HELP]
-    simulate.__signature__ = inspect.Signature([*own, *derived])  # type: ignore[attr-defined]
-    simulate.__annotations__ = {p.name: p.annotation for p in [*own, *derived]}
-    return simulate
-
-
-def _setting(field: Field) -> inspect.Parameter:
-    kind = type(field.default)
-    names = [flag(field.name)] + (["-o"] if field.name == "run_dir" else [])
-    if kind is bool:
-        names = [f"{names[0]}/--no-{names[0].removeprefix('--')}"]
-    default = field.default if field.default != "" else "''"
-    help_text = f"{HELP[field.name]} {escape(f'[default: {default}]')}"
-    return _option(field.name, kind | None, None, *names, help_text)
-
-
-def _option(name: str, kind: Any, default: Any, *flags_and_help: str) -> inspect.Parameter:
-    *flags, help_text = flags_and_help
-    annotation = Annotated[kind, typer.Option(*flags, help=help_text, show_default=False)]
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
-    )
+    derived = [
+        setting_option(f, flag(f.name), HELP[f.name], *(["-o"] if f.name == "run_dir" else []))
+        for f in fields(FederationConfig)
+    ]
+    return with_signature(simulate, [*own, *derived])
 
 
 def _simulate(config, resume: bool, client_cpus: float) -> None:

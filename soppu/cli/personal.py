@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import fields
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -28,8 +31,11 @@ from soppu.cli.common import (
     data_options,
     progress_bar,
     set_threads,
+    setting_option,
     shown,
+    with_signature,
 )
+from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +44,37 @@ def register(app: typer.Typer) -> None:
     )
     emulator_app.command("build")(emulator_build)
     app.add_typer(emulator_app, name="emulator")
-    app.command()(personalize)
+    app.command("personalize")(_with_training_flags(personalize))
+
+
+def _param(field: str) -> str:
+    """A TrainConfig field's flag and parameter name (`alpha` is the data's, so `lora_alpha`)."""
+    return TRAIN_FLAGS.get(field, field)
+
+
+def _with_training_flags(verb: Callable) -> Callable:
+    """`verb`'s own options, and TrainConfig's fields as flags in place of its **training."""
+    own = [
+        p.replace(kind=Parameter.KEYWORD_ONLY)
+        for p in signature(verb, eval_str=True).parameters.values()
+        if p.kind is not Parameter.VAR_KEYWORD
+    ]
+    derived = [
+        setting_option(
+            f,
+            "--" + _param(f.name).replace("_", "-"),
+            TRAIN_HELP[f.name],
+            kind=list[str] if f.name == "target_modules" else None,  # a repeated flag
+            name=_param(f.name),
+        )
+        for f in fields(TrainConfig)
+    ]
+
+    def command(**values: Any) -> None:
+        verb(**values)
+
+    command.__doc__ = verb.__doc__
+    return with_signature(command, [*own[:8], *derived, *own[8:]])
 
 
 PublicOpt = Annotated[
@@ -73,7 +109,7 @@ def emulator_build(
     from soppu import basemodel, lm
     from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorPlan, save
-    from soppu.personalize import TrainConfig, fresh_lora, time_training_step
+    from soppu.personalize import fresh_lora, time_training_step
 
     used = set_threads(threads)
     with clear_errors():
@@ -157,23 +193,9 @@ def personalize(
     ] = None,
     public: PublicOpt = None,
     start: Annotated[Path | None, typer.Option(help="Starting adapter (PEFT dir).")] = None,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 30,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA α.")] = 16.0,
-    target_modules: Annotated[
-        list[str] | None, typer.Option(help="LoRA targets (default: attention q and v).")
-    ] = None,
-    lora_layers: Annotated[
-        str, typer.Option(help="all: every layer the emulator keeps; adapter: top/bottom only.")
-    ] = "all",
     correction_batches: Annotated[
         int, typer.Option(help="Public batches for the gradient correction (0: off).")
     ] = 8,
-    max_eval_tokens: Annotated[int, typer.Option(help="Held-out tokens evaluated.")] = 2048,
-    seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter at --out.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
@@ -185,30 +207,24 @@ def personalize(
     alpha: AlphaOpt = 0.5,
     min_chars: MinCharsOpt = 1000,
     test_fraction: TestFractionOpt = 0.2,
+    **training: Any,
 ) -> None:
     """Train one user's LoRA on the emulator; write it for the full model; report perplexities."""
-    # Long for a reason: most of its lines are the option list typer reads from the signature.
+    # Long for a reason: most of its lines are the option list typer reads from the signature;
+    # the training flags (`training`) are derived from TrainConfig (`_with_training_flags`).
     from soppu import basemodel
     from soppu.adapters import read_lora, write_lora
     from soppu.data import load_users, pick_user, resolve_data
-    from soppu.personalize import TrainConfig
     from soppu.personalize import personalize as run
 
     set_threads(threads)
     options = data_options(locals())
     with clear_errors():
-        config = TrainConfig(
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            rank=rank,
-            alpha=lora_alpha,
-            seed=seed,
-            max_eval_tokens=max_eval_tokens,
-            target_modules=tuple(target_modules) if target_modules else None,
-            lora_layers=lora_layers,
-        )
+        given = {f.name: training[_param(f.name)] for f in fields(TrainConfig)}
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("target_modules"):
+            given["target_modules"] = tuple(given["target_modules"])
+        config = TrainConfig(**given)
         if client_mode not in ("emulator", "full"):
             raise ValueError(f"client mode {client_mode!r} is not one of emulator, full")
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])

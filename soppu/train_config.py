@@ -1,0 +1,44 @@
+"""How one user's LoRA is trained: the settings, their defaults and their help, in a module
+light enough for the command line to read without torch (`soppu personalize`'s training flags
+are derived from it; a federation's come from `server/config.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LORA_LAYERS = ("all", "adapter")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 4
+    seq_len: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
+    lora_layers: str = "all"  # every layer the emulator keeps, or the adapter layers only
+    seed: int = 0
+    max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
+
+    def __post_init__(self) -> None:
+        if self.lora_layers not in LORA_LAYERS:
+            raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
+
+
+# `soppu personalize` flags that are not the field's name with `-` for `_`.
+TRAIN_FLAGS = {"alpha": "lora_alpha"}
+
+TRAIN_HELP = {
+    "steps": "Training steps.",
+    "lr": "Learning rate.",
+    "batch_size": "Sequences per step.",
+    "seq_len": "Tokens per sequence.",
+    "rank": "LoRA rank r.",
+    "alpha": "LoRA α.",
+    "target_modules": "LoRA targets, repeat the flag for each (default: attention q and v).",
+    "lora_layers": "all: every layer the emulator keeps; adapter: top/bottom only.",
+    "seed": "Seed for the data order and the LoRA's initialisation.",
+    "max_eval_tokens": "Held-out tokens evaluated.",
+}

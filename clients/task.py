@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from soppu import cache, lm
+from soppu import atomic, cache, lm
 from soppu.adapters import LoraState
 from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
@@ -105,21 +104,16 @@ def install(files: dict[str, str], state: dict[str, torch.Tensor]) -> str:
     target = emulator_root() / info.version
     if (target / META_NAME).is_file():
         return info.version
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = target.with_name(f".{info.version}.{id(state)}.building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    for name, text in files.items():
-        (building / Path(name).name).write_text(text)
-    save_file({k: v.contiguous() for k, v in state.items()}, building / "model.safetensors")
-    model, loaded = load(building)
-    if version_id(model, loaded) != info.version:
-        shutil.rmtree(building, ignore_errors=True)
-        raise EmulatorError(f"emulator {info.version}: received weights do not match its id")
-    try:
-        building.rename(target)
-    except OSError:  # another node on this machine installed it first
-        shutil.rmtree(building, ignore_errors=True)
+    # Built beside the cache entry and renamed in whole; a killed node's half-built folder is
+    # removed by the next install (atomic.building_dir). Two nodes of one machine installing
+    # at once take turns, the second replacing the first's entry with the same content.
+    with atomic.building_dir(target, cache=True) as building:
+        for name, text in files.items():
+            (building / Path(name).name).write_text(text)
+        save_file({k: v.contiguous() for k, v in state.items()}, building / "model.safetensors")
+        model, loaded = load(building)
+        if version_id(model, loaded) != info.version:
+            raise EmulatorError(f"emulator {info.version}: received weights do not match its id")
     return info.version
 
 

@@ -211,8 +211,7 @@ def _emulator(
     if not run.emulator.is_dir():
         if config.emulator:
             _check_base(Path(config.emulator), base)
-            with atomic.building_dir(run.emulator, cache=True) as copy:
-                shutil.copytree(config.emulator, copy, dirs_exist_ok=True)
+            _copy(Path(config.emulator), run.emulator)
         else:
             _into_run(_aligned(config, base, public, run, log), run, base)
     _check_base(run.emulator, base)
@@ -221,14 +220,22 @@ def _emulator(
 
 def _into_run(source: Path, run: RunFolder, base: BaseModel) -> None:
     """The emulator from the cache into the run, named after this run's base model: a cache
-    entry matches the base by its weights, and may have been built from another folder of it."""
+    entry matches the base by its weights, and may have been built from another folder of it
+    (then it is renamed, which changes its content id)."""
     if source == run.emulator:
         return
+    if read_info(source).base_model == base.name:
+        _copy(source, run.emulator)
+        return
     emulator, info = load(source)
-    if info.base_model != base.name:
-        info = replace(info, base_model=base.name)
-        info.version = version_id(emulator, info)
+    info = replace(info, base_model=base.name)
+    info.version = version_id(emulator, info)
     save(emulator, info, run.emulator, cache=True)
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic.building_dir(target, cache=True) as copy:
+        shutil.copytree(source, copy, dirs_exist_ok=True)
 
 
 def _check_base(folder: Path, base: BaseModel) -> None:

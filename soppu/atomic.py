@@ -97,6 +97,7 @@ def building_dir(
     an existing target SOPPU wrote is swapped out atomically (see the module docstring);
     `cache`: the caller owns this place (a cache, a staging area) and anything there goes.
     `locked=False` when the caller already holds a lock covering `target` (a version root).
+    Leaving the block normally, by a `return` too, commits what the folder then holds.
     """
     target = Path(target)
     check_target(target, replace=replace or cache, inputs=inputs, stamped=not cache)

@@ -45,6 +45,7 @@ def test_tampered_weights_are_refused_and_nothing_is_cached(shipped):
     with pytest.raises(EmulatorError, match="do not match its id"):
         task.install(files, state)
     assert task.held_versions() == []
+    assert list(task.emulator_root().iterdir()) == []  # no half-built folder left either
 
 
 def test_a_node_finds_its_user_by_node_config_or_partition():

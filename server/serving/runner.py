@@ -39,7 +39,6 @@ class VersionWatcher:
 
     def __init__(self, serving: Path, engine: Engine, loaded: Path, interval: float = 1.0):
         self.serving, self.engine, self.loaded, self.interval = serving, engine, loaded, interval
-        self.refused: set[Path] = set()
         self._said: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soppu-watcher", daemon=True)
@@ -64,14 +63,10 @@ class VersionWatcher:
 
     def poll(self) -> None:
         version = current_dir(self.serving)
-        if version == self.loaded or version in self.refused:
-            return
+        if version == self.loaded or version.name in self.engine.refused:
+            return  # refused once already: the engine keeps why
         adapters = load_shared(version)
-        try:
-            self.engine.swap(adapters)
-        except VersionMisfit:
-            self.refused.add(version)
-            raise
+        self.engine.swap(adapters)  # a misfit raises VersionMisfit and is kept in `refused`
         self.loaded = version
         self._said = None
         log.info("serving version %s (%d users)", version.name, len(adapters.users))

@@ -1,0 +1,153 @@
+"""Does compressing each user's difference from the global adapter keep more of the
+personal gain? Measured on the adapters a `gains.py` run trained, side by side with the
+plain compression the pipeline does.
+
+    python experiments/centered_compression.py                       # ≈ 8 minutes
+    python experiments/centered_compression.py --run runs/experiments/gains-main-full
+
+Centred: each (user, module) delta D_i is replaced by D_i − G (G the global adapter's
+delta), written as one factored delta [s_i B_i, −s_g B_g] · [A_i; A_g], and compressed at
+shared rank r; the published adapter is G + Û Σ_i V̂ᵀ, a LoRA of rank r_g + r (the global's
+factors stacked on the exported core's). Storage counts the bases, the cores and the global
+adapter, stored once. Plain: the pipeline's own compression of D_i.
+
+Per user: held-out perplexity on the full model (the run's users and evaluation blocks, as
+gains.py's sweep measures them) and the share kept of the personal gain over the global
+adapter and over the base. Writes experiments/results/centered_<run name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from federation import RESULTS, RUNS
+
+from compression.compress import CompressionConfig, compress_slot
+from compression.factors import LoRAFactors
+from server.evaluation import gain_kept
+from server.prepare_run import choose_users, stored_config
+from server.store import RunFolder
+from soppu import basemodel, lm
+from soppu.adapters import LoraState, read_adapter
+from soppu.personalize import attached
+
+Factors = dict[str, LoRAFactors]
+
+
+def factors(path: Path) -> Factors:
+    info = read_adapter(path)
+    return {m: LoRAFactors(*info.load(m)) for m in sorted(info.modules)}
+
+
+def centred(f: LoRAFactors, g: LoRAFactors) -> LoRAFactors:
+    """D_i − G as one factored delta of rank k_i + k_g, scale 1."""
+    return LoRAFactors(torch.cat([f.A, g.A]), torch.cat([f.scale * f.B, -g.scale * g.B], 1), 1.0)
+
+
+def compress_all(users: dict[str, Factors], center: Factors | None, rank: int):
+    """Per user: module → (A, B) at scale 1; and the parameter counts before and after."""
+    names = sorted(users)
+    out: dict[str, dict] = {u: {} for u in names}
+    after = sum(g.rank * sum(g.shape) for g in center.values()) if center else 0
+    for module in sorted(next(iter(users.values()))):
+        g = center[module] if center else None
+        items = [centred(users[u][module], g) if g else users[u][module] for u in names]
+        result = compress_slot(items, CompressionConfig(rank=rank))
+        after += result.params_after()
+        for i, user in enumerate(names):
+            A, B = result.export(i, rank)
+            if g:  # the global's factors stacked on the personal ones: G + Û Σ_i V̂ᵀ exactly
+                A, B = torch.cat([g.A, A]), torch.cat([g.scale * g.B, B], 1)
+            out[user][module] = (A, B)
+    before = sum(f.rank * sum(f.shape) for u in names for f in users[u].values())
+    return out, before, after
+
+
+def measure(args: argparse.Namespace) -> dict:
+    folder = RunFolder(args.run)
+    config = stored_config(folder)
+    base = basemodel.load(config.base_model or None)
+    texts = choose_users(config)
+    evaluation = {r["user"]: r for r in json.loads(folder.evaluation.read_text())["users"]}
+    lora_config = read_adapter(folder.global_dir).config
+    users = {u: factors(folder.root / "store" / u) for u in evaluation}
+    center = factors(folder.global_dir)
+    rows = []
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        for scheme, c in (("plain", None), ("centred", center)):
+            adapters, before, after = compress_all(users, c, rank)
+            kept, over_global = [], []
+            for user, row in evaluation.items():
+                r = next(iter(adapters[user].values()))[0].shape[0]
+                lora = LoraState.from_factors(
+                    adapters[user], {**lora_config, "r": r, "lora_alpha": r}
+                )
+                blocks = lm.token_blocks(
+                    base.tokenizer, texts[user].test, config.seq_len, args.eval_tokens
+                )
+                with attached(base.model, lora) as model:
+                    ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
+                for shares, reference in ((kept, row["base"]), (over_global, row["global"])):
+                    share = gain_kept(reference, row["personal"], ppl)
+                    if share is not None:
+                        shares.append(share)
+            over_global.sort()
+            rows.append(
+                {
+                    "scheme": scheme,
+                    "rank": rank,
+                    "ratio": before / after,
+                    "kept_median": statistics.median(kept),
+                    "kept_over_global_median": statistics.median(over_global),
+                    "kept_over_global_p25": over_global[len(over_global) // 4],
+                    "kept_over_global_min": over_global[0],
+                    "users_with_gain": len(over_global),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return {"run": str(args.run), "eval_tokens": args.eval_tokens, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Adapters of `{result['run']}`; the personal gain over global counted for the users "
+        "whose personal adapter beats the global one.",
+        "",
+        "| scheme | shared rank | storage ratio | kept of the gain over base "
+        "| kept of the personal gain over global: median | p25 | min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['scheme']} | {r['rank']} | {r['ratio']:.1f}× | {r['kept_median']:.1%} | "
+            f"**{r['kept_over_global_median']:.1%}** | {r['kept_over_global_p25']:.1%} | "
+            f"{r['kept_over_global_min']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=RUNS / "gains-main-emulator")
+    parser.add_argument("--ranks", default="2,4,8")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="as gains.py's sweep")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    result = measure(args)
+    name = args.run.name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"centered_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"centered_{name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

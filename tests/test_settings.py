@@ -96,3 +96,25 @@ def test_personalize_takes_every_training_setting_from_train_config():
         if field.default is not None:
             assert option.help.endswith(f"[default: {field.default}]"), option.help
     assert options["alpha"].help.startswith("dirichlet")  # the data's alpha, not LoRA's
+
+
+def test_emulator_build_takes_its_recipe_from_the_federation_config():
+    from soppu.alignment import AlignConfig
+    from soppu.cli import personal
+    from soppu.emulator import EmulatorPlan
+
+    group = typer.main.get_command(app).commands["emulator"]
+    options = {p.name: p for p in group.commands["build"].params}
+    simulate = simulate_options()
+    for name in personal.RECIPE_SETTINGS:  # the same flag, help and default as the federation's
+        assert options[name].opts == simulate[name].opts
+        assert options[name].help == simulate[name].help and options[name].default is None
+    # ... and the federation's defaults are the emulator's and the alignment's own
+    defaults, plan, align = FederationConfig(), EmulatorPlan(30), AlignConfig()
+    assert (defaults.top, defaults.bottom, defaults.drop) == (plan.top, plan.bottom, plan.drop)
+    assert defaults.layer_select == plan.select and defaults.align_steps == align.steps
+    assert (defaults.batch_size, defaults.seq_len) == (align.batch_size, align.seq_len)
+    assert align.lr == personal.ALIGN_LR
+    # an unset flag is the default, a set one wins
+    assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS) | {"top": 3})["top"] == 3
+    assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS))["drop"] == plan.drop

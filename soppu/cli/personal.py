@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from server.config import HELP, FederationConfig, flag
 from soppu import atomic
 from soppu.cli.common import (
     AlphaOpt,
@@ -42,9 +43,14 @@ def register(app: typer.Typer) -> None:
     emulator_app = typer.Typer(
         help="Build the FedBiOT emulator clients train against.", no_args_is_help=True
     )
-    emulator_app.command("build")(emulator_build)
+    emulator_app.command("build")(_with_flags(emulator_build, _recipe_flags(), after=3))
     app.add_typer(emulator_app, name="emulator")
-    app.command("personalize")(_with_training_flags(personalize))
+    app.command("personalize")(_with_flags(personalize, _training_flags(), after=8))
+
+
+# The emulator recipe's settings, named, defaulted and explained once, by the federation's
+# config (a federation builds the same emulator from them).
+RECIPE_SETTINGS = ("top", "bottom", "drop", "layer_select", "align_steps", "batch_size", "seq_len")
 
 
 def _param(field: str) -> str:
@@ -52,14 +58,8 @@ def _param(field: str) -> str:
     return TRAIN_FLAGS.get(field, field)
 
 
-def _with_training_flags(verb: Callable) -> Callable:
-    """`verb`'s own options, and TrainConfig's fields as flags in place of its **training."""
-    own = [
-        p.replace(kind=Parameter.KEYWORD_ONLY)
-        for p in signature(verb, eval_str=True).parameters.values()
-        if p.kind is not Parameter.VAR_KEYWORD
-    ]
-    derived = [
+def _training_flags() -> list[Parameter]:
+    return [
         setting_option(
             f,
             "--" + _param(f.name).replace("_", "-"),
@@ -70,11 +70,32 @@ def _with_training_flags(verb: Callable) -> Callable:
         for f in fields(TrainConfig)
     ]
 
+
+def _recipe_flags() -> list[Parameter]:
+    by_name = {f.name: f for f in fields(FederationConfig)}
+    return [setting_option(by_name[name], flag(name), HELP[name]) for name in RECIPE_SETTINGS]
+
+
+def _recipe(given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe flags' values, the federation's defaults where unset."""
+    defaults = FederationConfig()
+    return {n: getattr(defaults, n) if given[n] is None else given[n] for n in RECIPE_SETTINGS}
+
+
+def _with_flags(verb: Callable, derived: list[Parameter], *, after: int) -> Callable:
+    """`verb`'s own options with the `derived` ones after its first `after`, passed to its
+    **keywords."""
+    own = [
+        p.replace(kind=Parameter.KEYWORD_ONLY)
+        for p in signature(verb, eval_str=True).parameters.values()
+        if p.kind is not Parameter.VAR_KEYWORD
+    ]
+
     def command(**values: Any) -> None:
         verb(**values)
 
     command.__doc__ = verb.__doc__
-    return with_signature(command, [*own[:8], *derived, *own[8:]])
+    return with_signature(command, [*own[:after], *derived, *own[after:]])
 
 
 PublicOpt = Annotated[
@@ -84,28 +105,21 @@ PublicOpt = Annotated[
         "(default: the embedded public pool)."
     ),
 ]
-SelectOpt = Annotated[
-    str, typer.Option(help="Middle layers the emulator keeps: importance or even.")
-]
+ALIGN_LR = 1e-3  # soppu.alignment.AlignConfig.lr (a heavy import; a test checks they agree)
 
 
 def emulator_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the emulator to.")],
     base_model: BaseModelOpt = None,
     public: PublicOpt = None,
-    top: Annotated[int, typer.Option(help="Adapter: the last N decoder layers.")] = 2,
-    bottom: Annotated[int, typer.Option(help="Adapter: also the first N layers.")] = 0,
-    drop: Annotated[float, typer.Option(help="Share of the other layers dropped.")] = 0.5,
-    layer_select: SelectOpt = "importance",
-    align_steps: Annotated[int, typer.Option(help="Distillation steps (0: none).")] = 60,
-    align_lr: Annotated[float, typer.Option(help="Alignment learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    align_lr: Annotated[float, typer.Option(help="Alignment learning rate.")] = ALIGN_LR,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing emulator.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    **recipe: Any,
 ) -> None:
     """Build and align the emulator; save it; time a client step on it and on the full model."""
+    # The recipe flags (`recipe`) are the federation's settings (`_recipe_flags`).
     from soppu import basemodel, lm
     from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorPlan, save
@@ -114,9 +128,19 @@ def emulator_build(
     used = set_threads(threads)
     with clear_errors():
         atomic.check_target(out, replace=overwrite, inputs=[Path(base_model)] if base_model else [])
+        r = _recipe(recipe)
+        batch_size, seq_len = r["batch_size"], r["seq_len"]
         base = basemodel.load(base_model, device=_device(device))
-        plan = EmulatorPlan(base.num_layers, top=top, bottom=bottom, drop=drop, select=layer_select)
-        config = AlignConfig(steps=align_steps, lr=align_lr, batch_size=batch_size, seq_len=seq_len)
+        plan = EmulatorPlan(
+            base.num_layers,
+            top=r["top"],
+            bottom=r["bottom"],
+            drop=r["drop"],
+            select=r["layer_select"],
+        )
+        config = AlignConfig(
+            steps=r["align_steps"], lr=align_lr, batch_size=batch_size, seq_len=seq_len
+        )
         emulator, info, texts = _build_emulator(base, plan, public, config)
         save(emulator, info, out, replace=overwrite)
         sample = lm.token_blocks(base.tokenizer, "\n".join(texts[:2000]), seq_len)

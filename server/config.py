@@ -1,6 +1,6 @@
 """The federation's one typed config, the one source of every setting's name, default and help:
-`soppu simulate`'s flags are derived from it (`FLAGS`, `HELP`), `[tool.flwr.app.config]`
-holds the same keys and defaults, and a test proves the three agree.
+`soppu simulate`'s flags are derived from it (`FLAGS`, `HELP`), and `[tool.flwr.app.config]`
+is its `to_toml()` (`soppu simulate --print-config` writes it; a test proves pyproject's is).
 
 Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
 `soppu simulate` flags are the same names, but for the few in `FLAGS`. Empty strings and zeros
@@ -9,6 +9,7 @@ mean "the default" where a run config cannot hold None.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,14 @@ class FederationConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """The run config as TOML lines, each with its help: what `[tool.flwr.app.config]`
+        holds and `soppu simulate --config` reads."""
+        return "".join(
+            f"{key} = {_toml_value(value)}  # {HELP[key.replace('-', '_')]}\n"
+            for key, value in self.to_run_config().items()
+        )
 
     def train(self) -> TrainConfig:
         return TrainConfig(
@@ -245,6 +254,12 @@ HELP = {
 def flag(name: str) -> str:
     """The `soppu simulate` flag of a field."""
     return "--" + FLAGS.get(name, name).replace("_", "-")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a JSON string or number is a TOML one
 
 
 def _coerce(kind: type, value: Any, key: str) -> Any:

@@ -28,7 +28,7 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
     options = simulate_options()
     names = {f.name for f in fields(FederationConfig)}
     assert set(HELP) == names and set(FLAGS) <= names
-    assert set(options) == names | {"config_file", "resume", "client_cpus"}
+    assert set(options) == names | {"config_file", "resume", "client_cpus", "print_config"}
     for field in fields(FederationConfig):
         option = options[field.name]
         assert flag(field.name) in option.opts + option.secondary_opts
@@ -38,9 +38,12 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
 
 
 def test_pyproject_holds_every_setting_at_its_default():
-    values = dict(
-        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    )
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text.split("[tool.flwr.app.config]\n", 1)[1].split("\n\n", 1)[0] + "\n"
+    resume, generated = block.split("\n", 1)
+    assert resume.startswith("resume = false")  # the one run-config key that is not a setting
+    assert generated == FederationConfig(run_dir="runs/flwr").to_toml()  # --print-config's text
+    values = dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
     assert values.pop("resume") is False
     assert set(values) == {f.name.replace("_", "-") for f in fields(FederationConfig)}
     assert FederationConfig.from_run_config(values) == FederationConfig(run_dir=values["run-dir"])
@@ -63,6 +66,16 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     assert (config.rounds, config.lr, config.compress_rank) == (5, 0.01, 7)
     assert (config.compress_weights, config.compress_group) == ("norm", "shape")
     assert config.final_evaluation is False and config.run_dir == str(tmp_path / "run")
+    # --print-config writes what the flags and the file made, as a file --config reads back
+    result = CliRunner().invoke(app, [*args, "--print-config"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "printed.toml").write_text(result.output)
+    printed = tomllib.loads(result.output)
+    assert (printed["rounds"], printed["compress-rank"], printed["lr"]) == (5, 7, 0.01)
+    again = ["simulate", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "printed.toml")]
+    seen.clear()
+    assert CliRunner().invoke(app, again).exit_code == 0
+    assert seen["c"] == config  # the printed file alone makes the same run
     compression = config.compression()
     assert (compression.rank, compression.weights, compression.group) == (7, "norm", "shape")
     assert config.users == FederationConfig.users  # untouched: the default

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -42,6 +43,7 @@ def _simulate_command() -> Callable[..., None]:
         config_file: Path | None = None,
         resume: bool = False,
         client_cpus: float = 1.0,
+        print_config: bool = False,
         **settings: Any,
     ) -> None:
         """Run a simulated federation: train every user's LoRA, compress, publish and report."""
@@ -51,6 +53,9 @@ def _simulate_command() -> Callable[..., None]:
         overrides.setdefault("run_dir", FederationConfig.run_dir)
         with clear_errors():
             config = load_config(overrides, config_file=config_file, resume=resume)
+            if print_config:  # plain text, so that it can be redirected into a --config file
+                sys.stdout.write(config.to_toml())
+                return
             _simulate(config, resume, client_cpus)
         _print_results(Path(config.run_dir))
 
@@ -63,6 +68,13 @@ def _simulate_command() -> Callable[..., None]:
         ),
         keyword_option(
             "client_cpus", float, 1.0, "--client-cpus", help="CPUs per simulated client."
+        ),
+        keyword_option(
+            "print_config",
+            bool,
+            False,
+            "--print-config",
+            help="Print the run config these flags and --config make, as TOML, and stop.",
         ),
     ]
     derived = [

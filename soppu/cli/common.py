@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import Field
+from dataclasses import Field, asdict
 from enum import StrEnum
-from inspect import Parameter, Signature
+from inspect import Parameter, Signature, signature
 from typing import Annotated, Any
 
 import typer
@@ -133,18 +133,36 @@ PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label c
 AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
 MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
 TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
+DATA_FLAGS = {
+    "user_column": UserColumnOpt,
+    "text_column": TextColumnOpt,
+    "partitioner": PartitionerOpt,
+    "num_users": NumUsersOpt,
+    "partition_by": PartitionByOpt,
+    "alpha": AlphaOpt,
+    "min_chars": MinCharsOpt,
+    "test_fraction": TestFractionOpt,
+}
+
+
+def data_flags() -> list[Parameter]:
+    """The flags of every verb that reads users' text, each named as a DataOptions field and
+    defaulting to its value (a verb takes them through `with_flags`)."""
+    from soppu.data import DataOptions
+
+    defaults = {**asdict(DataOptions()), "partitioner": Partitioner(DataOptions.partitioner)}
+    return [
+        Parameter(name, Parameter.KEYWORD_ONLY, default=defaults[name], annotation=annotation)
+        for name, annotation in DATA_FLAGS.items()
+    ]
 
 
 def data_options(flags: dict):
-    """DataOptions from a verb's data flags (its locals(): the options named as DataOptions'
-    fields, so the verbs that take them need not list them twice)."""
+    """DataOptions from a verb's data flags."""
     from soppu.data import DataOptions
 
-    names = ("user_column", "text_column", "num_users", "partition_by", "alpha", "min_chars")
-    return DataOptions(
-        **{name: flags[name] for name in (*names, "test_fraction")},
-        partitioner=flags["partitioner"].value,
-    )
+    values = {name: flags[name] for name in DATA_FLAGS}
+    return DataOptions(**{**values, "partitioner": values["partitioner"].value})
 
 
 def keyword_option(name: str, kind: Any, default: Any, *flags: str, help: str) -> Parameter:
@@ -165,6 +183,22 @@ def setting_option(
     shown = "''" if field.default == "" else field.default
     text = help_text if field.default is None else f"{help_text} {escape(f'[default: {shown}]')}"
     return keyword_option(name or field.name, kind | None, None, *flags, help=text)
+
+
+def with_flags(verb: Callable, derived: list[Parameter], *, after: int) -> Callable:
+    """`verb` as typer sees it: its own options, with the `derived` ones (passed to its
+    **keywords) after its first `after`."""
+    own = [
+        p.replace(kind=Parameter.KEYWORD_ONLY)
+        for p in signature(verb, eval_str=True).parameters.values()
+        if p.kind is not Parameter.VAR_KEYWORD
+    ]
+
+    def command(**values: Any) -> None:
+        verb(**values)
+
+    command.__doc__ = verb.__doc__
+    return with_signature(command, [*own[:after], *derived, *own[after:]])
 
 
 def with_signature(func: Callable, parameters: list[Parameter]) -> Callable:

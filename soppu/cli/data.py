@@ -5,32 +5,25 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from soppu.cli.common import (
-    AlphaOpt,
     DataOpt,
-    MinCharsOpt,
-    NumUsersOpt,
-    PartitionByOpt,
-    Partitioner,
-    PartitionerOpt,
-    TestFractionOpt,
-    TextColumnOpt,
-    UserColumnOpt,
     clear_errors,
     console,
+    data_flags,
     data_options,
     shown,
+    with_flags,
 )
 
 
 def register(app: typer.Typer) -> None:
     app.command()(prepare)
-    app.command()(data)
+    app.command("data")(with_flags(data, data_flags(), after=2))
 
 
 def prepare(
@@ -60,19 +53,13 @@ def prepare(
 def data(
     data: DataOpt = None,
     limit: Annotated[int, typer.Option(help="Rows to show (0: all).")] = 20,
-    user_column: UserColumnOpt = "user_id",
-    text_column: TextColumnOpt = "text",
-    partitioner: PartitionerOpt = Partitioner.natural,
-    num_users: NumUsersOpt = None,
-    partition_by: PartitionByOpt = None,
-    alpha: AlphaOpt = 0.5,
-    min_chars: MinCharsOpt = 1000,
-    test_fraction: TestFractionOpt = 0.2,
+    **flags: Any,
 ) -> None:
     """List the users and how much text each has (train / held out), largest first."""
     from soppu.data import load_users
 
-    options = data_options(locals())
+    options = data_options(flags)  # the data flags (`data_flags`)
+    min_chars = options.min_chars
     with clear_errors():
         users = load_users(data, options)
     ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import fields
-from inspect import Parameter, signature
+from inspect import Parameter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,27 +13,19 @@ from rich.table import Table
 from server.config import HELP, FederationConfig, flag
 from soppu import atomic
 from soppu.cli.common import (
-    AlphaOpt,
     BaseModelOpt,
     DataOpt,
     DeviceOpt,
-    MinCharsOpt,
-    NumUsersOpt,
-    PartitionByOpt,
-    Partitioner,
-    PartitionerOpt,
-    TestFractionOpt,
-    TextColumnOpt,
     ThreadsOpt,
-    UserColumnOpt,
     clear_errors,
     console,
+    data_flags,
     data_options,
     progress_bar,
     set_threads,
     setting_option,
     shown,
-    with_signature,
+    with_flags,
 )
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
@@ -43,9 +34,11 @@ def register(app: typer.Typer) -> None:
     emulator_app = typer.Typer(
         help="Build the FedBiOT emulator clients train against.", no_args_is_help=True
     )
-    emulator_app.command("build")(_with_flags(emulator_build, _recipe_flags(), after=3))
+    emulator_app.command("build")(with_flags(emulator_build, _recipe_flags(), after=3))
     app.add_typer(emulator_app, name="emulator")
-    app.command("personalize")(_with_flags(personalize, _training_flags(), after=8))
+    app.command("personalize")(
+        with_flags(personalize, [*_training_flags(), *data_flags()], after=8)
+    )
 
 
 # The emulator recipe's settings, named, defaulted and explained once, by the federation's
@@ -80,22 +73,6 @@ def _recipe(given: dict[str, Any]) -> dict[str, Any]:
     """The recipe flags' values, the federation's defaults where unset."""
     defaults = FederationConfig()
     return {n: getattr(defaults, n) if given[n] is None else given[n] for n in RECIPE_SETTINGS}
-
-
-def _with_flags(verb: Callable, derived: list[Parameter], *, after: int) -> Callable:
-    """`verb`'s own options with the `derived` ones after its first `after`, passed to its
-    **keywords."""
-    own = [
-        p.replace(kind=Parameter.KEYWORD_ONLY)
-        for p in signature(verb, eval_str=True).parameters.values()
-        if p.kind is not Parameter.VAR_KEYWORD
-    ]
-
-    def command(**values: Any) -> None:
-        verb(**values)
-
-    command.__doc__ = verb.__doc__
-    return with_signature(command, [*own[:after], *derived, *own[after:]])
 
 
 PublicOpt = Annotated[
@@ -223,28 +200,20 @@ def personalize(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter at --out.")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
-    user_column: UserColumnOpt = "user_id",
-    text_column: TextColumnOpt = "text",
-    partitioner: PartitionerOpt = Partitioner.natural,
-    num_users: NumUsersOpt = None,
-    partition_by: PartitionByOpt = None,
-    alpha: AlphaOpt = 0.5,
-    min_chars: MinCharsOpt = 1000,
-    test_fraction: TestFractionOpt = 0.2,
-    **training: Any,
+    **flags: Any,
 ) -> None:
     """Train one user's LoRA on the emulator; write it for the full model; report perplexities."""
     # Long for a reason: most of its lines are the option list typer reads from the signature;
-    # the training flags (`training`) are derived from TrainConfig (`_with_training_flags`).
+    # the training and data flags (`flags`) are derived (`_training_flags`, `data_flags`).
     from soppu import basemodel
     from soppu.adapters import read_lora, write_lora
     from soppu.data import load_users, pick_user, resolve_data
     from soppu.personalize import personalize as run
 
     set_threads(threads)
-    options = data_options(locals())
+    options = data_options(flags)
     with clear_errors():
-        given = {f.name: training[_param(f.name)] for f in fields(TrainConfig)}
+        given = {f.name: flags[_param(f.name)] for f in fields(TrainConfig)}
         given = {k: v for k, v in given.items() if v is not None}
         if given.get("target_modules"):
             given["target_modules"] = tuple(given["target_modules"])

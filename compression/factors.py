@@ -120,16 +120,20 @@ def _thin_svd_batch(
     batch: list[LoRAFactors], k: int, m: int, n: int, device: torch.device | str
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Tall QRs in float32 (as precise as the stored factors); the k × k SVD in float64.
-    B = torch.zeros(len(batch), m, k, device=device)
-    At = torch.zeros(len(batch), n, k, device=device)
-    scale = torch.zeros(len(batch), dtype=torch.float64, device=device)
     for j, item in enumerate(batch):
         if item.shape != (m, n):
             raise ValueError(f"delta {j} has shape {item.shape}, expected {(m, n)}")
-        r = item.rank
-        B[j, :, :r] = item.B.to(device=device, dtype=torch.float32)
-        At[j, :, :r] = item.A.to(device=device, dtype=torch.float32).T
-        scale[j] = item.scale
+    scale = torch.tensor([item.scale for item in batch], dtype=torch.float64, device=device)
+    if all(item.rank == k for item in batch):  # the usual case: one stack, no padding
+        B = torch.stack([item.B for item in batch]).to(device=device, dtype=torch.float32)
+        At = torch.stack([item.A for item in batch]).to(device=device, dtype=torch.float32)
+        At = At.transpose(1, 2)
+    else:
+        B = torch.zeros(len(batch), m, k, device=device)
+        At = torch.zeros(len(batch), n, k, device=device)
+        for j, item in enumerate(batch):
+            B[j, :, : item.rank] = item.B.to(device=device, dtype=torch.float32)
+            At[j, :, : item.rank] = item.A.to(device=device, dtype=torch.float32).T
     P, T = torch.linalg.qr(B)
     Q, R = torch.linalg.qr(At)
     core = scale[:, None, None] * (T.double() @ R.double().transpose(1, 2))

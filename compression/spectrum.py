@@ -80,7 +80,7 @@ def _exact(rows: Tensor, coef: Tensor, p: int, trace: float) -> Spectrum:
         vectors = (Gt.T @ W[:, keep]) / values[keep].sqrt()
         vectors, _ = torch.linalg.qr(vectors)  # re-orthonormalise what rounding bent
     else:
-        values, vectors = _leading_pairs(Gt.T @ Gt, p)
+        values, vectors = _leading_pairs_of_factor(Gt, p)
     if vectors.shape[1] < p:  # fewer nonzero directions than asked: pad with a complement
         vectors = _complete_basis(vectors, p)
     return Spectrum(vectors.to(rows.dtype), values, trace, exact=True)
@@ -100,6 +100,21 @@ def _leading_pairs(gram: Tensor, p: int) -> tuple[Tensor, Tensor]:
     Q, _ = torch.linalg.qr(rough[:, -p:].double())
     H = Q.T @ gram @ Q
     values, W = torch.linalg.eigh((H + H.T) / 2)
+    return values.flip(0).clamp_min(0), Q @ W.flip(1)
+
+
+def _leading_pairs_of_factor(Gt: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """`_leading_pairs(GtᵀGt, p)` for a tall float64 Gt without its float64 Gram, the costliest
+    product of a whole-model run: the subspace from the float32 Gram (as precise as the float32
+    eigh that reads it), the values from one float64 Rayleigh–Ritz step through Gt itself."""
+    d = Gt.shape[1]
+    if Gt.is_cuda or 4 * p >= d:
+        return _leading_pairs(Gt.T @ Gt, p)
+    G32 = Gt.float()
+    _, rough = torch.linalg.eigh(G32.T @ G32)
+    Q, _ = torch.linalg.qr(rough[:, -p:].double())
+    Z = Gt @ Q
+    values, W = torch.linalg.eigh(Z.T @ Z)
     return values.flip(0).clamp_min(0), Q @ W.flip(1)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor
 from soppu import atomic
 from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
 from soppu.errors import SoppuError
+from soppu.tensor_file import DTYPES, Span, read_layout, read_spans
 from soppu.userids import UnsafeUserId, check_user_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +38,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 TRAINING_NAME = "training.json"  # beside the two PEFT files; PEFT, LoRAX and vLLM ignore it
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 class AdapterError(SoppuError, ValueError):
@@ -50,6 +51,7 @@ class ModuleInfo:
     rank: int
     shape: tuple[int, int]  # (out m, in n) of the delta
     scale: float  # lora_alpha / r, or lora_alpha / √r with rsLoRA
+    spans: tuple[Span, Span]  # where lora_A's and lora_B's bytes lie in the file
 
 
 @dataclass
@@ -74,20 +76,27 @@ class AdapterInfo:
         return self.load_many([module])[module]
 
     def load_many(self, modules: Iterable[str]) -> dict[str, tuple[Tensor, Tensor, float]]:
-        """(A, B, scale) of several modules from one open of the file; NaN or ±inf refused."""
-        out = {}
+        """(A, B, scale) of several modules from one open of the file; NaN or ±inf refused.
+
+        Read at the offsets the validated header gave (`tensor_file`): a thousand users'
+        files are read once per chunk of slots, and `safe_open` per read cost more than the
+        compression of those slots."""
+        path = self.weights_path
+        infos = [(module, self.modules[module]) for module in modules]
+        if not infos:
+            return {}
         try:
-            with safe_open(self.weights_path, framework="pt") as handle:
-                for module in modules:
-                    info = self.modules[module]
-                    A = handle.get_tensor(info.key_a).float()
-                    B = handle.get_tensor(info.key_b).float()
-                    require_sane(f"{self.weights_path}: {module}.lora_A", A)
-                    require_sane(f"{self.weights_path}: {module}.lora_B", B)
-                    out[module] = (A, B, info.scale)
-        except (SafetensorError, OSError) as exc:
-            raise AdapterError(f"{self.weights_path}: cannot read ({exc})") from exc
-        return out
+            tensors = read_spans(path, [span for _, info in infos for span in info.spans])
+        except OSError as exc:
+            raise AdapterError(f"{path}: cannot read ({exc})") from exc
+        if not is_sane(torch.cat([t.reshape(-1) for t in tensors])):  # one check for the lot
+            names = [f"{module}.{side}" for module, _ in infos for side in ("lora_A", "lora_B")]
+            for name, tensor in zip(names, tensors, strict=True):
+                require_sane(f"{path}: {name}", tensor)
+        return {
+            module: (tensors[2 * j], tensors[2 * j + 1], info.scale)
+            for j, (module, info) in enumerate(infos)
+        }
 
     def check_finite(self) -> None:
         """Stream every tensor once (one file open); NaN or ±inf anywhere is refused."""
@@ -106,18 +115,24 @@ class AdapterInfo:
 MAX_WEIGHT = 1e6
 
 
+def is_sane(tensor: Tensor) -> bool:
+    """No NaN, no ±inf, no |w| past MAX_WEIGHT: one reduction (max |w| is NaN if any value
+    is, inf if any is)."""
+    return not tensor.numel() or float(tensor.abs().max()) <= MAX_WEIGHT
+
+
 def require_sane(where: str, tensor: Tensor) -> None:
     """Refuse NaN, ±inf and weights no trained LoRA has; `where` names the file and tensor."""
+    if is_sane(tensor):
+        return
     finite = torch.isfinite(tensor)
     if not finite.all():
         bad = int((~finite).sum())
         raise AdapterError(f"{where} has {bad} non-finite values (NaN or inf)")
-    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
-    if largest > MAX_WEIGHT:
-        raise AdapterError(
-            f"{where} holds |w| = {largest:.3g}, past the {MAX_WEIGHT:g} no "
-            "trained LoRA reaches (a corrupt or mis-scaled file)"
-        )
+    raise AdapterError(
+        f"{where} holds |w| = {float(tensor.abs().max()):.3g}, past the {MAX_WEIGHT:g} no "
+        "trained LoRA reaches (a corrupt or mis-scaled file)"
+    )
 
 
 def read_adapter(path: Path, user: str | None = None) -> AdapterInfo:
@@ -206,30 +221,36 @@ def _check_patterns(path: Path, key: str, patterns: Any, *, integer: bool) -> No
 
 def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo]:
     try:
-        with safe_open(weights, framework="pt") as handle:
-            headers = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
-            shapes = {key: tuple(s.get_shape()) for key, s in headers.items()}
-            dtypes = {key: s.get_dtype() for key, s in headers.items()}
-    except (SafetensorError, OSError, ValueError) as exc:
+        with safe_open(weights, framework="pt"):  # safetensors validates the header
+            pass
+        layout = read_layout(weights)  # ... which then gives each tensor's place
+    except (SafetensorError, OSError, ValueError, KeyError, struct.error) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    shapes = {key: span.shape for key, span in layout.items()}
+    dtypes = {key: span.dtype for key, span in layout.items()}
     pairs: dict[str, dict[str, str]] = {}
     for key in shapes:
         match = _KEY.match(key)
         if not match:
             raise AdapterError(f"{weights}: unexpected tensor {key!r} (only lora_A/lora_B)")
-        if dtypes[key] not in _FLOAT_DTYPES:
+        if dtypes[key] not in DTYPES:
             raise AdapterError(f"{weights}: {key} has dtype {dtypes[key]}, expected a float")
         pairs.setdefault(match["module"], {})[match["side"]] = key
     if not pairs:
         raise AdapterError(f"{weights}: holds no LoRA tensors")
     return {
-        module: _module_info(weights, config, module, keys, shapes)
+        module: _module_info(weights, config, module, keys, shapes, layout)
         for module, keys in pairs.items()
     }
 
 
 def _module_info(
-    weights: Path, config: dict[str, Any], module: str, keys: dict[str, str], shapes: dict
+    weights: Path,
+    config: dict[str, Any],
+    module: str,
+    keys: dict[str, str],
+    shapes: dict,
+    layout: Mapping[str, Span],
 ) -> ModuleInfo:
     if set(keys) != {"A", "B"}:
         missing = "lora_B" if "A" in keys else "lora_A"
@@ -246,7 +267,8 @@ def _module_info(
         raise AdapterError(f"{weights}: {module} has rank {rank} but the config says r={expected}")
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return ModuleInfo(keys["A"], keys["B"], rank, (b_shape[0], a_shape[1]), scale)
+    spans = (layout[keys["A"]], layout[keys["B"]])
+    return ModuleInfo(keys["A"], keys["B"], rank, (b_shape[0], a_shape[1]), scale, spans)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

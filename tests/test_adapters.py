@@ -107,6 +107,47 @@ def test_nan_values_are_refused_naming_file_and_module(tmp_path):
         read_population(paths)
 
 
+def odd_adapter(tmp_path, dtype=torch.float32):
+    """Sizes that are no multiple of 8 bytes, re-saved in `dtype`; its tensors as written."""
+    gen = torch.Generator().manual_seed(0)
+    factors = {
+        f"model.layers.0.self_attn.{name}": (torch.randn(3, 63, generator=gen), torch.randn(m, 3))
+        for name, m in (("q_proj", 5), ("v_proj", 7))
+    }
+    path = write_users(tmp_path, {"odd": factors}, rank=3, alpha=3)["odd"]
+    weights = path / "adapter_model.safetensors"
+    tensors = {key: value.to(dtype) for key, value in load_file(weights).items()}
+    save_file(tensors, weights)
+    return path, tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_load_many_reads_exactly_what_safetensors_reads(tmp_path, dtype):
+    path, tensors = odd_adapter(tmp_path, dtype)
+    info = read_adapter(path)
+    for module, (A, B, scale) in info.load_many(sorted(info.modules)).items():
+        keys = info.modules[module]
+        assert A.dtype == B.dtype == torch.float32 and scale == 1.0
+        assert torch.equal(A, tensors[keys.key_a].float())
+        assert torch.equal(B, tensors[keys.key_b].float())
+    one = sorted(info.modules)[1]  # one module alone, out of the file's order
+    assert torch.equal(info.load(one)[1], tensors[info.modules[one].key_b].float())
+
+
+def test_load_many_names_the_bad_tensor_and_a_file_cut_short(tmp_path):
+    path, tensors = odd_adapter(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    tensors[key][2, 5] = float("inf")
+    save_file(tensors, path / "adapter_model.safetensors")
+    info = read_adapter(path)
+    with pytest.raises(AdapterError, match=r"odd/adapter_model\.safetensors: .*v_proj\.lora_A has"):
+        info.load_many(sorted(info.modules))
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])  # changed after its header was read
+    with pytest.raises(AdapterError, match=r"cannot read \(file ends .* bytes early"):
+        info.load_many(sorted(info.modules))
+
+
 def test_inconsistent_shapes_list_who_differs(tmp_path):
     population = tiny_population(3)
     A, B = population["user02"]["model.layers.0.self_attn.v_proj"]

@@ -165,6 +165,20 @@ def test_iterative_spectrum_matches_the_exact_one(monkeypatch):
     assert abs(iterative.tail(10) - exact.tail(10)) <= 1e-4 * exact.trace
 
 
+def test_exact_spectrum_from_the_float32_gram_keeps_float64_values():
+    """More rows than dimensions: the subspace comes from a float32 Gram, the values from a
+    float64 Rayleigh–Ritz step; they match a float64 eigh to ~1e-12 of the trace."""
+    items = random_factors(40, 120, 100, 4, seed=16, shared=12)  # 160 rows > d = 120
+    stack = canonicalize(items)
+    coef = (user_weights(stack, "uniform")[:, None] * stack.S.double() ** 2).float()
+    spectrum = top_eigen(stack.Et, coef, 10)
+    Gt = (stack.Et.double() * coef.double().sqrt()[:, :, None]).reshape(-1, 120)
+    reference = torch.linalg.eigvalsh(Gt.T @ Gt).flip(0)
+    assert spectrum.exact
+    assert (spectrum.values[:10] - reference[:10]).abs().max() <= 1e-12 * spectrum.trace
+    assert abs(spectrum.tail(10) - float(reference[10:].sum())) <= 1e-12 * spectrum.trace
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="rank"):
         CompressionConfig()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def core_form(k: int, r_u: int, r_v: int) -> str:
-    """"factored" or "dense" for a full core."""
+    """ "factored" or "dense" for a full core."""
     return "factored" if k * (r_u + r_v) < r_u * r_v else "dense"
 
 

@@ -50,7 +50,7 @@ def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]
         "bracket": fit.bracket.as_dict(),
         "iterations": fit.iterations,
         "converged": fit.converged,
-        "max_core_rank": int(result.core_ranks().max()) if len(slot.items) else 0,
+        "max_core_rank": result.max_core_rank(),
         "seconds": seconds,
         "per_item": [
             {

@@ -30,7 +30,7 @@ from torch import Tensor
 from soppu import atomic
 from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
 from soppu.errors import SoppuError
-from soppu.tensor_file import DTYPES, Span, read_layout, read_spans
+from soppu.tensor_file import DTYPES, Span, Stamp, read_layout, read_spans
 from soppu.userids import UnsafeUserId, check_user_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -62,6 +62,7 @@ class AdapterInfo:
     path: Path
     config: dict[str, Any]
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
+    stamp: Stamp = (0, 0)  # the weights file's (size, mtime) when its header was read
 
     @property
     def weights_path(self) -> Path:
@@ -86,7 +87,8 @@ class AdapterInfo:
         if not infos:
             return {}
         try:
-            tensors = read_spans(path, [span for _, info in infos for span in info.spans])
+            spans = [span for _, info in infos for span in info.spans]
+            tensors = read_spans(path, spans, self.stamp)
         except OSError as exc:
             raise AdapterError(f"{path}: cannot read ({exc})") from exc
         if not is_sane(torch.cat([t.reshape(-1) for t in tensors])):  # one check for the lot
@@ -161,7 +163,7 @@ def _read_checked(path: Path, user: str | None) -> AdapterInfo:
         raise AdapterError(f"{weights}: missing")
     config = _read_config(path / CONFIG_NAME)
     info = AdapterInfo(user=user or path.name, path=path, config=config)
-    info.modules = _read_modules(weights, config)
+    info.modules, info.stamp = _read_modules(weights, config)
     return info
 
 
@@ -219,11 +221,11 @@ def _check_patterns(path: Path, key: str, patterns: Any, *, integer: bool) -> No
         _positive(path, f"{key}[{pattern!r}]", value, integer=integer)
 
 
-def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo]:
+def _read_modules(weights: Path, config: dict[str, Any]) -> tuple[dict[str, ModuleInfo], Stamp]:
     try:
         with safe_open(weights, framework="pt"):  # safetensors validates the header
             pass
-        layout = read_layout(weights)  # ... which then gives each tensor's place
+        layout, stamp = read_layout(weights)  # ... which then gives each tensor's place
     except (SafetensorError, OSError, ValueError, KeyError, struct.error) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from exc
     shapes = {key: span.shape for key, span in layout.items()}
@@ -238,10 +240,11 @@ def _read_modules(weights: Path, config: dict[str, Any]) -> dict[str, ModuleInfo
         pairs.setdefault(match["module"], {})[match["side"]] = key
     if not pairs:
         raise AdapterError(f"{weights}: holds no LoRA tensors")
-    return {
+    modules = {
         module: _module_info(weights, config, module, keys, shapes, layout)
         for module, keys in pairs.items()
     }
+    return modules, stamp
 
 
 def _module_info(

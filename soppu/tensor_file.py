@@ -34,13 +34,18 @@ class Span:
     shape: tuple[int, ...]
 
 
-def read_layout(path: Path) -> dict[str, Span]:
-    """Every tensor's span, from the header (which safetensors has already validated)."""
+Stamp = tuple[int, int]  # a file's (size, mtime in ns) when its header was read
+
+
+def read_layout(path: Path) -> tuple[dict[str, Span], Stamp]:
+    """Every tensor's span, from the header (which safetensors has already validated), and
+    the file's stamp, so that a later read can tell the file has changed since."""
     with open(path, "rb") as handle:
+        status = os.fstat(handle.fileno())
         (size,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(size))
     start = 8 + size
-    return {
+    spans = {
         key: Span(
             start + entry["data_offsets"][0],
             entry["data_offsets"][1] - entry["data_offsets"][0],
@@ -50,12 +55,14 @@ def read_layout(path: Path) -> dict[str, Span]:
         for key, entry in header.items()
         if key != "__metadata__"
     }
+    return spans, (status.st_size, status.st_mtime_ns)
 
 
-def read_spans(path: Path, spans: list[Span]) -> list[Tensor]:
+def read_spans(path: Path, spans: list[Span], stamp: Stamp) -> list[Tensor]:
     """The tensors at `spans`, as float32, from one open of the file.
 
-    Raises OSError when the file is shorter than its header says (changed since it was read).
+    Raises OSError when the file is no longer the one whose header gave the spans (its size
+    or mtime differ from `stamp`), or is shorter than they say.
     """
     starts, total = [], 0
     for span in spans:
@@ -64,10 +71,13 @@ def read_spans(path: Path, spans: list[Span]) -> list[Tensor]:
     buffer = bytearray(total)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
+        status = os.fstat(handle.fileno())
+        if (status.st_size, status.st_mtime_ns) != stamp:
+            raise OSError("the file changed since its header was read")
         for span, at in zip(spans, starts, strict=True):
             got = os.preadv(handle.fileno(), [view[at : at + span.nbytes]], span.offset)
             if got != span.nbytes:
-                raise OSError(f"file ends {span.nbytes - got} bytes early (changed since read?)")
+                raise OSError(f"the file ends {span.nbytes - got} bytes early")
     out = []
     for span, at in zip(spans, starts, strict=True):
         dtype = DTYPES[span.dtype]  # the reader of the header refused any other

@@ -121,8 +121,11 @@ def analyse(run: Path, workers: int) -> dict:
     }
 
 
-def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
-    """Storage ratio and share of gain kept at other shared ranks, on the same adapters."""
+def sweep(
+    run: Path, ranks: list[int], max_eval_tokens: int, bits: tuple[int, ...] = (32,)
+) -> list[dict]:
+    """Storage ratio and share of gain kept at other shared ranks (and storage bits), on the
+    same adapters."""
     import shutil
 
     from compression.compress import CompressionConfig
@@ -143,10 +146,12 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
     shutil.rmtree(scratch, ignore_errors=True)
     paths = snapshot(folder, scratch / "adapters")
     rows = []
-    for rank in ranks:
-        store = scratch / f"r{rank}"
-        config = CompressionConfig(rank=rank)
-        version = compress_and_publish(paths, store, scratch / f"serving-r{rank}", config)
+    for width, rank in ((b, r) for b in bits for r in ranks):
+        store = scratch / f"r{rank}-b{width}"
+        compression = CompressionConfig(rank=rank, bits=width)
+        version = compress_and_publish(
+            paths, store, scratch / f"serving-{store.name}", compression
+        )
         kept, kept_over_global = [], []
         for user, row in evaluation.items():
             blocks = lm.token_blocks(
@@ -162,6 +167,7 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
         rows.append(
             {
                 "rank": rank,
+                "bits": width,
                 "ratio": totals["ratio"],
                 "error_mean": totals["mean"],
                 **_shares("kept", kept),
@@ -169,7 +175,8 @@ def sweep(run: Path, ranks: list[int], max_eval_tokens: int) -> list[dict]:
             }
         )
         print(
-            f"rank {rank}: {totals['ratio']:.1f}×, kept median {rows[-1]['kept_median']:.1%}, "
+            f"rank {rank}, {width} bits: {totals['ratio']:.1f}×, "
+            f"kept median {rows[-1]['kept_median']:.1%}, "
             f"over global {rows[-1]['kept_over_global_median']:.1%}",
             flush=True,
         )

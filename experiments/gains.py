@@ -1,6 +1,6 @@
 """Each user's gain, emulator mode against full mode, side by side: the issue's targets.
 
-    python experiments/gains.py                     # the README's table (≈ 60 minutes)
+    python experiments/gains.py                     # the README's table (≈ 80 minutes)
     python experiments/gains.py --users 4 --rounds 1 --local-steps 3 --name quick
 
 Runs the same federation twice through `soppu simulate` (each its own Ray), once with the
@@ -12,7 +12,8 @@ and every user's personal adapter fine-tuned from it each round. Then, per mode:
 - each user's held-out perplexity on the full model: base, global, personal, compressed;
 - the median gain over the base model, and emulator mode's share of full mode's gain;
 - how many users' personal adapter beats the global one, and by how much;
-- the compressed adapters' share of both gains at several shared ranks (their storage ratio);
+- the compressed adapters' share of both gains at several shared ranks, in float32 and in
+  8-bit storage (their storage ratio, counted in bytes);
 - the client's cost: one training step's time and the client process's peak memory (one
   torch thread, the same batch), measured apart in fresh processes.
 
@@ -48,7 +49,8 @@ def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
     workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
     result = analyse(run, workers)
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
-    result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens) if ranks else []
+    bits = tuple(int(b) for b in args.sweep_bits.split(",") if b)
+    result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens, bits) if ranks else []
     result["command_seconds"] = seconds
     return result
 
@@ -100,15 +102,17 @@ def markdown(results: dict[str, dict], costs: dict, args: argparse.Namespace) ->
             continue
         lines += [
             "",
-            f"Compression, {mode} mode (the same adapters re-compressed at each shared rank):",
+            f"Compression, {mode} mode (the same adapters re-compressed at each shared rank "
+            "and storage width):",
             "",
-            "| shared rank | storage ratio | kept of the gain over base: median "
+            "| shared rank | bits | storage ratio | kept of the gain over base: median "
             "| kept of the personal gain over global: median | p25 | min |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["sweep"]:
             lines.append(
-                f"| {r['rank']} | {r['ratio']:.1f}× | {r['kept_median']:.1%} | "
+                f"| {r['rank']} | {r.get('bits', 32)} | {r['ratio']:.1f}× "
+                f"| {r['kept_median']:.1%} | "
                 f"**{r['kept_over_global_median']:.1%}** | {r['kept_over_global_p25']:.1%} | "
                 f"{r['kept_over_global_min']:.1%} |"
             )
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--client-cpus", type=float, default=1.0)
     parser.add_argument("--sweep-ranks", default="4,8,16,32")
+    parser.add_argument("--sweep-bits", default="32,8", help="storage widths swept")
     parser.add_argument("--sweep-eval-tokens", type=int, default=2048)
     args, extra = parser.parse_known_args()
     args.cold = False

@@ -126,9 +126,17 @@ def sweep(
 ) -> list[dict]:
     """Storage ratio and share of gain kept at other shared ranks (and storage bits), on the
     same adapters."""
+    from compression.compress import CompressionConfig
+
+    configs = [CompressionConfig(rank=r, bits=b) for b in bits for r in ranks]
+    return sweep_configs(run, configs, max_eval_tokens)
+
+
+def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
+    """The run's stored adapters re-compressed and published with each CompressionConfig;
+    per config the storage ratio and the shares of both gains the published adapters keep."""
     import shutil
 
-    from compression.compress import CompressionConfig
     from server.compression_round import compress_and_publish
     from server.evaluation import gain_kept
     from server.prepare_run import choose_users, stored_config
@@ -146,12 +154,9 @@ def sweep(
     shutil.rmtree(scratch, ignore_errors=True)
     paths = snapshot(folder, scratch / "adapters")
     rows = []
-    for width, rank in ((b, r) for b in bits for r in ranks):
-        store = scratch / f"r{rank}-b{width}"
-        compression = CompressionConfig(rank=rank, bits=width)
-        version = compress_and_publish(
-            paths, store, scratch / f"serving-{store.name}", compression
-        )
+    for i, compression in enumerate(configs):
+        store = scratch / f"c{i}"
+        version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
         kept, kept_over_global = [], []
         for user, row in evaluation.items():
             blocks = lm.token_blocks(
@@ -166,16 +171,18 @@ def sweep(
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         rows.append(
             {
-                "rank": rank,
-                "bits": width,
+                "rank": compression.rank,
+                "energy": None if compression.rank else compression.energy,
+                "bits": compression.bits,
                 "ratio": totals["ratio"],
                 "error_mean": totals["mean"],
                 **_shares("kept", kept),
                 **_shares("kept_over_global", kept_over_global),
             }
         )
+        what = f"rank {compression.rank}" if compression.rank else f"energy {compression.energy}"
         print(
-            f"rank {rank}, {width} bits: {totals['ratio']:.1f}×, "
+            f"{what}, {compression.bits} bits: {totals['ratio']:.1f}×, "
             f"kept median {rows[-1]['kept_median']:.1%}, "
             f"over global {rows[-1]['kept_over_global_median']:.1%}",
             flush=True,

@@ -1,0 +1,58 @@
+"""The federation's default compression, chosen by measurement: the share of the personal
+gain over the global adapter that each candidate keeps, and at what storage, on the adapters
+`gains.py` trained (emulator and full mode, 16 users).
+
+    python experiments/compression_defaults.py          # ≈ 15 minutes, after gains.py
+
+Candidates: the old default (energy 0.9, float32), the new one (energy 0.97, 8-bit codes) and
+a safer one (energy 0.99, 8-bit). An energy target, not a fixed rank, because the rank a
+population needs grows with it. Writes experiments/results/compression_defaults.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from federation import RESULTS, RUNS, sweep_configs
+
+from compression.compress import CompressionConfig
+from server.config import FederationConfig
+
+CANDIDATES = [(0.9, 32), (0.97, 8), (0.99, 8)]
+
+
+def main() -> None:
+    default = FederationConfig()
+    configs = [CompressionConfig(energy=e, bits=b) for e, b in CANDIDATES]
+    results = {}
+    for mode in ("emulator", "full"):
+        run = RUNS / f"gains-main-{mode}"
+        if not (run / "evaluation.json").is_file():
+            sys.exit(f"{run}: run experiments/gains.py first")
+        results[mode] = sweep_configs(run, configs, max_eval_tokens=2048)
+    lines = [
+        f"The federation's default: energy {default.compress_energy}, "
+        f"{default.compress_bits} bits. 16 users' adapters from `gains.py`.",
+        "",
+        "| mode | energy | bits | storage ratio | kept of the gain over base: median "
+        "| kept of the personal gain over global: median | p25 | min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, rows in results.items():
+        for r in rows:
+            lines.append(
+                f"| {mode} | {r['energy']} | {r['bits']} | {r['ratio']:.1f}× "
+                f"| {r['kept_median']:.1%} | **{r['kept_over_global_median']:.1%}** "
+                f"| {r['kept_over_global_p25']:.1%} | {r['kept_over_global_min']:.1%} |"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compression_defaults.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "compression_defaults.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,23 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS
+from federation import RESULTS, RUNS, Judge, _shares
 
 from compression.compress import CompressionConfig, compress_slot
 from compression.factors import LoRAFactors
-from server.evaluation import gain_kept
-from server.prepare_run import choose_users, stored_config
 from server.store import RunFolder
-from soppu import basemodel, lm
 from soppu.adapters import LoraState, read_adapter
-from soppu.personalize import attached
 
 Factors = dict[str, LoRAFactors]
 
@@ -71,44 +66,30 @@ def compress_all(users: dict[str, Factors], center: Factors | None, rank: int):
 
 
 def measure(args: argparse.Namespace) -> dict:
+    judge = Judge(args.run, args.eval_tokens)
     folder = RunFolder(args.run)
-    config = stored_config(folder)
-    base = basemodel.load(config.base_model or None)
-    texts = choose_users(config)
-    evaluation = {r["user"]: r for r in json.loads(folder.evaluation.read_text())["users"]}
     lora_config = read_adapter(folder.global_dir).config
-    users = {u: factors(folder.root / "store" / u) for u in evaluation}
+    users = {u: factors(folder.root / "store" / u) for u in judge.evaluation}
     center = factors(folder.global_dir)
     rows = []
     for rank in [int(r) for r in args.ranks.split(",")]:
         for scheme, c in (("plain", None), ("centred", center)):
             adapters, before, after = compress_all(users, c, rank)
-            kept, over_global = [], []
-            for user, row in evaluation.items():
+
+            def lora_of(user: str, adapters: dict = adapters) -> LoraState:
                 r = next(iter(adapters[user].values()))[0].shape[0]
-                lora = LoraState.from_factors(
+                return LoraState.from_factors(
                     adapters[user], {**lora_config, "r": r, "lora_alpha": r}
                 )
-                blocks = lm.token_blocks(
-                    base.tokenizer, texts[user].test, config.seq_len, args.eval_tokens
-                )
-                with attached(base.model, lora) as model:
-                    ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
-                for shares, reference in ((kept, row["base"]), (over_global, row["global"])):
-                    share = gain_kept(reference, row["personal"], ppl)
-                    if share is not None:
-                        shares.append(share)
-            over_global.sort()
+
+            kept, over_global = judge.shares(lora_of)
             rows.append(
                 {
                     "scheme": scheme,
                     "rank": rank,
                     "ratio": before / after,
-                    "kept_median": statistics.median(kept),
-                    "kept_over_global_median": statistics.median(over_global),
-                    "kept_over_global_p25": over_global[len(over_global) // 4],
-                    "kept_over_global_min": over_global[0],
-                    "users_with_gain": len(over_global),
+                    **_shares("kept", kept),
+                    **_shares("kept_over_global", over_global),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

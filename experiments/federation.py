@@ -132,42 +132,62 @@ def sweep(
     return sweep_configs(run, configs, max_eval_tokens)
 
 
+class Judge:
+    """A finished run's users' held-out text and the full model, for scoring other adapters
+    for the same users against the run's own evaluation (base, global, personal)."""
+
+    def __init__(self, run: Path, max_eval_tokens: int):
+        from server.prepare_run import choose_users, stored_config
+        from server.store import RunFolder
+        from soppu import basemodel
+
+        folder = RunFolder(run)
+        self.config = stored_config(folder)
+        self.base = basemodel.load(self.config.base_model or None)
+        self.texts = choose_users(self.config)
+        rows = json.loads(folder.evaluation.read_text())["users"]
+        self.evaluation = {row["user"]: row for row in rows}
+        self.max_eval_tokens = max_eval_tokens
+
+    def shares(self, lora_of) -> tuple[list[float], list[float]]:
+        """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
+        personal adapter's gain over the base, and over the global adapter."""
+        from server.evaluation import gain_kept
+        from soppu import lm
+        from soppu.personalize import attached
+
+        tokenizer = self.base.tokenizer
+        kept, kept_over_global = [], []
+        for user, row in self.evaluation.items():
+            text = self.texts[user].test
+            blocks = lm.token_blocks(tokenizer, text, self.config.seq_len, self.max_eval_tokens)
+            with attached(self.base.model, lora_of(user)) as model:
+                ppl = lm.perplexity(model, blocks, tokenizer.pad_token_id)
+            for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
+                share = gain_kept(reference, row["personal"], ppl)
+                if share is not None:
+                    shares.append(share)
+        return kept, kept_over_global
+
+
 def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
     """The run's stored adapters re-compressed and published with each CompressionConfig;
     per config the storage ratio and the shares of both gains the published adapters keep."""
     import shutil
 
     from server.compression_round import compress_and_publish
-    from server.evaluation import gain_kept
-    from server.prepare_run import choose_users, stored_config
     from server.store import RunFolder, snapshot
-    from soppu import basemodel, lm
     from soppu.adapters import read_lora
-    from soppu.personalize import attached
 
-    folder = RunFolder(run)
-    config = stored_config(folder)
-    base = basemodel.load(config.base_model or None)
-    users = choose_users(config)
-    evaluation = {u["user"]: u for u in json.loads(folder.evaluation.read_text())["users"]}
+    judge = Judge(run, max_eval_tokens)
     scratch = run / "sweep"
     shutil.rmtree(scratch, ignore_errors=True)
-    paths = snapshot(folder, scratch / "adapters")
+    paths = snapshot(RunFolder(run), scratch / "adapters")
     rows = []
     for i, compression in enumerate(configs):
         store = scratch / f"c{i}"
         version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
-        kept, kept_over_global = [], []
-        for user, row in evaluation.items():
-            blocks = lm.token_blocks(
-                base.tokenizer, users[user].test, config.seq_len, max_eval_tokens
-            )
-            with attached(base.model, read_lora(version / "users" / user)) as model:
-                ppl = lm.perplexity(model, blocks, base.tokenizer.pad_token_id)
-            for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
-                share = gain_kept(reference, row["personal"], ppl)
-                if share is not None:
-                    shares.append(share)
+        kept, kept_over_global = judge.shares(lambda user, v=version: read_lora(v / "users" / user))
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         rows.append(
             {
@@ -196,10 +216,18 @@ def _shares(key: str, values: list[float]) -> dict:
 
     values = sorted(values)
     if not values:
-        return {f"{key}_median": float("nan"), f"{key}_p25": float("nan"),
-                f"{key}_min": float("nan"), f"{key}_users": 0}
-    return {f"{key}_median": st.median(values), f"{key}_p25": values[len(values) // 4],
-            f"{key}_min": values[0], f"{key}_users": len(values)}
+        return {
+            f"{key}_median": float("nan"),
+            f"{key}_p25": float("nan"),
+            f"{key}_min": float("nan"),
+            f"{key}_users": 0,
+        }
+    return {
+        f"{key}_median": st.median(values),
+        f"{key}_p25": values[len(values) // 4],
+        f"{key}_min": values[0],
+        f"{key}_users": len(values),
+    }
 
 
 def markdown(result: dict) -> str:

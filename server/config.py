@@ -136,7 +136,9 @@ class FederationConfig:
             for key, value in self.to_run_config().items()
         )
 
-    def train(self) -> TrainConfig:
+    def train(self, round_: int = 1) -> TrainConfig:
+        """Round `round_`'s client training: its data order continues where the earlier rounds'
+        stopped, so a user trains on all their text rather than the first round's batches again."""
         return TrainConfig(
             steps=self.local_steps,
             lr=self.lr,
@@ -147,6 +149,7 @@ class FederationConfig:
             target_modules=self.targets,
             lora_layers=self.lora_layers,
             seed=self.seed,
+            first_step=(round_ - 1) * self.local_steps,
             max_eval_tokens=self.max_eval_tokens,
         )
 

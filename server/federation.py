@@ -150,7 +150,7 @@ def _train(
     corrections = _corrections(fed, round_, starts)
     device = "cuda" if fed.config.client_gpus > 0 else "cpu"
     base_config = m.train_config_record(
-        fed.config.train(), emulator=fed.emulator_version, round=round_, device=device
+        fed.config.train(round_), emulator=fed.emulator_version, round=round_, device=device
     )
 
     def content(node: int) -> RecordDict:

@@ -50,20 +50,28 @@ def batches(blocks: Sequence[Tensor], batch_size: int, pad_id: int) -> Iterator[
 
 
 def training_batches(
-    blocks: Sequence[Tensor], batch_size: int, steps: int, pad_id: int, seed: int
+    blocks: Sequence[Tensor],
+    batch_size: int,
+    steps: int,
+    pad_id: int,
+    seed: int,
+    first_step: int = 0,
 ) -> Iterator[Batch]:
-    """`steps` batches drawn epoch by epoch from a seeded shuffle (every block once per epoch)."""
+    """`steps` batches drawn epoch by epoch from a seeded shuffle (every block once per epoch),
+    starting after the `first_step` batches this seed's order has already given (so a second
+    round continues the epoch instead of repeating the first round's batches)."""
     if not blocks:
         raise ValueError("no training text")
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    for _ in range(steps):
+    for step in range(first_step + steps):
         picked = []
         while len(picked) < min(batch_size, len(blocks)):
             if not order:
                 order = torch.randperm(len(blocks), generator=generator).tolist()
-            picked.append(blocks[order.pop()])
-        yield collate(picked, pad_id)
+            picked.append(order.pop())
+        if step >= first_step:
+            yield collate([blocks[i] for i in picked], pad_id)
 
 
 def logits(model: nn.Module, batch: Batch) -> Tensor:

@@ -129,7 +129,7 @@ def train_lora(
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
         model.train()
         batches = lm.training_batches(
-            train_blocks, config.batch_size, config.steps, pad_id, config.seed
+            train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
         )
         for step, batch in enumerate(batches, start=1):
             loss = lm.lm_loss(model, batch)

@@ -20,11 +20,14 @@ class TrainConfig:
     target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
     lora_layers: str = "all"  # every layer the emulator keeps, or the adapter layers only
     seed: int = 0
+    first_step: int = 0  # batches of the seed's data order already trained on (earlier rounds)
     max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
 
     def __post_init__(self) -> None:
         if self.lora_layers not in LORA_LAYERS:
             raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
+        if self.first_step < 0:
+            raise ValueError(f"first step {self.first_step} is negative")
 
 
 # `soppu personalize` flags that are not the field's name with `-` for `_`.
@@ -40,5 +43,6 @@ TRAIN_HELP = {
     "target_modules": "LoRA targets, repeat the flag for each (default: attention q and v).",
     "lora_layers": "all: every layer the emulator keeps; adapter: top/bottom only.",
     "seed": "Seed for the data order and the LoRA's initialisation.",
+    "first_step": "Continue the data order after this many batches (a federation's later rounds).",
     "max_eval_tokens": "Held-out tokens evaluated.",
 }

@@ -149,6 +149,30 @@ def test_training_continues_from_a_starting_adapter(setup, tmp_path):
     assert second.perplexity["emulator_adapter"] < first.perplexity["emulator_adapter"]
 
 
+def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
+    """A federation's round r trains on the batches after rounds 1..r-1's: with 10 blocks,
+    2 per step and 3 steps a round, two rounds see every block, where two rounds drawn
+    from the start would both see the same 6."""
+    from server.config import FederationConfig
+
+    blocks = [torch.full((4,), i) for i in range(10)]
+
+    def seen(config: TrainConfig) -> list[list[int]]:
+        batches = lm.training_batches(
+            blocks, 2, config.steps, 0, config.seed, config.first_step
+        )
+        return [b.ids[:, 0].tolist() for b in batches]
+
+    federation = FederationConfig(local_steps=3, batch_size=2, seed=5)
+    rounds = [seen(federation.train(r)) for r in (1, 2)]
+    assert rounds[0] + rounds[1] == seen(TrainConfig(steps=6, seed=5))
+    first_epoch = [i for step in rounds[0] + rounds[1] for i in step][:10]
+    assert sorted(first_epoch) == list(range(10))
+    assert seen(federation.train(1)) == seen(federation.train(1))  # deterministic
+    with pytest.raises(ValueError, match="first step"):
+        TrainConfig(first_step=-1)
+
+
 def test_a_starting_adapter_on_other_layers_is_refused(setup, tmp_path):
     _full, emulator, info, tokenizer = setup
     lora = personalize(USER, emulator, info, tokenizer, CONFIG).lora

@@ -147,6 +147,14 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     assert (run.serving / "current").resolve().name == "v0002"
     manifest = json.loads((run.compressed / "v0002" / "manifest.json").read_text())
     assert manifest["source"]["round"] == 2 and manifest["users"] == USERS
+    assert (manifest["config"]["rank"], manifest["config"]["bits"]) == (8, 32)
+    # Without flags it compresses as the run's own rounds do (rank 32), not at the CLI's
+    # stand-alone default (energy 0.9); a flag still wins over the run's setting.
+    result = CliRunner().invoke(cli, ["compress", "--run", str(run.root), "--bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert "rank 32, 8-bit storage" in result.output
+    manifest = json.loads((run.compressed / "v0003" / "manifest.json").read_text())
+    assert (manifest["config"]["rank"], manifest["config"]["bits"]) == (32, 8)
 
 
 def _after_round_one_committed() -> None:

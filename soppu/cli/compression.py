@@ -4,11 +4,16 @@ compressed stores and serving versions out."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from click.core import ParameterSource
+
+if TYPE_CHECKING:
+    from compression.compress import CompressionConfig
 
 from soppu.cli.common import (
     ThreadsOpt,
@@ -60,6 +65,7 @@ def synth(
 
 
 def compress(
+    ctx: typer.Context,
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(help="PEFT adapter dirs, or folders of them (id = dir name)."),
@@ -75,12 +81,16 @@ def compress(
         ),
     ] = None,
     export_rank: Annotated[
-        int | None, typer.Option(help="With --run: serving rank (8..128); default: exact.")
+        int | None,
+        typer.Option(help="With --run: serving rank (8..128); default: the run's (exact)."),
     ] = None,
     rank: Annotated[int | None, typer.Option(help="Shared rank r per slot (may exceed k).")] = None,
     energy: Annotated[
         float | None,
-        typer.Option(help="Else: smallest r per slot keeping this energy share (default 0.9)."),
+        typer.Option(
+            help="Else: smallest r per slot keeping this energy share (default 0.9; with --run "
+            "the run's own compression settings, which any of these flags override)."
+        ),
     ] = None,
     max_error: Annotated[
         float | None, typer.Option(help="Else: weighted relative error target (energy 1−e²).")
@@ -136,7 +146,12 @@ def compress(
         if run is not None:
             if inputs or out:
                 raise ValueError("give either --run RUN or INPUTS with --out, not both")
-            _compress_run(run, config, export_rank)
+            given = {
+                name
+                for name in ctx.params
+                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT
+            }
+            _compress_run(run, config, export_rank, given)
             return
         if not inputs or out is None:
             raise ValueError("give INPUTS and --out (or --run RUN)")
@@ -155,13 +170,25 @@ def compress(
     console.print(f"store: [bold]{shown(out)}[/]  report: [bold]{shown(out / 'report')}[/]")
 
 
-def _compress_run(run: Path, config, export_rank: int | None) -> None:
+def _compress_run(
+    run: Path, asked: CompressionConfig, export_rank: int | None, given: set[str]
+) -> None:
     from server.compression_round import compress_run
+    from server.prepare_run import stored_config
     from server.store import RunFolder
 
     folder = RunFolder(run)
     if not folder.run_json.is_file():
         raise ValueError(f"{run}: not a federation run folder (no run.json)")
+    stored = stored_config(folder)
+    config = with_run_settings(asked, stored.compression(), given)
+    if "export_rank" not in given:
+        export_rank = stored.export_rank or None
+    target = f"rank {config.rank}" if config.rank else f"energy {config.energy:g}"
+    console.print(
+        f"compressing with {target}, {config.bits}-bit storage, sigma {config.sigma}, "
+        f"{config.clusters} basis/slot (the run's settings unless a flag says otherwise)"
+    )
     with progress_bar("compress") as progress:
         compressed, version = compress_run(  # what was asked for, for everyone
             folder, config, export_rank=export_rank, incremental=False, progress=progress
@@ -170,6 +197,22 @@ def _compress_run(run: Path, config, export_rank: int | None) -> None:
     console.print(
         f"store: [bold]{shown(compressed)}[/]; published [bold]{shown(version)}[/] (current)"
     )
+
+
+# What a federation's run config decides about its compression rounds.
+RUN_SETTINGS = ("sigma", "bits", "clusters", "weights", "group")
+TARGETS = {"rank", "energy", "max_error"}
+
+
+def with_run_settings(
+    asked: CompressionConfig, stored: CompressionConfig, given: set[str]
+) -> CompressionConfig:
+    """The run's compression settings (`stored`), except where a flag was given (`asked`);
+    the rank-or-energy target is one setting: any of its flags replaces the run's."""
+    changes = {name: getattr(stored, name) for name in RUN_SETTINGS if name not in given}
+    if not given & TARGETS:
+        changes |= {"rank": stored.rank, "energy": stored.energy}
+    return replace(asked, **changes)
 
 
 def add(

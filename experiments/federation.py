@@ -149,20 +149,26 @@ class Judge:
         self.evaluation = {row["user"]: row for row in rows}
         self.max_eval_tokens = max_eval_tokens
 
-    def shares(self, lora_of) -> tuple[list[float], list[float]]:
-        """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
-        personal adapter's gain over the base, and over the global adapter."""
-        from server.evaluation import gain_kept
+    def perplexity(self, user: str, lora) -> float:
+        """`user`'s held-out perplexity on the full model with `lora`, on the blocks the
+        run's evaluation used (at this judge's token cap)."""
         from soppu import lm
         from soppu.personalize import attached
 
         tokenizer = self.base.tokenizer
+        text = self.texts[user].test
+        blocks = lm.token_blocks(tokenizer, text, self.config.seq_len, self.max_eval_tokens)
+        with attached(self.base.model, lora) as model:
+            return lm.perplexity(model, blocks, tokenizer.pad_token_id)
+
+    def shares(self, lora_of) -> tuple[list[float], list[float]]:
+        """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
+        personal adapter's gain over the base, and over the global adapter."""
+        from server.evaluation import gain_kept
+
         kept, kept_over_global = [], []
         for user, row in self.evaluation.items():
-            text = self.texts[user].test
-            blocks = lm.token_blocks(tokenizer, text, self.config.seq_len, self.max_eval_tokens)
-            with attached(self.base.model, lora_of(user)) as model:
-                ppl = lm.perplexity(model, blocks, tokenizer.pad_token_id)
+            ppl = self.perplexity(user, lora_of(user))
             for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
                 share = gain_kept(reference, row["personal"], ppl)
                 if share is not None:

@@ -2,7 +2,7 @@
 gain over the global adapter that each candidate keeps, and at what storage, on the adapters
 `gains.py` trained (emulator and full mode, 16 users).
 
-    python experiments/compression_defaults.py          # ≈ 15 minutes, after gains.py
+    python experiments/compression_defaults.py          # ≈ 12 minutes, after gains.py
 
 Candidates: the old default (energy 0.9, float32), the new one (energy 0.97, 8-bit codes) and
 a safer one (energy 0.99, 8-bit). An energy target, not a fixed rank, because the rank a
@@ -33,9 +33,10 @@ def main() -> None:
         if not (run / "evaluation.json").is_file():
             sys.exit(f"{run}: run experiments/gains.py first")
         results[mode] = sweep_configs(run, configs, max_eval_tokens=2048)
+        users = len(json.loads((run / "evaluation.json").read_text())["users"])
     lines = [
         f"The federation's default: energy {default.compress_energy}, "
-        f"{default.compress_bits} bits. 16 users' adapters from `gains.py`.",
+        f"{default.compress_bits} bits. {users} users' adapters from `gains.py`.",
         "",
         "| mode | energy | bits | storage ratio | kept of the gain over base: median "
         "| kept of the personal gain over global: median | p25 | min |",

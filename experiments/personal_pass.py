@@ -34,31 +34,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, Judge
 
 from server.evaluation import relative_gain
-from server.prepare_run import stored_config
+from server.prepare_run import public_for, round_correction, stored_config
 from server.store import RunFolder
 from soppu import emulator as E
-from soppu import lm
-from soppu.alignment import gradient_correction
-from soppu.data import public_text
 from soppu.personalize import personalize
-
-
-def correction_at(judge: Judge, emulator, info, start) -> dict:
-    """The gradient correction at `start`, on other public batches than any round's."""
-    config = judge.config
-    public = public_text(Path(config.public) if config.public else None)
-    blocks = lm.token_blocks(judge.base.tokenizer, "\n".join(public), config.seq_len)
-    return gradient_correction(
-        judge.base.model,
-        emulator,
-        info,
-        start,
-        blocks,
-        judge.base.tokenizer.pad_token_id,
-        batches=config.correction_batches,
-        batch_size=config.batch_size,
-        seed=config.seed * 100_003 + config.rounds + 1,
-    )
 
 
 def measure(run: Path, steps: int, lr: float | None = None, users: int | None = None) -> dict:
@@ -69,10 +48,12 @@ def measure(run: Path, steps: int, lr: float | None = None, users: int | None = 
     if start is None:
         sys.exit(f"{run} has no global adapter (aggregation none?)")
     began = time.perf_counter()
-    correction = correction_at(judge, emulator, info, start)
+    public = public_for(judge.config, log=print)
+    measure_at = round_correction(judge.config, judge.base, emulator, info, public)
+    correction = measure_at(start, judge.config.rounds + 1)  # as a next round's server would
     correction_s = time.perf_counter() - began
-    train = replace(judge.config.train(judge.config.rounds + 1), steps=steps)
-    train = replace(train, lr=lr or train.lr)
+    next_round = judge.config.train(judge.config.rounds + 1)
+    train = replace(next_round, steps=steps, lr=lr or next_round.lr)
     rows = []
     chosen = list(judge.evaluation.items())[:users]
     for i, (user, row) in enumerate(chosen, start=1):
@@ -148,6 +129,7 @@ def main() -> None:
     result = measure(args.run, args.steps, args.lr, args.users)
     RESULTS.mkdir(exist_ok=True)
     name = f"personal_pass_{args.run.name}" + (f"_lr{args.lr:g}" if args.lr else "")
+    name += f"_{args.users}users" if args.users else ""  # a quick look keeps the full results
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     (RESULTS / f"{name}.md").write_text(text)

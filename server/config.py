@@ -44,9 +44,9 @@ class FederationConfig:
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
     compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
-    # 0.97 and 8 bits, measured (README, issue 10): on 16 users' adapters they keep 94% (96%
-    # in full mode) of the personal gain over the global adapter at 33× (15×); 0.9 in float32
-    # kept 68% (emulator mode), and 8-bit codes cost almost none of it
+    # 0.97 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
+    # they keep 99% (98% in full mode) of the personal gain over the global adapter at 33×
+    # (15×); 0.9 in float32 kept 83% (emulator mode) at 20×
     compress_energy: float = 0.97
     compress_sigma: str = "full"
     compress_bits: int = 8  # 8 or 4: quantised bases and cores; 32: float32

@@ -127,7 +127,7 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     setup = m.Setup(config.data, config.data_options(), tuple(sorted(users)), base.name)
     correction = None
     if config.correction_batches and not info.exact:
-        correction = _correction(config, base, emulator.to(config.device), info, public)
+        correction = round_correction(config, base, emulator.to(config.device), info, public)
     return Federation(
         run=run,
         config=config,
@@ -166,13 +166,15 @@ def say_alignment(info: EmulatorInfo, log: Log) -> None:
         )
 
 
-def _correction(
+def round_correction(
     config: FederationConfig,
     base: BaseModel,
     emulator: nn.Module,
     info: EmulatorInfo,
     public: list[str],
 ) -> Correction:
+    """What measures a round's gradient correction at its starting adapter, on public batches
+    that differ from round to round."""
     blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
 
     def correction(lora: LoraState, round_: int) -> dict[str, Tensor]:

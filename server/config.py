@@ -61,6 +61,8 @@ class FederationConfig:
     # local training
     local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
     lr: float = 1e-3
+    lr_scheduler_type: str = "constant"  # per round: every round's AdamW starts afresh
+    warmup_steps: int = 0
     batch_size: int = 4
     seq_len: int = 128
     lora_rank: int = 8
@@ -111,6 +113,7 @@ class FederationConfig:
             raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
         if self.threads < 0:
             raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
+        self.train()  # validates the training settings now, not in every client
         self.compression()  # validates the compression settings now, not after training
 
     @classmethod
@@ -142,6 +145,8 @@ class FederationConfig:
         return TrainConfig(
             steps=self.local_steps,
             lr=self.lr,
+            lr_scheduler_type=self.lr_scheduler_type,
+            warmup_steps=self.warmup_steps,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             rank=self.lora_rank,
@@ -231,6 +236,9 @@ HELP = {
     "final_evaluation": "Per-user perplexities on the full model after the run.",
     "local_steps": "Client training steps per round.",
     "lr": "Client learning rate.",
+    "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "
+    "linear, cosine.",
+    "warmup_steps": "Client lr warm-up steps from 0, each round (not with constant).",
     "batch_size": "Sequences per step.",
     "seq_len": "Tokens per sequence.",
     "lora_rank": "LoRA rank.",

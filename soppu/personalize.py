@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from torch import Tensor, nn
+from transformers import get_scheduler
 
 from soppu import lm
 from soppu.adapters import AdapterError, LoraState
@@ -127,6 +128,12 @@ def train_lora(
         params = lora_parameters(model)
         _check_correction(shift, params)
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=config.steps,
+        )
         model.train()
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
@@ -137,6 +144,7 @@ def train_lora(
             for key, delta in shift.items():
                 params[key].grad += delta.to(params[key].grad)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress(step, config.steps, losses[-1])

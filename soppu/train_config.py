@@ -7,12 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LORA_LAYERS = ("all", "adapter")
+# transformers' `get_scheduler` names (`TrainingArguments.lr_scheduler_type`), per training run
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 30
     lr: float = 1e-3
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0  # linear warm-up from 0: a fresh AdamW's first steps are ±lr each
     batch_size: int = 4
     seq_len: int = 128
     rank: int = 8
@@ -26,6 +30,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lora_layers not in LORA_LAYERS:
             raise ValueError(f"lora layers {self.lora_layers!r} is not one of {LORA_LAYERS}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ValueError(
+                f"lr scheduler {self.lr_scheduler_type!r} is not one of {LR_SCHEDULERS}"
+            )
+        if not 0 <= self.warmup_steps < max(self.steps, 1):
+            raise ValueError(f"warmup steps {self.warmup_steps} must be in [0, steps)")
+        if self.warmup_steps and self.lr_scheduler_type == "constant":
+            raise ValueError("lr scheduler 'constant' has no warm-up: use constant_with_warmup")
         if self.first_step < 0:
             raise ValueError(f"first step {self.first_step} is negative")
 
@@ -36,6 +48,8 @@ TRAIN_FLAGS = {"alpha": "lora_alpha"}
 TRAIN_HELP = {
     "steps": "Training steps.",
     "lr": "Learning rate.",
+    "lr_scheduler_type": "constant, constant_with_warmup, linear or cosine (transformers').",
+    "warmup_steps": "Steps of linear warm-up from 0 (not with constant).",
     "batch_size": "Sequences per step.",
     "seq_len": "Tokens per sequence.",
     "rank": "LoRA rank r.",

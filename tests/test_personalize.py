@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -158,9 +159,7 @@ def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
     blocks = [torch.full((4,), i) for i in range(10)]
 
     def seen(config: TrainConfig) -> list[list[int]]:
-        batches = lm.training_batches(
-            blocks, 2, config.steps, 0, config.seed, config.first_step
-        )
+        batches = lm.training_batches(blocks, 2, config.steps, 0, config.seed, config.first_step)
         return [b.ids[:, 0].tolist() for b in batches]
 
     federation = FederationConfig(local_steps=3, batch_size=2, seed=5)
@@ -171,6 +170,60 @@ def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
     assert seen(federation.train(1)) == seen(federation.train(1))  # deterministic
     with pytest.raises(ValueError, match="first step"):
         TrainConfig(first_step=-1)
+
+
+def test_a_warm_up_step_gathers_adams_moments_without_moving(setup):
+    """transformers' warm-up starts at lr 0: with one warm-up step of two, the run is a single
+    AdamW step at the full lr whose moments saw both batches' gradients at the start (bias
+    corrected for two steps), so a restarted optimiser's first step is no longer ±lr."""
+    from soppu.personalize import attached, lora_parameters
+
+    _full, emulator, info, tokenizer = setup
+    config = TrainConfig(
+        steps=2,
+        lr=1e-2,
+        batch_size=2,
+        seq_len=32,
+        rank=4,
+        alpha=8,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=1,
+    )
+    blocks = lm.token_blocks(tokenizer, TEXT, config.seq_len)
+    pad = tokenizer.pad_token_id
+    start = fresh_lora(emulator, info, config)
+    start.tensors = {k: v + 0.01 * torch.randn_like(v) for k, v in start.tensors.items()}
+    trained, _ = train_lora(emulator, info, blocks, pad, config, start)
+
+    grads = []
+    with attached(emulator, start.on_emulator(info), trainable=True) as model:
+        model.train()
+        params = lora_parameters(model)
+        for batch in lm.training_batches(blocks, 2, 2, pad, config.seed):
+            lm.lm_loss(model, batch).backward()
+            grads.append({k: p.grad.clone() for k, p in params.items()})
+            model.zero_grad(set_to_none=True)
+        model.eval()
+    (b1, b2), eps = (0.9, 0.999), 1e-8
+    for key, value in start.on_emulator(info).tensors.items():
+        g1, g2 = grads[0][key], grads[1][key]
+        m = (b1 * (1 - b1) * g1 + (1 - b1) * g2) / (1 - b1**2)
+        v = (b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2) / (1 - b2**2)
+        expected = value - config.lr * m / (v.sqrt() + eps)
+        got = trained.on_emulator(info).tensors[key]
+        assert torch.allclose(got, expected, atol=1e-6), key
+    no_warm_up = replace(config, lr_scheduler_type="constant", warmup_steps=0)
+    constant, _ = train_lora(emulator, info, blocks, pad, no_warm_up, start)
+    assert any(not torch.allclose(constant.tensors[k], v) for k, v in trained.tensors.items())
+
+
+def test_bad_lr_schedules_are_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        TrainConfig(lr_scheduler_type="cosine_with_restarts")
+    with pytest.raises(ValueError, match="constant_with_warmup"):
+        TrainConfig(warmup_steps=3)
+    with pytest.raises(ValueError, match=r"in \[0, steps\)"):
+        TrainConfig(steps=3, warmup_steps=3, lr_scheduler_type="cosine")
 
 
 def test_a_starting_adapter_on_other_layers_is_refused(setup, tmp_path):

@@ -60,9 +60,12 @@ class FederationConfig:
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
     # local training
     local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
-    lr: float = 1e-3
-    lr_scheduler_type: str = "constant"  # per round: every round's AdamW starts afresh
-    warmup_steps: int = 0
+    # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
+    # higher lr (experiments/lr_schedules.py, 8 users: median gain 16.6% against 14.1% at a
+    # constant 1e-3, and 13.6% with the warm-up at 1e-3)
+    lr: float = 1.5e-3
+    lr_scheduler_type: str = "constant_with_warmup"  # within each round
+    warmup_steps: int = 3
     batch_size: int = 4
     seq_len: int = 128
     lora_rank: int = 8
@@ -146,7 +149,8 @@ class FederationConfig:
             steps=self.local_steps,
             lr=self.lr,
             lr_scheduler_type=self.lr_scheduler_type,
-            warmup_steps=self.warmup_steps,
+            # a round of fewer steps than the warm-up still ends at the full lr
+            warmup_steps=min(self.warmup_steps, max(self.local_steps - 1, 0)),
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             rank=self.lora_rank,
@@ -238,7 +242,8 @@ HELP = {
     "lr": "Client learning rate.",
     "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "
     "linear, cosine.",
-    "warmup_steps": "Client lr warm-up steps from 0, each round (not with constant).",
+    "warmup_steps": "Client lr warm-up steps from 0, each round, at most local-steps − 1 "
+    "(constant ignores it).",
     "batch_size": "Sequences per step.",
     "seq_len": "Tokens per sequence.",
     "lora_rank": "LoRA rank.",

@@ -16,7 +16,9 @@ class TrainConfig:
     steps: int = 30
     lr: float = 1e-3
     lr_scheduler_type: str = "constant"
-    warmup_steps: int = 0  # linear warm-up from 0: a fresh AdamW's first steps are ±lr each
+    # linear warm-up from 0 (a fresh AdamW's first step is ±lr in every parameter); "constant"
+    # ignores it, as in transformers
+    warmup_steps: int = 0
     batch_size: int = 4
     seq_len: int = 128
     rank: int = 8
@@ -36,8 +38,6 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_steps < max(self.steps, 1):
             raise ValueError(f"warmup steps {self.warmup_steps} must be in [0, steps)")
-        if self.warmup_steps and self.lr_scheduler_type == "constant":
-            raise ValueError("lr scheduler 'constant' has no warm-up: use constant_with_warmup")
         if self.first_step < 0:
             raise ValueError(f"first step {self.first_step} is negative")
 
@@ -49,7 +49,7 @@ TRAIN_HELP = {
     "steps": "Training steps.",
     "lr": "Learning rate.",
     "lr_scheduler_type": "constant, constant_with_warmup, linear or cosine (transformers').",
-    "warmup_steps": "Steps of linear warm-up from 0 (not with constant).",
+    "warmup_steps": "Steps of linear warm-up from 0 (constant ignores it).",
     "batch_size": "Sequences per step.",
     "seq_len": "Tokens per sequence.",
     "rank": "LoRA rank r.",

@@ -3,6 +3,7 @@ gain over the global adapter that each candidate keeps, and at what storage, on 
 `gains.py` trained (emulator and full mode, 16 users).
 
     python experiments/compression_defaults.py          # ≈ 12 minutes, after gains.py
+    python experiments/compression_defaults.py --runs lr16 --name lr16   # another run's adapters
 
 Candidates: the old default (energy 0.9, float32), the new one (energy 0.97, 8-bit codes) and
 a safer one (energy 0.99, 8-bit). An energy target, not a fixed rank, because the rank a
@@ -11,6 +12,7 @@ population needs grows with it. Writes experiments/results/compression_defaults.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,18 +27,23 @@ CANDIDATES = [(0.9, 32), (0.97, 8), (0.99, 8)]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="gains-main-emulator,gains-main-full")
+    parser.add_argument("--name", default="", help="Suffix of the result files.")
+    args = parser.parse_args()
     default = FederationConfig()
     configs = [CompressionConfig(energy=e, bits=b) for e, b in CANDIDATES]
     results = {}
-    for mode in ("emulator", "full"):
-        run = RUNS / f"gains-main-{mode}"
+    for name in args.runs.split(","):
+        run = RUNS / name
         if not (run / "evaluation.json").is_file():
             sys.exit(f"{run}: run experiments/gains.py first")
-        results[mode] = sweep_configs(run, configs, max_eval_tokens=2048)
+        mode = json.loads((run / "run.json").read_text())["config"]["client_mode"]
+        results[f"{mode} ({name})"] = sweep_configs(run, configs, max_eval_tokens=2048)
         users = len(json.loads((run / "evaluation.json").read_text())["users"])
     lines = [
         f"The federation's default: energy {default.compress_energy}, "
-        f"{default.compress_bits} bits. {users} users' adapters from `gains.py`.",
+        f"{default.compress_bits} bits. {users} users' adapters from {args.runs}.",
         "",
         "| mode | energy | bits | storage ratio | kept of the gain over base: median "
         "| kept of the personal gain over global: median | p25 | min |",
@@ -50,8 +57,9 @@ def main() -> None:
                 f"| {r['kept_over_global_p25']:.1%} | {r['kept_over_global_min']:.1%} |"
             )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compression_defaults.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "compression_defaults.md").write_text("\n".join(lines) + "\n")
+    stem = "compression_defaults" + (f"_{args.name}" if args.name else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -179,16 +179,7 @@ def test_a_warm_up_step_gathers_adams_moments_without_moving(setup):
     from soppu.personalize import attached, lora_parameters
 
     _full, emulator, info, tokenizer = setup
-    config = TrainConfig(
-        steps=2,
-        lr=1e-2,
-        batch_size=2,
-        seq_len=32,
-        rank=4,
-        alpha=8,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=1,
-    )
+    config = replace(CONFIG, steps=2, lr_scheduler_type="constant_with_warmup", warmup_steps=1)
     blocks = lm.token_blocks(tokenizer, TEXT, config.seq_len)
     pad = tokenizer.pad_token_id
     start = fresh_lora(emulator, info, config)

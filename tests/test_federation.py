@@ -132,7 +132,9 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
         assert row["personal"] < row["base"] and row["global"] < row["base"]
         assert row["personal"] != row["global"]
         if row["personal"] < row["global"]:
-            assert row["kept_over_global"] == pytest.approx(1.0, abs=1e-3)
+            # compressed is personal to rel 1e-4, so the share is 1 to that over the gain's size
+            margin = 1e-4 * row["personal"] / (row["global"] - row["personal"])
+            assert row["kept_over_global"] == pytest.approx(1.0, abs=max(1e-3, 2 * margin))
     summary = evaluation["summary"]
     assert summary["with_global"] == 4 and 0 <= summary["beats_global"] <= 4
 

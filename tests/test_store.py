@@ -143,7 +143,7 @@ def test_resume_keeps_the_runs_settings(tmp_path):
     more = FederationConfig(run_dir=config.run_dir, rounds=5)
     assert resolve_config(more, resume=True).rounds == 5  # more rounds: allowed
     other = FederationConfig(run_dir=config.run_dir, lr=0.1)
-    with pytest.raises(ValueError, match=r"keeps its settings; lr \(run: 0.001, now: 0.1\)"):
+    with pytest.raises(ValueError, match=rf"keeps its settings; lr \(run: {config.lr}, now: 0.1\)"):
         resolve_config(other, resume=True)
 
 

@@ -22,6 +22,8 @@ from federation import RESULTS, RUNS, sweep_configs
 
 from compression.compress import CompressionConfig
 from server.config import FederationConfig
+from server.prepare_run import stored_config
+from server.store import RunFolder
 
 CANDIDATES = [(0.9, 32), (0.97, 8), (0.99, 8)]
 
@@ -38,7 +40,7 @@ def main() -> None:
         run = RUNS / name
         if not (run / "evaluation.json").is_file():
             sys.exit(f"{run}: run experiments/gains.py first")
-        mode = json.loads((run / "run.json").read_text())["config"]["client_mode"]
+        mode = stored_config(RunFolder(run)).client_mode
         results[f"{mode} ({name})"] = sweep_configs(run, configs, max_eval_tokens=2048)
         users = len(json.loads((run / "evaluation.json").read_text())["users"])
     lines = [

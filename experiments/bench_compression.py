@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from soppu import atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 SHAPES = {"q_proj": (896, 896), "o_proj": (896, 896)}
@@ -992,8 +994,8 @@ def _original(records: list[dict[str, Any]], case: str) -> int:
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compression_bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "compression_bench.md").write_text(render_markdown(report) + "\n")
+    atomic.write_text(out / "compression_bench.json", json.dumps(report, indent=1) + "\n")
+    atomic.write_text(out / "compression_bench.md", render_markdown(report) + "\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from soppu import atomic
+
 RESULTS = Path(__file__).parent / "results"
 
 CASES = {
@@ -207,9 +209,8 @@ def write(rows: list[dict], adds: list[dict], args: argparse.Namespace) -> None:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
-    (RESULTS / "scale_bench.json").write_text(
-        json.dumps({"meta": meta, "rows": rows, "add": adds}, indent=2)
-    )
+    summary = json.dumps({"meta": meta, "rows": rows, "add": adds}, indent=2)
+    atomic.write_text(RESULTS / "scale_bench.json", summary)
     lines = [
         f"Command: `{meta['command']}` ({meta['threads']} torch threads, {meta['cpus']} CPUs).",
         "End to end from PEFT files (read, validate, fit, write store and report).",
@@ -239,7 +240,7 @@ def write(rows: list[dict], adds: list[dict], args: argparse.Namespace) -> None:
                 f"| {a['case']} | {a['seconds']:.2f} | {a['error']:.4f} | {joint} "
                 f"| {a['drift']:.4f} |"
             )
-    (RESULTS / "scale_bench.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / "scale_bench.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from soppu import atomic
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -270,9 +272,9 @@ def main() -> None:
         "load_test": load_test(version.parent, args.clients, args.requests, args.tokens, users),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (args.out / f"{name}.md").write_text(text)
+    atomic.write_text(args.out / f"{name}.md", text)
     print(text)
 
 

@@ -31,6 +31,7 @@ from federation import RESULTS, RUNS, Judge, _shares
 from compression.compress import CompressionConfig, compress_slot
 from compression.factors import LoRAFactors
 from server.store import RunFolder
+from soppu import atomic
 from soppu.adapters import LoraState, read_adapter
 
 Factors = dict[str, LoRAFactors]
@@ -125,8 +126,8 @@ def main() -> None:
     result = measure(args)
     name = args.run.name
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"centered_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"centered_{name}.md").write_text(markdown(result))
+    atomic.write_text(RESULTS / f"centered_{name}.json", json.dumps(result, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"centered_{name}.md", markdown(result))
     print(markdown(result))
 
 

@@ -24,6 +24,7 @@ from compression.compress import CompressionConfig
 from server.config import FederationConfig
 from server.prepare_run import stored_config
 from server.store import RunFolder
+from soppu import atomic
 
 CANDIDATES = [(0.9, 32), (0.97, 8), (0.99, 8)]
 
@@ -60,8 +61,8 @@ def main() -> None:
             )
     RESULTS.mkdir(exist_ok=True)
     stem = "compression_defaults" + (f"_{args.name}" if args.name else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / f"{stem}.json", json.dumps(results, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from soppu import atomic
+
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/experiments")
 
@@ -317,11 +319,11 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     name = args.name if args.analyse is None else run.name
-    (RESULTS / f"federation_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"federation_{name}.json", json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     if seconds is not None:
         text += f"\nThe whole command took {seconds / 60:.1f} minutes.\n"
-    (RESULTS / f"federation_{name}.md").write_text(text)
+    atomic.write_text(RESULTS / f"federation_{name}.md", text)
     print(text)
 
 

@@ -34,6 +34,7 @@ from federation import RESULTS, RUNS, analyse, launch, sweep
 from sweep_recipes import Recipe, cost
 
 from server.store import RunFolder
+from soppu import atomic
 from soppu.emulator import META_NAME
 
 MODES = ("emulator", "full")
@@ -153,9 +154,9 @@ def main() -> None:
     em, fu = results["emulator"]["summary"], results["full"]["summary"]
     out["gain_share"] = em["gain_median"] / fu["gain_median"] if fu["gain_median"] else None
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"gains_{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"gains_{args.name}.json", json.dumps(out, indent=2) + "\n")
     text = markdown(results, costs, args)
-    (RESULTS / f"gains_{args.name}.md").write_text(text)
+    atomic.write_text(RESULTS / f"gains_{args.name}.md", text)
     print(text)
 
 

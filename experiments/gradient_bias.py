@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from soppu import atomic
+
 RESULTS = Path(__file__).parent / "results"
 EMULATORS = Path("runs/experiments/sweep-emulators")
 
@@ -93,7 +95,8 @@ def main() -> None:
 def write(rows: list[dict], args) -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "gradient_bias_quick" if args.quick else "gradient_bias"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
+    summary = json.dumps({"rows": rows, "args": vars(args)}, indent=2)
+    atomic.write_text(RESULTS / f"{name}.json", summary)
     lines = [
         "| emulator | KL after alignment | cos(g_full, g_emu) on public text | on a user's text "
         "| corrected, on a user's text |",
@@ -105,7 +108,7 @@ def write(rows: list[dict], args) -> None:
             f"{r['user_cosine']:.3f} | **{r['user_cosine_corrected']:.3f}** |"
         )
     lines += ["", f"Median over {args.users} users; {args.batches} batches of 4×128 tokens each."]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from soppu import atomic
+
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
 SOPPU = [sys.executable, "-m", "soppu"]
@@ -237,13 +239,12 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     table = summarise(rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kill_points.json").write_text(
-        json.dumps({"summary": table, "trials": rows}, indent=2)
-    )
+    summary = json.dumps({"summary": table, "trials": rows}, indent=2)
+    atomic.write_text(RESULTS / "kill_points.json", summary)
     header = list(table[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in table]
-    (RESULTS / "kill_points.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / "kill_points.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

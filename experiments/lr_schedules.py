@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, launch
 
 from server.store import RunFolder
+from soppu import atomic
 
 # name: (lr, schedule, warm-up steps), each round; every run passes all three
 SCHEDULES = {
@@ -89,9 +90,9 @@ def main() -> None:
         sys.exit(f"unknown schedules {sorted(unknown)}: choose from {list(SCHEDULES)}")
     rows = [measure(args, name) for name in names]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lr_schedules.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic.write_text(RESULTS / "lr_schedules.json", json.dumps(rows, indent=2) + "\n")
     text = markdown(rows, args)
-    (RESULTS / "lr_schedules.md").write_text(text)
+    atomic.write_text(RESULTS / "lr_schedules.md", text)
     print(text)
 
 

@@ -36,6 +36,7 @@ from federation import RESULTS, RUNS, Judge
 from server.evaluation import relative_gain
 from server.prepare_run import public_for, round_correction, stored_config
 from server.store import RunFolder
+from soppu import atomic
 from soppu import emulator as E
 from soppu.personalize import personalize
 
@@ -130,9 +131,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = f"personal_pass_{args.run.name}" + (f"_lr{args.lr:g}" if args.lr else "")
     name += f"_{args.users}users" if args.users else ""  # a quick look keeps the full results
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_text(RESULTS / f"{name}.json", json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (RESULTS / f"{name}.md").write_text(text)
+    atomic.write_text(RESULTS / f"{name}.md", text)
     print(text)
 
 

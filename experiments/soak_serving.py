@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from soppu import atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 MIB = 2**20
@@ -424,7 +426,7 @@ def main() -> None:
     summary["command"] = " ".join(["python experiments/soak_serving.py", *sys.argv[1:]])
     summary["torch_threads"] = args.threads
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(args.out, json.dumps(summary, indent=2) + "\n")
     print(table(summary))
     print(f"written: {args.out}")
     shutil.rmtree(root, ignore_errors=True)

@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from soppu import atomic
+
 RESULTS = Path(__file__).parent / "results"
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -257,8 +259,8 @@ def write(recipes, rows, costs, picked, args) -> None:
     meta = {"machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()},
             "users": picked}
     name = "recipe_sweep_quick" if args.quick else "recipe_sweep"
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps({"meta": meta, "recipes": table, "rows": rows}, indent=2) + "\n")
+    summary = json.dumps({"meta": meta, "recipes": table, "rows": rows}, indent=2)
+    atomic.write_text(RESULTS / f"{name}.json", summary + "\n")
     lines = [
         "| recipe | LoRA params | median gain on the full model | range | improved "
         "| of the full-model ceiling | client step (1 thread) | client peak RSS |",
@@ -275,7 +277,7 @@ def write(recipes, rows, costs, picked, args) -> None:
     lines.append("")
     lines.append(f"{len(picked)} users, {args.steps} steps of 4×128 tokens each; gain = 1 − "
                  "held-out perplexity with the adapter / without, both on the full model.")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -6,8 +6,8 @@ gain over the global adapter that each candidate keeps, and at what storage, on 
     python experiments/compression_defaults.py --runs lr16 --name lr16   # another run's adapters
 
 Candidates: energy 0.9 in float32 (the first default), and energy 0.97, 0.98 and 0.99 in 8-bit
-codes. An energy target, not a fixed rank, because the rank a
-population needs grows with it. Writes experiments/results/compression_defaults.json and .md.
+codes. An energy target, not a fixed rank, because the rank a population needs grows with it.
+Writes experiments/results/compression_defaults.json and .md.
 """
 
 from __future__ import annotations

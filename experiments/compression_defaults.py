@@ -2,7 +2,7 @@
 gain over the global adapter that each candidate keeps, and at what storage, on the adapters
 `gains.py` trained (emulator and full mode, 16 users).
 
-    python experiments/compression_defaults.py          # ≈ 16 minutes, after gains.py
+    python experiments/compression_defaults.py          # ≈ 12 minutes, after gains.py
     python experiments/compression_defaults.py --runs lr16 --name lr16   # another run's adapters
 
 Candidates: energy 0.9 in float32 (the first default), and energy 0.97, 0.98 and 0.99 in 8-bit

@@ -77,6 +77,18 @@ def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
     return time.perf_counter() - began
 
 
+def launch_unless_finished(args: argparse.Namespace, run: Path, extra: list[str]) -> float | None:
+    """`launch` into `run` unless an earlier launch finished it (then None: no new timing), so
+    a long comparison resumes where it stopped; an unfinished run is never reused."""
+    from server.store import RunFolder
+
+    if RunFolder(run).evaluation.is_file():
+        return None
+    if run.exists():
+        sys.exit(f"{run} exists but is unfinished: remove it")
+    return launch(args, run, extra)
+
+
 def analyse(run: Path, workers: int) -> dict:
     from server.store import RunFolder
     from server.versions import Versions

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, analyse, launch, sweep
+from federation import RESULTS, RUNS, analyse, launch_unless_finished, sweep
 from sweep_recipes import Recipe, cost
 
 from server.store import RunFolder
@@ -42,11 +42,7 @@ MODES = ("emulator", "full")
 
 def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
     run = RUNS / f"gains-{args.name}-{mode}"
-    seconds = None
-    if not RunFolder(run).evaluation.is_file():
-        if run.exists():
-            sys.exit(f"{run} exists but is unfinished: remove it")
-        seconds = launch(args, run, ["--client-mode", mode, *extra])
+    seconds = launch_unless_finished(args, run, ["--client-mode", mode, *extra])
     workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
     result = analyse(run, workers)
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch
+from federation import RESULTS, RUNS, launch_unless_finished
 
 from server.store import RunFolder
 from soppu import atomic
@@ -48,12 +48,8 @@ def flags(name: str) -> list[str]:
 
 def measure(args: argparse.Namespace, name: str) -> dict:
     run = RUNS / f"lr-{name}"
-    folder = RunFolder(run)
-    if not folder.evaluation.is_file():
-        if run.exists():
-            sys.exit(f"{run} exists but is unfinished: remove it")
-        launch(args, run, flags(name))
-    summary = json.loads(folder.evaluation.read_text())["summary"]
+    launch_unless_finished(args, run, flags(name))
+    summary = json.loads(RunFolder(run).evaluation.read_text())["summary"]
     keys = ("gain_median", "global_gain_median", "beats_global", "personal_over_global_median")
     return {"schedule": name, "flags": flags(name), **{k: summary[k] for k in keys}}
 

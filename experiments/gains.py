@@ -38,6 +38,7 @@ from soppu import atomic
 from soppu.emulator import META_NAME
 
 MODES = ("emulator", "full")
+PRECISIONS = ("bf16", "fp32")
 
 
 def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
@@ -53,15 +54,18 @@ def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
 
 
 def client_costs(args: argparse.Namespace) -> dict[str, dict]:
-    """Step time and peak RSS of one client of each mode, the emulator the run used."""
+    """Step time and peak RSS of one client of each mode, the emulator the run used, in bf16
+    autocast and in fp32, side by side."""
     emulator_run = RUNS / f"gains-{args.name}-emulator"
     folder = RunFolder(emulator_run).emulator.resolve()
     plan = json.loads((folder / META_NAME).read_text())
-    return {
-        "emulator": cost(Recipe("emulator"), folder),
-        "full": cost(Recipe("full", mode="full"), folder),
-        "emulator_layers": len(plan["full_layers"]),
+    recipes = {"emulator": Recipe("emulator"), "full": Recipe("full", mode="full")}
+    costs = {
+        f"{mode}_{precision}": cost(recipe, folder, precision)
+        for precision in PRECISIONS
+        for mode, recipe in recipes.items()
     }
+    return {**costs, "emulator_layers": len(plan["full_layers"])}
 
 
 def markdown(results: dict[str, dict], costs: dict, args: argparse.Namespace) -> str:
@@ -86,10 +90,16 @@ def markdown(results: dict[str, dict], costs: dict, args: argparse.Namespace) ->
         f"| **{fu['beats_global']}/{fu['with_global']}** |",
         f"| median personal gain over global | {pct(em['personal_over_global_median'])} "
         f"| {pct(fu['personal_over_global_median'])} |",
-        f"| client step (1 thread, 4×128 tokens) | {costs['emulator']['step_s']:.2f} s "
-        f"| {costs['full']['step_s']:.2f} s |",
-        f"| client peak RSS | {costs['emulator']['peak_rss_mib']:.0f} MiB "
-        f"| {costs['full']['peak_rss_mib']:.0f} MiB |",
+        *(
+            f"| client step, {p} (1 thread, 4×128 tokens) "
+            f"| {costs[f'emulator_{p}']['step_s']:.2f} s | {costs[f'full_{p}']['step_s']:.2f} s |"
+            for p in PRECISIONS
+        ),
+        *(
+            f"| client peak RSS, {p} | {costs[f'emulator_{p}']['peak_rss_mib']:.0f} MiB "
+            f"| {costs[f'full_{p}']['peak_rss_mib']:.0f} MiB |"
+            for p in PRECISIONS
+        ),
         f"| layers the client holds | {costs['emulator_layers']} of 30 | 30 of 30 |",
         "",
         f"Emulator mode reaches **{share:.0%}** of full mode's median gain.",

@@ -168,7 +168,7 @@ from soppu import basemodel, lm
 from soppu.data import public_text
 from soppu.emulator import full_model_info, load
 from soppu.personalize import TrainConfig, fresh_lora, time_training_step
-mode, folder, lora_layers, targets = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+mode, folder, lora_layers, targets, precision = sys.argv[1:6]
 tokenizer = basemodel.load_tokenizer()
 blocks = lm.token_blocks(tokenizer, "\\n".join(public_text()[:3000]), 128)
 batch = lm.collate(blocks[100:104], tokenizer.pad_token_id)
@@ -183,19 +183,20 @@ else:  # a client in full mode holds the full model, and nothing else
     model, info = base.model, full_model_info(base.model, base.name)
 config = TrainConfig(lora_layers=lora_layers, target_modules=tuple(targets.split(",")))
 lora = fresh_lora(model, info, config).on_emulator(info)
-seconds = time_training_step(model, lora, batch, repeats=5)
+seconds = time_training_step(model, lora, batch, repeats=5, precision_=precision)
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"step_s": seconds, "peak_rss_mib": peak}))
 """
 
 
-def cost(recipe: Recipe, emulator: Path) -> dict:
-    """One client step's seconds and the client's peak RSS; `emulator`: its folder."""
+def cost(recipe: Recipe, emulator: Path, precision: str = "auto") -> dict:
+    """One client step's seconds and the client's peak RSS; `emulator`: its folder;
+    `precision`: soppu.precision's (auto: bf16 where this CPU computes it natively)."""
     if recipe.mode == "public":
         return {"step_s": None, "peak_rss_mib": None}  # the server's work, not a client's
     done = subprocess.run(
         [sys.executable, "-c", COST_CHILD, recipe.mode, str(emulator),
-         recipe.lora_layers, ",".join(recipe.targets)],
+         recipe.lora_layers, ",".join(recipe.targets), precision],
         capture_output=True, text=True, check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])

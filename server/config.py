@@ -92,6 +92,9 @@ class FederationConfig:
     min_chars: int = 1000
     test_fraction: float = 0.2
     threads: int = 0  # torch threads on the server; 0: all
+    # bf16 autocast for the clients' steps, the alignment and the corrections where the device
+    # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -160,6 +163,7 @@ class FederationConfig:
             seed=self.seed,
             first_step=(round_ - 1) * self.local_steps,
             max_eval_tokens=self.max_eval_tokens,
+            precision=self.precision,
         )
 
     @property
@@ -267,6 +271,8 @@ HELP = {
     "min_chars": "Skip users with less text than this.",
     "test_fraction": "Held-out share of each user's text (the last part).",
     "threads": "torch threads on the server; 0: all.",
+    "precision": "auto: bf16 autocast for training where the device computes bf16 natively; "
+    "bf16; fp32 (the final evaluation is always fp32).",
 }
 
 

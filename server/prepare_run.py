@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from server.config import FederationConfig
 from server.federation import Correction, Federation, Log
 from server.store import RunFolder
-from soppu import atomic, basemodel, cache, lm
+from soppu import atomic, basemodel, cache, lm, precision
 from soppu import messages as m
 from soppu.adapters import LoraState
 from soppu.alignment import AlignConfig, build_aligned, gradient_correction
@@ -103,6 +103,11 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run = RunFolder(Path(config.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     public = public_for(config, log)
+    log(
+        f"precision {config.precision}: the server aligns and corrects in "
+        f"{precision.resolve(config.precision, config.device)} on {config.device}; "
+        "the final evaluation is fp32"
+    )
     emulator, info = _emulator(run, config, base, public, log)
     say_alignment(info, log)
     try:
@@ -188,6 +193,7 @@ def round_correction(
             batches=config.correction_batches,
             batch_size=config.batch_size,
             seed=config.seed * 100_003 + round_,  # other public batches each round
+            precision=config.precision,
         )
 
     return correction
@@ -253,7 +259,11 @@ def _aligned(
     with nothing to align (full mode, or 0 steps) is built into the run, never cached."""
     plan = config.plan(base.num_layers)
     align = AlignConfig(
-        steps=config.align_steps, batch_size=config.batch_size, seq_len=config.seq_len
+        steps=config.align_steps,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        # resolved: an emulator aligned in bf16 is another cache entry than one in fp32
+        precision=precision.resolve(config.precision, config.device),
     )
     worth_caching = plan.drop > 0 and align.steps > 0 and bool(public)
     folder = cache_dir() / "aligned-emulators" / _recipe_key(base, plan, align, public)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from soppu import lm
+from soppu import lm, precision
 from soppu.adapters import LoraState
 from soppu.emulator import (
     EmulatorError,
@@ -50,6 +50,7 @@ class AlignConfig:
     eval_blocks: int = 8  # held-out public blocks for the before/after losses
     importance_blocks: int = 16  # public blocks that rank the middle layers (select=importance)
     seed: int = 0
+    precision: str = "auto"  # soppu.precision: bf16 autocast where native; part of the cache key
 
 
 @dataclass
@@ -83,6 +84,7 @@ def _terms(
     h_emu, logits_emu = _boundary_inputs(emulator, batch, boundary_emu)
     keep = batch.mask.bool().to(h_emu.device)
     # Per token, so the few tokens with huge activations (attention sinks) do not dominate.
+    h_full, h_emu = h_full.float(), h_emu.float()  # bf16 under autocast
     full_sq = h_full[keep].pow(2).sum(-1).clamp_min(1e-12)
     l2 = ((h_emu - h_full)[keep].pow(2).sum(-1) / full_sq).mean()
     log_p_full = F.log_softmax(logits_full[keep].float(), dim=-1)
@@ -125,20 +127,29 @@ def align(
         )
     held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
     params = _middle_parameters(emulator, info)
-    before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+
+    # One autocast per step: autocast caches its bf16 copies of trainable weights until it
+    # exits, so a context around the loop would run every step on step 1's weights.
+    def mixed():
+        return precision.autocast(config.precision, precision.device_of(emulator))
+
+    with mixed():
+        before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
     progress(0, config.steps, before.total(config.l2_weight))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     emulator.train()
     batches = lm.training_batches(train, config.batch_size, config.steps, pad_id, config.seed)
     for step, batch in enumerate(batches, start=1):
-        l2, kl = _terms(full, emulator, info, batch)
+        with mixed():
+            l2, kl = _terms(full, emulator, info, batch)
         loss = config.l2_weight * l2 + kl
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress(step, config.steps, loss.item())
     emulator.eval().requires_grad_(False)
-    after = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    with mixed():
+        after = measure(full, emulator, info, held_out, pad_id, config.batch_size)
     return {
         "config": asdict(config),
         "public_blocks": len(public_blocks),
@@ -204,22 +215,29 @@ def gradient_correction(
     batches: int = 8,
     batch_size: int = 4,
     seed: int = 0,
+    precision: str = "auto",
 ) -> dict[str, Tensor]:
     """The emulator's gradient bias at `lora` (full-model keys): g_full − g_emu of the LoRA's
-    mean loss over `batches` public batches. Empty for an exact emulator (full mode)."""
+    mean loss over `batches` public batches, both measured in the clients' `precision`.
+    Empty for an exact emulator (full mode)."""
     if info.exact or batches <= 0:
         return {}
     chosen = list(lm.training_batches(public_blocks, batch_size, batches, pad_id, seed))
-    on_full = _lora_gradient(full, lora, chosen)
-    on_emulator = to_full_keys(_lora_gradient(emulator, lora.on_emulator(info), chosen), info)
+    on_full = _lora_gradient(full, lora, chosen, precision)
+    on_emulator = _lora_gradient(emulator, lora.on_emulator(info), chosen, precision)
+    on_emulator = to_full_keys(on_emulator, info)
     return {key: on_full[key] - on_emulator[key] for key in on_full}
 
 
-def _lora_gradient(model: nn.Module, lora: LoraState, batches: list[lm.Batch]) -> dict:
+def _lora_gradient(
+    model: nn.Module, lora: LoraState, batches: list[lm.Batch], precision_: str
+) -> dict:
     with attached(model, lora, trainable=True) as peft_model:
         params = lora_parameters(peft_model)
         peft_model.train()
         for batch in batches:
-            (lm.lm_loss(peft_model, batch) / len(batches)).backward()
+            with precision.autocast(precision_, precision.device_of(model)):
+                loss = lm.lm_loss(peft_model, batch)
+            (loss / len(batches)).backward()
         peft_model.eval()
         return {key: param.grad.detach().clone() for key, param in params.items()}

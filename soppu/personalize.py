@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from soppu import lm
+from soppu import lm, precision
 from soppu.adapters import AdapterError, LoraState
 from soppu.basemodel import default_target_modules
 from soppu.data import UserText
@@ -138,8 +138,10 @@ def train_lora(
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
         )
+        device = precision.device_of(model)
         for step, batch in enumerate(batches, start=1):
-            loss = lm.lm_loss(model, batch)
+            with precision.autocast(config.precision, device):
+                loss = lm.lm_loss(model, batch)
             loss.backward()
             for key, delta in shift.items():
                 params[key].grad += delta.to(params[key].grad)
@@ -202,8 +204,9 @@ def personalize(
         raise ValueError(f"user {user.user_id!r} has too little text to train and evaluate")
     start = start or fresh_lora(emulator, info, config)
 
-    def emulator_ppl(lora: LoraState) -> float:
-        with attached(emulator, lora.on_emulator(info)) as model:
+    def emulator_ppl(lora: LoraState) -> float:  # the client's own check, in its precision
+        mixed = precision.autocast(config.precision, precision.device_of(emulator))
+        with attached(emulator, lora.on_emulator(info)) as model, mixed:
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
 
     ppl = {"emulator_start": emulator_ppl(start)}
@@ -227,16 +230,23 @@ def personalize(
 
 
 def time_training_step(
-    model: nn.Module, lora: LoraState, batch: lm.Batch, repeats: int = 3
+    model: nn.Module,
+    lora: LoraState,
+    batch: lm.Batch,
+    repeats: int = 3,
+    precision_: str = "auto",
 ) -> float:
     """Median seconds of one LoRA training step (forward, backward, AdamW) on `model`."""
     times = []
+    device = precision.device_of(model)
     with attached(model, lora, trainable=True) as peft_model:
         optimizer = torch.optim.AdamW(lora_parameters(peft_model).values(), lr=1e-6)
         peft_model.train()
         for _ in range(repeats + 1):  # the first step warms up allocators and kernels
             began = time.perf_counter()
-            lm.lm_loss(peft_model, batch).backward()
+            with precision.autocast(precision_, device):
+                loss = lm.lm_loss(peft_model, batch)
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - began)

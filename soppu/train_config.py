@@ -9,6 +9,7 @@ from dataclasses import dataclass
 LORA_LAYERS = ("all", "adapter")
 # transformers' `get_scheduler` names (`TrainingArguments.lr_scheduler_type`), per training run
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")  # soppu.precision's, kept here free of torch
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class TrainConfig:
     seed: int = 0
     first_step: int = 0  # batches of the seed's data order already trained on (earlier rounds)
     max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
+    # bf16 autocast where the device computes bf16 natively (soppu.precision); the LoRA stays fp32
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.lora_layers not in LORA_LAYERS:
@@ -38,6 +41,8 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_steps < max(self.steps, 1):
             raise ValueError(f"warmup steps {self.warmup_steps} must be in [0, steps)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.first_step < 0:
             raise ValueError(f"first step {self.first_step} is negative")
 
@@ -59,4 +64,5 @@ TRAIN_HELP = {
     "seed": "Seed for the data order and the LoRA's initialisation.",
     "first_step": "Continue the data order after this many batches (a federation's later rounds).",
     "max_eval_tokens": "Held-out tokens evaluated.",
+    "precision": "auto: bf16 autocast where the device computes bf16 natively; bf16; fp32.",
 }

@@ -32,7 +32,8 @@ TEXT = "\n".join(
     f"speech {i}: now is the winter of our discontent made glorious summer" for i in range(40)
 )
 USER = UserText("alice", TEXT, "speech 99: made glorious summer by this sun of york")
-CONFIG = TrainConfig(steps=4, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)
+# fp32: the expectations computed by hand here are fp32 (bf16 autocast is tested on its own)
+CONFIG = TrainConfig(steps=4, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8, precision="fp32")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMPORTANCE = [1.0, 0.2, 0.9, 0.1, 1.0, 1.0]  # keeps middle layers 0 and 2 of 0..3
 
@@ -116,13 +117,13 @@ def test_the_correction_turns_an_emulator_step_into_the_full_models_step(setup):
     """When the client's text is the public text, g_emu(text) + (g_full − g_emu)(public) is
     g_full(text) exactly: the corrected step on the emulator is the full model's own step."""
     full, emulator, info, tokenizer = setup
-    config = TrainConfig(steps=1, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)
+    config = replace(CONFIG, steps=1)
     blocks = lm.token_blocks(tokenizer, TEXT, config.seq_len)[:2]
     start = fresh_lora(emulator, info, config)
     start.tensors = {k: v + 0.01 * torch.randn_like(v) for k, v in start.tensors.items()}
     pad = tokenizer.pad_token_id
     correction = gradient_correction(
-        full, emulator, info, start, blocks, pad, batches=1, batch_size=2
+        full, emulator, info, start, blocks, pad, batches=1, batch_size=2, precision="fp32"
     )
     assert set(correction) == set(start.tensors)
     on_emulator, _ = train_lora(emulator, info, blocks, pad, config, start, correction=correction)

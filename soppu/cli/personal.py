@@ -43,7 +43,16 @@ def register(app: typer.Typer) -> None:
 
 # The emulator recipe's settings, named, defaulted and explained once, by the federation's
 # config (a federation builds the same emulator from them).
-RECIPE_SETTINGS = ("top", "bottom", "drop", "layer_select", "align_steps", "batch_size", "seq_len")
+RECIPE_SETTINGS = (
+    "top",
+    "bottom",
+    "drop",
+    "layer_select",
+    "align_steps",
+    "batch_size",
+    "seq_len",
+    "precision",
+)
 
 
 def _param(field: str) -> str:
@@ -101,6 +110,7 @@ def emulator_build(
     from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorPlan, save
     from soppu.personalize import fresh_lora, time_training_step
+    from soppu.precision import resolve as resolve_precision
 
     used = set_threads(threads)
     with clear_errors():
@@ -116,16 +126,23 @@ def emulator_build(
             select=r["layer_select"],
         )
         config = AlignConfig(
-            steps=r["align_steps"], lr=align_lr, batch_size=batch_size, seq_len=seq_len
+            steps=r["align_steps"],
+            lr=align_lr,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            precision=resolve_precision(r["precision"], _device(device)),
         )
         emulator, info, texts = _build_emulator(base, plan, public, config)
         save(emulator, info, out, replace=overwrite)
         sample = lm.token_blocks(base.tokenizer, "\n".join(texts[:2000]), seq_len)
         batch = lm.collate(sample[:batch_size], base.tokenizer.pad_token_id)
         lora = fresh_lora(emulator, info, TrainConfig())
-        emu_s = time_training_step(emulator, lora.on_emulator(info), batch)
-        full_s = time_training_step(base.model, lora, batch)
-    _print_emulator(info, out, emu_s, full_s, used, batch_size, seq_len)
+        emu_s = time_training_step(
+            emulator, lora.on_emulator(info), batch, precision_=config.precision
+        )
+        full_s = time_training_step(base.model, lora, batch, precision_=config.precision)
+    how = f"{batch_size}×{seq_len} tokens, {used} threads, {config.precision}"
+    _print_emulator(info, out, emu_s, full_s, how)
 
 
 def _build_emulator(base, plan, public: Path | None, config):
@@ -155,9 +172,7 @@ def _build_emulator(base, plan, public: Path | None, config):
     return emulator, info, texts
 
 
-def _print_emulator(
-    info, out: Path, emu_s: float, full_s: float, threads: int, batch_size: int, seq_len: int
-) -> None:
+def _print_emulator(info, out: Path, emu_s: float, full_s: float, how: str) -> None:
     middle = [f for f in info.full_layers if f not in info.adapter_layers]
     console.print(f"emulator [bold]{info.version}[/] of {shown(info.base_model)} → {shown(out)}")
     console.print(f"  adapter layers (trained by users): {info.adapter_layers}")
@@ -175,7 +190,7 @@ def _print_emulator(
             highlight=False,
         )
     console.print(
-        f"  one LoRA training step ({batch_size}×{seq_len} tokens, {threads} threads): "
+        f"  one LoRA training step ({how}): "
         f"emulator {emu_s:.2f} s, full model {full_s:.2f} s → [bold]{full_s / emu_s:.2f}×[/]",
         highlight=False,
     )
@@ -223,7 +238,7 @@ def personalize(
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, str(resolve_data(data)))
         base = basemodel.load(base_model, device=_device(device))
-        emu_model, info, texts = _emulator(emulator, base, client_mode, public)
+        emu_model, info, texts = _emulator(emulator, base, client_mode, public, config.precision)
         starting = read_lora(start) if start else None
         correction = _correction(base, emu_model, info, texts, config, starting, correction_batches)
         with progress_bar("train") as progress:
@@ -244,7 +259,9 @@ def personalize(
     _print_personal(result, out)
 
 
-def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
+def _emulator(
+    folder: Path | None, base, client_mode: str, public: Path | None, precision: str = "auto"
+):
     """(model, info, public texts): the given emulator, the full model itself (full mode), or
     the default emulator built and aligned now."""
     from soppu.alignment import AlignConfig
@@ -261,7 +278,8 @@ def _emulator(folder: Path | None, base, client_mode: str, public: Path | None):
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, public_text(public)
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
-    return _build_emulator(base, EmulatorPlan(base.num_layers), public, AlignConfig())
+    align = AlignConfig(precision=precision)
+    return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)
 
 
 def _device(device: str) -> str:
@@ -295,6 +313,7 @@ def _correction(base, emulator, info, texts, config, start, batches: int):
             batches=batches,
             batch_size=config.batch_size,
             seed=config.seed,
+            precision=config.precision,
         )
 
 

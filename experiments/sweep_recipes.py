@@ -183,7 +183,7 @@ else:  # a client in full mode holds the full model, and nothing else
     model, info = base.model, full_model_info(base.model, base.name)
 config = TrainConfig(lora_layers=lora_layers, target_modules=tuple(targets.split(",")))
 lora = fresh_lora(model, info, config).on_emulator(info)
-seconds = time_training_step(model, lora, batch, repeats=5, precision_=precision)
+seconds = time_training_step(model, lora, batch, repeats=5, precision=precision)
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"step_s": seconds, "peak_rss_mib": peak}))
 """

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from soppu import lm, precision
+from soppu import lm
 from soppu.adapters import LoraState
 from soppu.emulator import (
     EmulatorError,
@@ -38,6 +38,7 @@ from soppu.emulator import (
     version_id,
 )
 from soppu.personalize import attached, lora_parameters
+from soppu.precision import autocast, device_of
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def align(
     # One autocast per step: autocast caches its bf16 copies of trainable weights until it
     # exits, so a context around the loop would run every step on step 1's weights.
     def mixed():
-        return precision.autocast(config.precision, precision.device_of(emulator))
+        return autocast(config.precision, device_of(emulator))
 
     with mixed():
         before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
@@ -230,13 +231,13 @@ def gradient_correction(
 
 
 def _lora_gradient(
-    model: nn.Module, lora: LoraState, batches: list[lm.Batch], precision_: str
+    model: nn.Module, lora: LoraState, batches: list[lm.Batch], precision: str
 ) -> dict:
     with attached(model, lora, trainable=True) as peft_model:
         params = lora_parameters(peft_model)
         peft_model.train()
         for batch in batches:
-            with precision.autocast(precision_, precision.device_of(model)):
+            with autocast(precision, device_of(model)):
                 loss = lm.lm_loss(peft_model, batch)
             (loss / len(batches)).backward()
         peft_model.eval()

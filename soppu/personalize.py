@@ -21,11 +21,12 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from soppu import lm, precision
+from soppu import lm
 from soppu.adapters import AdapterError, LoraState
 from soppu.basemodel import default_target_modules
 from soppu.data import UserText
 from soppu.emulator import EmulatorInfo, to_emulator_keys
+from soppu.precision import autocast, device_of
 from soppu.train_config import TrainConfig
 
 
@@ -138,9 +139,9 @@ def train_lora(
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
         )
-        device = precision.device_of(model)
+        device = device_of(model)
         for step, batch in enumerate(batches, start=1):
-            with precision.autocast(config.precision, device):
+            with autocast(config.precision, device):
                 loss = lm.lm_loss(model, batch)
             loss.backward()
             for key, delta in shift.items():
@@ -205,7 +206,7 @@ def personalize(
     start = start or fresh_lora(emulator, info, config)
 
     def emulator_ppl(lora: LoraState) -> float:  # the client's own check, in its precision
-        mixed = precision.autocast(config.precision, precision.device_of(emulator))
+        mixed = autocast(config.precision, device_of(emulator))
         with attached(emulator, lora.on_emulator(info)) as model, mixed:
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
 
@@ -234,17 +235,17 @@ def time_training_step(
     lora: LoraState,
     batch: lm.Batch,
     repeats: int = 3,
-    precision_: str = "auto",
+    precision: str = "auto",
 ) -> float:
     """Median seconds of one LoRA training step (forward, backward, AdamW) on `model`."""
     times = []
-    device = precision.device_of(model)
+    device = device_of(model)
     with attached(model, lora, trainable=True) as peft_model:
         optimizer = torch.optim.AdamW(lora_parameters(peft_model).values(), lr=1e-6)
         peft_model.train()
         for _ in range(repeats + 1):  # the first step warms up allocators and kernels
             began = time.perf_counter()
-            with precision.autocast(precision_, device):
+            with autocast(precision, device):
                 loss = lm.lm_loss(peft_model, batch)
             loss.backward()
             optimizer.step()

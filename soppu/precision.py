@@ -1,9 +1,10 @@
 """Mixed precision for the work that trains: client steps, their own held-out checks, the
 emulator's alignment and the gradient corrections run under bf16 autocast where the device
-computes bf16 natively (measured on this project's 2-core EPYC with AVX512-BF16: a client step
-2.2× faster, a full-model forward 2.7×). Weights, the LoRA, its gradients and AdamW's state
-stay fp32, as with transformers' `bf16=True`; the run's final evaluation on the full model is
-always fp32, so gains are judged in one precision whatever the clients used.
+computes bf16 natively (a CPU with AVX512-BF16 or AMX, or a CUDA device that has it; elsewhere
+bf16 is emulated and slower than fp32; experiments/gains.py times a client step in both).
+Weights, the LoRA, its gradients and AdamW's state stay fp32, as with transformers'
+`bf16=True`; the run's final evaluation on the full model is always fp32, so gains are judged
+in one precision whatever the clients used.
 """
 
 from __future__ import annotations

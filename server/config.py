@@ -45,8 +45,8 @@ class FederationConfig:
     compress_every: int = 0  # compress every K rounds (0: only after the last)
     compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
     # 0.98 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
-    # they keep 97% (99% in full mode) of the personal gain over the global adapter at 23×
-    # (13×); 0.97 kept 85% at 30×, its p25 80%
+    # they keep 96% (100% in full mode) of the personal gain over the global adapter at 23×
+    # (13×), and 97% (99%) on fp32-trained ones, where 0.97 kept 85% at 30×, its p25 80%
     compress_energy: float = 0.98
     compress_sigma: str = "full"
     compress_bits: int = 8  # 8 or 4: quantised bases and cores; 32: float32

@@ -30,7 +30,7 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def resolve(precision: str, device: torch.device | str) -> str:
-    """ "bf16" or "fp32": `auto` is bf16 where `device` computes it natively."""
+    """`precision` on `device` as "bf16" or "fp32": `auto` is bf16 where it is native there."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":

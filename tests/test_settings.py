@@ -131,3 +131,16 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
     # an unset flag is the default, a set one wins
     assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS) | {"top": 3})["top"] == 3
     assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS))["drop"] == plan.drop
+
+
+def test_each_client_mode_trains_at_its_measured_lr_unless_one_is_given():
+    from server.config import MODE_SCHEDULES
+
+    for mode, (lr, schedule) in MODE_SCHEDULES.items():
+        train = FederationConfig(client_mode=mode).train()
+        assert (train.lr, train.lr_scheduler_type) == (lr, schedule)
+    assert MODE_SCHEDULES["emulator"] != MODE_SCHEDULES["full"]
+    given = FederationConfig(client_mode="full", lr=2e-3, lr_scheduler_type="cosine").train()
+    assert (given.lr, given.lr_scheduler_type) == (2e-3, "cosine")
+    with pytest.raises(ValueError, match="lr scheduler 'warmup'"):
+        FederationConfig(lr_scheduler_type="warmup")

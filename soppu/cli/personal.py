@@ -267,6 +267,7 @@ def _emulator(
     from soppu.alignment import AlignConfig
     from soppu.data import public_text
     from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
+    from soppu.precision import device_of, resolve
 
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
@@ -278,7 +279,7 @@ def _emulator(
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, public_text(public)
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
-    align = AlignConfig(precision=precision)
+    align = AlignConfig(precision=resolve(precision, device_of(base.model)))  # as it ran
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)
 
 

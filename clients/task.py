@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from soppu import atomic, cache, lm, precision
+from soppu import atomic, cache, lm
 from soppu.adapters import LoraState
 from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
@@ -147,7 +147,7 @@ def evaluate(
     blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
     if not blocks:
         raise DataError(f"user {user.user_id!r} has no held-out text to evaluate")
-    mixed = precision.autocast(config.precision, precision.device_of(model))
-    with attached(model, lora.on_emulator(info)) as peft_model, mixed:
-        ppl = lm.perplexity(peft_model, blocks, tokenizer.pad_token_id, config.batch_size)
+    with attached(model, lora.on_emulator(info)) as peft_model:
+        pad = tokenizer.pad_token_id
+        ppl = lm.perplexity(peft_model, blocks, pad, config.batch_size, config.precision)
     return math.log(ppl), sum(b.numel() for b in blocks)

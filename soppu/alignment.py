@@ -38,7 +38,6 @@ from soppu.emulator import (
     version_id,
 )
 from soppu.personalize import attached, lora_parameters
-from soppu.precision import autocast, device_of
 
 
 @dataclass(frozen=True)
@@ -63,26 +62,22 @@ class AlignTerms:
         return l2_weight * self.l2 + self.kl
 
 
-def _boundary_inputs(model: nn.Module, batch: lm.Batch, layer: int) -> tuple[Tensor, Tensor]:
+def _boundary_inputs(
+    model: nn.Module, batch: lm.Batch, layer: int, precision: str
+) -> tuple[Tensor, Tensor]:
     """(hidden state entering decoder layer `layer`, logits)."""
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.ids.to(device),
-        attention_mask=batch.mask.to(device),
-        output_hidden_states=True,
-        use_cache=False,
-    )
+    out = lm.forward(model, batch, precision, output_hidden_states=True)
     return out.hidden_states[layer], out.logits
 
 
 def _terms(
-    full: nn.Module, emulator: nn.Module, info: EmulatorInfo, batch: lm.Batch
+    full: nn.Module, emulator: nn.Module, info: EmulatorInfo, batch: lm.Batch, precision: str
 ) -> tuple[Tensor, Tensor]:
     boundary_full = info.plan["num_layers"] - info.plan["top"]  # first top adapter layer
     boundary_emu = info.emulator_index(boundary_full)
     with torch.no_grad():
-        h_full, logits_full = _boundary_inputs(full, batch, boundary_full)
-    h_emu, logits_emu = _boundary_inputs(emulator, batch, boundary_emu)
+        h_full, logits_full = _boundary_inputs(full, batch, boundary_full, precision)
+    h_emu, logits_emu = _boundary_inputs(emulator, batch, boundary_emu, precision)
     keep = batch.mask.bool().to(h_emu.device)
     # Per token, so the few tokens with huge activations (attention sinks) do not dominate.
     h_full, h_emu = h_full.float(), h_emu.float()  # bf16 under autocast
@@ -102,10 +97,11 @@ def measure(
     blocks: Sequence[Tensor],
     pad_id: int,
     batch_size: int,
+    precision: str = "fp32",
 ) -> AlignTerms:
     l2_sum, kl_sum, count = 0.0, 0.0, 0
     for batch in lm.batches(blocks, batch_size, pad_id):
-        l2, kl = _terms(full, emulator, info, batch)
+        l2, kl = _terms(full, emulator, info, batch, precision)
         l2_sum, kl_sum, count = l2_sum + float(l2), kl_sum + float(kl), count + 1
     return AlignTerms(l2_sum / max(count, 1), kl_sum / max(count, 1))
 
@@ -128,29 +124,21 @@ def align(
         )
     held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
     params = _middle_parameters(emulator, info)
-
-    # One autocast per step: autocast caches its bf16 copies of trainable weights until it
-    # exits, so a context around the loop would run every step on step 1's weights.
-    def mixed():
-        return autocast(config.precision, device_of(emulator))
-
-    with mixed():
-        before = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    mixed = config.precision
+    before = measure(full, emulator, info, held_out, pad_id, config.batch_size, mixed)
     progress(0, config.steps, before.total(config.l2_weight))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     emulator.train()
     batches = lm.training_batches(train, config.batch_size, config.steps, pad_id, config.seed)
     for step, batch in enumerate(batches, start=1):
-        with mixed():
-            l2, kl = _terms(full, emulator, info, batch)
+        l2, kl = _terms(full, emulator, info, batch, mixed)
         loss = config.l2_weight * l2 + kl
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress(step, config.steps, loss.item())
     emulator.eval().requires_grad_(False)
-    with mixed():
-        after = measure(full, emulator, info, held_out, pad_id, config.batch_size)
+    after = measure(full, emulator, info, held_out, pad_id, config.batch_size, mixed)
     return {
         "config": asdict(config),
         "public_blocks": len(public_blocks),
@@ -237,8 +225,6 @@ def _lora_gradient(
         params = lora_parameters(peft_model)
         peft_model.train()
         for batch in batches:
-            with autocast(precision, device_of(model)):
-                loss = lm.lm_loss(peft_model, batch)
-            (loss / len(batches)).backward()
+            (lm.lm_loss(peft_model, batch, precision) / len(batches)).backward()
         peft_model.eval()
         return {key: param.grad.detach().clone() for key, param in params.items()}

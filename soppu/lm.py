@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from soppu.precision import autocast
+
 
 @dataclass
 class Batch:
@@ -74,12 +76,22 @@ def training_batches(
             yield collate([blocks[i] for i in picked], pad_id)
 
 
-def logits(model: nn.Module, batch: Batch) -> Tensor:
+def forward(model: nn.Module, batch: Batch, precision: str = "fp32", **kwargs):
+    """`model` on `batch`, under bf16 autocast when `precision` resolves to it. Autocast is
+    entered here, once per forward, because it keeps its bf16 copies of trainable weights until
+    it exits: a context around a training loop would run every step on step 1's weights."""
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False
-    )
-    return out.logits
+    with autocast(precision, device):
+        return model(
+            input_ids=batch.ids.to(device),
+            attention_mask=batch.mask.to(device),
+            use_cache=False,
+            **kwargs,
+        )
+
+
+def logits(model: nn.Module, batch: Batch, precision: str = "fp32") -> Tensor:
+    return forward(model, batch, precision).logits
 
 
 def nll(logits_: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
@@ -90,20 +102,25 @@ def nll(logits_: Tensor, batch: Batch, reduction: str = "mean") -> Tensor:
     return F.cross_entropy(pred, target[keep], reduction=reduction)
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> Tensor:
-    return nll(logits(model, batch), batch)
+def lm_loss(model: nn.Module, batch: Batch, precision: str = "fp32") -> Tensor:
+    return nll(logits(model, batch, precision), batch)
 
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, blocks: Sequence[Tensor], pad_id: int, batch_size: int = 4
+    model: nn.Module,
+    blocks: Sequence[Tensor],
+    pad_id: int,
+    batch_size: int = 4,
+    precision: str = "fp32",
 ) -> float:
-    """exp(mean next-token NLL) over every real token of `blocks`."""
+    """exp(mean next-token NLL) over every real token of `blocks` (fp32 unless asked: the
+    run's judge is fp32, a client's own check may be bf16)."""
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     for batch in batches(blocks, batch_size, pad_id):
-        total += float(nll(logits(model, batch), batch, reduction="sum"))
+        total += float(nll(logits(model, batch, precision), batch, reduction="sum"))
         count += batch.predicted_tokens
     model.train(was_training)
     if count == 0:

@@ -26,7 +26,6 @@ from soppu.adapters import AdapterError, LoraState
 from soppu.basemodel import default_target_modules
 from soppu.data import UserText
 from soppu.emulator import EmulatorInfo, to_emulator_keys
-from soppu.precision import autocast, device_of
 from soppu.train_config import TrainConfig
 
 
@@ -139,10 +138,8 @@ def train_lora(
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
         )
-        device = device_of(model)
         for step, batch in enumerate(batches, start=1):
-            with autocast(config.precision, device):
-                loss = lm.lm_loss(model, batch)
+            loss = lm.lm_loss(model, batch, config.precision)
             loss.backward()
             for key, delta in shift.items():
                 params[key].grad += delta.to(params[key].grad)
@@ -206,9 +203,8 @@ def personalize(
     start = start or fresh_lora(emulator, info, config)
 
     def emulator_ppl(lora: LoraState) -> float:  # the client's own check, in its precision
-        mixed = autocast(config.precision, device_of(emulator))
-        with attached(emulator, lora.on_emulator(info)) as model, mixed:
-            return lm.perplexity(model, test_blocks, pad_id, config.batch_size)
+        with attached(emulator, lora.on_emulator(info)) as model:
+            return lm.perplexity(model, test_blocks, pad_id, config.batch_size, config.precision)
 
     ppl = {"emulator_start": emulator_ppl(start)}
     lora, losses = train_lora(
@@ -239,15 +235,12 @@ def time_training_step(
 ) -> float:
     """Median seconds of one LoRA training step (forward, backward, AdamW) on `model`."""
     times = []
-    device = device_of(model)
     with attached(model, lora, trainable=True) as peft_model:
         optimizer = torch.optim.AdamW(lora_parameters(peft_model).values(), lr=1e-6)
         peft_model.train()
         for _ in range(repeats + 1):  # the first step warms up allocators and kernels
             began = time.perf_counter()
-            with autocast(precision, device):
-                loss = lm.lm_loss(peft_model, batch)
-            loss.backward()
+            lm.lm_loss(peft_model, batch, precision).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - began)

@@ -47,7 +47,3 @@ def autocast(precision: str, device: torch.device | str) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -20,10 +20,21 @@ TEXT = "\n".join(f"line {i}: to be, or not to be, that is the question" for i in
 CONFIG = TrainConfig(steps=3, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)
 
 
-def test_auto_is_bf16_where_the_device_computes_it_natively():
-    assert precision.resolve("auto", "cpu") == ("bf16" if precision.native_bf16("cpu") else "fp32")
-    assert precision.resolve("fp32", "cpu") == "fp32"
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")],
+)
+def test_auto_is_bf16_where_the_cpu_computes_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert precision.resolve("auto", "cpu") == expected
+    assert precision.resolve("fp32", "cpu") == "fp32"  # asked for, whatever the CPU
     assert precision.resolve("bf16", "cpu") == "bf16"
+
+
+def test_auto_is_fp32_on_a_cuda_device_torch_cannot_see(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.resolve("auto", "cuda") == "fp32"
 
 
 @pytest.mark.parametrize("chosen, on", [("bf16", True), ("fp32", False)])

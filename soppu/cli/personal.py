@@ -267,19 +267,20 @@ def _emulator(
     from soppu.alignment import AlignConfig
     from soppu.data import public_text
     from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
-    from soppu.precision import device_of, resolve
+    from soppu.precision import resolve
 
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
+    device = str(next(base.model.parameters()).device)
     if folder is not None:
-        model, info = load(folder, device=str(next(base.model.parameters()).device))
+        model, info = load(folder, device=device)
         if info.base_model != base.name:
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
         if not info.exact and not info.aligned:
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, public_text(public)
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
-    align = AlignConfig(precision=resolve(precision, device_of(base.model)))  # as it ran
+    align = AlignConfig(precision=resolve(precision, device))  # as it ran
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)
 
 

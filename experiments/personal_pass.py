@@ -49,7 +49,7 @@ def measure(run: Path, steps: int, lr: float | None = None, users: int | None = 
     if start is None:
         sys.exit(f"{run} has no global adapter (aggregation none?)")
     began = time.perf_counter()
-    public = public_for(judge.config, log=print)
+    public = public_for(judge.config, print, judge.base)
     measure_at = round_correction(judge.config, judge.base, emulator, info, public)
     correction = measure_at(start, judge.config.rounds + 1)  # as a next round's server would
     correction_s = time.perf_counter() - began

@@ -3,9 +3,13 @@
 Works on a stopped or a running federation: the store is snapshotted by hard links under the
 run's lock (instant), so a round committing meanwhile neither blocks on nor corrupts it.
 
+What is compressed for each user is what they are served (`RUN/selection.json`: their
+personal adapter, the global one, or none), and the manifest's source records the choice.
+
 When the only change since the last compressed version is new users (every user it holds
-still has the adapter it was compressed from), the new users are projected onto its bases
-(`add_users`) instead of recompressing everyone; a slot they drift away from is refit.
+still has the adapter it was compressed from, and all are served their own), the new users
+are projected onto its bases (`add_users`) instead of recompressing everyone; a slot they
+drift away from is refit.
 """
 
 from __future__ import annotations
@@ -60,13 +64,16 @@ def compress_run(
     compressed = Versions(run.compressed)
     with compressed.lock(), atomic.scratch_dir(run.compressed, "snapshot") as links:
         target = compressed.next()  # one compression round at a time takes the next number
-        paths = snapshot(run, links)
+        paths = snapshot(run, links, run.served_dirs())
+        served = run.selection_choices()
         source: dict[str, Any] = {
             "run": str(run.root.resolve()),
             "round": round_,
             "num_layers": num_layers,  # so publishing covers every layer of the base model
+            "served": {user: served.get(user, "personal") for user in paths},
         }
-        previous = _grown_from(run, set(paths), config) if incremental else None
+        own = all(choice == "personal" for choice in served.values())
+        previous = _grown_from(run, set(paths), config) if incremental and own else None
         if previous is None:
             compress_adapters(paths, target, config, progress=progress, source=source)
         else:
@@ -94,6 +101,9 @@ def _grown_from(run: RunFolder, users: set[str], config: CompressionConfig) -> P
     if replace(CompressionConfig(**manifest["config"]), device=config.device) != config:
         return None
     old = set(manifest["users"])
+    served_then = manifest.get("source", {}).get("served", {})
+    if any(choice != "personal" for choice in served_then.values()):
+        return None  # a user was served another adapter than their own: recompress
     since = manifest.get("source", {}).get("round")
     if since is None or not old < users:
         return None

@@ -87,7 +87,9 @@ class FederationConfig:
     drop: float = 0.5
     layer_select: str = "importance"  # which middle layers the emulator keeps: importance|even
     align_steps: int = 60
-    public: str = ""  # public text (no user's) to align on; "": the embedded public pool
+    # text no user owns, to align the emulator and correct gradients on: "generated" (the full
+    # model's own samples), "pool" (the embedded Shakespeare pool), or a file; "": the default
+    public: str = ""
     # devices
     client_gpus: float = 0.0  # GPUs per simulated client; > 0: clients train on CUDA
     device: str = "cpu"  # the server's alignment, gradient corrections, evaluation, compression
@@ -96,6 +98,9 @@ class FederationConfig:
     text_column: str = "text"
     min_chars: int = 1000
     test_fraction: float = 0.2
+    # the share before the held-out part on which each user's served adapter is chosen
+    # (personal, global or none); 0: no choice, every user is served their personal adapter
+    validation_fraction: float = 0.1
     threads: int = 0  # torch threads on the server; 0: all
     # bf16 autocast for the clients' steps, the alignment and the corrections where the device
     # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
@@ -185,6 +190,7 @@ class FederationConfig:
             text_column=self.text_column,
             min_chars=self.min_chars,
             test_fraction=self.test_fraction,
+            validation_fraction=self.validation_fraction,
             seed=self.seed,
         )
 
@@ -269,13 +275,17 @@ HELP = {
     "drop": "Share of the middle layers the emulator drops.",
     "layer_select": "Middle layers the emulator keeps: importance or even.",
     "align_steps": "Emulator alignment steps.",
-    "public": "Public text to align on, a 'text' column ('': the embedded public pool).",
+    "public": "Text no user owns, to align and correct on: generated (the full model's own "
+    "samples), pool (the embedded Shakespeare pool) or a file with a 'text' column; '': the "
+    "default.",
     "client_gpus": "GPUs per simulated client; > 0: clients train on CUDA.",
     "device": "Server device: alignment, corrections, evaluation, compression.",
     "user_column": "Column with the user id.",
     "text_column": "Column with the text.",
     "min_chars": "Skip users with less text than this.",
     "test_fraction": "Held-out share of each user's text (the last part).",
+    "validation_fraction": "Share before the held-out part on which each user's served "
+    "adapter is chosen (personal, global or none); 0: serve the personal one unchosen.",
     "threads": "torch threads on the server; 0: all.",
     "precision": "auto: bf16 autocast for training where the device computes bf16 natively; "
     "bf16; fp32 (the final evaluation is always fp32).",

@@ -37,6 +37,7 @@ from soppu.adapters import LoraState
 
 Log = Callable[[str], None]
 Correction = Callable[[LoraState, int], dict[str, Tensor]]  # (starting LoRA, round) → tensors
+Selection = Callable[[], dict[str, dict[str, Any]]]  # → user → what they are served, and why
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Federation:
     log: Log = print
     correction: Correction | None = None  # None: the clients train uncorrected
     correction_seconds: float = 0.0  # the last round's
+    # scores each user's candidates on their validation text before a compression round;
+    # None: the server cannot read the users' text, everyone is served their own adapter
+    select: Selection | None = None
     nodes: Nodes | None = None  # set when the rounds start: they need the grid
 
     @property
@@ -287,6 +291,8 @@ def evaluate(
 
 def compress(fed: Federation, round_: int) -> None:
     fed.log(f"compression round after round {round_}")
+    if fed.select is not None:
+        say_served(fed.select(), fed.log)
     config: CompressionConfig = fed.config.compression()
     compressed, version = compress_run(
         fed.run,
@@ -307,6 +313,21 @@ def compress(fed: Federation, round_: int) -> None:
         f"compressed {totals['users']} users' adapters {totals['ratio']:.1f}× "
         f"(error mean {totals['mean']:.4f}) → {compressed}; published {version}"
     )
+
+
+def say_served(chosen: dict[str, dict[str, Any]], log: Log) -> None:
+    """One line per kind of choice: how many users are served what, naming those not served
+    their own adapter (an adapter that would harm them on their validation text)."""
+    by_choice: dict[str, list[str]] = {}
+    for user, entry in sorted(chosen.items()):
+        by_choice.setdefault(entry["served"], []).append(user)
+    log(
+        "served, chosen on each user's validation text: "
+        + ", ".join(f"{choice} {len(users)}" for choice, users in sorted(by_choice.items()))
+    )
+    for choice, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
+        if by_choice.get(choice):
+            log(f"  {what} for {', '.join(by_choice[choice])}: their own scored worse")
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -23,7 +23,8 @@ from flwr.app import RecordDict
 from torch import Tensor, nn
 
 from server.config import FederationConfig
-from server.federation import Correction, Federation, Log
+from server.federation import Correction, Federation, Log, Selection
+from server.selection import select_served
 from server.store import RunFolder
 from soppu import atomic, basemodel, cache, lm, precision
 from soppu import messages as m
@@ -34,6 +35,7 @@ from soppu.data import DataError, UserText, load_users, public_text
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
 
+DEFAULT_PUBLIC = "pool"  # what `public = ""` means; chosen by experiments/populations_gains.py
 MAY_CHANGE_ON_RESUME = {
     "rounds",
     "run_dir",
@@ -102,7 +104,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run = RunFolder(Path(config.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    public = public_for(config, log)
+    public = public_for(config, log, base)
     log(
         f"precision {config.precision}: the server aligns and corrects in "
         f"{precision.resolve(config.precision, config.device)} on {config.device}; "
@@ -142,18 +144,48 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
         template=template,
         log=log,
         correction=correction,
+        select=served_choice(run, config, base, users, log),
     )
 
 
-def public_for(config: FederationConfig, log: Log) -> list[str]:
-    """The run's public text: `public` if set, else the embedded pool (said when the users'
-    data is the user's own, whose domain it may not share)."""
-    if not config.public and config.data:
-        log(
-            "public text: none given (--public FILE); aligning the emulator and correcting "
-            "gradients on the embedded public pool (Shakespeare text no user owns)"
-        )
-    return public_text(Path(config.public) if config.public else None)
+def served_choice(
+    run: RunFolder, config: FederationConfig, base: BaseModel, users: dict[str, UserText], log: Log
+) -> Selection | None:
+    """What chooses each user's served adapter on their validation text, where the server can
+    read it (a simulation); None, said in the log, where it cannot."""
+    if not users or not config.validation_fraction:
+        why = "validation-fraction 0" if users else "the server cannot read their text"
+        log(f"every user is served their own adapter, unchosen ({why})")
+        return None
+
+    def select() -> dict[str, dict[str, Any]]:
+        return select_served(run, base.model, base.tokenizer, users, config.train())
+
+    return select
+
+
+def public_for(config: FederationConfig, log: Log, base: BaseModel | None = None) -> list[str]:
+    """The run's public text, what the emulator is aligned and the gradients corrected on:
+    `generated` (the full model's own samples: no one's text, every domain it knows), `pool`
+    (the embedded Shakespeare pool, said when the users' data is their own, whose domain it
+    may not share), or a file."""
+    source = config.public or DEFAULT_PUBLIC
+    if source == "generated":
+        if base is None:
+            raise ValueError("public text 'generated' needs the full model")
+        log("public text: the full model's own samples (data-free; cached once made)")
+        from soppu.generated import GenerationConfig, generated_text
+
+        generation = GenerationConfig(tokens=config.seq_len, seed=config.seed)
+        return generated_text(base.model, base.tokenizer, generation, step_logger(log, "write"))
+    if source == "pool":
+        if config.data:
+            log(
+                "public text: the embedded pool (Shakespeare text no user owns), though the "
+                "users' data is their own; --public generated or FILE may fit them better"
+            )
+        return public_text(None)
+    return public_text(Path(source))
 
 
 def say_alignment(info: EmulatorInfo, log: Log) -> None:

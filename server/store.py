@@ -5,6 +5,8 @@
     RUN/store/<user>/       the user's latest adapter: PEFT files + training.json
                             (round, metrics, emulator version; PEFT ignores it)
     RUN/global/             the averaged adapter (aggregation = fedavg)
+    RUN/selection.json      what each user is served (personal, global or base) and why
+    RUN/no-adapter/         an all-zero LoRA: what a user served the base model gets
     RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
     RUN/rounds.jsonl        one line per round: timings and counts
     RUN/state.json          the last complete round and the last compressed one
@@ -44,6 +46,8 @@ class RunFolder:
         self.emulator = self.root / "emulator"
         self.store = self.root / "store"
         self.global_dir = self.root / "global"
+        self.selection = self.root / "selection.json"
+        self.no_adapter = self.root / "no-adapter"
         self.metrics = self.root / "metrics.jsonl"
         self.rounds = self.root / "rounds.jsonl"
         self.state_file = self.root / "state.json"
@@ -77,6 +81,19 @@ class RunFolder:
 
     def global_adapter(self) -> LoraState | None:
         return read_lora(self.global_dir) if self.global_dir.is_dir() else None
+
+    def selection_choices(self) -> dict[str, str]:
+        """user → what they are served ("personal", "global" or "base"); {} before a choice."""
+        if not self.selection.is_file():
+            return {}
+        users = json.loads(self.selection.read_text())["users"]
+        return {user: entry["served"] for user, entry in users.items()}
+
+    def served_dirs(self) -> dict[str, Path]:
+        """user → the adapter dir they are served (their own where no choice was made)."""
+        choices = self.selection_choices()
+        sources = {"global": self.global_dir, "base": self.no_adapter}
+        return {u: sources.get(choices.get(u, "personal"), self.store / u) for u in self.users()}
 
     def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
@@ -174,14 +191,18 @@ def stored_round(run: RunFolder, user: str) -> int | None:
     return json.loads(meta.read_text()).get("round") if meta.is_file() else None
 
 
-def snapshot(run: RunFolder, into: Path) -> dict[str, Path]:
-    """Hard-link every user's stored adapter into `into` (files are only ever replaced by
-    rename, never rewritten, so links are a consistent, instant copy); user → dir."""
+def snapshot(
+    run: RunFolder, into: Path, sources: dict[str, Path] | None = None
+) -> dict[str, Path]:
+    """Hard-link every user's served adapter (`sources`: user → dir; default their stored
+    one) into `into` (files are only ever replaced by rename, never rewritten, so links are a
+    consistent, instant copy); user → dir."""
     paths = {}
     with run.locked():
         for user in run.users():
+            source = (sources or {}).get(user, run.store / user)
             (into / user).mkdir(parents=True)
-            for file in (run.store / user).iterdir():
+            for file in source.iterdir():
                 os.link(file, into / user / file.name)
             paths[user] = into / user
     if not paths:

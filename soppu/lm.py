@@ -107,6 +107,33 @@ def lm_loss(model: nn.Module, batch: Batch, precision: str = "fp32") -> Tensor:
 
 
 @torch.no_grad()
+def block_nll(
+    model: nn.Module,
+    blocks: Sequence[Tensor],
+    pad_id: int,
+    batch_size: int = 4,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """Per block: the summed next-token NLL (float64) and the tokens it predicts; the unit a
+    paired bootstrap resamples."""
+    sums, counts = [], []
+    was_training = model.training
+    model.eval()
+    for batch in batches(blocks, batch_size, pad_id):
+        logits_ = logits(model, batch, precision)
+        target = batch.ids[:, 1:].to(logits_.device)
+        keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).to(logits_.device)
+        per_token = F.cross_entropy(
+            logits_[:, :-1].float().transpose(1, 2), target, reduction="none"
+        )
+        sums.append((per_token * keep).sum(1).double().cpu())
+        counts.append(keep.sum(1).cpu())
+    model.train(was_training)
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.cat(sums), torch.cat(counts)
+
+
 def perplexity(
     model: nn.Module,
     blocks: Sequence[Tensor],
@@ -116,13 +143,7 @@ def perplexity(
 ) -> float:
     """exp(mean next-token NLL) over every real token of `blocks` (fp32 unless asked: the
     run's judge is fp32, a client's own check may be bf16)."""
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    for batch in batches(blocks, batch_size, pad_id):
-        total += float(nll(logits(model, batch, precision), batch, reduction="sum"))
-        count += batch.predicted_tokens
-    model.train(was_training)
-    if count == 0:
+    sums, counts = block_nll(model, blocks, pad_id, batch_size, precision)
+    if int(counts.sum()) == 0:
         raise ValueError("no held-out tokens to evaluate")
-    return math.exp(total / count)
+    return math.exp(float(sums.sum()) / int(counts.sum()))

@@ -56,6 +56,19 @@ def test_split_holds_out_the_last_part_at_a_line_break():
     assert user.train + "\n" + user.test == text
 
 
+def test_validation_sits_between_train_and_test_and_is_in_neither():
+    text = "\n".join(f"line {i:02d} of what the user said" for i in range(20))
+    user = split_by_position("u", text, 0.2, 0.1)
+    # Each cut falls at the last line break before its share (599 chars: 80% is 479, the
+    # end of line 15; 70% is 419, the end of line 13): test is 15–19, validation 13–14.
+    assert user.train.endswith("line 12 of what the user said")
+    assert user.validation == "line 13 of what the user said\nline 14 of what the user said"
+    assert user.test.startswith("line 15")
+    assert "\n".join([user.train, user.validation, user.test]) == text
+    with pytest.raises(DataError, match=r"validation fraction 0\.8"):
+        split_by_position("u", text, 0.2, 0.8)
+
+
 def test_reads_users_from_jsonl_csv_and_parquet(tmp_path):
     import pandas as pd
 

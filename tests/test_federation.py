@@ -110,33 +110,55 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
         training = json.loads((run.store / user / "training.json").read_text())
         assert training["round"] == 2 and training["emulator"].startswith("emu-")
 
-    # The published adapter is the user's own adapter (rank N·k compresses exactly).
+    # What each user is served was chosen on their validation text (the candidate with the
+    # lowest validation loss), and the published adapter is that one (rank N·k compresses
+    # exactly): the user's own, the global one, or all zeros (the base model).
+    selection = json.loads(run.selection.read_text())["users"]
+    assert sorted(selection) == USERS
+    for entry in selection.values():
+        scores = entry["validation"]
+        assert entry["served"] == min(scores, key=scores.get)
+    assert any("served, chosen on each user's validation text" in line for line in lines)
+    manifest = json.loads((run.compressed / "v0001" / "manifest.json").read_text())
+    assert manifest["source"]["served"] == {u: e["served"] for u, e in selection.items()}
     serving = run.serving / "current" / "users"
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
     plain = logits(base, ids)
-    for user in USERS[:2]:
+    for user, source in list(run.served_dirs().items())[:2]:
         own = PeftModel.from_pretrained(base, run.store / user)
-        own_logits = logits(own, ids)
+        assert not torch.allclose(logits(own, ids), plain, atol=1e-4)
         base = own.unload()
+        served = PeftModel.from_pretrained(base, source)
+        served_logits = logits(served, ids)
+        base = served.unload()
         published = PeftModel.from_pretrained(base, serving / user)
-        assert torch.allclose(logits(published, ids), own_logits, atol=1e-4)
-        assert not torch.allclose(own_logits, plain, atol=1e-4)
+        assert torch.allclose(logits(published, ids), served_logits, atol=1e-4)
         base = published.unload()
 
     evaluation = json.loads((run.root / "evaluation.json").read_text())
     assert [r["user"] for r in evaluation["users"]] == USERS
     for row in evaluation["users"]:
-        assert row["compressed"] == pytest.approx(row["personal"], rel=1e-4)
+        assert row["served"] == selection[row["user"]]["served"]
+        assert row["compressed"] == pytest.approx(row[row["served"]], rel=1e-4)
         assert row["emulator"] is not None and row["global"] is not None
         assert row["personal"] < row["base"] and row["global"] < row["base"]
         assert row["personal"] != row["global"]
-        if row["personal"] < row["global"]:
+        served_gain = row["gains"]["served_over_base"]
+        assert served_gain["low"] <= served_gain["point"] <= served_gain["high"]
+        assert row["verdict"] == {"better": "helped", "worse": "harmed", "same": "unchanged"}[
+            served_gain["verdict"]
+        ]
+        over_global = row["gains"]["personal_over_global"]
+        if over_global["verdict"] == "better" and row["served"] == "personal":
             # compressed is personal to rel 1e-4, so the share is 1 to that over the gain's size
             margin = 1e-4 * row["personal"] / (row["global"] - row["personal"])
             assert row["kept_over_global"] == pytest.approx(1.0, abs=max(1e-3, 2 * margin))
+        else:
+            assert row["kept_over_global"] is None  # no significant gain to keep a share of
     summary = evaluation["summary"]
     assert summary["with_global"] == 4 and 0 <= summary["beats_global"] <= 4
+    assert summary["helped"] + summary["harmed"] + summary["unchanged"] == 4
 
     described = CliRunner().invoke(cli, ["inspect", str(run.root)])
     assert "federation run" in described.output and "rounds: 2 of 2 done" in described.output

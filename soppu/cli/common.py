@@ -133,6 +133,9 @@ PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label c
 AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
 MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
 TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
+ValidationFractionOpt = Annotated[
+    float, typer.Option(help="Validation share, just before the held-out part.")
+]
 DATA_FLAGS = {
     "user_column": UserColumnOpt,
     "text_column": TextColumnOpt,
@@ -142,6 +145,7 @@ DATA_FLAGS = {
     "alpha": AlphaOpt,
     "min_chars": MinCharsOpt,
     "test_fraction": TestFractionOpt,
+    "validation_fraction": ValidationFractionOpt,
 }
 
 

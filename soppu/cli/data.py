@@ -55,7 +55,8 @@ def data(
     limit: Annotated[int, typer.Option(help="Rows to show (0: all).")] = 20,
     **flags: Any,
 ) -> None:
-    """List the users and how much text each has (train / held out), largest first."""
+    """List the users and how much text each has (train / validation / held out), largest
+    first."""
     from soppu.data import load_users
 
     options = data_options(flags)  # the data flags (`data_flags`)
@@ -64,11 +65,15 @@ def data(
         users = load_users(data, options)
     ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))
     table = Table(title=f"{len(users)} users (≥ {min_chars:,} characters)", title_justify="left")
-    for column in ("user", "characters", "train", "held out"):
+    for column in ("user", "characters", "train", "validation", "held out"):
         table.add_column(column, justify="left" if column == "user" else "right")
     for user in ranked[: limit or None]:
         table.add_row(
-            user.user_id, f"{user.chars:,}", f"{len(user.train):,}", f"{len(user.test):,}"
+            user.user_id,
+            f"{user.chars:,}",
+            f"{len(user.train):,}",
+            f"{len(user.validation):,}",
+            f"{len(user.test):,}",
         )
     console.print(table)
     sizes = [u.chars for u in ranked]

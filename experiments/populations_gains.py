@@ -1,0 +1,242 @@
+"""Each user's served gain on several populations, emulator mode against full mode, side by side.
+
+    python experiments/populations_gains.py                       # every population, both modes
+    python experiments/populations_gains.py --populations fortunes --publics pool --name quick
+
+For every population of experiments/populations.py (Shakespeare roles, fortune files, sympy
+subpackages) it runs the same federation through `soppu simulate` (each its own Ray): once in
+full mode (the ceiling) and once in emulator mode per public-text source the emulator is
+aligned and corrected on (`--public pool`: the embedded Shakespeare pool; `generated`: the full
+model's own samples). Nothing else differs from the defaults. Then, per run:
+
+- what users are served (chosen on their validation text) and how they fare on held-out text:
+  helped / harmed / unchanged by the paired 95% interval, the median served gain over the base
+  model, beside the personal and global adapters' and full mode's;
+- the targets: nobody harmed; emulator mode's served gain ≥ 60% of full mode's, and ≥ 10%
+  where full mode reaches ≥ 20%;
+- each emulator's KL to the full model on every population's held-out text, with its
+  alignment's steps and seconds: does alignment on one source carry to the others?
+
+Writes experiments/results/populations_gains_<name>.json and .md; a finished run folder is
+read back, not run again, and a results file made with other settings is never replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from federation import RESULTS, RUNS, launch_unless_finished
+from populations import NAMES, prepare
+
+from server.store import RunFolder
+from soppu import atomic
+
+
+def run_name(args: argparse.Namespace, population: str, mode: str, public: str) -> Path:
+    suffix = "" if mode == "full" else f"-{public}"
+    return RUNS / f"pop-{args.name}-{population}-{mode}{suffix}"
+
+
+def run_one(args, population: str, mode: str, public: str) -> dict:
+    run = run_name(args, population, mode, public)
+    extra = ["--client-mode", mode, "--local-steps", str(args.local_steps)]
+    if population != "shakespeare":
+        extra += ["--data", str(prepare(population))]
+    if mode == "emulator":
+        extra += ["--public", public]
+    seconds = launch_unless_finished(args, run, extra)
+    folder = RunFolder(run)
+    evaluation = json.loads(folder.evaluation.read_text())
+    info = json.loads((folder.emulator / "soppu_emulator.json").read_text())
+    return {
+        "run": str(run),
+        "population": population,
+        "mode": mode,
+        "public": public if mode == "emulator" else None,
+        "command_seconds": seconds,
+        "summary": evaluation["summary"],
+        "users": evaluation["users"],
+        "alignment": info.get("alignment"),
+    }
+
+
+def emulator_kl(runs: list[dict], populations: list[str], blocks: int) -> list[dict]:
+    """Each emulator-mode run's emulator against the full model, on each population's held-out
+    text (the first `blocks` blocks of every user's test split, pooled)."""
+    from soppu import basemodel, lm
+    from soppu.alignment import measure
+    from soppu.data import load_users
+    from soppu.emulator import load
+
+    base = basemodel.load()
+    texts = {}
+    for population in populations:
+        users = load_users(None if population == "shakespeare" else prepare(population))
+        ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))[:8]
+        texts[population] = [
+            b for u in ranked for b in lm.token_blocks(base.tokenizer, u.test, 128)[:blocks]
+        ]
+    rows = []
+    for run in runs:
+        if run["mode"] != "emulator":
+            continue
+        emulator, info = load(RunFolder(Path(run["run"])).emulator)
+        for population, held_out in texts.items():
+            terms = measure(base.model, emulator, info, held_out, base.tokenizer.pad_token_id, 4)
+            rows.append(
+                {
+                    "aligned_on": run["public"],
+                    "trained_for": run["population"],
+                    "text_of": population,
+                    "kl": terms.kl,
+                    "l2": terms.l2,
+                }
+            )
+    return rows
+
+
+def verdicts(runs: list[dict]) -> list[dict]:
+    """Per population and emulator-mode source: the targets against full mode's gain."""
+    full = {r["population"]: r["summary"] for r in runs if r["mode"] == "full"}
+    out = []
+    for r in runs:
+        if r["mode"] != "emulator":
+            continue
+        s, ceiling = r["summary"], full.get(r["population"])
+        served = s["compressed_gain_median"]
+        share = served / ceiling["compressed_gain_median"] if ceiling else None
+        needs_ten = ceiling is not None and ceiling["compressed_gain_median"] >= 0.20
+        out.append(
+            {
+                "population": r["population"],
+                "public": r["public"],
+                "harmed": s["harmed"],
+                "served_gain": served,
+                "share_of_full": share,
+                "met": s["harmed"] == 0
+                and share is not None
+                and share >= 0.6
+                and (served >= 0.10 or not needs_ten),
+            }
+        )
+    return out
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` at {result['commit']} on {result['date']}",
+        "",
+        "| population | mode | public text | users | served: helped / harmed / unchanged "
+        "| served (personal / global / none) | median gain over base: served | personal "
+        "| global | personal beats global (significantly) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        s = r["summary"]
+        counts = s["served_counts"]
+        lines.append(
+            f"| {r['population']} | {r['mode']} | {r['public'] or '–'} | {s['users']} "
+            f"| {s['helped']} / {s['harmed']} / {s['unchanged']} "
+            f"| {counts.get('personal', 0)} / {counts.get('global', 0)} / {counts.get('base', 0)} "
+            f"| **{pct(s['compressed_gain_median'])}** | {pct(s['gain_median'])} "
+            f"| {pct(s['global_gain_median'])} | {s['beats_global_significantly']}/"
+            f"{s['with_global']} |"
+        )
+    lines += [
+        "",
+        "| population | public text | harmed | served gain | share of full mode's | target met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in result["verdicts"]:
+        lines.append(
+            f"| {v['population']} | {v['public']} | {v['harmed']} | {pct(v['served_gain'])} "
+            f"| {pct(v['share_of_full'])} | {'yes' if v['met'] else '**no**'} |"
+        )
+    lines += [
+        "",
+        "Alignment: the emulator's KL to the full model on each population's held-out text.",
+        "",
+        "| aligned on | its run's users | steps | seconds | KL on: "
+        + " | ".join(result["populations"])
+        + " |",
+        "|---|---|---|---|" + "---|" * (len(result["populations"]) + 1),
+    ]
+    for r in result["runs"]:
+        if r["mode"] != "emulator":
+            continue
+        kls = {
+            k["text_of"]: k["kl"]
+            for k in result["kl"]
+            if k["aligned_on"] == r["public"] and k["trained_for"] == r["population"]
+        }
+        align = r["alignment"] or {}
+        steps = align.get("config", {}).get("steps", "–")
+        seconds = align.get("seconds")
+        lines.append(
+            f"| {r['public']} | {r['population']} | {steps} | "
+            f"{'–' if seconds is None else f'{seconds:.0f}'} | | "
+            + " | ".join(f"{kls.get(p, float('nan')):.3f}" for p in result["populations"])
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="main")
+    parser.add_argument("--populations", default=",".join(NAMES))
+    parser.add_argument("--publics", default="pool,generated")
+    parser.add_argument("--modes", default="emulator,full")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=15)
+    parser.add_argument("--client-cpus", type=float, default=1.0)
+    parser.add_argument("--kl-blocks", type=int, default=4, help="held-out blocks per user")
+    args = parser.parse_args()
+    args.cold = False
+    settings = {k: v for k, v in vars(args).items() if k != "cold"}
+    target = RESULTS / f"populations_gains_{args.name}.json"
+    if target.is_file() and json.loads(target.read_text())["settings"] != settings:
+        sys.exit(f"{target} holds a run of other settings; choose another --name")
+    populations = args.populations.split(",")
+    runs = []
+    for population in populations:
+        for mode in args.modes.split(","):
+            for public in args.publics.split(",") if mode == "emulator" else ["–"]:
+                runs.append(run_one(args, population, mode, public))
+    import subprocess
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    result = {
+        "command": " ".join(["python experiments/populations_gains.py", *sys.argv[1:]]),
+        "commit": commit,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "settings": settings,
+        "populations": populations,
+        "runs": runs,
+        "verdicts": verdicts(runs),
+        "kl": emulator_kl(runs, populations, args.kl_blocks),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    atomic.write_text(target.with_suffix(".md"), text)
+    print(text)
+    medians = [r["summary"]["compressed_gain_median"] for r in runs if r["mode"] == "emulator"]
+    print(f"median of the emulator runs' served gains: {statistics.median(medians):.1%}")
+
+
+if __name__ == "__main__":
+    main()

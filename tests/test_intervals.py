@@ -1,0 +1,51 @@
+"""Paired bootstrap intervals, checked against bootstraps small enough to compute by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.intervals import Gain, paired_gain
+
+
+def test_two_blocks_give_the_hand_computed_bootstrap():
+    """Two blocks of 10 tokens: `new` saves 2 nats on the first and loses 1 on the second.
+    Resampling two blocks gives (first, first) with probability 1/4, a mix 1/2, (second,
+    second) 1/4; the 2.5% and 97.5% percentiles are therefore the two pure resamples."""
+    reference = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    new = torch.tensor([28.0, 21.0], dtype=torch.float64)
+    counts = torch.tensor([10, 10])
+    gain = paired_gain(reference, new, counts, resamples=20_000)
+    assert gain.point == pytest.approx(1 - math.exp(-1 / 20), abs=1e-12)
+    assert gain.low == pytest.approx(1 - math.exp(2 / 20), abs=1e-12)  # (second, second)
+    assert gain.high == pytest.approx(1 - math.exp(-4 / 20), abs=1e-12)  # (first, first)
+    assert gain.verdict == "same"
+
+
+def test_a_consistent_difference_is_a_win_or_a_loss_and_noise_is_neither():
+    counts = torch.full((40,), 128)
+    reference = torch.full((40,), 128 * 4.0, dtype=torch.float64)
+    better = paired_gain(reference, reference - 128 * 0.05, counts)
+    # Every block gains alike: every resample is the point, the interval has no width.
+    assert better.low == pytest.approx(better.point) == pytest.approx(better.high)
+    assert better.point == pytest.approx(1 - math.exp(-0.05)) and better.verdict == "better"
+    assert paired_gain(reference, reference + 128 * 0.05, counts).verdict == "worse"
+    noise = torch.tensor([1.0, -1.0] * 20, dtype=torch.float64) * 128 * 0.05
+    tied = paired_gain(reference, reference + noise, counts)
+    assert tied.point == pytest.approx(0.0, abs=1e-12) and tied.verdict == "same"
+    assert tied.low < 0 < tied.high
+
+
+def test_the_same_seed_gives_the_same_interval_and_bad_shapes_are_refused():
+    gen = torch.Generator().manual_seed(1)
+    reference = torch.rand(30, generator=gen, dtype=torch.float64) * 100
+    new = reference + torch.randn(30, generator=gen, dtype=torch.float64)
+    counts = torch.full((30,), 50)
+    assert paired_gain(reference, new, counts) == paired_gain(reference, new, counts)
+    with pytest.raises(ValueError, match="one length"):
+        paired_gain(reference, new[:-1], counts)
+    with pytest.raises(ValueError, match="no tokens"):
+        paired_gain(reference, new, torch.zeros(30))
+    assert Gain(0.1, -0.01, 0.2).as_dict()["verdict"] == "same"

@@ -10,7 +10,7 @@ mean "the default" where a run config cannot hold None.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from soppu.train_config import LORA_LAYERS, TrainConfig
@@ -78,7 +78,11 @@ class FederationConfig:
     target_modules: str = ""  # comma-separated; "": the attention query and value projections
     lora_layers: str = "all"  # all: every layer the client's model has; adapter: top/bottom
     correction_batches: int = 8  # public batches for the per-round gradient correction; 0: off
-    max_eval_tokens: int = 2048
+    max_eval_tokens: int = 2048  # each client's own check of its adapter on the emulator
+    # the server's judgement on the full model: held-out tokens per user in the final
+    # evaluation, validation tokens in the served choice; enough for intervals that tell a
+    # win from noise (0: all of them)
+    final_eval_tokens: int = 8192
     seed: int = 0
     # the emulator
     emulator: str = ""  # a folder from `soppu emulator build`; "": build one
@@ -127,6 +131,8 @@ class FederationConfig:
             raise ValueError("correction-batches and client-gpus must be ≥ 0")
         if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
             raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
+        if self.final_eval_tokens < 0:
+            raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
         if self.threads < 0:
             raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
         self.train()  # validates the training settings now, not in every client
@@ -176,6 +182,11 @@ class FederationConfig:
             max_eval_tokens=self.max_eval_tokens,
             precision=self.precision,
         )
+
+    def judge(self) -> TrainConfig:
+        """The final evaluation's and the served choice's settings: the clients' batch and
+        length, over `final_eval_tokens` of each user's text."""
+        return replace(self.train(), max_eval_tokens=self.final_eval_tokens or 2**62)
 
     @property
     def targets(self) -> tuple[str, ...] | None:
@@ -267,7 +278,9 @@ HELP = {
     "target_modules": "LoRA targets, comma-separated ('': q_proj,v_proj).",
     "lora_layers": "all: every layer the client's model has; adapter: top/bottom only.",
     "correction_batches": "Public batches for each round's gradient correction; 0: off.",
-    "max_eval_tokens": "Held-out tokens evaluated per user.",
+    "max_eval_tokens": "Held-out tokens each client checks its adapter on (emulator).",
+    "final_eval_tokens": "Held-out (validation) tokens per user in the final evaluation "
+    "(the served choice) on the full model; 0: all.",
     "seed": "Seed for sampling, data splits and training.",
     "emulator": "An emulator folder ('': build one and cache it).",
     "top": "Adapter layers: the last N.",

@@ -43,6 +43,7 @@ MAY_CHANGE_ON_RESUME = {
     "node_wait",
     "threads",
     "final_evaluation",
+    "final_eval_tokens",
     "device",
     "client_gpus",
 }
@@ -159,7 +160,7 @@ def served_choice(
         return None
 
     def select() -> dict[str, dict[str, Any]]:
-        return select_served(run, base.model, base.tokenizer, users, config.train())
+        return select_served(run, base.model, base.tokenizer, users, config.judge())
 
     return select
 
@@ -176,7 +177,11 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel | None = None
         log("public text: the full model's own samples (data-free; cached once made)")
         from soppu.generated import GenerationConfig, generated_text
 
-        generation = GenerationConfig(tokens=config.seq_len, seed=config.seed)
+        generation = GenerationConfig(
+            tokens=config.seq_len,
+            seed=config.seed,
+            precision=precision.resolve(config.precision, config.device),
+        )
         return generated_text(base.model, base.tokenizer, generation, step_logger(log, "write"))
     if source == "pool":
         if config.data:

@@ -40,7 +40,7 @@ def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) ->
         base.model,
         base.tokenizer,
         users,
-        config.train(),
+        config.judge(),
         lambda user, done, total: log(f"  evaluate [{done + 1}/{total}] {user}"),
     )
     for line in summary_lines(result["summary"]):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from soppu import atomic, basemodel
+from soppu.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GenerationConfig:
     batch_size: int = 32
     temperature: float = 1.0
     seed: int = 0
+    precision: str = "fp32"  # resolved (soppu.precision): bf16 autocast where native is ~2× faster
 
 
 def generated_text(
@@ -63,17 +65,18 @@ def _sample(model, tokenizer, config: GenerationConfig, progress) -> list[str]:
         count = min(config.batch_size, config.samples - len(texts))
         first = ordinary[torch.randint(len(ordinary), (count, 1), generator=generator)]
         torch.manual_seed(config.seed * 1_000_003 + batch)  # generate() samples from torch's RNG
-        out = model.generate(
-            input_ids=first.to(device),
-            attention_mask=torch.ones_like(first).to(device),
-            do_sample=True,
-            temperature=config.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=config.tokens,
-            min_new_tokens=config.tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with autocast(config.precision, device):  # frozen weights: no stale cast to fear
+            out = model.generate(
+                input_ids=first.to(device),
+                attention_mask=torch.ones_like(first).to(device),
+                do_sample=True,
+                temperature=config.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=config.tokens,
+                min_new_tokens=config.tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         texts += tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
         progress(batch + 1, total, 0.0)
     return texts

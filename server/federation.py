@@ -328,6 +328,12 @@ def say_served(chosen: dict[str, dict[str, Any]], log: Log) -> None:
     for choice, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
         if by_choice.get(choice):
             log(f"  {what} for {', '.join(by_choice[choice])}: their own scored worse")
+    if 2 * len(by_choice.get("base", [])) > len(chosen):
+        log(
+            "  for most users no adapter of this run beats the base model: the client model "
+            "does not carry a gain for their text (full mode, or public text of their kind, "
+            "may)"
+        )
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

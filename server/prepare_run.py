@@ -106,11 +106,7 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run = RunFolder(Path(config.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     public = public_for(config, log, base)
-    log(
-        f"precision {config.precision}: the server aligns and corrects in "
-        f"{precision.resolve(config.precision, config.device)} on {config.device}; "
-        "the final evaluation is fp32"
-    )
+    say_precision(config, log)
     emulator, info = _emulator(run, config, base, public, log)
     say_alignment(info, log)
     try:
@@ -149,6 +145,27 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     )
 
 
+def say_precision(config: FederationConfig, log: Log) -> None:
+    """The precision of what the server does in this run, and only of that."""
+    emulated = config.client_mode == "emulator"
+    work = [
+        what
+        for what, done in (
+            ("aligns the emulator", emulated and config.align_steps > 0 and not config.emulator),
+            ("corrects the clients' gradients", emulated and config.correction_batches > 0),
+        )
+        if done
+    ]
+    resolved = precision.resolve(config.precision, config.device)
+    server = f"the server {' and '.join(work)} in it; " if work else ""
+    log(
+        f"precision {config.precision} ({resolved} on the server's {config.device}): "
+        f"{server}the final evaluation is fp32"
+    )
+    if emulated and not config.correction_batches:
+        log("no gradient correction (correction-batches 0): clients train on the bare emulator")
+
+
 def served_choice(
     run: RunFolder, config: FederationConfig, base: BaseModel, users: dict[str, UserText], log: Log
 ) -> Selection | None:
@@ -169,7 +186,9 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel | None = None
     """The run's public text, what the emulator is aligned and the gradients corrected on:
     `generated` (the full model's own samples: no one's text, every domain it knows), `pool`
     (the embedded Shakespeare pool, said when the users' data is their own, whose domain it
-    may not share), or a file."""
+    may not share), or a file. None in full mode, which aligns and corrects nothing."""
+    if config.client_mode == "full":
+        return []
     source = config.public or DEFAULT_PUBLIC
     if source == "generated":
         if base is None:

@@ -70,15 +70,13 @@ def _run(run: RunFolder) -> Iterator[str]:
             f"(current → {state['serving']})"
         )
     summary = (_json(run.evaluation) or {}).get("summary")
-    if summary and summary.get("gain_median") is not None:
-        beats = (
-            f"; personal beats global for {summary['beats_global']}/{summary['with_global']}"
-            if summary.get("with_global")
-            else ""
-        )
+    if summary and summary.get("compressed_gain_median") is not None:
+        served = ", ".join(f"{c} {n}" for c, n in summary.get("served_counts", {}).items())
         yield (
-            f"  evaluation: {summary['improved']}/{summary['users']} users improved, median "
-            f"gain {summary['gain_median']:.1%}{beats} ({shown(run.evaluation.with_suffix('.md'))})"
+            f"  evaluation: served ({served}) {summary['helped']} helped, {summary['harmed']} "
+            f"harmed, {summary['unchanged']} unchanged of {summary['users']} (95% intervals); "
+            f"median served gain {summary['compressed_gain_median']:.1%} "
+            f"({shown(run.evaluation.with_suffix('.md'))})"
         )
 
 

@@ -31,11 +31,11 @@ from soppu import messages as m
 from soppu.adapters import LoraState
 from soppu.alignment import AlignConfig, build_aligned, gradient_correction
 from soppu.basemodel import BaseModel, cache_dir
-from soppu.data import DataError, UserText, load_users, public_text
+from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
+from soppu.public import DEFAULT_PUBLIC, describe, public_texts
 
-DEFAULT_PUBLIC = "pool"  # what `public = ""` means; chosen by experiments/populations_gains.py
 MAY_CHANGE_ON_RESUME = {
     "rounds",
     "run_dir",
@@ -182,34 +182,24 @@ def served_choice(
     return select
 
 
-def public_for(config: FederationConfig, log: Log, base: BaseModel | None = None) -> list[str]:
-    """The run's public text, what the emulator is aligned and the gradients corrected on:
-    `generated` (the full model's own samples: no one's text, every domain it knows), `pool`
-    (the embedded Shakespeare pool, said when the users' data is their own, whose domain it
-    may not share), or a file. None in full mode, which aligns and corrects nothing."""
+def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]:
+    """The run's public text (`soppu.public`), said in the log, with a word where the users'
+    data is their own and the pool may not share its domain. None in full mode, which aligns
+    and corrects nothing."""
     if config.client_mode == "full":
         return []
     source = config.public or DEFAULT_PUBLIC
-    if source == "generated":
-        if base is None:
-            raise ValueError("public text 'generated' needs the full model")
-        log("public text: the full model's own samples (data-free; cached once made)")
-        from soppu.generated import GenerationConfig, generated_text
-
-        generation = GenerationConfig(
-            tokens=config.seq_len,
-            seed=config.seed,
-            precision=precision.resolve(config.precision, config.device),
-        )
-        return generated_text(base.model, base.tokenizer, generation, step_logger(log, "write"))
-    if source == "pool":
-        if config.data:
-            log(
-                "public text: the embedded pool (Shakespeare text no user owns), though the "
-                "users' data is their own; --public generated or FILE may fit them better"
-            )
-        return public_text(None)
-    return public_text(Path(source))
+    log(f"public text: {describe(source)}")
+    if source == "pool" and config.data:
+        log("  the users' data is their own: --public generated or FILE may fit them better")
+    return public_texts(
+        source,
+        base,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        precision=precision.resolve(config.precision, config.device),
+        progress=step_logger(log, "write"),
+    )
 
 
 def say_alignment(info: EmulatorInfo, log: Log) -> None:

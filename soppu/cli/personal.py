@@ -85,10 +85,11 @@ def _recipe(given: dict[str, Any]) -> dict[str, Any]:
 
 
 PublicOpt = Annotated[
-    Path | None,
+    str,
     typer.Option(
-        help="Public text (JSONL/CSV/Parquet, 'text' column; no user's) to align on "
-        "(default: the embedded public pool)."
+        help="Text no user owns, to align and correct on: generated (the full model's own "
+        "samples), pool (the embedded Shakespeare pool) or a JSONL/CSV/Parquet file with a "
+        "'text' column; '': the default."
     ),
 ]
 ALIGN_LR = 1e-3  # soppu.alignment.AlignConfig.lr (a heavy import; a test checks they agree)
@@ -97,7 +98,7 @@ ALIGN_LR = 1e-3  # soppu.alignment.AlignConfig.lr (a heavy import; a test checks
 def emulator_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the emulator to.")],
     base_model: BaseModelOpt = None,
-    public: PublicOpt = None,
+    public: PublicOpt = "",
     align_lr: Annotated[float, typer.Option(help="Alignment learning rate.")] = ALIGN_LR,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing emulator.")] = False,
     threads: ThreadsOpt = None,
@@ -145,16 +146,16 @@ def emulator_build(
     _print_emulator(info, out, emu_s, full_s, how)
 
 
-def _build_emulator(base, plan, public: Path | None, config):
+def _build_emulator(base, plan, public: str, config):
     """Build and align with a progress bar from the first second; say what it is aligned on."""
     from soppu.alignment import build_aligned
-    from soppu.data import public_text
+    from soppu.public import describe
 
-    texts = public_text(public)
-    where = public or "the embedded public pool (Shakespeare text no user owns)"
+    texts = _public(base, public, config.seq_len, config.precision)
     if plan.drop > 0 and config.steps > 0:
         console.print(
-            f"aligning the emulator for {config.steps} steps on {shown(where)}", highlight=False
+            f"aligning the emulator for {config.steps} steps on {shown(describe(public))}",
+            highlight=False,
         )
     elif plan.drop > 0:
         console.print("[bold red]the emulator is NOT aligned (--align-steps 0)[/]")
@@ -207,7 +208,7 @@ def personalize(
     emulator: Annotated[
         Path | None, typer.Option(help="An emulator from `soppu emulator build` (else built).")
     ] = None,
-    public: PublicOpt = None,
+    public: PublicOpt = "",
     start: Annotated[Path | None, typer.Option(help="Starting adapter (PEFT dir).")] = None,
     correction_batches: Annotated[
         int, typer.Option(help="Public batches for the gradient correction (0: off).")
@@ -259,13 +260,18 @@ def personalize(
     _print_personal(result, out)
 
 
-def _emulator(
-    folder: Path | None, base, client_mode: str, public: Path | None, precision: str = "auto"
-):
+def _public(base, public: str, seq_len: int, precision: str) -> list[str]:
+    """The public texts (`soppu.public`), with a spinner while the full model writes them."""
+    from soppu.public import public_texts
+
+    with console.status("the public text (the full model writes it once if generated)"):
+        return public_texts(public, base, seq_len=seq_len, precision=precision)
+
+
+def _emulator(folder: Path | None, base, client_mode: str, public: str, precision: str = "auto"):
     """(model, info, public texts): the given emulator, the full model itself (full mode), or
     the default emulator built and aligned now."""
     from soppu.alignment import AlignConfig
-    from soppu.data import public_text
     from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
     from soppu.precision import resolve
 
@@ -278,7 +284,7 @@ def _emulator(
             raise EmulatorError(f"{folder}: built from {info.base_model}, not {base.name}")
         if not info.exact and not info.aligned:
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
-        return model, info, public_text(public)
+        return model, info, _public(base, public, AlignConfig().seq_len, resolve(precision, device))
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
     align = AlignConfig(precision=resolve(precision, device))  # as it ran
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)

@@ -1,0 +1,48 @@
+"""Text no user owns, which the emulator is aligned and the gradient correction measured on: one
+setting (`public`) for the federation, `soppu personalize` and `soppu emulator build`.
+
+    generated   the full model's own samples (data-free: no one's text, every domain it knows)
+    pool        the embedded pool: Shakespeare speeches no single role owns
+    FILE        JSONL/CSV/Parquet with a `text` column
+    ""          the default, DEFAULT_PUBLIC (chosen by experiments/populations_gains.py)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_PUBLIC = "pool"
+SOURCES = ("generated", "pool")  # anything else is a file
+
+
+def describe(source: str) -> str:
+    """What `source` is, in words, for the log."""
+    source = source or DEFAULT_PUBLIC
+    if source == "generated":
+        return "the full model's own samples (data-free; cached once made)"
+    if source == "pool":
+        return "the embedded pool (Shakespeare text no user owns)"
+    return source
+
+
+def public_texts(
+    source: str,
+    base,
+    *,
+    seq_len: int = 128,
+    seed: int = 0,
+    precision: str = "fp32",
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> list[str]:
+    """The texts of `source` ("" for the default); `base` (a BaseModel) writes them for
+    `generated`, as samples of `seq_len` tokens in `precision` (resolved)."""
+    from soppu.data import public_text
+
+    source = source or DEFAULT_PUBLIC
+    if source == "generated":
+        from soppu.generated import GenerationConfig, generated_text
+
+        config = GenerationConfig(tokens=seq_len, seed=seed, precision=precision)
+        return generated_text(base.model, base.tokenizer, config, progress)
+    return public_text(None if source == "pool" else Path(source))

@@ -198,7 +198,7 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
         seq_len=config.seq_len,
         seed=config.seed,
         precision=precision.resolve(config.precision, config.device),
-        progress=step_logger(log, "write"),
+        progress=step_logger(log, "writing public text, batch", 1, loss=False),
     )
 
 
@@ -336,22 +336,22 @@ def _aligned(
     return target
 
 
-def step_logger(log: Log, what: str, every: int = 10) -> Callable[[int, int, float], None]:
+def step_logger(
+    log: Log, what: str, every: int = 10, *, loss: bool = True
+) -> Callable[[int, int, float], None]:
     """Progress lines for a loop of steps: at its start, after the first step (with a time
-    estimate), every `every` steps and at the end."""
+    estimate), every `every` steps and at the end; each with its loss unless `loss` is off."""
     began = time.perf_counter()
 
-    def progress(step: int, total: int, loss: float) -> None:
+    def progress(step: int, total: int, value: float) -> None:
+        shown = f": loss {value:.4f}" if loss else ""
         if step == 0:
-            log(f"  {what} 0/{total}: loss {loss:.4f}")
+            log(f"  {what} 0/{total}{shown}")
             return
         if step in (1, total) or step % every == 0:
             per_step = (time.perf_counter() - began) / step
             left = per_step * (total - step)
-            log(
-                f"  {what} {step}/{total}: loss {loss:.4f} "
-                + f"({per_step:.1f} s/step, ~{left:.0f} s left)"
-            )
+            log(f"  {what} {step}/{total}{shown} ({per_step:.1f} s/step, ~{left:.0f} s left)")
 
     return progress
 

@@ -292,7 +292,9 @@ def evaluate(
 def compress(fed: Federation, round_: int) -> None:
     fed.log(f"compression round after round {round_}")
     if fed.select is not None:
-        say_served(fed.select(), fed.log)
+        began = time.perf_counter()
+        chosen = fed.select()
+        say_served(chosen, fed.log, time.perf_counter() - began)
     config: CompressionConfig = fed.config.compression()
     compressed, version = compress_run(
         fed.run,
@@ -315,7 +317,7 @@ def compress(fed: Federation, round_: int) -> None:
     )
 
 
-def say_served(chosen: dict[str, dict[str, Any]], log: Log) -> None:
+def say_served(chosen: dict[str, dict[str, Any]], log: Log, seconds: float = 0.0) -> None:
     """One line per kind of choice: how many users are served what, naming those not served
     their own adapter (an adapter that would harm them on their validation text)."""
     by_choice: dict[str, list[str]] = {}
@@ -324,6 +326,7 @@ def say_served(chosen: dict[str, dict[str, Any]], log: Log) -> None:
     log(
         "served, chosen on each user's validation text: "
         + ", ".join(f"{choice} {len(users)}" for choice, users in sorted(by_choice.items()))
+        + (f" ({seconds:.0f} s)" if seconds else "")
     )
     for choice, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
         if by_choice.get(choice):

@@ -202,9 +202,12 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--client-cpus", type=float, default=1.0)
     parser.add_argument("--kl-blocks", type=int, default=4, help="held-out blocks per user")
+    parser.add_argument(
+        "--runs-only", action="store_true", help="run what is missing, write no results"
+    )
     args = parser.parse_args()
     args.cold = False
-    settings = {k: v for k, v in vars(args).items() if k != "cold"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("cold", "runs_only")}
     target = RESULTS / f"populations_gains_{args.name}.json"
     if target.is_file() and json.loads(target.read_text())["settings"] != settings:
         sys.exit(f"{target} holds a run of other settings; choose another --name")
@@ -214,6 +217,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             for public in args.publics.split(",") if mode == "emulator" else ["–"]:
                 runs.append(run_one(args, population, mode, public))
+    if args.runs_only:
+        return
     import subprocess
 
     commit = subprocess.run(

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from soppu.generated import generated_text
+
 DEFAULT_PUBLIC = "pool"
 SOURCES = ("generated", "pool")  # anything else is a file
 
@@ -24,6 +26,16 @@ def describe(source: str) -> str:
     if source == "pool":
         return "the embedded pool (Shakespeare text no user owns)"
     return source
+
+
+def default_generation(seq_len: int = 128, seed: int = 0, precision: str = "auto"):
+    """The generation a run with these settings asks for (`soppu prepare` writes the default
+    run's ahead, so that the first federation does not wait for it)."""
+    from soppu import precision as precisions
+    from soppu.generated import GenerationConfig
+
+    resolved = precisions.resolve(precision, "cpu") if precision == "auto" else precision
+    return GenerationConfig(tokens=seq_len, seed=seed, precision=resolved)
 
 
 def public_texts(
@@ -41,8 +53,6 @@ def public_texts(
 
     source = source or DEFAULT_PUBLIC
     if source == "generated":
-        from soppu.generated import GenerationConfig, generated_text
-
-        config = GenerationConfig(tokens=seq_len, seed=seed, precision=precision)
+        config = default_generation(seq_len, seed, precision)
         return generated_text(base.model, base.tokenizer, config, progress)
     return public_text(None if source == "pool" else Path(source))

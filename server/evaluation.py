@@ -32,7 +32,7 @@ from server.versions import CURRENT
 from soppu import atomic, lm
 from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
-from soppu.personalize import TrainConfig, attached
+from soppu.personalize import TrainConfig, scored
 
 COLUMNS = ("base", "global", "emulator", "personal", "compressed")
 # paired comparisons, each (reference, new): the gain of new over reference with its interval
@@ -66,18 +66,15 @@ def evaluate_run(
             tokenizer, users[user].test, config.seq_len, config.max_eval_tokens
         )
         published = serving / user
+
+        def score(lora: LoraState | None, blocks=blocks) -> Scores:
+            return scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)
+
         scores = {
-            "base": _block_nll(model, tokenizer, blocks, None, config.batch_size),
-            "global": _block_nll(model, tokenizer, blocks, global_lora, config.batch_size),
-            "personal": _block_nll(model, tokenizer, blocks, run.latest(user), config.batch_size),
-            "compressed": _block_nll(
-                model,
-                tokenizer,
-                blocks,
-                read_lora(published) if published.is_dir() else None,
-                config.batch_size,
-                missing=not published.is_dir(),
-            ),
+            "base": score(None),
+            "global": score(global_lora) if global_lora is not None else None,
+            "personal": score(run.latest(user)),
+            "compressed": score(read_lora(published)) if published.is_dir() else None,
         }
         row = user_row(user, scores, served.get(user, "personal"), seed=done)
         row["emulator"] = math.exp(emulator_loss[user]) if user in emulator_loss else None
@@ -88,19 +85,6 @@ def evaluate_run(
 
 
 Scores = tuple[Tensor, Tensor] | None  # per-block NLL sums and token counts; None: no such model
-
-
-def _block_nll(
-    model, tokenizer, blocks, lora: LoraState | None, batch_size: int, *, missing: bool = False
-) -> Scores:
-    """The model (with `lora` attached, if any) on every block; None for a missing model."""
-    if missing:
-        return None
-    pad = tokenizer.pad_token_id
-    if lora is None:
-        return lm.block_nll(model, blocks, pad, batch_size)
-    with attached(model, lora) as peft_model:
-        return lm.block_nll(peft_model, blocks, pad, batch_size)
 
 
 def user_row(user: str, scores: dict[str, Scores], served: str, seed: int = 0) -> dict[str, Any]:

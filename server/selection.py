@@ -32,7 +32,7 @@ from server.store import RunFolder
 from soppu import atomic, lm
 from soppu.adapters import LoraState, write_lora
 from soppu.data import UserText
-from soppu.personalize import attached
+from soppu.personalize import scored
 from soppu.train_config import TrainConfig
 
 CANDIDATES = ("base", "global", "personal")  # a tie goes to the earlier one
@@ -84,12 +84,7 @@ def select_served(
 
 
 def _mean_nll(model, tokenizer, blocks, lora: LoraState | None, batch_size: int) -> float:
-    pad = tokenizer.pad_token_id
-    if lora is None:
-        sums, counts = lm.block_nll(model, blocks, pad, batch_size)
-    else:
-        with attached(model, lora) as peft_model:
-            sums, counts = lm.block_nll(peft_model, blocks, pad, batch_size)
+    sums, counts = scored(model, lora, blocks, tokenizer.pad_token_id, batch_size)
     return float(sums.sum()) / int(counts.sum())
 
 

@@ -97,6 +97,16 @@ def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> I
         model.train(was_training)
 
 
+def scored(
+    model: nn.Module, lora: LoraState | None, blocks: list[Tensor], pad_id: int, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """`lm.block_nll` of `model` with `lora` attached (None: the bare model)."""
+    if lora is None:
+        return lm.block_nll(model, blocks, pad_id, batch_size)
+    with attached(model, lora) as peft_model:
+        return lm.block_nll(peft_model, blocks, pad_id, batch_size)
+
+
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
     """The LoRA parameters by their PEFT state-dict key (the adapter name left out)."""
     return {

@@ -165,6 +165,8 @@ def _serving_manifest(
             "store": str(store.resolve()),
             "store_manifest_sha256": sha256(store / MANIFEST),
             "run": manifest.get("source", {}).get("run"),
+            # what each user's adapter is (personal, global or base), where a run chose it
+            **{k: v for k, v in manifest.get("source", {}).items() if k == "served"},
         },
         "compression": manifest["config"],
         "totals": manifest["totals"],

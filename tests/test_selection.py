@@ -89,6 +89,8 @@ def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):
     ]
 
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["source"]["served"] == {"calm": "personal", "wild": "base"}
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = base.model(input_ids=ids).logits

@@ -119,13 +119,16 @@ def verdicts(runs: list[dict]) -> list[dict]:
                 "harmed": s["harmed"],
                 "served_gain": served,
                 "share_of_full": share,
-                "met": s["harmed"] == 0
-                and share is not None
-                and share >= 0.6
-                and (served >= 0.10 or not needs_ten),
+                "met": None  # no full-mode run to compare with
+                if ceiling is None
+                else s["harmed"] == 0 and share >= 0.6 and (served >= 0.10 or not needs_ten),
             }
         )
     return out
+
+
+def _met(met: bool | None) -> str:
+    return "no full-mode run" if met is None else "yes" if met else "**no**"
 
 
 def pct(value) -> str:
@@ -160,8 +163,10 @@ def markdown(result: dict) -> str:
     for v in result["verdicts"]:
         lines.append(
             f"| {v['population']} | {v['public']} | {v['harmed']} | {pct(v['served_gain'])} "
-            f"| {pct(v['share_of_full'])} | {'yes' if v['met'] else '**no**'} |"
+            f"| {pct(v['share_of_full'])} | {_met(v['met'])} |"
         )
+    if result["not_run"]:
+        lines += ["", f"Not run (this session's time): {', '.join(result['not_run'])}."]
     lines += [
         "",
         "Alignment: the emulator's KL to the full model on each population's held-out text.",
@@ -205,6 +210,9 @@ def main() -> None:
     parser.add_argument(
         "--runs-only", action="store_true", help="run what is missing, write no results"
     )
+    parser.add_argument(
+        "--finished-only", action="store_true", help="read the finished runs, launch none"
+    )
     args = parser.parse_args()
     args.cold = False
     settings = {k: v for k, v in vars(args).items() if k not in ("cold", "runs_only")}
@@ -212,10 +220,14 @@ def main() -> None:
     if target.is_file() and json.loads(target.read_text())["settings"] != settings:
         sys.exit(f"{target} holds a run of other settings; choose another --name")
     populations = args.populations.split(",")
-    runs = []
+    runs, missing = [], []
     for population in populations:
         for mode in args.modes.split(","):
             for public in args.publics.split(",") if mode == "emulator" else ["–"]:
+                run = run_name(args, population, mode, public)
+                if args.finished_only and not RunFolder(run).evaluation.is_file():
+                    missing.append(run.name)
+                    continue
                 runs.append(run_one(args, population, mode, public))
     if args.runs_only:
         return
@@ -231,6 +243,7 @@ def main() -> None:
         "settings": settings,
         "populations": populations,
         "runs": runs,
+        "not_run": missing,
         "verdicts": verdicts(runs),
         "kl": emulator_kl(runs, populations, args.kl_blocks),
     }

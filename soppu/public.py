@@ -14,7 +14,7 @@ from pathlib import Path
 
 from soppu.generated import generated_text
 
-DEFAULT_PUBLIC = "pool"
+DEFAULT_PUBLIC = "generated"
 SOURCES = ("generated", "pool")  # anything else is a file
 
 

@@ -31,6 +31,10 @@ def test_the_lowest_validation_loss_wins_and_a_tie_goes_to_the_simpler_choice():
     assert choose({"base": 2.0, "global": 2.5, "personal": 2.4}) == "base"
     assert choose({"base": 2.0, "global": 2.0, "personal": 2.0}) == "base"
     assert choose({"base": 2.0, "personal": 1.0}) == "personal"  # no global adapter (none)
+    # Only an adapter significantly better than the base model on validation may be served.
+    losses = {"base": 3.0, "global": 2.5, "personal": 2.4}
+    assert choose(losses, {"global"}) == "global"
+    assert choose(losses, set()) == "base"
 
 
 def _harmful(lora: LoraState, seed: int) -> LoraState:
@@ -80,6 +84,8 @@ def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):
     chosen = select_served(run, base.model, base.tokenizer, users, config)
     assert {u: c["served"] for u, c in chosen.items()} == {"calm": "personal", "wild": "base"}
     assert chosen["wild"]["validation"]["personal"] > 2 * chosen["wild"]["validation"]["base"]
+    assert chosen["calm"]["validation_gains"]["personal"]["verdict"] == "better"
+    assert chosen["wild"]["validation_gains"]["personal"]["verdict"] == "worse"
     assert json.loads(run.selection.read_text())["users"] == chosen
     lines: list[str] = []
     say_served(chosen, lines.append)

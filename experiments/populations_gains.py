@@ -82,13 +82,18 @@ def emulator_kl(runs: list[dict], populations: list[str], blocks: int) -> list[d
         texts[population] = [
             b for u in ranked for b in lm.token_blocks(base.tokenizer, u.test, 128)[:blocks]
         ]
-    rows = []
+    rows, measured = [], {}
     for run in runs:
         if run["mode"] != "emulator":
             continue
         emulator, info = load(RunFolder(Path(run["run"])).emulator)
         for population, held_out in texts.items():
-            terms = measure(base.model, emulator, info, held_out, base.tokenizer.pad_token_id, 4)
+            if (info.version, population) not in measured:  # runs share cached emulators
+                pad = base.tokenizer.pad_token_id
+                measured[info.version, population] = measure(
+                    base.model, emulator, info, held_out, pad, 4
+                )
+            terms = measured[info.version, population]
             rows.append(
                 {
                     "aligned_on": run["public"],

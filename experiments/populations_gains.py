@@ -179,7 +179,7 @@ def markdown(result: dict) -> str:
         "| aligned on | its run's users | steps | seconds | KL on: "
         + " | ".join(result["populations"])
         + " |",
-        "|---|---|---|---|" + "---|" * (len(result["populations"]) + 1),
+        "|---|---|---|---|" + "---|" * len(result["populations"]),
     ]
     for r in result["runs"]:
         if r["mode"] != "emulator":
@@ -194,7 +194,7 @@ def markdown(result: dict) -> str:
         seconds = align.get("seconds")
         lines.append(
             f"| {r['public']} | {r['population']} | {steps} | "
-            f"{'–' if seconds is None else f'{seconds:.0f}'} | | "
+            f"{'–' if seconds is None else f'{seconds:.0f}'} | "
             + " | ".join(f"{kls.get(p, float('nan')):.3f}" for p in result["populations"])
             + " |"
         )

@@ -2,6 +2,7 @@
 
     python experiments/populations_gains.py                       # every population, both modes
     python experiments/populations_gains.py --populations fortunes --publics pool --name quick
+    python experiments/populations_gains.py --publics default --name defaults   # what users get
 
 For every population of experiments/populations.py (Shakespeare roles, fortune files, sympy
 subpackages) it runs the same federation through `soppu simulate` (each its own Ray): once in
@@ -36,6 +37,7 @@ from populations import NAMES, prepare
 
 from server.store import RunFolder
 from soppu import atomic
+from soppu.public import default_public
 
 
 def run_name(args: argparse.Namespace, population: str, mode: str, public: str) -> Path:
@@ -43,13 +45,21 @@ def run_name(args: argparse.Namespace, population: str, mode: str, public: str) 
     return RUNS / f"pop-{args.name}-{population}-{mode}{suffix}"
 
 
+def resolved(population: str, public: str) -> str:
+    """`default` is what a run given no `--public` uses for this population's data."""
+    if public != "default":
+        return public
+    return default_public(None if population == "shakespeare" else "own data")
+
+
 def run_one(args, population: str, mode: str, public: str) -> dict:
-    run = run_name(args, population, mode, public)
+    run = run_name(args, population, mode, resolved(population, public))
     extra = ["--client-mode", mode, "--local-steps", str(args.local_steps)]
     if population != "shakespeare":
         extra += ["--data", str(prepare(population))]
-    if mode == "emulator":
+    if mode == "emulator" and public != "default":
         extra += ["--public", public]
+    public = resolved(population, public)
     seconds = launch_unless_finished(args, run, extra)
     folder = RunFolder(run)
     evaluation = json.loads(folder.evaluation.read_text())
@@ -205,7 +215,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="main")
     parser.add_argument("--populations", default=",".join(NAMES))
-    parser.add_argument("--publics", default="pool,generated")
+    parser.add_argument(
+        "--publics",
+        default="pool,generated",
+        help="comma-separated: pool, generated, FILE, default (what a run without --public uses)",
+    )
     parser.add_argument("--modes", default="emulator,full")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -229,7 +243,7 @@ def main() -> None:
     for population in populations:
         for mode in args.modes.split(","):
             for public in args.publics.split(",") if mode == "emulator" else ["–"]:
-                run = run_name(args, population, mode, public)
+                run = run_name(args, population, mode, resolved(population, public))
                 if args.finished_only and not RunFolder(run).evaluation.is_file():
                     missing.append(run.name)
                     continue

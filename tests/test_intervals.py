@@ -49,3 +49,25 @@ def test_the_same_seed_gives_the_same_interval_and_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="no tokens"):
         paired_gain(reference, new, torch.zeros(30))
     assert Gain(0.1, -0.01, 0.2).as_dict()["verdict"] == "same"
+
+
+def test_score_advice_takes_only_significant_wins():
+    """The deployment-side advice (`soppu score`): a model significantly better than the
+    reference is used, one better by noise is not, and the lowest loss wins among them."""
+    from server.serving.scoring import Scored, compare
+
+    tokens = torch.full((40,), 100)
+    noise = torch.linspace(-1, 1, 40, dtype=torch.float64)
+    reference = Scored("", torch.full((40,), 400.0, dtype=torch.float64), tokens)
+    clear = Scored("alice", reference.nll - 20 + noise, tokens)  # 5% less NLL per token
+    clearer = Scored("alice-2", reference.nll - 40 + noise, tokens)
+    swing = torch.tensor([30.0, -30.0] * 20, dtype=torch.float64)
+    noisy = Scored("bob", reference.nll - 0.1 + swing, tokens)  # 0.1 better on average
+    gains, best = compare(reference, [clear, noisy])
+    assert best == "alice" and gains["alice"].verdict == "better"
+    assert gains["bob"].verdict == "same"
+    assert compare(reference, [noisy])[1] == ""  # nothing significant: the reference
+    assert compare(reference, [clear, clearer])[1] == "alice-2"
+    worse = Scored("eve", reference.nll + 30, tokens)
+    assert compare(reference, [worse])[0]["eve"].verdict == "worse"
+    assert compare(reference, [worse])[1] == ""

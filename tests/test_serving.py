@@ -405,3 +405,115 @@ def test_a_new_version_is_picked_up_under_load_without_losing_requests(server, s
         f"{url}/generate", timeout=60, json={"inputs": "hi", "parameters": {"adapter_id": "user00"}}
     )
     assert gone.status_code == 404  # user00 is not in v0002
+
+
+def peft_prompt_logprobs(serving: Path, user: str | None, prompt: str) -> torch.Tensor:
+    """Each prompt token's logprob after those before it, by PEFT on the published dir (or the
+    base model), by hand: log_softmax of the logits, gathered at the next token."""
+    version = serving / "current"
+    model_dir = Path(json.loads((version / "manifest.json").read_text())["base_model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if user is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    else:
+        model = peft_model(model_dir, version / "users" / user)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+    return logprobs.gather(1, ids[0, 1:, None])[:, 0]
+
+
+def test_prompt_logprobs_score_text_as_peft_does(server):
+    """OpenAI's echo + logprobs + max_tokens 0 and LoRAX's decoder_input_details give each
+    prompt token's logprob under the user's adapter: PEFT's, from a batch of other rows."""
+    url, serving, _ = server
+    prompt = "Whether tis nobler in the mind to suffer"
+    expected = peft_prompt_logprobs(serving, "user02", prompt)
+    body = {"model": "user02", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0}
+    with ThreadPoolExecutor(3) as pool:  # scored beside generations of other users
+        others = [
+            pool.submit(
+                requests.post,
+                f"{url}/v1/completions",
+                json={"model": u, "prompt": "To be", "max_tokens": 8, "temperature": 0},
+                timeout=60,
+            )
+            for u in ("user01", "")  # users of every version this module serves
+        ]
+        reply = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert all(o.result().status_code == 200 for o in others)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["text"] == prompt and reply.json()["usage"]["completion_tokens"] == 0
+    scores = choice["logprobs"]["token_logprobs"]
+    assert scores[0] is None and len(scores) == len(expected) + 1
+    assert torch.allclose(torch.tensor(scores[1:], dtype=torch.float64), expected, atol=1e-4)
+    assert "".join(choice["logprobs"]["tokens"]) == prompt
+    # Alternatives: the two likeliest tokens at each position, the scored token no likelier.
+    top = requests.post(f"{url}/v1/completions", json={**body, "logprobs": 2}, timeout=60)
+    alternatives = top.json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert alternatives[0] is None and all(len(a) == 2 for a in alternatives[1:])
+    assert all(
+        max(a.values()) >= s - 1e-9 for a, s in zip(alternatives[1:], scores[1:], strict=True)
+    )
+    # The base model scores the same text otherwise.
+    base = requests.post(f"{url}/v1/completions", json={**body, "model": ""}, timeout=60)
+    base_scores = base.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+    expected_base = peft_prompt_logprobs(serving, None, prompt)
+    assert torch.allclose(torch.tensor(base_scores, dtype=torch.float64), expected_base, atol=1e-4)
+    assert not torch.allclose(expected_base, expected, atol=1e-3)
+    # LoRAX: details.prefill, as TGI gives it.
+    lorax = {
+        "inputs": prompt,
+        "parameters": {
+            "adapter_id": "user02",
+            "max_new_tokens": 1,
+            "details": True,
+            "decoder_input_details": True,
+        },
+    }
+    prefill = requests.post(f"{url}/generate", json=lorax, timeout=60).json()["details"]["prefill"]
+    assert prefill[0]["logprob"] is None
+    assert [p["logprob"] for p in prefill[1:]] == scores[1:]
+    # What cannot be answered is refused by name.
+    for bad, words in [
+        ({**body, "echo": False}, "max_tokens 0"),
+        ({**body, "stream": True}, "stream"),
+        ({**body, "logprobs": 6}, "logprobs"),
+    ]:
+        refused = requests.post(f"{url}/v1/completions", json=bad, timeout=60)
+        assert refused.status_code == 422 and words in refused.json()["error"], refused.text
+    chat = {"model": "user02", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}
+    refused = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+    assert refused.status_code == 422 and "/v1/completions" in refused.json()["error"]
+
+
+def test_soppu_score_compares_a_users_adapter_with_the_base_on_their_text(server, tmp_path):
+    """`soppu score` on the live server: each block scored by the route above, the perplexity
+    PEFT's on those blocks, the gain with its interval, and advice by the served-choice rule."""
+    from typer.testing import CliRunner
+
+    from server.serving.scoring import blocks_of
+    from soppu.cli import app
+
+    url, serving, _ = server
+    text = " ".join(["Whether tis nobler in the mind to suffer the slings and arrows"] * 12)
+    (tmp_path / "mine.txt").write_text(text)
+    result = CliRunner().invoke(
+        app,
+        ["score", url, str(tmp_path / "mine.txt"), "--model", "user03", "--block-chars", "150"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    blocks = blocks_of(text, 150)
+    assert len(blocks) >= 5 and "".join(blocks) == text
+    for user in (None, "user03"):
+        scores = torch.cat([peft_prompt_logprobs(serving, user, b) for b in blocks])
+        perplexity = float(torch.exp(-scores.mean()))
+        assert f"{perplexity:.2f}" in result.output, (user, perplexity, result.output)
+    assert "use:" in result.output and "[95%]" in result.output
+    missing = CliRunner().invoke(
+        app,
+        ["score", url, str(tmp_path / "mine.txt"), "--model", "mallory", "--block-chars", "150"],
+    )
+    assert missing.exit_code == 2 and "mallory" in missing.output and "404" in missing.output

@@ -263,6 +263,9 @@ class Engine:
         rows = torch.tensor([self._row(r) for r in requests], dtype=torch.long)
         cache = DynamicCache()
         logits = self._forward(ids, mask, rows, cache)
+        for i, request in enumerate(requests):
+            if request.score_prompt:
+                self._score_prompt(request, logits[i, -len(request.prompt) :])
         self._merge(requests, rows, mask, cache)
         self._emit(requests, logits[:, -1])
         self.on_step(len(requests), time.perf_counter() - began)
@@ -275,6 +278,16 @@ class Engine:
         logits = self._forward(last, self.mask, self.rows, self.cache)
         self._emit(self.active, logits[:, -1])
         self.on_step(len(self.active), time.perf_counter() - began)
+
+    def _score_prompt(self, request: Request, logits: Tensor) -> None:
+        """Each prompt token's logprob given those before it (from its row's [len, vocab]
+        logits, padding cut off) and, if asked, the likeliest alternatives at each position."""
+        logprobs = torch.log_softmax(logits[:-1].double(), dim=-1)
+        following = torch.tensor(request.prompt[1:], dtype=torch.long)
+        picked = logprobs.gather(1, following[:, None])[:, 0]
+        request.prompt_logprobs = [None, *(float(x) for x in picked)]
+        if request.top_logprobs:
+            request.prompt_top = [{}, *(_top(row, request.top_logprobs) for row in logprobs)]
 
     def _forward(self, ids: Tensor, mask: Tensor, rows: Tensor, cache: DynamicCache) -> Tensor:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
@@ -312,6 +325,10 @@ class Engine:
         for i, request in enumerate(requests):
             if request.cancelled or request.finish_reason is not None:
                 continue  # `_prune` closes it
+            if request.sampling.max_new_tokens == 0:  # scoring only: nothing to generate
+                request.finish_reason = "length"
+                self._ended(request)
+                continue
             try:
                 if broken[i]:
                     raise NumericalFailure("the model's logits for this request are not finite")
@@ -329,6 +346,8 @@ class Engine:
         piece = Token(token, text[len(request.text) :], float(logprobs[token]), token in self.eos)
         request.text = text
         request.tokens.append(piece)
+        if request.top_logprobs:
+            request.top.append(_top(logprobs, request.top_logprobs))
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         # Set before the token is sent, so that its reader knows it is the last one.
@@ -386,6 +405,11 @@ class Engine:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
         self.mask = self.mask[:, start:]
+
+
+def _top(logprobs: Tensor, k: int) -> dict[int, float]:
+    values, ids = logprobs.topk(k)
+    return {int(i): float(v) for i, v in zip(ids, values, strict=True)}
 
 
 def _reason(problems: list[str]) -> str:

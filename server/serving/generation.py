@@ -35,14 +35,26 @@ class AppContext:
     serving: Path | None = None
     metrics: Metrics = field(default_factory=Metrics)
 
-    async def start(self, prompt: str, user: str | None, sampling: Sampling) -> Generation:
-        """Tokenise (in a thread: a long prompt takes seconds), check, submit."""
+    async def start(
+        self,
+        prompt: str,
+        user: str | None,
+        sampling: Sampling,
+        *,
+        score_prompt: bool = False,
+        top_logprobs: int = 0,
+    ) -> Generation:
+        """Tokenise (in a thread: a long prompt takes seconds), check, submit; `score_prompt`
+        asks for each prompt token's logprob, `top_logprobs` for the likeliest alternatives."""
         ids = await asyncio.to_thread(self._encode, prompt)
         _check_lengths(
             len(ids), sampling.max_new_tokens, self.max_input_tokens, self.max_total_tokens
         )
         events: asyncio.Queue = asyncio.Queue()
-        request = Request(ids, user, sampling, event_sink(asyncio.get_running_loop(), events))
+        sink = event_sink(asyncio.get_running_loop(), events)
+        request = Request(
+            ids, user, sampling, sink, score_prompt=score_prompt, top_logprobs=top_logprobs
+        )
         try:
             self.engine.submit(request)
         except UnknownUser:
@@ -108,12 +120,6 @@ class Generation:
     async def _finished(self) -> None:
         async for _ in self.tokens():
             pass
-
-
-async def _disconnected(receive: Receive) -> None:
-    """Returns once the client is gone (the body was read already: nothing else comes)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _disconnected(receive: Receive) -> None:

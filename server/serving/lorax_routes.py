@@ -37,7 +37,8 @@ async def compat_generate(http: HttpRequest, body: GenerateRequest):
 async def _start(http: HttpRequest, body: GenerateRequest) -> Generation:
     ctx = context(http)
     user = lorax_user(body.parameters, ctx.serving)
-    return await ctx.start(body.inputs, user, body.parameters.sampling())
+    scoring = body.parameters.decoder_input_details
+    return await ctx.start(body.inputs, user, body.parameters.sampling(), score_prompt=scoring)
 
 
 async def _answer(http: HttpRequest, body: GenerateRequest) -> dict[str, Any]:
@@ -47,7 +48,9 @@ async def _answer(http: HttpRequest, body: GenerateRequest) -> dict[str, Any]:
         text = body.inputs + text
     return {
         "generated_text": text,
-        "details": details(request, True) if body.parameters.details else None,
+        "details": details(request, True, tokenizer=context(http).engine.tokenizer)
+        if body.parameters.details
+        else None,
     }
 
 
@@ -71,7 +74,7 @@ async def _stream(generation: Generation) -> AsyncIterator[str]:
         yield sse_event({"error": request.error, "error_type": request.error_kind})
 
 
-def details(request: Request, with_tokens: bool) -> dict[str, Any]:
+def details(request: Request, with_tokens: bool, tokenizer=None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "finish_reason": request.finish_reason,
         "prompt_tokens": len(request.prompt),
@@ -80,8 +83,18 @@ def details(request: Request, with_tokens: bool) -> dict[str, Any]:
     }
     if with_tokens:
         out |= {
-            "prefill": [],
+            "prefill": _prefill(request, tokenizer),
             "tokens": [vars(t) for t in request.tokens],
             "best_of_sequences": None,
         }
     return out
+
+
+def _prefill(request: Request, tokenizer) -> list[dict[str, Any]]:
+    """TGI's `decoder_input_details`: each input token with its logprob (the first: null)."""
+    if not request.score_prompt:
+        return []
+    return [
+        {"id": i, "text": tokenizer.decode([i]), "logprob": score}
+        for i, score in zip(request.prompt, request.prompt_logprobs, strict=True)
+    ]

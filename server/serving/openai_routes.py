@@ -36,7 +36,13 @@ async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, cha
     ctx = context(http)
     model_id = ctx.info["model_id"]
     user = None if body.model in ("", model_id) else body.model
-    generation = await ctx.start(prompt, user, body.sampling())
+    generation = await ctx.start(
+        prompt,
+        user,
+        body.sampling(),
+        score_prompt=body.echo and body.logprobs is not None,
+        top_logprobs=body.logprobs or 0,
+    )
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": ident, "created": int(time.time()), "model": body.model or model_id}
@@ -47,13 +53,44 @@ async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, cha
     if chat:
         choice["message"] = {"role": "assistant", "content": request.text}
     else:
-        choice["text"] = request.text
+        choice["text"] = prompt + request.text if body.echo else request.text
+        if body.logprobs is not None:
+            choice["logprobs"] = logprobs(ctx.engine.tokenizer, request, body.echo)
     usage = {
         "prompt_tokens": len(request.prompt),
         "completion_tokens": len(request.tokens),
         "total_tokens": len(request.prompt) + len(request.tokens),
     }
     return {**base, "object": kind, "choices": [choice], "usage": usage}
+
+
+def logprobs(tokenizer, request: Request, echo: bool) -> dict[str, list]:
+    """OpenAI's legacy `logprobs` object: the prompt's tokens first when echoed (the first
+    has no logprob: null), then the completion's, with the asked-for alternatives."""
+    ids, scores, tops = [], [], []
+    if echo:
+        ids += request.prompt
+        scores += request.prompt_logprobs
+        tops += request.prompt_top or [{}] * len(request.prompt)
+    ids += [t.id for t in request.tokens]
+    scores += [t.logprob for t in request.tokens]
+    tops += request.top or [{}] * len(request.tokens)
+    texts = [tokenizer.decode([i]) for i in ids]
+    offsets = [0]
+    for text in texts[:-1]:
+        offsets.append(offsets[-1] + len(text))
+    alternatives = [
+        {tokenizer.decode([i]): v for i, v in top.items()} if request.top_logprobs else None
+        for top in tops
+    ]
+    if echo and alternatives:
+        alternatives[0] = None  # nothing predicts the first token
+    return {
+        "tokens": texts,
+        "token_logprobs": scores,
+        "top_logprobs": alternatives,
+        "text_offset": offsets,
+    }
 
 
 def _reason(request: Request) -> str:

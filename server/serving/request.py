@@ -39,6 +39,13 @@ class Request:
     finished_at: float | None = None
     generator: torch.Generator | None = None
     text: str = ""
+    # Scoring (OpenAI `echo` + `logprobs`, LoRAX `decoder_input_details`): what was asked ...
+    score_prompt: bool = False  # each prompt token's logprob given the tokens before it
+    top_logprobs: int = 0  # the most likely alternatives at every scored position
+    # ... and what the engine found: the first prompt token has no logprob (None)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top: list[dict[int, float]] = field(default_factory=list)
+    top: list[dict[int, float]] = field(default_factory=list)  # per generated token
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:

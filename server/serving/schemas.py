@@ -18,6 +18,7 @@ from server.serving.sampling import Sampling
 
 SEED_MAX = 2**64 - 1
 MAX_STOP = 16  # each stop sequence is checked after every token of the row
+MAX_LOGPROBS = 5  # alternatives per position, as OpenAI's legacy completions allow
 
 
 class ApiError(Exception):
@@ -41,6 +42,7 @@ class Parameters(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stop: Stops = Field(default_factory=list)
     details: bool = False
+    decoder_input_details: bool = False  # details.prefill: each input token's logprob
     return_full_text: bool | None = False
     top_k: int | None = Field(default=None, ge=1)
     ignore_eos_token: bool = False
@@ -90,7 +92,9 @@ class CompletionRequest(BaseModel):
 
     model: str = ""
     prompt: str
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0 with echo: score the prompt only
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
@@ -98,11 +102,19 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
 
+    @model_validator(mode="after")
+    def _something_to_return(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 returns nothing without echo (echo scores the prompt)")
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError("echo and logprobs are not supported with stream")
+        return self
+
     def sampling(self) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         temperature = 1.0 if self.temperature is None else self.temperature
         return Sampling(
-            max_new_tokens=self.max_tokens or 16,
+            max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=temperature or 1.0,
             top_p=self.top_p or 1.0,
             do_sample=temperature > 0,  # OpenAI's temperature 0 is greedy
@@ -119,6 +131,15 @@ class ChatMessage(BaseModel):
 class ChatRequest(CompletionRequest):
     prompt: str = ""
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _something_to_return(self) -> ChatRequest:  # replaces the completions' check
+        if self.echo or self.logprobs is not None or self.max_tokens == 0:
+            raise ValueError(
+                "echo, logprobs and max_tokens 0 are not supported on chat completions; "
+                "score text with /v1/completions (echo: true, logprobs: 0, max_tokens: 0)"
+            )
+        return self
 
 
 def lorax_user(parameters: Parameters, serving: Path | None) -> str | None:

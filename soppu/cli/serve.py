@@ -13,6 +13,7 @@ from soppu.cli.common import ThreadsOpt, clear_errors, console, set_threads
 
 def register(app: typer.Typer) -> None:
     app.command()(serve)
+    app.command()(score)
 
 
 def serve(
@@ -52,3 +53,59 @@ def serve(
     )
     if status := run(app, engine, host, port):
         raise typer.Exit(status)
+
+
+def score(
+    url: Annotated[
+        str, typer.Argument(help="The server: soppu serve's or vLLM's, http://HOST:PORT.")
+    ],
+    text: Annotated[Path, typer.Argument(help="Your validation text (UTF-8), never trained on.")],
+    model: Annotated[
+        list[str],
+        typer.Option(help="An adapter to try (a user id, or vLLM's --lora-modules name)."),
+    ],
+    reference: Annotated[
+        str, typer.Option(help="What each model is compared with ('': the base model).")
+    ] = "",
+    block_chars: Annotated[int, typer.Option(min=2, help="Characters per scored block.")] = 1500,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SOPPU_API_KEY", help="Sent as a Bearer token.")
+    ] = None,
+) -> None:
+    """Which adapter to use: score your own text on the server, each model against the base."""
+    from rich.table import Table
+
+    from server.serving import scoring
+    from soppu.cli.common import progress_bar
+
+    with clear_errors():
+        try:
+            content = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{text}: cannot read it as UTF-8 text ({exc})") from None
+        blocks = scoring.blocks_of(content, block_chars)
+        if len(blocks) < 2:
+            raise ValueError(f"{text}: {len(blocks)} block(s) of text; at least 2 to compare")
+        scored = []
+        with progress_bar("scoring") as update:
+            for name in [reference, *model]:
+                shown_name = name or "base"
+                scored.append(
+                    scoring.score(
+                        url, name, blocks, api_key, lambda d, t, n=shown_name: update(n, d, t)
+                    )
+                )
+        gains, best = scoring.compare(scored[0], scored[1:])
+    table = Table(title=f"{len(blocks)} blocks, {int(scored[0].tokens.sum())} tokens")
+    for column in ("model", "perplexity", "gain over " + (reference or "base") + " [95%]"):
+        table.add_column(column, overflow="fold")
+    table.add_row(reference or "base", f"{scored[0].perplexity:.2f}", "–")
+    for s in scored[1:]:
+        g = gains[s.model]
+        interval = f"{g.point:+.1%} [{g.low:+.1%}, {g.high:+.1%}] {g.verdict}"
+        table.add_row(s.model, f"{s.perplexity:.2f}", interval)
+    console.print(table)
+    console.print(
+        f"use: [bold]{best or 'base'}[/] (lowest loss among the reference and models "
+        "significantly better than it)"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,16 +48,23 @@ def train(msg: Message, context: Context) -> Message:
     correction = None
     if m.CORRECTION in msg.content:
         correction = m.tensors_from(msg.content[m.CORRECTION])
+    anchor = None
+    if m.ANCHOR in msg.content:
+        anchor = m.lora_from(msg.content[m.ANCHOR], str(config["lora-config"]))
+    run = partial(
+        task.train,
+        user,
+        str(config["emulator"]),
+        train_config,
+        base_model=setup.base_model,
+        correction=correction,
+        device=_device(config, context),
+    )
     try:
-        result = task.train(
-            user,
-            str(config["emulator"]),
-            train_config,
-            start,
-            setup.base_model,
-            correction,
-            _device(config, context),
-        )
+        # Two tracks (Ditto): the shared copy from the anchor, which the server averages, and
+        # the personal one from the user's own, pulled towards the anchor.
+        shared = run(anchor) if anchor is not None else None
+        result = run(start, anchor=anchor, prox=float(config.get("prox", 0.0)))
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
     ppl = result.perplexity
@@ -69,13 +77,15 @@ def train(msg: Message, context: Context) -> Message:
             "eval-loss-before": math.log(ppl["emulator_start"]),
             "eval-loss-after": math.log(ppl["emulator_adapter"]),
             "eval-tokens": result.test_tokens,
-            "seconds": result.seconds,  # training and evaluation
+            "seconds": result.seconds + (shared.seconds if shared else 0.0),  # all training
             "handler-seconds": time.perf_counter() - began,  # + finding data and emulator
         }
     )
     # Tensors only: the LoRA config went one way, from the server, which keeps its own.
     about = ConfigRecord({"user-id": user.user_id, "emulator": str(config["emulator"])})
     content = RecordDict({m.LORA: m.lora_record(result.lora), m.METRICS: metrics, m.CONFIG: about})
+    if shared is not None:
+        content[m.SHARED] = m.lora_record(shared.lora)
     return Message(content, reply_to=msg)
 
 

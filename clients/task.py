@@ -125,11 +125,21 @@ def train(
     base_model: str,
     correction: dict[str, torch.Tensor] | None = None,
     device: str = "cpu",
+    anchor: LoraState | None = None,
+    prox: float = 0.0,
 ) -> PersonalizeResult:
     model, info = emulator(version, device_for(device))
     tokenizer = tokenizer_for(base_model)
     return personalize(
-        user, model, info, tokenizer, config, start=start, correction=correction or None
+        user,
+        model,
+        info,
+        tokenizer,
+        config,
+        start=start,
+        correction=correction or None,
+        anchor=anchor,
+        prox=prox,
     )
 
 

@@ -47,7 +47,7 @@ def measure(run: Path, steps: int, lr: float | None = None, users: int | None = 
     emulator, info = E.load(folder.emulator)
     start = folder.global_adapter()
     if start is None:
-        sys.exit(f"{run} has no global adapter (aggregation none?)")
+        sys.exit(f"{run} has no global adapter (scheme local?)")
     began = time.perf_counter()
     public = public_for(judge.config, print, judge.base)
     measure_at = round_correction(judge.config, judge.base, emulator, info, public)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module witho
     from soppu.data import DataOptions
     from soppu.emulator import EmulatorPlan
 
-AGGREGATIONS = ("fedavg", "none")
+SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not imported: no torch)
+LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
 CLIENT_MODES = ("emulator", "full")
 # Each client mode's learning rate and schedule within a round, measured on 16 users (README,
 # "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
@@ -42,9 +43,9 @@ class FederationConfig:
     fraction_evaluate: float = 0.0  # federated evaluation on the emulator each round
     round_timeout: float = 3600.0  # seconds a round waits for replies
     node_wait: float = 120.0  # seconds to wait for nodes to connect
-    # fedavg: a federated-average global adapter, and every user's personal adapter trained
-    # from it each round; none: purely local, each user continues their own adapter
-    aggregation: str = "fedavg"
+    # what users start from, what is averaged, what stays personal (server/schemes/)
+    scheme: str = "fedavg-ft"
+    prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
@@ -118,7 +119,7 @@ class FederationConfig:
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         for name, allowed in (
-            ("aggregation", AGGREGATIONS),
+            ("scheme", SCHEMES),
             ("client_mode", CLIENT_MODES),
             ("lora_layers", LORA_LAYERS),
             ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
@@ -127,6 +128,8 @@ class FederationConfig:
             if getattr(self, name) not in allowed:
                 key = name.replace("_", "-")
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (self.prox >= 0 and self.prox < float("inf")):
+            raise ValueError(f"prox must be finite and ≥ 0, got {self.prox}")
         if self.correction_batches < 0 or self.client_gpus < 0:
             raise ValueError("correction-batches and client-gpus must be ≥ 0")
         if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
@@ -145,6 +148,8 @@ class FederationConfig:
         given = {}
         for key, value in values.items():
             name = key.replace("-", "_")
+            if name == "aggregation" and value in LEGACY_AGGREGATION:  # an older run's config
+                name, value = "scheme", LEGACY_AGGREGATION[value]
             if name not in types:
                 raise ValueError(f"run config: unknown key {key!r}")
             given[name] = _coerce(types[name], value, key)
@@ -252,7 +257,9 @@ HELP = {
     "fraction_evaluate": "Share of the users evaluated on the emulator each round.",
     "round_timeout": "Seconds a round waits for replies.",
     "node_wait": "Seconds to wait for the nodes to connect.",
-    "aggregation": "fedavg: a global adapter and a personal one per user; none: purely local.",
+    "scheme": "fedavg-ft (from the global adapter each round), local (own only), fedsa (A "
+    "shared, B personal) or ditto (personal pulled to the global by prox).",
+    "prox": "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
     "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
     "compress_every": "Compress every K rounds; 0: after the last only.",
     "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",

@@ -1,10 +1,11 @@
 """After the run: each user's held-out perplexity, what they are served, and how sure we are.
 
 For every user in the store (simulation: the server can read the users' held-out text):
-base model alone; the global adapter (fedavg); the personal adapter on the emulator (the
-client's own measurement, from metrics.jsonl); the personal adapter on the full model; and the
-published adapter (`serving/current/users/<user>`, the compressed form of what the user is
-served: personal, global or none, chosen on their validation text) on the full model.
+base model alone; the global adapter (schemes that have one); the personal adapter on the
+emulator (the client's own measurement, from metrics.jsonl); the personal adapter on the full
+model; and the published adapter (`serving/current/users/<user>`, the compressed form of what
+the user is served: personal, global or none, chosen on their validation text) on the full
+model.
 
 Every comparison is paired on the same held-out blocks, with a 95% bootstrap interval
 (`server/intervals.py`): served over base (helped, harmed or unchanged only where the

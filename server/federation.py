@@ -7,10 +7,8 @@ the gradient correction measured at it, stage every valid reply, average, evalua
 commit, and compress + publish every K rounds and after the last. A node that fails, times
 out or sends a bad adapter costs only its own reply.
 
-Schemes (`aggregation`): with fedavg every sampled user starts from the global adapter (the
-fresh LoRA before the first average); their reply is their personal adapter (the global one
-fine-tuned on their text) and the weighted average of the replies is the next global one.
-With none each user continues their own latest adapter and no global one exists.
+What a user starts from, what is averaged and what stays personal is the scheme's
+(`--scheme`, `server/schemes/`): the loop asks it and knows none by name.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from compression.compress import CompressionConfig
 from server.compression_round import compress_run
 from server.config import FederationConfig
 from server.nodes import Nodes
+from server.schemes import Reply, Scheme, scheme_for
 from server.store import RoundStage, RunFolder, check_reply, recover
 from soppu import messages as m
 from soppu.adapters import LoraState
@@ -61,6 +60,10 @@ class Federation:
     @property
     def shapes(self) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in self.template.tensors.items()}
+
+    @property
+    def scheme(self) -> Scheme:
+        return scheme_for(self.config.scheme, self.config.prox)
 
 
 def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
@@ -104,9 +107,13 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     install_s = time.perf_counter() - install_began
     stage = RoundStage(fed.run, round_)
     rows, trained = _train(fed, round_, sampled, stage)
-    if fed.config.aggregation == "fedavg" and trained:
-        stage.add_global(fedavg(trained), {"round": round_, "users": sorted(trained)})
-    eval_loss = evaluate(fed, round_, trained) if fed.config.fraction_evaluate else None
+    new_global = fed.scheme.aggregate(trained) if trained else None
+    if new_global is not None:
+        record = {"round": round_, "users": sorted(trained), "scheme": fed.scheme.name}
+        stage.add_global(new_global, record)
+    eval_loss = None
+    if fed.config.fraction_evaluate:
+        eval_loss = evaluate(fed, round_, trained, new_global or fed.run.global_adapter())
     ok = [r for r in rows if r["status"] == "trained"]
     summary = {
         "round": round_,
@@ -149,12 +156,18 @@ def sample_users(fed: Federation, round_: int) -> dict[int, str]:
 
 def _train(
     fed: Federation, round_: int, sampled: dict[int, str], stage: RoundStage
-) -> tuple[list[dict[str, Any]], dict[str, tuple[LoraState, int]]]:
-    starts = starting_adapters(fed, sorted(sampled.values()))
-    corrections = _corrections(fed, round_, starts)
+) -> tuple[list[dict[str, Any]], dict[str, Reply]]:
+    scheme = fed.scheme
+    starts = scheme.starts(fed.run, sorted(sampled.values()), fed.template)
+    anchor = scheme.anchor(fed.run, fed.template)
+    corrections = _corrections(fed, round_, starts, scheme.correction_point(fed.run, fed.template))
     device = "cuda" if fed.config.client_gpus > 0 else "cpu"
     base_config = m.train_config_record(
-        fed.config.train(round_), emulator=fed.emulator_version, round=round_, device=device
+        fed.config.train(round_),
+        emulator=fed.emulator_version,
+        round=round_,
+        device=device,
+        prox=scheme.prox,
     )
 
     def content(node: int) -> RecordDict:
@@ -167,22 +180,29 @@ def _train(
         records[m.LORA] = m.lora_record(start)
         if corrections.get(user):
             records[m.CORRECTION] = m.tensors_record(corrections[user])
+        if anchor is not None:
+            records[m.ANCHOR] = m.lora_record(anchor)
         return records
 
     rows: list[dict[str, Any]] = []
-    trained: dict[str, tuple[LoraState, int]] = {}
+    trained: dict[str, Reply] = {}
 
     def on_reply(node: int, reply: Message) -> None:
         user = sampled[node]
         try:
-            lora, metrics = _accept(fed, user, reply)
+            accepted, metrics = _accept(fed, user, reply, scheme.two_tracks)
         except Exception as exc:  # a bad reply costs that user's round, nothing else
             rows.append(_failure(round_, user, f"bad reply: {exc}"))
             fed.log(f"  {user}: refused ({exc})")
             return
-        record = {"round": round_, "emulator": fed.emulator_version, "metrics": metrics}
-        stage.add(user, lora, record)
-        trained[user] = (lora, int(metrics["num-examples"]))
+        record = {
+            "round": round_,
+            "emulator": fed.emulator_version,
+            "scheme": scheme.name,
+            "metrics": metrics,
+        }
+        stage.add(user, accepted.personal, record)
+        trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})
         fed.log(
             f"  [{len(trained)}/{len(sampled)}] {user}: held-out loss "
@@ -199,22 +219,16 @@ def _train(
     return rows, trained
 
 
-def starting_adapters(fed: Federation, users: list[str]) -> dict[str, LoraState]:
-    """fedavg: the global adapter for everyone (the fresh one before the first average);
-    none: each user's own latest. Users sharing a start share one LoraState object."""
-    if fed.config.aggregation == "fedavg":
-        start = fed.run.global_adapter() or fed.template
-        return dict.fromkeys(users, start)
-    return {user: fed.run.latest(user) or fed.template for user in users}
-
-
 def _corrections(
-    fed: Federation, round_: int, starts: dict[str, LoraState]
+    fed: Federation, round_: int, starts: dict[str, LoraState], point: LoraState | None
 ) -> dict[str, dict[str, Tensor]]:
-    """One gradient correction per distinct starting adapter (one in all under fedavg)."""
+    """One gradient correction per distinct starting adapter (one in all where everyone
+    starts alike), or one at `point` for everyone."""
     if fed.correction is None:
         return {}
     began = time.perf_counter()
+    if point is not None:
+        starts = dict.fromkeys(starts, point)
     by_start: dict[int, dict[str, Tensor]] = {}
     for start in starts.values():
         if id(start) not in by_start:
@@ -228,51 +242,45 @@ def _corrections(
     return {user: by_start[id(start)] for user, start in starts.items()}
 
 
-def _accept(fed: Federation, user: str, reply: Message) -> tuple[LoraState, dict[str, float]]:
+def _accept(
+    fed: Federation, user: str, reply: Message, two_tracks: bool = False
+) -> tuple[Reply, dict[str, float]]:
     about = reply.content[m.CONFIG]
     if str(about["user-id"]) != user:
         raise ValueError(f"reply is for user {about['user-id']!r}, expected {user!r}")
     # The LoRA config goes one way: the server's is the one trained, stored and published.
     lora = LoraState(m.tensors_from(reply.content[m.LORA]), dict(fed.template.config))
     check_reply(user, lora, fed.shapes, f"reply from {user}")
+    shared = None
+    if two_tracks:
+        if m.SHARED not in reply.content:
+            raise ValueError(f"reply from {user} lacks the shared copy its scheme trains")
+        shared = LoraState(m.tensors_from(reply.content[m.SHARED]), dict(fed.template.config))
+        check_reply(user, shared, fed.shapes, f"reply from {user} (shared copy)")
     metrics = {k: float(v) for k, v in reply.content[m.METRICS].items()}
-    return lora, metrics
+    return Reply(lora, int(metrics["num-examples"]), shared), metrics
 
 
 def _failure(round_: int, user: str, reason: str) -> dict[str, Any]:
     return {"round": round_, "user": user, "status": "failed", "reason": reason}
 
 
-def fedavg(trained: dict[str, tuple[LoraState, int]]) -> LoraState:
-    """Average every LoRA tensor (A and B alike), weighted by training examples."""
-    total = sum(n for _, n in trained.values())
-    first = next(iter(trained.values()))[0]
-    tensors = {
-        key: sum(lora.tensors[key] * (n / total) for lora, n in trained.values())
-        for key in first.tensors
-    }
-    return LoraState(tensors, first.config)
-
-
 def evaluate(
-    fed: Federation, round_: int, trained: dict[str, tuple[LoraState, int]]
+    fed: Federation, round_: int, trained: dict[str, Reply], global_lora: LoraState | None
 ) -> float | None:
     """Federated evaluation on the emulator: each sampled user's held-out loss for the global
-    adapter (fedavg) or their own latest one."""
+    adapter (where the scheme has one) or their own latest one."""
     transport = _nodes(fed)
     users = sorted(transport.users.values())
     count = round(fed.config.fraction_evaluate * len(users))
     chosen = set(random.Random(f"eval:{fed.config.seed}:{round_}").sample(users, count))
     nodes = [n for n, u in transport.users.items() if u in chosen]
-    global_lora = fed.run.global_adapter()
-    if fed.config.aggregation == "fedavg" and trained:
-        global_lora = fedavg(trained)
     base_config = m.train_config_record(fed.config.train(), emulator=fed.emulator_version)
 
     def content(node: int) -> RecordDict | None:
         user = transport.users[node]
-        own = trained[user][0] if user in trained else fed.run.latest(user)
-        lora = global_lora if fed.config.aggregation == "fedavg" else own
+        own = trained[user].personal if user in trained else fed.run.latest(user)
+        lora = global_lora or own
         if lora is None:
             return None
         config = ConfigRecord(

@@ -22,7 +22,7 @@ from typing import Any
 from flwr.app import RecordDict
 from torch import Tensor, nn
 
-from server.config import FederationConfig
+from server.config import LEGACY_AGGREGATION, FederationConfig
 from server.federation import Correction, Federation, Log, Selection
 from server.selection import select_served
 from server.store import RunFolder
@@ -74,7 +74,10 @@ def resolve_config(requested: FederationConfig, *, resume: bool) -> FederationCo
 
 
 def stored_config(run: RunFolder) -> FederationConfig:
-    return FederationConfig(**json.loads(run.run_json.read_text())["config"])
+    values = json.loads(run.run_json.read_text())["config"]
+    if "aggregation" in values:  # a run from before `scheme`
+        values["scheme"] = LEGACY_AGGREGATION[values.pop("aggregation")]
+    return FederationConfig(**values)
 
 
 def load_config(

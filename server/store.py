@@ -4,7 +4,7 @@
     RUN/emulator/           the emulator the clients train against
     RUN/store/<user>/       the user's latest adapter: PEFT files + training.json
                             (round, metrics, emulator version; PEFT ignores it)
-    RUN/global/             the averaged adapter (aggregation = fedavg)
+    RUN/global/             the averaged adapter (schemes that have one)
     RUN/selection.json      what each user is served (personal, global or base) and why
     RUN/no-adapter/         an all-zero LoRA: what a user served the base model gets
     RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
@@ -191,9 +191,7 @@ def stored_round(run: RunFolder, user: str) -> int | None:
     return json.loads(meta.read_text()).get("round") if meta.is_file() else None
 
 
-def snapshot(
-    run: RunFolder, into: Path, sources: dict[str, Path] | None = None
-) -> dict[str, Path]:
+def snapshot(run: RunFolder, into: Path, sources: dict[str, Path] | None = None) -> dict[str, Path]:
     """Hard-link every user's served adapter (`sources`: user → dir; default their stored
     one) into `into` (files are only ever replaced by rename, never rewritten, so links are a
     consistent, instant copy); user → dir."""

@@ -125,18 +125,24 @@ def train_lora(
     start: LoraState,
     progress: Callable[[int, int, float], None] = lambda *_: None,
     correction: dict[str, Tensor] | None = None,
+    anchor: LoraState | None = None,
+    prox: float = 0.0,
 ) -> tuple[LoraState, list[float]]:
     """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses.
 
-    `correction` (full-model keys, as `start`'s tensors) is added to every step's gradient.
+    `correction` (full-model keys, as `start`'s tensors) is added to every step's gradient;
+    with `anchor` (a LoRA of the same shapes) so is prox · (lora − anchor), the gradient of
+    Ditto's proximal term prox/2 · ‖lora − anchor‖² on the LoRA tensors.
     """
     on_emulator = start.on_emulator(info)
     shift = to_emulator_keys(correction, info) if correction else {}
+    pull = to_emulator_keys(anchor.tensors, info) if anchor is not None and prox > 0 else {}
     torch.manual_seed(config.seed)
     losses = []
     with attached(emulator, on_emulator, trainable=True) as model:
         params = lora_parameters(model)
         _check_correction(shift, params)
+        _check_correction(pull, params, "proximal anchor")
         optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=0.0)
         scheduler = get_scheduler(
             config.lr_scheduler_type,
@@ -153,6 +159,8 @@ def train_lora(
             loss.backward()
             for key, delta in shift.items():
                 params[key].grad += delta.to(params[key].grad)
+            for key, target in pull.items():
+                params[key].grad += prox * (params[key].detach() - target.to(params[key]))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -163,14 +171,16 @@ def train_lora(
     return LoraState(trained, on_emulator.config).on_full_model(info), losses
 
 
-def _check_correction(shift: dict[str, Tensor], params: dict[str, nn.Parameter]) -> None:
+def _check_correction(
+    shift: dict[str, Tensor], params: dict[str, nn.Parameter], what: str = "gradient correction"
+) -> None:
     if not shift:
         return
     if set(shift) != set(params):
-        raise AdapterError("gradient correction does not fit the LoRA: its keys differ")
+        raise AdapterError(f"{what} does not fit the LoRA: its keys differ")
     for key, delta in shift.items():
         if delta.shape != params[key].shape or not torch.isfinite(delta).all():
-            raise AdapterError(f"gradient correction for {key}: wrong shape or not finite")
+            raise AdapterError(f"{what} for {key}: wrong shape or not finite")
 
 
 def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
@@ -197,8 +207,11 @@ def personalize(
     full_model: nn.Module | None = None,
     progress: Callable[[int, int, float], None] = lambda *_: None,
     correction: dict[str, Tensor] | None = None,
+    anchor: LoraState | None = None,
+    prox: float = 0.0,
 ) -> PersonalizeResult:
-    """Train the user's LoRA on the emulator and measure held-out perplexity.
+    """Train the user's LoRA on the emulator and measure held-out perplexity; with `anchor`,
+    each step is also pulled towards it by the proximal term prox/2 · ‖lora − anchor‖² (Ditto).
 
     Perplexities: `emulator_start` (emulator with the starting adapter, none if fresh) and
     `emulator_adapter`; with `full_model` also `base` (full model alone) and `full_adapter`
@@ -218,7 +231,7 @@ def personalize(
 
     ppl = {"emulator_start": emulator_ppl(start)}
     lora, losses = train_lora(
-        emulator, info, train_blocks, pad_id, config, start, progress, correction
+        emulator, info, train_blocks, pad_id, config, start, progress, correction, anchor, prox
     )
     ppl["emulator_adapter"] = emulator_ppl(lora)
     if full_model is not None:

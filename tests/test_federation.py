@@ -94,7 +94,7 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     the public text, every round sends the gradient correction, and every user ends with a
     global and a personal perplexity."""
     config = tiny_config(world, "run-ok", align_steps=4)
-    assert config.aggregation == "fedavg" and config.client_mode == "emulator"
+    assert config.scheme == "fedavg-ft" and config.client_mode == "emulator"
     lines = simulate(config)
     run = RunFolder(Path(config.run_dir))
     info = read_info(run.emulator)
@@ -149,9 +149,10 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
         assert row["personal"] != row["global"]
         served_gain = row["gains"]["served_over_base"]
         assert served_gain["low"] <= served_gain["point"] <= served_gain["high"]
-        assert row["verdict"] == {"better": "helped", "worse": "harmed", "same": "unchanged"}[
-            served_gain["verdict"]
-        ]
+        assert (
+            row["verdict"]
+            == {"better": "helped", "worse": "harmed", "same": "unchanged"}[served_gain["verdict"]]
+        )
         over_global = row["gains"]["personal_over_global"]
         if over_global["verdict"] == "better" and row["served"] == "personal":
             # compressed is personal to rel 1e-4, so the share is 1 to that over the gain's size
@@ -217,7 +218,7 @@ def test_failed_slow_and_bad_clients_cost_only_their_own_round(world):
     flaky.evaluate()(client_app.evaluate)
     # The others have 20 s to train 4 tiny steps; user2 answers only once round 1 is over.
     config = tiny_config(
-        world, "run-flaky", round_timeout=20.0, aggregation="fedavg", fraction_evaluate=1.0
+        world, "run-flaky", round_timeout=20.0, scheme="fedavg-ft", fraction_evaluate=1.0
     )
     os.environ["SOPPU_TEST_FLAKY_RUN"] = config.run_dir  # Ray's workers inherit it
     lines = simulate(config, flaky)
@@ -304,3 +305,36 @@ def test_a_killed_run_resumes_with_every_adapter_exactly_once(world, tmp_path):
     for user in USERS:
         assert json.loads((run.store / user / "training.json").read_text())["round"] == 3
     assert not run.staging.exists()
+
+
+def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
+    """Ditto end to end: every client trains a shared copy from the global adapter and its own
+    adapter pulled towards it; the next global adapter is the average of the shared copies
+    (not of what users keep), and every user's published adapter is what they are served."""
+    from server.schemes import fedavg
+
+    config = tiny_config(world, "run-ditto", scheme="ditto", prox=0.5, final_evaluation=False)
+    lines = simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 2 and run.state()["compressed_round"] == 2
+    assert sum("gradient correction for 1 starting adapter" in line for line in lines) == 2
+    rows = [r for r in run.read_jsonl(run.metrics) if r["round"] == 2]
+    assert sorted(r["user"] for r in rows) == USERS and all(r["status"] == "trained" for r in rows)
+    personal = {u: run.latest(u) for u in USERS}
+    for user in USERS:
+        assert json.loads((run.store / user / "training.json").read_text())["scheme"] == "ditto"
+    global_lora = run.global_adapter()
+    record = json.loads((run.global_dir / "training.json").read_text())
+    assert record["scheme"] == "ditto" and record["round"] == 2
+    kept = fedavg({r["user"]: (personal[r["user"]], int(r["num-examples"])) for r in rows})
+    key = next(iter(global_lora.tensors))
+    assert not torch.allclose(kept.tensors[key], global_lora.tensors[key], atol=1e-6)
+    assert not torch.allclose(personal["user0"].tensors[key], personal["user1"].tensors[key])
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
+    served = run.served_dirs()["user2"]  # their own unless it scored worse on validation
+    own = PeftModel.from_pretrained(base, served)
+    expected = logits(own, ids)
+    base = own.unload()
+    published = PeftModel.from_pretrained(base, run.serving / "current" / "users" / "user2")
+    assert torch.allclose(logits(published, ids), expected, atol=1e-4)

@@ -60,6 +60,7 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     (tmp_path / "run.toml").write_text("rounds = 5\ncompress-rank = 3\nlr = 0.01\n")
     args = ["simulate", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml")]
     args += ["--rank", "7", "--weights", "norm", "--group", "shape", "--no-final-evaluation"]
+    args += ["--scheme", "ditto", "--prox", "0.5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = seen["c"]
@@ -76,6 +77,9 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     seen.clear()
     assert CliRunner().invoke(app, again).exit_code == 0
     assert seen["c"] == config  # the printed file alone makes the same run
+    # ... and so does `flwr run . --run-config` with those keys (Flower's run config)
+    assert FederationConfig.from_run_config(printed) == config
+    assert (config.scheme, config.prox) == ("ditto", 0.5)
     compression = config.compression()
     assert (compression.rank, compression.weights, compression.group) == (7, "norm", "shape")
     assert config.users == FederationConfig.users  # untouched: the default
@@ -95,6 +99,18 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
         FederationConfig(layer_select=value)
     with pytest.raises(ValueError, match="threads must be ≥ 0"):
         FederationConfig(threads=-1)
+    from server.config import SCHEMES
+    from server.schemes import SCHEMES as IMPLEMENTED
+
+    assert set(SCHEMES) == set(IMPLEMENTED)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        FederationConfig(scheme="fedavg")
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="prox must be finite"):
+            FederationConfig(prox=bad)
+    # A run folder from before `scheme` names it by its old setting.
+    assert FederationConfig.from_run_config({"aggregation": "none"}).scheme == "local"
+    assert FederationConfig.from_run_config({"aggregation": "fedavg"}).scheme == "fedavg-ft"
 
 
 def test_personalize_takes_every_training_setting_from_train_config():

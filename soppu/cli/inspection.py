@@ -60,7 +60,7 @@ def _run(run: RunFolder) -> Iterator[str]:
     )
     yield (
         f"  rounds: {state['round']} of {config.get('rounds')} done; users: {len(users)} "
-        f"({_few(users)}); aggregation {config.get('aggregation')}"
+        f"({_few(users)}); scheme {config.get('scheme') or config.get('aggregation')}"
     )
     yield f"  adapters stored: {len(run.users())} in {shown(run.store)}"
     if state.get("serving"):

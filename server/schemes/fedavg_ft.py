@@ -1,0 +1,19 @@
+"""FedAvg + fine-tuning: everyone starts from the global adapter; the personal adapter is the
+global one fine-tuned for a round on the user's text, and their average the next global one.
+What a user learned in earlier rounds survives only through the average."""
+
+from __future__ import annotations
+
+from server.schemes.base import Reply, Scheme, fedavg, global_or
+from server.store import RunFolder
+from soppu.adapters import LoraState
+
+
+class FedAvgFT(Scheme):
+    name = "fedavg-ft"
+
+    def starts(self, run: RunFolder, users: list[str], template: LoraState):
+        return dict.fromkeys(users, global_or(run, template))
+
+    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
+        return fedavg({u: (r.personal, r.examples) for u, r in replies.items()})

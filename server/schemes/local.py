@@ -1,0 +1,18 @@
+"""Purely local: every user continues their own adapter; nothing is shared or averaged (the
+baseline a personal part must beat where users differ)."""
+
+from __future__ import annotations
+
+from server.schemes.base import Reply, Scheme
+from server.store import RunFolder
+from soppu.adapters import LoraState
+
+
+class Local(Scheme):
+    name = "local"
+
+    def starts(self, run: RunFolder, users: list[str], template: LoraState):
+        return {user: run.latest(user) or template for user in users}
+
+    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
+        return None

@@ -1,0 +1,158 @@
+"""Federated schemes: what each user starts from, what is averaged, what stays personal, and
+that a restarted server continues every personal part exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import tiny_causal_lm, tiny_tokenizer
+from test_personalize import CONFIG, TEXT
+from test_store import KEY_A, KEY_B, commit_round, lora
+
+from server.schemes import SCHEMES, Reply, fedavg, scheme_for
+from server.schemes.fedsa import is_shared
+from server.store import RoundStage, RunFolder
+from soppu import emulator as E
+from soppu import lm
+from soppu.adapters import LoraState
+from soppu.personalize import fresh_lora, train_lora
+
+USERS = ["alice", "bob", "carol"]
+
+
+def distinct(value: float) -> LoraState:
+    """A LoRA whose A and B carry different values, so what a scheme takes from where shows."""
+    a, b = lora(value), lora(10 * value)
+    return LoraState({KEY_A: a.tensors[KEY_A], KEY_B: b.tensors[KEY_B]}, a.config)
+
+
+def committed(tmp_path, global_value: float | None = 5.0) -> RunFolder:
+    """A run after round 1: each user's personal adapter, and a global one."""
+    run = RunFolder(tmp_path / "run")
+    stage = RoundStage(run, 1)
+    for i, user in enumerate(USERS):
+        stage.add(user, distinct(i + 1.0), {"round": 1})
+    if global_value is not None:
+        stage.add_global(distinct(global_value), {"round": 1})
+    stage.commit([{"round": 1, "user": u, "status": "trained"} for u in USERS], {"round": 1})
+    return run
+
+
+def test_every_scheme_is_chosen_by_name_and_unknown_ones_refused():
+    assert set(SCHEMES) == {"fedavg-ft", "local", "fedsa", "ditto"}
+    assert scheme_for("ditto", prox=0.5).prox == 0.5
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        scheme_for("fedprox")
+
+
+def test_before_any_round_everyone_starts_from_the_same_fresh_lora(tmp_path):
+    """One object for all: one gradient correction, and round 1 is FedAvg's in every scheme
+    with a global adapter."""
+    run, template = RunFolder(tmp_path / "run"), distinct(0.5)
+    for name in SCHEMES:
+        starts = scheme_for(name).starts(run, USERS, template)
+        assert all(s is template for s in starts.values()), name
+
+
+def test_fedavg_ft_starts_everyone_from_the_global_adapter(tmp_path):
+    run = committed(tmp_path)
+    starts = scheme_for("fedavg-ft").starts(run, USERS, distinct(0.5))
+    assert len({id(s) for s in starts.values()}) == 1
+    assert torch.equal(starts["bob"].tensors[KEY_A], distinct(5.0).tensors[KEY_A])
+    assert scheme_for("fedavg-ft").correction_point(run, distinct(0.5)) is None
+
+
+def test_local_continues_each_users_own_and_averages_nothing(tmp_path):
+    run = committed(tmp_path)
+    local = scheme_for("local")
+    starts = local.starts(run, [*USERS, "dave"], distinct(0.5))
+    for i, user in enumerate(USERS):
+        assert torch.equal(starts[user].tensors[KEY_B], distinct(i + 1.0).tensors[KEY_B])
+    assert torch.equal(starts["dave"].tensors[KEY_A], distinct(0.5).tensors[KEY_A])  # new user
+    assert local.aggregate({"alice": Reply(distinct(1.0), 3)}) is None
+
+
+def test_fedsa_shares_the_global_a_and_keeps_each_users_own_b(tmp_path):
+    run = committed(tmp_path)
+    fedsa = scheme_for("fedsa")
+    starts = fedsa.starts(run, USERS, distinct(0.5))
+    for i, user in enumerate(USERS):
+        assert torch.equal(starts[user].tensors[KEY_A], distinct(5.0).tensors[KEY_A])  # shared
+        assert torch.equal(starts[user].tensors[KEY_B], distinct(i + 1.0).tensors[KEY_B])  # own
+    assert is_shared(KEY_A) and not is_shared(KEY_B)
+    # One correction for all, at the global adapter (the starts differ only in B).
+    point = fedsa.correction_point(run, distinct(0.5))
+    assert torch.equal(point.tensors[KEY_B], distinct(5.0).tensors[KEY_B])
+    # The next global adapter is the examples-weighted average of the replies.
+    replies = {"alice": Reply(distinct(1.0), 1), "bob": Reply(distinct(4.0), 3)}
+    averaged = fedsa.aggregate(replies)
+    assert torch.allclose(averaged.tensors[KEY_A], distinct(3.25).tensors[KEY_A])
+    assert torch.allclose(averaged.tensors[KEY_B], distinct(3.25).tensors[KEY_B])
+
+
+def test_ditto_averages_the_shared_copies_and_continues_the_personal_ones(tmp_path):
+    run = committed(tmp_path)
+    ditto = scheme_for("ditto", prox=0.3)
+    assert ditto.two_tracks
+    starts = ditto.starts(run, [*USERS, "dave"], distinct(0.5))
+    for i, user in enumerate(USERS):
+        assert torch.equal(starts[user].tensors[KEY_A], distinct(i + 1.0).tensors[KEY_A])
+    assert torch.equal(starts["dave"].tensors[KEY_A], distinct(5.0).tensors[KEY_A])  # global
+    assert torch.equal(
+        ditto.anchor(run, distinct(0.5)).tensors[KEY_B], distinct(5.0).tensors[KEY_B]
+    )
+    replies = {
+        "alice": Reply(distinct(100.0), 1, shared=distinct(1.0)),
+        "bob": Reply(distinct(200.0), 1, shared=distinct(3.0)),
+    }
+    averaged = ditto.aggregate(replies)  # of the shared copies, never the personal ones
+    assert torch.allclose(averaged.tensors[KEY_A], distinct(2.0).tensors[KEY_A])
+    with pytest.raises(ValueError, match="shared copy"):
+        ditto.aggregate({"alice": Reply(distinct(1.0), 1)})
+
+
+def test_a_restarted_server_continues_every_personal_part_exactly(tmp_path):
+    """Nothing personal lives in memory: a fresh scheme over the reopened run folder (what a
+    resumed run has) starts every user from exactly what their last round stored."""
+    committed(tmp_path)
+    commit_round(RunFolder(tmp_path / "run"), 2, {"alice": 7.25})
+    reopened = RunFolder(tmp_path / "run")
+    for name in ("local", "fedsa", "ditto"):
+        start = scheme_for(name).starts(reopened, ["alice"], distinct(0.5))["alice"]
+        assert torch.equal(start.tensors[KEY_B], lora(7.25).tensors[KEY_B]), name
+
+
+def test_fedavg_weights_by_examples_exactly():
+    averaged = fedavg({"a": (lora(1.0), 1), "b": (lora(2.0), 3)})
+    assert torch.equal(averaged.tensors[KEY_A], torch.full((2, 8), 1.75))
+
+
+def test_the_proximal_term_adds_prox_times_the_distance_to_the_anchor():
+    """One step with the pull equals one step with prox · (start − anchor) added to the
+    gradient (the term's gradient at the start), and many steps end nearer the anchor."""
+    full = tiny_causal_lm(layers=6)
+    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
+    tokenizer = tiny_tokenizer()
+    blocks = lm.token_blocks(tokenizer, TEXT, CONFIG.seq_len)[:4]
+    pad, one = tokenizer.pad_token_id, replace(CONFIG, steps=1)
+    start = fresh_lora(emulator, info, CONFIG)
+    generator = torch.Generator().manual_seed(3)
+    anchor = LoraState(
+        {k: v + torch.randn(v.shape, generator=generator) for k, v in start.tensors.items()},
+        start.config,
+    )
+    pulled, _ = train_lora(emulator, info, blocks, pad, one, start, anchor=anchor, prox=2.0)
+    shift = {k: 2.0 * (start.tensors[k] - anchor.tensors[k]) for k in start.tensors}
+    by_hand, _ = train_lora(emulator, info, blocks, pad, one, start, correction=shift)
+    for key, value in by_hand.tensors.items():
+        assert torch.allclose(pulled.tensors[key], value, atol=1e-7), key
+
+    def distance(state: LoraState) -> float:
+        return sum(float((state.tensors[k] - anchor.tensors[k]).norm()) for k in anchor.tensors)
+
+    many = replace(CONFIG, steps=20)
+    free, _ = train_lora(emulator, info, blocks, pad, many, start)
+    held, _ = train_lora(emulator, info, blocks, pad, many, start, anchor=anchor, prox=50.0)
+    assert distance(held) < min(distance(free), distance(start) - 1.0)

@@ -46,6 +46,10 @@ class FederationConfig:
     # what users start from, what is averaged, what stays personal (server/schemes/)
     scheme: str = "fedavg-ft"
     prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
+    # the robust mean of replies (server/schemes/aggregate.py): updates clipped to clip × the
+    # round's median norm, num-examples capped at weight_cap × the round's median; 0: off
+    clip: float = 2.0
+    weight_cap: float = 4.0
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
@@ -138,6 +142,11 @@ class FederationConfig:
             raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
         if self.threads < 0:
             raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
+        for name in ("clip", "weight_cap"):  # server/schemes/aggregate.py's Robustness
+            value = getattr(self, name)
+            if not (value == 0 or 1 <= value < float("inf")):
+                key = name.replace("_", "-")
+                raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
         self.train()  # validates the training settings now, not in every client
         self.compression()  # validates the compression settings now, not after training
 
@@ -260,6 +269,8 @@ HELP = {
     "scheme": "fedavg-ft (from the global adapter each round), local (own only), fedsa (A "
     "shared, B personal) or ditto (personal pulled to the global by prox).",
     "prox": "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
+    "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
+    "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
     "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
     "compress_every": "Compress every K rounds; 0: after the last only.",
     "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",

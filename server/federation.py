@@ -14,9 +14,10 @@ What a user starts from, what is averaged and what stays personal is the scheme'
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from compression.compress import CompressionConfig
 from server.compression_round import compress_run
 from server.config import FederationConfig
 from server.nodes import Nodes
-from server.schemes import Reply, Scheme, scheme_for
+from server.schemes import Averaged, Reply, Robustness, Scheme, scheme_for
 from server.store import RoundStage, RunFolder, check_reply, recover
 from soppu import messages as m
 from soppu.adapters import LoraState
@@ -63,7 +64,8 @@ class Federation:
 
     @property
     def scheme(self) -> Scheme:
-        return scheme_for(self.config.scheme, self.config.prox)
+        robustness = Robustness(self.config.clip, self.config.weight_cap)
+        return scheme_for(self.config.scheme, self.config.prox, robustness)
 
 
 def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
@@ -107,10 +109,18 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     install_s = time.perf_counter() - install_began
     stage = RoundStage(fed.run, round_)
     rows, trained = _train(fed, round_, sampled, stage)
-    new_global = fed.scheme.aggregate(trained) if trained else None
-    if new_global is not None:
-        record = {"round": round_, "users": sorted(trained), "scheme": fed.scheme.name}
-        stage.add_global(new_global, record)
+    averaged = fed.scheme.aggregate(trained) if trained else None
+    new_global = averaged.lora if averaged else None
+    if averaged is not None:
+        record = {
+            "round": round_,
+            "users": sorted(trained),
+            "scheme": fed.scheme.name,
+            "clipped": averaged.clipped,
+            "capped": averaged.capped,
+        }
+        stage.add_global(averaged.lora, record)
+        say_robust(averaged, fed.log)
     eval_loss = None
     if fed.config.fraction_evaluate:
         eval_loss = evaluate(fed, round_, trained, new_global or fed.run.global_adapter())
@@ -190,7 +200,7 @@ def _train(
     def on_reply(node: int, reply: Message) -> None:
         user = sampled[node]
         try:
-            accepted, metrics = _accept(fed, user, reply, scheme.two_tracks)
+            accepted, metrics = _accept(fed, user, reply, starts[user], anchor)
         except Exception as exc:  # a bad reply costs that user's round, nothing else
             rows.append(_failure(round_, user, f"bad reply: {exc}"))
             fed.log(f"  {user}: refused ({exc})")
@@ -243,8 +253,11 @@ def _corrections(
 
 
 def _accept(
-    fed: Federation, user: str, reply: Message, two_tracks: bool = False
+    fed: Federation, user: str, reply: Message, start: LoraState, anchor: LoraState | None
 ) -> tuple[Reply, dict[str, float]]:
+    """The reply as a Reply, or ValueError naming what is wrong with it: its user, its
+    tensors (keys, shapes, finite, bounded), its metrics (finite; num-examples ≥ 1), and the
+    shared copy a two-track scheme (one with an `anchor`) must send."""
     about = reply.content[m.CONFIG]
     if str(about["user-id"]) != user:
         raise ValueError(f"reply is for user {about['user-id']!r}, expected {user!r}")
@@ -252,13 +265,29 @@ def _accept(
     lora = LoraState(m.tensors_from(reply.content[m.LORA]), dict(fed.template.config))
     check_reply(user, lora, fed.shapes, f"reply from {user}")
     shared = None
-    if two_tracks:
+    if anchor is not None:
         if m.SHARED not in reply.content:
             raise ValueError(f"reply from {user} lacks the shared copy its scheme trains")
         shared = LoraState(m.tensors_from(reply.content[m.SHARED]), dict(fed.template.config))
         check_reply(user, shared, fed.shapes, f"reply from {user} (shared copy)")
-    metrics = {k: float(v) for k, v in reply.content[m.METRICS].items()}
-    return Reply(lora, int(metrics["num-examples"]), shared), metrics
+    if m.METRICS not in reply.content:
+        raise ValueError("no metrics")
+    metrics = checked_metrics(reply.content[m.METRICS])
+    return Reply(lora, start, int(metrics["num-examples"]), shared, anchor), metrics
+
+
+def checked_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """A reply's metrics as floats; ValueError unless all are finite numbers and num-examples
+    (the client's own claim, a weight in the average) a whole number ≥ 1."""
+    metrics = {}
+    for key, value in record.items():
+        if isinstance(value, list) or not math.isfinite(float(value)):
+            raise ValueError(f"metric {key} is not a finite number: {value!r}")
+        metrics[key] = float(value)
+    examples = metrics.get("num-examples")
+    if examples is None or examples < 1 or examples != int(examples):
+        raise ValueError(f"num-examples must be a whole number ≥ 1, got {examples!r}")
+    return metrics
 
 
 def _failure(round_: int, user: str, reason: str) -> dict[str, Any]:
@@ -323,6 +352,16 @@ def compress(fed: Federation, round_: int) -> None:
         f"compressed {totals['users']} users' adapters {totals['ratio']:.1f}× "
         f"(error mean {totals['mean']:.4f}) → {compressed}; published {version}"
     )
+
+
+def say_robust(averaged: Averaged, log: Log) -> None:
+    """Name the users whose reply the robust mean limited (an attack, or an outlier)."""
+    if averaged.clipped:
+        worst = ", ".join(f"{u} ×{r:.3g}" for u, r in sorted(averaged.clipped.items()))
+        log(f"  clipped to the round's bound (norm over it): {worst}")
+    if averaged.capped:
+        claims = ", ".join(f"{u} ({n})" for u, n in sorted(averaged.capped.items()))
+        log(f"  num-examples capped for {claims}")
 
 
 def say_served(chosen: dict[str, dict[str, Any]], log: Log, seconds: float = 0.0) -> None:

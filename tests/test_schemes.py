@@ -11,7 +11,7 @@ from helpers import tiny_causal_lm, tiny_tokenizer
 from test_personalize import CONFIG, TEXT
 from test_store import KEY_A, KEY_B, commit_round, lora
 
-from server.schemes import SCHEMES, Reply, fedavg, scheme_for
+from server.schemes import SCHEMES, Reply, Robustness, robust_mean, scheme_for
 from server.schemes.fedsa import is_shared
 from server.store import RoundStage, RunFolder
 from soppu import emulator as E
@@ -71,7 +71,7 @@ def test_local_continues_each_users_own_and_averages_nothing(tmp_path):
     for i, user in enumerate(USERS):
         assert torch.equal(starts[user].tensors[KEY_B], distinct(i + 1.0).tensors[KEY_B])
     assert torch.equal(starts["dave"].tensors[KEY_A], distinct(0.5).tensors[KEY_A])  # new user
-    assert local.aggregate({"alice": Reply(distinct(1.0), 3)}) is None
+    assert local.aggregate({"alice": Reply(distinct(1.0), distinct(0.5), 3)}) is None
 
 
 def test_fedsa_shares_the_global_a_and_keeps_each_users_own_b(tmp_path):
@@ -86,8 +86,12 @@ def test_fedsa_shares_the_global_a_and_keeps_each_users_own_b(tmp_path):
     point = fedsa.correction_point(run, distinct(0.5))
     assert torch.equal(point.tensors[KEY_B], distinct(5.0).tensors[KEY_B])
     # The next global adapter is the examples-weighted average of the replies.
-    replies = {"alice": Reply(distinct(1.0), 1), "bob": Reply(distinct(4.0), 3)}
-    averaged = fedsa.aggregate(replies)
+    replies = {
+        "alice": Reply(distinct(1.0), starts["alice"], 1),
+        "bob": Reply(distinct(4.0), starts["bob"], 3),
+    }
+    plain = scheme_for("fedsa", robustness=Robustness(clip=0, weight_cap=0))
+    averaged = plain.aggregate(replies).lora
     assert torch.allclose(averaged.tensors[KEY_A], distinct(3.25).tensors[KEY_A])
     assert torch.allclose(averaged.tensors[KEY_B], distinct(3.25).tensors[KEY_B])
 
@@ -103,14 +107,15 @@ def test_ditto_averages_the_shared_copies_and_continues_the_personal_ones(tmp_pa
     assert torch.equal(
         ditto.anchor(run, distinct(0.5)).tensors[KEY_B], distinct(5.0).tensors[KEY_B]
     )
+    anchor, start = distinct(5.0), distinct(0.0)
     replies = {
-        "alice": Reply(distinct(100.0), 1, shared=distinct(1.0)),
-        "bob": Reply(distinct(200.0), 1, shared=distinct(3.0)),
+        "alice": Reply(distinct(100.0), start, 1, shared=distinct(4.0), anchor=anchor),
+        "bob": Reply(distinct(200.0), start, 1, shared=distinct(6.0), anchor=anchor),
     }
-    averaged = ditto.aggregate(replies)  # of the shared copies, never the personal ones
-    assert torch.allclose(averaged.tensors[KEY_A], distinct(2.0).tensors[KEY_A])
+    averaged = ditto.aggregate(replies).lora  # of the shared copies, never the personal ones
+    assert torch.allclose(averaged.tensors[KEY_A], distinct(5.0).tensors[KEY_A])
     with pytest.raises(ValueError, match="shared copy"):
-        ditto.aggregate({"alice": Reply(distinct(1.0), 1)})
+        ditto.aggregate({"alice": Reply(distinct(1.0), start, 1)})
 
 
 def test_a_restarted_server_continues_every_personal_part_exactly(tmp_path):
@@ -124,9 +129,67 @@ def test_a_restarted_server_continues_every_personal_part_exactly(tmp_path):
         assert torch.equal(start.tensors[KEY_B], lora(7.25).tensors[KEY_B]), name
 
 
-def test_fedavg_weights_by_examples_exactly():
-    averaged = fedavg({"a": (lora(1.0), 1), "b": (lora(2.0), 3)})
-    assert torch.equal(averaged.tensors[KEY_A], torch.full((2, 8), 1.75))
+def test_without_robustness_the_mean_is_fedavg_exactly():
+    plain = Robustness(clip=0, weight_cap=0)
+    averaged = robust_mean({"a": (lora(1.0), lora(0.0), 1), "b": (lora(2.0), lora(0.5), 3)}, plain)
+    assert torch.equal(averaged.lora.tensors[KEY_A], torch.full((2, 8), 1.75))
+    assert averaged.clipped == {} and averaged.capped == {}
+
+
+def honest_round(count: int = 8, seed: int = 0) -> dict[str, tuple[LoraState, LoraState, int]]:
+    """`count` users' replies from one start: small updates of similar size, 100 examples each."""
+    generator = torch.Generator().manual_seed(seed)
+    start = lora(0.5)
+    out = {}
+    for i in range(count):
+        tensors = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator)
+            for k, v in start.tensors.items()
+        }
+        out[f"user{i}"] = (LoraState(tensors, start.config), start, 100)
+    return out
+
+
+def test_a_scaled_or_noisy_reply_moves_the_mean_no_more_than_an_honest_one():
+    """One of 8 replies scaled by 1e4, or noise of ±9.9e5: plain FedAvg's mean goes where the
+    attacker wants; the robust mean stays within one clipped update's share of the honest
+    mean, and names the attacker."""
+    honest = honest_round()
+    reference = robust_mean(dict(list(honest.items())[:7]), Robustness(0, 0)).lora
+
+    def distance(state: LoraState) -> float:
+        return sum(float((state.tensors[k] - reference.tensors[k]).norm()) for k in state.tensors)
+
+    trained, start, _ = honest["user7"]
+    scaled = {
+        k: start.tensors[k] + 1e4 * (v - start.tensors[k]) for k, v in trained.tensors.items()
+    }
+    noisy = {k: v + 9.9e5 * torch.sign(torch.randn_like(v)) for k, v in trained.tensors.items()}
+    honest_spread = distance(robust_mean(honest, Robustness(0, 0)).lora)
+    for attack in (scaled, noisy):
+        attacked = {**honest, "user7": (LoraState(attack, start.config), start, 100)}
+        plain = robust_mean(attacked, Robustness(0, 0)).lora
+        robust = robust_mean(attacked)
+        assert distance(plain) > 100 * honest_spread
+        assert distance(robust.lora) < 3 * honest_spread
+        assert set(robust.clipped) == {"user7"}
+
+
+def test_a_claim_of_1e12_examples_counts_as_four_medians():
+    honest = honest_round()
+    trained, start, _ = honest["user7"]
+    greedy = {**honest, "user7": (trained, start, 10**12)}
+    averaged = robust_mean(greedy)
+    assert averaged.capped == {"user7": 10**12}
+    by_hand = robust_mean(
+        {**honest, "user7": (trained, start, 400)}, Robustness(clip=2, weight_cap=0)
+    )
+    assert torch.allclose(averaged.lora.tensors[KEY_A], by_hand.lora.tensors[KEY_A], atol=1e-7)
+    for bad in (0, -5, float("nan")):
+        with pytest.raises(ValueError, match="finite and positive"):
+            robust_mean({**honest, "user7": (trained, start, bad)})
+    with pytest.raises(ValueError, match="factor ≥ 1"):
+        Robustness(clip=0.5)
 
 
 def test_the_proximal_term_adds_prox_times_the_distance_to_the_anchor():
@@ -156,3 +219,30 @@ def test_the_proximal_term_adds_prox_times_the_distance_to_the_anchor():
     free, _ = train_lora(emulator, info, blocks, pad, many, start)
     held, _ = train_lora(emulator, info, blocks, pad, many, start, anchor=anchor, prox=50.0)
     assert distance(held) < min(distance(free), distance(start) - 1.0)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "words"),
+    [
+        ({"eval-loss-after": 1.0}, "num-examples"),
+        ({"num-examples": 0}, "num-examples"),
+        ({"num-examples": -1e12}, "num-examples"),
+        ({"num-examples": 2.5}, "num-examples"),
+        ({"num-examples": float("nan")}, "not a finite number"),
+        ({"num-examples": 3, "seconds": float("inf")}, "seconds is not a finite number"),
+        ({"num-examples": 3, "seconds": [1.0, 2.0]}, "seconds is not a finite number"),
+    ],
+)
+def test_a_replys_metrics_are_checked_before_they_weigh_anything(metrics, words):
+    """What a client claims costs its own round when it is not a finite number, or when
+    num-examples is missing, not whole or below 1 (a sum of 0 would crash the mean)."""
+    from flwr.app import MetricRecord
+
+    from server.federation import checked_metrics
+
+    with pytest.raises(ValueError, match=words):
+        checked_metrics(MetricRecord(metrics))
+    assert checked_metrics(MetricRecord({"num-examples": 12, "seconds": 1.5})) == {
+        "num-examples": 12.0,
+        "seconds": 1.5,
+    }

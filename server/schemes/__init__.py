@@ -17,7 +17,8 @@ serving, PEFT and vLLM see no difference; the global adapter, where a scheme has
 
 from __future__ import annotations
 
-from server.schemes.base import Reply, Scheme, fedavg
+from server.schemes.aggregate import DEFAULT, Averaged, Robustness, robust_mean
+from server.schemes.base import Reply, Scheme
 from server.schemes.ditto import Ditto
 from server.schemes.fedavg_ft import FedAvgFT
 from server.schemes.fedsa import FedSA
@@ -25,10 +26,18 @@ from server.schemes.local import Local
 
 SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FedAvgFT, Local, FedSA, Ditto)}
 
-__all__ = ["SCHEMES", "Reply", "Scheme", "fedavg", "scheme_for"]
+__all__ = [
+    "SCHEMES",
+    "Averaged",
+    "Reply",
+    "Robustness",
+    "Scheme",
+    "robust_mean",
+    "scheme_for",
+]
 
 
-def scheme_for(name: str, prox: float = 0.0) -> Scheme:
+def scheme_for(name: str, prox: float = 0.0, robustness: Robustness = DEFAULT) -> Scheme:
     if name not in SCHEMES:
         raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {name!r}")
-    return SCHEMES[name](prox=prox)
+    return SCHEMES[name](prox=prox, robustness=robustness)

@@ -1,4 +1,4 @@
-"""The scheme interface: four questions the round loop asks, and FedAvg, which three share."""
+"""The scheme interface: the questions the round loop asks, and what every scheme shares."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from server.schemes.aggregate import DEFAULT, Averaged, Robustness, robust_mean
 from server.store import RunFolder
 from soppu.adapters import LoraState
 
 
 @dataclass(frozen=True)
 class Reply:
-    """One user's accepted reply in a round."""
+    """One user's accepted reply in a round, beside what it was trained from."""
 
     personal: LoraState  # what the user keeps and is published
-    examples: int  # FedAvg's weight
+    start: LoraState  # what the personal adapter was trained from this round
+    examples: int  # the user's claimed num-examples: a (capped) weight in the average
     shared: LoraState | None = None  # two-track schemes: the copy trained from the anchor
+    anchor: LoraState | None = None  # ... and its start
 
 
 class Scheme(ABC):
@@ -24,8 +27,9 @@ class Scheme(ABC):
     # the client trains a second, shared copy from the anchor (twice the steps per round)
     two_tracks: ClassVar[bool] = False
 
-    def __init__(self, prox: float = 0.0):
+    def __init__(self, prox: float = 0.0, robustness: Robustness = DEFAULT):
         self.prox = prox  # two-track schemes: the pull of the personal adapter to the anchor
+        self.robustness = robustness  # how replies are averaged (server/schemes/aggregate.py)
 
     @abstractmethod
     def starts(self, run: RunFolder, users: list[str], template: LoraState) -> dict[str, LoraState]:
@@ -43,19 +47,12 @@ class Scheme(ABC):
         return None
 
     @abstractmethod
-    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
         """The next global adapter from this round's replies (None: the scheme has none)."""
 
-
-def fedavg(loras: dict[str, tuple[LoraState, int]]) -> LoraState:
-    """Average every LoRA tensor (A and B alike), weighted by training examples."""
-    total = sum(n for _, n in loras.values())
-    first = next(iter(loras.values()))[0]
-    tensors = {
-        key: sum(lora.tensors[key] * (n / total) for lora, n in loras.values())
-        for key in first.tensors
-    }
-    return LoraState(tensors, first.config)
+    def _mean_of_personal(self, replies: dict[str, Reply]) -> Averaged:
+        items = {u: (r.personal, r.start, r.examples) for u, r in replies.items()}
+        return robust_mean(items, self.robustness)
 
 
 def global_or(run: RunFolder, template: LoraState) -> LoraState:

@@ -7,7 +7,8 @@ share. A round costs the client twice the steps, and two LoRAs in memory (a few 
 
 from __future__ import annotations
 
-from server.schemes.base import Reply, Scheme, fedavg, global_or
+from server.schemes.aggregate import Averaged, robust_mean
+from server.schemes.base import Reply, Scheme, global_or
 from server.store import RunFolder
 from soppu.adapters import LoraState
 
@@ -26,8 +27,12 @@ class Ditto(Scheme):
     def correction_point(self, run: RunFolder, template: LoraState) -> LoraState | None:
         return global_or(run, template)
 
-    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
-        shared = {u: (r.shared, r.examples) for u, r in replies.items() if r.shared is not None}
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
+        shared = {
+            u: (r.shared, r.anchor, r.examples)
+            for u, r in replies.items()
+            if r.shared is not None and r.anchor is not None
+        }
         if len(shared) != len(replies):
             raise ValueError("ditto: a reply without its shared copy")
-        return fedavg(shared)
+        return robust_mean(shared, self.robustness)

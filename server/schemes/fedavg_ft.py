@@ -4,7 +4,8 @@ What a user learned in earlier rounds survives only through the average."""
 
 from __future__ import annotations
 
-from server.schemes.base import Reply, Scheme, fedavg, global_or
+from server.schemes.aggregate import Averaged
+from server.schemes.base import Reply, Scheme, global_or
 from server.store import RunFolder
 from soppu.adapters import LoraState
 
@@ -15,5 +16,5 @@ class FedAvgFT(Scheme):
     def starts(self, run: RunFolder, users: list[str], template: LoraState):
         return dict.fromkeys(users, global_or(run, template))
 
-    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
-        return fedavg({u: (r.personal, r.examples) for u, r in replies.items()})
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
+        return self._mean_of_personal(replies)

@@ -6,7 +6,8 @@ and the evaluation compare with."""
 
 from __future__ import annotations
 
-from server.schemes.base import Reply, Scheme, fedavg, global_or
+from server.schemes.aggregate import Averaged
+from server.schemes.base import Reply, Scheme, global_or
 from server.store import RunFolder
 from soppu.adapters import LoraState
 
@@ -36,5 +37,5 @@ class FedSA(Scheme):
     def correction_point(self, run: RunFolder, template: LoraState) -> LoraState | None:
         return global_or(run, template)
 
-    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
-        return fedavg({u: (r.personal, r.examples) for u, r in replies.items()})
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
+        return self._mean_of_personal(replies)

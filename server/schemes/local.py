@@ -3,6 +3,7 @@ baseline a personal part must beat where users differ)."""
 
 from __future__ import annotations
 
+from server.schemes.aggregate import Averaged
 from server.schemes.base import Reply, Scheme
 from server.store import RunFolder
 from soppu.adapters import LoraState
@@ -14,5 +15,5 @@ class Local(Scheme):
     def starts(self, run: RunFolder, users: list[str], template: LoraState):
         return {user: run.latest(user) or template for user in users}
 
-    def aggregate(self, replies: dict[str, Reply]) -> LoraState | None:
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
         return None

@@ -1,0 +1,93 @@
+"""How the server averages replies it cannot trust: a weighted mean of updates, made robust.
+
+A reply is a LoRA a client trained from a start the server sent it; its update is the
+difference. One client can send any numbers, so before the mean, by default:
+
+- **weights are capped**: a user's `num-examples` (their own claim) counts at most `weight_cap`
+  times the round's median claim, so no claim of 1e12 lets one user set the average alone;
+- **updates are clipped**: an update whose norm (all its tensors together) exceeds `clip`
+  times the round's (lower) median norm is scaled down to it, so a reply scaled by 1e4 or
+  drowned in noise moves the average no more than an honest update of the median's size.
+
+With honest clients neither usually binds (at 2× and 4× the median); what they cost the
+honest gain and what they keep against an attacker are measured by
+experiments/poisoning.py. `clip = 0` and `weight_cap = 0` give plain FedAvg.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from soppu.adapters import LoraState
+
+
+@dataclass(frozen=True)
+class Robustness:
+    clip: float = 2.0  # × the round's median update norm; 0: no clipping
+    weight_cap: float = 4.0  # × the round's median num-examples; 0: no cap
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "weight_cap"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value == 0 or value >= 1)):
+                raise ValueError(f"{name} must be 0 (off) or a finite factor ≥ 1, got {value}")
+
+
+DEFAULT = Robustness()
+
+
+@dataclass
+class Averaged:
+    lora: LoraState
+    clipped: dict[str, float] = field(default_factory=dict)  # user → norm / allowed norm
+    capped: dict[str, int] = field(default_factory=dict)  # user → the num-examples claimed
+
+
+def robust_mean(
+    items: dict[str, tuple[LoraState, LoraState, int]], robustness: Robustness = DEFAULT
+) -> Averaged:
+    """The weighted mean of `start + update` over users (user → (trained, start, examples)),
+    weights capped and updates clipped as `robustness` says."""
+    if not items:
+        raise ValueError("nothing to average")
+    users = sorted(items)
+    claims = torch.tensor([float(items[u][2]) for u in users], dtype=torch.float64)
+    if not bool(torch.isfinite(claims).all()) or bool((claims <= 0).any()):
+        raise ValueError("num-examples must be finite and positive (checked on receipt)")
+    weights, capped = claims.clone(), {}
+    if robustness.weight_cap:
+        cap = robustness.weight_cap * float(claims.median())
+        for i, user in enumerate(users):
+            if claims[i] > cap:
+                weights[i], capped[user] = cap, int(claims[i])
+    updates = {u: _update(items[u][0], items[u][1]) for u in users}
+    norms = torch.tensor([_norm(updates[u]) for u in users], dtype=torch.float64)
+    scales, clipped = torch.ones(len(users), dtype=torch.float64), {}
+    if robustness.clip:
+        allowed = robustness.clip * float(norms.median())  # the lower median of an even count
+        for i, user in enumerate(users):
+            if norms[i] > allowed:
+                scales[i] = allowed / float(norms[i])
+                clipped[user] = float(norms[i]) / max(allowed, 1e-30)
+    shares = weights / weights.sum()
+    first = items[users[0]][0]
+    tensors = {
+        key: sum(
+            float(shares[i])
+            * (items[u][1].tensors[key].double() + float(scales[i]) * updates[u][key])
+            for i, u in enumerate(users)
+        ).to(first.tensors[key].dtype)
+        for key in first.tensors
+    }
+    return Averaged(LoraState(tensors, first.config), clipped, capped)
+
+
+def _update(trained: LoraState, start: LoraState) -> dict[str, torch.Tensor]:
+    return {k: trained.tensors[k].double() - start.tensors[k].double() for k in trained.tensors}
+
+
+def _norm(update: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.square().sum()) for t in update.values()))

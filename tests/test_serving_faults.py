@@ -37,9 +37,9 @@ def served(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @contextmanager
-def live(serving: Path, model: Path) -> Iterator[tuple[str, Engine]]:
-    """`soppu serve`'s app under uvicorn on loopback, in a thread."""
-    app, engine = build(serving, str(model), max_wait=0.01, watch_interval=0.2)
+def live(serving: Path, model: Path, **options) -> Iterator[tuple[str, Engine]]:
+    """`soppu serve`'s app (`build`'s `options`) under uvicorn on loopback, in a thread."""
+    app, engine = build(serving, str(model), max_wait=0.01, watch_interval=0.2, **options)
     instance = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="critical")
     )

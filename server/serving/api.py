@@ -7,7 +7,10 @@
     GET  /health, /info, /metrics (Prometheus)                       here
 
 `parameters.adapter_id` is the user id, or (adapter_source "local") the path of a published
-user dir inside the serving dir; no adapter id means the base model. Unknown users are 404,
+user dir inside the serving dir; no adapter id means the base model. With API keys
+(`--api-keys`, `server/serving/keys.py`) every generation needs `Authorization: Bearer <key>`
+(401 without); a user's key uses that user's adapter when none is named, the base model when
+it is named by its id (`/info`'s `model_id`), and gets 403 for anyone else's. Unknown users are 404,
 bad parameters and oversized inputs 422, bodies over the limit 413, a stopped engine 503;
 every error is one JSON line `{"error": message, "error_type": kind}`, in a stream too.
 
@@ -32,6 +35,7 @@ from server.serving import lorax_routes, openai_routes
 from server.serving.asgi import DEFAULT_MAX_BODY, BodyLimit, CountRequests, Metrics
 from server.serving.engine import Engine
 from server.serving.generation import AppContext, context
+from server.serving.keys import KeysFile
 from server.serving.request import one_line
 from server.serving.schemas import ApiError
 
@@ -47,6 +51,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     serving: Path | None = None,
     metrics: Metrics | None = None,
+    keys: KeysFile | None = None,
     lifespan=None,
 ) -> FastAPI:
     ctx = AppContext(
@@ -57,6 +62,7 @@ def create_app(
         max_body_bytes,
         serving,
         metrics or Metrics(),
+        keys,
     )
     ctx.metrics.watch(engine)
     app = FastAPI(title="soppu serve", version=info.get("version", ""), lifespan=lifespan)
@@ -110,7 +116,10 @@ async def get_metrics(http: HttpRequest) -> PlainTextResponse:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.kind)
+        response = _error(exc.status, exc.message, exc.kind)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:

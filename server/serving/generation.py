@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.serving.asgi import DEFAULT_MAX_BODY, Metrics
 from server.serving.engine import Engine, EngineStopped, Request, Sampling, Token, UnknownUser
+from server.serving.keys import KeysFile
 from server.serving.request import event_sink, one_line
 from server.serving.schemas import ApiError
 
@@ -34,6 +35,24 @@ class AppContext:
     max_body_bytes: int = DEFAULT_MAX_BODY
     serving: Path | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    keys: KeysFile | None = None  # None: no authentication (loopback, or --insecure-no-auth)
+
+    def authorize(self, http: HttpRequest, requested: str | None, base: bool = False) -> str | None:
+        """The user whose adapter the request uses (None: the base model). With keys: 401
+        without a valid `Authorization: Bearer` key; a user's key asking for no adapter gets
+        its own, asking for the base model (`base`) gets that, and asking for anyone else's
+        gets 403, the same answer whether or not that user exists."""
+        if self.keys is None:
+            return requested
+        key = self.keys.check(bearer_token(http))
+        if key is None:
+            message = "a valid API key is required (Authorization: Bearer <key>)"
+            raise ApiError(401, message, "unauthorized")
+        if requested is None and not base and not key.admin:
+            requested = key.user
+        if not key.may_use(requested):
+            raise ApiError(403, "this API key may not use that adapter", "forbidden")
+        return requested
 
     async def start(
         self,
@@ -73,6 +92,11 @@ class AppContext:
             raise ApiError(
                 422, f"inputs cannot be tokenised: {one_line(exc)}", "validation"
             ) from None
+
+
+def bearer_token(http: HttpRequest) -> str | None:
+    scheme, _, token = http.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def context(http: HttpRequest) -> AppContext:

@@ -36,7 +36,10 @@ async def compat_generate(http: HttpRequest, body: GenerateRequest):
 
 async def _start(http: HttpRequest, body: GenerateRequest) -> Generation:
     ctx = context(http)
-    user = lorax_user(body.parameters, ctx.serving)
+    model_id = ctx.info["model_id"]
+    base = body.parameters.adapter_id == model_id  # the base model, asked for by its id
+    asked = None if base else lorax_user(body.parameters, ctx.serving)
+    user = ctx.authorize(http, asked, base=base)
     scoring = body.parameters.decoder_input_details
     return await ctx.start(body.inputs, user, body.parameters.sampling(), score_prompt=scoring)
 

@@ -35,7 +35,8 @@ async def chat_completions(http: HttpRequest, body: ChatRequest):
 async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, chat: bool):
     ctx = context(http)
     model_id = ctx.info["model_id"]
-    user = None if body.model in ("", model_id) else body.model
+    asked = None if body.model in ("", model_id) else body.model
+    user = ctx.authorize(http, asked, base=body.model == model_id)
     generation = await ctx.start(
         prompt,
         user,

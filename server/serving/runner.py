@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from server.serving.api import create_app
 from server.serving.asgi import DEFAULT_MAX_BODY
 from server.serving.engine import Engine, VersionMisfit
+from server.serving.keys import KeysFile
 from server.serving.shared_weights import SharedAdapters, load_shared
 from server.versions import Versions
 from soppu import basemodel
@@ -25,6 +26,12 @@ log = logging.getLogger("soppu.serve")
 
 def current_dir(serving: Path) -> Path:
     return Versions(serving).require_current()
+
+
+def public_name(model: str) -> str:
+    """The base model's id for clients: a Hub id as it is, a local folder by its name only
+    (the server's paths are nobody's business)."""
+    return Path(model).name if Path(model).expanduser().exists() else model
 
 
 def base_model_of(version: Path) -> str:
@@ -85,6 +92,7 @@ def build(
     max_wait: float = 0.005,
     watch_interval: float = 1.0,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    keys: Path | None = None,
 ) -> tuple[FastAPI, Engine]:
     version = current_dir(serving)
     adapters: SharedAdapters = load_shared(version)
@@ -98,7 +106,7 @@ def build(
         base_model=base_model_of(version),
     )
     info = {
-        "model_id": base.name,
+        "model_id": public_name(base.name),
         "model_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
         "model_device_type": next(base.model.parameters()).device.type,
         "version": "soppu",
@@ -126,6 +134,7 @@ def build(
         max_total_tokens=max_positions,
         max_body_bytes=max_body_bytes,
         serving=Path(serving),
+        keys=KeysFile(keys) if keys is not None else None,
         lifespan=lifespan,
     )
     app.state.watcher = watcher

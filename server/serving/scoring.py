@@ -55,14 +55,29 @@ def blocks_of(text: str, chars: int = BLOCK_CHARS) -> list[str]:
     return pieces
 
 
-def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
-    """Each token's logprob given those before it (the first token, unpredicted, left out)."""
-    body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+def base_model_id(url: str, api_key: str | None = None) -> str:
+    """The name the server gives its base model (`/info`'s `model_id`; soppu serve), "" where
+    it has none to give (vLLM: pass its model name as the reference)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/info", headers=_headers(api_key))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return str(json.loads(reply.read()).get("model_id") or "")
+    except (urllib.error.URLError, OSError, ValueError):
+        return ""
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
+    """Each token's logprob given those before it (the first token, unpredicted, left out)."""
+    body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/v1/completions", json.dumps(body).encode(), headers
+        f"{url.rstrip('/')}/v1/completions", json.dumps(body).encode(), _headers(api_key)
     )
     try:
         with urllib.request.urlopen(request, timeout=600) as reply:

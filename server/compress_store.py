@@ -124,7 +124,9 @@ def compress_adapters(
     shapes = {info.user: {m: mi.shape for m, mi in info.modules.items()} for info in infos}
     slots = group_slots(shapes, config.group)
     entries, manifest_slots = [], []
-    with atomic.building_dir(Path(out), replace=replace, inputs=paths.values()) as tmp:
+    with atomic.building_dir(
+        Path(out), replace=replace, inputs=paths.values(), kind="compressed store"
+    ) as tmp:
         done = 0
         for chunk, read in slot_chunks(slots, adapters):
             for slot in chunk:

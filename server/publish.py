@@ -61,7 +61,7 @@ def publish(
     versions.check()
     with versions.lock():  # one publisher at a time takes the next number and moves `current`
         version = versions.next().name
-        with atomic.building_dir(serving / version, locked=False) as tmp:
+        with atomic.building_dir(serving / version, locked=False, kind="serving version") as tmp:
             users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
             _copy_shared(store, tmp / "shared")
             if (store / "report").is_dir():

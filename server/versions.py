@@ -61,6 +61,11 @@ class Versions:
         """Refuse, before any work, a root that is not a folder of versions."""
         if self.root.exists() and not self.root.is_dir():
             raise atomic.WriteRefused(f"{self.root} is a file, not a folder of versions")
+        if (self.root / "manifest.json").exists():
+            what = atomic.with_article(atomic.folder_kind(self.root) or "version")
+            raise atomic.WriteRefused(
+                f"{self.root} is {what} (it has a manifest.json), not a folder of versions"
+            )
         link = self.current_link
         if link.exists() and not link.is_symlink():
             raise atomic.WriteRefused(

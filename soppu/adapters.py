@@ -397,7 +397,7 @@ def write_lora(
 ) -> Path:
     """Write a PEFT adapter dir atomically: it appears whole or not at all; `replace` and
     `cache` as in `atomic.building_dir`."""
-    with atomic.building_dir(Path(path), replace=replace, cache=cache) as tmp:
+    with atomic.building_dir(Path(path), replace=replace, cache=cache, kind="adapter") as tmp:
         for name, data in lora_files(lora, training).items():
             (tmp / name).write_bytes(data)
     return Path(path)

@@ -90,6 +90,7 @@ def building_dir(
     private: bool = False,
     locked: bool = True,
     cache: bool = False,
+    kind: str = "",
 ) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; on success it becomes `target` in one step.
 
@@ -97,10 +98,11 @@ def building_dir(
     an existing target SOPPU wrote is swapped out atomically (see the module docstring);
     `cache`: the caller owns this place (a cache, a staging area) and anything there goes.
     `locked=False` when the caller already holds a lock covering `target` (a version root).
+    `kind` (a store, an adapter, …) goes into the stamp; `replace` swaps out only its kind.
     Leaving the block normally, by a `return` too, commits what the folder then holds.
     """
     target = Path(target)
-    check_target(target, replace=replace or cache, inputs=inputs, stamped=not cache)
+    check_target(target, replace=replace or cache, inputs=inputs, stamped=not cache, kind=kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     with lock(target) if locked else contextlib.nullcontext():
         if target.exists() and not (replace or cache):  # another writer made it meanwhile
@@ -108,7 +110,8 @@ def building_dir(
         clean_leftovers(target.parent)
         with owned_temp(target, ".building") as tmp:
             yield tmp
-            write_json(tmp / STAMP, {"written_by": "soppu"}, private=private)
+            stamp = {"written_by": "soppu", **({"kind": kind} if kind else {})}
+            write_json(tmp / STAMP, stamp, private=private)
             _set_modes(tmp, private)
             _fsync_tree(tmp)
             if target.exists() or target.is_symlink():
@@ -119,9 +122,16 @@ def building_dir(
 
 
 def check_target(
-    target: Path, *, replace: bool, inputs: Iterable[Path] = (), stamped: bool = True
+    target: Path,
+    *,
+    replace: bool,
+    inputs: Iterable[Path] = (),
+    stamped: bool = True,
+    kind: str = "",
 ) -> None:
-    """Refuse, before any work, a target that cannot or must not be written."""
+    """Refuse, before any work, a target that cannot or must not be written: `--overwrite`
+    replaces only a folder SOPPU wrote, and only one of the same `kind` (a store by a store,
+    never a serving version or a user's adapter)."""
     target = Path(target)
     if len(os.fsencode(target.name)) > 255:
         raise WriteRefused(f"{target}: name is {len(os.fsencode(target.name))} bytes (max 255)")
@@ -138,10 +148,44 @@ def check_target(
         raise WriteRefused(f"{target} is a file; --overwrite replaces only a folder SOPPU wrote")
     if stamped and not written_by_soppu(target):
         raise WriteRefused(f"{target} was not written by SOPPU (no {STAMP}); not replacing it")
+    if stamped and kind and (found := folder_kind(target)) not in ("", kind):
+        wanted = with_article(kind)
+        raise WriteRefused(
+            f"{target} is {with_article(found)}, not {wanted}; --overwrite replaces only {wanted}"
+        )
 
 
 def written_by_soppu(folder: Path) -> bool:
     return (Path(folder) / STAMP).is_file()
+
+
+def folder_kind(folder: Path) -> str:
+    """What a folder SOPPU wrote is: its stamp's `kind`, or for one stamped before kinds were
+    recorded, what its files say; "" when neither tells."""
+    folder = Path(folder)
+    try:
+        recorded = json.loads((folder / STAMP).read_text()).get("kind", "")
+    except (OSError, ValueError, AttributeError):
+        recorded = ""
+    if recorded:
+        return str(recorded)
+    for marker, kind in KIND_MARKERS:
+        if (folder / marker).exists():
+            return kind
+    return ""
+
+
+# What a folder's files say it is, first match wins (folders stamped before kinds existed).
+KIND_MARKERS = (
+    ("adapter_config.json", "adapter"),
+    ("soppu_emulator.json", "emulator"),
+    ("shared", "serving version"),
+    ("slots", "compressed store"),
+)
+
+
+def with_article(kind: str) -> str:
+    return f"an {kind}" if kind[:1] in "aeiou" else f"a {kind}"
 
 
 @contextlib.contextmanager

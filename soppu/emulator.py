@@ -276,7 +276,9 @@ def save(
 ) -> Path:
     """Write the emulator folder atomically (it appears whole or not at all);
     `replace`/`cache` as in `atomic.building_dir`."""
-    with atomic.building_dir(Path(folder), replace=replace, cache=cache) as building:
+    with atomic.building_dir(
+        Path(folder), replace=replace, cache=cache, kind="emulator"
+    ) as building:
         emulator.save_pretrained(building)
         atomic.write_json(building / META_NAME, asdict(info))
     return Path(folder)

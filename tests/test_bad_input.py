@@ -230,3 +230,42 @@ def test_threads_below_one_is_a_usage_error(world, tmp_path):
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert "--threads" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_overwrite_replaces_only_what_the_same_verb_wrote(world, tmp_path):
+    """--overwrite never turns a serving version, a user's adapter or a serving dir into a
+    store, and publish never writes versions into a store: one line each, no byte changed,
+    for folders stamped with their kind and for those written before kinds were stamped."""
+    import shutil
+
+    adapters = world / "adapters"
+    someone = write_users(tmp_path / "mine", {"me": tiny_population(1)["user00"]}, rank=4, alpha=8)
+    legacy = tmp_path / "legacy-version"  # a serving version stamped before kinds existed
+    shutil.copytree(world / "serving" / "v0001", legacy)
+    (legacy / ".soppu").write_text('{"written_by": "soppu"}')
+    before = checksums(world), checksums(tmp_path)
+    cases = [
+        (
+            ("compress", adapters, "--out", world / "serving" / "v0001", "--overwrite"),
+            "is a serving version",
+        ),
+        (("compress", adapters, "--out", someone["me"], "--overwrite"), "is an adapter"),
+        (("compress", adapters, "--out", legacy, "--overwrite"), "is a serving version"),
+        (
+            ("add", world / "store", someone["me"], "--out", legacy, "--overwrite"),
+            "is a serving version",
+        ),
+        (("publish", world / "store", "--to", world / "store"), "is a compressed store"),
+        (("publish", world / "store", "--to", legacy), "is a serving version"),
+    ]
+    for args, says in cases:
+        code, output, exc = run_cli(*args)
+        assert_one_clear_line(code, output, exc, says, "not")
+    assert (checksums(world), checksums(tmp_path)) == before
+    # A store still replaces a store.
+    code, output, _ = run_cli("compress", adapters, "--out", tmp_path / "store", "--rank", "4")
+    assert code == 0, output
+    code, output, _ = run_cli(
+        "compress", adapters, "--out", tmp_path / "store", "--rank", "4", "--overwrite"
+    )
+    assert code == 0, output

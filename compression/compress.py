@@ -66,6 +66,15 @@ class CompressionConfig:
             raise ValueError(f"clusters must be ≥ 1, or 0 to choose, got {self.clusters}")
         if self.bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if not 0.0 < self.tol <= 1.0:  # NaN fails too
+            raise ValueError(f"tol must be in (0, 1], got {self.tol}")
+        if self.max_iters < 1 or self.max_rank < 1:
+            raise ValueError(
+                f"max_iters and max_rank must be ≥ 1, got {self.max_iters}, {self.max_rank}"
+            )
+        known = ("cpu", "cuda", "mps")
+        if self.device.split(":")[0] not in known:
+            raise ValueError(f"device must be one of {known} (cuda:N too), got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but torch sees no CUDA device")
 

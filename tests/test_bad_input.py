@@ -269,3 +269,34 @@ def test_overwrite_replaces_only_what_the_same_verb_wrote(world, tmp_path):
         "compress", adapters, "--out", tmp_path / "store", "--rank", "4", "--overwrite"
     )
     assert code == 0, output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("serve", "SERVING", "--port", "70000"), "--port"),
+        (("serve", "SERVING", "--port", "0"), "--port"),
+        (("serve", "SERVING", "--max-batch", "0"), "--max-batch"),
+        (("serve", "SERVING", "--max-wait-ms", "1e12"), "--max-wait-ms"),
+        (("serve", "SERVING", "--max-wait-ms", "-1"), "--max-wait-ms"),
+        (("compress", "ADAPTERS", "--out", "OUT", "--tol", "-1"), "--tol"),
+        (("compress", "ADAPTERS", "--out", "OUT", "--max-iters", "0"), "--max-iters"),
+    ],
+)
+def test_numeric_flags_out_of_range_are_refused_at_parse_time(world, tmp_path, args, says):
+    """Nothing starts: click names the flag and the range (exit 2), no folder is written."""
+    where = {"SERVING": world / "serving", "ADAPTERS": world / "adapters", "OUT": tmp_path / "o"}
+    result = CliRunner().invoke(app, [str(where.get(a, a)) for a in args])
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_compression_settings_out_of_range_are_refused_by_the_config():
+    for bad, says in [
+        ({"tol": -1.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"max_iters": 0}, "max_iters"),
+        ({"device": "meta"}, "device"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            CompressionConfig(rank=4, **bad)

@@ -113,8 +113,10 @@ def compress(
         Weights, typer.Option(help="uniform, or norm (1/‖D_i‖²: every user counts alike).")
     ] = Weights.uniform,
     device: Annotated[str, typer.Option(help="cpu or cuda (or cuda:N).")] = "cpu",
-    tol: Annotated[float, typer.Option(help="Stop when an iteration gains < tol·energy.")] = 1e-5,
-    max_iters: Annotated[int, typer.Option(help="Iteration cap per slot.")] = 200,
+    tol: Annotated[
+        float, typer.Option(min=1e-12, max=1, help="Stop when an iteration gains < tol·energy.")
+    ] = 1e-5,
+    max_iters: Annotated[int, typer.Option(min=1, help="Iteration cap per slot.")] = 200,
     personal_error: Annotated[
         bool, typer.Option(help="Measure the personal-part error (one dense mean per module).")
     ] = True,

@@ -82,9 +82,11 @@ def serve(
         str | None, typer.Option(help="HF id or folder (default: the version's base model).")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8080,
-    max_batch: Annotated[int, typer.Option(help="Rows per model step, at most.")] = 64,
-    max_wait_ms: Annotated[float, typer.Option(help="How long an idle batch waits.")] = 5.0,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8080,
+    max_batch: Annotated[int, typer.Option(min=1, help="Rows per model step, at most.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, max=10_000, help="How long an idle batch waits (ms).")
+    ] = 5.0,
     threads: ThreadsOpt = None,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Larger request bodies are refused (413) unread.")

@@ -79,9 +79,7 @@ def add_adapters(
     entries, manifest_slots, added = [], [], {}
     groups = _slot_groups(manifest["slots"])
     inputs = [store, *paths.values(), *(originals or {}).values()]
-    with atomic.building_dir(
-        out, replace=replace, inputs=inputs, kind="compressed store"
-    ) as tmp:
+    with atomic.building_dir(out, replace=replace, inputs=inputs, kind="compressed store") as tmp:
         for done, (name, members) in enumerate(groups):
             if progress:
                 progress(name, done, len(groups))

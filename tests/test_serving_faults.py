@@ -371,3 +371,40 @@ def test_a_client_that_stops_waiting_cancels_its_request(server, monkeypatch):
     metrics = requests.get(f"{url}/metrics", timeout=PATIENCE).text
     assert 'soppu_requests_total{route="/generate",status="499"}' in metrics
     assert 'soppu_generations_total{reason="cancelled"}' in metrics
+
+
+def test_a_version_whose_files_changed_is_never_served(served, tmp_path):
+    """An inf injected into a published user's PEFT file (which LoRAX or PEFT would load)
+    fails the manifest's checksum: `soppu serve` refuses to start on it, `soppu inspect` says
+    it is not servable, and hot-swapped in under a running server it is refused, shown in
+    /health, while the old version keeps serving."""
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from server.publish import publish
+    from server.serving.runner import build as build_app
+    from soppu.cli import app
+
+    root, model = served
+    serving = tmp_path / "serving"
+    shutil.copytree(root / "serving", serving, symlinks=True)
+
+    def poison(version: Path) -> None:
+        path = version / "users" / "user01" / "adapter_model.safetensors"
+        state = load_file(path)
+        key = next(iter(state))
+        state[key][0, 0] = float("inf")
+        save_file(state, path)
+
+    with live(serving, model) as (url, engine):
+        new = publish(root / "store", serving)  # v0002, then corrupted before the swap
+        poison(new)
+        wait_for(lambda: new.name in engine.refused, "the corrupt version to be refused")
+        health = requests.get(f"{url}/health", timeout=60).json()
+        assert health["version"] == "v0001" and "checksum" in health["refused_versions"]["v0002"]
+        body = {"inputs": "hi", "parameters": {"adapter_id": "user01", "max_new_tokens": 2}}
+        assert requests.post(f"{url}/generate", json=body, timeout=60).status_code == 200
+    described = CliRunner().invoke(app, ["inspect", str(new)])
+    assert "NOT SERVABLE" in described.output and "checksum" in described.output
+    with pytest.raises(Exception, match="checksum mismatch"):
+        build_app(serving, str(model))

@@ -13,6 +13,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from server.compressed_store import StoreError
+from server.publish import verify_version
 from server.serving.api import create_app
 from server.serving.asgi import DEFAULT_MAX_BODY
 from server.serving.engine import Engine, VersionMisfit
@@ -72,6 +74,11 @@ class VersionWatcher:
         version = current_dir(self.serving)
         if version == self.loaded or version.name in self.engine.refused:
             return  # refused once already: the engine keeps why
+        try:
+            verify_version(version)  # versions appear whole: a mismatch is corruption
+        except StoreError as exc:
+            self.engine.refused[version.name] = str(exc)
+            raise VersionMisfit(f"serving version {version.name} is refused: {exc}") from None
         adapters = load_shared(version)
         self.engine.swap(adapters)  # a misfit raises VersionMisfit and is kept in `refused`
         self.loaded = version
@@ -95,6 +102,7 @@ def build(
     keys: Path | None = None,
 ) -> tuple[FastAPI, Engine]:
     version = current_dir(serving)
+    verify_version(version)  # every file it lists, users' PEFT dirs included
     adapters: SharedAdapters = load_shared(version)
     base = basemodel.load(base_model or base_model_of(version))
     engine = Engine(

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from server.compressed_store import FORMAT as STORE_FORMAT
-from server.compressed_store import MANIFEST
-from server.publish import SERVING_FORMAT
+from server.compressed_store import MANIFEST, StoreError
+from server.publish import SERVING_FORMAT, verify_version
 from server.store import RunFolder
 from server.versions import Versions
 from soppu.adapter_sets import discover
@@ -98,6 +98,11 @@ def _store(path: Path, m: dict) -> Iterator[str]:
 
 
 def _version(path: Path, m: dict) -> Iterator[str]:
+    try:
+        verify_version(path)
+        integrity = "every file matches its checksum"
+    except (StoreError, OSError, ValueError) as exc:
+        integrity = f"[bold red]NOT SERVABLE[/]: {shown(exc)}"
     t = m["totals"]
     yield f"[bold]serving version[/] {m['version']} at {shown(path)} (created {m['created']})"
     yield f"  base model: {shown(m['base_model'])}"
@@ -113,6 +118,7 @@ def _version(path: Path, m: dict) -> Iterator[str]:
         f"  parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.1f}×); "
         f"error mean {t['mean']:.4f}, max {t['max']:.4f}"
     )
+    yield f"  integrity: {integrity}"
 
 
 def _serving(versions: Versions) -> Iterator[str]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, Judge
+from federation import RESULTS, RUNS, Judge
 
 from server.evaluation import relative_gain
 from server.federation import checked_metrics
@@ -48,6 +48,11 @@ from soppu.adapters import LoraState
 from soppu.personalize import personalize
 
 PLAIN = Robustness(clip=0, weight_cap=0)
+RULES = {  # side by side; the first is plain FedAvg
+    "fedavg": PLAIN,
+    "clip 2×, cap 4×": Robustness(clip=2, weight_cap=4),
+    "clip 1×, cap 4×": Robustness(clip=1, weight_cap=4),
+}
 
 
 def honest_round(judge: Judge, run: Path, steps: int, seed: int) -> dict:
@@ -130,33 +135,34 @@ def main() -> None:
     run = Path(args.run)
     name = args.name or run.name
     judge = Judge(run, 2048)
-    rounds = [honest_round(judge, run, args.steps, seed) for seed in (0, 1)]
+    cache = RUNS / f"poisoning-{name}-steps{args.steps}.pt"  # the honest rounds, once
+    if cache.is_file():
+        rounds = torch.load(cache, weights_only=False)
+    else:
+        rounds = [honest_round(judge, run, args.steps, seed) for seed in (0, 1)]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(rounds, cache)
     spread = distance(robust_mean(rounds[0], PLAIN).lora, robust_mean(rounds[1], PLAIN).lora)
     rows = []
     for hostile in (1, 2):
         for label, attack in attacks(rounds[0]).items():
             honest, mixed = poisoned(rounds[0], hostile, attack)
-            row = {"hostile": hostile, "attack": label}
-            for rule, robustness in (("fedavg", PLAIN), ("robust", Robustness())):
+            row = {"hostile": hostile, "attack": label, "distance": {}, "named": {}}
+            for rule, robustness in RULES.items():
                 reference = robust_mean(honest, robustness).lora
                 averaged = robust_mean(mixed, robustness)
-                row[rule] = distance(averaged.lora, reference) / spread
-                if rule == "robust":
-                    row["named"] = sorted({*averaged.clipped, *averaged.capped})
+                row["distance"][rule] = distance(averaged.lora, reference) / spread
+                row["named"][rule] = sorted({*averaged.clipped, *averaged.capped})
             rows.append(row)
             print(row, flush=True)
-    plain = robust_mean(rounds[0], PLAIN)
-    robust = robust_mean(rounds[0])
+    averaged = {rule: robust_mean(rounds[0], r) for rule, r in RULES.items()}
     gains = []
     for user, evaluated in judge.evaluation.items():
-        base = evaluated["base"]
-        gains.append(
-            {
-                "user": user,
-                "fedavg": relative_gain(base, judge.perplexity(user, plain.lora)),
-                "robust": relative_gain(base, judge.perplexity(user, robust.lora)),
-            }
-        )
+        row = {"user": user}
+        for rule, mean in averaged.items():
+            row[rule] = relative_gain(evaluated["base"], judge.perplexity(user, mean.lora))
+        gains.append(row)
+        print(row, flush=True)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
@@ -170,12 +176,11 @@ def main() -> None:
         "honest_spread": spread,
         "attacks": rows,
         "refused_on_receipt": refused_on_receipt(),
+        "rules": {rule: vars(r) for rule, r in RULES.items()},
         "no_attack": {
-            "clipped": robust.clipped,
-            "capped": robust.capped,
             "users": gains,
-            "median_fedavg": statistics.median(g["fedavg"] for g in gains),
-            "median_robust": statistics.median(g["robust"] for g in gains),
+            "median": {rule: statistics.median(g[rule] for g in gains) for rule in RULES},
+            "limited": {rule: sorted({*m.clipped, *m.capped}) for rule, m in averaged.items()},
         },
     }
     RESULTS.mkdir(exist_ok=True)
@@ -187,30 +192,34 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
+    rules = list(result["rules"])
     lines = [
         f"`{result['command']}` at {result['commit']} on {result['date']}: {result['users']} "
         f"users, one real round of {result['steps']} steps from the run's global adapter.",
         "",
-        "Distance of the global adapter to the honest-only one, in units of the honest "
-        f"run-to-run spread ({result['honest_spread']:.3g}; target ≤ 2):",
+        "Distance of the global adapter to the honest-only one under the same rule, in units "
+        f"of the honest run-to-run spread ({result['honest_spread']:.3g}; target ≤ 2):",
         "",
-        "| hostile | attack | plain FedAvg | robust mean | named by the robust mean |",
-        "|---|---|---|---|---|",
+        "| hostile | attack | " + " | ".join(rules) + " |",
+        "|---|---|" + "---|" * len(rules),
     ]
     for r in result["attacks"]:
-        lines.append(
-            f"| {r['hostile']} | {r['attack']} | {r['fedavg']:.3g} | {r['robust']:.3g} "
-            f"| {', '.join(r['named']) or '–'} |"
-        )
+        cells = " | ".join(f"{r['distance'][rule]:.3g}" for rule in rules)
+        lines.append(f"| {r['hostile']} | {r['attack']} | {cells} |")
     lines += ["", "Refused on receipt (that user's round only):", ""]
     lines += [f"- {k}: {v}" for k, v in result["refused_on_receipt"].items()]
     n = result["no_attack"]
     lines += [
         "",
-        f"No attacker: median gain over the base model {n['median_fedavg']:.1%} (plain FedAvg) "
-        f"against {n['median_robust']:.1%} (robust mean); clipped: "
-        f"{', '.join(n['clipped']) or 'nobody'}; capped: {', '.join(n['capped']) or 'nobody'}.",
+        "No attacker: median gain over the base model on held-out text (full model), and the "
+        "users each rule limited:",
+        "",
+        "| rule | median gain | limited |",
+        "|---|---|---|",
     ]
+    for rule in rules:
+        limited = ", ".join(n["limited"][rule]) or "nobody"
+        lines.append(f"| {rule} | {n['median'][rule]:.2%} | {limited} |")
     return "\n".join(lines) + "\n"
 
 

@@ -408,3 +408,25 @@ def test_a_version_whose_files_changed_is_never_served(served, tmp_path):
     assert "NOT SERVABLE" in described.output and "checksum" in described.output
     with pytest.raises(Exception, match="checksum mismatch"):
         build_app(serving, str(model))
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenised(server, monkeypatch):
+    """Past the input limit × the vocabulary's longest token in bytes, a prompt cannot fit
+    however it tokenises: refused from its length, the tokenizer never called; a prompt just
+    under that bound is still tokenised and answered by its token count."""
+    url, _, engine = server
+    calls = []
+    original = engine.tokenizer.__class__.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(args[0]) if args else 0)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer.__class__, "__call__", counting)
+    reply = requests.post(f"{url}/generate", json={"inputs": "x" * 900_000}, timeout=PATIENCE)
+    assert_one_line_error(reply, 422, "bytes")
+    assert calls == []
+    bound = int(reply.json()["error"].split("at most ")[1].split(" bytes")[0].replace(",", ""))
+    under = requests.post(f"{url}/generate", json={"inputs": "x" * bound}, timeout=PATIENCE)
+    assert under.status_code == 422 and "tokens; at most" in under.json()["error"]
+    assert calls == [bound]

@@ -63,6 +63,7 @@ def create_app(
         serving,
         metrics or Metrics(),
         keys,
+        max_input_tokens * longest_token(engine.tokenizer),
     )
     ctx.metrics.watch(engine)
     app = FastAPI(title="soppu serve", version=info.get("version", ""), lifespan=lifespan)
@@ -75,6 +76,12 @@ def create_app(
         for route in routes.routes:  # flat on the app, so `_paths` and the metrics see them
             app.add_api_route(route.path, route.endpoint, methods=sorted(route.methods))
     return app
+
+
+def longest_token(tokenizer) -> int:
+    """The most UTF-8 bytes one token of `tokenizer` stands for (a byte-level BPE's vocabulary
+    strings hold one character per byte; 4 bytes a character covers any other)."""
+    return 4 * max((len(t) for t in tokenizer.get_vocab()), default=1)
 
 
 @router.get("/health")

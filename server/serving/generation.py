@@ -36,6 +36,9 @@ class AppContext:
     serving: Path | None = None
     metrics: Metrics = field(default_factory=Metrics)
     keys: KeysFile | None = None  # None: no authentication (loopback, or --insecure-no-auth)
+    # A prompt longer than this many UTF-8 bytes has more than max_input_tokens tokens however
+    # it tokenises (no token spans more bytes than the vocabulary's longest): refused unread
+    max_prompt_bytes: int | None = None
 
     def authorize(self, http: HttpRequest, requested: str | None, base: bool = False) -> str | None:
         """The user whose adapter the request uses (None: the base model). With keys: 401
@@ -65,6 +68,15 @@ class AppContext:
     ) -> Generation:
         """Tokenise (in a thread: a long prompt takes seconds), check, submit; `score_prompt`
         asks for each prompt token's logprob, `top_logprobs` for the likeliest alternatives."""
+        if self.max_prompt_bytes is not None and len(prompt) > self.max_prompt_bytes // 4:
+            size = len(prompt.encode("utf-8", "surrogatepass"))  # before any tokenising
+            if size > self.max_prompt_bytes:
+                raise ApiError(
+                    422,
+                    f"inputs are {size:,} bytes: more than {self.max_input_tokens} tokens "
+                    f"however they tokenise (at most {self.max_prompt_bytes:,} bytes)",
+                    "validation",
+                )
         ids = await asyncio.to_thread(self._encode, prompt)
         _check_lengths(
             len(ids), sampling.max_new_tokens, self.max_input_tokens, self.max_total_tokens

@@ -41,6 +41,21 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/experiments")
 
 
+def provenance(script: str) -> dict[str, str]:
+    """What every results file starts with: the command that made it, the commit, the date."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "command": " ".join([f"python experiments/{script}", *sys.argv[1:]]),
+        "commit": commit,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+
+
 def cold_cache(into: Path) -> dict[str, str]:
     """A fresh SOPPU cache holding only links to the prepared model and data."""
     from soppu.basemodel import cache_dir

@@ -25,17 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge
+from federation import RESULTS, RUNS, Judge, provenance
 
 from server.evaluation import relative_gain
 from server.federation import checked_metrics
@@ -163,13 +161,8 @@ def main() -> None:
             row[rule] = relative_gain(evaluated["base"], judge.perplexity(user, mean.lora))
         gains.append(row)
         print(row, flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     result = {
-        "command": " ".join(["python experiments/poisoning.py", *sys.argv[1:]]),
-        "commit": commit,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **provenance("poisoning.py"),
         "run": str(run),
         "steps": args.steps,
         "users": len(rounds[0]),

@@ -28,11 +28,10 @@ import argparse
 import json
 import statistics
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished
+from federation import RESULTS, RUNS, launch_unless_finished, provenance
 from populations import NAMES, prepare
 
 from server.store import RunFolder
@@ -250,15 +249,8 @@ def main() -> None:
                 runs.append(run_one(args, population, mode, public))
     if args.runs_only:
         return
-    import subprocess
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     result = {
-        "command": " ".join(["python experiments/populations_gains.py", *sys.argv[1:]]),
-        "commit": commit,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **provenance("populations_gains.py"),
         "settings": settings,
         "populations": populations,
         "runs": runs,

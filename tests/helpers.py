@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -163,3 +165,35 @@ def make_served(root: Path) -> tuple[Path, Path]:
 
     compress_and_publish(paths, root / "store", root / "serving", CompressionConfig(rank=16))
     return root, model
+
+
+@contextmanager
+def lorax_client(into: Path) -> Iterator[type]:
+    """`lorax.Client` from the lorax-client 0.6.3 wheel on PyPI, imported from the wheel itself
+    (pure Python), unchanged."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(into),
+            "lorax-client==0.6.3",
+        ],
+        check=True,
+        timeout=120,
+    )
+    wheel = str(next(Path(into).glob("lorax_client-*.whl")))
+    sys.path.insert(0, wheel)
+    try:
+        from lorax import Client
+
+        yield Client
+    finally:
+        sys.path.remove(wheel)

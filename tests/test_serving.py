@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,14 @@ import pytest
 import requests
 import torch
 import uvicorn
-from helpers import free_port, make_served, tiny_population, write_tiny_model, write_users
+from helpers import (
+    free_port,
+    lorax_client,
+    make_served,
+    tiny_population,
+    write_tiny_model,
+    write_users,
+)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -329,26 +334,7 @@ def test_errors_are_clear_4xx(server):
 
 def test_lorax_client_from_pypi_works_unchanged(server, tmp_path):
     url, _, _ = server
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            "-d",
-            str(tmp_path),
-            "lorax-client==0.6.3",
-        ],
-        check=True,
-        timeout=120,
-    )
-    wheel = next(tmp_path.glob("lorax_client-*.whl"))
-    sys.path.insert(0, str(wheel))  # pure Python: importable from the wheel itself
-    try:
-        from lorax import Client
-
+    with lorax_client(tmp_path) as Client:
         client = Client(url, timeout=60)
         response = client.generate("To be, or not", adapter_id="user01", max_new_tokens=5)
         assert response.details.finish_reason == "length"
@@ -366,8 +352,6 @@ def test_lorax_client_from_pypi_works_unchanged(server, tmp_path):
             for r in client.generate_stream("To be, or not", adapter_id="user01", max_new_tokens=5)
         ]
         assert "".join(streamed) == direct["generated_text"]
-    finally:
-        sys.path.remove(str(wheel))
 
 
 def test_a_new_version_is_picked_up_under_load_without_losing_requests(server, served, monkeypatch):

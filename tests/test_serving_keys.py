@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import requests
+from helpers import lorax_client
 from test_serving_faults import live
 from typer.testing import CliRunner
 
@@ -113,26 +112,7 @@ def test_lorax_client_and_openai_client_work_with_a_key_unchanged(guarded, tmp_p
     from openai import OpenAI, PermissionDeniedError
 
     url, _, tokens, _ = guarded
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            "-d",
-            str(tmp_path),
-            "lorax-client==0.6.3",
-        ],
-        check=True,
-        timeout=120,
-    )
-    wheel = next(tmp_path.glob("lorax_client-*.whl"))
-    sys.path.insert(0, str(wheel))
-    try:
-        from lorax import Client
-
+    with lorax_client(tmp_path) as Client:
         headers = {"Authorization": f"Bearer {tokens['user01']}"}
         answer = Client(url, headers=headers, timeout=60).generate(
             "To be, or not", adapter_id="user01", max_new_tokens=4
@@ -140,8 +120,6 @@ def test_lorax_client_and_openai_client_work_with_a_key_unchanged(guarded, tmp_p
         assert (
             answer.generated_text == ask(url, tokens["user01"], "user01").json()["generated_text"]
         )
-    finally:
-        sys.path.remove(str(wheel))
     client = OpenAI(base_url=f"{url}/v1", api_key=tokens["user01"])
     completion = client.completions.create(model="user01", prompt="To be", max_tokens=3)
     assert completion.usage.completion_tokens == 3

@@ -300,3 +300,48 @@ def test_compression_settings_out_of_range_are_refused_by_the_config():
     ]:
         with pytest.raises(ValueError, match=says):
             CompressionConfig(rank=4, **bad)
+
+
+def test_inspect_and_report_on_what_they_cannot_read_say_so_in_one_line(world, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "a-file").write_text("{}")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text('{"format": "soppu-compressed/1"}')
+    (tmp_path / "empty" / "report").mkdir(parents=True)
+    (tmp_path / "empty" / "report" / "report.json").write_text("")
+    cases = [
+        (("inspect", fifo), "not a folder"),
+        (("inspect", tmp_path / "a-file"), "not a folder"),
+        (("inspect", tmp_path / "store"), "manifest.json"),
+        (("report", tmp_path / "empty"), "report.json"),
+    ]
+    for args, says in cases:
+        code, output, exc = run_cli(*args)
+        assert_one_clear_line(code, output, exc, says)
+
+
+def test_a_full_disk_is_one_line_and_nothing_changes(world, tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing a store: one line naming the file, no store left
+    half-written, the existing store and serving dir as they were."""
+    import errno
+
+    import server.compressed_store
+
+    before = checksums(world)
+
+    def full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(server.compressed_store, "save_file", full)  # what writes slot files
+    for target in (tmp_path / "new-store", world / "store"):
+        extra = ("--overwrite",) if target.exists() else ()
+        code, output, exc = run_cli(
+            "compress", world / "adapters", "--out", target, "--rank", "4", *extra
+        )
+        assert_one_clear_line(code, output, exc, "No space left on device", "unchanged")
+    assert not (tmp_path / "new-store").exists()
+    assert checksums(world) == before
+    assert not [p for p in world.iterdir() if p.name.startswith(".")], list(world.iterdir())

@@ -40,6 +40,15 @@ def clear_errors() -> Iterator[None]:
     except (SoppuError, FileExistsError, FileNotFoundError, ValueError) as exc:
         console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
+    except OSError as exc:  # a full disk, a read-only target: every write is atomic
+        where = exc.filename or "a file"
+        what = exc.strerror or type(exc).__name__
+        console.print(
+            f"[bold red]error:[/] {shown(where)}: {shown(what)}; what was there before is "
+            "unchanged",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
 
 
 @contextmanager

@@ -310,7 +310,11 @@ def report(
 
     with clear_errors():
         source = _report_dir(path)
-        data = json.loads((source / "report.json").read_text())
+        try:
+            data = json.loads((source / "report.json").read_text())
+            data["slots"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{source / 'report.json'}: not a SOPPU report ({exc})") from None
         target = out or source
         files = write_report(data, target)
     print_report(data)

@@ -21,6 +21,17 @@ def describe(path: Path) -> Iterator[str]:
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise AdapterError(
+            f"{path}: not a folder; give an adapter dir, a store, a serving dir or a run"
+        )
+    try:
+        yield from _describe(path)
+    except (KeyError, TypeError) as exc:
+        raise AdapterError(f"{path / MANIFEST}: lacks or mangles {exc}") from None
+
+
+def _describe(path: Path) -> Iterator[str]:
     if RunFolder(path).run_json.is_file():
         yield from _run(RunFolder(path))
         return

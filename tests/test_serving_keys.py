@@ -38,8 +38,12 @@ def served_dir(tmp_path_factory):
     return root / "serving", model
 
 
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def ask(url: str, token: str | None, adapter: str | None, route: str = "/generate"):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = bearer(token)
     # The prompt's logprobs tell adapters apart where a tiny model's greedy text does not.
     parameters = {"max_new_tokens": 4, "details": True, "decoder_input_details": True}
     body = {"inputs": "To be, or not", "parameters": parameters}
@@ -70,9 +74,21 @@ def test_a_users_key_uses_their_adapter_and_no_one_elses(guarded):
     # An admin key: every adapter, and the base model when none is named.
     assert ask(url, tokens["admin"], "user02").status_code == 200
     assert ask(url, tokens["admin"], None).json() == base.json()
+    # GET /v1/models (what OpenAI clients call first): the base model and what the key may use.
+    listed = requests.get(f"{url}/v1/models", headers=bearer(tokens["user01"]), timeout=60)
+    assert [m["id"] for m in listed.json()["data"]] == [model_id, "user01"]
+    everything = requests.get(f"{url}/v1/models", headers=bearer(tokens["admin"]), timeout=60)
+    assert [m["id"] for m in everything.json()["data"]][1:] == [
+        "user00",
+        "user01",
+        "user02",
+        "user03",
+    ]
+    assert requests.get(f"{url}/v1/models", timeout=60).status_code == 401
     metrics = requests.get(f"{url}/metrics", timeout=60).text
     assert 'soppu_requests_total{route="/generate",status="403"} 2.0' in metrics
     assert 'soppu_requests_total{route="/generate",status="401"} 4.0' in metrics
+    assert 'soppu_requests_total{route="/v1/models",status="401"} 1.0' in metrics
 
 
 def test_keys_added_or_revoked_take_effect_while_it_runs(guarded):

@@ -61,6 +61,7 @@ def test_a_local_adapter_path_must_lie_inside_the_serving_dir(server):
         str(serving / "current" / "users" / "user00"),
         str(serving / "v0001" / "users" / "user00"),
         "current/users/user00",  # relative to the serving dir
+        "user00",  # a bare user id with `local`: lorax-client's habit
     ]:
         reply = ask(inside)
         assert reply.status_code == 200 and reply.json() == by_id, (inside, reply.text)
@@ -69,10 +70,10 @@ def test_a_local_adapter_path_must_lie_inside_the_serving_dir(server):
         str(serving / "current" / "users" / ".." / ".." / ".." / "user00"),
         str(serving / "current"),
         str(serving.parent / "elsewhere" / "users" / "user00"),
-        "user00",  # `local` takes a path: SERVING/user00 is not a user dir
-        "bad\x00path",
+        "bad/\x00path",
     ]:
         assert_one_line_error(ask(outside), 404, "not a published user dir")
+    assert_one_line_error(ask("mallory"), 404, "mallory")
     assert_one_line_error(ask(str(serving / "current" / "users" / "mallory")), 404, "mallory")
     assert_one_line_error(ask("/etc/user00", None), 404, "not a published user dir")
     assert_one_line_error(ask("user00", "s3"), 422, "adapter_source")

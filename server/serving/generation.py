@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.serving.asgi import DEFAULT_MAX_BODY, Metrics
 from server.serving.engine import Engine, EngineStopped, Request, Sampling, Token, UnknownUser
-from server.serving.keys import KeysFile
+from server.serving.keys import Key, KeysFile
 from server.serving.request import event_sink, one_line
 from server.serving.schemas import ApiError
 
@@ -40,17 +40,24 @@ class AppContext:
     # it tokenises (no token spans more bytes than the vocabulary's longest): refused unread
     max_prompt_bytes: int | None = None
 
+    def caller(self, http: HttpRequest) -> Key | None:
+        """The request's API key; None when the server runs without keys; 401 without one."""
+        if self.keys is None:
+            return None
+        key = self.keys.check(bearer_token(http))
+        if key is None:
+            message = "a valid API key is required (Authorization: Bearer <key>)"
+            raise ApiError(401, message, "unauthorized")
+        return key
+
     def authorize(self, http: HttpRequest, requested: str | None, base: bool = False) -> str | None:
         """The user whose adapter the request uses (None: the base model). With keys: 401
         without a valid `Authorization: Bearer` key; a user's key asking for no adapter gets
         its own, asking for the base model (`base`) gets that, and asking for anyone else's
         gets 403, the same answer whether or not that user exists."""
-        if self.keys is None:
-            return requested
-        key = self.keys.check(bearer_token(http))
+        key = self.caller(http)
         if key is None:
-            message = "a valid API key is required (Authorization: Bearer <key>)"
-            raise ApiError(401, message, "unauthorized")
+            return requested
         if requested is None and not base and not key.admin:
             requested = key.user
         if not key.may_use(requested):

@@ -20,6 +20,26 @@ from server.serving.schemas import ApiError, ChatMessage, ChatRequest, Completio
 router = APIRouter()
 
 
+@router.get("/v1/models")
+async def models(http: HttpRequest) -> dict[str, Any]:
+    """The base model and the users' adapters this caller may use (with API keys: their own,
+    or every one for an admin key), as OpenAI lists models; `id` is what `model` takes."""
+    ctx = context(http)
+    key = ctx.caller(http)
+    users = sorted(ctx.engine.users)
+    if key is not None and not key.admin:
+        users = [u for u in users if u == key.user]
+    created = int(time.time())
+    entries = [ctx.info["model_id"], *users]
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "soppu"}
+            for name in entries
+        ],
+    }
+
+
 @router.post("/v1/completions")
 async def completions(http: HttpRequest, body: CompletionRequest):
     return await _complete(http, body, body.prompt, chat=False)

@@ -156,9 +156,9 @@ def lorax_user(parameters: Parameters, serving: Path | None) -> str | None:
             "path inside the serving dir",
             "validation",
         )
-    if source == "local" or "/" in adapter:
+    if "/" in adapter or (source == "local" and Path(adapter).is_absolute()):
         return local_user(adapter, serving)
-    return adapter
+    return adapter  # a bare user id, with adapter_source "local" too (lorax-client's habit)
 
 
 def local_user(adapter: str, serving: Path | None) -> str:

@@ -68,6 +68,7 @@ class FederationConfig:
     compress_refit_above: float = 0.2
     export_rank: int = 0  # serving rank; 0: exact
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
+    tracking: bool = True  # RUN/tensorboard and RUN/rounds.png after every round
     # local training
     local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
     # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
@@ -283,6 +284,7 @@ HELP = {
     "compress_refit_above": "Refit a slot when users joining carry more energy outside it.",
     "export_rank": "Serving rank of the published adapters; 0: exact.",
     "final_evaluation": "Per-user perplexities on the full model after the run.",
+    "tracking": "TensorBoard logs (RUN/tensorboard) and a plot (RUN/rounds.png) every round.",
     "local_steps": "Client training steps per round.",
     "lr": "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
     "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "

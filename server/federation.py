@@ -32,6 +32,7 @@ from server.config import FederationConfig
 from server.nodes import Nodes
 from server.schemes import Averaged, Reply, Robustness, Scheme, scheme_for
 from server.store import RoundStage, RunFolder, check_reply, recover
+from server.tracking import track
 from soppu import messages as m
 from soppu.adapters import LoraState
 
@@ -140,6 +141,8 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
         "federated_eval_loss": eval_loss,
     }
     stage.commit(rows, summary)
+    if fed.config.tracking:
+        track(fed.run)
     fed.log(
         f"round {round_} done in {summary['seconds']:.0f} s: {len(ok)} trained, "
         f"{summary['failed']} failed; held-out loss on the emulator "

@@ -44,6 +44,7 @@ MAY_CHANGE_ON_RESUME = {
     "threads",
     "final_evaluation",
     "final_eval_tokens",
+    "tracking",
     "device",
     "client_gpus",
 }

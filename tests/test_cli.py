@@ -165,3 +165,39 @@ def test_nan_found_while_reading_leaves_nothing_behind(tmp_path):
     assert code == 2 and "user01" in out and "non-finite" in out
     assert not (tmp_path / "store").exists()
     assert torch.isnan(users["user01"]["model.layers.0.self_attn.v_proj"][1]).any()
+
+
+def test_the_per_user_table_fits_80_columns_and_names_every_user(monkeypatch):
+    """At 80 columns (any log), every row still says which user it is (a long id folds) and
+    no header is cut."""
+    from soppu.cli import common
+    from soppu.cli.federation import print_evaluation
+
+    gain = {"point": 0.189, "low": 0.161, "high": 0.214, "verdict": "better"}
+    users = ["measure-for-measure.DUKE_VINCENTIO", "hamlet.HAMLET"]
+    row = {"base": 93.7, "global": 75.6, "emulator": 165.1, "personal": 75.9, "compressed": 76.0}
+    result = {
+        "users": [
+            {"user": u, **row, "served": "personal", "gains": {"served_over_base": gain}}
+            for u in users
+        ],
+        "summary": {
+            "served_counts": {"personal": 2},
+            "helped": 2,
+            "harmed": 0,
+            "unchanged": 0,
+            "users": 2,
+            "improved": 2,
+        },
+    }
+    monkeypatch.setattr(common.console, "width", 80)
+    with common.console.capture() as captured:
+        print_evaluation(result)
+    lines = captured.get().splitlines()
+    table = lines[1 : lines.index(next(line for line in lines if line.startswith("emu+own")))]
+    assert table and all(len(line) <= 80 for line in table), table
+    header = table[0]
+    for label in ("user", "base", "global", "emu+own", "own", "pub", "served", "gain [95%]"):
+        assert label in header, header
+    folded = "".join(line.split()[0] for line in table[2:] if line.split())
+    assert all(u.replace(" ", "") in folded for u in users), folded

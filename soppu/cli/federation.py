@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from server.config import HELP, flag
@@ -153,28 +154,38 @@ def _print_results(root: Path) -> None:
 def print_evaluation(result: dict[str, Any]) -> None:
     from server.evaluation import summary_lines
 
+    # Fits 80 columns (any log): a light box, one-decimal perplexities, short headers
+    # explained in the caption; a long user id folds instead of squeezing the numbers.
     table = Table(
-        title="held-out perplexity per user (full model unless said)", title_justify="left"
+        title="held-out perplexity per user (full model unless said)",
+        title_justify="left",
+        caption="emu+own: own adapter on the client's model; pub: what is served, published; "
+        "gain: served over base, with its paired 95% interval",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
     )
     keys = {
         "base": "base",
         "global": "global",
-        "emulator": "emulator+own",
+        "emulator": "emu+own",
         "personal": "own",
-        "compressed": "published",
+        "compressed": "pub",
     }
     if all(row["global"] is None for row in result["users"]):
         keys.pop("global")  # no averaging in this run
-    table.add_column("user", overflow="fold", min_width=12)
+    table.add_column("user", overflow="fold", min_width=12, ratio=1)
     for label in keys.values():
         table.add_column(label, justify="right", no_wrap=True)
     table.add_column("served", no_wrap=True)
-    table.add_column("gain over base [95%]", justify="right", no_wrap=True)
+    table.add_column("gain [95%]", justify="right", no_wrap=True)
     for row in result["users"]:
         gain = row["gains"].get("served_over_base")
         table.add_row(
             row["user"],
-            *("–" if row[k] is None else f"{row[k]:.2f}" for k in keys),
+            *("–" if row[k] is None else f"{row[k]:.1f}" for k in keys),
             row["served"],
             _gain_cell(gain),
         )

@@ -37,7 +37,7 @@ from federation import RESULTS, RUNS, Judge, provenance
 
 from server.evaluation import relative_gain
 from server.federation import checked_metrics
-from server.prepare_run import public_for, round_correction
+from server.prepare_run import public_for, round_correction, stored_config
 from server.schemes import Robustness, robust_mean
 from server.store import RunFolder
 from soppu import atomic
@@ -48,8 +48,8 @@ from soppu.personalize import personalize
 PLAIN = Robustness(clip=0, weight_cap=0)
 RULES = {  # side by side; the first is plain FedAvg
     "fedavg": PLAIN,
+    "clip 1×, cap 4× (the default)": Robustness(clip=1, weight_cap=4),
     "clip 2×, cap 4×": Robustness(clip=2, weight_cap=4),
-    "clip 1×, cap 4×": Robustness(clip=1, weight_cap=4),
 }
 
 
@@ -132,7 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
     name = args.name or run.name
-    judge = Judge(run, 2048)
+    # the blocks (and cap) the run's own evaluation judged base and served on
+    judge = Judge(run, stored_config(RunFolder(run)).final_eval_tokens)
     cache = RUNS / f"poisoning-{name}-steps{args.steps}.pt"  # the honest rounds, once
     if cache.is_file():
         rounds = torch.load(cache, weights_only=False)

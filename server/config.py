@@ -48,7 +48,7 @@ class FederationConfig:
     prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
     # the robust mean of replies (server/schemes/aggregate.py): updates clipped to clip × the
     # round's median norm, num-examples capped at weight_cap × the round's median; 0: off
-    clip: float = 2.0
+    clip: float = 1.0
     weight_cap: float = 4.0
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"

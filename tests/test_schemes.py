@@ -172,7 +172,7 @@ def test_a_scaled_or_noisy_reply_moves_the_mean_no_more_than_an_honest_one():
         robust = robust_mean(attacked)
         assert distance(plain) > 100 * honest_spread
         assert distance(robust.lora) < 3 * honest_spread
-        assert set(robust.clipped) == {"user7"}
+        assert "user7" in robust.clipped and robust.clipped["user7"] > 1e3
 
 
 def test_a_claim_of_1e12_examples_counts_as_four_medians():
@@ -182,7 +182,7 @@ def test_a_claim_of_1e12_examples_counts_as_four_medians():
     averaged = robust_mean(greedy)
     assert averaged.capped == {"user7": 10**12}
     by_hand = robust_mean(
-        {**honest, "user7": (trained, start, 400)}, Robustness(clip=2, weight_cap=0)
+        {**honest, "user7": (trained, start, 400)}, Robustness(clip=1, weight_cap=0)
     )
     assert torch.allclose(averaged.lora.tensors[KEY_A], by_hand.lora.tensors[KEY_A], atol=1e-7)
     for bad in (0, -5, float("nan")):

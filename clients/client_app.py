@@ -64,7 +64,12 @@ def train(msg: Message, context: Context) -> Message:
         # Two tracks (Ditto): the shared copy from the anchor, which the server averages, and
         # the personal one from the user's own, pulled towards the anchor.
         shared = run(anchor) if anchor is not None else None
-        result = run(start, anchor=anchor, prox=float(config.get("prox", 0.0)))
+        result = run(
+            start,
+            anchor=anchor,
+            prox=float(config.get("prox", 0.0)),
+            stop_every=int(config.get("stop-every", 0)),  # a final pass: keep the best step
+        )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
     ppl = result.perplexity
@@ -79,6 +84,7 @@ def train(msg: Message, context: Context) -> Message:
             "eval-tokens": result.test_tokens,
             "seconds": result.seconds + (shared.seconds if shared else 0.0),  # all training
             "handler-seconds": time.perf_counter() - began,  # + finding data and emulator
+            **({"best-step": result.stopping.best_step} if result.stopping else {}),
         }
     )
     # Tensors only: the LoRA config went one way, from the server, which keeps its own.

@@ -127,6 +127,7 @@ def train(
     device: str = "cpu",
     anchor: LoraState | None = None,
     prox: float = 0.0,
+    stop_every: int = 0,
 ) -> PersonalizeResult:
     model, info = emulator(version, device_for(device))
     tokenizer = tokenizer_for(base_model)
@@ -140,6 +141,7 @@ def train(
         correction=correction or None,
         anchor=anchor,
         prox=prox,
+        stop_every=stop_every,
     )
 
 

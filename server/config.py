@@ -46,6 +46,11 @@ class FederationConfig:
     # what users start from, what is averaged, what stays personal (server/schemes/)
     scheme: str = "fedavg-ft"
     prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
+    # after the last round every user fine-tunes the final global adapter for up to this many
+    # steps, keeping the step best on their validation split (0: no pass)
+    personal_pass: int = 0
+    personal_pass_lr: float = 3e-4
+    personal_pass_check: int = 5  # validation checks every this many steps
     # the robust mean of replies (server/schemes/aggregate.py): updates clipped to clip × the
     # round's median norm, num-examples capped at weight_cap × the round's median; 0: off
     clip: float = 1.0
@@ -148,6 +153,14 @@ class FederationConfig:
             if not (value == 0 or 1 <= value < float("inf")):
                 key = name.replace("_", "-")
                 raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
+        if self.personal_pass < 0 or self.personal_pass_check < 1:
+            raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
+        if self.personal_pass and (self.scheme == "local" or not self.validation_fraction):
+            raise ValueError(
+                "personal-pass starts from the global adapter and stops on each user's "
+                "validation text: it needs a scheme with a global adapter and "
+                "validation-fraction > 0"
+            )
         self.train()  # validates the training settings now, not in every client
         self.compression()  # validates the compression settings now, not after training
 
@@ -196,6 +209,17 @@ class FederationConfig:
             first_step=(round_ - 1) * self.local_steps,
             max_eval_tokens=self.max_eval_tokens,
             precision=self.precision,
+        )
+
+    def personal_pass_train(self) -> TrainConfig:
+        """The final pass's training: its own steps at a constant, gentler lr, its data order
+        continuing after the rounds'."""
+        return replace(
+            self.train(self.rounds + 1),
+            steps=self.personal_pass,
+            lr=self.personal_pass_lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
         )
 
     def judge(self) -> TrainConfig:
@@ -270,6 +294,10 @@ HELP = {
     "scheme": "fedavg-ft (from the global adapter each round), local (own only), fedsa (A "
     "shared, B personal) or ditto (personal pulled to the global by prox).",
     "prox": "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
+    "personal_pass": "After the last round, each user fine-tunes the global adapter for up "
+    "to this many steps, keeping the step best on their validation text; 0: no pass.",
+    "personal_pass_lr": "The personal pass's learning rate (constant).",
+    "personal_pass_check": "The personal pass checks validation loss every this many steps.",
     "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
     "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
     "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",

@@ -31,10 +31,12 @@ from server.compression_round import compress_run
 from server.config import FederationConfig
 from server.nodes import Nodes
 from server.schemes import Averaged, Reply, Robustness, Scheme, scheme_for
+from server.schemes.personal_pass import PersonalPass
 from server.store import RoundStage, RunFolder, check_reply, recover
 from server.tracking import track
 from soppu import messages as m
 from soppu.adapters import LoraState
+from soppu.train_config import TrainConfig
 
 Log = Callable[[str], None]
 Correction = Callable[[LoraState, int], dict[str, Tensor]]  # (starting LoRA, round) → tensors
@@ -85,10 +87,13 @@ def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
         fed.log(f"all {fed.config.rounds} rounds are done already")
     elif first > 1:
         fed.log(f"resuming after round {state['round']}")
+    passing = fed.config.personal_pass > 0
     for round_ in range(first, fed.config.rounds + 1):
         run_round(fed, round_)
-        if _compress_now(fed.config, round_):
+        if _compress_now(fed.config, round_) and not (passing and round_ == fed.config.rounds):
             compress(fed, round_)
+    if passing and fed.run.state()["round"] == fed.config.rounds:
+        personal_pass(fed, fed.config.rounds + 1)
     if fed.run.state().get("compressed_round", 0) < fed.run.state()["round"]:
         compress(fed, fed.run.state()["round"])  # the last round committed, then a crash
     return fed.run.state()
@@ -109,7 +114,7 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     nodes.install_emulator(list(sampled), fed.emulator_content)
     install_s = time.perf_counter() - install_began
     stage = RoundStage(fed.run, round_)
-    rows, trained = _train(fed, round_, sampled, stage)
+    rows, trained = _train(fed, round_, sampled, stage, fed.scheme, fed.config.train(round_))
     averaged = fed.scheme.aggregate(trained) if trained else None
     new_global = averaged.lora if averaged else None
     if averaged is not None:
@@ -151,6 +156,55 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     return summary
 
 
+def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
+    """After the last round: every user fine-tunes the final global adapter, keeping the step
+    best on their validation text (`server/schemes/personal_pass.py`); committed as round
+    `round_` (rounds + 1), so a resumed run neither repeats nor skips it."""
+    nodes = _nodes(fed)
+    began = time.perf_counter()
+    nodes.meet()
+    sampled = {node: user for user, node in sorted(nodes.node_of().items())}
+    train = fed.config.personal_pass_train()
+    fed.log(
+        f"personal pass: {len(sampled)} users fine-tune the global adapter for up to "
+        f"{train.steps} steps at lr {train.lr:g}, each keeping the step best on their "
+        f"validation text (checked every {fed.config.personal_pass_check})"
+    )
+    nodes.install_emulator(list(sampled), fed.emulator_content)
+    stage = RoundStage(fed.run, round_)
+    rows, _ = _train(
+        fed,
+        round_,
+        sampled,
+        stage,
+        PersonalPass(),
+        train,
+        {"stop-every": fed.config.personal_pass_check},
+    )
+    ok = [r for r in rows if r["status"] == "trained"]
+    summary = {
+        "round": round_,
+        "personal_pass": True,
+        "seconds": time.perf_counter() - began,
+        "sampled": len(sampled),
+        "trained": len(ok),
+        "failed": len(rows) - len(ok),
+        "best_steps": {r["user"]: r.get("best-step") for r in ok},
+        "eval_loss_before": _mean(r["eval-loss-before"] for r in ok),
+        "eval_loss_after": _mean(r["eval-loss-after"] for r in ok),
+    }
+    stage.commit(rows, summary)
+    if fed.config.tracking:
+        track(fed.run)
+    kept = sum(1 for r in ok if r.get("best-step"))
+    fed.log(
+        f"personal pass done in {summary['seconds']:.0f} s: {kept} of {len(ok)} users kept a "
+        f"step past the global adapter; held-out loss on the emulator "
+        f"{_fmt(summary['eval_loss_before'])} → {_fmt(summary['eval_loss_after'])}"
+    )
+    return summary
+
+
 def _nodes(fed: Federation) -> Nodes:
     if fed.nodes is None:
         raise RuntimeError("the rounds have not started: run_federation sets the nodes")
@@ -168,19 +222,26 @@ def sample_users(fed: Federation, round_: int) -> dict[int, str]:
 
 
 def _train(
-    fed: Federation, round_: int, sampled: dict[int, str], stage: RoundStage
+    fed: Federation,
+    round_: int,
+    sampled: dict[int, str],
+    stage: RoundStage,
+    scheme: Scheme,
+    train: TrainConfig,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Reply]]:
-    scheme = fed.scheme
+    """Send each sampled user their start (the scheme's) and `train`, stage valid replies."""
     starts = scheme.starts(fed.run, sorted(sampled.values()), fed.template)
     anchor = scheme.anchor(fed.run, fed.template)
     corrections = _corrections(fed, round_, starts, scheme.correction_point(fed.run, fed.template))
     device = "cuda" if fed.config.client_gpus > 0 else "cpu"
     base_config = m.train_config_record(
-        fed.config.train(round_),
+        train,
         emulator=fed.emulator_version,
         round=round_,
         device=device,
         prox=scheme.prox,
+        **(extra or {}),
     )
 
     def content(node: int) -> RecordDict:

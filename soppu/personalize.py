@@ -11,10 +11,11 @@ repairing the emulator's own errors.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -38,9 +39,31 @@ class PersonalizeResult:
     test_tokens: int
     perplexity: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    stopping: EarlyStopping | None = None  # where early stopping kept the adapter
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "lora"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        del out["lora"]
+        if self.stopping is not None:
+            stop = self.stopping
+            out["stopping"] = {"best_step": stop.best_step, "checked": stop.checked}
+        return out
+
+
+@dataclass
+class EarlyStopping:
+    """Keep the step whose adapter has the lowest loss on `blocks` (a validation split),
+    checked before the first step and every `every` steps; the starting adapter counts, so
+    training never ends worse than it began on that text."""
+
+    blocks: list[Tensor]
+    every: int
+    best_step: int = 0
+    checked: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or not self.blocks:
+            raise ValueError("early stopping needs validation text and a check every ≥ 1 steps")
 
 
 def new_lora_config(info: EmulatorInfo, model_type: str, config: TrainConfig) -> dict:
@@ -127,12 +150,14 @@ def train_lora(
     correction: dict[str, Tensor] | None = None,
     anchor: LoraState | None = None,
     prox: float = 0.0,
+    stopping: EarlyStopping | None = None,
 ) -> tuple[LoraState, list[float]]:
     """Train from `start` on the emulator; returns the new LoRA (full-model keys) and losses.
 
     `correction` (full-model keys, as `start`'s tensors) is added to every step's gradient;
     with `anchor` (a LoRA of the same shapes) so is prox · (lora − anchor), the gradient of
-    Ditto's proximal term prox/2 · ‖lora − anchor‖² on the LoRA tensors.
+    Ditto's proximal term prox/2 · ‖lora − anchor‖² on the LoRA tensors. With `stopping`, the
+    LoRA returned is the one of the checked step with the lowest validation loss.
     """
     on_emulator = start.on_emulator(info)
     shift = to_emulator_keys(correction, info) if correction else {}
@@ -150,6 +175,7 @@ def train_lora(
             num_warmup_steps=config.warmup_steps,
             num_training_steps=config.steps,
         )
+        best = _check(model, params, stopping, 0, pad_id, config, None)
         model.train()
         batches = lm.training_batches(
             train_blocks, config.batch_size, config.steps, pad_id, config.seed, config.first_step
@@ -166,9 +192,36 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress(step, config.steps, losses[-1])
+            if stopping and (step % stopping.every == 0 or step == config.steps):
+                best = _check(model, params, stopping, step, pad_id, config, best)
         model.eval()
-        trained = {k: v.detach().float().clone() for k, v in params.items()}
+        trained = best or {k: v.detach().float().clone() for k, v in params.items()}
     return LoraState(trained, on_emulator.config).on_full_model(info), losses
+
+
+def _check(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    stopping: EarlyStopping | None,
+    step: int,
+    pad_id: int,
+    config: TrainConfig,
+    best: dict[str, Tensor] | None,
+) -> dict[str, Tensor] | None:
+    """Score the adapter on the validation blocks; a copy of it if it is the best so far."""
+    if stopping is None:
+        return None
+    model.eval()
+    with torch.no_grad():
+        loss = math.log(
+            lm.perplexity(model, stopping.blocks, pad_id, config.batch_size, config.precision)
+        )
+    model.train()
+    stopping.checked.append((step, loss))
+    if best is not None and loss >= min(v for s, v in stopping.checked if s != step):
+        return best
+    stopping.best_step = step
+    return {k: v.detach().float().clone() for k, v in params.items()}
 
 
 def _check_correction(
@@ -209,9 +262,12 @@ def personalize(
     correction: dict[str, Tensor] | None = None,
     anchor: LoraState | None = None,
     prox: float = 0.0,
+    stop_every: int = 0,
 ) -> PersonalizeResult:
     """Train the user's LoRA on the emulator and measure held-out perplexity; with `anchor`,
-    each step is also pulled towards it by the proximal term prox/2 · ‖lora − anchor‖² (Ditto).
+    each step is also pulled towards it by the proximal term prox/2 · ‖lora − anchor‖² (Ditto);
+    with `stop_every`, the adapter kept is the one best on the user's validation text, checked
+    every `stop_every` steps (a final personalisation pass).
 
     Perplexities: `emulator_start` (emulator with the starting adapter, none if fresh) and
     `emulator_adapter`; with `full_model` also `base` (full model alone) and `full_adapter`
@@ -230,8 +286,24 @@ def personalize(
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size, config.precision)
 
     ppl = {"emulator_start": emulator_ppl(start)}
+    stopping = None
+    if stop_every:
+        validation = lm.token_blocks(tokenizer, user.validation, config.seq_len)
+        if not validation:
+            raise ValueError(f"user {user.user_id!r} has no validation text to stop early on")
+        stopping = EarlyStopping(validation, stop_every)
     lora, losses = train_lora(
-        emulator, info, train_blocks, pad_id, config, start, progress, correction, anchor, prox
+        emulator,
+        info,
+        train_blocks,
+        pad_id,
+        config,
+        start,
+        progress,
+        correction,
+        anchor,
+        prox,
+        stopping,
     )
     ppl["emulator_adapter"] = emulator_ppl(lora)
     if full_model is not None:
@@ -246,6 +318,7 @@ def personalize(
         test_tokens=sum(b.numel() for b in test_blocks),
         perplexity=ppl,
         seconds=time.perf_counter() - began,
+        stopping=stopping,
     )
 
 

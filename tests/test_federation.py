@@ -339,3 +339,31 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     base = own.unload()
     published = PeftModel.from_pretrained(base, run.serving / "current" / "users" / "user2")
     assert torch.allclose(logits(published, ids), expected, atol=1e-4)
+
+
+def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
+    """--personal-pass: after the last round every user fine-tunes the final global adapter,
+    keeping the step best on their validation text (the global adapter itself where no step
+    beats it); it commits as one more round and the run compresses once, after it."""
+    config = tiny_config(
+        world, "run-pass", rounds=1, personal_pass=6, personal_pass_check=2, personal_pass_lr=5e-3
+    )
+    lines = simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 2 and run.state()["compressed_round"] == 2
+    assert run.compressed.is_dir() and [p.name for p in run.compressed.glob("v*")] == ["v0001"]
+    assert any(line.startswith("personal pass: 4 users") for line in lines)
+    rows = [r for r in run.read_jsonl(run.metrics) if r["round"] == 2]
+    assert sorted(r["user"] for r in rows) == USERS
+    global_lora = run.global_adapter()
+    assert json.loads((run.global_dir / "training.json").read_text())["round"] == 1
+    for row in rows:
+        assert row["best-step"] in (0, 2, 4, 6)
+        mine = run.latest(row["user"])
+        same = all(torch.equal(mine.tensors[k], v) for k, v in global_lora.tensors.items())
+        assert same == (row["best-step"] == 0), row
+    summary = run.read_jsonl(run.rounds)[-1]
+    assert summary["personal_pass"] and summary["best_steps"] == {
+        r["user"]: r["best-step"] for r in rows
+    }
+    assert (run.root / "rounds.png").is_file() and (run.root / "tensorboard").is_dir()

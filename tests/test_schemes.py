@@ -246,3 +246,33 @@ def test_a_replys_metrics_are_checked_before_they_weigh_anything(metrics, words)
         "num-examples": 12.0,
         "seconds": 1.5,
     }
+
+
+def test_early_stopping_keeps_the_step_best_on_validation_text():
+    """A final pass keeps the adapter of the checked step with the lowest validation loss: at a
+    wild lr that is the start itself, exactly; at a sane one, the very adapter a run of that
+    many steps ends with (the data order and a constant lr make the runs share a prefix)."""
+    from soppu.personalize import EarlyStopping
+
+    full = tiny_causal_lm(layers=6)
+    emulator, info = E.build(full, E.EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
+    tokenizer = tiny_tokenizer()
+    blocks = lm.token_blocks(tokenizer, TEXT, CONFIG.seq_len)
+    train, validation, pad = blocks[:6], blocks[6:8], tokenizer.pad_token_id
+    start = fresh_lora(emulator, info, CONFIG)
+    wild = replace(CONFIG, steps=6, lr=100.0)
+    stopping = EarlyStopping(validation, every=2)
+    kept, _ = train_lora(emulator, info, train, pad, wild, start, stopping=stopping)
+    assert stopping.best_step == 0 and [s for s, _ in stopping.checked] == [0, 2, 4, 6]
+    assert all(torch.equal(kept.tensors[k], v) for k, v in start.tensors.items())
+
+    sane = replace(CONFIG, steps=8, lr=1e-2)
+    stopping = EarlyStopping(validation, every=1)
+    kept, _ = train_lora(emulator, info, train, pad, sane, start, stopping=stopping)
+    best = min(stopping.checked, key=lambda c: c[1])
+    assert stopping.best_step == best[0] > 0
+    shorter, _ = train_lora(emulator, info, train, pad, replace(sane, steps=best[0]), start)
+    for key, value in shorter.tensors.items():
+        assert torch.allclose(kept.tensors[key], value, atol=1e-6), key
+    with pytest.raises(ValueError, match="validation text"):
+        EarlyStopping([], every=2)

@@ -70,7 +70,9 @@ def _run(run: RunFolder) -> Iterator[str]:
         f"{config.get('client_mode')} mode (emulator {meta.get('emulator')})"
     )
     yield (
-        f"  rounds: {state['round']} of {config.get('rounds')} done; users: {len(users)} "
+        f"  rounds: {min(state['round'], config.get('rounds'))} of {config.get('rounds')} done"
+        f"{' + the personal pass' if state['round'] > config.get('rounds') else ''}; "
+        f"users: {len(users)} "
         f"({_few(users)}); scheme {config.get('scheme') or config.get('aggregation')}"
     )
     yield f"  adapters stored: {len(run.users())} in {shown(run.store)}"

@@ -152,3 +152,13 @@ def test_serving_beyond_loopback_needs_keys_or_saying_so(served_dir, tmp_path):
         app, ["serve", str(serving), "--api-keys", str(tmp_path / "none.json")]
     )
     assert missing.exit_code == 2 and "no keys file" in missing.output
+
+
+def test_keys_commands_name_what_they_need(tmp_path):
+    for args in (["keys", "list"], ["keys", "add", "alice"], ["keys", "revoke", "abc"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "--serving" in result.output, result.output
+    result = CliRunner().invoke(app, ["keys", "revoke", "nope", "--serving", str(tmp_path)])
+    assert result.exit_code == 2 and "no key with id 'nope'" in result.output
+    result = CliRunner().invoke(app, ["keys", "add", "../evil", "--serving", str(tmp_path)])
+    assert result.exit_code == 2 and not (tmp_path / "keys.json").exists()

@@ -324,6 +324,8 @@ def test_errors_are_clear_4xx(server):
         assert words in reply.json()["error"], reply.json()
     reply = requests.post(f"{url}/v1/completions", json={"model": "eve", "prompt": "x"}, timeout=60)
     assert reply.status_code == 404
+    error = reply.json()["error"]  # OpenAI's shape on its routes, what its clients read
+    assert "eve" in error["message"] and (error["type"], error["code"]) == ("not_found", 404)
     assert requests.get(f"{url}/health", timeout=60).status_code == 200
     info = requests.get(f"{url}/info", timeout=60).json()
     assert info["adapters"] == 4 and info["serving_version"] == "v0001"
@@ -466,10 +468,12 @@ def test_prompt_logprobs_score_text_as_peft_does(server):
         ({**body, "logprobs": 6}, "logprobs"),
     ]:
         refused = requests.post(f"{url}/v1/completions", json=bad, timeout=60)
-        assert refused.status_code == 422 and words in refused.json()["error"], refused.text
+        assert refused.status_code == 422, refused.text
+        assert words in refused.json()["error"]["message"], refused.text
     chat = {"model": "user02", "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}
     refused = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
-    assert refused.status_code == 422 and "/v1/completions" in refused.json()["error"]
+    assert refused.status_code == 422
+    assert "/v1/completions" in refused.json()["error"]["message"]
 
 
 def test_soppu_score_compares_a_users_adapter_with_the_base_on_their_text(server, tmp_path):

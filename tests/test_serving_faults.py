@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -96,9 +97,21 @@ def post_raw(url: str, path: str, raw: str) -> requests.Response:
     return requests.post(f"{url}{path}", data=raw, headers=headers, timeout=PATIENCE)
 
 
+def error_message(reply: requests.Response) -> str:
+    """The error's message in the shape its route's clients expect: OpenAI's on /v1/…
+    ({"error": {"message", "type", "param", "code"}}), LoRAX's elsewhere."""
+    error = reply.json()["error"]
+    if urlparse(reply.url).path.startswith("/v1/"):
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["code"] == reply.status_code
+        return error["message"]
+    assert isinstance(error, str) and "error_type" in reply.json(), reply.json()
+    return error
+
+
 def assert_one_line_error(reply: requests.Response, status: int, words: str) -> None:
     assert reply.status_code == status, reply.text
-    error = reply.json()["error"]
+    error = error_message(reply)
     assert words in error and "\n" not in error and "Traceback" not in reply.text, error
 
 
@@ -426,7 +439,7 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenised(server, monk
     reply = requests.post(f"{url}/generate", json={"inputs": "x" * 900_000}, timeout=PATIENCE)
     assert_one_line_error(reply, 422, "bytes")
     assert calls == []
-    bound = int(reply.json()["error"].split("at most ")[1].split(" bytes")[0].replace(",", ""))
+    bound = int(error_message(reply).split("at most ")[1].split(" bytes")[0].replace(",", ""))
     under = requests.post(f"{url}/generate", json={"inputs": "x" * bound}, timeout=PATIENCE)
-    assert under.status_code == 422 and "tokens; at most" in under.json()["error"]
+    assert under.status_code == 422 and "tokens; at most" in error_message(under)
     assert calls == [bound]

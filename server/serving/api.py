@@ -12,7 +12,8 @@ user dir inside the serving dir; no adapter id means the base model. With API ke
 (401 without); a user's key uses that user's adapter when none is named, the base model when
 it is named by its id (`/info`'s `model_id`), and gets 403 for anyone else's. Unknown users are 404,
 bad parameters and oversized inputs 422, bodies over the limit 413, a stopped engine 503;
-every error is one JSON line `{"error": message, "error_type": kind}`, in a stream too.
+every error is one JSON line, `{"error": message, "error_type": kind}` (LoRAX's shape) or on
+the OpenAI routes `{"error": {"message", "type", "param", "code"}}` (OpenAI's), in a stream too.
 
 Prompts are tokenised off the event loop, so a long one never stalls other requests. A
 client that goes away (a closed stream, a dropped connection while waiting) cancels its
@@ -37,7 +38,7 @@ from server.serving.engine import Engine
 from server.serving.generation import AppContext, context
 from server.serving.keys import KeysFile
 from server.serving.request import one_line
-from server.serving.schemas import ApiError
+from server.serving.schemas import ApiError, error_body
 
 router = APIRouter()
 
@@ -122,24 +123,24 @@ async def get_metrics(http: HttpRequest) -> PlainTextResponse:
 
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
-        response = _error(exc.status, exc.message, exc.kind)
+    async def _api_error(http: HttpRequest, exc: ApiError) -> JSONResponse:
+        response = _error(http, exc.status, exc.message, exc.kind)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: HttpRequest, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "; ".join(_problem(e) for e in exc.errors()), "validation")
+    async def _invalid(http: HttpRequest, exc: RequestValidationError) -> JSONResponse:
+        return _error(http, 422, "; ".join(_problem(e) for e in exc.errors()), "validation")
 
     @app.exception_handler(HTTPException)
-    async def _http(_: HttpRequest, exc: HTTPException) -> JSONResponse:
+    async def _http(http: HttpRequest, exc: HTTPException) -> JSONResponse:
         kind = "too_large" if exc.status_code == 413 else "http"
-        return _error(exc.status_code, str(exc.detail), kind)
+        return _error(http, exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(Exception)
-    async def _internal(_: HttpRequest, exc: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {one_line(exc)}", "internal")
+    async def _internal(http: HttpRequest, exc: Exception) -> JSONResponse:
+        return _error(http, 500, f"internal error: {one_line(exc)}", "internal")
 
 
 def _problem(error: dict[str, Any]) -> str:
@@ -149,8 +150,9 @@ def _problem(error: dict[str, Any]) -> str:
     return f"{where}: {error['msg']}"
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": kind}, status)
+def _error(http: HttpRequest, status: int, message: str, kind: str) -> JSONResponse:
+    """One JSON line: OpenAI's shape on its routes (/v1/…), LoRAX's (TGI's) elsewhere."""
+    return JSONResponse(error_body(http.url.path, message, kind, status), status)
 
 
 def _paths(app: FastAPI) -> set[str]:

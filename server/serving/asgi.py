@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.serving.request import Request
+from server.serving.schemas import error_body
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: ~250,000 tokens of text, far past any model's window
 
@@ -34,7 +35,8 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            await _json(send, 413, str(BodyTooLarge(self.limit).detail), "too_large")
+            message = str(BodyTooLarge(self.limit).detail)
+            await _json(send, 413, error_body(scope.get("path", ""), message, "too_large", 413))
             return
         received = 0
 
@@ -60,8 +62,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _json(send: Send, status: int, message: str, kind: str) -> None:
-    body = json.dumps({"error": message, "error_type": kind}).encode()
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
     # No "connection: close": closing with the body unread resets the connection, and the
     # client, still sending, may never read this answer. The server drops the rest unread.
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

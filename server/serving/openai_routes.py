@@ -129,7 +129,9 @@ async def _stream(
         choice = {"index": 0, **piece, "finish_reason": _reason(request) if done else None}
         yield sse_event({**base, "object": chunk_kind, "choices": [choice]})
     if request.error:
-        yield sse_event({"error": request.error, "error_type": request.error_kind})
+        yield sse_event(
+            {"error": {"message": request.error, "type": request.error_kind, "param": None}}
+        )
     yield "data: [DONE]\n\n"
 
 

@@ -10,7 +10,7 @@ Token limits are checked once the prompt is tokenised (api.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,13 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+
+
+def error_body(path: str, message: str, kind: str, status: int | None = None) -> dict[str, Any]:
+    """An error as its route's clients expect it: OpenAI's shape on /v1/…, LoRAX's elsewhere."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return {"error": message, "error_type": kind}
 
 
 Stops = Annotated[list[str], Field(max_length=MAX_STOP)]

@@ -62,6 +62,9 @@ def test_a_users_key_uses_their_adapter_and_no_one_elses(guarded):
     other, missing = ask(url, tokens["user01"], "user02"), ask(url, tokens["user01"], "mallory")
     assert other.status_code == missing.status_code == 403
     assert other.json() == missing.json()
+    # Without a key nothing is said about adapters: a path probe gets 401, not a 404.
+    probe = {"inputs": "hi", "parameters": {"adapter_id": "/etc/x", "adapter_source": "local"}}
+    assert requests.post(f"{url}/generate", json=probe, timeout=60).status_code == 401
     # No key, a wrong one, a malformed one: 401 with the Bearer challenge.
     for token in (None, tokens["user01"][:-2] + "xx", "soppu_nothing", "Basic abc"):
         refused = ask(url, token, "user01")
@@ -87,7 +90,7 @@ def test_a_users_key_uses_their_adapter_and_no_one_elses(guarded):
     assert requests.get(f"{url}/v1/models", timeout=60).status_code == 401
     metrics = requests.get(f"{url}/metrics", timeout=60).text
     assert 'soppu_requests_total{route="/generate",status="403"} 2.0' in metrics
-    assert 'soppu_requests_total{route="/generate",status="401"} 4.0' in metrics
+    assert 'soppu_requests_total{route="/generate",status="401"} 5.0' in metrics
     assert 'soppu_requests_total{route="/v1/models",status="401"} 1.0' in metrics
 
 

@@ -50,12 +50,11 @@ class AppContext:
             raise ApiError(401, message, "unauthorized")
         return key
 
-    def authorize(self, http: HttpRequest, requested: str | None, base: bool = False) -> str | None:
-        """The user whose adapter the request uses (None: the base model). With keys: 401
-        without a valid `Authorization: Bearer` key; a user's key asking for no adapter gets
-        its own, asking for the base model (`base`) gets that, and asking for anyone else's
-        gets 403, the same answer whether or not that user exists."""
-        key = self.caller(http)
+    def authorize(self, key: Key | None, requested: str | None, base: bool = False) -> str | None:
+        """The user whose adapter the request uses (None: the base model), for the caller's
+        `key` (None: a server without keys). A user's key asking for no adapter gets its own,
+        asking for the base model (`base`) gets that, and asking for anyone else's gets 403,
+        the same answer whether or not that user exists."""
         if key is None:
             return requested
         if requested is None and not base and not key.admin:

@@ -36,10 +36,10 @@ async def compat_generate(http: HttpRequest, body: GenerateRequest):
 
 async def _start(http: HttpRequest, body: GenerateRequest) -> Generation:
     ctx = context(http)
-    model_id = ctx.info["model_id"]
-    base = body.parameters.adapter_id == model_id  # the base model, asked for by its id
+    key = ctx.caller(http)  # 401 before anything is said about adapters or paths
+    base = body.parameters.adapter_id == ctx.info["model_id"]  # the base model, by its id
     asked = None if base else lorax_user(body.parameters, ctx.serving)
-    user = ctx.authorize(http, asked, base=base)
+    user = ctx.authorize(key, asked, base=base)
     scoring = body.parameters.decoder_input_details
     return await ctx.start(body.inputs, user, body.parameters.sampling(), score_prompt=scoring)
 

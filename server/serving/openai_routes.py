@@ -56,7 +56,7 @@ async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, cha
     ctx = context(http)
     model_id = ctx.info["model_id"]
     asked = None if body.model in ("", model_id) else body.model
-    user = ctx.authorize(http, asked, base=body.model == model_id)
+    user = ctx.authorize(ctx.caller(http), asked, base=body.model == model_id)
     generation = await ctx.start(
         prompt,
         user,

@@ -9,6 +9,7 @@ apps (and tests) can wrap them.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from functools import partial
 
@@ -84,6 +85,9 @@ def train(msg: Message, context: Context) -> Message:
             "eval-tokens": result.test_tokens,
             "seconds": result.seconds + (shared.seconds if shared else 0.0),  # all training
             "handler-seconds": time.perf_counter() - began,  # + finding data and emulator
+            "step-seconds": (result.seconds + (shared.seconds if shared else 0.0))
+            / max(1, train_config.steps),  # with its own checks; both tracks of a two-track scheme
+            **_peak_memory(),
             **({"best-step": result.stopping.best_step} if result.stopping else {}),
         }
     )
@@ -115,6 +119,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     about = ConfigRecord({"user-id": user.user_id})
     return Message(RecordDict({m.METRICS: metrics, m.CONFIG: about}), reply_to=msg)
+
+
+def _peak_memory() -> dict[str, float]:
+    """This client process's peak resident memory so far (MiB), where the OS reports it."""
+    if sys.platform == "win32":
+        return {}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak-rss-mib": peak / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
 def _device(config: ConfigRecord, context: Context) -> str:

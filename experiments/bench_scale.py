@@ -1,6 +1,6 @@
 """Scale benchmark: compression end to end from PEFT files, time and peak memory.
 
-    python experiments/bench_scale.py            # the README's numbers (≈ 10 minutes)
+    python experiments/bench_scale.py            # the benchmarks' numbers (≈ 10 minutes)
     python experiments/bench_scale.py --quick    # 100 users, a smoke check
 
 Cases (seeded synthetic adapters, see soppu/synthetic.py):

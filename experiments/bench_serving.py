@@ -1,6 +1,6 @@
 """Serving many users: the shared-basis engine against the base model and against PEFT.
 
-    python experiments/bench_serving.py                  # the README's numbers
+    python experiments/bench_serving.py                  # the benchmarks' numbers
     python experiments/bench_serving.py --quick          # 8 users, 4 tokens
 
 On the embedded default (SmolLM2-135M-Instruct): 64 users' synthetic rank-8 adapters on q/v
@@ -212,7 +212,7 @@ def main() -> None:
     name = "serving_bench"
     if args.quick:
         args.users, args.tokens, args.clients, args.requests = 8, 4, 10, 20
-        name = "serving_bench_quick"  # never over the README's numbers
+        name = "serving_bench_quick"  # never over the benchmarks' numbers
     torch.set_num_threads(args.threads)
 
     from peft import PeftModel

@@ -1,7 +1,7 @@
 """A simulated federation measured: quality kept by compression, storage ratio, Flower overhead.
 
     python experiments/federation.py --name scale64 --users 64 --rounds 1 --local-steps 15 \\
-        --max-eval-tokens 1024 --rank 16          # the README's ≥ 64-user row (≈ 30 minutes)
+        --max-eval-tokens 1024 --rank 16          # the benchmarks' ≥ 64-user row (≈ 30 minutes)
     python experiments/federation.py --name main --cold   # the README's main job, timed
     python experiments/federation.py --analyse runs/experiments/main   # re-read a finished run
 

@@ -1,6 +1,6 @@
 """Each user's gain, emulator mode against full mode, side by side: the issue's targets.
 
-    python experiments/gains.py                     # the README's table (≈ 80 minutes)
+    python experiments/gains.py                     # the benchmarks' table (≈ 80 minutes)
     python experiments/gains.py --users 4 --rounds 1 --local-steps 3 --name quick
 
 Runs the same federation twice through `soppu simulate` (each its own Ray), once with the

@@ -1,6 +1,6 @@
 """Why the gradient correction: the LoRA's gradient on the emulator against the full model's.
 
-    python experiments/gradient_bias.py            # the README's numbers (≈ 10 minutes)
+    python experiments/gradient_bias.py            # the benchmarks' numbers (≈ 10 minutes)
     python experiments/gradient_bias.py --quick    # 2 users, 2 batches
 
 For each emulator (the sweep's, `experiments/sweep_recipes.py` builds and keeps them in

@@ -1,7 +1,7 @@
 """The client's learning-rate schedule within each round, measured: what a warm-up (and a
 higher peak lr) does to each user's gain against the constant lr 1e-3 the rounds used before.
 
-    python experiments/lr_schedules.py              # the README's table (≈ 12 minutes a schedule)
+    python experiments/lr_schedules.py              # the benchmarks' table (≈ 12 min a schedule)
     python experiments/lr_schedules.py --schedules constant,warmup3
 
 Why: every round's client starts a fresh AdamW from the global adapter, and AdamW's first

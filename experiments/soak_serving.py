@@ -1,6 +1,6 @@
 """Soak test of `soppu serve`: many clients, faults mixed in, a new version published midway.
 
-    python experiments/soak_serving.py                    # the README's run (minutes, 2 cores)
+    python experiments/soak_serving.py                    # the benchmarks' run (minutes, 2 cores)
     python experiments/soak_serving.py --serving DIR      # a published serving dir (copied)
 
 The app runs in this process (uvicorn in a thread, as the tests run it) on a tiny random

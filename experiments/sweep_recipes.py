@@ -1,6 +1,6 @@
 """Which client recipe carries the gain? Gain on the full model against client cost.
 
-    python experiments/sweep_recipes.py               # the README's table (≈ 100 minutes)
+    python experiments/sweep_recipes.py               # the benchmarks' table (≈ 100 minutes)
     python experiments/sweep_recipes.py --quick       # 2 users, 4 steps, 3 recipes
 
 Every recipe trains each of N users' LoRA (the same users, drawn with a fixed seed from the

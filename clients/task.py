@@ -23,7 +23,8 @@ from torch import nn
 
 from soppu import atomic, cache, lm
 from soppu.adapters import LoraState
-from soppu.basemodel import cache_dir, load_tokenizer, quiet_libraries
+from soppu.basemodel import load_tokenizer, quiet_libraries
+from soppu.cache import cache_dir
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
 from soppu.messages import Setup
@@ -159,7 +160,7 @@ def evaluate(
     blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
     if not blocks:
         raise DataError(f"user {user.user_id!r} has no held-out text to evaluate")
-    with attached(model, lora.on_emulator(info)) as peft_model:
+    with attached(model, info.lora_on_emulator(lora)) as peft_model:
         pad = tokenizer.pad_token_id
         ppl = lm.perplexity(peft_model, blocks, pad, config.batch_size, config.precision)
     return math.log(ppl), sum(b.numel() for b in blocks)

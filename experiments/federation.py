@@ -58,7 +58,7 @@ def provenance(script: str) -> dict[str, str]:
 
 def cold_cache(into: Path) -> dict[str, str]:
     """A fresh SOPPU cache holding only links to the prepared model and data."""
-    from soppu.basemodel import cache_dir
+    from soppu.cache import cache_dir
 
     into.mkdir(parents=True)
     for part in ("models", "data"):

@@ -67,7 +67,9 @@ def main() -> None:
         def gradients(blocks, seed, lora=lora, emulator=emulator, info=info):
             batches = list(lm.training_batches(blocks, 4, args.batches, pad, seed))
             g_full = _lora_gradient(base.model, lora, batches)
-            g_emu = to_full_keys(_lora_gradient(emulator, lora.on_emulator(info), batches), info)
+            g_emu = to_full_keys(
+                _lora_gradient(emulator, info.lora_on_emulator(lora), batches), info
+            )
             return g_full, g_emu
 
         pub_full, pub_emu = gradients(public, 1)

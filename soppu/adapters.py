@@ -28,7 +28,6 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from soppu import atomic
-from soppu.emulator import EmulatorInfo, to_emulator_keys, to_full_keys
 from soppu.errors import SoppuError
 from soppu.tensor_file import DTYPES, Span, Stamp, read_layout, read_spans
 from soppu.userids import UnsafeUserId, check_user_id
@@ -338,21 +337,6 @@ class LoraState:
 
         values = {k: v for k, v in self.config.items() if k in LoraConfig.__dataclass_fields__}
         return LoraConfig(**values)
-
-    def on_emulator(self, info: EmulatorInfo) -> LoraState:
-        """The same LoRA with the emulator's layer numbers in its keys and config."""
-        full = self.config.get("layers_to_transform")
-        if full is None:  # PEFT's "every layer"
-            full = range(info.plan["num_layers"])
-        layers = [info.emulator_index(f) for f in full]
-        config = {**self.config, "layers_to_transform": layers}
-        return LoraState(to_emulator_keys(self.tensors, info), config)
-
-    def on_full_model(self, info: EmulatorInfo) -> LoraState:
-        """The inverse of `on_emulator`."""
-        layers = [info.full_layers[j] for j in self.config["layers_to_transform"]]
-        config = {**self.config, "layers_to_transform": layers}
-        return LoraState(to_full_keys(self.tensors, info), config)
 
 
 def read_lora(path: Path) -> LoraState:

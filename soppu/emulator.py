@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soppu import atomic, lm
+from soppu.adapters import LoraState
 from soppu.errors import SoppuError
 
 FORMAT = "soppu-emulator/1"
@@ -128,6 +129,21 @@ class EmulatorInfo:
     def emulator_adapter_layers(self) -> list[int]:
         """The adapter layers as the emulator numbers them."""
         return [self.emulator_index(f) for f in self.adapter_layers]
+
+    def lora_on_emulator(self, lora: LoraState) -> LoraState:
+        """The same LoRA with the emulator's layer numbers in its keys and config."""
+        full = lora.config.get("layers_to_transform")
+        if full is None:  # PEFT's "every layer"
+            full = range(self.plan["num_layers"])
+        layers = [self.emulator_index(f) for f in full]
+        config = {**lora.config, "layers_to_transform": layers}
+        return LoraState(to_emulator_keys(lora.tensors, self), config)
+
+    def lora_on_full_model(self, lora: LoraState) -> LoraState:
+        """The inverse of `lora_on_emulator`."""
+        layers = [self.full_layers[j] for j in lora.config["layers_to_transform"]]
+        config = {**lora.config, "layers_to_transform": layers}
+        return LoraState(to_full_keys(lora.tensors, self), config)
 
     @property
     def exact(self) -> bool:

@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from soppu.adapters import LoraState
 from soppu.data import DataOptions
-from soppu.personalize import TrainConfig
+from soppu.train_config import TrainConfig
 
 SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
 CORRECTION = "correction"  # the emulator's gradient bias at the starting LoRA, LoRA-shaped

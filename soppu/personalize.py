@@ -159,7 +159,7 @@ def train_lora(
     Ditto's proximal term prox/2 · ‖lora − anchor‖² on the LoRA tensors. With `stopping`, the
     LoRA returned is the one of the checked step with the lowest validation loss.
     """
-    on_emulator = start.on_emulator(info)
+    on_emulator = info.lora_on_emulator(start)
     shift = to_emulator_keys(correction, info) if correction else {}
     pull = to_emulator_keys(anchor.tensors, info) if anchor is not None and prox > 0 else {}
     torch.manual_seed(config.seed)
@@ -196,7 +196,7 @@ def train_lora(
                 best = _check(model, params, stopping, step, pad_id, config, best)
         model.eval()
         trained = best or {k: v.detach().float().clone() for k, v in params.items()}
-    return LoraState(trained, on_emulator.config).on_full_model(info), losses
+    return info.lora_on_full_model(LoraState(trained, on_emulator.config)), losses
 
 
 def _check(
@@ -239,14 +239,14 @@ def _check_correction(
 def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
     """PEFT's own initialisation (A random, B zero): the adapter starts as the identity."""
     full_config = new_lora_config(info, emulator.config.model_type, config)
-    on_emulator = LoraState({}, full_config).on_emulator(info)
+    on_emulator = info.lora_on_emulator(LoraState({}, full_config))
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(emulator, on_emulator.peft_config())
     try:
         tensors = {k: v.detach().clone() for k, v in lora_parameters(peft_model).items()}
     finally:
         peft_model.unload()
-    return LoraState(tensors, on_emulator.config).on_full_model(info)
+    return info.lora_on_full_model(LoraState(tensors, on_emulator.config))
 
 
 def personalize(
@@ -282,7 +282,7 @@ def personalize(
     start = start or fresh_lora(emulator, info, config)
 
     def emulator_ppl(lora: LoraState) -> float:  # the client's own check, in its precision
-        with attached(emulator, lora.on_emulator(info)) as model:
+        with attached(emulator, info.lora_on_emulator(lora)) as model:
             return lm.perplexity(model, test_blocks, pad_id, config.batch_size, config.precision)
 
     ppl = {"emulator_start": emulator_ppl(start)}

@@ -188,7 +188,7 @@ def test_a_warm_up_step_gathers_adams_moments_without_moving(setup):
     trained, _ = train_lora(emulator, info, blocks, pad, config, start)
 
     grads = []
-    with attached(emulator, start.on_emulator(info), trainable=True) as model:
+    with attached(emulator, info.lora_on_emulator(start), trainable=True) as model:
         model.train()
         params = lora_parameters(model)
         for batch in lm.training_batches(blocks, 2, 2, pad, config.seed):
@@ -197,12 +197,12 @@ def test_a_warm_up_step_gathers_adams_moments_without_moving(setup):
             model.zero_grad(set_to_none=True)
         model.eval()
     (b1, b2), eps = (0.9, 0.999), 1e-8
-    for key, value in start.on_emulator(info).tensors.items():
+    for key, value in info.lora_on_emulator(start).tensors.items():
         g1, g2 = grads[0][key], grads[1][key]
         m = (b1 * (1 - b1) * g1 + (1 - b1) * g2) / (1 - b1**2)
         v = (b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2) / (1 - b2**2)
         expected = value - config.lr * m / (v.sqrt() + eps)
-        got = trained.on_emulator(info).tensors[key]
+        got = info.lora_on_emulator(trained).tensors[key]
         assert torch.allclose(got, expected, atol=1e-6), key
     no_warm_up = replace(config, lr_scheduler_type="constant", warmup_steps=0)
     constant, _ = train_lora(emulator, info, blocks, pad, no_warm_up, start)

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def list_entries() -> None:
     """Every cache entry: kind, size, days since last used, what it is."""
     from soppu import cache
-    from soppu.basemodel import cache_dir
+    from soppu.cache import cache_dir
 
     found = cache.entries()
     table = Table(title=f"cache: {shown(cache_dir())}", title_justify="left")

@@ -139,7 +139,7 @@ def emulator_build(
         batch = lm.collate(sample[:batch_size], base.tokenizer.pad_token_id)
         lora = fresh_lora(emulator, info, TrainConfig())
         emu_s = time_training_step(
-            emulator, lora.on_emulator(info), batch, precision=config.precision
+            emulator, info.lora_on_emulator(lora), batch, precision=config.precision
         )
         full_s = time_training_step(base.model, lora, batch, precision=config.precision)
     how = f"{batch_size}×{seq_len} tokens, {used} threads, {config.precision}"

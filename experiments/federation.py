@@ -27,6 +27,7 @@ run folder and writes experiments/results/federation_<name>.json and .md:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -88,8 +89,28 @@ def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
     ]
     print("$", " ".join(command), flush=True)
     began = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    child = subprocess.Popen(command, env=env)
+    peak = peak_tree_memory(child)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
+    print(f"peak memory of the run's processes together: {peak / 2**30:.2f} GiB", flush=True)
     return time.perf_counter() - began
+
+
+def peak_tree_memory(child: subprocess.Popen, every: float = 1.0) -> int:
+    """Wait for `child`; the largest sum of resident memory over it and every process under
+    it (Ray's workers included), sampled every `every` seconds."""
+    import psutil
+
+    root, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # gone between listing and reading
+                total += process.memory_info().rss
+        peak = max(peak, total)
+        time.sleep(every)
+    return peak
 
 
 def launch_unless_finished(args: argparse.Namespace, run: Path, extra: list[str]) -> float | None:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from server.intervals import paired_gain
 from server.store import RunFolder
-from server.versions import CURRENT
+from server.versions import CURRENT, ServingVersion
 from soppu import atomic, lm
 from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
@@ -55,7 +55,7 @@ def evaluate_run(
     progress=lambda user, done, total: None,
 ) -> dict[str, Any]:
     """Evaluate every stored user; write RUN/evaluation.{json,md,csv}; return the result."""
-    serving = run.serving / CURRENT / "users"
+    serving = ServingVersion(run.serving / CURRENT)
     global_lora = run.global_adapter()
     emulator_loss = _latest_emulator_loss(run)
     served = run.selection_choices()
@@ -66,7 +66,7 @@ def evaluate_run(
         blocks = lm.token_blocks(
             tokenizer, users[user].test, config.seq_len, config.max_eval_tokens
         )
-        published = serving / user
+        published = serving.user_dir(user)
 
         def score(lora: LoraState | None, blocks=blocks) -> Scores:
             return scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)

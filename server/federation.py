@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from torch import Tensor
 
 from compression.compress import CompressionConfig
+from server.compressed_store import read_manifest
 from server.compression_round import compress_run
 from server.config import FederationConfig
 from server.nodes import Nodes
@@ -404,7 +405,7 @@ def compress(fed: Federation, round_: int) -> None:
         refit_above=fed.config.compress_refit_above,
     )
     fed.run.set_state(compressed_round=round_, compressed=compressed.name, serving=version.name)
-    manifest = json.loads((compressed / "manifest.json").read_text())
+    manifest = read_manifest(compressed)
     totals, added = manifest["totals"], manifest.get("added")
     if added:
         refit = added["refit_slots"]

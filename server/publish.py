@@ -17,7 +17,6 @@ zero factors, because LoRAX drops a module type for the whole adapter when any l
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from server.compressed_store import (
     sha256,
     verify,
 )
-from server.versions import Versions
+from server.versions import ServingVersion, Versions
 from soppu import atomic
 from soppu.adapters import LoraState, lora_config, lora_files
 from soppu.userids import check_user_id
@@ -186,16 +185,11 @@ def verify_version(version: Path) -> dict[str, Any]:
     """A serving version's manifest, once every file it lists checks out: the shared bases
     and cores, and each user's published PEFT files; StoreError names the first that does
     not (changed, corrupt, missing). What is served, or called healthy, has passed this."""
-    version = Path(version)
-    manifest = json.loads((version / MANIFEST).read_text())
-    shared = version / "shared"
-    verify(shared, read_manifest(shared))
-    for user, entry in manifest.get("users", {}).items():
-        check_user_id(user, source=str(version / MANIFEST))
-        for name, digest in entry.get("sha256", {}).items():
-            path = version / "users" / user / Path(name).name
-            if not path.is_file():
-                raise StoreError(f"{path}: missing")
-            if sha256(path) != digest:
-                raise StoreError(f"{path}: checksum mismatch (the file changed or is corrupt)")
-    return manifest
+    published = ServingVersion(version)
+    verify(published.shared, read_manifest(published.shared))
+    for path, digest in published.checksums():
+        if not path.is_file():
+            raise StoreError(f"{path}: missing")
+        if sha256(path) != digest:
+            raise StoreError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+    return published.manifest

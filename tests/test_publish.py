@@ -13,8 +13,8 @@ from compression import CompressionConfig
 from server import publish as publish_module
 from server.compress_store import compress_adapters
 from server.compressed_store import StoredSlot, StoreError, read_manifest
-from server.publish import publish
-from server.versions import Versions
+from server.publish import publish, verify_version
+from server.versions import ServingVersion, Versions
 
 
 @pytest.fixture
@@ -238,3 +238,19 @@ def test_every_layer_of_the_base_model_carries_every_target_module(tmp_path, tin
         want = expected.eval()(input_ids=tokens).logits
         got = PeftModel.from_pretrained(tiny_llama, user_dir).eval()(input_ids=tokens).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_a_serving_version_is_read_through_its_one_owner(population, tmp_path):
+    users, paths = population
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=4))
+    version = ServingVersion(publish(tmp_path / "store", tmp_path / "serving"))
+    assert version.users() == sorted(users) and version.base_model
+    listed = sorted(path for path, _ in version.checksums())
+    on_disk = sorted(p for user in users for p in version.user_dir(user).iterdir())
+    assert listed == on_disk  # every published file has its checksum, and no other
+    assert verify_version(version.root) == version.manifest
+    version.manifest_path.write_text("{not json")
+    with pytest.raises(StoreError, match=r"manifest.json: not a version manifest"):
+        ServingVersion(version.root).users()
+    with pytest.raises(StoreError, match="missing"):
+        ServingVersion(tmp_path / "serving").users()  # the serving dir is not a version

@@ -3,7 +3,6 @@ watcher that swaps in a new version when `current` moves."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from server.serving.asgi import DEFAULT_MAX_BODY
 from server.serving.engine import Engine, VersionMisfit
 from server.serving.keys import KeysFile
 from server.serving.shared_weights import SharedAdapters, load_shared
-from server.versions import Versions
+from server.versions import ServingVersion, Versions
 from soppu import basemodel
 
 log = logging.getLogger("soppu.serve")
@@ -37,7 +36,7 @@ def public_name(model: str) -> str:
 
 
 def base_model_of(version: Path) -> str:
-    return json.loads((version / "manifest.json").read_text())["base_model"]
+    return ServingVersion(version).base_model
 
 
 class VersionWatcher:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from server.compressed_store import StoredSlot, read_manifest, verify
+from server.versions import ServingVersion
 
 
 @dataclass
@@ -41,7 +42,7 @@ class SharedAdapters:
 
 def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> SharedAdapters:
     """Read `VERSION/shared/` (checksums verified) into dense per-module tensors."""
-    shared = Path(version_dir) / "shared"
+    shared = ServingVersion(version_dir).shared
     manifest = read_manifest(shared)
     verify(shared, manifest)
     users = {user: row for row, user in enumerate(sorted(manifest["users"]), start=1)}

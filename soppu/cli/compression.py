@@ -287,13 +287,14 @@ def publish(
 ) -> None:
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
     from server.publish import publish as publish_store
+    from server.versions import ServingVersion
 
     set_threads(threads)
     with clear_errors(), progress_bar("publish") as progress:
         version = publish_store(
             store, to, export_rank=export_rank, num_layers=num_layers, progress=progress
         )
-    manifest = json.loads((version / "manifest.json").read_text())
+    manifest = ServingVersion(version).manifest
     exact = "exact" if manifest["export_exact"] else "truncated"
     console.print(
         f"published [bold]{shown(version)}[/] ({len(manifest['users'])} users, rank "

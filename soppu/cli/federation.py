@@ -130,12 +130,13 @@ class _NoRunSimulationDeprecation(logging.Filter):
 
 def _print_results(root: Path) -> None:
     from server.store import RunFolder
-    from server.versions import Versions
+    from server.versions import ServingVersion, Versions
 
     run = RunFolder(root)
     state = run.state()
     serving = Versions(run.serving).current_link
-    report = serving / "report" / "report.json"
+    current = ServingVersion(serving)
+    report = current.report / "report.json"
     if report.is_file():
         print_report(json.loads(report.read_text()))
     if run.evaluation.is_file():
@@ -146,7 +147,7 @@ def _print_results(root: Path) -> None:
         f"({shown(serving)} → {state.get('serving')})"
     )
     console.print(
-        f"report: [bold]{shown(serving / 'report')}[/]; "
+        f"report: [bold]{shown(current.report)}[/]; "
         f"per-user table: {shown(run.evaluation.with_suffix('.md'))}"
     )
 

@@ -245,20 +245,7 @@ def _train(
         **(extra or {}),
     )
 
-    def content(node: int) -> RecordDict:
-        user = sampled[node]
-        start = starts[user]
-        config = ConfigRecord(
-            {**base_config, "user-id": user, "lora-config": json.dumps(start.config)}
-        )
-        records = _nodes(fed).content(config)
-        records[m.LORA] = m.lora_record(start)
-        if corrections.get(user):
-            records[m.CORRECTION] = m.tensors_record(corrections[user])
-        if anchor is not None:
-            records[m.ANCHOR] = m.lora_record(anchor)
-        return records
-
+    content = _requests(fed, sampled, starts, corrections, anchor, base_config)
     rows: list[dict[str, Any]] = []
     trained: dict[str, Reply] = {}
 
@@ -292,6 +279,33 @@ def _train(
         rows.append(_failure(round_, sampled[node], reason))
         fed.log(f"  {sampled[node]}: failed ({reason})")
     return rows, trained
+
+
+def _requests(
+    fed: Federation,
+    sampled: dict[int, str],
+    starts: dict[str, LoraState],
+    corrections: dict[str, dict[str, Tensor]],
+    anchor: LoraState | None,
+    base_config: dict[str, Any],
+) -> Callable[[int], RecordDict]:
+    """What each sampled node is sent: its user's start, correction and the scheme's anchor."""
+
+    def content(node: int) -> RecordDict:
+        user = sampled[node]
+        start = starts[user]
+        config = ConfigRecord(
+            {**base_config, "user-id": user, "lora-config": json.dumps(start.config)}
+        )
+        records = _nodes(fed).content(config)
+        records[m.LORA] = m.lora_record(start)
+        if corrections.get(user):
+            records[m.CORRECTION] = m.tensors_record(corrections[user])
+        if anchor is not None:
+            records[m.ANCHOR] = m.lora_record(anchor)
+        return records
+
+    return content
 
 
 def _corrections(

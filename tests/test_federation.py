@@ -27,7 +27,7 @@ from server.config import FederationConfig
 from server.selection import choose
 from server.server_app import server_app
 from server.store import RunFolder
-from soppu import messages
+from soppu import api, messages
 from soppu.cli import app as cli
 from soppu.emulator import read_info
 
@@ -183,6 +183,17 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     assert "rank 32, 8-bit storage" in result.output
     manifest = json.loads((run.compressed / "v0003" / "manifest.json").read_text())
     assert (manifest["config"]["rank"], manifest["config"]["bits"]) == (32, 8)
+
+    # The same through the Python API: a compression round with the run's own settings, the
+    # final evaluation again (the same figures: the same text, adapters and model), the report.
+    version = api.compress_run(run.root)
+    assert version.root.name == "v0004" and (run.serving / "current").resolve() == version.root
+    assert version.users() == USERS and version.manifest["compression"]["rank"] == 32
+    again = api.evaluate(run.root, log=lambda line: None)
+    assert [(r["user"], r["base"], r["personal"]) for r in again["users"]] == [
+        (r["user"], r["base"], r["personal"]) for r in evaluation["users"]
+    ]
+    assert api.report(run.serving)["totals"]["users"] == 4
 
 
 def _after_round_one_committed() -> None:

@@ -2,7 +2,8 @@
 must not (at the top of the file or inside a function alike).
 
     compression/   pure tensors: imports no project package
-    soppu/         shared by every side: imports neither server/ nor clients/ (its cli/ may)
+    soppu/         shared by every side: imports neither server/ nor clients/ (its entry
+                   points, cli/ and api.py, may)
     clients/       the Flower ClientApp: imports soppu/ only
     server/        the Flower ServerApp and what runs on the server: never clients/
 
@@ -50,9 +51,12 @@ def modules() -> list[Path]:
     return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
 
 
+ENTRY_POINTS = (("soppu", "cli"), ("soppu", "api.py"), ("soppu", "__main__.py"))  # on top
+
+
 def owner(path: Path) -> str:
     parts = path.relative_to(ROOT).parts
-    return "soppu.cli" if parts[:2] == ("soppu", "cli") else parts[0]
+    return "soppu.cli" if parts[:2] in ENTRY_POINTS else parts[0]
 
 
 def layer(name: str) -> int | None:
@@ -78,8 +82,15 @@ def test_no_module_imports_what_its_layer_must_not(path):
         assert not upward, f"soppu/{path.name} (layer {mine}) imports higher layers {upward}"
 
 
+def test_nothing_imports_the_entry_points():
+    for path in modules():
+        if owner(path) != "soppu.cli":
+            entry = sorted(n for n in imports(path) if n.startswith(("soppu.cli", "soppu.api")))
+            assert not entry, f"{path.relative_to(ROOT)} imports the entry points {entry}"
+
+
 def test_every_soppu_module_has_one_layer():
-    stems = {p.stem for p in (ROOT / "soppu").glob("*.py")} - {"__init__", "__main__"}
+    stems = {p.stem for p in (ROOT / "soppu").glob("*.py")} - {"__init__", "__main__", "api"}
     placed = [name for members in SOPPU_LAYERS for name in members]
     assert sorted(placed) == sorted(set(placed))  # none twice
     assert stems == set(placed), f"unplaced: {stems - set(placed)}; gone: {set(placed) - stems}"

@@ -126,7 +126,7 @@ def compress(
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
     # Long for a reason: most of its lines are the option list typer reads from the signature.
     from compression.compress import CompressionConfig
-    from server.compress_store import compress_adapters
+    from soppu import api
     from soppu.adapter_sets import discover
 
     set_threads(threads)
@@ -157,17 +157,11 @@ def compress(
             return
         if not inputs or out is None:
             raise ValueError("give INPUTS and --out (or --run RUN)")
-        paths = discover(inputs)
-        console.print(f"compressing {len(paths)} users' adapters → [bold]{shown(out)}[/]")
+        console.print(
+            f"compressing {len(discover(inputs))} users' adapters → [bold]{shown(out)}[/]"
+        )
         with progress_bar("compress") as progress:
-            compress_adapters(
-                paths,
-                out,
-                config,
-                progress=progress,
-                replace=overwrite,
-                source={"inputs": [str(p) for p in inputs]},
-            )
+            api.compress(inputs, out, config, overwrite=overwrite, progress=progress)
     print_report(json.loads((out / "report" / "report.json").read_text()))
     console.print(f"store: [bold]{shown(out)}[/]  report: [bold]{shown(out / 'report')}[/]")
 
@@ -239,23 +233,23 @@ def add(
 ) -> None:
     """Add users to a store: their cores on its bases, their errors and the drift reported."""
     # No refit unless a slot's drift passes --refit-above: the old users' cores stay as they are.
-    from server.add_users import add_adapters
+    from soppu import api
     from soppu.adapter_sets import discover
 
     set_threads(threads)
     with clear_errors():
-        paths = discover(inputs)
-        old = discover(originals) if originals else None
-        console.print(f"adding {len(paths)} users to {shown(store)} → [bold]{shown(out)}[/]")
+        console.print(
+            f"adding {len(discover(inputs))} users to {shown(store)} → [bold]{shown(out)}[/]"
+        )
         with progress_bar("add") as progress:
-            manifest = add_adapters(
+            manifest = api.add(
                 store,
-                paths,
+                inputs,
                 out,
                 refit_above=refit_above,
-                originals=old,
+                originals=originals,
                 progress=progress,
-                replace=overwrite,
+                overwrite=overwrite,
             )
     print_report(json.loads((out / "report" / "report.json").read_text()))
     added = manifest["added"]
@@ -286,19 +280,18 @@ def publish(
     threads: ThreadsOpt = None,
 ) -> None:
     """Write the next serving version (one PEFT dir per user) and switch `current` to it."""
-    from server.publish import publish as publish_store
-    from server.versions import ServingVersion
+    from soppu import api
 
     set_threads(threads)
     with clear_errors(), progress_bar("publish") as progress:
-        version = publish_store(
+        version = api.publish(
             store, to, export_rank=export_rank, num_layers=num_layers, progress=progress
         )
-    manifest = ServingVersion(version).manifest
+    manifest = version.manifest
     exact = "exact" if manifest["export_exact"] else "truncated"
     console.print(
-        f"published [bold]{shown(version)}[/] ({len(manifest['users'])} users, rank "
-        f"{manifest['export_rank']}, {exact}); {shown(to / 'current')} → {version.name}"
+        f"published [bold]{shown(version.root)}[/] ({len(manifest['users'])} users, rank "
+        f"{manifest['export_rank']}, {exact}); {shown(to / 'current')} → {version.root.name}"
     )
 
 
@@ -308,25 +301,14 @@ def report(
 ) -> None:
     """Print the per-layer reconstruction-error table; write JSON, CSV, Markdown and PNG."""
     from compression.report import write_report
+    from soppu import api
 
     with clear_errors():
-        source = _report_dir(path)
-        try:
-            data = json.loads((source / "report.json").read_text())
-            data["slots"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{source / 'report.json'}: not a SOPPU report ({exc})") from None
-        target = out or source
+        data = api.report(path)
+        target = out or api.report_dir(path)
         files = write_report(data, target)
     print_report(data)
     console.print("wrote " + ", ".join(str(f) for f in files))
-
-
-def _report_dir(path: Path) -> Path:
-    for candidate in (path / "report", path / "current" / "report", path):
-        if (candidate / "report.json").is_file():
-            return candidate
-    raise ValueError(f"{path}: no report.json (expected a store, a serving dir or a version)")
 
 
 def inspect(path: Annotated[Path, typer.Argument(help="Adapter dir(s), store or serving dir.")]):

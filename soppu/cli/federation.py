@@ -7,8 +7,6 @@ the flags are derived from FederationConfig's fields and their help (server/conf
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -86,46 +84,14 @@ def _simulate_command() -> Callable[..., None]:
 
 
 def _simulate(config, resume: bool, client_cpus: float) -> None:
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
+    from soppu import api
 
-    from clients.client_app import app as client_app
-    from server.prepare_run import choose_users, resolve_config
-    from server.server_app import server_app
-    from server.store import RunFolder
-    from soppu.basemodel import quiet_libraries
-
-    quiet_libraries()
-    logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
-    config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
-    nodes = len(choose_users(config))
-    console.print(
-        f"simulating [bold]{nodes}[/] users × {config.rounds} rounds → "
-        f"[bold]{shown(config.run_dir)}[/]"
+    api.simulate(
+        config,
+        resume=resume,
+        client_cpus=client_cpus,
+        log=lambda line: console.print(line, highlight=False),
     )
-    run_simulation(
-        server_app(config, resume=resume, log=lambda line: console.print(line, highlight=False)),
-        client_app,
-        num_supernodes=nodes,
-        backend_config={
-            "client_resources": {"num_cpus": client_cpus, "num_gpus": config.client_gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
-    )
-    if not RunFolder(Path(config.run_dir)).state_file.is_file():
-        raise RuntimeError(f"the federation in {config.run_dir} stopped before any round")
-
-
-class _NoRunSimulationDeprecation(logging.Filter):
-    """`run_simulation` is what lets one command run the apps in-process with a config of its
-    own; `flwr run .` is the documented alternative, so its deprecation notice is noise here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            str(record.msg).startswith("DEPRECATED FEATURE")
-            and "run_simulation" in str(record.args)
-        )
 
 
 def _print_results(root: Path) -> None:

@@ -145,8 +145,8 @@ def run_soppu(
     """SOPPU's engine, one call per group (a module, or all 128 deltas). Stored numbers count
     bytes / 4 (float32 equivalents), so quantised stores are charged what they really take;
     with clusters (0: chosen per slot at the one-basis budget) each cluster's fit counts."""
-    from compression import CompressionConfig, LoRAFactors, compress_slot
-    from compression.compress import cluster_slot
+    from soppu.compression import CompressionConfig, LoRAFactors, compress_slot
+    from soppu.compression.compress import cluster_slot
 
     # personal_error=False: the seed and the peers measure nothing extra, so neither do we.
     config = CompressionConfig(
@@ -185,8 +185,8 @@ def run_soppu(
 def _hosvd_seconds(users: list[User], group: str, rank: int) -> float:
     """Time of the engine's HOSVD start alone (canonical form + both spectra), to explain
     where its time goes; measured separately, outside the timed call."""
-    from compression.factors import LoRAFactors, canonicalize
-    from compression.joint import hosvd_spectra, user_weights
+    from soppu.compression.factors import LoRAFactors, canonicalize
+    from soppu.compression.joint import hosvd_spectra, user_weights
 
     seconds = 0.0
     for keys in _soppu_groups(users, group):
@@ -342,7 +342,7 @@ def run_task(task: Task) -> dict[str, Any]:
 
 def _import_for(key: str) -> None:
     """Import the method's packages before the memory baseline: import cost is not the method's."""
-    import compression  # noqa: F401
+    import soppu.compression  # noqa: F401
 
     if key == "lorashare":
         import lorashare  # noqa: F401
@@ -695,7 +695,7 @@ def _speed_why(report: dict[str, Any]) -> str:
         f"- **Speed.** SOPPU is {min(speedups):.0f}–{max(speedups):.0f}× faster than the seed "
         f"loop at equal error and storage; ≥ 100× in {sum(x >= 100 for x in speedups)} of "
         f"{len(rows)} rows. Its HOSVD start (canonical form plus the exact or iterative "
-        "spectra of the stacked factors, compression/spectrum.py) is "
+        "spectra of the stacked factors, soppu/compression/spectrum.py) is "
         f"{min(share):.0%}–{max(share):.0%} of its time in these rows (timed separately, so "
         "shares are approximate); the iterations themselves are cheap. And at this size "
         f"(d = 896, {report['config']['users'] * 4} deltas) the seed's dense loop costs only "
@@ -756,7 +756,7 @@ def engine_fingerprint() -> dict[str, str]:
     import hashlib
     import subprocess
 
-    import compression
+    from soppu import compression
 
     folder = Path(compression.__file__).parent
     digest = hashlib.sha256()
@@ -865,8 +865,8 @@ def held_out_rows(case: str, n_users: int) -> list[dict[str, Any]]:
     """Compress N−1 users, project the N-th onto their bases (`soppu add`'s projection), and
     compare its error with the one it gets when compressed together with everyone: a basis
     that only carries what the population shares shows it here."""
-    from compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
-    from compression.project import project_full
+    from soppu.compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
+    from soppu.compression.project import project_full
 
     users = load_users(case, n_users)
     n_users = len(users)  # a federation's store may hold fewer
@@ -946,7 +946,7 @@ EXACT_USERS = 12
 
 def exactness_rows() -> list[dict[str, Any]]:
     """Every shape is exact once each side keeps all it spans, whatever the users' ranks."""
-    from compression import CompressionConfig, LoRAFactors, compress_slot
+    from soppu.compression import CompressionConfig, LoRAFactors, compress_slot
 
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -46,8 +46,8 @@ CASES = {
 CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
-from compression import CompressionConfig
-from server.compress_store import compress_adapters
+from soppu.compression import CompressionConfig
+from soppu.server.compress_store import compress_adapters
 from soppu.adapter_sets import discover
 start = time.perf_counter()
 paths = discover([sys.argv[1]])
@@ -60,9 +60,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "totals": manifest["to
 ADD_CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
-from server.add_users import add_adapters
+from soppu.server.add_users import add_adapters
 from soppu.adapter_sets import discover
-import compression.plots  # the report's figures: matplotlib's import (~0.6 s) is an import too
+import soppu.compression.plots  # the report's figures: matplotlib's import (~0.6 s) counts too
 paths = discover([sys.argv[2]])
 start = time.perf_counter()
 manifest = add_adapters(sys.argv[1], paths, sys.argv[3], replace=True)

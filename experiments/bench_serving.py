@@ -43,9 +43,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def build_serving(root: Path, users: int, rank: int) -> Path:
-    from compression.compress import CompressionConfig
-    from server.compression_round import compress_and_publish
     from soppu.adapter_sets import discover
+    from soppu.compression.compress import CompressionConfig
+    from soppu.server.compression_round import compress_and_publish
     from soppu.synthetic import PopulationSpec, write_population
 
     write_population(PopulationSpec(users, 30), root / "adapters")
@@ -72,7 +72,7 @@ Timed = tuple[float, int]  # (seconds, tokens really generated)
 
 def run_engine(engine, jobs, tokens: int) -> Timed:
     """Every job at once; EOS ignored, as PEFT's min_new_tokens does on the other side."""
-    from server.serving.engine import Request, Sampling
+    from soppu.server.serving.engine import Request, Sampling
 
     done = [threading.Event() for _ in jobs]
     requests = [
@@ -112,7 +112,7 @@ def peft_switching(model, jobs, tokens: int, pad: int) -> Timed:
 
 
 def peft_mixed(model, jobs, tokens: int, pad: int) -> Timed:
-    from server.serving.engine import left_padded
+    from soppu.server.serving.engine import left_padded
 
     ids, mask = left_padded([p for p, _ in jobs], pad)
     began = time.perf_counter()
@@ -148,7 +148,7 @@ def load_test(version_root: Path, clients: int, count: int, tokens: int, users: 
     import requests
     import uvicorn
 
-    from server.serving.runner import build
+    from soppu.server.serving.runner import build
 
     app, _ = build(version_root, max_wait=0.01)
     with socket.socket() as sock:
@@ -217,9 +217,9 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from server.serving.engine import Engine
-    from server.serving.shared_weights import SharedAdapters, load_shared
     from soppu import basemodel
+    from soppu.server.serving.engine import Engine
+    from soppu.server.serving.shared_weights import SharedAdapters, load_shared
 
     root = Path(tempfile.mkdtemp(prefix="soppu-serving-bench-"))
     version = build_serving(root, args.users, args.rank)

@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, Judge, _shares
 
-from compression.compress import CompressionConfig, compress_slot
-from compression.factors import LoRAFactors
-from server.store import RunFolder
 from soppu import atomic
 from soppu.adapters import LoraState, read_adapter
+from soppu.compression.compress import CompressionConfig, compress_slot
+from soppu.compression.factors import LoRAFactors
+from soppu.server.store import RunFolder
 
 Factors = dict[str, LoRAFactors]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, sweep_configs
 
-from compression.compress import CompressionConfig
-from server.config import FederationConfig
-from server.prepare_run import stored_config
-from server.store import RunFolder
 from soppu import atomic
+from soppu.compression.compress import CompressionConfig
+from soppu.server.config import FederationConfig
+from soppu.server.prepare_run import stored_config
+from soppu.server.store import RunFolder
 
 CANDIDATES = [(0.9, 32), (0.97, 8), (0.98, 8), (0.99, 8)]
 

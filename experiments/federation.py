@@ -116,7 +116,7 @@ def peak_tree_memory(child: subprocess.Popen, every: float = 1.0) -> int:
 def launch_unless_finished(args: argparse.Namespace, run: Path, extra: list[str]) -> float | None:
     """`launch` into `run` unless an earlier launch finished it (then None: no new timing), so
     a long comparison resumes where it stopped; an unfinished run is never reused."""
-    from server.store import RunFolder
+    from soppu.server.store import RunFolder
 
     if RunFolder(run).evaluation.is_file():
         return None
@@ -126,8 +126,8 @@ def launch_unless_finished(args: argparse.Namespace, run: Path, extra: list[str]
 
 
 def analyse(run: Path, workers: int) -> dict:
-    from server.store import RunFolder
-    from server.versions import Versions
+    from soppu.server.store import RunFolder
+    from soppu.server.versions import Versions
 
     folder = RunFolder(run)
     evaluation = json.loads(folder.evaluation.read_text())
@@ -176,7 +176,7 @@ def sweep(
 ) -> list[dict]:
     """Storage ratio and share of gain kept at other shared ranks (and storage bits), on the
     same adapters."""
-    from compression.compress import CompressionConfig
+    from soppu.compression.compress import CompressionConfig
 
     configs = [CompressionConfig(rank=r, bits=b) for b in bits for r in ranks]
     return sweep_configs(run, configs, max_eval_tokens)
@@ -187,9 +187,9 @@ class Judge:
     for the same users against the run's own evaluation (base, global, personal)."""
 
     def __init__(self, run: Path, max_eval_tokens: int):
-        from server.prepare_run import choose_users, stored_config
-        from server.store import RunFolder
         from soppu import basemodel
+        from soppu.server.prepare_run import choose_users, stored_config
+        from soppu.server.store import RunFolder
 
         folder = RunFolder(run)
         self.config = stored_config(folder)
@@ -214,7 +214,7 @@ class Judge:
     def shares(self, lora_of) -> tuple[list[float], list[float]]:
         """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
         personal adapter's gain over the base, and over the global adapter."""
-        from server.evaluation import gain_kept
+        from soppu.server.evaluation import gain_kept
 
         kept, kept_over_global = [], []
         for user, row in self.evaluation.items():
@@ -231,9 +231,9 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
     per config the storage ratio and the shares of both gains the published adapters keep."""
     import shutil
 
-    from server.compression_round import compress_and_publish
-    from server.store import RunFolder, snapshot
     from soppu.adapters import read_lora
+    from soppu.server.compression_round import compress_and_publish
+    from soppu.server.store import RunFolder, snapshot
 
     judge = Judge(run, max_eval_tokens)
     scratch = run / "sweep"
@@ -287,7 +287,7 @@ def _shares(key: str, values: list[float]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    from server.evaluation import summary_lines
+    from soppu.server.evaluation import summary_lines
 
     s, c = result["summary"], result["compression"]
     lines = [

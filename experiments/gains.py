@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, analyse, launch_unless_finished, sweep
 from sweep_recipes import Recipe, cost
 
-from server.store import RunFolder
 from soppu import atomic
 from soppu.emulator import META_NAME
+from soppu.server.store import RunFolder
 
 MODES = ("emulator", "full")
 PRECISIONS = ("bf16", "fp32")

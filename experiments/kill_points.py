@@ -94,7 +94,7 @@ def versions_of(folder: Path) -> dict[str, dict[str, str]]:
 
 
 def store_complete(store: Path) -> bool:
-    from server.compressed_store import StoreError, read_manifest, verify
+    from soppu.server.compressed_store import StoreError, read_manifest, verify
 
     try:
         verify(store, read_manifest(store))

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, launch_unless_finished
 
-from server.store import RunFolder
 from soppu import atomic
+from soppu.server.store import RunFolder
 
 # name: (lr, schedule, warm-up steps), each round; every run passes all three
 SCHEDULES = {

@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, Judge
 
-from server.evaluation import relative_gain
-from server.prepare_run import public_for, round_correction, stored_config
-from server.store import RunFolder
 from soppu import atomic
 from soppu import emulator as E
 from soppu.personalize import personalize
+from soppu.server.evaluation import relative_gain
+from soppu.server.prepare_run import public_for, round_correction, stored_config
+from soppu.server.store import RunFolder
 
 
 def measure(run: Path, steps: int, lr: float | None = None, users: int | None = None) -> dict:

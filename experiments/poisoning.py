@@ -7,7 +7,7 @@ On a finished run (its emulator, its users, its global adapter as the round's st
 trains one more real round for every user on the emulator, twice with different data-order
 seeds (the honest run-to-run spread), with the gradient correction measured at the start as a
 round's server measures it. Then, with the scheme's own aggregation code
-(`server/schemes/aggregate.py`), for plain FedAvg and the robust mean:
+(`soppu/server/schemes/aggregate.py`), for plain FedAvg and the robust mean:
 
 - the distance of the global adapter to the honest-only one when 1 or 2 of the replies are
   hostile (update scaled ×1e4; noise of ±9.9e5 on every weight; num-examples claimed 1e12),
@@ -35,15 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, Judge, provenance
 
-from server.evaluation import relative_gain
-from server.federation import checked_metrics
-from server.prepare_run import public_for, round_correction, stored_config
-from server.schemes import Robustness, robust_mean
-from server.store import RunFolder
 from soppu import atomic
 from soppu import emulator as E
 from soppu.adapters import LoraState
 from soppu.personalize import personalize
+from soppu.server.evaluation import relative_gain
+from soppu.server.federation import checked_metrics
+from soppu.server.prepare_run import public_for, round_correction, stored_config
+from soppu.server.schemes import Robustness, robust_mean
+from soppu.server.store import RunFolder
 
 PLAIN = Robustness(clip=0, weight_cap=0)
 RULES = {  # side by side; the first is plain FedAvg

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, launch_unless_finished, provenance
 from populations import NAMES, prepare
 
-from server.store import RunFolder
 from soppu import atomic
 from soppu.public import default_public
+from soppu.server.store import RunFolder
 
 
 def run_name(args: argparse.Namespace, population: str, mode: str, public: str) -> Path:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from federation import RESULTS, RUNS, launch_unless_finished, provenance
 from populations import NAMES, prepare
 
-from server.store import RunFolder
 from soppu import atomic
+from soppu.server.store import RunFolder
 
 SCHEMES = ("fedavg-ft", "ditto", "fedsa", "local", "pass")
 REFERENCE = "fedavg-ft"  # whose global adapter every scheme is also compared with
@@ -92,10 +92,10 @@ def median_interval(points: list[float], seed: int = 0, resamples: int = 2000) -
 def score_population(runs: dict[str, Path]) -> dict[str, dict[str, dict]]:
     """Per scheme and user: the personal adapter's gain over fedavg-ft's global adapter, and
     local's, paired on the blocks the runs' evaluation scored."""
-    from server.intervals import paired_gain
-    from server.prepare_run import choose_users, stored_config
     from soppu import basemodel, lm
     from soppu.personalize import scored
+    from soppu.server.intervals import paired_gain
+    from soppu.server.prepare_run import choose_users, stored_config
 
     reference = RunFolder(runs[REFERENCE])
     config = stored_config(reference)

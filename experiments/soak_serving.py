@@ -77,9 +77,9 @@ def tiny_serving(root: Path, users: int) -> tuple[Path, Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import tiny_population, write_tiny_model, write_users
 
-    from compression.compress import CompressionConfig
-    from server.compress_store import compress_adapters
-    from server.compression_round import compress_and_publish
+    from soppu.compression.compress import CompressionConfig
+    from soppu.server.compress_store import compress_adapters
+    from soppu.server.compression_round import compress_and_publish
 
     model = write_tiny_model(root / "model", layers=2)
     population = tiny_population(users + 2, k=4, layers=2)
@@ -106,7 +106,7 @@ def start_server(serving: Path, base_model: str | None, max_batch: int, max_wait
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import free_port
 
-    from server.serving.runner import build
+    from soppu.server.serving.runner import build
 
     app, engine = build(serving, base_model, max_batch=max_batch, max_wait=max_wait)
     port = free_port()
@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "soak_serving.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from server.publish import publish
+    from soppu.server.publish import publish
 
     root = Path(tempfile.mkdtemp(prefix="soppu-soak-"))
     if args.serving:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compression import CompressionConfig
-from server.config import FederationConfig
-from server.store import RunFolder
-from server.versions import ServingVersion
+from soppu.compression import CompressionConfig
+from soppu.server.config import FederationConfig
+from soppu.server.store import RunFolder
+from soppu.server.versions import ServingVersion
 
 __all__ = [
     "CompressionConfig",
@@ -58,7 +58,7 @@ class Run:
     @property
     def serving(self) -> ServingVersion:
         """The version its users are served from now."""
-        from server.versions import Versions
+        from soppu.server.versions import Versions
 
         return ServingVersion(Versions(self.folder.serving).require_current())
 
@@ -76,10 +76,10 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from server.prepare_run import choose_users, resolve_config
-    from server.server_app import server_app
     from soppu.basemodel import quiet_libraries
+    from soppu.clients.client_app import app as client_app
+    from soppu.server.prepare_run import choose_users, resolve_config
+    from soppu.server.server_app import server_app
 
     quiet_libraries()
     logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
@@ -111,7 +111,7 @@ def compress(
 ) -> dict[str, Any]:
     """Jointly compress PEFT adapter dirs into the store `out`; returns its manifest. `inputs`:
     user → dir, or dirs and folders of them (each user named by their dir)."""
-    from server.compress_store import compress_adapters
+    from soppu.server.compress_store import compress_adapters
 
     paths, given = _adapter_paths(inputs)
     return compress_adapters(
@@ -132,7 +132,7 @@ def add(
     """`store` with new users put onto its bases (a slot they drift from past `refit_above`
     is refit, from the old users' `originals` or the adapters the store recorded) written to
     `out`; returns the new manifest."""
-    from server.add_users import add_adapters
+    from soppu.server.add_users import add_adapters
 
     paths, _ = _adapter_paths(inputs)
     return add_adapters(
@@ -156,7 +156,7 @@ def publish(
 ) -> ServingVersion:
     """Write the next serving version of `store` (one PEFT dir per user) and switch `current`
     to it."""
-    from server.publish import publish as publish_store
+    from soppu.server.publish import publish as publish_store
 
     return ServingVersion(
         publish_store(
@@ -174,8 +174,8 @@ def compress_run(
 ) -> ServingVersion:
     """A compression round for every user of a federation's store (stopped or running), with
     the run's own compression settings unless `config` is given; returns the new version."""
-    from server.compression_round import compress_run as compress_round
-    from server.prepare_run import stored_config
+    from soppu.server.compression_round import compress_run as compress_round
+    from soppu.server.prepare_run import stored_config
 
     folder = RunFolder(Path(run))
     settings = stored_config(folder)
@@ -191,8 +191,8 @@ def compress_run(
 def evaluate(run: str | Path, *, log: Log = print) -> dict[str, Any]:
     """Evaluate a run's users again on the full model (what `simulate` does at its end):
     base, global, personal and published adapters, with paired intervals."""
-    from server.evaluation import evaluate_run
-    from server.prepare_run import choose_users, load_base, stored_config
+    from soppu.server.evaluation import evaluate_run
+    from soppu.server.prepare_run import choose_users, load_base, stored_config
 
     folder = RunFolder(Path(run))
     config = stored_config(folder)

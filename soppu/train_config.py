@@ -1,6 +1,6 @@
 """How one user's LoRA is trained: the settings, their defaults and their help, in a module
 light enough for the command line to read without torch (`soppu personalize`'s training flags
-are derived from it; a federation's come from `server/config.py`)."""
+are derived from it; a federation's come from `soppu/server/config.py`)."""
 
 from __future__ import annotations
 

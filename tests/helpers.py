@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from compression import LoRAFactors
 from soppu.adapters import LoraState, lora_config, write_lora
+from soppu.compression import LoRAFactors
 
 
 def random_factors(
@@ -160,8 +160,8 @@ def make_served(root: Path) -> tuple[Path, Path]:
     paths = write_users(
         root / "adapters", tiny_population(4, k=4, layers=2), rank=4, alpha=8, base_model=str(model)
     )
-    from compression import CompressionConfig
-    from server.compression_round import compress_and_publish
+    from soppu.compression import CompressionConfig
+    from soppu.server.compression_round import compress_and_publish
 
     compress_and_publish(paths, root / "store", root / "serving", CompressionConfig(rank=16))
     return root, model

@@ -13,12 +13,12 @@ from helpers import tiny_population, write_users
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from compression import CompressionConfig
-from server.add_users import add_adapters
-from server.compress_store import compress_adapters
-from server.compressed_store import StoredSlot, read_manifest
 from soppu.adapters import AdapterError
 from soppu.cli import app
+from soppu.compression import CompressionConfig
+from soppu.server.add_users import add_adapters
+from soppu.server.compress_store import compress_adapters
+from soppu.server.compressed_store import StoredSlot, read_manifest
 
 
 def _digest(folder):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from helpers import tiny_population, write_users
 
-from compression import CompressionConfig
-from server.compress_store import compress_adapters
-from server.publish import publish
-from server.versions import Versions
 from soppu import atomic
+from soppu.compression import CompressionConfig
+from soppu.server.compress_store import compress_adapters
+from soppu.server.publish import publish
+from soppu.server.versions import Versions
 
 ROOT = Path(__file__).parents[1]
 

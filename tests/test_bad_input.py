@@ -14,10 +14,10 @@ from helpers import tiny_population, write_users
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from compression import CompressionConfig
-from server.compress_store import compress_adapters
-from server.publish import publish
 from soppu.cli import app
+from soppu.compression import CompressionConfig
+from soppu.server.compress_store import compress_adapters
+from soppu.server.publish import publish
 
 
 def checksums(root: Path) -> dict[str, str]:
@@ -328,14 +328,14 @@ def test_a_full_disk_is_one_line_and_nothing_changes(world, tmp_path, monkeypatc
     half-written, the existing store and serving dir as they were."""
     import errno
 
-    import server.compressed_store
+    from soppu.server import compressed_store
 
     before = checksums(world)
 
     def full(tensors, filename, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(server.compressed_store, "save_file", full)  # what writes slot files
+    monkeypatch.setattr(compressed_store, "save_file", full)  # what writes slot files
     for target in (tmp_path / "new-store", world / "store"):
         extra = ("--overwrite",) if target.exists() else ()
         code, output, exc = run_cli(

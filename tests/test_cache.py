@@ -12,10 +12,10 @@ import pytest
 from helpers import write_tiny_model, write_users_jsonl
 from typer.testing import CliRunner
 
-from server.config import FederationConfig
-from server.prepare_run import load_base, prepare
 from soppu import cache
 from soppu.cli import app
+from soppu.server.config import FederationConfig
+from soppu.server.prepare_run import load_base, prepare
 
 
 @pytest.fixture

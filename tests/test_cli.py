@@ -8,10 +8,10 @@ import pytest
 from helpers import tiny_population, write_users
 from typer.testing import CliRunner
 
-from compression import CompressionConfig
-from server.compress_store import compress_adapters
 from soppu.adapters import AdapterInfo
 from soppu.cli import app
+from soppu.compression import CompressionConfig
+from soppu.server.compress_store import compress_adapters
 
 runner = CliRunner()
 
@@ -128,7 +128,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
 def test_compression_reads_every_tensor_once(tmp_path, monkeypatch, budget):
     """Each (user, module) is read exactly once, NaN check included, with one open of a
     user's file per chunk of slots; a chunk too big for the budget is read lazily."""
-    from server import compress_store
+    from soppu.server import compress_store
 
     paths = write_users(tmp_path, tiny_population(4, layers=3), rank=4, alpha=4)
     opens, reads = [], []

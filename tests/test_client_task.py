@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers import tiny_causal_lm
 
-from clients import task
-from server.prepare_run import emulator_message
 from soppu import messages
+from soppu.clients import task
 from soppu.data import DataError, DataOptions
 from soppu.emulator import EmulatorError, EmulatorPlan, build, save
+from soppu.server.prepare_run import emulator_message
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import pytest
 import torch
 from helpers import random_factors, tiny_causal_lm, tiny_population, write_users
 
-from compression import CompressionConfig, compress_slot
-from compression.compress import cluster_slot
-from server.add_users import add_adapters
-from server.compress_store import compress_adapters
-from server.publish import publish
-from server.serving.shared_lora import batch_users, install
-from server.serving.shared_weights import load_shared
+from soppu.compression import CompressionConfig, compress_slot
+from soppu.compression.compress import cluster_slot
+from soppu.server.add_users import add_adapters
+from soppu.server.compress_store import compress_adapters
+from soppu.server.publish import publish
+from soppu.server.serving.shared_lora import batch_users, install
+from soppu.server.serving.shared_weights import load_shared
 
 
 def two_groups(count: int = 6, m: int = 40, n: int = 36, k: int = 3, shared: int = 5):
@@ -106,9 +106,9 @@ def test_bad_cluster_counts_are_refused(bad):
 def test_each_clusters_result_is_fitted_on_its_own_members_even_when_moves_do_not_settle():
     """One reassignment round only: the results must still be the fits of the final labels
     (a result over other users would serve one user another's core)."""
-    from compression.clusters import fit_clusters, subset
-    from compression.compress import fit_stack
-    from compression.factors import canonicalize
+    from soppu.compression.clusters import fit_clusters, subset
+    from soppu.compression.compress import fit_stack
+    from soppu.compression.factors import canonicalize
 
     items = two_groups()
     items = items[::2] + items[1::2]  # interleaved, so the seeded start is not the answer

@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import random_factors
 
-from compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
-from compression import spectrum as spectrum_module
-from compression.joint import hosvd_spectra, user_weights
-from compression.spectrum import top_eigen
+from soppu.compression import CompressionConfig, LoRAFactors, canonicalize, compress_slot
+from soppu.compression import spectrum as spectrum_module
+from soppu.compression.joint import hosvd_spectra, user_weights
+from soppu.compression.spectrum import top_eigen
 
 
 def dense_errors(items, result):

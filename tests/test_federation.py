@@ -22,14 +22,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from clients import client_app, task
-from server.config import FederationConfig
-from server.selection import choose
-from server.server_app import server_app
-from server.store import RunFolder
 from soppu import api, messages
 from soppu.cli import app as cli
+from soppu.clients import client_app, task
 from soppu.emulator import read_info
+from soppu.server.config import FederationConfig
+from soppu.server.selection import choose
+from soppu.server.server_app import server_app
+from soppu.server.store import RunFolder
 
 USERS = [f"user{i}" for i in range(4)]
 
@@ -322,7 +322,7 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     """Ditto end to end: every client trains a shared copy from the global adapter and its own
     adapter pulled towards it; the next global adapter is the average of the shared copies
     (not of what users keep), and every user's published adapter is what they are served."""
-    from server.schemes import Robustness, robust_mean
+    from soppu.server.schemes import Robustness, robust_mean
 
     config = tiny_config(world, "run-ditto", scheme="ditto", prox=0.5, final_evaluation=False)
     lines = simulate(config)

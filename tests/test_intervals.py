@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from server.intervals import Gain, paired_gain
+from soppu.server.intervals import Gain, paired_gain
 
 
 def test_two_blocks_give_the_hand_computed_bootstrap():
@@ -54,7 +54,7 @@ def test_the_same_seed_gives_the_same_interval_and_bad_shapes_are_refused():
 def test_score_advice_takes_only_significant_wins():
     """The deployment-side advice (`soppu score`): a model significantly better than the
     reference is used, one better by noise is not, and the lowest loss wins among them."""
-    from server.serving.scoring import Scored, compare
+    from soppu.server.serving.scoring import Scored, compare
 
     tokens = torch.full((40,), 100)
     noise = torch.linspace(-1, 1, 40, dtype=torch.float64)

@@ -155,7 +155,7 @@ def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
     """A federation's round r trains on the batches after rounds 1..r-1's: with 10 blocks,
     2 per step and 3 steps a round, two rounds see every block, where two rounds drawn
     from the start would both see the same 6."""
-    from server.config import FederationConfig
+    from soppu.server.config import FederationConfig
 
     blocks = [torch.full((4,), i) for i in range(10)]
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import tiny_causal_lm, tiny_tokenizer
 
-from server.config import FederationConfig
 from soppu import emulator as E
 from soppu import lm, precision
 from soppu.alignment import AlignConfig, align
 from soppu.personalize import TrainConfig, fresh_lora, train_lora
+from soppu.server.config import FederationConfig
 
 TEXT = "\n".join(f"line {i}: to be, or not to be, that is the question" for i in range(30))
 CONFIG = TrainConfig(steps=3, lr=1e-2, batch_size=2, seq_len=32, rank=4, alpha=8)

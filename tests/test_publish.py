@@ -9,12 +9,12 @@ import torch
 from helpers import tiny_population, write_users
 from safetensors.torch import load_file
 
-from compression import CompressionConfig
-from server import publish as publish_module
-from server.compress_store import compress_adapters
-from server.compressed_store import StoredSlot, StoreError, read_manifest
-from server.publish import publish, verify_version
-from server.versions import ServingVersion, Versions
+from soppu.compression import CompressionConfig
+from soppu.server import publish as publish_module
+from soppu.server.compress_store import compress_adapters
+from soppu.server.compressed_store import StoredSlot, StoreError, read_manifest
+from soppu.server.publish import publish, verify_version
+from soppu.server.versions import ServingVersion, Versions
 
 
 @pytest.fixture

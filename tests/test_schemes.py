@@ -11,13 +11,13 @@ from helpers import tiny_causal_lm, tiny_tokenizer
 from test_personalize import CONFIG, TEXT
 from test_store import KEY_A, KEY_B, commit_round, lora
 
-from server.schemes import SCHEMES, Reply, Robustness, robust_mean, scheme_for
-from server.schemes.fedsa import is_shared
-from server.store import RoundStage, RunFolder
 from soppu import emulator as E
 from soppu import lm
 from soppu.adapters import LoraState
 from soppu.personalize import fresh_lora, train_lora
+from soppu.server.schemes import SCHEMES, Reply, Robustness, robust_mean, scheme_for
+from soppu.server.schemes.fedsa import is_shared
+from soppu.server.store import RoundStage, RunFolder
 
 USERS = ["alice", "bob", "carol"]
 
@@ -238,7 +238,7 @@ def test_a_replys_metrics_are_checked_before_they_weigh_anything(metrics, words)
     num-examples is missing, not whole or below 1 (a sum of 0 would crash the mean)."""
     from flwr.app import MetricRecord
 
-    from server.federation import checked_metrics
+    from soppu.server.federation import checked_metrics
 
     with pytest.raises(ValueError, match=words):
         checked_metrics(MetricRecord(metrics))

@@ -11,17 +11,17 @@ import torch
 from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
 
-from compression import CompressionConfig
-from server.compression_round import compress_run
-from server.evaluation import evaluate_run
-from server.federation import say_served
-from server.selection import choose, select_served
-from server.store import RunFolder
 from soppu import basemodel, lm
 from soppu.adapters import LoraState, write_lora
+from soppu.compression import CompressionConfig
 from soppu.data import DataOptions, load_users
 from soppu.emulator import EmulatorPlan, build, save
 from soppu.personalize import fresh_lora, train_lora
+from soppu.server.compression_round import compress_run
+from soppu.server.evaluation import evaluate_run
+from soppu.server.federation import say_served
+from soppu.server.selection import choose, select_served
+from soppu.server.store import RunFolder
 from soppu.train_config import TrainConfig
 
 

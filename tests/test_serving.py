@@ -24,13 +24,13 @@ from helpers import (
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compression.compress import CompressionConfig
-from server.compress_store import compress_adapters
-from server.publish import publish
-from server.serving.engine import Engine, Request, Sampling
-from server.serving.runner import build
-from server.serving.shared_lora import batch_users
-from server.serving.shared_weights import load_shared
+from soppu.compression.compress import CompressionConfig
+from soppu.server.compress_store import compress_adapters
+from soppu.server.publish import publish
+from soppu.server.serving.engine import Engine, Request, Sampling
+from soppu.server.serving.runner import build
+from soppu.server.serving.shared_lora import batch_users
+from soppu.server.serving.shared_weights import load_shared
 
 USERS = ["user00", "user01", "user02", "user03"]
 
@@ -481,8 +481,8 @@ def test_soppu_score_compares_a_users_adapter_with_the_base_on_their_text(server
     PEFT's on those blocks, the gain with its interval, and advice by the served-choice rule."""
     from typer.testing import CliRunner
 
-    from server.serving.scoring import blocks_of
     from soppu.cli import app
+    from soppu.server.serving.scoring import blocks_of
 
     url, serving, _ = server
     text = " ".join(["Whether tis nobler in the mind to suffer the slings and arrows"] * 12)

@@ -24,10 +24,10 @@ import uvicorn
 from helpers import free_port, make_served
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.serving import sampling
-from server.serving.engine import Engine, Request, Sampling
-from server.serving.runner import build
-from server.serving.shared_weights import load_shared
+from soppu.server.serving import sampling
+from soppu.server.serving.engine import Engine, Request, Sampling
+from soppu.server.serving.runner import build
+from soppu.server.serving.shared_weights import load_shared
 
 PATIENCE = 120  # seconds: what "soon" may take on a loaded machine; never reached if it works
 
@@ -394,9 +394,9 @@ def test_a_version_whose_files_changed_is_never_served(served, tmp_path):
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
-    from server.publish import publish
-    from server.serving.runner import build as build_app
     from soppu.cli import app
+    from soppu.server.publish import publish
+    from soppu.server.serving.runner import build as build_app
 
     root, model = served
     serving = tmp_path / "serving"

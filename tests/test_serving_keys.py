@@ -12,8 +12,8 @@ from helpers import lorax_client
 from test_serving_faults import live
 from typer.testing import CliRunner
 
-from server.serving.keys import KeysFile
 from soppu.cli import app
+from soppu.server.serving.keys import KeysFile
 
 
 @pytest.fixture(scope="module")

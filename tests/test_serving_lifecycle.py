@@ -29,11 +29,11 @@ from test_serving_faults import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compression.compress import CompressionConfig
-from server.compress_store import compress_adapters
-from server.publish import publish
-from server.serving.engine import Engine, VersionMisfit
-from server.serving.shared_weights import load_shared
+from soppu.compression.compress import CompressionConfig
+from soppu.server.compress_store import compress_adapters
+from soppu.server.publish import publish
+from soppu.server.serving.engine import Engine, VersionMisfit
+from soppu.server.serving.shared_weights import load_shared
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ import sys
 import torch
 torch.set_num_threads(1)
 if sys.argv[1] == "die":
-    from server.serving.engine import Engine
+    from soppu.server.serving.engine import Engine
     admit = Engine._admit
     def admit_then_die(self):
         if admitted := admit(self):

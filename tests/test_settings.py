@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from server.config import FLAGS, HELP, FederationConfig, flag
 from soppu.cli import app
 from soppu.cli import federation as cli_federation
+from soppu.server.config import FLAGS, HELP, FederationConfig, flag
 
 ROOT = Path(__file__).parents[1]
 
@@ -99,8 +99,8 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
         FederationConfig(layer_select=value)
     with pytest.raises(ValueError, match="threads must be ≥ 0"):
         FederationConfig(threads=-1)
-    from server.config import SCHEMES
-    from server.schemes import SCHEMES as IMPLEMENTED
+    from soppu.server.config import SCHEMES
+    from soppu.server.schemes import SCHEMES as IMPLEMENTED
 
     assert set(SCHEMES) == set(IMPLEMENTED)
     with pytest.raises(ValueError, match="scheme must be one of"):
@@ -150,7 +150,7 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
 
 
 def test_each_client_mode_trains_at_its_measured_lr_unless_one_is_given():
-    from server.config import MODE_SCHEDULES
+    from soppu.server.config import MODE_SCHEDULES
 
     for mode, (lr, schedule) in MODE_SCHEDULES.items():
         train = FederationConfig(client_mode=mode).train()

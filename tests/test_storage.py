@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers import random_factors, tiny_population, write_users
 
-from compression import CompressionConfig, compress_slot
-from compression.storage import Quantized, dequantize, quantize
-from server.compress_store import compress_adapters
-from server.compressed_store import StoredSlot, read_manifest
-from server.publish import publish
-from server.serving.shared_weights import load_shared
+from soppu.compression import CompressionConfig, compress_slot
+from soppu.compression.storage import Quantized, dequantize, quantize
+from soppu.server.compress_store import compress_adapters
+from soppu.server.compressed_store import StoredSlot, read_manifest
+from soppu.server.publish import publish
+from soppu.server.serving.shared_weights import load_shared
 
 
 @pytest.mark.parametrize("bits", [8, 4])

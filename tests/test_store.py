@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from server.config import FederationConfig
-from server.prepare_run import resolve_config
-from server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
 from soppu.adapters import AdapterError, LoraState, read_lora
+from soppu.server.config import FederationConfig
+from soppu.server.prepare_run import resolve_config
+from soppu.server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
 from soppu.userids import UnsafeUserId
 
 KEY_A = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"
@@ -155,9 +155,9 @@ def test_a_compression_round_adds_users_who_joined_and_recompresses_when_one_cha
     from helpers import tiny_causal_lm, tiny_population, write_users
     from safetensors.torch import load_file
 
-    from compression import CompressionConfig
-    from server.compression_round import compress_run
     from soppu import emulator as E
+    from soppu.compression import CompressionConfig
+    from soppu.server.compression_round import compress_run
 
     run = RunFolder(tmp_path / "run")
     E.save(

@@ -7,8 +7,8 @@ import json
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_store import commit_round
 
-from server.store import RunFolder
-from server.tracking import track
+from soppu.server.store import RunFolder
+from soppu.server.tracking import track
 
 
 def committed(tmp_path) -> RunFolder:

@@ -13,7 +13,7 @@ import typer
 from click.core import ParameterSource
 
 if TYPE_CHECKING:
-    from compression.compress import CompressionConfig
+    from soppu.compression.compress import CompressionConfig
 
 from soppu.cli.common import (
     ThreadsOpt,
@@ -125,9 +125,9 @@ def compress(
 ) -> None:
     """Jointly compress users' LoRA adapters into shared bases and per-user cores."""
     # Long for a reason: most of its lines are the option list typer reads from the signature.
-    from compression.compress import CompressionConfig
     from soppu import api
     from soppu.adapter_sets import discover
+    from soppu.compression.compress import CompressionConfig
 
     set_threads(threads)
     with clear_errors():
@@ -169,9 +169,9 @@ def compress(
 def _compress_run(
     run: Path, asked: CompressionConfig, export_rank: int | None, given: set[str]
 ) -> None:
-    from server.compression_round import compress_run
-    from server.prepare_run import stored_config
-    from server.store import RunFolder
+    from soppu.server.compression_round import compress_run
+    from soppu.server.prepare_run import stored_config
+    from soppu.server.store import RunFolder
 
     folder = RunFolder(run)
     if not folder.run_json.is_file():
@@ -300,8 +300,8 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Where to write (default PATH/report).")] = None,
 ) -> None:
     """Print the per-layer reconstruction-error table; write JSON, CSV, Markdown and PNG."""
-    from compression.report import write_report
     from soppu import api
+    from soppu.compression.report import write_report
 
     with clear_errors():
         data = api.report(path)
@@ -328,10 +328,10 @@ def demo(
     threads: ThreadsOpt = None,
 ) -> None:
     """The embedded default end to end: synthetic users → compress → publish → report."""
-    from compression.compress import CompressionConfig
-    from server.compression_round import compress_and_publish
-    from server.versions import Versions
     from soppu.adapter_sets import discover
+    from soppu.compression.compress import CompressionConfig
+    from soppu.server.compression_round import compress_and_publish
+    from soppu.server.versions import Versions
     from soppu.synthetic import PopulationSpec, write_population
 
     set_threads(threads)

@@ -1,7 +1,7 @@
 """`soppu simulate`: a federation on Flower's simulation engine, one virtual node per user.
 
 Config: FederationConfig's defaults → a TOML file of run-config keys (`--config`) → flags;
-the flags are derived from FederationConfig's fields and their help (server/config.py).
+the flags are derived from FederationConfig's fields and their help (soppu/server/config.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import typer
 from rich import box
 from rich.table import Table
 
-from server.config import HELP, flag
 from soppu.cli.common import (
     clear_errors,
     console,
@@ -27,6 +26,7 @@ from soppu.cli.common import (
     shown,
     with_signature,
 )
+from soppu.server.config import HELP, flag
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 def _simulate_command() -> Callable[..., None]:
     """`soppu simulate`, its flags derived from `FederationConfig` (name, default, help): a
     flag left out keeps the run's, the --config file's or the config's default, in that order."""
-    from server.config import FederationConfig
+    from soppu.server.config import FederationConfig
 
     def simulate(
         config_file: Path | None = None,
@@ -46,7 +46,7 @@ def _simulate_command() -> Callable[..., None]:
         **settings: Any,
     ) -> None:
         """Run a simulated federation: train every user's LoRA, compress, publish and report."""
-        from server.prepare_run import load_config
+        from soppu.server.prepare_run import load_config
 
         overrides = {k: v for k, v in settings.items() if v is not None}
         overrides.setdefault("run_dir", FederationConfig.run_dir)
@@ -95,8 +95,8 @@ def _simulate(config, resume: bool, client_cpus: float) -> None:
 
 
 def _print_results(root: Path) -> None:
-    from server.store import RunFolder
-    from server.versions import ServingVersion, Versions
+    from soppu.server.store import RunFolder
+    from soppu.server.versions import ServingVersion, Versions
 
     run = RunFolder(root)
     state = run.state()
@@ -119,7 +119,7 @@ def _print_results(root: Path) -> None:
 
 
 def print_evaluation(result: dict[str, Any]) -> None:
-    from server.evaluation import summary_lines
+    from soppu.server.evaluation import summary_lines
 
     # Fits 80 columns (any log): a light box, one-decimal perplexities, short headers
     # explained in the caption; a long user id folds instead of squeezing the numbers.
@@ -163,7 +163,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
 
 def _gain_cell(gain: dict[str, Any] | None) -> str:
     """The served gain with its interval, coloured by the verdict."""
-    from server.evaluation import gain_text
+    from soppu.server.evaluation import gain_text
 
     colour = {"better": "green", "worse": "red"}.get(gain["verdict"] if gain else "", "")
     text = gain_text(gain)

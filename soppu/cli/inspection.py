@@ -7,14 +7,14 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.compressed_store import FORMAT as STORE_FORMAT
-from server.compressed_store import MANIFEST, StoreError
-from server.publish import SERVING_FORMAT, verify_version
-from server.store import RunFolder
-from server.versions import Versions
 from soppu.adapter_sets import discover
 from soppu.adapters import CONFIG_NAME, AdapterError, read_adapter
 from soppu.cli.common import shown
+from soppu.server.compressed_store import FORMAT as STORE_FORMAT
+from soppu.server.compressed_store import MANIFEST, StoreError
+from soppu.server.publish import SERVING_FORMAT, verify_version
+from soppu.server.store import RunFolder
+from soppu.server.versions import Versions
 
 
 def describe(path: Path) -> Iterator[str]:

@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from server.config import HELP, FederationConfig, flag
 from soppu import atomic
 from soppu.cli.common import (
     BaseModelOpt,
@@ -27,6 +26,7 @@ from soppu.cli.common import (
     shown,
     with_flags,
 )
+from soppu.server.config import HELP, FederationConfig, flag
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
 

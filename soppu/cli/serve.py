@@ -31,7 +31,7 @@ ServingOpt = Annotated[
 
 
 def _keys_file(serving: Path | None, keys: Path | None):
-    from server.serving.keys import KeysFile
+    from soppu.server.serving.keys import KeysFile
 
     if keys is None and serving is None:
         raise ValueError("give --serving SERVING (its keys.json) or --keys FILE")
@@ -103,8 +103,8 @@ def serve(
     # U and V once per batch, Σ_i per row; a new version under `current` is swapped in without
     # dropping requests (one that does not fit the base model is refused, the old one kept);
     # exits 1 if the engine stops.
-    from server.serving.runner import build, run
     from soppu.basemodel import quiet_libraries
+    from soppu.server.serving.runner import build, run
 
     quiet_libraries()
     set_threads(threads)
@@ -157,8 +157,8 @@ def score(
     """Which adapter to use: score your own text on the server, each model against the base."""
     from rich.table import Table
 
-    from server.serving import scoring
     from soppu.cli.common import progress_bar
+    from soppu.server.serving import scoring
 
     with clear_errors():
         try:

@@ -1,0 +1,134 @@
+"""The compressed store on disk: shared bases and per-user cores, one safetensors file per slot.
+
+    <store>/manifest.json              config, users, slots (file, sha256, items), totals
+    <store>/slots/<slot>.safetensors   U, V and the cores of every (user, module) item
+    <store>/report/                    the reconstruction-error report
+
+Cores are kept in their cheapest exact form (`compression.storage.core_form`): `cores`
+(N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
+k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
+tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
+the tensors' shapes); reading dequantises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from soppu import atomic
+from soppu.atomic import sha256
+from soppu.compression.compress import SlotResult
+from soppu.compression.residuals import OrthoForm
+from soppu.compression.storage import SlotReader, SlotStorage
+from soppu.errors import SoppuError
+
+FORMAT = "soppu-compressed/1"
+MANIFEST = "manifest.json"
+_SAFE_SLOT = re.compile(r"^[\w.\-]+$")
+
+
+class StoreError(SoppuError, ValueError):
+    """A store that is missing, corrupt, or not a store; the message names the file."""
+
+
+def write_slot(directory: Path, name: str, result: SlotResult) -> dict[str, Any]:
+    """Save one slot's tensors; returns its manifest entry (file, checksum, form, bits)."""
+    return write_storage(directory, name, result.stored)
+
+
+def write_storage(directory: Path, name: str, stored: SlotStorage) -> dict[str, Any]:
+    if not _SAFE_SLOT.match(name):
+        raise StoreError(f"slot name {name!r} is not safe as a file name")
+    path = Path(directory) / "slots" / f"{name}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(stored.tensors(), path)
+    entry = {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": stored.form}
+    if stored.bits != 32:
+        entry |= {"bits": stored.bits, "shapes": stored.shapes()}
+    return entry
+
+
+def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
+    """Write a store's manifest (atomically), holding it to what `read_manifest` requires."""
+    _check_manifest(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
+    atomic.write_json(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
+
+
+def read_manifest(store: Path) -> dict[str, Any]:
+    path = Path(store) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"{path}: missing (is {store} a compressed store?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise StoreError(f"{path}: nested too deeply to be a store manifest") from None
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise StoreError(f"{path}: {key!r} missing or not a {kind.__name__}")
+    for i, slot in enumerate(manifest["slots"]):
+        missing = [k for k in _SLOT_KEYS if not isinstance(slot, dict) or k not in slot]
+        if missing:
+            raise StoreError(f"{path}: slots[{i}] lacks {', '.join(missing)}")
+
+
+_MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}
+_SLOT_KEYS = ("name", "file", "sha256", "items", "shape", "core_form", "max_core_rank")
+
+
+def verify(store: Path, manifest: dict[str, Any]) -> None:
+    """Every slot file present and matching its checksum."""
+    for slot in manifest["slots"]:
+        path = Path(store) / slot["file"]
+        if not path.is_file():
+            raise StoreError(f"{path}: missing")
+        if sha256(path) != slot["sha256"]:
+            raise StoreError(f"{path}: checksum mismatch (the file changed or is corrupt)")
+
+
+@dataclass
+class StoredSlot:
+    """One slot read back: orthonormal bases once, each item's core on demand."""
+
+    entry: dict[str, Any]
+    path: Path
+    form: OrthoForm  # Qu, Qv ready; cores read per item with `core`
+    reader: SlotReader  # items are memory-mapped, read (and dequantised) one at a time
+
+    @staticmethod
+    def open(store: Path, entry: dict[str, Any]) -> StoredSlot:
+        path = Path(store) / entry["file"]
+        try:
+            handle = safe_open(path, framework="pt")
+            reader = SlotReader(
+                entry["core_form"],
+                int(entry.get("bits", 32)),
+                handle.get_tensor,
+                entry.get("shapes", {}),
+                lambda name, i: handle.get_slice(name)[i : i + 1][0],
+            )
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"{path}: cannot read ({exc})") from exc
+        return StoredSlot(entry, path, OrthoForm(reader.Qu, reader.Qv, torch.empty(0)), reader)
+
+    def core(self, index: int) -> Tensor:
+        """Item `index`'s r_U × r_V core in the orthonormal bases (Qu, Qv)."""
+        return self.reader.core(index)

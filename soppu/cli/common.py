@@ -128,7 +128,11 @@ BaseModelOpt = Annotated[
 ]
 DataOpt = Annotated[
     str | None,
-    typer.Option("--data", help="JSONL/CSV/Parquet of users' text (default: Shakespeare roles)."),
+    typer.Option(
+        "--data",
+        help="Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION "
+        "(default: Shakespeare roles).",
+    ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]

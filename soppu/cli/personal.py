@@ -224,7 +224,7 @@ def personalize(
     # the training and data flags (`flags`) are derived (`_training_flags`, `data_flags`).
     from soppu import basemodel
     from soppu.adapters import read_lora, write_lora
-    from soppu.data import load_users, pick_user, resolve_data
+    from soppu.data import load_users, open_users, pick_user
     from soppu.personalize import personalize as run
     from soppu.public import default_public
 
@@ -239,7 +239,7 @@ def personalize(
         if client_mode not in ("emulator", "full"):
             raise ValueError(f"client mode {client_mode!r} is not one of emulator, full")
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
-        person = pick_user(load_users(data, options), user, str(resolve_data(data)))
+        person = pick_user(load_users(data, options), user, open_users(data).label)
         base = basemodel.load(base_model, device=_device(device))
         public = public or default_public(data)
         emu_model, info, texts = _emulator(emulator, base, client_mode, public, config.precision)

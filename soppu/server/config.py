@@ -283,7 +283,8 @@ FLAGS = {
 HELP = {
     "run_dir": "Run folder.",
     "base_model": "HF id or folder ('': the embedded SmolLM2-135M-Instruct).",
-    "data": "Users' text, JSONL/CSV/Parquet ('': the embedded Shakespeare roles).",
+    "data": "Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION "
+    "('': the embedded Shakespeare roles).",
     "users": "Users (nodes): those with the most text; 0: all.",
     "rounds": "Federated rounds.",
     "fraction_train": "Share of the users trained each round.",

@@ -201,3 +201,27 @@ def test_the_per_user_table_fits_80_columns_and_names_every_user(monkeypatch):
         assert label in header, header
     folded = "".join(line.split()[0] for line in table[2:] if line.split())
     assert all(u.replace(" ", "") in folded for u in users), folded
+
+
+def test_after_a_run_the_summary_lines_are_printed_once(monkeypatch):
+    """The server logs the evaluation's summary as it ends; the command's closing tables then
+    leave it out rather than print it twice."""
+    from soppu.cli import common
+    from soppu.cli.federation import print_evaluation
+    from soppu.server.evaluation import summary_lines
+
+    gain = {"point": 0.1, "low": 0.05, "high": 0.15, "verdict": "better"}
+    row = {"base": 10.0, "global": 9.0, "emulator": 12.0, "personal": 8.9, "compressed": 8.9}
+    summary = {"served_counts": {"personal": 1}, "helped": 1, "harmed": 0, "unchanged": 0}
+    result = {
+        "users": [{"user": "u", **row, "served": "personal", "gains": {"served_over_base": gain}}],
+        "summary": {**summary, "users": 1, "improved": 1},
+    }
+    first = summary_lines(result["summary"])[0]
+    monkeypatch.setattr(common.console, "width", 200)
+    with common.console.capture() as captured:
+        print_evaluation(result, summary=False)
+    assert first not in captured.get() and "gain [95%]" in captured.get()
+    with common.console.capture() as captured:
+        print_evaluation(result)
+    assert captured.get().count(first) == 1

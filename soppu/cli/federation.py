@@ -105,8 +105,8 @@ def _print_results(root: Path) -> None:
     report = current.report / "report.json"
     if report.is_file():
         print_report(json.loads(report.read_text()))
-    if run.evaluation.is_file():
-        print_evaluation(json.loads(run.evaluation.read_text()))
+    if run.evaluation.is_file():  # its summary lines the server has just logged
+        print_evaluation(json.loads(run.evaluation.read_text()), summary=False)
     console.print(f"rounds done: {state['round']}; adapters: [bold]{shown(run.store)}[/]")
     console.print(
         f"serving version: [bold]{shown(serving.resolve())}[/] "
@@ -118,7 +118,7 @@ def _print_results(root: Path) -> None:
     )
 
 
-def print_evaluation(result: dict[str, Any]) -> None:
+def print_evaluation(result: dict[str, Any], summary: bool = True) -> None:
     from soppu.server.evaluation import summary_lines
 
     # Fits 80 columns (any log): a light box, one-decimal perplexities, short headers
@@ -157,7 +157,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
             _gain_cell(gain),
         )
     console.print(table)
-    for line in summary_lines(result["summary"]):
+    for line in summary_lines(result["summary"]) if summary else []:
         console.print(line, highlight=False)
 
 

@@ -6,7 +6,8 @@
 
 For each population of experiments/populations.py and each client mode it runs the same
 federation through `soppu simulate` once per scheme (`fedavg-ft`, `ditto`, `fedsa`, `local`,
-and `pass`: fedavg-ft with a final personal pass of `--pass-steps`), each with the defaults
+`pass`: fedavg-ft with a final personal pass of `--pass-steps`, and `ditto@P`: ditto at prox
+P), each with the defaults
 users get otherwise and the same client budget (users, rounds, local steps). Then, on the full
 model and each user's held-out text (the blocks the runs' own evaluation scores):
 
@@ -49,9 +50,11 @@ def run_path(args: argparse.Namespace, population: str, mode: str, scheme: str) 
 
 
 def scheme_flags(scheme: str, pass_steps: int) -> list[str]:
+    """`pass`: fedavg-ft and a final personal pass; `ditto@P`: ditto at prox P."""
     if scheme == "pass":
         return ["--scheme", "fedavg-ft", "--personal-pass", str(pass_steps)]
-    return ["--scheme", scheme]
+    name, _, prox = scheme.partition("@")
+    return ["--scheme", name, *(["--prox", prox] if prox else [])]
 
 
 def launch(args: argparse.Namespace, population: str, mode: str, scheme: str) -> Path:

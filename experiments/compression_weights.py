@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge, provenance
+from federation import RESULTS, RUNS, Judge, pct, provenance, write_results
 
-from soppu import atomic
 from soppu.adapters import read_lora
 from soppu.compression.compress import CompressionConfig
 from soppu.server.compression_round import compress_and_publish
@@ -95,10 +94,6 @@ def _spread(values: list[float]) -> dict:
     return {"users": len(values), "median": statistics.median(values), "min": min(values)}
 
 
-def pct(value) -> str:
-    return "–" if value is None else f"{value:.1%}"
-
-
 def markdown(result: dict) -> str:
     lines = [
         f"`{result['command']}` at {result['commit']} on {result['date']}",
@@ -136,10 +131,7 @@ def main() -> None:
             sys.exit(f"{RUNS / name}: not a finished run")
         rows += measure(RUNS / name)
     result = {**provenance("compression_weights.py"), "runs": args.runs, "rows": rows}
-    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    atomic.write_text(target.with_suffix(".md"), text)
-    print(text)
+    write_results(target, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ def provenance(script: str) -> dict[str, str]:
     }
 
 
+def pct(value: float | None) -> str:
+    """A share as a percentage for a results table; – where there is none."""
+    return "–" if value is None else f"{value:.1%}"
+
+
+def write_results(target: Path, result: dict, text: str) -> None:
+    """A results file and its Markdown beside it, each written whole; the table printed."""
+    RESULTS.mkdir(exist_ok=True)
+    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(target.with_suffix(".md"), text)
+    print(text)
+
+
 def cold_cache(into: Path) -> dict[str, str]:
     """A fresh SOPPU cache holding only links to the prepared model and data."""
     from soppu.cache import cache_dir

@@ -31,10 +31,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished, provenance
+from federation import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
 from populations import NAMES, prepare
 
-from soppu import atomic
 from soppu.public import default_public
 from soppu.server.store import RunFolder
 
@@ -143,10 +142,6 @@ def verdicts(runs: list[dict]) -> list[dict]:
 
 def _met(met: bool | None) -> str:
     return "no full-mode run" if met is None else "yes" if met else "**no**"
-
-
-def pct(value) -> str:
-    return "–" if value is None else f"{value:.1%}"
 
 
 def markdown(result: dict) -> str:
@@ -258,11 +253,7 @@ def main() -> None:
         "verdicts": verdicts(runs),
         "kl": emulator_kl(runs, populations, args.kl_blocks),
     }
-    RESULTS.mkdir(exist_ok=True)
-    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    atomic.write_text(target.with_suffix(".md"), text)
-    print(text)
+    write_results(target, result, markdown(result))
     medians = [r["summary"]["compressed_gain_median"] for r in runs if r["mode"] == "emulator"]
     print(f"median of the emulator runs' served gains: {statistics.median(medians):.1%}")
 

@@ -34,10 +34,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished, provenance
+from federation import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
 from populations import NAMES, prepare
 
-from soppu import atomic
 from soppu.server.store import RunFolder
 
 SCHEMES = ("fedavg-ft", "ditto", "fedsa", "local", "pass")
@@ -161,10 +160,6 @@ def summarise(scheme: str, run: Path, over_reference: dict[str, dict], local: di
     }
 
 
-def pct(value) -> str:
-    return "–" if value is None else f"{value:.1%}"
-
-
 def interval(m: dict | None) -> str:
     return "–" if m is None else f"{m['median']:.1%} [{m['low']:.1%}, {m['high']:.1%}]"
 
@@ -245,11 +240,7 @@ def main() -> None:
         "populations": blocks,
         "not_run": missing,
     }
-    RESULTS.mkdir(exist_ok=True)
-    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    atomic.write_text(target.with_suffix(".md"), text)
-    print(text)
+    write_results(target, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -79,3 +79,18 @@ def test_columns_are_checked_whatever_the_source(from_file):
         load_users("py:helpers:generated_rows", DataOptions(user_column="who"))
     assert BaseDataError is DataError  # one error type, wherever it is raised
     assert open_source("py:helpers:generated_rows").label == "py:helpers:generated_rows"
+
+
+def test_a_real_node_runs_a_function_source_only_from_its_own_config():
+    """A server's Setup naming `py:MODULE:FUNCTION` does not make a real node (one with its own
+    `user-id`) import and call code; the node's own `data=` may; a simulated node reads what
+    its own server names."""
+    from soppu import messages
+    from soppu.clients import task
+
+    setup = messages.Setup("py:helpers:generated_rows", DataOptions(), ("alice",), "tiny")
+    with pytest.raises(DataError, match="runs code: name it in this node's own config"):
+        task.my_text({"user-id": "alice"}, setup)
+    own = {"user-id": "alice", "data": "py:helpers:generated_rows"}
+    assert task.my_text(own, setup).user_id == "alice"
+    assert task.my_text({"partition-id": 0}, setup).user_id == "alice"

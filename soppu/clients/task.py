@@ -29,6 +29,7 @@ from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
 from soppu.messages import Setup
 from soppu.personalize import PersonalizeResult, TrainConfig, attached, personalize
+from soppu.sources import runs_code
 from soppu.userids import check_user_id
 
 quiet_libraries()
@@ -58,6 +59,12 @@ def my_user(node_config: dict, setup: Setup) -> str:
 def my_text(node_config: dict, setup: Setup) -> UserText:
     user = my_user(node_config, setup)
     data = str(node_config.get("data", setup.data)) or SHAKESPEARE
+    if "data" not in node_config and "user-id" in node_config and runs_code(data):
+        # A real node runs code only from its own config, never because a server said so.
+        raise DataError(
+            f"the server asks this node to read {data!r}, which runs code: name it in this "
+            "node's own config (data=...) to allow it"
+        )
     users = _users(data, json.dumps(setup.options.__dict__, sort_keys=True))
     if user not in users:
         raise DataError(f"{data}: no user {user!r} with enough text on this node")

@@ -23,7 +23,15 @@ PREFIXES: dict[str, type[Source]] = {
     FunctionSource.prefix: FunctionSource,
 }
 
-__all__ = ["PREFIXES", "DataError", "FileSource", "FunctionSource", "HubSource", "open_source"]
+__all__ = [
+    "PREFIXES",
+    "DataError",
+    "FileSource",
+    "FunctionSource",
+    "HubSource",
+    "open_source",
+    "runs_code",
+]
 
 
 def open_source(data: str) -> Source:
@@ -32,3 +40,9 @@ def open_source(data: str) -> Source:
         if data.startswith(prefix):
             return source(data[len(prefix) :])
     return FileSource(data)
+
+
+def runs_code(data: str) -> bool:
+    """Whether opening `data` runs code (a function source): a node allows that only when its
+    own config names the source, never because a server sent it."""
+    return any(data.startswith(p) and getattr(s, "runs_code", False) for p, s in PREFIXES.items())

@@ -13,6 +13,7 @@ from soppu.sources.base import DataError
 
 class FunctionSource:
     prefix: ClassVar[str] = "py:"
+    runs_code: ClassVar[bool] = True  # a node opens it only when its own config says so
 
     def __init__(self, spec: str) -> None:
         module, _, function = spec.rpartition(":")

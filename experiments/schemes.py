@@ -45,7 +45,7 @@ KEEP_OF_LOCAL = 0.8
 
 
 def run_path(args: argparse.Namespace, population: str, mode: str, scheme: str) -> Path:
-    return RUNS / f"schemes-{args.name}-{population}-{mode}-{scheme}"
+    return RUNS / f"schemes-{args.name}-{population}-{mode}-{scheme.replace('@', '-prox')}"
 
 
 def scheme_flags(scheme: str, pass_steps: int) -> list[str]:

@@ -3,6 +3,8 @@
     python experiments/populations_gains.py                       # every population, both modes
     python experiments/populations_gains.py --populations fortunes --publics pool --name quick
     python experiments/populations_gains.py --publics default --name defaults   # what users get
+    python experiments/populations_gains.py --publics default --name drop25 \
+        --emulator-flags "--drop 0.25"                  # one lever against the defaults
 
 For every population of experiments/populations.py (Shakespeare roles, fortune files, sympy
 subpackages) it runs the same federation through `soppu simulate` (each its own Ray): once in
@@ -57,6 +59,8 @@ def run_one(args, population: str, mode: str, public: str) -> dict:
         extra += ["--data", str(prepare(population))]
     if mode == "emulator" and public != "default":
         extra += ["--public", public]
+    if mode == "emulator":
+        extra += args.emulator_flags.split()
     public = resolved(population, public)
     seconds = launch_unless_finished(args, run, extra)
     folder = RunFolder(run)
@@ -219,6 +223,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=15)
     parser.add_argument("--client-cpus", type=float, default=1.0)
+    parser.add_argument(
+        "--emulator-flags",
+        default="",
+        help="more `soppu simulate` flags for the emulator-mode runs, e.g. '--drop 0.25'",
+    )
     parser.add_argument("--kl-blocks", type=int, default=4, help="held-out blocks per user")
     parser.add_argument(
         "--runs-only", action="store_true", help="run what is missing, write no results"

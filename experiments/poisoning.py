@@ -50,6 +50,9 @@ RULES = {  # side by side; the first is plain FedAvg
     "fedavg": PLAIN,
     "clip 1×, cap 4× (the default)": Robustness(clip=1, weight_cap=4),
     "clip 2×, cap 4×": Robustness(clip=2, weight_cap=4),
+    "clip 1×, cap 4×, trim 0.2": Robustness(clip=1, weight_cap=4, trim=0.2),
+    "clip 1×, cap 4×, median": Robustness(clip=1, weight_cap=4, trim=0.5),
+    "median alone": Robustness(clip=0, weight_cap=0, trim=0.5),
 }
 
 
@@ -132,9 +135,13 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
     name = args.name or run.name
+    target = RESULTS / f"poisoning_{name}.json"
+    rules = {rule: vars(r) for rule, r in RULES.items()}
+    if target.is_file() and json.loads(target.read_text())["rules"] != rules:
+        sys.exit(f"{target} holds a run of other rules; choose another --name")
     # the blocks (and cap) the run's own evaluation judged base and served on
     judge = Judge(run, stored_config(RunFolder(run)).final_eval_tokens)
-    cache = RUNS / f"poisoning-{name}-steps{args.steps}.pt"  # the honest rounds, once
+    cache = RUNS / f"poisoning-{run.name}-steps{args.steps}.pt"  # the honest rounds, once
     if cache.is_file():
         rounds = torch.load(cache, weights_only=False)
     else:
@@ -170,7 +177,7 @@ def main() -> None:
         "honest_spread": spread,
         "attacks": rows,
         "refused_on_receipt": refused_on_receipt(),
-        "rules": {rule: vars(r) for rule, r in RULES.items()},
+        "rules": rules,
         "no_attack": {
             "users": gains,
             "median": {rule: statistics.median(g[rule] for g in gains) for rule in RULES},
@@ -178,7 +185,6 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    target = RESULTS / f"poisoning_{name}.json"
     atomic.write_text(target, json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     atomic.write_text(target.with_suffix(".md"), text)

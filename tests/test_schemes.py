@@ -192,6 +192,57 @@ def test_a_claim_of_1e12_examples_counts_as_four_medians():
         Robustness(clip=0.5)
 
 
+def test_the_trimmed_mean_leaves_out_the_extremes_of_every_coordinate():
+    """Five users' updates 1, 2, 3, 4, 100 (every weight alike) from one start of 0.5: trim 0.2
+    leaves out 1 and 100 and averages 2, 3, 4 without weights; 0.5 is the median, 3."""
+    start = lora(0.5)
+    items = {f"u{v}": (lora(0.5 + v), start, 10 * v) for v in (1, 2, 3, 4, 100)}
+    for trim in (0.2, 0.5):
+        averaged = robust_mean(items, Robustness(clip=0, weight_cap=0, trim=trim)).lora
+        assert torch.equal(averaged.tensors[KEY_A], torch.full((2, 8), 3.5))
+    plain = robust_mean(items, Robustness(clip=0, weight_cap=0)).lora  # weighted by examples
+    by_hand = 0.5 + sum(v * 10 * v for v in (1, 2, 3, 4, 100)) / sum(
+        10 * v for v in (1, 2, 3, 4, 100)
+    )
+    assert torch.allclose(plain.tensors[KEY_A], torch.full((2, 8), by_hand))
+    four = {f"u{v}": (lora(0.5 + v), start, 1) for v in (1, 2, 3, 100)}  # even: the middle two
+    median = robust_mean(four, Robustness(clip=0, weight_cap=0, trim=0.5)).lora
+    assert torch.equal(median.tensors[KEY_A], torch.full((2, 8), 3.0))
+    assert Robustness(trim=0.5).trimmed(1) == 0 and Robustness(trim=0.34).trimmed(6) == 2
+    with pytest.raises(ValueError, match="trim"):
+        Robustness(trim=0.6)
+
+
+def test_the_median_holds_against_two_noisy_replies_of_six():
+    """Six users move the same way (+0.05 on every weight, ±0.01 of their own); two of them
+    send noise of ±9.9e5 instead. Clipping alone still lets the clipped noise pull the mean a
+    third of an update away from the honest one; the coordinate-wise median after clipping
+    stays nearer the honest mean than one honest user is to it."""
+    generator = torch.Generator().manual_seed(3)
+    start = lora(0.5)
+
+    def moved(scale: float) -> LoraState:
+        return LoraState(
+            {
+                k: v + 0.05 + scale * torch.randn(v.shape, generator=generator)
+                for k, v in start.tensors.items()
+            },
+            start.config,
+        )
+
+    honest = {f"user{i}": (moved(0.01), start, 100) for i in range(6)}
+    reference = robust_mean(honest, Robustness(0, 0)).lora
+    attacked = {**honest, **{u: (moved(9.9e5), start, 100) for u in ("user4", "user5")}}
+
+    def distance(state: LoraState) -> float:
+        return sum(float((state.tensors[k] - reference.tensors[k]).norm()) for k in state.tensors)
+
+    one_honest_user = distance(honest["user0"][0])
+    clipped = distance(robust_mean(attacked, Robustness(clip=1, weight_cap=4)).lora)
+    median = distance(robust_mean(attacked, Robustness(clip=1, weight_cap=4, trim=0.5)).lora)
+    assert median < one_honest_user < clipped
+
+
 def test_the_proximal_term_adds_prox_times_the_distance_to_the_anchor():
     """One step with the pull equals one step with prox · (start − anchor) added to the
     gradient (the term's gradient at the start), and many steps end nearer the anchor."""

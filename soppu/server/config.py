@@ -52,9 +52,11 @@ class FederationConfig:
     personal_pass_lr: float = 3e-4
     personal_pass_check: int = 5  # validation checks every this many steps
     # the robust mean of replies (soppu/server/schemes/aggregate.py): updates clipped to clip × the
-    # round's median norm, num-examples capped at weight_cap × the round's median; 0: off
+    # round's median norm, num-examples capped at weight_cap × the round's median; 0: off;
+    # trim: the share of replies left out at each end of every coordinate (0.5: the median)
     clip: float = 1.0
     weight_cap: float = 4.0
+    trim: float = 0.0
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
@@ -153,6 +155,8 @@ class FederationConfig:
             if not (value == 0 or 1 <= value < float("inf")):
                 key = name.replace("_", "-")
                 raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
+        if not 0 <= self.trim <= 0.5:
+            raise ValueError(f"trim must be a share in [0, 0.5] (0.5: the median), got {self.trim}")
         if self.personal_pass < 0 or self.personal_pass_check < 1:
             raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
         if self.personal_pass and (self.scheme == "local" or not self.validation_fraction):
@@ -301,6 +305,7 @@ HELP = {
     "personal_pass_check": "The personal pass checks validation loss every this many steps.",
     "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
     "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
+    "trim": "Robust mean: share of replies left out at each end per weight; 0.5: median.",
     "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
     "compress_every": "Compress every K rounds; 0: after the last only.",
     "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",

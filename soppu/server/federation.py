@@ -68,7 +68,7 @@ class Federation:
 
     @property
     def scheme(self) -> Scheme:
-        robustness = Robustness(self.config.clip, self.config.weight_cap)
+        robustness = Robustness(self.config.clip, self.config.weight_cap, self.config.trim)
         return scheme_for(self.config.scheme, self.config.prox, robustness)
 
 

@@ -7,13 +7,17 @@ difference. One client can send any numbers, so before the mean, by default:
   times the round's median claim, so no claim of 1e12 lets one user set the average alone;
 - **updates are clipped**: an update whose norm (all its tensors together) exceeds `clip`
   times the round's (lower) median norm is scaled down to it, so a reply scaled by 1e4 or
-  drowned in noise moves the average no more than an honest update of the median's size.
+  drowned in noise moves the average no more than an honest update of the median's size;
+- **coordinates are trimmed** (`trim` > 0, as Flower's FedTrimmedAvg): for every weight, the
+  floor(trim × n) largest and smallest of the n clipped updates are left out and the rest
+  averaged without weights; `trim` 0.5 is the coordinate-wise median. Clipping bounds how far
+  a reply moves the average; trimming bounds how many replies move a coordinate at all.
 
 Clipping at the median (1×) scales down the larger half of the honest updates too; measured
 by experiments/poisoning.py on a real round of 6 Shakespeare users it cost nothing (median
 gain 9.81% against plain FedAvg's 9.68%) and kept one hostile client within 1.8× the honest
 run-to-run spread, where 2× let noise through at 2.9×. `clip = 0` and `weight_cap = 0` give
-plain FedAvg.
+plain FedAvg. What `trim` costs and keeps is measured there too.
 """
 
 from __future__ import annotations
@@ -30,12 +34,19 @@ from soppu.adapters import LoraState
 class Robustness:
     clip: float = 1.0  # × the round's median update norm; 0: no clipping
     weight_cap: float = 4.0  # × the round's median num-examples; 0: no cap
+    trim: float = 0.0  # share of replies left out at each end, per coordinate; 0.5: median
 
     def __post_init__(self) -> None:
         for name in ("clip", "weight_cap"):
             value = getattr(self, name)
             if not (math.isfinite(value) and (value == 0 or value >= 1)):
                 raise ValueError(f"{name} must be 0 (off) or a finite factor ≥ 1, got {value}")
+        if not 0 <= self.trim <= 0.5:
+            raise ValueError(f"trim must be a share in [0, 0.5], got {self.trim}")
+
+    def trimmed(self, n: int) -> int:
+        """How many of n replies are left out at each end of every coordinate (one is kept)."""
+        return min(int(self.trim * n), (n - 1) // 2)
 
 
 DEFAULT = Robustness()
@@ -76,14 +87,17 @@ def robust_mean(
                 clipped[user] = float(norms[i]) / max(allowed, 1e-30)
     shares = weights / weights.sum()
     first = items[users[0]][0]
-    tensors = {
-        key: sum(
-            float(shares[i])
-            * (items[u][1].tensors[key].double() + float(scales[i]) * updates[u][key])
-            for i, u in enumerate(users)
-        ).to(first.tensors[key].dtype)
-        for key in first.tensors
-    }
+    cut = robustness.trimmed(len(users))
+    tensors = {}
+    for key in first.tensors:
+        starts = torch.stack([items[u][1].tensors[key].double() for u in users])
+        moved = torch.stack([float(scales[i]) * updates[u][key] for i, u in enumerate(users)])
+        if cut:  # unweighted, as FedTrimmedAvg; starts differ only where a part is personal
+            ordered = moved.sort(dim=0).values[cut : len(users) - cut]
+            mean = starts.mean(0) + ordered.mean(0)
+        else:
+            mean = torch.einsum("u,u...->...", shares, starts + moved)
+        tensors[key] = mean.to(first.tensors[key].dtype)
     return Averaged(LoraState(tensors, first.config), clipped, capped)
 
 

@@ -190,7 +190,9 @@ def test_the_per_user_table_fits_80_columns_and_names_every_user(monkeypatch):
             "improved": 2,
         },
     }
-    monkeypatch.setattr(common.console, "width", 80)
+    # the private field, so that undoing it restores "follow the terminal" (None), not the
+    # width read at patch time, which would pin every later test's console to 80
+    monkeypatch.setattr(common.console, "_width", 80)
     with common.console.capture() as captured:
         print_evaluation(result)
     lines = captured.get().splitlines()
@@ -218,10 +220,58 @@ def test_after_a_run_the_summary_lines_are_printed_once(monkeypatch):
         "summary": {**summary, "users": 1, "improved": 1},
     }
     first = summary_lines(result["summary"])[0]
-    monkeypatch.setattr(common.console, "width", 200)
+    monkeypatch.setattr(common.console, "_width", 200)  # as above
     with common.console.capture() as captured:
         print_evaluation(result, summary=False)
     assert first not in captured.get() and "gain [95%]" in captured.get()
     with common.console.capture() as captured:
         print_evaluation(result)
     assert captured.get().count(first) == 1
+
+
+HELP_OF_EVERY_VERB = """
+import json, click, typer
+from typer.testing import CliRunner
+from soppu.cli import app
+
+def verbs(command, path):
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from verbs(sub, [*path, name])
+    else:
+        yield path, command
+
+out = {}
+for path, command in verbs(typer.main.get_command(app), []):
+    names = [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")]
+    text = CliRunner().invoke(app, [*path, "--help"]).output
+    out[" ".join(path)] = {"names": names, "help": text}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_every_verbs_help_names_every_option_whole_at_any_width(columns):
+    """At 80 columns (any log) Typer's rich panels would cut long option names
+    (`--compress-refit-a…`); there the help is click's plain layout, from 100 columns rich's.
+    Either way every option is named whole and every bracket of the help text is shown."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": str(columns)}
+    shown = subprocess.run(
+        [sys.executable, "-c", HELP_OF_EVERY_VERB], env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    helps = json.loads(shown.stdout)
+    assert {"simulate", "personalize", "emulator build", "serve", "keys add"} <= set(helps)
+    for verb, entry in helps.items():
+        lines = entry["help"].splitlines()
+        assert all(len(line) <= columns for line in lines), verb
+        words = set(entry["help"].replace(",", " ").split())
+        missing = [n for n in entry["names"] if n not in words and n != "--help"]
+        assert not missing, (verb, missing)
+        assert "…" not in entry["help"] and "\\[" not in entry["help"], verb
+    assert "hf:DATASET[@SUBSET]" in helps["simulate"]["help"]
+    assert ("│" in helps["simulate"]["help"]) == (columns >= 100)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from soppu.cli import cache, compression, data, federation, personal, serve
+from soppu.cli.common import HELP_MARKUP
 
 app = typer.Typer(
     name="soppu",
@@ -14,6 +15,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=HELP_MARKUP,
 )
 
 for verbs in (data, compression, personal, federation, serve, cache):

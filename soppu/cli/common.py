@@ -3,6 +3,7 @@ the options several verbs take."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import Field, asdict
@@ -11,12 +12,25 @@ from inspect import Parameter, Signature, signature
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 console = Console(soft_wrap=True)  # never break a path or an error across lines
+# --help: Typer's rich panels where they fit (from 90 columns they cut no option name), else
+# click's plain layout, which puts a long option on its own line and never cuts one
+HELP_MARKUP = "rich" if shutil.get_terminal_size().columns >= 100 else None
+if HELP_MARKUP is None:
+    # Typer escapes its "[default: …]" for rich whenever rich is installed, so click's plain
+    # help would print "\\[default: …]"; rich draws no help here, and this tells Typer so
+    typer.core.HAS_RICH = False
+
+
+def markup_safe(text: str) -> str:
+    """Help text as the help's renderer reads it: brackets escaped only where rich draws."""
+    return escape(text) if HELP_MARKUP else text
 
 
 def shown(path: object) -> str:
@@ -130,8 +144,10 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION "
-        "(default: Shakespeare roles).",
+        help=markup_safe(
+            "Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION "
+            "(default: Shakespeare roles)."
+        ),
     ),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
@@ -198,8 +214,8 @@ def setting_option(
     kind = kind or type(field.default)
     flags = [f"{flag}/--no-{flag.removeprefix('--')}"] if kind is bool else [flag, *short]
     shown = "''" if field.default == "" else field.default
-    text = help_text if field.default is None else f"{help_text} {escape(f'[default: {shown}]')}"
-    return keyword_option(name or field.name, kind | None, None, *flags, help=text)
+    text = help_text if field.default is None else f"{help_text} [default: {shown}]"
+    return keyword_option(name or field.name, kind | None, None, *flags, help=markup_safe(text))
 
 
 def with_flags(verb: Callable, derived: list[Parameter], *, after: int) -> Callable:

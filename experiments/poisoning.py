@@ -45,13 +45,13 @@ from soppu.server.prepare_run import public_for, round_correction, stored_config
 from soppu.server.schemes import Robustness, robust_mean
 from soppu.server.store import RunFolder
 
-PLAIN = Robustness(clip=0, weight_cap=0)
+PLAIN = Robustness(clip=0, weight_cap=0, trim=0)
 RULES = {  # side by side; the first is plain FedAvg
     "fedavg": PLAIN,
-    "clip 1×, cap 4× (the default)": Robustness(clip=1, weight_cap=4),
-    "clip 2×, cap 4×": Robustness(clip=2, weight_cap=4),
+    "clip 1×, cap 4×": Robustness(clip=1, weight_cap=4, trim=0),
+    "clip 2×, cap 4×": Robustness(clip=2, weight_cap=4, trim=0),
     "clip 1×, cap 4×, trim 0.2": Robustness(clip=1, weight_cap=4, trim=0.2),
-    "clip 1×, cap 4×, median": Robustness(clip=1, weight_cap=4, trim=0.5),
+    "clip 1×, median (the default)": Robustness(clip=1, weight_cap=4, trim=0.5),
     "median alone": Robustness(clip=0, weight_cap=0, trim=0.5),
 }
 

@@ -338,7 +338,7 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     record = json.loads((run.global_dir / "training.json").read_text())
     assert record["scheme"] == "ditto" and record["round"] == 2
     previous = {r["user"]: (personal[r["user"]], global_lora, int(r["num-examples"])) for r in rows}
-    kept = robust_mean(previous, Robustness(0, 0)).lora  # what averaging the personal would give
+    kept = robust_mean(previous, Robustness(0, 0, 0)).lora  # what averaging the personal would give
     key = next(iter(global_lora.tensors))
     assert not torch.allclose(kept.tensors[key], global_lora.tensors[key], atol=1e-6)
     assert not torch.allclose(personal["user0"].tensors[key], personal["user1"].tensors[key])

@@ -90,7 +90,7 @@ def test_fedsa_shares_the_global_a_and_keeps_each_users_own_b(tmp_path):
         "alice": Reply(distinct(1.0), starts["alice"], 1),
         "bob": Reply(distinct(4.0), starts["bob"], 3),
     }
-    plain = scheme_for("fedsa", robustness=Robustness(clip=0, weight_cap=0))
+    plain = scheme_for("fedsa", robustness=Robustness(clip=0, weight_cap=0, trim=0))
     averaged = plain.aggregate(replies).lora
     assert torch.allclose(averaged.tensors[KEY_A], distinct(3.25).tensors[KEY_A])
     assert torch.allclose(averaged.tensors[KEY_B], distinct(3.25).tensors[KEY_B])
@@ -130,7 +130,7 @@ def test_a_restarted_server_continues_every_personal_part_exactly(tmp_path):
 
 
 def test_without_robustness_the_mean_is_fedavg_exactly():
-    plain = Robustness(clip=0, weight_cap=0)
+    plain = Robustness(clip=0, weight_cap=0, trim=0)
     averaged = robust_mean({"a": (lora(1.0), lora(0.0), 1), "b": (lora(2.0), lora(0.5), 3)}, plain)
     assert torch.equal(averaged.lora.tensors[KEY_A], torch.full((2, 8), 1.75))
     assert averaged.clipped == {} and averaged.capped == {}
@@ -150,14 +150,17 @@ def honest_round(count: int = 8, seed: int = 0) -> dict[str, tuple[LoraState, Lo
     return out
 
 
-def test_a_scaled_or_noisy_reply_moves_the_mean_no_more_than_an_honest_one():
+@pytest.mark.parametrize(
+    "rule", [Robustness(clip=1, weight_cap=4, trim=0), Robustness()], ids=["clip", "default"]
+)
+def test_a_scaled_or_noisy_reply_moves_the_mean_no_more_than_an_honest_one(rule):
     """One of 8 replies scaled by 1e4, or noise of ±9.9e5: plain FedAvg's mean goes where the
-    attacker wants; the robust mean stays within one clipped update's share of the honest
-    mean, and names the attacker."""
+    attacker wants; the robust mean (clipped, and by default the median) moves no more than
+    3× what one more honest user moves it, and names the attacker."""
     honest = honest_round()
-    reference = robust_mean(dict(list(honest.items())[:7]), Robustness(0, 0)).lora
+    plain_rule = Robustness(0, 0, 0)
 
-    def distance(state: LoraState) -> float:
+    def distance(state: LoraState, reference: LoraState) -> float:
         return sum(float((state.tensors[k] - reference.tensors[k]).norm()) for k in state.tensors)
 
     trained, start, _ = honest["user7"]
@@ -165,25 +168,31 @@ def test_a_scaled_or_noisy_reply_moves_the_mean_no_more_than_an_honest_one():
         k: start.tensors[k] + 1e4 * (v - start.tensors[k]) for k, v in trained.tensors.items()
     }
     noisy = {k: v + 9.9e5 * torch.sign(torch.randn_like(v)) for k, v in trained.tensors.items()}
-    honest_spread = distance(robust_mean(honest, Robustness(0, 0)).lora)
+    seven = dict(list(honest.items())[:7])
     for attack in (scaled, noisy):
         attacked = {**honest, "user7": (LoraState(attack, start.config), start, 100)}
-        plain = robust_mean(attacked, Robustness(0, 0)).lora
-        robust = robust_mean(attacked)
-        assert distance(plain) > 100 * honest_spread
-        assert distance(robust.lora) < 3 * honest_spread
-        assert "user7" in robust.clipped and robust.clipped["user7"] > 1e3
+        for averaging, limit in ((plain_rule, None), (rule, 3)):
+            reference = robust_mean(seven, averaging).lora
+            spread = distance(robust_mean(honest, averaging).lora, reference)
+            moved = robust_mean(attacked, averaging)
+            if limit is None:
+                assert distance(moved.lora, reference) > 100 * spread
+            else:
+                assert distance(moved.lora, reference) < limit * spread
+                assert "user7" in moved.clipped and moved.clipped["user7"] > 1e3
 
 
 def test_a_claim_of_1e12_examples_counts_as_four_medians():
     honest = honest_round()
     trained, start, _ = honest["user7"]
     greedy = {**honest, "user7": (trained, start, 10**12)}
-    averaged = robust_mean(greedy)
+    averaged = robust_mean(greedy, Robustness(clip=1, weight_cap=4, trim=0))  # weighted
     assert averaged.capped == {"user7": 10**12}
     by_hand = robust_mean(
-        {**honest, "user7": (trained, start, 400)}, Robustness(clip=1, weight_cap=0)
+        {**honest, "user7": (trained, start, 400)}, Robustness(clip=1, weight_cap=0, trim=0)
     )
+    median = robust_mean(greedy)  # the default: the median has no weights to claim
+    assert torch.equal(median.lora.tensors[KEY_A], robust_mean(honest).lora.tensors[KEY_A])
     assert torch.allclose(averaged.lora.tensors[KEY_A], by_hand.lora.tensors[KEY_A], atol=1e-7)
     for bad in (0, -5, float("nan")):
         with pytest.raises(ValueError, match="finite and positive"):
@@ -200,7 +209,9 @@ def test_the_trimmed_mean_leaves_out_the_extremes_of_every_coordinate():
     for trim in (0.2, 0.5):
         averaged = robust_mean(items, Robustness(clip=0, weight_cap=0, trim=trim)).lora
         assert torch.equal(averaged.tensors[KEY_A], torch.full((2, 8), 3.5))
-    plain = robust_mean(items, Robustness(clip=0, weight_cap=0)).lora  # weighted by examples
+    plain = robust_mean(
+        items, Robustness(clip=0, weight_cap=0, trim=0)
+    ).lora  # weighted by examples
     by_hand = 0.5 + sum(v * 10 * v for v in (1, 2, 3, 4, 100)) / sum(
         10 * v for v in (1, 2, 3, 4, 100)
     )
@@ -231,14 +242,14 @@ def test_the_median_holds_against_two_noisy_replies_of_six():
         )
 
     honest = {f"user{i}": (moved(0.01), start, 100) for i in range(6)}
-    reference = robust_mean(honest, Robustness(0, 0)).lora
+    reference = robust_mean(honest, Robustness(0, 0, 0)).lora
     attacked = {**honest, **{u: (moved(9.9e5), start, 100) for u in ("user4", "user5")}}
 
     def distance(state: LoraState) -> float:
         return sum(float((state.tensors[k] - reference.tensors[k]).norm()) for k in state.tensors)
 
     one_honest_user = distance(honest["user0"][0])
-    clipped = distance(robust_mean(attacked, Robustness(clip=1, weight_cap=4)).lora)
+    clipped = distance(robust_mean(attacked, Robustness(clip=1, weight_cap=4, trim=0)).lora)
     median = distance(robust_mean(attacked, Robustness(clip=1, weight_cap=4, trim=0.5)).lora)
     assert median < one_honest_user < clipped
 

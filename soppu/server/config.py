@@ -56,7 +56,7 @@ class FederationConfig:
     # trim: the share of replies left out at each end of every coordinate (0.5: the median)
     clip: float = 1.0
     weight_cap: float = 4.0
-    trim: float = 0.0
+    trim: float = 0.5
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)

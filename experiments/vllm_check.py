@@ -216,8 +216,9 @@ def main() -> None:
         manifest["export_rank"],
         args.vllm_memory,
     )
-    soppu_s = soppu_seconds(version, base, jobs, args.tokens)
     peft = peft_rows(version, users, jobs + base_jobs, args.tokens, base)
+    # soppu's engine wraps the base model's layers in place: a fresh copy for it
+    soppu_s = soppu_seconds(version, basemodel.load(manifest["base_model"]), jobs, args.tokens)
     pairs = compare(peft[: len(jobs)], vllm["rows"], jobs)
     bare = compare(peft[len(jobs) :], vllm["base_rows"][: len(prompts)], base_jobs)
     generated = len(jobs) * args.tokens

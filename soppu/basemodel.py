@@ -86,6 +86,23 @@ def resolve(base_model: str | Path | None = None) -> Path | str:
     return name
 
 
+def local_weights(base_model: str | Path | None = None) -> tuple[Path, str | None] | None:
+    """Where the weights adapters of `base_model` were trained on lie on this machine, with
+    their sha256 where it was recorded, without preparing or downloading anything: a local
+    folder, or the embedded default once prepared (its dequantised Q4_1 weights, which a
+    server must load rather than the Hub's); None otherwise."""
+    name = str(base_model or DEFAULT_BASE_MODEL)
+    if Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name == DEFAULT_BASE_MODEL and _prepared(cache_dir() / "models" / _MODEL_DIR):
+        folder = cache_dir() / "models" / _MODEL_DIR
+    else:
+        return None
+    stamp = folder / _STAMP
+    digest = json.loads(stamp.read_text()).get("weights_sha256") if stamp.is_file() else None
+    return folder.resolve(), digest
+
+
 @dataclass
 class BaseModel:
     """A loaded causal LM with its tokenizer and the name adapters record as their base."""

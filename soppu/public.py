@@ -24,8 +24,6 @@ def default_public(data: str | None) -> str:
     return "generated" if data else "pool"
 
 
-
-
 def describe(source: str) -> str:
     """What `source` (a resolved one, not "") is, in words, for the log."""
     if source == "generated":

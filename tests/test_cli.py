@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 from helpers import tiny_population, write_users
@@ -70,6 +72,19 @@ def test_compress_publish_report_inspect(tmp_path):
     ]:
         code, out = invoke("inspect", path)
         assert code == 0 and expected in out, out
+
+    # a vLLM command a shell runs as printed: every user's dir, a LoRA rank vLLM accepts
+    version = tmp_path / "serving" / "v0001"
+    manifest = json.loads((version / "manifest.json").read_text())
+    code, out = invoke("inspect", version)
+    assert "base weights: " in out
+    words = shlex.split(next(line for line in out.splitlines() if "vLLM:" in line).split(":", 1)[1])
+    assert words[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+    rank = int(words[words.index("--max-lora-rank") + 1])
+    assert rank >= manifest["export_rank"] and rank in (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    modules = dict(w.split("=", 1) for w in words[words.index("--lora-modules") + 1 :])
+    assert sorted(modules) == sorted(manifest["users"])
+    assert all((Path(where) / "adapter_config.json").is_file() for where in modules.values())
 
 
 def test_energy_target_picks_ranks_per_slot(tmp_path):

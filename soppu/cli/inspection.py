@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,33 @@ def _version(path: Path, m: dict) -> Iterator[str]:
         f"error mean {t['mean']:.4f}, max {t['max']:.4f}"
     )
     yield f"  integrity: {integrity}"
+    yield from _vllm(path, m)
+
+
+# vLLM accepts these LoRA ranks only (its --max-lora-rank choices)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm(path: Path, m: dict) -> Iterator[str]:
+    """The base weights the adapters were trained on, and a vLLM command serving every user."""
+    from soppu.basemodel import local_weights
+
+    found = local_weights(m["base_model"])
+    if found is None:
+        model = m["base_model"]
+        yield f"  base weights: {shown(model)} (not on this machine; vLLM fetches it)"
+    else:
+        model, digest = str(found[0]), found[1]
+        yield f"  base weights: {shown(model)} (sha256 {digest or 'not recorded'})"
+    rank = next((r for r in VLLM_LORA_RANKS if r >= m["export_rank"]), m["export_rank"])
+    users = list(m["users"])
+    modules = " ".join(shlex.quote(f"{u}={(path / 'users' / u).resolve()}") for u in users)
+    yield (
+        f"  vLLM: python -m vllm.entrypoints.openai.api_server --model {shlex.quote(model)} "
+        f"--served-model-name {shlex.quote(m['base_model'])} --enable-lora --max-lora-rank {rank} "
+        f"--max-loras {min(len(users), 16)} --max-cpu-loras {len(users)} "
+        f"--lora-modules {modules}"
+    )
 
 
 def _serving(versions: Versions) -> Iterator[str]:

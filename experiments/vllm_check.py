@@ -87,14 +87,15 @@ def peft_rows(version: Path, users: list[str], jobs, tokens: int, base) -> list[
     """PEFT's greedy tokens and their logprobs for each (prompt, user); user None: the base."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base.model, str(version / "users" / users[0]), users[0])
+    names = {user: f"user{i}" for i, user in enumerate(users)}  # PEFT's names have no "."
+    model = PeftModel.from_pretrained(base.model, str(version / "users" / users[0]), "user0")
     for user in users[1:]:
-        model.load_adapter(str(version / "users" / user), adapter_name=user)
+        model.load_adapter(str(version / "users" / user), adapter_name=names[user])
     model.eval()
     rows = []
     for ids, user in jobs:
         if user:
-            model.set_adapter(user)
+            model.set_adapter(names[user])
         with torch.no_grad(), model.disable_adapter() if user is None else _nothing():
             out = model.generate(
                 input_ids=torch.tensor([ids]),

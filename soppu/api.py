@@ -67,11 +67,13 @@ def simulate(
     config: FederationConfig,
     *,
     resume: bool = False,
+    re_evaluate: bool = False,
     client_cpus: float = 1.0,
     log: Log = print,
 ) -> Run:
     """Run a federation on Flower's simulation engine, one virtual node per user: every user
-    trains their LoRA, the server keeps every adapter, compresses, publishes and evaluates."""
+    trains their LoRA, the server keeps every adapter, compresses, publishes and evaluates.
+    Resuming a finished run does nothing but say so; with `re_evaluate`, it evaluates again."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
@@ -83,7 +85,16 @@ def simulate(
 
     quiet_libraries()
     logging.getLogger("flwr").addFilter(_NoRunSimulationDeprecation())
+    if re_evaluate and not resume:
+        raise ValueError("--re-evaluate evaluates a finished run again: it needs --resume")
     config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
+    folder = RunFolder(Path(config.run_dir))
+    if resume and (done := finished(folder, config)):
+        if not re_evaluate:
+            log(f"{done}; nothing to do (--re-evaluate evaluates it again)")
+            return Run(folder, _read_json(folder.evaluation))
+        log(f"{done}; evaluating it again")
+        return Run(folder, evaluate(folder.root, log=log))
     nodes = len(choose_users(config))
     log(f"simulating {nodes} users × {config.rounds} rounds → {config.run_dir}")
     run_simulation(
@@ -99,6 +110,23 @@ def simulate(
     if not folder.state_file.is_file():
         raise RuntimeError(f"the federation in {config.run_dir} stopped before any round")
     return Run(folder, _read_json(folder.evaluation))
+
+
+def finished(folder: RunFolder, config: FederationConfig) -> str:
+    """What a finished run did ('' while there is more to do): every round trained,
+    compressed and published, and evaluated where the config asks for it."""
+    state = folder.state() if folder.state_file.is_file() else {}
+    done = (
+        state.get("round", 0) >= config.rounds
+        and state.get("compressed_round") == state.get("round")
+        and bool(state.get("serving"))
+        and (folder.evaluation.is_file() or not config.final_evaluation)
+    )
+    return (
+        f"{folder.root} is finished: {state['round']} rounds, serving {state['serving']}"
+        if done
+        else ""
+    )
 
 
 def compress(

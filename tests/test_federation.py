@@ -195,6 +195,22 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     ]
     assert api.report(run.serving)["totals"]["users"] == 4
 
+    # Resuming the finished run does nothing but say so (no Ray, nothing rewritten); the
+    # command line's --re-evaluate evaluates it again.
+    before, said = run.evaluation.stat().st_mtime_ns, []
+    resumed = api.simulate(config, resume=True, log=said.append)
+    assert len(said) == 1 and said[0].startswith(f"{run.root} is finished: 2 rounds, serving v")
+    assert said[0].endswith("nothing to do (--re-evaluate evaluates it again)")
+    assert run.evaluation.stat().st_mtime_ns == before
+    assert resumed.evaluation == json.loads(run.evaluation.read_text())
+    with pytest.raises(ValueError, match="needs --resume"):
+        api.simulate(config, re_evaluate=True)
+    result = CliRunner().invoke(
+        cli, ["simulate", "--out", str(run.root), "--resume", "--re-evaluate"]
+    )
+    assert result.exit_code == 0 and "evaluating it again" in result.output, result.output
+    assert run.evaluation.stat().st_mtime_ns > before
+
 
 def _after_round_one_committed() -> None:
     state = Path(os.environ["SOPPU_TEST_FLAKY_RUN"]) / "state.json"

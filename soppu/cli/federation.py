@@ -41,6 +41,7 @@ def _simulate_command() -> Callable[..., None]:
     def simulate(
         config_file: Path | None = None,
         resume: bool = False,
+        re_evaluate: bool = False,
         client_cpus: float = 1.0,
         print_config: bool = False,
         **settings: Any,
@@ -55,7 +56,7 @@ def _simulate_command() -> Callable[..., None]:
             if print_config:  # plain text, so that it can be redirected into a --config file
                 sys.stdout.write(config.to_toml())
                 return
-            _simulate(config, resume, client_cpus)
+            _simulate(config, resume, re_evaluate, client_cpus)
         _print_results(Path(config.run_dir))
 
     own = [
@@ -64,6 +65,13 @@ def _simulate_command() -> Callable[..., None]:
         ),
         keyword_option(
             "resume", bool, False, "--resume/--no-resume", help="Continue the run in --out."
+        ),
+        keyword_option(
+            "re_evaluate",
+            bool,
+            False,
+            "--re-evaluate",
+            help="With --resume on a finished run: evaluate it again (else nothing is done).",
         ),
         keyword_option(
             "client_cpus", float, 1.0, "--client-cpus", help="CPUs per simulated client."
@@ -83,12 +91,13 @@ def _simulate_command() -> Callable[..., None]:
     return with_signature(simulate, [*own, *derived])
 
 
-def _simulate(config, resume: bool, client_cpus: float) -> None:
+def _simulate(config, resume: bool, re_evaluate: bool, client_cpus: float) -> None:
     from soppu import api
 
     api.simulate(
         config,
         resume=resume,
+        re_evaluate=re_evaluate,
         client_cpus=client_cpus,
         log=lambda line: console.print(line, highlight=False),
     )

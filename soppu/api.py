@@ -250,11 +250,21 @@ def report(path: str | Path) -> dict[str, Any]:
 
 
 def report_dir(path: Path) -> Path:
-    """Where `path`'s report is: its report/, its current version's, or `path` itself."""
-    for candidate in (path / "report", path / "current" / "report", path):
+    """Where `path`'s report is: its report/, its current version's, its newest version's
+    (a folder of versions such as a run's compressed/), a run's served version's, or `path`
+    itself: whatever `soppu inspect` describes."""
+    from soppu.server.versions import Versions
+
+    newest = Versions(path).newest()
+    candidates = [path / "report", path / "current" / "report", path]
+    candidates += [newest / "report"] if newest else []
+    candidates += [RunFolder(path).serving / "current" / "report"]
+    for candidate in candidates:
         if (candidate / "report.json").is_file():
             return candidate
-    raise ValueError(f"{path}: no report.json (expected a store, a serving dir or a version)")
+    raise ValueError(
+        f"{path}: no report.json (expected a store, a serving dir, a version or a run)"
+    )
 
 
 def _adapter_paths(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,13 @@ def test_compress_publish_report_inspect(tmp_path):
     ]:
         code, out = invoke("inspect", path)
         assert code == 0 and expected in out, out
+
+    # `report` takes what `inspect` describes: a folder of versions (its newest), a run (its
+    # served version)
+    shutil.copytree(tmp_path / "store", tmp_path / "compressed" / "v0001")
+    for path in (tmp_path / "compressed", tmp_path):
+        code, out = invoke("report", path)
+        assert code == 0 and "report.json" in out, out
 
     # a vLLM command a shell runs as printed: every user's dir, a LoRA rank vLLM accepts
     version = tmp_path / "serving" / "v0001"

@@ -112,3 +112,18 @@ def test_list_and_prune_by_last_use(world):
     ]
     bad = CliRunner().invoke(app, ["cache", "prune", "--kind", "everything"])
     assert bad.exit_code == 2 and "unknown cache kind 'everything'" in bad.output
+
+
+def test_progress_estimates_leave_out_the_first_steps_start_up(monkeypatch):
+    """A first step of 30 s (start-up) and then 1 s a step: after step 10 of 60 the estimate is
+    50 s left, not the ~180 s that counting the first step would say."""
+    from soppu.server import prepare_run
+
+    clock = iter([0.0, 0.0, 30.0, *[30.0 + i for i in range(1, 60)]])
+    monkeypatch.setattr(prepare_run.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    progress = prepare_run.step_logger(lines.append, "align")
+    for step in range(0, 11):
+        progress(step, 60, 1.0)
+    assert lines[1] == "  align 1/60: loss 1.0000 (first step 30.0 s, with start-up)"
+    assert lines[2] == "  align 10/60: loss 1.0000 (1.0 s/step, ~50 s left)"

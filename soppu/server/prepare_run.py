@@ -14,6 +14,7 @@ import json
 import shutil
 import time
 import tomllib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -342,19 +343,27 @@ def _aligned(
 
 
 def step_logger(
-    log: Log, what: str, every: int = 10, *, loss: bool = True
+    log: Log, what: str, every: int = 10, *, loss: bool = True, window: int = 10
 ) -> Callable[[int, int, float], None]:
-    """Progress lines for a loop of steps: at its start, after the first step (with a time
-    estimate), every `every` steps and at the end; each with its loss unless `loss` is off."""
+    """Progress lines for a loop of steps: at its start, after the first step, every `every`
+    steps and at the end; each with its loss unless `loss` is off. The time estimate is the
+    pace of the last `window` steps, never counting the first, which carries the start-up
+    (compiling, caches, the first allocation) and would overstate the rest many times."""
     began = time.perf_counter()
+    marks: deque[tuple[int, float]] = deque(maxlen=window + 1)  # (step, when it ended)
 
     def progress(step: int, total: int, value: float) -> None:
         shown = f": loss {value:.4f}" if loss else ""
+        now = time.perf_counter()
         if step == 0:
             log(f"  {what} 0/{total}{shown}")
             return
-        if step in (1, total) or step % every == 0:
-            per_step = (time.perf_counter() - began) / step
+        marks.append((step, now))
+        if step == 1:
+            log(f"  {what} 1/{total}{shown} (first step {now - began:.1f} s, with start-up)")
+        elif step == total or step % every == 0:
+            (first, then), (last, at) = marks[0], marks[-1]
+            per_step = (at - then) / max(last - first, 1)
             left = per_step * (total - step)
             log(f"  {what} {step}/{total}{shown} ({per_step:.1f} s/step, ~{left:.0f} s left)")
 

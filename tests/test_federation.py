@@ -394,3 +394,28 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
         r["user"]: r["best-step"] for r in rows
     }
     assert (run.root / "rounds.png").is_file() and (run.root / "tensorboard").is_dir()
+
+
+def test_central_privacy_noises_the_global_adapter_and_accounts_epsilon(world):
+    """With --dp-noise the global adapter is the private mean (every update clipped to
+    --dp-clip, Gaussian noise), each round logs and records ε, which adds up over rounds."""
+    from soppu.server.schemes import epsilon
+
+    config = tiny_config(world, "run-dp", dp_noise=1.0, dp_clip=1e-3, final_evaluation=False)
+    lines = simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    said = [line for line in lines if "central DP" in line]
+    assert len(said) == 2
+    for round_, line in zip((1, 2), said, strict=True):
+        assert f"ε = {epsilon(1.0, round_, 1e-5):.3g} at δ = 1e-05 after {round_} rounds" in line
+    record = json.loads((run.global_dir / "training.json").read_text())
+    assert record["dp"] == {
+        "noise": 1.0,
+        "clip": 1e-3,
+        "delta": 1e-5,
+        "rounds": 2,
+        "epsilon": pytest.approx(epsilon(1.0, 2, 1e-5)),
+    }
+    assert sorted(record["clipped"]) == USERS  # every real update is longer than 1e-3
+    with pytest.raises(ValueError, match="dp-clip"):
+        tiny_config(world, "run-dp-bad", dp_noise=1.0)

@@ -3,6 +3,7 @@ that a restarted server continues every personal part exactly."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -338,3 +339,52 @@ def test_early_stopping_keeps_the_step_best_on_validation_text():
         assert torch.allclose(kept.tensors[key], value, atol=1e-6), key
     with pytest.raises(ValueError, match="validation text"):
         EarlyStopping([], every=2)
+
+
+def test_the_private_mean_clips_to_the_fixed_norm_averages_unweighted_and_adds_the_noise():
+    """Updates of norm 0.5 and 8 (clip 1: the second scaled by 1/8), claims 1 and 1e12 (not
+    used): the mean of the starts plus the clipped updates' mean, plus N(0, (z·clip/n)²) drawn
+    from the generator given, exactly."""
+    from soppu.server.schemes import Privacy, private_mean
+
+    start = lora(0.5)
+    size = start.tensors[KEY_A].numel() + start.tensors[KEY_B].numel()
+    small = LoraState({k: v + 0.5 / size**0.5 for k, v in start.tensors.items()}, start.config)
+    large = LoraState({k: v + 8.0 / size**0.5 for k, v in start.tensors.items()}, start.config)
+    privacy = Privacy(noise=0.7, clip=1.0)
+    averaged = private_mean(
+        {"a": (small, start, 1), "b": (large, start, 10**12)},
+        privacy,
+        torch.Generator().manual_seed(5),
+    )
+    assert averaged.clipped == pytest.approx({"b": 8.0}) and averaged.capped == {}
+    replay = torch.Generator().manual_seed(5)
+    for key, value in start.tensors.items():
+        step = (0.5 + 1.0) / 2 / size**0.5  # (0.5 + 8/8) / 2 on every weight, norm-wise
+        noise = torch.randn(value.shape, generator=replay, dtype=torch.float64) * 0.7 * 1.0 / 2
+        assert torch.allclose(averaged.lora.tensors[key], (value + step + noise).float())
+    with pytest.raises(ValueError, match="dp-noise and dp-clip"):
+        Privacy(noise=1.0, clip=0.0)
+
+
+def test_epsilon_is_the_renyi_bound_of_the_gaussian_mechanism():
+    """One round at noise 1, δ 1e-5: min over α of α/2 + ln(1e5)/(α−1), whose optimum
+    α = 1 + √(2 ln 1e5) gives 5.298; ε grows with rounds and falls with noise."""
+    from soppu.server.schemes import epsilon
+
+    best = 1 + (2 * math.log(1e5)) ** 0.5
+    by_hand = best / 2 + math.log(1e5) / (best - 1)
+    assert epsilon(1.0, 1, 1e-5) == pytest.approx(by_hand, abs=2e-3)
+    assert epsilon(1.0, 4, 1e-5) > epsilon(1.0, 1, 1e-5) > epsilon(2.0, 1, 1e-5) > 0
+    assert epsilon(1.0, 0, 1e-5) == 0.0
+
+
+def test_a_scheme_with_privacy_averages_privately():
+    from soppu.server.schemes import Privacy, Reply
+
+    honest = honest_round(4)
+    replies = {u: Reply(trained, start, n) for u, (trained, start, n) in honest.items()}
+    plain = scheme_for("fedavg-ft").aggregate(replies)
+    private = scheme_for("fedavg-ft", privacy=Privacy(noise=1.0, clip=1e-3)).aggregate(replies)
+    assert sorted(private.clipped) == sorted(honest)  # every update is longer than 1e-3
+    assert not torch.allclose(private.lora.tensors[KEY_A], plain.lora.tensors[KEY_A])

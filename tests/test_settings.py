@@ -28,7 +28,13 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
     options = simulate_options()
     names = {f.name for f in fields(FederationConfig)}
     assert set(HELP) == names and set(FLAGS) <= names
-    assert set(options) == names | {"config_file", "resume", "client_cpus", "print_config"}
+    assert set(options) == names | {
+        "config_file",
+        "resume",
+        "client_cpus",
+        "print_config",
+        "re_evaluate",
+    }
     for field in fields(FederationConfig):
         option = options[field.name]
         assert flag(field.name) in option.opts + option.secondary_opts

@@ -57,6 +57,12 @@ class FederationConfig:
     clip: float = 1.0
     weight_cap: float = 4.0
     trim: float = 0.5
+    # central differential privacy on the global adapter (soppu/server/schemes/privacy.py):
+    # updates clipped to dp_clip, averaged unweighted, Gaussian noise dp_noise × dp_clip / n;
+    # replaces the robust mean; ε at dp_delta is logged and recorded each round
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    dp_delta: float = 1e-5
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = "emulator"
     compress_every: int = 0  # compress every K rounds (0: only after the last)
@@ -157,6 +163,15 @@ class FederationConfig:
                 raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
         if not 0 <= self.trim <= 0.5:
             raise ValueError(f"trim must be a share in [0, 0.5] (0.5: the median), got {self.trim}")
+        if not 0 <= self.dp_noise < float("inf"):
+            raise ValueError(
+                f"dp-noise must be 0 (off) or a finite multiplier > 0: {self.dp_noise}"
+            )
+        if self.dp_noise and not (0 < self.dp_clip < float("inf") and 0 < self.dp_delta < 1):
+            raise ValueError(
+                f"central DP needs a finite dp-clip > 0 and dp-delta in (0, 1), got "
+                f"{self.dp_clip}, {self.dp_delta}"
+            )
         if self.personal_pass < 0 or self.personal_pass_check < 1:
             raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
         if self.personal_pass and (self.scheme == "local" or not self.validation_fraction):
@@ -306,6 +321,10 @@ HELP = {
     "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
     "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
     "trim": "Robust mean: share of replies left out at each end per weight; 0.5: median.",
+    "dp_noise": "Central DP on the global adapter: noise multiplier (0: off; replaces the "
+    "robust mean).",
+    "dp_clip": "Central DP: every user's update clipped to this L2 norm.",
+    "dp_delta": "Central DP: the δ at which ε is reported.",
     "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
     "compress_every": "Compress every K rounds; 0: after the last only.",
     "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",

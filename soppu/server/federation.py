@@ -33,7 +33,15 @@ from soppu.server.compressed_store import read_manifest
 from soppu.server.compression_round import compress_run
 from soppu.server.config import FederationConfig
 from soppu.server.nodes import Nodes
-from soppu.server.schemes import Averaged, Reply, Robustness, Scheme, scheme_for
+from soppu.server.schemes import (
+    Averaged,
+    Privacy,
+    Reply,
+    Robustness,
+    Scheme,
+    epsilon,
+    scheme_for,
+)
 from soppu.server.schemes.personal_pass import PersonalPass
 from soppu.server.store import RoundStage, RunFolder, check_reply, recover
 from soppu.server.tracking import track
@@ -68,8 +76,10 @@ class Federation:
 
     @property
     def scheme(self) -> Scheme:
-        robustness = Robustness(self.config.clip, self.config.weight_cap, self.config.trim)
-        return scheme_for(self.config.scheme, self.config.prox, robustness)
+        c = self.config
+        robustness = Robustness(c.clip, c.weight_cap, c.trim)
+        privacy = Privacy(c.dp_noise, c.dp_clip, c.dp_delta) if c.dp_noise else None
+        return scheme_for(c.scheme, c.prox, robustness, privacy)
 
 
 def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
@@ -126,6 +136,13 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
             "clipped": averaged.clipped,
             "capped": averaged.capped,
         }
+        if fed.config.dp_noise:
+            record["dp"] = privacy_spent(fed.config, round_)
+            fed.log(
+                f"  central DP: noise {fed.config.dp_noise}, clip {fed.config.dp_clip}; "
+                f"ε = {record['dp']['epsilon']:.3g} at δ = {fed.config.dp_delta:g} after "
+                f"{round_} rounds (an upper bound)"
+            )
         stage.add_global(averaged.lora, record)
         say_robust(averaged, fed.log)
     eval_loss = None
@@ -431,6 +448,18 @@ def compress(fed: Federation, round_: int) -> None:
         f"compressed {totals['users']} users' adapters {totals['ratio']:.1f}× "
         f"(error mean {totals['mean']:.4f}) → {compressed}; published {version}"
     )
+
+
+def privacy_spent(config: FederationConfig, round_: int) -> dict[str, float]:
+    """The global adapter's (ε, δ) after `round_` rounds of central DP."""
+    spent = epsilon(config.dp_noise, round_, config.dp_delta)
+    return {
+        "noise": config.dp_noise,
+        "clip": config.dp_clip,
+        "delta": config.dp_delta,
+        "rounds": round_,
+        "epsilon": spent,
+    }
 
 
 def say_robust(averaged: Averaged, log: Log) -> None:

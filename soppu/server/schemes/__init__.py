@@ -23,21 +23,30 @@ from soppu.server.schemes.ditto import Ditto
 from soppu.server.schemes.fedavg_ft import FedAvgFT
 from soppu.server.schemes.fedsa import FedSA
 from soppu.server.schemes.local import Local
+from soppu.server.schemes.privacy import Privacy, epsilon, private_mean
 
 SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FedAvgFT, Local, FedSA, Ditto)}
 
 __all__ = [
     "SCHEMES",
     "Averaged",
+    "Privacy",
     "Reply",
     "Robustness",
     "Scheme",
+    "epsilon",
+    "private_mean",
     "robust_mean",
     "scheme_for",
 ]
 
 
-def scheme_for(name: str, prox: float = 0.0, robustness: Robustness = DEFAULT) -> Scheme:
+def scheme_for(
+    name: str,
+    prox: float = 0.0,
+    robustness: Robustness = DEFAULT,
+    privacy: Privacy | None = None,
+) -> Scheme:
     if name not in SCHEMES:
         raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {name!r}")
-    return SCHEMES[name](prox=prox, robustness=robustness)
+    return SCHEMES[name](prox=prox, robustness=robustness, privacy=privacy)

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from soppu.adapters import LoraState
 from soppu.server.schemes.aggregate import DEFAULT, Averaged, Robustness, robust_mean
+from soppu.server.schemes.privacy import Privacy, private_mean
 from soppu.server.store import RunFolder
 
 
@@ -27,9 +28,15 @@ class Scheme(ABC):
     # the client trains a second, shared copy from the anchor (twice the steps per round)
     two_tracks: ClassVar[bool] = False
 
-    def __init__(self, prox: float = 0.0, robustness: Robustness = DEFAULT):
+    def __init__(
+        self,
+        prox: float = 0.0,
+        robustness: Robustness = DEFAULT,
+        privacy: Privacy | None = None,
+    ):
         self.prox = prox  # two-track schemes: the pull of the personal adapter to the anchor
         self.robustness = robustness  # how replies are averaged (soppu/server/schemes/aggregate.py)
+        self.privacy = privacy  # central DP instead of the robust mean (privacy.py)
 
     @abstractmethod
     def starts(self, run: RunFolder, users: list[str], template: LoraState) -> dict[str, LoraState]:
@@ -50,9 +57,15 @@ class Scheme(ABC):
     def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
         """The next global adapter from this round's replies (None: the scheme has none)."""
 
-    def _mean_of_personal(self, replies: dict[str, Reply]) -> Averaged:
-        items = {u: (r.personal, r.start, r.examples) for u, r in replies.items()}
+    def average(self, items: dict[str, tuple[LoraState, LoraState, int]]) -> Averaged:
+        """user → (trained, start, examples) averaged: privately where privacy is on, else by
+        the robust mean."""
+        if self.privacy is not None:
+            return private_mean(items, self.privacy)
         return robust_mean(items, self.robustness)
+
+    def _mean_of_personal(self, replies: dict[str, Reply]) -> Averaged:
+        return self.average({u: (r.personal, r.start, r.examples) for u, r in replies.items()})
 
 
 def global_or(run: RunFolder, template: LoraState) -> LoraState:

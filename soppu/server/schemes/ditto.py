@@ -8,7 +8,7 @@ share. A round costs the client twice the steps, and two LoRAs in memory (a few 
 from __future__ import annotations
 
 from soppu.adapters import LoraState
-from soppu.server.schemes.aggregate import Averaged, robust_mean
+from soppu.server.schemes.aggregate import Averaged
 from soppu.server.schemes.base import Reply, Scheme, global_or
 from soppu.server.store import RunFolder
 
@@ -35,4 +35,4 @@ class Ditto(Scheme):
         }
         if len(shared) != len(replies):
             raise ValueError("ditto: a reply without its shared copy")
-        return robust_mean(shared, self.robustness)
+        return self.average(shared)

@@ -89,7 +89,7 @@ def simulate(
         raise ValueError("--re-evaluate evaluates a finished run again: it needs --resume")
     config = resolve_config(config, resume=resume)  # refuses a bad resume before Ray starts
     folder = RunFolder(Path(config.run_dir))
-    if resume and (done := finished(folder, config)):
+    if resume and (done := _finished(folder, config)):
         if not re_evaluate:
             log(f"{done}; nothing to do (--re-evaluate evaluates it again)")
             return Run(folder, _read_json(folder.evaluation))
@@ -112,7 +112,7 @@ def simulate(
     return Run(folder, _read_json(folder.evaluation))
 
 
-def finished(folder: RunFolder, config: FederationConfig) -> str:
+def _finished(folder: RunFolder, config: FederationConfig) -> str:
     """What a finished run did ('' while there is more to do): every round trained,
     compressed and published, and evaluated where the config asks for it."""
     state = folder.state() if folder.state_file.is_file() else {}

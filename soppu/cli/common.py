@@ -19,8 +19,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 console = Console(soft_wrap=True)  # never break a path or an error across lines
-# --help: Typer's rich panels where they fit (from 90 columns they cut no option name), else
-# click's plain layout, which puts a long option on its own line and never cuts one
+# --help: Typer's rich panels where they fit (at 90 columns they already cut no option name;
+# 100 leaves room for longer ones), else click's plain layout, which puts a long option on
+# its own line and never cuts one
 HELP_MARKUP = "rich" if shutil.get_terminal_size().columns >= 100 else None
 if HELP_MARKUP is None:
     # Typer escapes its "[default: …]" for rich whenever rich is installed, so click's plain

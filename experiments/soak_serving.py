@@ -11,7 +11,13 @@ requests from --clients concurrent clients on loopback (httpx), mixed: LoRAX /ge
 greedy and sampled (some at temperature 1e-45). A --disconnect share of them leave early (a
 stream closed after two events, a plain request given up after --give-up seconds), a
 --degenerate share carry what must be refused (inf/NaN temperature, seed 2**64, top_p 0,
-a path outside the serving dir, a body over the limit, ...). When half the requests are done
+a path outside the serving dir, a body over the limit, n 2, 17 stop sequences, ...), an
+--oversized share send a prompt just under the body limit or of exactly the most bytes the
+server tokenises (both must be refused, neither may hold up anyone else), and a --hostile
+share ask for legal extremes that must be answered whole (top_k 2**62, top_p 1e-9, the
+largest seed, temperature 1e6, sixteen stop sequences of 1,000 characters, half the context
+generated past end-of-sequence, a prompt scored with its top-5 alternatives at the input
+limit). When half the requests are done
 a new version is published (the same users and two more, at another rank; on --serving, the
 version's own store published again) and the server swaps it in under load.
 
@@ -23,9 +29,12 @@ Measured (each request carries a unique seed, so the engine's record of it is fo
 - clients that left: all cancelled in the engine, tokens generated, steps from leaving to the
   row leaving;
 - degenerate requests: all refused with a 4xx (target: all);
+- oversized prompts: all refused with a 4xx, the slowest refusal (for reference);
+- hostile but legal parameters: all answered whole (they count among the well-formed too);
 - RSS of this process after a warm-up and at the end (target: back to start, within 5%);
 - nothing left open in the engine (rows, queue, open requests).
-Prints a table; writes experiments/results/soak_serving.json (--out).
+Prints a table; writes experiments/results/soak_serving_hostile.json (--out; soak_serving.json
+holds the run before oversized and hostile requests were mixed in).
 """
 
 from __future__ import annotations
@@ -68,6 +77,11 @@ DEGENERATE = [  # (route, raw JSON body, what makes it wrong)
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "seed": -1}'),
     ("/generate", json.dumps({"inputs": "word " * 400_000})),  # 2 MB: over the body limit
     ("/generate_stream", '{"inputs": "hi", "parameters": {"max_new_tokens": 0}}'),
+    ("/generate", '{"inputs": "hi", "parameters": {"max_new_tokens": 1000000000000}}'),
+    ("/v1/completions", '{"prompt": "hi", "n": 2}'),
+    ("/v1/completions", '{"prompt": "hi", "logprobs": 6, "echo": true, "max_tokens": 0}'),
+    ("/generate", json.dumps({"inputs": "hi", "parameters": {"stop": ["x"] * 17}})),
+    ("/generate", '{"inputs": "hi", "parameters": {"best_of": 2}}'),
 ]
 
 
@@ -100,6 +114,53 @@ def copied_serving(source: Path, root: Path) -> tuple[Path, Path | None]:
     return serving, store if (store / "manifest.json").is_file() else None
 
 
+def oversized(limits: dict) -> list[tuple[str, dict]]:
+    """Legal JSON whose prompt the server must refuse: one just under the body limit (refused
+    by its length before tokenising) and one of exactly the most bytes it tokenises (refused
+    once tokenised: every word is a token, so far more tokens than the input limit)."""
+    huge = "word " * ((limits["max_body_bytes"] - 4096) // 5)
+    tokenised = ("word " * limits["max_prompt_bytes"])[: limits["max_prompt_bytes"]]
+    return [
+        ("/generate", {"inputs": huge, "parameters": {"max_new_tokens": 2}}),
+        ("/v1/completions", {"prompt": huge, "max_tokens": 2}),
+        ("/generate_stream", {"inputs": tokenised, "parameters": {"max_new_tokens": 2}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": tokenised}]}),
+    ]
+
+
+def hostile(limits: dict, prompt: str, user: str | None, seed: int, rng: random.Random):
+    """A legal request at the extremes of what the server accepts: it must be answered whole."""
+    stops = ["".join(rng.choice("abcdefgh") for _ in range(1000)) for _ in range(16)]
+    generate = {"adapter_id": user, "seed": seed, "max_new_tokens": 8}
+    chosen = rng.randrange(5)
+    if chosen == 0:
+        parameters = {"do_sample": True, "top_k": 2**62, "top_p": 1e-9}
+        return "/generate", {"inputs": prompt, "parameters": generate | parameters}
+    if chosen == 1:
+        parameters = {"stop": stops, "max_new_tokens": 24}
+        return "/generate", {"inputs": prompt, "parameters": generate | parameters}
+    if chosen == 2:
+        long = limits["max_total_tokens"] // 2  # past any end-of-sequence: a long row
+        parameters = {"max_new_tokens": long, "ignore_eos_token": True}
+        return "/generate", {"inputs": prompt, "parameters": generate | parameters}
+    if chosen == 3:
+        body = {"model": user or "", "prompt": limits["longest_prompt"], "echo": True}
+        body |= {"logprobs": 5}
+        return "/v1/completions", body | {"max_tokens": 0, "seed": seed}
+    # the largest legal seed: this request's engine record is not found by its seed, so it
+    # counts for errors but not for admission
+    body = {"model": user or "", "temperature": 1e6, "max_tokens": 8, "seed": 2**64 - 1}
+    return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
+
+
+def longest_prompt(tokenizer, max_tokens: int) -> str:
+    """Words of SAMPLE, as many as fit in `max_tokens` tokens."""
+    words = (SAMPLE.split() * max_tokens)[:max_tokens]
+    while len(tokenizer(" ".join(words))["input_ids"]) > max_tokens - 2:  # room for BOS, EOS
+        words.pop()
+    return " ".join(words)
+
+
 def start_server(serving: Path, base_model: str | None, max_batch: int, max_wait: float):
     import uvicorn
 
@@ -115,7 +176,15 @@ def start_server(serving: Path, base_model: str | None, max_batch: int, max_wait
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", engine, server, thread
+    ctx = app.state.soppu
+    limits = {
+        "max_body_bytes": ctx.max_body_bytes,
+        "max_prompt_bytes": ctx.max_prompt_bytes,
+        "max_input_tokens": ctx.max_input_tokens,
+        "max_total_tokens": ctx.max_total_tokens,
+        "longest_prompt": longest_prompt(engine.tokenizer, ctx.max_input_tokens),
+    }
+    return f"http://127.0.0.1:{port}", engine, server, thread, limits
 
 
 class Recorder:
@@ -155,20 +224,38 @@ class Recorder:
         return bisect.bisect_right(self.turns, end) - bisect.bisect_right(self.turns, start)
 
 
-def plan(count: int, users: list[str], args, rng: random.Random) -> list[dict]:
-    """Every request: its kind (ok, leave, bad), route, body; its seed is its index."""
+def plan(count: int, users: list[str], args, limits: dict, rng: random.Random) -> list[dict]:
+    """Every request: its kind (ok, leave, bad, oversized), route, body; its seed is its
+    index; the hostile ones are ok requests marked `hostile`."""
     words = SAMPLE.split()
-    degenerate = set(rng.sample(range(count), round(count * args.degenerate)))
-    rest = [i for i in range(count) if i not in degenerate]
+    shares = {"bad": args.degenerate, "oversized": args.oversized, "hostile": args.hostile}
+    special: dict[int, str] = {}
+    for kind, share in shares.items():
+        free = [i for i in range(count) if i not in special]
+        special |= dict.fromkeys(rng.sample(free, round(count * share)), kind)
+    rest = [i for i in range(count) if i not in special]
     leaving = set(rng.sample(rest, round(count * args.disconnect)))
     jobs: list[dict] = []
+    too_long = oversized(limits)
     for i in range(count):
-        if i in degenerate:  # each kind in turn
-            route, raw = DEGENERATE[sum(j["kind"] == "bad" for j in jobs) % len(DEGENERATE)]
+        done = sum(j["kind"] == special.get(i) for j in jobs)
+        if special.get(i) == "bad":  # each kind in turn
+            route, raw = DEGENERATE[done % len(DEGENERATE)]
             jobs.append({"seed": i, "kind": "bad", "route": route, "raw": raw, "stream": False})
+            continue
+        if special.get(i) == "oversized":
+            route, body = too_long[done % len(too_long)]
+            stream = route == "/generate_stream"
+            jobs.append({"seed": i, "kind": "oversized", "route": route, "body": body,
+                         "stream": stream})  # fmt: skip
             continue
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
         user = rng.choice([*users, None])
+        if special.get(i) == "hostile":
+            route, body = hostile(limits, prompt, user, i, rng)
+            jobs.append({"seed": i, "kind": "ok", "hostile": True, "route": route, "body": body,
+                         "stream": False})  # fmt: skip
+            continue
         if i in leaving:  # long, greedy, past any end-of-sequence: it would run long
             route = rng.choice(["/generate", "/generate_stream"])
             body = body_for(route, prompt, user, args.leave_tokens, i, None, False)
@@ -203,6 +290,7 @@ def body_for(route, prompt, user, tokens, seed, temperature, stream) -> dict:
 async def run_one(client, url: str, job: dict, give_up: float) -> dict:
     began = time.perf_counter()
     out = {"seed": job["seed"], "kind": job["kind"], "status": 0, "error": None, "left": None}
+    out["hostile"], out["route"] = job.get("hostile", False), job["route"]
     try:
         if job["kind"] == "bad":
             reply = await client.post(
@@ -303,6 +391,8 @@ def summarise(results, recorder: Recorder, engine, args, rss_start, rss_end, wal
         if r["left"] and seen.get("finished")
     ]
     bad = [r for r in results if r["kind"] == "bad"]
+    too_long = [r for r in results if r["kind"] == "oversized"]
+    hostile = [r for r in ok if r["hostile"]]
     return {
         "requests": len(results),
         "clients": args.clients,
@@ -315,13 +405,26 @@ def summarise(results, recorder: Recorder, engine, args, rss_start, rss_end, wal
         "engine_turns": len(recorder.turns),
         "left_early": len(left),
         "answered_before_leaving": len(leavers) - len(left),
-        "left_cancelled": sum(c.get("reason") == "cancelled" for c in cancelled),
+        # never reaching the engine (gone while the prompt was read or tokenised) counts too
+        "left_cancelled": sum(c.get("reason", "cancelled") == "cancelled" for c in cancelled),
+        "left_before_the_engine": sum(not c for c in cancelled),
+        "left_otherwise": sorted(
+            f"{r['route']}: {c['reason']} after {c['tokens']} tokens"
+            for r, c in zip(left, cancelled, strict=True)
+            if c.get("reason", "cancelled") != "cancelled"
+        ),
         "left_tokens_worst": max((c.get("tokens", 0) for c in cancelled), default=0),
         "left_tokens_limit": args.leave_tokens,
         "left_turns_worst": max(after, default=0),
         "degenerate": len(bad),
         "degenerate_4xx": sum(400 <= r["status"] < 500 for r in bad),
         "degenerate_statuses": sorted({r["status"] for r in bad}),
+        "oversized": len(too_long),
+        "oversized_4xx": sum(400 <= r["status"] < 500 for r in too_long),
+        "oversized_statuses": sorted({r["status"] for r in too_long}),
+        "oversized_latency_worst_s": max((r["latency"] for r in too_long), default=0.0),
+        "hostile": len(hostile),
+        "hostile_answered": sum(r["status"] == 200 and not r["error"] for r in hostile),
         "rss_start_mib": rss_start / MIB,
         "rss_end_mib": rss_end / MIB,
         "swaps": engine.swaps,
@@ -351,6 +454,13 @@ def table(s: dict) -> str:
         ("degenerate requests refused with a 4xx",
          f"{s['degenerate_4xx']} of {s['degenerate']} {s['degenerate_statuses']}", "all",
          s["degenerate_4xx"] == s["degenerate"]),
+        ("oversized prompts refused with a 4xx (slowest refusal)",
+         f"{s['oversized_4xx']} of {s['oversized']} {s['oversized_statuses']} "
+         f"({s['oversized_latency_worst_s']:.2f} s)", "all",
+         s["oversized_4xx"] == s["oversized"]),
+        ("hostile but legal parameters answered whole",
+         f"{s['hostile_answered']} of {s['hostile']}", "all",
+         s["hostile_answered"] == s["hostile"]),
         ("version swapped in under load", f"{swap[0]}, {swap[1]} rows in flight" if swap else
          "no", "yes", bool(swap)),
         ("RSS after warm-up → end", f"{s['rss_start_mib']:.0f} → {s['rss_end_mib']:.0f} MiB "
@@ -369,12 +479,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--disconnect", type=float, default=0.10)
-    parser.add_argument("--degenerate", type=float, default=0.01)
+    parser.add_argument("--degenerate", type=float, default=0.015)
+    parser.add_argument("--oversized", type=float, default=0.02, help="share of huge prompts")
+    parser.add_argument("--hostile", type=float, default=0.05, help="share of legal extremes")
     parser.add_argument("--users", type=int, default=8, help="tiny model's users")
     parser.add_argument("--min-tokens", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--leave-tokens", type=int, default=200, help="asked by those who leave")
-    parser.add_argument("--give-up", type=float, default=0.5, help="seconds a plain leaver waits")
+    # well before 200 tokens are made, so a leaver leaves a row still running on a fast CPU
+    parser.add_argument("--give-up", type=float, default=0.1, help="seconds a plain leaver waits")
     parser.add_argument("--max-batch", type=int, default=128)
     parser.add_argument("--max-wait", type=float, default=0.005)
     parser.add_argument("--warmup", type=int, default=100)
@@ -382,7 +495,7 @@ def main() -> None:
     parser.add_argument("--base-model", help="with --serving: the base model (default: its own)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak_serving.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak_serving_hostile.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from soppu.server.publish import publish
@@ -394,10 +507,12 @@ def main() -> None:
     else:
         model, serving, store = tiny_serving(root, args.users)
         base = str(model)
-    url, engine, server, thread = start_server(serving, base, args.max_batch, args.max_wait)
+    url, engine, server, thread, limits = start_server(
+        serving, base, args.max_batch, args.max_wait
+    )
     users = sorted(engine.users)
     rng = random.Random(args.seed)
-    warm = [j for j in plan(args.warmup, users, args, rng) if j["kind"] == "ok"]
+    warm = [j for j in plan(args.warmup, users, args, limits, rng) if j["kind"] == "ok"]
     for job in warm:
         job["seed"] += 10**9  # apart from the measured ones
         if "parameters" in job["body"]:
@@ -412,7 +527,7 @@ def main() -> None:
         if store is not None:
             publish(store, serving)
 
-    jobs = plan(args.requests, users, args, rng)
+    jobs = plan(args.requests, users, args, limits, rng)
     began = time.perf_counter()
     results = asyncio.run(load(url, jobs, args.clients, args.give_up, new_version))
     wall = time.perf_counter() - began
@@ -423,7 +538,10 @@ def main() -> None:
     summary = summarise(results, recorder, engine, args, rss_start, rss_end, wall)
     server.should_exit = True
     thread.join(timeout=60)
-    summary["command"] = " ".join(["python experiments/soak_serving.py", *sys.argv[1:]])
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from federation import provenance
+
+    summary |= provenance("soak_serving.py")
     summary["torch_threads"] = args.threads
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(args.out, json.dumps(summary, indent=2) + "\n")

@@ -520,6 +520,7 @@ def main() -> None:
         else:
             job["body"]["seed"] = job["seed"]
     asyncio.run(load(url, warm, args.clients, args.give_up))
+    jobs = plan(args.requests, users, args, limits, rng)  # before RSS: the bodies are ours
     recorder = Recorder(engine)
     rss_start = rss()
 
@@ -527,7 +528,6 @@ def main() -> None:
         if store is not None:
             publish(store, serving)
 
-    jobs = plan(args.requests, users, args, limits, rng)
     began = time.perf_counter()
     results = asyncio.run(load(url, jobs, args.clients, args.give_up, new_version))
     wall = time.perf_counter() - began

@@ -490,7 +490,9 @@ def main() -> None:
     parser.add_argument("--give-up", type=float, default=0.1, help="seconds a plain leaver waits")
     parser.add_argument("--max-batch", type=int, default=128)
     parser.add_argument("--max-wait", type=float, default=0.005)
-    parser.add_argument("--warmup", type=int, default=100)
+    # enough for every kind of request to have set the allocator's high-water mark (at 100
+    # the longest hostile rows came after it: RSS then rose by the arenas they needed, once)
+    parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--serving", type=Path, help="a published serving dir (copied first)")
     parser.add_argument("--base-model", help="with --serving: the base model (default: its own)")
     parser.add_argument("--threads", type=int, default=1)

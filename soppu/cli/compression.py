@@ -24,11 +24,13 @@ from soppu.cli.common import (
     set_threads,
     shown,
 )
+from soppu.compression.methods import METHODS
 
-
-class Sigma(StrEnum):
-    full = "full"
-    diag = "diag"
+Sigma = StrEnum("Sigma", {name: name for name in METHODS})  # one choice per method
+SIGMA_DEFAULT = Sigma("full")
+SIGMA_HELP = "Per-user core (the compression method): " + "; ".join(
+    method.help for method in METHODS.values()
+)
 
 
 class Group(StrEnum):
@@ -95,7 +97,7 @@ def compress(
     max_error: Annotated[
         float | None, typer.Option(help="Else: weighted relative error target (energy 1−e²).")
     ] = None,
-    sigma: Annotated[Sigma, typer.Option(help="Per-user core: full r×r or diagonal.")] = Sigma.full,
+    sigma: Annotated[Sigma, typer.Option(help=SIGMA_HELP)] = SIGMA_DEFAULT,
     bits: Annotated[
         int, typer.Option(help="32, or 8/4: bases and cores stored as codes with column scales.")
     ] = 32,

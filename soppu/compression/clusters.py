@@ -22,6 +22,7 @@ from torch import Tensor
 
 from soppu.compression.factors import CanonicalStack, project
 from soppu.compression.joint import hosvd_spectra, user_weights
+from soppu.compression.methods import CompressionMethod
 
 MAX_AUTO_CLUSTERS = 4
 
@@ -139,14 +140,14 @@ def fit_clusters(
 
 
 def rank_for_budget(
-    budget: int, count: int, items: int, shape: tuple[int, int], k: int, *, diagonal: bool = False
+    budget: int, count: int, items: int, shape: tuple[int, int], k: int, method: CompressionMethod
 ) -> int:
     """The largest shared rank r whose storage with `count` clusters fits `budget` numbers:
-    count·r·(m + n) + items·min(r², 2·k·r) (items·r for diagonal cores)."""
+    count·r·(m + n) + items·(one core at rank r, as `method` stores it)."""
     m, n = shape
     best = 0
     for r in range(1, min(m, n) + 1):
-        cores = items * (r if diagonal else min(r * r, 2 * k * r))
+        cores = items * method.core_params(k, r, r)
         if count * r * (m + n) + cores > budget:
             break
         best = r

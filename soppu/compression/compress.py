@@ -17,16 +17,14 @@ import torch
 from torch import Tensor
 
 from soppu.compression.clusters import MAX_AUTO_CLUSTERS, Clustering, fit_clusters, rank_for_budget
-from soppu.compression.core_size import cheapest_core_params
-from soppu.compression.diagonal import fit_diag
 from soppu.compression.export import core_ranks, export_lora
 from soppu.compression.factors import CanonicalStack, LoRAFactors, canonicalize, item_ranks
-from soppu.compression.joint import SlotFit, cap_ranks, choose_ranks, fit_full, user_weights
+from soppu.compression.joint import SlotFit, cap_ranks, choose_ranks, user_weights
+from soppu.compression.methods import method_named
 from soppu.compression.residuals import OrthoForm, personal_errors, relative, squared_errors
 from soppu.compression.slots import GROUPINGS
 from soppu.compression.storage import BITS, SlotStorage
 
-SIGMA_MODES = ("full", "diag")
 WEIGHTINGS = ("uniform", "norm")
 
 
@@ -36,7 +34,7 @@ class CompressionConfig:
 
     rank: int | None = None  # fixed shared rank r per slot (may exceed the LoRA rank k)
     energy: float | None = None  # else: smallest r keeping this share of the weighted energy
-    sigma: str = "full"  # "full": r × r core per user; "diag": r numbers per user
+    sigma: str = "full"  # the method (methods.METHODS): "full": r × r core per user; "diag": r
     weights: str = "uniform"  # "uniform" or "norm" (w_i = 1/‖D_i‖²: every user counts alike)
     group: str = "slot"  # "slot": per (layer, module); "shape": one basis per tensor shape
     tol: float = (
@@ -54,8 +52,7 @@ class CompressionConfig:
             raise ValueError("give a shared rank (rank=R) or an energy target (energy=E)")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.sigma not in SIGMA_MODES:
-            raise ValueError(f"sigma must be one of {SIGMA_MODES}, got {self.sigma!r}")
+        method_named(self.sigma)  # one of methods.METHODS, or a ValueError naming them
         if self.group not in GROUPINGS:
             raise ValueError(f"group must be one of {GROUPINGS}, got {self.group!r}")
         if self.weights not in WEIGHTINGS:
@@ -166,13 +163,11 @@ class SlotResult:
 
 
 def core_storage(fit: SlotFit, lora_ranks: Tensor) -> int:
-    """Numbers stored for the cores: r per user (diag); else each core in its `core_form`;
-    the count uses the padded width actually written (the slot's largest k)."""
+    """Numbers stored for the cores, as the fit's method counts one; k is the padded width
+    actually written (the slot's largest)."""
     count, (r_u, r_v) = fit.cores.shape[0], fit.ranks
-    if fit.sigma == "diag":
-        return count * r_u
-    k = int(lora_ranks.max())
-    return count * cheapest_core_params(k, r_u, r_v)
+    k = int(lora_ranks.max()) if len(lora_ranks) else 0
+    return count * method_named(fit.sigma).core_params(k, r_u, r_v)
 
 
 def compress_slot(
@@ -196,16 +191,15 @@ def fit_stack(
     module_groups: Sequence[Sequence[int]] | None = None,
     init: tuple[Tensor, Tensor] | None = None,
 ) -> SlotResult:
-    """Fit one slot's canonical stack; `init` = (U, V) warm-starts a refit (full cores)."""
+    """Fit one slot's canonical stack with `config.sigma`'s method; `init` = (U, V)
+    warm-starts a refit where the method can."""
     weights = user_weights(stack, config.weights)
     if config.rank:
         ranks = cap_ranks(stack, config.rank)
     else:
         ranks = choose_ranks(stack, weights, config.energy or 1.0, config.max_rank)
-    if config.sigma == "full":
-        fit = fit_full(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters, init=init)
-    else:  # a diagonal core pairs one U column with one V column
-        fit = fit_diag(stack, min(ranks), weights, tol=config.tol, max_iters=config.max_iters)
+    method = method_named(config.sigma)
+    fit = method.fit(stack, ranks, weights, tol=config.tol, max_iters=config.max_iters, init=init)
     stored = SlotStorage.of(fit, config.bits)
     form = fit.form() if config.bits == 32 else stored.form_read_back(stack.S.device)
     sq_errors = fit.sq_errors if config.bits == 32 else squared_errors(stack, form)
@@ -252,7 +246,7 @@ def cluster_slot(
         single = replace(config, clusters=1)
         if config.rank and not config.clusters and count > 1:
             rank = rank_for_budget(
-                budget, count, stack.count, stack.shape, stack.rank, diagonal=config.sigma == "diag"
+                budget, count, stack.count, stack.shape, stack.rank, method_named(config.sigma)
             )
             if rank < 1:
                 break

@@ -62,8 +62,8 @@ class SlotFit:
 
     U: Tensor  # m × r_U
     V: Tensor  # n × r_V
-    sigma: str  # "full": cores N × r_U × r_V; "diag": cores N × r (r_U = r_V = r; U, V then
-    # not orthonormal)
+    sigma: str  # the method that made it (`methods.METHODS`): "full": cores N × r_U × r_V;
+    # "diag": cores N × r (r_U = r_V = r; U, V then not orthonormal)
     cores: Tensor
     weights: Tensor  # N, float64
     bracket: Bracket
@@ -82,9 +82,9 @@ class SlotFit:
         return (self.U.shape[1], self.V.shape[1])
 
     def form(self) -> OrthoForm:
-        if self.sigma == "full":
-            return OrthoForm(self.U, self.V, self.cores)
-        return OrthoForm.from_diag(self.U, self.V, self.cores)
+        from soppu.compression.methods import method_named  # the methods call this module
+
+        return method_named(self.sigma).form(self)
 
 
 def user_weights(stack: CanonicalStack, scheme: str) -> Tensor:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from soppu.compression.core_size import core_form
 from soppu.compression.joint import SlotFit
+from soppu.compression.methods import method_named
 from soppu.compression.residuals import OrthoForm
 
 BITS = (32, 8, 4)
@@ -30,15 +30,11 @@ FORMS = ("dense", "factored", "diag")
 
 
 def stored_floats(fit: SlotFit) -> tuple[dict[str, Tensor], str]:
-    """The tensors a slot keeps, in float, and the core form."""
-    tensors = {"U": fit.U, "V": fit.V}
-    if fit.sigma == "diag":
-        return {**tensors, "sigma": fit.cores}, "diag"
-    if fit.core_factors is not None:
-        left, right = fit.core_factors
-        if core_form(left.shape[2], *fit.ranks) == "factored":
-            return {**tensors, "core_left": left, "core_right": right}, "factored"
-    return {**tensors, "cores": fit.cores}, "dense"
+    """The tensors a slot keeps, in float, and the core form: as the fit's method keeps them."""
+    floats, form = method_named(fit.sigma).stored_floats(fit)
+    if form not in FORMS:
+        raise ValueError(f"method {fit.sigma!r} stores cores as {form!r}, not one of {FORMS}")
+    return floats, form
 
 
 def reduced_axis(name: str, shape: tuple[int, ...]) -> int:

@@ -31,7 +31,8 @@ from soppu.compression.clusters import subset
 from soppu.compression.compress import CompressionConfig, SlotResult, cluster_slot, fit_stack
 from soppu.compression.core_size import core_params
 from soppu.compression.factors import canonicalize
-from soppu.compression.project import Projected, project_diag, project_full
+from soppu.compression.methods import method_named
+from soppu.compression.project import Projected
 from soppu.compression.report import build_report, rank_label, slot_entry, write_report
 from soppu.compression.residuals import OrthoForm, relative, squared_errors
 from soppu.compression.slots import Slot
@@ -208,9 +209,12 @@ def _new_items(members: list[dict[str, Any]], new: dict[str, AdapterInfo]) -> tu
 
 
 def _project(stack, stored: StoredSlot) -> Projected:
-    if stored.entry["core_form"] == "diag":
-        return project_diag(stack, *stored.reader.bases())
-    return project_full(stack, stored.form.Qu, stored.form.Qv)
+    """New users' cores by the method that made the slot."""
+    try:
+        method = method_named(stored.entry.get("sigma", "full"))
+    except ValueError as exc:
+        raise StoreError(f"{stored.path}: {exc}") from None
+    return method.project(stack, stored.reader.bases(), stored.form)
 
 
 def _appended(
@@ -305,7 +309,7 @@ def _appended_entry(
         "modules": everyone.modules,
         "rank": rank_label(ranks),
         "ranks": list(ranks),
-        "sigma": "diag" if storage.form == "diag" else "full",
+        "sigma": old_slot["sigma"],
         "items": len(everyone.items),
         "params_before": params_before,
         "params_after": params_after,

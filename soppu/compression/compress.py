@@ -34,7 +34,7 @@ class CompressionConfig:
 
     rank: int | None = None  # fixed shared rank r per slot (may exceed the LoRA rank k)
     energy: float | None = None  # else: smallest r keeping this share of the weighted energy
-    sigma: str = "full"  # the method (methods.METHODS): "full": r × r core per user; "diag": r
+    sigma: str = "full"  # methods.METHODS: "full" (r × r core per user), "diag" (r numbers)
     weights: str = "uniform"  # "uniform" or "norm" (w_i = 1/‖D_i‖²: every user counts alike)
     group: str = "slot"  # "slot": per (layer, module); "shape": one basis per tensor shape
     tol: float = (

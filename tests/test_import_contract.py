@@ -116,3 +116,32 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     assert {"soppu.server.publish", "soppu.server.publish.publish", "soppu"} <= imports(module)
     assert part("soppu.server.publish.publish") == "server" and part("soppu.lm") == "core"
     assert part("soppu.cli.common") == "entry" and part("torch") is None
+
+
+def test_packages_named_like_our_parts_ahead_on_the_path_change_nothing(tmp_path):
+    """Python 3.14's standard library has a `compression` package (PEP 784) and other
+    distributions install `server` or `clients`: stand-ins that fail on import, put first on
+    sys.path, must not be reached by the CLI, the Python API or Flower's apps."""
+    import os
+    import subprocess
+    import sys
+
+    for name in PARTS:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the stand-in {name}')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    code = (
+        "import sys; assert sys.path[1] == sys.argv[1], sys.path\n"
+        "from soppu.compression import CompressionConfig, compress_slot\n"
+        "import soppu.api, soppu.server.server_app, soppu.clients.client_app\n"
+        "print(CompressionConfig(rank=2).sigma, compress_slot.__module__)\n"
+    )
+    api = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert api.returncode == 0, api.stderr
+    assert api.stdout.split() == ["full", "soppu.compression.compress"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "soppu", "compress", "--help"], env=env, capture_output=True
+    )
+    assert cli.returncode == 0, cli.stderr

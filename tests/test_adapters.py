@@ -117,7 +117,8 @@ def odd_adapter(tmp_path, dtype=torch.float32):
     }
     path = write_users(tmp_path, {"odd": factors}, rank=3, alpha=3)["odd"]
     weights = path / "adapter_model.safetensors"
-    tensors = {key: value.to(dtype) for key, value in load_file(weights).items()}
+    # copies: safetensors 0.4 maps the file it loads, and the file is rewritten in place here
+    tensors = {key: value.to(dtype).clone() for key, value in load_file(weights).items()}
     save_file(tensors, weights)
     return path, tensors
 

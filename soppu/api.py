@@ -249,6 +249,24 @@ def report(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def write_report(data: dict[str, Any], target: str | Path) -> list[Path]:
+    """Render `data` (a report) into `target`'s JSON, CSV, Markdown and PNG files, each
+    replaced whole: they are rendered in a scratch folder beside `target` first, so a full or
+    read-only disk leaves what was there, and nothing else in `target` is touched."""
+    import os
+
+    from soppu import atomic
+    from soppu.compression.report import write_report as render
+
+    target = Path(target)
+    with atomic.scratch_dir(target.parent, target.name) as scratch:
+        rendered = render(data, scratch)
+        target.mkdir(exist_ok=True)
+        for file in rendered:
+            os.replace(file, target / file.name)
+    return [target / file.name for file in rendered]
+
+
 def report_dir(path: Path) -> Path:
     """Where `path`'s report is: its report/, its current version's, its newest version's
     (a folder of versions such as a run's compressed/), a run's served version's, or `path`

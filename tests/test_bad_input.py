@@ -3,9 +3,11 @@ never a traceback, and leaves every byte of the existing store and serving dir a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -345,3 +347,37 @@ def test_a_full_disk_is_one_line_and_nothing_changes(world, tmp_path, monkeypatc
     assert not (tmp_path / "new-store").exists()
     assert checksums(world) == before
     assert not [p for p in world.iterdir() if p.name.startswith(".")], list(world.iterdir())
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full-disk", "read-only"])
+@pytest.mark.parametrize("verb", ["compress", "publish", "synth", "report"])
+def test_a_target_that_cannot_be_written_is_one_line_and_nothing_changes(
+    world, tmp_path, monkeypatch, code, verb
+):
+    """Every file the CLI writes starts as a temporary file beside its target (or a slot file
+    through safetensors): when the disk is full or read-only, one line names where, nothing
+    is half-written and what was there stays as it was."""
+    import tempfile
+
+    from soppu.server import compressed_store
+
+    before = checksums(world)
+    paths = sorted(world.rglob("*"))
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(kwargs.get("dir") or args[-1]))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(compressed_store, "save_file", refuse)
+    target = tmp_path / "target"
+    args = {
+        "compress": ("compress", world / "adapters", "--out", target, "--rank", "4"),
+        "publish": ("publish", world / "store", "--to", world / "serving"),
+        "synth": ("synth", target, "--users", "2", "--layers", "1", "--rank", "2"),
+        "report": ("report", world / "store", "--out", target),
+    }[verb]
+    exit_code, output, exc = run_cli(*args)
+    assert_one_clear_line(exit_code, output, exc, os.strerror(code), "unchanged")
+    assert checksums(world) == before
+    assert not target.exists() or not any(target.rglob("*")), list(target.rglob("*"))
+    assert sorted(world.rglob("*")) == paths  # no temporary file left anywhere

@@ -62,7 +62,8 @@ def synth(
     from soppu.synthetic import PopulationSpec, write_population
 
     spec = PopulationSpec(users, layers, rank=rank, structure=structure.value, seed=seed)
-    paths = write_population(spec, out)
+    with clear_errors():
+        paths = write_population(spec, out)
     console.print(f"wrote {len(paths)} adapters to [bold]{shown(out)}[/]")
 
 
@@ -303,12 +304,10 @@ def report(
 ) -> None:
     """Print the per-layer reconstruction-error table; write JSON, CSV, Markdown and PNG."""
     from soppu import api
-    from soppu.compression.report import write_report
 
     with clear_errors():
         data = api.report(path)
-        target = out or api.report_dir(path)
-        files = write_report(data, target)
+        files = api.write_report(data, out or api.report_dir(path))
     print_report(data)
     console.print("wrote " + ", ".join(str(f) for f in files))
 

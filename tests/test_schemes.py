@@ -388,3 +388,25 @@ def test_a_scheme_with_privacy_averages_privately():
     private = scheme_for("fedavg-ft", privacy=Privacy(noise=1.0, clip=1e-3)).aggregate(replies)
     assert sorted(private.clipped) == sorted(honest)  # every update is longer than 1e-3
     assert not torch.allclose(private.lora.tensors[KEY_A], plain.lora.tensors[KEY_A])
+
+
+def test_at_the_federations_defaults_one_huge_user_cannot_take_the_shared_bases():
+    """A hostile reply scaled ×1e4 is stored as that user's adapter and compressed with the
+    others: under uniform weights it owns the bases and the honest users lose most of their
+    deltas; at the federation's defaults (norm weights) they keep what they had without it."""
+    from helpers import random_factors
+
+    from soppu.compression import compress_slot
+    from soppu.compression.factors import LoRAFactors
+    from soppu.server.config import FederationConfig
+
+    honest = random_factors(6, 48, 40, 4, seed=3, shared=10)
+    noise = random_factors(1, 48, 40, 4, seed=4)[0]  # off the honest users' subspace
+    hostile = LoRAFactors(noise.A, noise.B * 1e4, 1.0)
+    config = FederationConfig().compression()
+    alone = compress_slot(honest, config).errors
+    defaults = compress_slot([*honest, hostile], config).errors[:6]
+    uniform = compress_slot([*honest, hostile], replace(config, weights="uniform")).errors[:6]
+    assert config.weights == "norm"
+    assert float(uniform.max()) > 0.5  # the attack, without the defence
+    assert float(defaults.max()) <= float(alone.max()) + 0.05

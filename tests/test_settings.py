@@ -65,13 +65,13 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     monkeypatch.setattr(cli_federation, "_print_results", lambda _: None)
     (tmp_path / "run.toml").write_text("rounds = 5\ncompress-rank = 3\nlr = 0.01\n")
     args = ["simulate", "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml")]
-    args += ["--rank", "7", "--weights", "norm", "--group", "shape", "--no-final-evaluation"]
+    args += ["--rank", "7", "--weights", "uniform", "--group", "shape", "--no-final-evaluation"]
     args += ["--scheme", "ditto", "--prox", "0.5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = seen["c"]
     assert (config.rounds, config.lr, config.compress_rank) == (5, 0.01, 7)
-    assert (config.compress_weights, config.compress_group) == ("norm", "shape")
+    assert (config.compress_weights, config.compress_group) == ("uniform", "shape")
     assert config.final_evaluation is False and config.run_dir == str(tmp_path / "run")
     # --print-config writes what the flags and the file made, as a file --config reads back
     result = CliRunner().invoke(app, [*args, "--print-config"])
@@ -87,7 +87,7 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     assert FederationConfig.from_run_config(printed) == config
     assert (config.scheme, config.prox) == ("ditto", 0.5)
     compression = config.compression()
-    assert (compression.rank, compression.weights, compression.group) == (7, "norm", "shape")
+    assert (compression.rank, compression.weights, compression.group) == (7, "uniform", "shape")
     assert config.users == FederationConfig.users  # untouched: the default
 
 

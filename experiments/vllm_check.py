@@ -176,6 +176,17 @@ def _first_difference(a: list[int], b: list[int]) -> int:
     )
 
 
+def portable(path: Path) -> str:
+    """`path` as results files keep it: relative to here, or to the cache, never a machine's."""
+    from soppu.cache import cache_dir
+
+    path = Path(path).resolve()
+    for root, label in ((Path.cwd(), ""), (cache_dir(), "$SOPPU_CACHE/")):
+        if path.is_relative_to(root.resolve()):
+            return label + str(path.relative_to(root.resolve()))
+    return path.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--serving", type=Path, required=True, help="serving dir or version")
@@ -225,8 +236,8 @@ def main() -> None:
     generated = len(jobs) * args.tokens
     result = {
         **provenance("vllm_check.py"),
-        "version": str(version),
-        "base_weights": str(model),
+        "version": portable(version),
+        "base_weights": portable(model),
         "users": users,
         "prompts": list(PROMPTS),
         "tokens": args.tokens,

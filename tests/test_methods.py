@@ -46,7 +46,7 @@ class HosvdCores:
     def core_params(self, k, r_u, r_v):
         return r_u * r_v
 
-    def project(self, stack, stored, form):
+    def project(self, stack, reader, form):
         return project_full(stack, form.Qu, form.Qv)
 
 

@@ -24,13 +24,12 @@ from soppu.cli.common import (
     set_threads,
     shown,
 )
+from soppu.compression.methods import HELP as METHOD_HELP
 from soppu.compression.methods import METHODS
 
 Sigma = StrEnum("Sigma", {name: name for name in METHODS})  # one choice per method
 SIGMA_DEFAULT = Sigma("full")
-SIGMA_HELP = "Per-user core (the compression method): " + "; ".join(
-    method.help for method in METHODS.values()
-)
+SIGMA_HELP = f"Per-user core (the compression method): {METHOD_HELP}"
 
 
 class Group(StrEnum):

@@ -214,7 +214,7 @@ def _project(stack, stored: StoredSlot) -> Projected:
         method = method_named(stored.entry.get("sigma", "full"))
     except ValueError as exc:
         raise StoreError(f"{stored.path}: {exc}") from None
-    return method.project(stack, stored.reader.bases(), stored.form)
+    return method.project(stack, stored.reader, stored.form)
 
 
 def _appended(

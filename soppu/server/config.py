@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from soppu.compression.methods import METHODS
+from soppu.compression.methods import HELP as METHOD_HELP
 from soppu.train_config import LORA_LAYERS, TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
@@ -333,8 +333,7 @@ HELP = {
     "compress_every": "Compress every K rounds; 0: after the last only.",
     "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",
     "compress_energy": "Compression: share of the energy kept (when no --rank).",
-    "compress_sigma": "Compression: the per-user core, "
-    + "; ".join(method.help for method in METHODS.values()),
+    "compress_sigma": f"Compression: the per-user core, {METHOD_HELP}",
     "compress_bits": "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
     "compress_clusters": "Compression: bases per slot; 0: choose 1–4 per slot.",
     "compress_weights": "Compression: uniform, or norm (every user counts alike).",

@@ -12,6 +12,8 @@ METHODS: dict[str, CompressionMethod] = {
     DiagonalCores.name: DiagonalCores(),
 }
 
+HELP = "; ".join(method.help for method in METHODS.values())  # for --sigma, wherever it is
+
 
 def method_named(name: str) -> CompressionMethod:
     try:
@@ -20,4 +22,4 @@ def method_named(name: str) -> CompressionMethod:
         raise ValueError(f"sigma must be one of {tuple(METHODS)}, got {name!r}") from None
 
 
-__all__ = ["METHODS", "CompressionMethod", "method_named"]
+__all__ = ["HELP", "METHODS", "CompressionMethod", "method_named"]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from soppu.compression.joint import Ranks, SlotFit
     from soppu.compression.project import Projected
     from soppu.compression.residuals import OrthoForm
+    from soppu.compression.storage import SlotReader
 
 
 class CompressionMethod(Protocol):
@@ -55,9 +56,7 @@ class CompressionMethod(Protocol):
         """Numbers stored for one user's core at LoRA rank k and ranks (r_U, r_V)."""
         ...
 
-    def project(
-        self, stack: CanonicalStack, stored: tuple[Tensor, Tensor], form: OrthoForm
-    ) -> Projected:
-        """New deltas' cores on a store's bases: `stored` = (U, V) as the slot file keeps
-        them, `form` their orthonormal read-back."""
+    def project(self, stack: CanonicalStack, reader: SlotReader, form: OrthoForm) -> Projected:
+        """New deltas' cores on a store's bases: `form` holds their orthonormal read-back;
+        `reader` reads the slot file's own tensors, for a method that needs them as stored."""
         ...

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from soppu.compression.joint import Ranks, SlotFit
     from soppu.compression.project import Projected
     from soppu.compression.residuals import OrthoForm
+    from soppu.compression.storage import SlotReader
 
 
 class DiagonalCores:
@@ -35,9 +36,8 @@ class DiagonalCores:
     def core_params(self, k: int, r_u: int, r_v: int) -> int:
         return r_u
 
-    def project(
-        self, stack: CanonicalStack, stored: tuple[Tensor, Tensor], form: OrthoForm
-    ) -> Projected:
+    def project(self, stack: CanonicalStack, reader: SlotReader, form: OrthoForm) -> Projected:
+        """Least squares on U and V as stored (not orthonormal), read only here."""
         from soppu.compression.project import project_diag
 
-        return project_diag(stack, *stored)
+        return project_diag(stack, *reader.bases())

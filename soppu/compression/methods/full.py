@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from soppu.compression.joint import Ranks, SlotFit
     from soppu.compression.project import Projected
     from soppu.compression.residuals import OrthoForm
+    from soppu.compression.storage import SlotReader
 
 
 class FullCores:
@@ -44,9 +45,7 @@ class FullCores:
 
         return cheapest_core_params(k, r_u, r_v)
 
-    def project(
-        self, stack: CanonicalStack, stored: tuple[Tensor, Tensor], form: OrthoForm
-    ) -> Projected:
+    def project(self, stack: CanonicalStack, reader: SlotReader, form: OrthoForm) -> Projected:
         from soppu.compression.project import project_full
 
         return project_full(stack, form.Qu, form.Qv)

@@ -373,7 +373,13 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     keeping the step best on their validation text (the global adapter itself where no step
     beats it); it commits as one more round and the run compresses once, after it."""
     config = tiny_config(
-        world, "run-pass", rounds=1, personal_pass=6, personal_pass_check=2, personal_pass_lr=5e-3
+        world,
+        "run-pass",
+        rounds=1,
+        personal_pass=6,
+        personal_pass_check=2,
+        personal_pass_lr=5e-3,
+        log_to="tensorboard,mlflow",
     )
     lines = simulate(config)
     run = RunFolder(Path(config.run_dir))
@@ -394,6 +400,17 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
         r["user"]: r["best-step"] for r in rows
     }
     assert (run.root / "rounds.png").is_file() and (run.root / "tensorboard").is_dir()
+    # --log-to mlflow beside: the round, the pass and the compression after it, by round
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run.root / 'mlflow' / 'mlflow.db'}")
+    [mlrun] = client.search_runs(client.get_experiment_by_name("soppu").experiment_id)
+    trained = client.get_metric_history(mlrun.info.run_id, "users/trained")
+    assert [(m.step, m.value) for m in trained] == [(1, 4.0), (2, 4.0)]
+    [ratio] = client.get_metric_history(mlrun.info.run_id, "compression/ratio in bytes")
+    totals = json.loads((run.compressed / "v0001" / "manifest.json").read_text())["totals"]
+    assert ratio.step == 2 and ratio.value == pytest.approx(totals["ratio"])
+    assert mlrun.data.params["personal_pass"] == "6"
 
 
 def test_central_privacy_noises_the_global_adapter_and_accounts_epsilon(world):

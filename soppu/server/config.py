@@ -9,6 +9,7 @@ mean "the default" where a run config cannot hold None.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module witho
 
 SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not imported: no torch)
 LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
+LOG_SINKS = ("tensorboard", "mlflow")  # soppu/server/tracking.py
 CLIENT_MODES = ("emulator", "full")
 # Each client mode's learning rate and schedule within a round, measured on 16 users (README,
 # "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
@@ -85,7 +87,9 @@ class FederationConfig:
     compress_refit_above: float = 0.2
     export_rank: int = 0  # serving rank; 0: exact
     final_evaluation: bool = True  # per-user perplexities on the full model after the run
-    tracking: bool = True  # RUN/tensorboard and RUN/rounds.png after every round
+    # where the rounds, compressions and final evaluation are logged (soppu/server/tracking.py),
+    # with RUN/rounds.png beside: tensorboard, mlflow, both comma-separated, or none
+    log_to: str = "tensorboard"
     # local training
     local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
     # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
@@ -150,6 +154,7 @@ class FederationConfig:
             if getattr(self, name) not in allowed:
                 key = name.replace("_", "-")
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.sinks()  # validates log-to now, not after the first round
         if not (self.prox >= 0 and self.prox < float("inf")):
             raise ValueError(f"prox must be finite and ≥ 0, got {self.prox}")
         if self.correction_batches < 0 or self.client_gpus < 0:
@@ -193,9 +198,7 @@ class FederationConfig:
         types = {f.name: type(f.default) for f in fields(cls)}
         given = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
-            if name == "aggregation" and value in LEGACY_AGGREGATION:  # an older run's config
-                name, value = "scheme", LEGACY_AGGREGATION[value]
+            name, value = _upgrade(key.replace("-", "_"), value)
             if name not in types:
                 raise ValueError(f"run config: unknown key {key!r}")
             given[name] = _coerce(types[name], value, key)
@@ -249,6 +252,20 @@ class FederationConfig:
         """The final evaluation's and the served choice's settings: the clients' batch and
         length, over `final_eval_tokens` of each user's text."""
         return replace(self.train(), max_eval_tokens=self.final_eval_tokens or 2**62)
+
+    def sinks(self) -> tuple[str, ...]:
+        """`log_to` as the sinks it names; () for none."""
+        names = tuple(dict.fromkeys(n.strip() for n in self.log_to.split(",") if n.strip()))
+        if names == ("none",):
+            return ()
+        if not names or any(name not in LOG_SINKS for name in names):
+            raise ValueError(
+                f"log-to must be none or one or more of {', '.join(LOG_SINKS)}, "
+                f"comma-separated; got {self.log_to!r}"
+            )
+        if "mlflow" in names and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("log-to mlflow needs MLflow: pip install 'soppu[mlflow]'")
+        return names
 
     @property
     def targets(self) -> tuple[str, ...] | None:
@@ -341,7 +358,8 @@ HELP = {
     "compress_refit_above": "Refit a slot when users joining carry more energy outside it.",
     "export_rank": "Serving rank of the published adapters; 0: exact.",
     "final_evaluation": "Per-user perplexities on the full model after the run.",
-    "tracking": "TensorBoard logs (RUN/tensorboard) and a plot (RUN/rounds.png) every round.",
+    "log_to": "Log rounds, compressions and the evaluation to tensorboard (RUN/tensorboard), "
+    "mlflow (RUN/mlflow/mlflow.db), both comma-separated, or none; RUN/rounds.png beside.",
     "local_steps": "Client training steps per round.",
     "lr": "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
     "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "
@@ -385,6 +403,20 @@ HELP = {
 def flag(name: str) -> str:
     """The `soppu simulate` flag of a field."""
     return "--" + FLAGS.get(name, name).replace("_", "-")
+
+
+def _upgrade(name: str, value: Any) -> tuple[str, Any]:
+    """A run-config key of an older run folder as today's (name, value)."""
+    if name == "aggregation" and value in LEGACY_AGGREGATION:  # before `scheme`
+        return "scheme", LEGACY_AGGREGATION[value]
+    if name == "tracking":  # before `log_to`: TensorBoard or nothing
+        return "log_to", "tensorboard" if _coerce(bool, value, name) else "none"
+    return name, value
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """An older run folder's config (field names) as today's."""
+    return dict(_upgrade(name, value) for name, value in values.items())
 
 
 def _toml_value(value: Any) -> str:

@@ -164,8 +164,7 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
         "federated_eval_loss": eval_loss,
     }
     stage.commit(rows, summary)
-    if fed.config.tracking:
-        track(fed.run)
+    track(fed.run, fed.config.sinks())
     fed.log(
         f"round {round_} done in {summary['seconds']:.0f} s: {len(ok)} trained, "
         f"{summary['failed']} failed; held-out loss on the emulator "
@@ -212,8 +211,7 @@ def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
         "eval_loss_after": _mean(r["eval-loss-after"] for r in ok),
     }
     stage.commit(rows, summary)
-    if fed.config.tracking:
-        track(fed.run)
+    track(fed.run, fed.config.sinks())
     kept = sum(1 for r in ok if r.get("best-step"))
     fed.log(
         f"personal pass done in {summary['seconds']:.0f} s: {kept} of {len(ok)} users kept a "
@@ -436,6 +434,7 @@ def compress(fed: Federation, round_: int) -> None:
         refit_above=fed.config.compress_refit_above,
     )
     fed.run.set_state(compressed_round=round_, compressed=compressed.name, serving=version.name)
+    track(fed.run, fed.config.sinks())
     manifest = read_manifest(compressed)
     totals, added = manifest["totals"], manifest.get("added")
     if added:

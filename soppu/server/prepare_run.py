@@ -33,7 +33,7 @@ from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
 from soppu.public import default_public, describe, public_texts
-from soppu.server.config import LEGACY_AGGREGATION, FederationConfig
+from soppu.server.config import FederationConfig, upgrade
 from soppu.server.federation import Correction, Federation, Log, Selection
 from soppu.server.selection import select_served
 from soppu.server.store import RunFolder
@@ -46,7 +46,7 @@ MAY_CHANGE_ON_RESUME = {
     "threads",
     "final_evaluation",
     "final_eval_tokens",
-    "tracking",
+    "log_to",
     "device",
     "client_gpus",
 }
@@ -77,10 +77,7 @@ def resolve_config(requested: FederationConfig, *, resume: bool) -> FederationCo
 
 
 def stored_config(run: RunFolder) -> FederationConfig:
-    values = json.loads(run.run_json.read_text())["config"]
-    if "aggregation" in values:  # a run from before `scheme`
-        values["scheme"] = LEGACY_AGGREGATION[values.pop("aggregation")]
-    return FederationConfig(**values)
+    return FederationConfig(**upgrade(json.loads(run.run_json.read_text())["config"]))
 
 
 def load_config(

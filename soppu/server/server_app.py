@@ -18,6 +18,7 @@ from soppu.server.config import FederationConfig
 from soppu.server.evaluation import evaluate_run, summary_lines
 from soppu.server.federation import Log, run_federation
 from soppu.server.prepare_run import choose_users, load_base, prepare, resolve_config
+from soppu.server.tracking import track
 
 
 def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) ->
         config.judge(),
         lambda user, done, total: log(f"  evaluate [{done + 1}/{total}] {user}"),
     )
+    track(fed.run, config.sinks())
     for line in summary_lines(result["summary"]):
         log(line)
     log(f"per-user table: {fed.run.root / 'evaluation.md'}")

@@ -1,7 +1,7 @@
 """Compression benchmark: SOPPU's engine against the seed's loop, two PyPI peers and per-user SVD.
 
-    python experiments/bench_compression.py          # full run → results/compression_bench.*
-    python experiments/bench_compression.py --quick  # smoke check (8 users, few settings)
+    python -m experiments.bench_compression          # full run → results/compression_bench.*
+    python -m experiments.bench_compression --quick  # smoke check (8 users, few settings)
 
 Data: 32 seeded synthetic users (`soppu.synthetic.population`), 2 layers × {q_proj, o_proj},
 all 896 × 896, LoRA rank k = 16, alpha 32 (scale 2): 4 slots of one shape, so grouping by
@@ -27,7 +27,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -87,12 +86,6 @@ BY_KEY = {m.key: m for m in METHODS}
 
 
 # ── data and the one error function ───────────────────────────────────────────
-
-
-def _repo_on_path() -> None:
-    """Run as a script, only experiments/ is on sys.path; the peers live in experiments.*."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
 
 def load_users(case: str, n_users: int) -> list[User]:
@@ -306,7 +299,6 @@ def _warm_up() -> None:
 
 def run_task(task: Task) -> dict[str, Any]:
     """Entry point of a spawned child: load data, run the method, measure, score."""
-    _repo_on_path()
     torch.set_num_threads(task.threads)
     users = load_users(task.case, task.n_users)
     call = _dispatch(task.key, users, task.knob)
@@ -812,7 +804,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    _repo_on_path()
     torch.set_num_threads(args.threads)
     # A quick run must not overwrite the committed full results.
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench_quick_")) if args.quick else RESULTS)
@@ -839,7 +830,7 @@ def build_report(
     )
     cases = list(cases_for(args.quick))
     return {
-        "command": f"python experiments/bench_compression.py{flags}",
+        "command": f"python -m experiments.bench_compression{flags}",
         "machine": machine_info(),
         "engine": engine,
         "config": {

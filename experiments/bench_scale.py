@@ -1,7 +1,7 @@
 """Scale benchmark: compression end to end from PEFT files, time and peak memory.
 
-    python experiments/bench_scale.py            # the benchmarks' numbers (≈ 10 minutes)
-    python experiments/bench_scale.py --quick    # 100 users, a smoke check
+    python -m experiments.bench_scale            # the benchmarks' numbers (≈ 10 minutes)
+    python -m experiments.bench_scale --quick    # 100 users, a smoke check
 
 Cases (seeded synthetic adapters, see soppu/synthetic.py):
   big-slot     1,000 users × one 4096×4096 slot, k=16, r=64
@@ -14,7 +14,7 @@ Adding users (`soppu add`'s code path, timed in a fresh child): on the big slot,
 999 users are compressed and the 1,000th added onto their bases; its error is compared with
 the error it gets when all 1,000 are compressed together, and a user drawn unlike the others
 (independent random factors) is added too, to show the drift flag. Writes
-experiments/results/scale_bench.json and .md.
+experiments/results/scale_bench.json and .md (scale_bench_quick.* with --quick).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.lib import RESULTS, provenance
 from soppu import atomic
-
-RESULTS = Path(__file__).parent / "results"
 
 CASES = {
     "big-slot": {"shapes": {"q_proj": [4096, 4096]}, "layers": 1, "rank_k": 16, "r": 64},
@@ -204,13 +203,14 @@ def main() -> None:
 def write(rows: list[dict], adds: list[dict], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {
-        "command": "python experiments/bench_scale.py" + (" --quick" if args.quick else ""),
+        **provenance("bench_scale"),
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
     summary = json.dumps({"meta": meta, "rows": rows, "add": adds}, indent=2)
-    atomic.write_text(RESULTS / "scale_bench.json", summary)
+    name = "scale_bench_quick" if args.quick else "scale_bench"  # never the full run's file
+    atomic.write_text(RESULTS / f"{name}.json", summary)
     lines = [
         f"Command: `{meta['command']}` ({meta['threads']} torch threads, {meta['cpus']} CPUs).",
         "End to end from PEFT files (read, validate, fit, write store and report).",
@@ -240,7 +240,7 @@ def write(rows: list[dict], adds: list[dict], args: argparse.Namespace) -> None:
                 f"| {a['case']} | {a['seconds']:.2f} | {a['error']:.4f} | {joint} "
                 f"| {a['drift']:.4f} |"
             )
-    atomic.write_text(RESULTS / "scale_bench.md", "\n".join(lines) + "\n")
+    atomic.write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

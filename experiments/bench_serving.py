@@ -1,7 +1,7 @@
 """Serving many users: the shared-basis engine against the base model and against PEFT.
 
-    python experiments/bench_serving.py                  # the benchmarks' numbers
-    python experiments/bench_serving.py --quick          # 8 users, 4 tokens
+    python -m experiments.bench_serving                  # the benchmarks' numbers
+    python -m experiments.bench_serving --quick          # 8 users, 4 tokens
 
 On the embedded default (SmolLM2-135M-Instruct): 64 users' synthetic rank-8 adapters on q/v
 of all 30 layers (`soppu synth`'s realistic population), compressed at shared rank 32 and
@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.lib import RESULTS, provenance
 from soppu import atomic
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def build_serving(root: Path, users: int, rank: int) -> Path:
@@ -258,6 +257,7 @@ def main() -> None:
 
     throughput = {k: generated / seconds for k, (seconds, generated) in rows.items()}
     result = {
+        **provenance("bench_serving"),
         "users": args.users,
         "tokens_each": args.tokens,
         "shared_rank": args.rank,

@@ -2,8 +2,8 @@
 personal gain? Measured on the adapters a `gains.py` run trained, side by side with the
 plain compression the pipeline does.
 
-    python experiments/centered_compression.py                       # ≈ 8 minutes
-    python experiments/centered_compression.py --run runs/experiments/gains-main-full
+    python -m experiments.centered_compression                       # ≈ 8 minutes
+    python -m experiments.centered_compression --run runs/experiments/gains-main-full
 
 Centred: each (user, module) delta D_i is replaced by D_i − G (G the global adapter's
 delta), written as one factored delta [s_i B_i, −s_g B_g] · [A_i; A_g], and compressed at
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge, _shares
-
+from experiments.lib import RESULTS, RUNS, Judge, share_summary
 from soppu import atomic
 from soppu.adapters import LoraState, read_adapter
 from soppu.compression.compress import CompressionConfig, compress_slot
@@ -89,8 +86,8 @@ def measure(args: argparse.Namespace) -> dict:
                     "scheme": scheme,
                     "rank": rank,
                     "ratio": before / after,
-                    **_shares("kept", kept),
-                    **_shares("kept_over_global", over_global),
+                    **share_summary("kept", kept),
+                    **share_summary("kept_over_global", over_global),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

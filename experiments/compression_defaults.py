@@ -2,8 +2,8 @@
 gain over the global adapter that each candidate keeps, and at what storage, on the adapters
 `gains.py` trained (emulator and full mode, 16 users).
 
-    python experiments/compression_defaults.py          # ≈ 12 minutes, after gains.py
-    python experiments/compression_defaults.py --runs lr16 --name lr16   # another run's adapters
+    python -m experiments.compression_defaults          # ≈ 12 minutes, after gains.py
+    python -m experiments.compression_defaults --runs lr16 --name lr16   # another run's adapters
 
 Candidates: energy 0.9 in float32 (the first default), and energy 0.97, 0.98 and 0.99 in 8-bit
 codes. An energy target, not a fixed rank, because the rank a population needs grows with it.
@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, sweep_configs
-
+from experiments.lib import RESULTS, RUNS, sweep_configs
 from soppu import atomic
 from soppu.compression.compress import CompressionConfig
 from soppu.server.config import FederationConfig

@@ -1,8 +1,8 @@
 """Does compression sacrifice small users? Uniform against norm weights at the federation's
 default (energy 0.98, 8-bit codes), on finished runs' adapters, side by side.
 
-    python experiments/compression_weights.py                       # the populations' runs
-    python experiments/compression_weights.py --runs pop-defaults-fortunes-full --name quick
+    python -m experiments.compression_weights                       # the populations' runs
+    python -m experiments.compression_weights --runs pop-defaults-fortunes-full --name quick
 
 With uniform weights a slot's shared bases follow the users whose deltas carry the most energy,
 and the energy target counts energy, so a user with small deltas can lose most of theirs; norm
@@ -23,9 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge, pct, provenance, write_results
-
+from experiments.lib import RESULTS, RUNS, Judge, pct, provenance, write_results
 from soppu.adapters import read_lora
 from soppu.compression.compress import CompressionConfig
 from soppu.server.compression_round import compress_and_publish

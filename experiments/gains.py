@@ -1,7 +1,7 @@
 """Each user's gain, emulator mode against full mode, side by side: the issue's targets.
 
-    python experiments/gains.py                     # the benchmarks' table (≈ 80 minutes)
-    python experiments/gains.py --users 4 --rounds 1 --local-steps 3 --name quick
+    python -m experiments.gains                     # the benchmarks' table (≈ 80 minutes)
+    python -m experiments.gains --users 4 --rounds 1 --local-steps 3 --name quick
 
 Runs the same federation twice through `soppu simulate` (each its own Ray), once with the
 clients holding the emulator (the default) and once holding the full model, with the same
@@ -26,13 +26,9 @@ import argparse
 import json
 import os
 import platform
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, analyse, launch_unless_finished, sweep
-from sweep_recipes import Recipe, cost
-
+from experiments.lib import RESULTS, RUNS, analyse, launch_unless_finished, sweep
+from experiments.sweep_recipes import Recipe, cost
 from soppu import atomic
 from soppu.emulator import META_NAME
 from soppu.server.store import RunFolder

@@ -1,7 +1,7 @@
 """Why the gradient correction: the LoRA's gradient on the emulator against the full model's.
 
-    python experiments/gradient_bias.py            # the benchmarks' numbers (≈ 10 minutes)
-    python experiments/gradient_bias.py --quick    # 2 users, 2 batches
+    python -m experiments.gradient_bias            # the benchmarks' numbers (≈ 10 minutes)
+    python -m experiments.gradient_bias --quick    # 2 users, 2 batches
 
 For each emulator (the sweep's, `experiments/sweep_recipes.py` builds and keeps them in
 runs/experiments/sweep-emulators), at the fresh LoRA on every kept layer (q/v, r=8): the
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from experiments.lib import RESULTS, provenance
 from soppu import atomic
 
-RESULTS = Path(__file__).parent / "results"
 EMULATORS = Path("runs/experiments/sweep-emulators")
 
 
@@ -97,7 +97,9 @@ def main() -> None:
 def write(rows: list[dict], args) -> None:
     RESULTS.mkdir(exist_ok=True)
     name = "gradient_bias_quick" if args.quick else "gradient_bias"
-    summary = json.dumps({"rows": rows, "args": vars(args)}, indent=2)
+    summary = json.dumps(
+        {**provenance("gradient_bias"), "rows": rows, "args": vars(args)}, indent=2, default=str
+    )
     atomic.write_text(RESULTS / f"{name}.json", summary)
     lines = [
         "| emulator | KL after alignment | cos(g_full, g_emu) on public text | on a user's text "

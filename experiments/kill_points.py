@@ -1,7 +1,7 @@
 """Kill -9 at random points of compress, publish and a federation round; then run again.
 
-    python experiments/kill_points.py                      # 20 points each (the README's)
-    python experiments/kill_points.py --points 3 --skip-federation
+    python -m experiments.kill_points                      # 20 points each (the README's)
+    python -m experiments.kill_points --points 3 --skip-federation
 
 Each trial starts the real `soppu` command in its own process group, sends SIGKILL to the
 whole group after a random delay between the process's start-up (importing torch and the
@@ -38,10 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.lib import RESULTS, provenance
 from soppu import atomic
 
 ROOT = Path(__file__).parents[1]
-RESULTS = Path(__file__).parent / "results"
 SOPPU = [sys.executable, "-m", "soppu"]
 LEFTOVER_SUFFIXES = (".building", ".scratch", ".owner", ".lock", ".tmp", ".old", ".new")
 
@@ -168,8 +168,7 @@ def compress_and_publish(root: Path, env: dict, points: int, rng) -> list[dict]:
 def federation(root: Path, env: dict, points: int, rng) -> list[dict]:
     """One run that grows by a round per trial: trial i asks for round i + 2 (a compression
     round follows each), is killed somewhere in it, and is resumed."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_tiny_model, write_users_jsonl
+    from tests.helpers import write_tiny_model, write_users_jsonl
 
     model = write_tiny_model(root / "model", layers=6)
     data = write_users_jsonl(root / "users.jsonl", {"user0": 3000, "user1": 3000})
@@ -239,7 +238,9 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     table = summarise(rows)
     RESULTS.mkdir(exist_ok=True)
-    summary = json.dumps({"summary": table, "trials": rows}, indent=2)
+    summary = json.dumps(
+        {**provenance("kill_points"), "summary": table, "trials": rows}, indent=2
+    )
     atomic.write_text(RESULTS / "kill_points.json", summary)
     header = list(table[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -1,8 +1,8 @@
 """The client's learning-rate schedule within each round, measured: what a warm-up (and a
 higher peak lr) does to each user's gain against the constant lr 1e-3 the rounds used before.
 
-    python experiments/lr_schedules.py              # the benchmarks' table (≈ 12 min a schedule)
-    python experiments/lr_schedules.py --schedules constant,warmup3
+    python -m experiments.lr_schedules              # the benchmarks' table (≈ 12 min a schedule)
+    python -m experiments.lr_schedules --schedules constant,warmup3
 
 Why: every round's client starts a fresh AdamW from the global adapter, and AdamW's first
 step moves every parameter by ±lr whatever its gradient; one more pass at the rounds' lr from a
@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished
-
+from experiments.lib import RESULTS, RUNS, launch_unless_finished
 from soppu import atomic
 from soppu.server.store import RunFolder
 

@@ -1,9 +1,9 @@
 """What one more local pass buys: every user fine-tunes the federation's final global adapter.
 
-    python experiments/personal_pass.py                 # on gains.py's emulator-mode run (≈ 15 min)
-    python experiments/personal_pass.py --run runs/experiments/gains-main-full
-    python experiments/personal_pass.py --lr 3e-4                # a gentler pass
-    python experiments/personal_pass.py --users 2 --steps 2      # a quick look
+    python -m experiments.personal_pass                 # on gains.py's emulator-mode run (≈ 15 min)
+    python -m experiments.personal_pass --run runs/experiments/gains-main-full
+    python -m experiments.personal_pass --lr 3e-4                # a gentler pass
+    python -m experiments.personal_pass --users 2 --steps 2      # a quick look
 
 In the default scheme a user's personal adapter is their last round's fine-tune of the
 previous global adapter, and the global adapter it is judged against is the average of those
@@ -30,9 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge
-
+from experiments.lib import RESULTS, RUNS, Judge
 from soppu import atomic
 from soppu import emulator as E
 from soppu.personalize import personalize

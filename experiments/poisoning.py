@@ -1,7 +1,7 @@
 """What one or two hostile clients do to the global adapter, with and without the robust mean.
 
-    python experiments/poisoning.py --run runs/experiments/pop-defaults-shakespeare-emulator-pool
-    python experiments/poisoning.py --run RUN --steps 4 --name quick
+    python -m experiments.poisoning --run runs/experiments/pop-defaults-shakespeare-emulator-pool
+    python -m experiments.poisoning --run RUN --steps 4 --name quick
 
 On a finished run (its emulator, its users, its global adapter as the round's start), it
 trains one more real round for every user on the emulator, twice with different data-order
@@ -32,9 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge, provenance
-
+from experiments.lib import RESULTS, RUNS, Judge, provenance
 from soppu import atomic
 from soppu import emulator as E
 from soppu.adapters import LoraState

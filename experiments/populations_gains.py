@@ -1,9 +1,9 @@
 """Each user's served gain on several populations, emulator mode against full mode, side by side.
 
-    python experiments/populations_gains.py                       # every population, both modes
-    python experiments/populations_gains.py --populations fortunes --publics pool --name quick
-    python experiments/populations_gains.py --publics default --name defaults   # what users get
-    python experiments/populations_gains.py --publics default --name drop25 \
+    python -m experiments.populations_gains                       # every population, both modes
+    python -m experiments.populations_gains --populations fortunes --publics pool --name quick
+    python -m experiments.populations_gains --publics default --name defaults   # what users get
+    python -m experiments.populations_gains --publics default --name drop25 \
         --emulator-flags "--drop 0.25"                  # one lever against the defaults
 
 For every population of experiments/populations.py (Shakespeare roles, fortune files, sympy
@@ -32,10 +32,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
-from populations import NAMES, prepare
-
+from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
+from experiments.populations import NAMES, prepare
 from soppu.public import default_public
 from soppu.server.store import RunFolder
 

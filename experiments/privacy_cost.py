@@ -1,7 +1,7 @@
 """What central differential privacy costs the honest users' gain, against its ε.
 
-    python experiments/poisoning.py --run runs/experiments/pop-defaults-shakespeare-emulator-pool
-    python experiments/privacy_cost.py --run runs/experiments/pop-defaults-shakespeare-emulator-pool
+    python -m experiments.poisoning --run runs/experiments/pop-defaults-shakespeare-emulator-pool
+    python -m experiments.privacy_cost --run runs/experiments/pop-defaults-shakespeare-emulator-pool
 
 On the honest round experiments/poisoning.py trained and kept (every user of a finished run,
 one more real round from its global adapter), the global adapter is averaged as
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, Judge, provenance, write_results
-
+from experiments.lib import RESULTS, RUNS, Judge, provenance, write_results
 from soppu.server.evaluation import relative_gain
 from soppu.server.prepare_run import stored_config
 from soppu.server.schemes import Privacy, Robustness, epsilon, private_mean, robust_mean

@@ -1,8 +1,8 @@
 """Every scheme side by side on several populations: is the personal part personal?
 
-    python experiments/schemes.py                                   # every population, emulator
-    python experiments/schemes.py --populations fortunes --modes emulator,full
-    python experiments/schemes.py --schemes fedavg-ft,local --users 4 --name quick
+    python -m experiments.schemes                                   # every population, emulator
+    python -m experiments.schemes --populations fortunes --modes emulator,full
+    python -m experiments.schemes --schemes fedavg-ft,local --users 4 --name quick
 
 For each population of experiments/populations.py and each client mode it runs the same
 federation through `soppu simulate` once per scheme (`fedavg-ft`, `ditto`, `fedsa`, `local`,
@@ -33,10 +33,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from federation import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
-from populations import NAMES, prepare
-
+from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
+from experiments.populations import NAMES, prepare
 from soppu.server.store import RunFolder
 
 SCHEMES = ("fedavg-ft", "ditto", "fedsa", "local", "pass")

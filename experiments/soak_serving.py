@@ -1,7 +1,7 @@
 """Soak test of `soppu serve`: many clients, faults mixed in, a new version published midway.
 
-    python experiments/soak_serving.py                    # the benchmarks' run (minutes, 2 cores)
-    python experiments/soak_serving.py --serving DIR      # a published serving dir (copied)
+    python -m experiments.soak_serving                    # the benchmarks' run (minutes, 2 cores)
+    python -m experiments.soak_serving --serving DIR      # a published serving dir (copied)
 
 The app runs in this process (uvicorn in a thread, as the tests run it) on a tiny random
 Llama with --users users built the way tests/helpers.py builds them, or on a copy of
@@ -48,7 +48,6 @@ import gc
 import json
 import random
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -88,12 +87,10 @@ DEGENERATE = [  # (route, raw JSON body, what makes it wrong)
 def tiny_serving(root: Path, users: int) -> tuple[Path, Path, Path]:
     """A tiny random Llama, a serving dir with `users` users (v0001), and the store of the
     next version (the same users and two more, at another rank) ready to publish."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import tiny_population, write_tiny_model, write_users
-
     from soppu.compression.compress import CompressionConfig
     from soppu.server.compress_store import compress_adapters
     from soppu.server.compression_round import compress_and_publish
+    from tests.helpers import tiny_population, write_tiny_model, write_users
 
     model = write_tiny_model(root / "model", layers=2)
     population = tiny_population(users + 2, k=4, layers=2)
@@ -164,10 +161,8 @@ def longest_prompt(tokenizer, max_tokens: int) -> str:
 def start_server(serving: Path, base_model: str | None, max_batch: int, max_wait: float):
     import uvicorn
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import free_port
-
     from soppu.server.serving.runner import build
+    from tests.helpers import free_port
 
     app, engine = build(serving, base_model, max_batch=max_batch, max_wait=max_wait)
     port = free_port()
@@ -540,8 +535,7 @@ def main() -> None:
     summary = summarise(results, recorder, engine, args, rss_start, rss_end, wall)
     server.should_exit = True
     thread.join(timeout=60)
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from federation import provenance
+    from experiments.lib import provenance
 
     summary |= provenance("soak_serving.py")
     summary["torch_threads"] = args.threads

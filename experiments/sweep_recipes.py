@@ -1,7 +1,7 @@
 """Which client recipe carries the gain? Gain on the full model against client cost.
 
-    python experiments/sweep_recipes.py               # the benchmarks' table (≈ 100 minutes)
-    python experiments/sweep_recipes.py --quick       # 2 users, 4 steps, 3 recipes
+    python -m experiments.sweep_recipes               # the benchmarks' table (≈ 100 minutes)
+    python -m experiments.sweep_recipes --quick       # 2 users, 4 steps, 3 recipes
 
 Every recipe trains each of N users' LoRA (the same users, drawn with a fixed seed from the
 Shakespeare roles with at least --min-chars of text) for the same step budget on the model the
@@ -36,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from experiments.lib import RESULTS, provenance
 from soppu import atomic
 
-RESULTS = Path(__file__).parent / "results"
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -288,6 +288,7 @@ def write(recipes, rows, costs, picked, args) -> None:
     RESULTS.mkdir(exist_ok=True)
     table = summarise(recipes, rows, costs)
     meta = {
+        **provenance("sweep_recipes"),
         "machine": platform.platform(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "users": picked,

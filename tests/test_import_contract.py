@@ -14,6 +14,7 @@ emulator, nor a user's text the base model).
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,27 @@ def test_nothing_imports_the_entry_points():
         if owner(path) != "entry":
             entry = sorted(n for n in imports(path) if part(n) == "entry")
             assert not entry, f"{path.relative_to(ROOT)} imports the entry points {entry}"
+
+
+def test_soppu_imports_neither_experiments_nor_tests():
+    for path in modules():
+        outside = sorted(n for n in imports(path) if n.split(".")[0] in ("experiments", "tests"))
+        assert not outside, f"{path.relative_to(ROOT)} imports {outside}"
+
+
+EXPERIMENTS = ROOT / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.py")), ids=lambda p: p.stem)
+def test_every_experiment_is_a_module_of_the_experiments_package(path, monkeypatch):
+    """`python -m experiments.NAME` from the project root: each imports its peers and the
+    shared `experiments.lib` as modules of the package, never through a bare name or sys.path."""
+    peers = {p.stem for p in EXPERIMENTS.glob("*.py")} | {"federation", "helpers"}
+    bare = sorted(n for n in imports(path) if n.split(".")[0] in peers)
+    assert not bare, f"{path.relative_to(ROOT)} imports {bare} by a bare name"
+    assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} edits sys.path"
+    monkeypatch.syspath_prepend(str(ROOT))
+    importlib.import_module(f"experiments.{path.stem}")
 
 
 def test_every_soppu_module_has_one_layer():

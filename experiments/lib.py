@@ -1,0 +1,276 @@
+"""What the experiments share: where results and runs go, the provenance every results file
+starts with, launching `soppu simulate` and reading the run it made, and judging adapters on
+the full model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from soppu import atomic
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = Path("runs/experiments")
+
+
+def provenance(script: str) -> dict[str, str]:
+    """What every results file starts with: the command that made it, the commit, the date."""
+    import subprocess
+    from datetime import UTC, datetime
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "command": " ".join([f"python -m experiments.{Path(script).stem}", *sys.argv[1:]]),
+        "commit": commit,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+
+
+def pct(value: float | None) -> str:
+    """A share as a percentage for a results table; – where there is none."""
+    return "–" if value is None else f"{value:.1%}"
+
+
+def write_results(target: Path, result: dict, text: str) -> None:
+    """A results file and its Markdown beside it, each written whole; the table printed."""
+    RESULTS.mkdir(exist_ok=True)
+    atomic.write_text(target, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(target.with_suffix(".md"), text)
+    print(text)
+
+
+def cold_cache(into: Path) -> dict[str, str]:
+    """A fresh SOPPU cache holding only links to the prepared model and data."""
+    from soppu.cache import cache_dir
+
+    into.mkdir(parents=True)
+    for part in ("models", "data"):
+        (into / part).symlink_to(cache_dir() / part)
+    return {"SOPPU_CACHE": str(into)}
+
+
+def launch(args: argparse.Namespace, run: Path, extra: list[str]) -> float:
+    import tempfile
+
+    env = {**os.environ, "CI": "true"}
+    if args.cold:
+        env |= cold_cache(Path(tempfile.mkdtemp(prefix="soppu-cold-")) / "cache")
+    soppu = str(Path(sys.executable).with_name("soppu"))
+    command = [
+        soppu,
+        "simulate",
+        "--out",
+        str(run),
+        "--users",
+        str(args.users),
+        "--rounds",
+        str(args.rounds),
+        "--client-cpus",
+        str(args.client_cpus),
+        *extra,
+    ]
+    print("$", " ".join(command), flush=True)
+    began = time.perf_counter()
+    child = subprocess.Popen(command, env=env)
+    peak = peak_tree_memory(child)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
+    print(f"peak memory of the run's processes together: {peak / 2**30:.2f} GiB", flush=True)
+    return time.perf_counter() - began
+
+
+def peak_tree_memory(child: subprocess.Popen, every: float = 1.0) -> int:
+    """Wait for `child`; the largest sum of resident memory over it and every process under
+    it (Ray's workers included), sampled every `every` seconds."""
+    import psutil
+
+    root, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        total = 0
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # gone between listing and reading
+                total += process.memory_info().rss
+        peak = max(peak, total)
+        time.sleep(every)
+    return peak
+
+
+def launch_unless_finished(args: argparse.Namespace, run: Path, extra: list[str]) -> float | None:
+    """`launch` into `run` unless an earlier launch finished it (then None: no new timing), so
+    a long comparison resumes where it stopped; an unfinished run is never reused."""
+    from soppu.server.store import RunFolder
+
+    if RunFolder(run).evaluation.is_file():
+        return None
+    if run.exists():
+        sys.exit(f"{run} exists but is unfinished: remove it")
+    return launch(args, run, extra)
+
+
+def analyse(run: Path, workers: int) -> dict:
+    from soppu.server.store import RunFolder
+    from soppu.server.versions import Versions
+
+    folder = RunFolder(run)
+    evaluation = json.loads(folder.evaluation.read_text())
+    current = Versions(folder.serving).require_current()
+    report = json.loads((current / "report" / "report.json").read_text())
+    rounds = folder.read_jsonl(folder.rounds)
+    overhead = []
+    for r in rounds:
+        useful = r["client_seconds"] / workers
+        handler = r.get("handler_seconds", r["client_seconds"]) / workers
+        server = r.get("correction_seconds", 0.0)  # the server's own work in the round
+        overhead.append(
+            {
+                "round": r["round"],
+                "wall_s": r["seconds"],
+                "install_s": r["install_seconds"],
+                "correction_s": r.get("correction_seconds", 0.0),
+                "client_s_per_worker": useful,
+                "handler_s_per_worker": handler,
+                "flower_overhead": 1 - (handler + server) / r["seconds"],
+                "outside_training": 1 - useful / r["seconds"],
+                "trained": r["trained"],
+                "failed": r["failed"],
+            }
+        )
+    totals = report["totals"]
+    return {
+        "run": str(run),
+        "users": evaluation["users"],
+        "summary": evaluation["summary"],
+        "compression": {
+            "ratio": totals["ratio"],
+            "params_before": totals["params_before"],
+            "params_after": totals["params_after"],
+            "error_mean": totals["mean"],
+            "ranks": sorted({m["rank"] for m in report["modules"]}, key=str),
+            "config": json.loads(folder.run_json.read_text())["config"],
+        },
+        "rounds": overhead,
+        "workers": workers,
+    }
+
+
+def sweep(
+    run: Path, ranks: list[int], max_eval_tokens: int, bits: tuple[int, ...] = (32,)
+) -> list[dict]:
+    """Storage ratio and share of gain kept at other shared ranks (and storage bits), on the
+    same adapters."""
+    from soppu.compression.compress import CompressionConfig
+
+    configs = [CompressionConfig(rank=r, bits=b) for b in bits for r in ranks]
+    return sweep_configs(run, configs, max_eval_tokens)
+
+
+class Judge:
+    """A finished run's users' held-out text and the full model, for scoring other adapters
+    for the same users against the run's own evaluation (base, global, personal)."""
+
+    def __init__(self, run: Path, max_eval_tokens: int):
+        from soppu import basemodel
+        from soppu.server.prepare_run import choose_users, stored_config
+        from soppu.server.store import RunFolder
+
+        folder = RunFolder(run)
+        self.config = stored_config(folder)
+        self.base = basemodel.load(self.config.base_model or None)
+        self.texts = choose_users(self.config)
+        rows = json.loads(folder.evaluation.read_text())["users"]
+        self.evaluation = {row["user"]: row for row in rows}
+        self.max_eval_tokens = max_eval_tokens
+
+    def perplexity(self, user: str, lora) -> float:
+        """`user`'s held-out perplexity on the full model with `lora`, on the blocks the
+        run's evaluation used (at this judge's token cap)."""
+        from soppu import lm
+        from soppu.personalize import attached
+
+        tokenizer = self.base.tokenizer
+        text = self.texts[user].test
+        blocks = lm.token_blocks(tokenizer, text, self.config.seq_len, self.max_eval_tokens)
+        with attached(self.base.model, lora) as model:
+            return lm.perplexity(model, blocks, tokenizer.pad_token_id)
+
+    def shares(self, lora_of) -> tuple[list[float], list[float]]:
+        """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
+        personal adapter's gain over the base, and over the global adapter."""
+        from soppu.server.evaluation import gain_kept
+
+        kept, kept_over_global = [], []
+        for user, row in self.evaluation.items():
+            ppl = self.perplexity(user, lora_of(user))
+            for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
+                share = gain_kept(reference, row["personal"], ppl)
+                if share is not None:
+                    shares.append(share)
+        return kept, kept_over_global
+
+
+def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
+    """The run's stored adapters re-compressed and published with each CompressionConfig;
+    per config the storage ratio and the shares of both gains the published adapters keep."""
+    import shutil
+
+    from soppu.adapters import read_lora
+    from soppu.server.compression_round import compress_and_publish
+    from soppu.server.store import RunFolder, snapshot
+
+    judge = Judge(run, max_eval_tokens)
+    scratch = run / "sweep"
+    shutil.rmtree(scratch, ignore_errors=True)
+    paths = snapshot(RunFolder(run), scratch / "adapters")
+    rows = []
+    for i, compression in enumerate(configs):
+        store = scratch / f"c{i}"
+        version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
+        kept, kept_over_global = judge.shares(lambda user, v=version: read_lora(v / "users" / user))
+        totals = json.loads((store / "manifest.json").read_text())["totals"]
+        rows.append(
+            {
+                "rank": compression.rank,
+                "energy": None if compression.rank else compression.energy,
+                "bits": compression.bits,
+                "ratio": totals["ratio"],
+                "error_mean": totals["mean"],
+                **share_summary("kept", kept),
+                **share_summary("kept_over_global", kept_over_global),
+            }
+        )
+        what = f"rank {compression.rank}" if compression.rank else f"energy {compression.energy}"
+        print(
+            f"{what}, {compression.bits} bits: {totals['ratio']:.1f}×, "
+            f"kept median {rows[-1]['kept_median']:.1%}, "
+            f"over global {rows[-1]['kept_over_global_median']:.1%}",
+            flush=True,
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def share_summary(key: str, values: list[float]) -> dict:
+    import statistics as st
+
+    values = sorted(values)
+    if not values:
+        return {
+            f"{key}_median": float("nan"),
+            f"{key}_p25": float("nan"),
+            f"{key}_min": float("nan"),
+            f"{key}_users": 0,
+        }
+    return {
+        f"{key}_median": st.median(values),
+        f"{key}_p25": values[len(values) // 4],
+        f"{key}_min": values[0],
+        f"{key}_users": len(values),
+    }

@@ -8,9 +8,12 @@ import os
 import re
 
 import pytest
+from helpers import tiny_population, write_users
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_store import commit_round
 
+from soppu.compression.compress import CompressionConfig
+from soppu.server.compress_store import compress_adapters
 from soppu.server.config import FederationConfig
 from soppu.server.store import RunFolder
 from soppu.server.tracking import TrackingError, track
@@ -73,18 +76,19 @@ def test_every_round_shows_once_in_tensorboard_and_the_plot(tmp_path):
     assert len(list((run.root / "tensorboard").iterdir())) == 2  # one event file, the stamp
 
 
-def compressed_and_evaluated(run: RunFolder) -> None:
-    """What a compression round after round 2 and the final evaluation leave in the run."""
-    version = run.compressed / "v0001"
-    version.mkdir(parents=True)
-    totals = {"users": 2, "ratio": 19.5, "params_ratio": 5.0, "mean": 0.02, "max": 0.0625}
-    (version / "manifest.json").write_text(json.dumps({"source": {"round": 2}, "totals": totals}))
+def compressed_and_evaluated(run: RunFolder) -> dict:
+    """What a compression round after round 2 and the final evaluation leave in the run (a
+    real store of two users' adapters); returns the store's totals."""
+    paths = write_users(run.root / "adapters", tiny_population(2), rank=4, alpha=8.0)
+    config = CompressionConfig(rank=4, bits=32)
+    manifest = compress_adapters(paths, run.compressed / "v0001", config, source={"round": 2})
     users = [
         {"user": "alice", "base": 40.0, "global": 36.0, "personal": 34.0, "compressed": 34.5},
         {"user": "bob", "base": 50.0, "global": 45.0, "personal": None, "compressed": 50.0},
     ]
     summary = {"compressed_gain_median": 0.12, "gain_median": 0.15, "helped": 1, "harmed": 0}
     run.evaluation.write_text(json.dumps({"users": users, "summary": summary}))
+    return manifest["totals"]
 
 
 def test_mlflow_holds_every_round_the_compression_and_the_evaluation_once(tmp_path):
@@ -99,7 +103,7 @@ def test_mlflow_holds_every_round_the_compression_and_the_evaluation_once(tmp_pa
     client = MlflowClient(f"sqlite:///{run.root / 'mlflow' / 'mlflow.db'}")
     [running] = client.search_runs(client.get_experiment_by_name("soppu").experiment_id)
     assert running.info.status == "RUNNING" and running.info.run_name == "run"
-    compressed_and_evaluated(run)
+    totals = compressed_and_evaluated(run)
     # resumed for one more round: MLflow's params cannot change, so the new value is a tag
     run.run_json.write_text(json.dumps({"config": {"rounds": 3, "scheme": "fedavg-ft"}}))
     track(run, ("mlflow",))
@@ -116,8 +120,8 @@ def test_mlflow_holds_every_round_the_compression_and_the_evaluation_once(tmp_pa
 
     assert history("emulator held-out loss/after") == [(1, 4.5), (2, 4.25)]
     assert history("user after/bob") == [(1, 4.4), (2, pytest.approx(4.15))]
-    assert history("compression/ratio in bytes") == [(2, 19.5)]
-    assert history("compression/ratio in parameters") == [(2, 5.0)]
+    assert history("compression/ratio in bytes") == [(2, pytest.approx(totals["ratio"]))]
+    assert history("compression/ratio in parameters") == [(2, totals["params_ratio"])]
     assert history("evaluation/median gain over base: served") == [(2, 0.12)]
     assert history("user perplexity served/alice") == [(2, 34.5)]
     assert history("user perplexity personal/bob") == []  # not measured: not logged
@@ -126,9 +130,10 @@ def test_mlflow_holds_every_round_the_compression_and_the_evaluation_once(tmp_pa
 
 def test_tensorboard_shows_the_compression_and_the_evaluation_beside_the_rounds(tmp_path):
     run = committed(tmp_path)
-    compressed_and_evaluated(run)
+    totals = compressed_and_evaluated(run)
     track(run)
-    assert scalars(run, "compression/error worst") == [(2, 0.0625)]
+    [(step, worst)] = scalars(run, "compression/error worst")
+    assert step == 2 and worst == pytest.approx(totals["max"], rel=1e-6)
     assert scalars(run, "evaluation/users helped") == [(2, 1.0)]
     assert scalars(run, "user perplexity global/bob") == [(2, 45.0)]
 

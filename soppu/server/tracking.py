@@ -35,6 +35,7 @@ from typing import Any
 
 from soppu import atomic
 from soppu.errors import SoppuError
+from soppu.server.compressed_store import read_manifest
 from soppu.server.store import RunFolder
 from soppu.server.versions import Versions
 
@@ -105,10 +106,10 @@ def _rounds(run: RunFolder) -> Iterator[Scalar]:
 
 def _compressions(run: RunFolder) -> Iterator[Scalar]:
     for name in Versions(run.compressed).names():
-        manifest = _read_json(run.compressed / name / "manifest.json")
-        round_ = (manifest or {}).get("source", {}).get("round")
-        if isinstance(round_, int):
-            yield from _pick(manifest.get("totals", {}), COMPRESSION_SCALARS, round_)
+        manifest = read_manifest(run.compressed / name)
+        round_ = manifest.get("source", {}).get("round")
+        if isinstance(round_, int):  # a store made by `soppu compress` outside the run: no round
+            yield from _pick(manifest["totals"], COMPRESSION_SCALARS, round_)
 
 
 def _evaluation(run: RunFolder) -> Iterator[Scalar]:

@@ -1,10 +1,13 @@
-"""How one user's LoRA is trained: the settings, their defaults and their help, in a module
-light enough for the command line to read without torch (`soppu personalize`'s training flags
-are derived from it; a federation's come from `soppu/server/config.py`)."""
+"""How one user's LoRA is trained: the settings, their defaults and their help (in each
+field's metadata, `soppu.settings.setting`), in a module light enough for the command line
+to read without torch (`soppu personalize`'s training flags are derived from it; a
+federation's come from `soppu/server/config.py`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from soppu.settings import flags, helps, setting
 
 LORA_LAYERS = ("all", "adapter")
 # transformers' `get_scheduler` names (`TrainingArguments.lr_scheduler_type`), per training run
@@ -14,23 +17,40 @@ PRECISIONS = ("auto", "bf16", "fp32")  # soppu.precision's, kept here free of to
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30
-    lr: float = 1e-3
-    lr_scheduler_type: str = "constant"
+    steps: int = setting(30, "Training steps.")
+    lr: float = setting(1e-3, "Learning rate.")
+    lr_scheduler_type: str = setting(
+        "constant",
+        "constant, constant_with_warmup, linear or cosine (transformers').",
+    )
     # linear warm-up from 0 (a fresh AdamW's first step is ±lr in every parameter); "constant"
     # ignores it, as in transformers
-    warmup_steps: int = 0
-    batch_size: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] | None = None  # default: the attention q and v projections
-    lora_layers: str = "all"  # every layer the emulator keeps, or the adapter layers only
-    seed: int = 0
-    first_step: int = 0  # batches of the seed's data order already trained on (earlier rounds)
-    max_eval_tokens: int = 2048  # held-out tokens evaluated per user (from the start)
-    # bf16 autocast where the device computes bf16 natively (soppu.precision); the LoRA stays fp32
-    precision: str = "auto"
+    warmup_steps: int = setting(0, "Steps of linear warm-up from 0 (constant ignores it).")
+    batch_size: int = setting(4, "Sequences per step.")
+    seq_len: int = setting(128, "Tokens per sequence.")
+    rank: int = setting(8, "LoRA rank r.")
+    alpha: float = setting(16.0, "LoRA α.", flag="lora_alpha")
+    target_modules: tuple[str, ...] | None = setting(
+        None,
+        "LoRA targets, repeat the flag for each (default: attention q and v).",
+    )
+    lora_layers: str = setting(
+        "all",
+        "all: every layer the emulator keeps; adapter: top/bottom only.",
+    )
+    seed: int = setting(0, "Seed for the data order and the LoRA's initialisation.")
+    first_step: int = setting(
+        0,
+        "Continue the data order after this many batches (a federation's later rounds).",
+    )
+    max_eval_tokens: int = setting(
+        2048, "Held-out tokens evaluated (from the start of the held-out text)."
+    )
+    precision: str = setting(
+        "auto",
+        "auto: bf16 autocast where the device computes bf16 natively (the LoRA stays fp32); "
+        "bf16; fp32.",
+    )
 
     def __post_init__(self) -> None:
         if self.lora_layers not in LORA_LAYERS:
@@ -47,22 +67,5 @@ class TrainConfig:
             raise ValueError(f"first step {self.first_step} is negative")
 
 
-# `soppu personalize` flags that are not the field's name with `-` for `_`.
-TRAIN_FLAGS = {"alpha": "lora_alpha"}
-
-TRAIN_HELP = {
-    "steps": "Training steps.",
-    "lr": "Learning rate.",
-    "lr_scheduler_type": "constant, constant_with_warmup, linear or cosine (transformers').",
-    "warmup_steps": "Steps of linear warm-up from 0 (constant ignores it).",
-    "batch_size": "Sequences per step.",
-    "seq_len": "Tokens per sequence.",
-    "rank": "LoRA rank r.",
-    "alpha": "LoRA α.",
-    "target_modules": "LoRA targets, repeat the flag for each (default: attention q and v).",
-    "lora_layers": "all: every layer the emulator keeps; adapter: top/bottom only.",
-    "seed": "Seed for the data order and the LoRA's initialisation.",
-    "first_step": "Continue the data order after this many batches (a federation's later rounds).",
-    "max_eval_tokens": "Held-out tokens evaluated.",
-    "precision": "auto: bf16 autocast where the device computes bf16 natively; bf16; fp32.",
-}
+TRAIN_HELP = helps(TrainConfig)  # each field's help, for `soppu personalize`'s flags
+TRAIN_FLAGS = flags(TrainConfig)  # its flags that are not the field's name

@@ -31,7 +31,7 @@ FORBIDDEN = {
 }
 ENTRY_POINTS = ("cli", "api.py", "__main__.py")
 SOPPU_LAYERS = [
-    {"errors"},
+    {"errors", "settings"},
     {"userids", "atomic", "precision", "train_config", "fetch", "tensor_file", "cache", "sources"},
     {"adapters", "adapter_sets", "data", "lm", "synthetic"},
     {"basemodel", "emulator", "alignment", "generated", "public", "personalize", "messages"},

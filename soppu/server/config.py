@@ -1,6 +1,8 @@
 """The federation's one typed config, the one source of every setting's name, default and help:
-`soppu simulate`'s flags are derived from it (`FLAGS`, `HELP`), and `[tool.flwr.app.config]`
-is its `to_toml()` (`soppu simulate --print-config` writes it; a test proves pyproject's is).
+each field carries its help (and its flag, where that is not its name) in its metadata
+(`soppu.settings.setting`, as PEFT's configs do); `soppu simulate`'s flags are derived from
+it, and `[tool.flwr.app.config]` is its `to_toml()` (`soppu simulate --print-config` writes
+it; a test proves pyproject's is).
 
 Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
 `soppu simulate` flags are the same names, but for the few in `FLAGS`. Empty strings and zeros
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from soppu.compression.methods import HELP as METHOD_HELP
+from soppu.settings import flag as field_flag
+from soppu.settings import flags, helps, setting
 from soppu.train_config import LORA_LAYERS, TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
@@ -36,106 +40,215 @@ DEVICES = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class FederationConfig:
-    run_dir: str = "runs/federation"
-    base_model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    data: str = ""  # "": the embedded Shakespeare users
-    users: int = 8  # users taken (the ones with the most text); 0: all
-    rounds: int = 2
-    fraction_train: float = 1.0
-    min_train_nodes: int = 1
-    fraction_evaluate: float = 0.0  # federated evaluation on the emulator each round
-    round_timeout: float = 3600.0  # seconds a round waits for replies
-    node_wait: float = 120.0  # seconds to wait for nodes to connect
+    run_dir: str = setting("runs/federation", "Run folder.", flag="out")
+    base_model: str = setting("", "HF id or folder ('': the embedded SmolLM2-135M-Instruct).")
+    data: str = setting(
+        "",
+        "Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION ('': the"
+        " embedded Shakespeare roles).",
+    )
+    users: int = setting(8, "Users (nodes): those with the most text; 0: all.")
+    rounds: int = setting(2, "Federated rounds.")
+    fraction_train: float = setting(1.0, "Share of the users trained each round.")
+    min_train_nodes: int = setting(1, "At least this many users trained each round.")
+    fraction_evaluate: float = setting(
+        0.0,
+        "Share of the users evaluated on the emulator each round.",
+    )
+    round_timeout: float = setting(3600.0, "Seconds a round waits for replies.")
+    node_wait: float = setting(120.0, "Seconds to wait for the nodes to connect.")
     # what users start from, what is averaged, what stays personal (server/schemes/)
-    scheme: str = "fedavg-ft"
-    prox: float = 0.1  # ditto: the personal adapter's pull towards the global one
+    scheme: str = setting(
+        "fedavg-ft",
+        "fedavg-ft (from the global adapter each round), local (own only), fedsa (A shared, B "
+        "personal) or ditto (personal pulled to the global by prox).",
+    )
+    prox: float = setting(
+        0.1,
+        "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
+    )
     # after the last round every user fine-tunes the final global adapter for up to this many
     # steps, keeping the step best on their validation split (0: no pass)
-    personal_pass: int = 0
-    personal_pass_lr: float = 3e-4
-    personal_pass_check: int = 5  # validation checks every this many steps
+    personal_pass: int = setting(
+        0,
+        "After the last round, each user fine-tunes the global adapter for up to this many steps, "
+        "keeping the step best on their validation text; 0: no pass.",
+    )
+    personal_pass_lr: float = setting(3e-4, "The personal pass's learning rate (constant).")
+    personal_pass_check: int = setting(
+        5,
+        "The personal pass checks validation loss every this many steps.",
+    )
     # the robust mean of replies (soppu/server/schemes/aggregate.py): updates clipped to clip × the
     # round's median norm, num-examples capped at weight_cap × the round's median; 0: off;
     # trim: the share of replies left out at each end of every coordinate (0.5: the median)
-    clip: float = 1.0
-    weight_cap: float = 4.0
-    trim: float = 0.5
+    clip: float = setting(
+        1.0,
+        "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
+    )
+    weight_cap: float = setting(
+        4.0,
+        "Robust mean: num-examples capped at this × the round's median; 0: off.",
+    )
+    trim: float = setting(
+        0.5,
+        "Robust mean: share of replies left out at each end per weight; 0.5: median.",
+    )
     # central differential privacy on the global adapter (soppu/server/schemes/privacy.py):
     # updates clipped to dp_clip, averaged unweighted, Gaussian noise dp_noise × dp_clip / n;
     # replaces the robust mean; ε at dp_delta is logged and recorded each round
-    dp_noise: float = 0.0
-    dp_clip: float = 0.0
-    dp_delta: float = 1e-5
+    dp_noise: float = setting(
+        0.0,
+        "Central DP on the global adapter: noise multiplier (0: off; replaces the robust mean).",
+    )
+    dp_clip: float = setting(0.0, "Central DP: every user's update clipped to this L2 norm.")
+    dp_delta: float = setting(1e-5, "Central DP: the δ at which ε is reported.")
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
-    client_mode: str = "emulator"
-    compress_every: int = 0  # compress every K rounds (0: only after the last)
-    compress_rank: int = 0  # shared rank per slot; 0: choose by compress_energy
+    client_mode: str = setting(
+        "emulator",
+        "emulator: clients never hold the full model (FedBiOT); full: they do.",
+    )
+    compress_every: int = setting(0, "Compress every K rounds; 0: after the last only.")
+    compress_rank: int = setting(
+        0,
+        "Compression: shared rank per slot; 0: choose by --energy.",
+        flag="rank",
+    )
     # 0.98 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
     # they keep 96% (100% in full mode) of the personal gain over the global adapter at 23×
     # (13×), and 97% (99%) on fp32-trained ones, where 0.97 kept 85% at 30×, its p25 80%
-    compress_energy: float = 0.98
-    compress_sigma: str = "full"
-    compress_bits: int = 8  # 8 or 4: quantised bases and cores; 32: float32
-    compress_clusters: int = 1  # bases per slot; 0: choose per slot
+    compress_energy: float = setting(
+        0.98,
+        "Compression: share of the energy kept (when no --rank).",
+        flag="energy",
+    )
+    compress_sigma: str = setting(
+        "full",
+        f"Compression: the per-user core, {METHOD_HELP}",
+        flag="sigma",
+    )
+    compress_bits: int = setting(
+        8,
+        "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
+        flag="bits",
+    )
+    compress_clusters: int = setting(
+        1,
+        "Compression: bases per slot; 0: choose 1–4 per slot.",
+        flag="clusters",
+    )
     # norm: every user counts alike, so no one user's norm (a hostile reply scaled ×1e4) can
     # take the shared bases; measured on three populations it costs 1–2% of the storage ratio
     # and nothing of what users keep (docs/benchmarks.md, "Compression weights")
-    compress_weights: str = "norm"
-    compress_group: str = "slot"  # a basis per (layer, module), or "shape": per tensor shape
+    compress_weights: str = setting(
+        "norm",
+        "Compression: uniform, or norm (every user counts alike).",
+        flag="weights",
+    )
+    compress_group: str = setting(
+        "slot",
+        "Compression: slot (a basis per layer and module) or shape.",
+        flag="group",
+    )
     # users who join after a compression round are projected onto its bases; a slot whose
     # new users carry more than this share of their energy outside its bases is refit
-    compress_refit_above: float = 0.2
-    export_rank: int = 0  # serving rank; 0: exact
-    final_evaluation: bool = True  # per-user perplexities on the full model after the run
-    # where the rounds, compressions and final evaluation are logged (soppu/server/tracking.py),
-    # with RUN/rounds.png beside: tensorboard, mlflow, both comma-separated, or none
-    log_to: str = "tensorboard"
+    compress_refit_above: float = setting(
+        0.2,
+        "Refit a slot when users joining carry more energy outside it.",
+    )
+    export_rank: int = setting(0, "Serving rank of the published adapters; 0: exact.")
+    final_evaluation: bool = setting(True, "Per-user perplexities on the full model after the run.")
+    log_to: str = setting(
+        "tensorboard",
+        "Log rounds, compressions and the evaluation to tensorboard (RUN/tensorboard), mlflow "
+        "(RUN/mlflow/mlflow.db), both comma-separated, or none; RUN/rounds.png beside.",
+    )
     # local training
-    local_steps: int = 15  # per round; the main job (8 users, 2 rounds) then fits 15 minutes
+    # per round; the main job (8 users, 2 rounds) then fits 15 minutes
+    local_steps: int = setting(15, "Client training steps per round.")
     # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
     # higher lr (experiments/lr_schedules.py, 8 users: median gain 16.6% against 14.1% at a
     # constant 1e-3, and 13.6% with the warm-up at 1e-3); 0 and "": the mode's MODE_SCHEDULES
-    lr: float = 0.0
-    lr_scheduler_type: str = ""  # within each round
-    warmup_steps: int = 3
-    batch_size: int = 4
-    seq_len: int = 128
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    target_modules: str = ""  # comma-separated; "": the attention query and value projections
-    lora_layers: str = "all"  # all: every layer the client's model has; adapter: top/bottom
-    correction_batches: int = 8  # public batches for the per-round gradient correction; 0: off
-    max_eval_tokens: int = 2048  # each client's own check of its adapter on the emulator
+    lr: float = setting(
+        0.0,
+        "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
+    )
+    lr_scheduler_type: str = setting(
+        "",
+        "Client lr schedule, each round: constant, constant_with_warmup, linear, cosine; '': the "
+        "client mode's (emulator constant_with_warmup, full constant).",
+    )
+    warmup_steps: int = setting(
+        3,
+        "Client lr warm-up steps from 0, each round, at most local-steps − 1 (constant ignores "
+        "it).",
+    )
+    batch_size: int = setting(4, "Sequences per step.")
+    seq_len: int = setting(128, "Tokens per sequence.")
+    lora_rank: int = setting(8, "LoRA rank.")
+    lora_alpha: float = setting(16.0, "LoRA α.")
+    target_modules: str = setting("", "LoRA targets, comma-separated ('': q_proj,v_proj).")
+    lora_layers: str = setting(
+        "all",
+        "all: every layer the client's model has; adapter: top/bottom only.",
+    )
+    correction_batches: int = setting(
+        8,
+        "Public batches for each round's gradient correction; 0: off.",
+    )
+    max_eval_tokens: int = setting(
+        2048,
+        "Held-out tokens each client checks its adapter on (emulator).",
+    )
     # the server's judgement on the full model: held-out tokens per user in the final
     # evaluation, validation tokens in the served choice; enough for intervals that tell a
     # win from noise (0: all of them)
-    final_eval_tokens: int = 8192
-    seed: int = 0
+    final_eval_tokens: int = setting(
+        8192,
+        "Held-out (validation) tokens per user in the final evaluation (the served choice) on the "
+        "full model; 0: all.",
+    )
+    seed: int = setting(0, "Seed for sampling, data splits and training.")
     # the emulator
-    emulator: str = ""  # a folder from `soppu emulator build`; "": build one
-    top: int = 2
-    bottom: int = 0
-    drop: float = 0.5
-    layer_select: str = "importance"  # which middle layers the emulator keeps: importance|even
-    align_steps: int = 60
+    emulator: str = setting("", "An emulator folder ('': build one and cache it).")
+    top: int = setting(2, "Adapter layers: the last N.")
+    bottom: int = setting(0, "Adapter layers: also the first N.")
+    drop: float = setting(0.5, "Share of the middle layers the emulator drops.")
+    layer_select: str = setting(
+        "importance",
+        "Middle layers the emulator keeps: importance or even.",
+    )
+    align_steps: int = setting(60, "Emulator alignment steps.")
     # text no user owns, to align the emulator and correct gradients on: "generated" (the full
     # model's own samples), "pool" (the embedded Shakespeare pool), or a file; "": the default
-    public: str = ""
+    public: str = setting(
+        "",
+        "Text no user owns, to align and correct on: generated (the full model's own samples), "
+        "pool (the embedded Shakespeare pool) or a file with a 'text' column; '': the default.",
+    )
     # devices
-    client_gpus: float = 0.0  # GPUs per simulated client; > 0: clients train on CUDA
-    device: str = "cpu"  # the server's alignment, gradient corrections, evaluation, compression
+    client_gpus: float = setting(0.0, "GPUs per simulated client; > 0: clients train on CUDA.")
+    device: str = setting("cpu", "Server device: alignment, corrections, evaluation, compression.")
     # the users' data
-    user_column: str = "user_id"
-    text_column: str = "text"
-    min_chars: int = 1000
-    test_fraction: float = 0.2
+    user_column: str = setting("user_id", "Column with the user id.")
+    text_column: str = setting("text", "Column with the text.")
+    min_chars: int = setting(1000, "Skip users with less text than this.")
+    test_fraction: float = setting(0.2, "Held-out share of each user's text (the last part).")
     # the share before the held-out part on which each user's served adapter is chosen
     # (personal, global or none); 0: no choice, every user is served their personal adapter
-    validation_fraction: float = 0.1
-    threads: int = 0  # torch threads on the server; 0: all
+    validation_fraction: float = setting(
+        0.1,
+        "Share before the held-out part on which each user's served adapter is chosen (personal, "
+        "global or none); 0: serve the personal one unchosen.",
+    )
+    threads: int = setting(0, "torch threads on the server; 0: all.")
     # bf16 autocast for the clients' steps, the alignment and the corrections where the device
     # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
-    precision: str = "auto"
+    precision: str = setting(
+        "auto",
+        "auto: bf16 autocast for training where the device computes bf16 natively; bf16; fp32 (the"
+        " final evaluation is always fp32).",
+    )
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -308,101 +421,14 @@ class FederationConfig:
         )
 
 
-# `soppu simulate` flags that are not the field's name with `-` for `_`.
-FLAGS = {
-    "run_dir": "out",
-    "compress_rank": "rank",
-    "compress_energy": "energy",
-    "compress_sigma": "sigma",
-    "compress_bits": "bits",
-    "compress_clusters": "clusters",
-    "compress_weights": "weights",
-    "compress_group": "group",
-}
-
-HELP = {
-    "run_dir": "Run folder.",
-    "base_model": "HF id or folder ('': the embedded SmolLM2-135M-Instruct).",
-    "data": "Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION "
-    "('': the embedded Shakespeare roles).",
-    "users": "Users (nodes): those with the most text; 0: all.",
-    "rounds": "Federated rounds.",
-    "fraction_train": "Share of the users trained each round.",
-    "min_train_nodes": "At least this many users trained each round.",
-    "fraction_evaluate": "Share of the users evaluated on the emulator each round.",
-    "round_timeout": "Seconds a round waits for replies.",
-    "node_wait": "Seconds to wait for the nodes to connect.",
-    "scheme": "fedavg-ft (from the global adapter each round), local (own only), fedsa (A "
-    "shared, B personal) or ditto (personal pulled to the global by prox).",
-    "prox": "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
-    "personal_pass": "After the last round, each user fine-tunes the global adapter for up "
-    "to this many steps, keeping the step best on their validation text; 0: no pass.",
-    "personal_pass_lr": "The personal pass's learning rate (constant).",
-    "personal_pass_check": "The personal pass checks validation loss every this many steps.",
-    "clip": "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
-    "weight_cap": "Robust mean: num-examples capped at this × the round's median; 0: off.",
-    "trim": "Robust mean: share of replies left out at each end per weight; 0.5: median.",
-    "dp_noise": "Central DP on the global adapter: noise multiplier (0: off; replaces the "
-    "robust mean).",
-    "dp_clip": "Central DP: every user's update clipped to this L2 norm.",
-    "dp_delta": "Central DP: the δ at which ε is reported.",
-    "client_mode": "emulator: clients never hold the full model (FedBiOT); full: they do.",
-    "compress_every": "Compress every K rounds; 0: after the last only.",
-    "compress_rank": "Compression: shared rank per slot; 0: choose by --energy.",
-    "compress_energy": "Compression: share of the energy kept (when no --rank).",
-    "compress_sigma": f"Compression: the per-user core, {METHOD_HELP}",
-    "compress_bits": "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
-    "compress_clusters": "Compression: bases per slot; 0: choose 1–4 per slot.",
-    "compress_weights": "Compression: uniform, or norm (every user counts alike).",
-    "compress_group": "Compression: slot (a basis per layer and module) or shape.",
-    "compress_refit_above": "Refit a slot when users joining carry more energy outside it.",
-    "export_rank": "Serving rank of the published adapters; 0: exact.",
-    "final_evaluation": "Per-user perplexities on the full model after the run.",
-    "log_to": "Log rounds, compressions and the evaluation to tensorboard (RUN/tensorboard), "
-    "mlflow (RUN/mlflow/mlflow.db), both comma-separated, or none; RUN/rounds.png beside.",
-    "local_steps": "Client training steps per round.",
-    "lr": "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
-    "lr_scheduler_type": "Client lr schedule, each round: constant, constant_with_warmup, "
-    "linear, cosine; '': the client mode's (emulator constant_with_warmup, full constant).",
-    "warmup_steps": "Client lr warm-up steps from 0, each round, at most local-steps − 1 "
-    "(constant ignores it).",
-    "batch_size": "Sequences per step.",
-    "seq_len": "Tokens per sequence.",
-    "lora_rank": "LoRA rank.",
-    "lora_alpha": "LoRA α.",
-    "target_modules": "LoRA targets, comma-separated ('': q_proj,v_proj).",
-    "lora_layers": "all: every layer the client's model has; adapter: top/bottom only.",
-    "correction_batches": "Public batches for each round's gradient correction; 0: off.",
-    "max_eval_tokens": "Held-out tokens each client checks its adapter on (emulator).",
-    "final_eval_tokens": "Held-out (validation) tokens per user in the final evaluation "
-    "(the served choice) on the full model; 0: all.",
-    "seed": "Seed for sampling, data splits and training.",
-    "emulator": "An emulator folder ('': build one and cache it).",
-    "top": "Adapter layers: the last N.",
-    "bottom": "Adapter layers: also the first N.",
-    "drop": "Share of the middle layers the emulator drops.",
-    "layer_select": "Middle layers the emulator keeps: importance or even.",
-    "align_steps": "Emulator alignment steps.",
-    "public": "Text no user owns, to align and correct on: generated (the full model's own "
-    "samples), pool (the embedded Shakespeare pool) or a file with a 'text' column; '': the "
-    "default.",
-    "client_gpus": "GPUs per simulated client; > 0: clients train on CUDA.",
-    "device": "Server device: alignment, corrections, evaluation, compression.",
-    "user_column": "Column with the user id.",
-    "text_column": "Column with the text.",
-    "min_chars": "Skip users with less text than this.",
-    "test_fraction": "Held-out share of each user's text (the last part).",
-    "validation_fraction": "Share before the held-out part on which each user's served "
-    "adapter is chosen (personal, global or none); 0: serve the personal one unchosen.",
-    "threads": "torch threads on the server; 0: all.",
-    "precision": "auto: bf16 autocast for training where the device computes bf16 natively; "
-    "bf16; fp32 (the final evaluation is always fp32).",
-}
+HELP = helps(FederationConfig)  # each field's help, for --print-config and the verbs' flags
+FLAGS = flags(FederationConfig)  # `soppu simulate` flags that are not the field's name
+FIELDS = {f.name: f for f in fields(FederationConfig)}
 
 
 def flag(name: str) -> str:
     """The `soppu simulate` flag of a field."""
-    return "--" + FLAGS.get(name, name).replace("_", "-")
+    return field_flag(FIELDS[name])
 
 
 def _upgrade(name: str, value: Any) -> tuple[str, Any]:

@@ -1,0 +1,31 @@
+"""A setting's one home: a config dataclass field that carries its help (and its flag, where
+that is not the field's name) in `field(metadata=...)`, as PEFT's configs keep theirs. The
+command line, `--print-config` and the docs read them from there (`helps`, `flag`); torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field, field, fields
+from typing import Any
+
+
+def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A config field: its default, the one line of help every verb shows, and its flag's
+    name where it is not the field's (`--out` for `run_dir`)."""
+    metadata = {"help": help, **({"flag": flag} if flag else {})}
+    return field(default=default, metadata=metadata)
+
+
+def helps(config: type) -> dict[str, str]:
+    """Field name → help, for every field of a config dataclass."""
+    return {f.name: f.metadata["help"] for f in fields(config)}
+
+
+def flags(config: type) -> dict[str, str]:
+    """Field name → flag name (without `--`, with `_`), only where it is not the field's."""
+    return {f.name: f.metadata["flag"] for f in fields(config) if "flag" in f.metadata}
+
+
+def flag(of: Field) -> str:
+    """A field's command-line flag: `--` and its flag name, `-` for `_`."""
+    return "--" + of.metadata.get("flag", of.name).replace("_", "-")

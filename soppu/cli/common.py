@@ -6,10 +6,10 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import Field, asdict
+from dataclasses import Field, fields
 from enum import StrEnum
 from inspect import Parameter, Signature, signature
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import typer
 import typer.core
@@ -153,42 +153,38 @@ DataOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="torch threads (default: all cores).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (a GPU torch sees).")]
-UserColumnOpt = Annotated[str, typer.Option(help="Column with the user id.")]
-TextColumnOpt = Annotated[str, typer.Option(help="Column with the text.")]
-PartitionerOpt = Annotated[
-    Partitioner, typer.Option(help="natural: by user column; iid/dirichlet: no user ids.")
-]
-NumUsersOpt = Annotated[int | None, typer.Option(help="iid/dirichlet: users to make.")]
-PartitionByOpt = Annotated[str | None, typer.Option(help="dirichlet: the label column.")]
-AlphaOpt = Annotated[float, typer.Option(help="dirichlet concentration.")]
-MinCharsOpt = Annotated[int, typer.Option(help="Skip users with less text than this.")]
-TestFractionOpt = Annotated[float, typer.Option(help="Held-out share (the last part).")]
-ValidationFractionOpt = Annotated[
-    float, typer.Option(help="Validation share, just before the held-out part.")
-]
-DATA_FLAGS = {
-    "user_column": UserColumnOpt,
-    "text_column": TextColumnOpt,
-    "partitioner": PartitionerOpt,
-    "num_users": NumUsersOpt,
-    "partition_by": PartitionByOpt,
-    "alpha": AlphaOpt,
-    "min_chars": MinCharsOpt,
-    "test_fraction": TestFractionOpt,
-    "validation_fraction": ValidationFractionOpt,
-}
+# The DataOptions fields every verb that reads users' text takes as flags (not its seed: a
+# verb's own or the run's); their help is the fields'.
+DATA_FLAGS = (
+    "user_column",
+    "text_column",
+    "partitioner",
+    "num_users",
+    "partition_by",
+    "alpha",
+    "min_chars",
+    "test_fraction",
+    "validation_fraction",
+)
 
 
 def data_flags() -> list[Parameter]:
-    """The flags of every verb that reads users' text, each named as a DataOptions field and
-    defaulting to its value (a verb takes them through `with_flags`)."""
+    """The flags of every verb that reads users' text, each named as a DataOptions field,
+    defaulting to its value, with its help (a verb takes them through `with_flags`)."""
     from soppu.data import DataOptions
 
-    defaults = {**asdict(DataOptions()), "partitioner": Partitioner(DataOptions.partitioner)}
-    return [
-        Parameter(name, Parameter.KEYWORD_ONLY, default=defaults[name], annotation=annotation)
-        for name, annotation in DATA_FLAGS.items()
-    ]
+    kinds = get_type_hints(DataOptions) | {"partitioner": Partitioner}
+    by_name = {f.name: f for f in fields(DataOptions)}
+    parameters = []
+    for name in DATA_FLAGS:
+        field = by_name[name]
+        default = Partitioner(field.default) if name == "partitioner" else field.default
+        help_text = markup_safe(field.metadata["help"])
+        annotation = Annotated[kinds[name], typer.Option(help=help_text)]
+        parameters.append(
+            Parameter(name, Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        )
+    return parameters
 
 
 def data_options(flags: dict):

@@ -16,16 +16,27 @@ version dir given) and a few fixed prompts, greedy and with end-of-sequence igno
   (shared bases, a core per row), each timed after a warm-up.
 
 vLLM is given the prepared base weights (the folder `soppu prepare` made), not the Hub id the
-adapters name: the adapters were trained on those. Run by hand or on a GPU machine, not in CI.
-Writes experiments/results/vllm_check.json and .md (`--name` for another file).
+adapters name: the adapters were trained on those.
+
+`--server` also starts vLLM's OpenAI server from the very command `soppu inspect VERSION`
+prints (its interpreter swapped for `--vllm-python`, and `--port`, `--dtype float32`,
+`--enforce-eager`, `--gpu-memory-utilization` added, which a CPU needs), checks that
+`GET /v1/models` lists every user, and asks `POST /v1/completions` for each (user, prompt) with
+the user id as the model, greedy: the tokens it returns against PEFT's.
+
+Run by hand or on a GPU machine, not in CI. Writes experiments/results/vllm_check.json and .md
+(`--name` for another file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,6 +153,83 @@ def vllm_rows(python: str, model: Path, version: Path, users, jobs, tokens, rank
     return json.loads(line.removeprefix("VLLM-RESULT "))
 
 
+LOG = Path(tempfile.gettempdir()) / "vllm_server.log"
+
+
+def printed_command(version: Path) -> list[str]:
+    """The vLLM command `soppu inspect VERSION` prints, as argv."""
+    env = {**os.environ, "COLUMNS": "100000"}  # one line, however long
+    shown = subprocess.run(
+        [sys.executable, "-m", "soppu", "inspect", str(version)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    line = next(x.strip() for x in shown.splitlines() if x.strip().startswith("vLLM: "))
+    return shlex.split(line.removeprefix("vLLM: "))
+
+
+def server_rows(python: str, argv: list[str], jobs, tokens: int, memory: float) -> dict:
+    """Start vLLM's OpenAI server from `argv`; every user listed by /v1/models, and each
+    job's greedy tokens and logprobs from /v1/completions (the user id as the model)."""
+    port = 8000 + os.getpid() % 1000
+    cpu = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", str(memory)]
+    argv = [python, *argv[1:], "--port", str(port), *cpu, "--seed", "0"]
+    url = f"http://127.0.0.1:{port}"
+    print(f"vLLM's server logs to {LOG}", flush=True)
+    log = open(LOG, "w")  # noqa: SIM115 (open for the child's lifetime)
+    began = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        models = _wait_for_models(url, child, began)
+        started = time.perf_counter() - began
+        print(f"vLLM's server answered after {started:.0f} s", flush=True)
+        rows = [_completion(url, ids, user, tokens) for ids, user in jobs]
+    finally:
+        child.terminate()
+        child.wait(60)
+        log.close()
+    return {"models": models, "rows": rows, "start_seconds": started, "argv": argv}
+
+
+def _wait_for_models(url: str, child: subprocess.Popen, began: float) -> list[str]:
+    import requests
+
+    while time.perf_counter() - began < 900:
+        if child.poll() is not None:
+            sys.exit(f"vLLM's server stopped ({child.returncode}): see {LOG}")
+        try:
+            reply = requests.get(f"{url}/v1/models", timeout=5)
+            if reply.ok:
+                return [m["id"] for m in reply.json()["data"]]
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    sys.exit("vLLM's server did not answer within 900 s")
+
+
+def _completion(url: str, ids: list[int], user: str, tokens: int) -> dict:
+    import requests
+
+    body = {
+        "model": user,
+        "prompt": ids,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "logprobs": 1,
+        "ignore_eos": True,  # vLLM's: as PEFT's min_new_tokens
+        "return_tokens_as_token_ids": True,  # vLLM's: "token_id:ID" for each token
+    }
+    reply = requests.post(f"{url}/v1/completions", json=body, timeout=600)
+    reply.raise_for_status()
+    logprobs = reply.json()["choices"][0]["logprobs"]
+    return {
+        "tokens": [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]],
+        "logprobs": [float(x) for x in logprobs["token_logprobs"]],
+    }
+
+
 def soppu_seconds(version: Path, base, jobs, tokens: int) -> float:
     from soppu.server.serving.engine import Engine
     from soppu.server.serving.shared_weights import load_shared
@@ -200,6 +288,11 @@ def main() -> None:
         help="vLLM's gpu_memory_utilization (on a CPU: the share of the node's memory it takes; "
         "0.1 leaves no room for the KV cache beside float32 weights here)",
     )
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="also start vLLM's OpenAI server from the command `soppu inspect` prints",
+    )
     args = parser.parse_args()
 
     from soppu import basemodel
@@ -227,6 +320,10 @@ def main() -> None:
         manifest["export_rank"],
         args.vllm_memory,
     )
+    server = None
+    if args.server:
+        argv = printed_command(version)
+        server = server_rows(args.vllm_python, argv, jobs, args.tokens, args.vllm_memory)
     peft = peft_rows(version, users, jobs + base_jobs, args.tokens, base)
     # soppu's engine wraps the base model's layers in place: a fresh copy for it
     soppu_s = soppu_seconds(version, basemodel.load(manifest["base_model"]), jobs, args.tokens)
@@ -234,7 +331,7 @@ def main() -> None:
     bare = compare(peft[len(jobs) :], vllm["base_rows"][: len(prompts)], base_jobs)
     generated = len(jobs) * args.tokens
     result = {
-        **provenance("vllm_check.py"),
+        **provenance("vllm_check"),
         "version": portable(version),
         "base_weights": portable(model),
         "users": users,
@@ -251,6 +348,19 @@ def main() -> None:
         },
         "threads": torch.get_num_threads(),
     }
+    if server is not None:
+        served = compare(peft[: len(jobs)], server["rows"], jobs)
+        result["server"] = {
+            "command": " ".join(
+                shlex.quote(portable(a) if "/" in a else a) for a in server["argv"]
+            ),
+            "lists_every_user": set(users) <= set(server["models"]),
+            "models": len(server["models"]),
+            "pairs": served,
+            "same_tokens": sum(p["same_tokens"] for p in served),
+            "max_logprob_gap": max(p["max_logprob_gap"] for p in served),
+            "start_seconds": server["start_seconds"],
+        }
     write_results(RESULTS / f"{args.name}.json", result, markdown(result))
 
 
@@ -280,6 +390,21 @@ def markdown(r: dict) -> str:
         f"| vLLM, the base model (no LoRA) | {t['vllm_base']:.1f} |",
         f"| soppu serve's engine (shared bases, a core per row) | {t['soppu_serve']:.1f} |",
     ]
+    if "server" in r:
+        v = r["server"]
+        lines += [
+            "",
+            f"vLLM's OpenAI server, started from the command `soppu inspect` prints (answered "
+            f"after {v['start_seconds']:.0f} s):",
+            "",
+            "| check | result |",
+            "|---|---|",
+            f"| `GET /v1/models` lists every user | {'yes' if v['lists_every_user'] else 'no'} "
+            f"({v['models']} models) |",
+            f"| (user, prompt) pairs whose tokens equal PEFT's | **{v['same_tokens']} of "
+            f"{len(v['pairs'])}** |",
+            f"| largest gap of the chosen tokens' logprobs | {v['max_logprob_gap']:.2e} |",
+        ]
     return "\n".join(lines) + "\n"
 
 

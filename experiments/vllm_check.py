@@ -274,6 +274,14 @@ def portable(path: Path) -> str:
     return path.name
 
 
+def _portable_arg(arg: str) -> str:
+    """A command's argument as results keep it: paths (and `name=path`) portable."""
+    name, sep, value = arg.rpartition("=")
+    if "/" not in value:
+        return arg
+    return f"{name}{sep}{portable(Path(value))}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--serving", type=Path, required=True, help="serving dir or version")
@@ -351,9 +359,7 @@ def main() -> None:
     if server is not None:
         served = compare(peft[: len(jobs)], server["rows"], jobs)
         result["server"] = {
-            "command": " ".join(
-                shlex.quote(portable(a) if "/" in a else a) for a in server["argv"]
-            ),
+            "command": " ".join(shlex.quote(_portable_arg(a)) for a in server["argv"][1:]),
             "lists_every_user": set(users) <= set(server["models"]),
             "models": len(server["models"]),
             "pairs": served,

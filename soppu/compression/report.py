@@ -27,41 +27,80 @@ REPORT_FILES = ("report.json", "report.csv", "report.md", "errors.png", "params.
 
 
 def slot_entry(slot: Slot, result: SlotResult, seconds: float) -> dict[str, Any]:
-    """One slot's numbers (JSON-able); per-item numbers go in `items`."""
+    """A fitted slot's report entry (see `slot_record`)."""
     fit = result.fit
-    before, after = result.params_before(), result.params_after()
     errors, personal = result.errors.tolist(), result.personal_errors.tolist()
     float_errors = relative(result.sq_errors_float, result.sq_norms).tolist()
-    bytes_before, bytes_after = result.bytes_before(), result.bytes_after()
+    return slot_record(
+        slot,
+        ranks=fit.ranks,
+        sigma=fit.sigma,
+        params=(result.params_before(), result.params_after()),
+        bits=result.stored.bits,
+        bytes_after=result.bytes_after(),
+        max_core_rank=result.max_core_rank(),
+        per_item=[
+            item_record(user, module, errors[i], float_errors[i], personal[i])
+            for i, (user, module) in enumerate(slot.items)
+        ],
+        fit={
+            "bracket": fit.bracket.as_dict(),
+            "iterations": fit.iterations,
+            "converged": fit.converged,
+            "seconds": seconds,
+        },
+    )
+
+
+def slot_record(
+    slot: Slot,
+    *,
+    ranks: tuple[int, int],
+    sigma: str,
+    params: tuple[int, int],
+    bits: int,
+    bytes_after: int,
+    max_core_rank: int,
+    per_item: list[dict[str, Any]],
+    fit: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One slot's numbers (JSON-able), the one shape every writer of a report uses; `params`:
+    (the users' LoRA parameters, what the store holds); `fit`: the fit's bracket, iterations,
+    convergence and seconds (None where no fit ran: users projected onto stored bases)."""
+    before, after = params
+    bytes_before = 4 * before  # the users' LoRA factors as float32, as a federation keeps them
+    fit = fit or {"bracket": None, "iterations": 0, "converged": True}
     return {
         "slot": slot.name,
         "shape": list(slot.shape),
         "modules": slot.modules,
-        "rank": rank_label(fit.ranks),
-        "ranks": list(fit.ranks),
-        "sigma": fit.sigma,
+        "rank": rank_label(ranks),
+        "ranks": list(ranks),
+        "sigma": sigma,
         "items": len(slot.items),
         "params_before": before,
         "params_after": after,
-        "bits": result.stored.bits,
+        "bits": bits,
         "bytes_before": bytes_before,
         "bytes_after": bytes_after,
         "ratio": bytes_before / bytes_after if bytes_after else math.inf,  # counted in bytes
-        "bracket": fit.bracket.as_dict(),
-        "iterations": fit.iterations,
-        "converged": fit.converged,
-        "max_core_rank": result.max_core_rank(),
-        "seconds": seconds,
-        "per_item": [
-            {
-                "user": user,
-                "module": module,
-                "error": errors[i],  # of what is stored (after quantisation, if any)
-                "error_float": float_errors[i],  # the fit's own, before quantisation
-                "personal_error": _clean(personal[i]),
-            }
-            for i, (user, module) in enumerate(slot.items)
-        ],
+        **fit,
+        "max_core_rank": max_core_rank,
+        "per_item": per_item,
+    }
+
+
+def item_record(
+    user: str, module: str, error: float, error_float: float, personal: float | None
+) -> dict[str, Any]:
+    """One (user, module)'s errors: of what is stored (after quantisation, if any), of the
+    fit's own before it, and of the personal part (None where not measured)."""
+    return {
+        "user": user,
+        "module": module,
+        "error": error,
+        "error_float": error_float,
+        "personal_error": _clean(personal),
     }
 
 
@@ -149,8 +188,8 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _clean(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _clean(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:

@@ -33,7 +33,13 @@ from soppu.compression.core_size import core_params
 from soppu.compression.factors import canonicalize
 from soppu.compression.methods import method_named
 from soppu.compression.project import Projected
-from soppu.compression.report import build_report, rank_label, slot_entry, write_report
+from soppu.compression.report import (
+    build_report,
+    item_record,
+    slot_entry,
+    slot_record,
+    write_report,
+)
 from soppu.compression.residuals import OrthoForm, relative, squared_errors
 from soppu.compression.slots import Slot
 from soppu.compression.storage import SlotStorage
@@ -289,40 +295,24 @@ def _appended_entry(
     k = _factor_width(storage) if storage.form == "factored" else stack.rank
     new_items = everyone.items[-count:]
     per_item = [dict(item) for item in old_items] + [
-        {
-            "user": user,
-            "module": module,
-            "error": float(errors[i]),
-            "error_float": float(projected.errors[i]),
-            "personal_error": None,
-        }
+        item_record(user, module, float(errors[i]), float(projected.errors[i]), None)
         for i, (user, module) in enumerate(new_items)
     ]
     ranks = (form.Qu.shape[1], form.Qv.shape[1])
     params_before = old_slot["params_before"] + sum(lora_ranks) * (m + n)
     params_after = old_slot["params_after"] + _core_params(storage.form, ranks, k, count)
-    bytes_after = storage.nbytes
     new_ranks = int(torch.linalg.matrix_rank(new_cores.double(), rtol=1e-6).max())
-    return {
-        "slot": everyone.name,
-        "shape": [m, n],
-        "modules": everyone.modules,
-        "rank": rank_label(ranks),
-        "ranks": list(ranks),
-        "sigma": old_slot["sigma"],
-        "items": len(everyone.items),
-        "params_before": params_before,
-        "params_after": params_after,
-        "bits": storage.bits,
-        "bytes_before": 4 * params_before,
-        "bytes_after": bytes_after,
-        "ratio": 4 * params_before / bytes_after,
-        "bracket": None,  # no fit ran: the old certificate does not cover the new users
-        "iterations": 0,
-        "converged": True,
-        "max_core_rank": max(old_slot.get("max_core_rank", 0), new_ranks),
-        "per_item": per_item,
-    }
+    # no fit ran: the old certificate does not cover the new users
+    return slot_record(
+        everyone,
+        ranks=ranks,
+        sigma=old_slot["sigma"],
+        params=(params_before, params_after),
+        bits=storage.bits,
+        bytes_after=storage.nbytes,
+        max_core_rank=max(old_slot.get("max_core_rank", 0), new_ranks),
+        per_item=per_item,
+    )
 
 
 def _core_params(form: str, ranks: tuple[int, int], k: int, count: int) -> int:

@@ -92,18 +92,39 @@ def add_case(work: Path, users: int, threads: int) -> list[dict]:
     joint_error = next(i["error"] for i in joint["items"] if i["user"] == names[-1])
     rows = []
     added = run_add(work / "add" / "store", last, work / "add" / "grown", threads)
-    rows.append({"case": "add one user", "users": users, "seconds": added["seconds"],
-                 "error": added["errors"][names[-1]], "joint_error": joint_error,
-                 "drift": added["drift"], "compress_999_seconds": base["seconds"]})
-    stranger = PopulationSpec(users=1, layers=1, shapes={k: tuple(v) for k, v in
-                              case["shapes"].items()}, rank=case["rank_k"], structure="random",
-                              seed=7)
+    rows.append(
+        {
+            "case": "add one user",
+            "users": users,
+            "seconds": added["seconds"],
+            "error": added["errors"][names[-1]],
+            "joint_error": joint_error,
+            "drift": added["drift"],
+            "compress_999_seconds": base["seconds"],
+        }
+    )
+    stranger = PopulationSpec(
+        users=1,
+        layers=1,
+        shapes={k: tuple(v) for k, v in case["shapes"].items()},
+        rank=case["rank_k"],
+        structure="random",
+        seed=7,
+    )
     write_population(stranger, work / "add" / "stranger")
     shutil.move(work / "add" / "stranger" / "user0000", work / "add" / "stranger" / "stranger")
     odd = run_add(work / "add" / "store", work / "add" / "stranger", work / "add" / "odd", threads)
-    rows.append({"case": "add a user unlike the others", "users": users, "seconds": odd["seconds"],
-                 "error": odd["errors"]["stranger"], "joint_error": None, "drift": odd["drift"],
-                 "compress_999_seconds": base["seconds"]})
+    rows.append(
+        {
+            "case": "add a user unlike the others",
+            "users": users,
+            "seconds": odd["seconds"],
+            "error": odd["errors"]["stranger"],
+            "joint_error": None,
+            "drift": odd["drift"],
+            "compress_999_seconds": base["seconds"],
+        }
+    )
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -112,7 +133,10 @@ def add_case(work: Path, users: int, threads: int) -> list[dict]:
 def run_add(store: Path, new: Path, out: Path, threads: int) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", ADD_CHILD, str(store), str(new), str(out), str(threads)],
-        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -120,9 +120,13 @@ def markdown(results: dict[str, dict], costs: dict, args: argparse.Namespace) ->
                 f"{r['kept_over_global_min']:.1%} |"
             )
     for mode, result in results.items():
-        lines += ["", f"Per user, {mode} mode (held-out perplexity on the full model):", "",
-                  "| user | base | global | personal | compressed | gain | over global |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Per user, {mode} mode (held-out perplexity on the full model):",
+            "",
+            "| user | base | global | personal | compressed | gain | over global |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for u in result["users"]:
             gain = 1 - u["personal"] / u["base"]
             over = 1 - u["personal"] / u["global"] if u["global"] else None
@@ -149,9 +153,15 @@ def main() -> None:
     results = {mode: run_mode(args, mode, extra) for mode in MODES}
     costs = client_costs(args)
     out = {
-        "args": vars(args), "extra_args": extra, "modes": results, "client_costs": costs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "args": vars(args),
+        "extra_args": extra,
+        "modes": results,
+        "client_costs": costs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     em, fu = results["emulator"]["summary"], results["full"]["summary"]
     out["gain_share"] = em["gain_median"] / fu["gain_median"] if fu["gain_median"] else None

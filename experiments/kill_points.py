@@ -238,9 +238,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     table = summarise(rows)
     RESULTS.mkdir(exist_ok=True)
-    summary = json.dumps(
-        {**provenance("kill_points"), "summary": table, "trials": rows}, indent=2
-    )
+    summary = json.dumps({**provenance("kill_points"), "summary": table, "trials": rows}, indent=2)
     atomic.write_text(RESULTS / "kill_points.json", summary)
     header = list(table[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -57,19 +57,39 @@ def measure(run: Path, steps: int, lr: float | None = None, users: int | None = 
     chosen = list(judge.evaluation.items())[:users]
     for i, (user, row) in enumerate(chosen, start=1):
         result = personalize(
-            judge.texts[user], emulator, info, judge.base.tokenizer, train,
-            start=start, correction=correction or None,
+            judge.texts[user],
+            emulator,
+            info,
+            judge.base.tokenizer,
+            train,
+            start=start,
+            correction=correction or None,
         )
         passed = judge.perplexity(user, result.lora)
-        rows.append({
-            "user": user, "base": row["base"], "global": row["global"],
-            "personal": row["personal"], "pass": passed, "seconds": result.seconds,
-        })
-        print(f"[{i}/{len(chosen)}] {user}: global {row['global']:.2f}, "
-              f"personal {row['personal']:.2f}, one more pass {passed:.2f} "
-              f"({result.seconds:.0f} s)", flush=True)
-    return {"run": str(run), "steps": steps, "lr": train.lr, "correction_seconds": correction_s,
-            "users": rows, "summary": summarise(rows)}
+        rows.append(
+            {
+                "user": user,
+                "base": row["base"],
+                "global": row["global"],
+                "personal": row["personal"],
+                "pass": passed,
+                "seconds": result.seconds,
+            }
+        )
+        print(
+            f"[{i}/{len(chosen)}] {user}: global {row['global']:.2f}, "
+            f"personal {row['personal']:.2f}, one more pass {passed:.2f} "
+            f"({result.seconds:.0f} s)",
+            flush=True,
+        )
+    return {
+        "run": str(run),
+        "steps": steps,
+        "lr": train.lr,
+        "correction_seconds": correction_s,
+        "users": rows,
+        "summary": summarise(rows),
+    }
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -504,9 +504,7 @@ def main() -> None:
     else:
         model, serving, store = tiny_serving(root, args.users)
         base = str(model)
-    url, engine, server, thread, limits = start_server(
-        serving, base, args.max_batch, args.max_wait
-    )
+    url, engine, server, thread, limits = start_server(serving, base, args.max_batch, args.max_wait)
     users = sorted(engine.users)
     rng = random.Random(args.seed)
     warm = [j for j in plan(args.warmup, users, args, limits, rng) if j["kind"] == "ok"]

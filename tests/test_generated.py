@@ -22,6 +22,7 @@ def test_the_full_models_own_text_is_cached_and_aligns_the_emulator_on_unseen_te
     texts = generated_text(full, tokenizer, config)
     assert len(texts) == 48 and len(set(texts)) == 48  # each sample its own
     assert all(len(tokenizer(t)["input_ids"]) >= 16 for t in texts)
+
     # The second call reads the cache: the same texts, and no sampling.
     def sample_again(**_):
         raise AssertionError("sampled again instead of reading the cache")

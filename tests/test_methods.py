@@ -59,9 +59,7 @@ def items(count=6, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     shared = torch.randn(24, 5, generator=g)
     return [
-        LoRAFactors(
-            torch.randn(k, 20, generator=g), shared @ torch.randn(5, k, generator=g), 1.0
-        )
+        LoRAFactors(torch.randn(k, 20, generator=g), shared @ torch.randn(5, k, generator=g), 1.0)
         for _ in range(count)
     ]
 

@@ -37,17 +37,11 @@ from soppu.server.selection import CANDIDATES
 from soppu.server.store import RunFolder
 
 
-def scaled(lora: LoraState, scale: float) -> LoraState:
-    """`lora` with its update ΔW = scale · B A: B scaled, A and the config as they were."""
-    tensors = {k: v * scale if ".lora_B." in k else v for k, v in lora.tensors.items()}
-    return LoraState(tensors, lora.config)
-
-
 def candidates(run: RunFolder, user: str, scales: list[float]) -> dict[str, LoraState | None]:
     found: dict[str, LoraState | None] = {"base": None}
     for name, lora in (("global", run.global_adapter()), ("personal", run.latest(user))):
         if lora is not None:
-            found |= {f"{name}×{s:g}": scaled(lora, s) for s in scales}
+            found |= {f"{name}×{s:g}": lora.scaled(s) for s in scales}
     return found
 
 

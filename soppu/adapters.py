@@ -332,6 +332,14 @@ class LoraState:
             tensors[f"base_model.model.{module}.lora_B.weight"] = B
         return LoraState(tensors, dict(config))
 
+    def scaled(self, scale: float) -> LoraState:
+        """This adapter with its update ΔW = B A scaled by `scale`: B scaled, A and the
+        config kept, so it is a plain PEFT adapter still."""
+        if scale == 1.0:
+            return self
+        tensors = {k: v * scale if ".lora_B." in k else v for k, v in self.tensors.items()}
+        return LoraState(tensors, self.config)
+
     def peft_config(self):
         from peft import LoraConfig
 

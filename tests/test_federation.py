@@ -143,7 +143,10 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     assert [r["user"] for r in evaluation["users"]] == USERS
     for row in evaluation["users"]:
         assert row["served"] == selection[row["user"]]["served"]
-        assert row["compressed"] == pytest.approx(row[row["served"]], rel=1e-4)
+        assert row["compressed"] == pytest.approx(row["chosen"], rel=1e-4)
+        kind, _, scale = row["served"].partition("×")
+        if not scale:  # as trained: the chosen one is that column
+            assert row["chosen"] == row[kind]
         assert row["emulator"] is not None and row["global"] is not None
         assert row["personal"] < row["base"] and row["global"] < row["base"]
         assert row["personal"] != row["global"]

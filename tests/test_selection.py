@@ -12,12 +12,13 @@ from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
 
 from soppu import basemodel, lm
-from soppu.adapters import LoraState, write_lora
+from soppu.adapters import LoraState, read_lora, write_lora
 from soppu.compression import CompressionConfig
 from soppu.data import DataOptions, load_users
 from soppu.emulator import EmulatorPlan, build, save
 from soppu.personalize import fresh_lora, train_lora
 from soppu.server.compression_round import compress_run
+from soppu.server.config import FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
 from soppu.server.selection import choose, select_served
@@ -35,6 +36,16 @@ def test_the_lowest_validation_loss_wins_and_a_tie_goes_to_the_simpler_choice():
     losses = {"base": 3.0, "global": 2.5, "personal": 2.4}
     assert choose(losses, {"global"}) == "global"
     assert choose(losses, set()) == "base"
+    # Strengths: the lowest loss; on a tie the strength nearest 1, then the simpler kind.
+    scaled = {"base": 3.0, "personal": 2.0, "personal×0.75": 1.9, "global×1.25": 1.9}
+    assert choose(scaled) == "global×1.25"
+    assert choose({"base": 3.0, "personal×0.5": 2.0, "personal": 2.0}) == "personal"
+    assert choose({"base": 3.0, "personal×0.5": 2.0, "personal×1.5": 2.0}) == "personal×1.5"
+    assert FederationConfig().scales() == (0.5, 0.75, 1.0, 1.25)
+    assert FederationConfig(serve_scales="2").scales() == (1.0, 2.0)  # 1 always tried
+    for wrong in ("0", "nan", "5", "x"):
+        with pytest.raises(ValueError, match="serve-scales must be numbers in"):
+            FederationConfig(serve_scales=wrong)
 
 
 def _harmful(lora: LoraState, seed: int) -> LoraState:
@@ -114,3 +125,50 @@ def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):
     assert rows["calm"]["gains"]["personal_over_global"]["verdict"] == "better"
     assert result["summary"]["harmed"] == 0 and result["summary"]["helped"] == 1
     assert result["summary"]["served_counts"] == {"base": 1, "personal": 1}
+
+
+def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_path):
+    """loud's own adapter is a good one blown up ×4; tried at strengths 0.25 and 1, it is
+    served at 0.25 (the good one, exactly): written to RUN/scaled/loud/, compressed and
+    published as such, and judged at that strength; chosen again with strength 1 only, the
+    scaled dir goes."""
+    torch.set_num_threads(1)
+    data = write_users_jsonl(tmp_path / "users.jsonl", {"loud": 6000})
+    users = load_users(data, DataOptions(validation_fraction=0.2))
+    base = _pretrained_tiny_model(tmp_path / "model", users["loud"].train)
+    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
+    config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
+    blocks = lm.token_blocks(base.tokenizer, users["loud"].train, config.seq_len)
+    pad = base.tokenizer.pad_token_id
+    good, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
+
+    run = RunFolder(tmp_path / "run")
+    save(emulator, info, run.emulator, cache=True)
+    write_lora(good.scaled(4.0), run.store / "loud", {"round": 1})
+    run.set_state(round=1)
+
+    chosen = select_served(run, base.model, base.tokenizer, users, config, scales=(0.25, 1.0))
+    entry = chosen["loud"]
+    assert set(entry["validation"]) == {"base", "personal", "personal×0.25"}
+    assert entry["served"] == "personal×0.25"
+    assert entry["validation"]["personal×0.25"] < entry["validation"]["personal"]
+    served = read_lora(run.scaled / "loud")
+    for key, tensor in good.tensors.items():
+        assert torch.allclose(served.tensors[key], tensor, rtol=1e-6, atol=0), key
+    assert run.served_dirs() == {"loud": run.scaled / "loud"}
+
+    _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["source"]["served"] == {"loud": "personal×0.25"}
+    result = evaluate_run(run, base.model, base.tokenizer, users, config)
+    [row] = result["users"]
+    assert row["served"] == "personal×0.25"
+    assert row["compressed"] < row["personal"]  # what is served beats the adapter as trained
+    assert row["gains"]["compression"]["point"] == pytest.approx(0.0, abs=1e-4)
+    assert row["gains"]["chosen_over_base"]["point"] == pytest.approx(
+        row["gains"]["served_over_base"]["point"], abs=1e-4
+    )
+
+    select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
+    assert not run.scaled.exists()
+    assert run.served_dirs()["loud"] in (run.store / "loud", run.no_adapter)

@@ -32,7 +32,7 @@ from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
 from soppu.personalize import TrainConfig, scored
 from soppu.server.intervals import paired_gain
-from soppu.server.store import RunFolder
+from soppu.server.store import RunFolder, parse_served
 from soppu.server.versions import CURRENT, ServingVersion
 
 COLUMNS = ("base", "global", "emulator", "personal", "compressed")
@@ -71,13 +71,19 @@ def evaluate_run(
         def score(lora: LoraState | None, blocks=blocks) -> Scores:
             return scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)
 
+        personal = run.latest(user)
         scores = {
             "base": score(None),
             "global": score(global_lora) if global_lora is not None else None,
-            "personal": score(run.latest(user)),
+            "personal": score(personal),
             "compressed": score(read_lora(published)) if published.is_dir() else None,
         }
-        row = user_row(user, scores, served.get(user, "personal"), seed=done)
+        label = served.get(user, "personal")
+        kind, scale = parse_served(label)
+        if scale != 1.0:  # the served choice before compression: that adapter at its strength
+            adapter = global_lora if kind == "global" else personal
+            scores[label] = score(adapter.scaled(scale)) if adapter is not None else None
+        row = user_row(user, scores, label, seed=done)
         row["emulator"] = math.exp(emulator_loss[user]) if user in emulator_loss else None
         rows.append(row)
     result = {"users": rows, "summary": summarise(rows)}
@@ -99,6 +105,7 @@ def user_row(user: str, scores: dict[str, Scores], served: str, seed: int = 0) -
         "tokens": int(counts.sum()),
         **{c: ppl.get(c) for c in COLUMNS if c != "emulator"},
         "served": served,
+        "chosen": ppl.get("chosen"),  # what is served, before compression (at its strength)
     }
     gains = {}
     for key, (reference, new) in COMPARISONS.items():
@@ -114,7 +121,7 @@ def user_row(user: str, scores: dict[str, Scores], served: str, seed: int = 0) -
     personal_wins = gains.get("personal_over_global", {}).get("verdict") == "better"
     row["kept_over_global"] = (
         gain_kept(row["global"], row["personal"], row["compressed"])
-        if personal_wins and served == "personal"
+        if personal_wins and served == "personal"  # a scaled one is not the personal column
         else None
     )
     return row
@@ -212,7 +219,7 @@ def write(run: RunFolder, result: dict[str, Any]) -> None:
     atomic.write_json(run.evaluation, result)
     atomic.write_text(run.evaluation.with_suffix(".md"), markdown(result))
     intervals = [f"{key}_{part}" for key in COMPARISONS for part in ("point", "low", "high")]
-    columns = ["user", "tokens", *COLUMNS, "served", "verdict", *intervals]
+    columns = ["user", "tokens", *COLUMNS, "served", "chosen", "verdict", *intervals]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, [*columns, "kept", "kept_over_global"])
     writer.writeheader()

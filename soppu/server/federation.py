@@ -43,7 +43,7 @@ from soppu.server.schemes import (
     scheme_for,
 )
 from soppu.server.schemes.personal_pass import PersonalPass
-from soppu.server.store import RoundStage, RunFolder, check_reply, recover
+from soppu.server.store import RoundStage, RunFolder, check_reply, parse_served, recover
 from soppu.server.tracking import track
 from soppu.train_config import TrainConfig
 
@@ -482,9 +482,10 @@ def say_served(chosen: dict[str, dict[str, Any]], log: Log, seconds: float = 0.0
         + ", ".join(f"{choice} {len(users)}" for choice, users in sorted(by_choice.items()))
         + (f" ({seconds:.0f} s)" if seconds else "")
     )
-    for choice, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
-        if by_choice.get(choice):
-            log(f"  {what} for {', '.join(by_choice[choice])}: their own scored worse")
+    for kind, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
+        named = sorted(u for c, us in by_choice.items() if parse_served(c)[0] == kind for u in us)
+        if named:
+            log(f"  {what} for {', '.join(named)}: their own scored worse")
     if 2 * len(by_choice.get("base", [])) > len(chosen):
         log(
             "  for most users no adapter of this run beats the base model: the client model "

@@ -180,7 +180,9 @@ def served_choice(
         return None
 
     def select() -> dict[str, dict[str, Any]]:
-        return select_served(run, base.model, base.tokenizer, users, config.judge())
+        return select_served(
+            run, base.model, base.tokenizer, users, config.judge(), scales=config.scales()
+        )
 
     return select
 

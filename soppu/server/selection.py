@@ -4,19 +4,28 @@ An adapter trained on the emulator can make the full model worse on a user's tex
 emulator cannot carry the gain for their kind of text), and a personal adapter can fall behind
 the global one. So before every compression round the server scores, on the full model and on
 each user's validation split (the text just before their held-out part, which judges nothing
-else), three candidates:
+else), the candidates:
 
     base       no adapter: the base model itself (published as an all-zero LoRA)
     global     the federated-average adapter
     personal   the user's own adapter
 
-and serves, among the base model and the adapters that beat it *significantly* on that text
-(the paired 95% bootstrap interval of the gain over the base model excludes 0,
-`soppu/server/intervals.py`), the one with the lowest validation loss; a tie goes to the earlier one
-(the simpler choice). A point estimate alone is not enough: on sympy's docstrings an adapter
-1.7% better on 1,567 validation tokens was 18% worse on the held-out text. The choice, the
+each adapter at every strength λ of `--serve-scales` (λ·ΔW, "personal×0.75"), and serves,
+among the base model and the adapters that beat it *significantly* on that text (the paired
+95% bootstrap interval of the gain over the base model excludes 0, `soppu/server/intervals.py`),
+the one with the lowest validation loss; a tie goes to the simpler: base, global, personal,
+and the strength nearest 1. A point estimate alone is not enough: on sympy's docstrings an
+adapter 1.7% better on 1,567 validation tokens was 18% worse on the held-out text. The choice, the
 validation perplexities and gains go to RUN/selection.json and into the compressed store's
-manifest; compression then compresses what each user is served.
+manifest; compression then compresses what each user is served (a scaled adapter from
+RUN/scaled/<user>/).
+
+Why strengths: an adapter trained on the emulator moves the full model by another amount than
+it moved the emulator. On the embedded Shakespeare users every adapter overshoots: at λ = 0.75
+all six were significantly better on held-out text (median served gain 16.9% → 19.4%); on the
+fortune files two of six were better at 1.25 and on sympy's docstrings one user the choice
+gave nothing at λ = 1 was 3.9% better at 0.5; no user of 18 was worse
+(experiments/adapter_scale.py, docs/benchmarks.md).
 
 The server can score only where it can read the users' text (a simulation); elsewhere every
 user is served their personal adapter, and the log says so.
@@ -25,7 +34,8 @@ user is served their personal adapter, and the log says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +47,7 @@ from soppu.adapters import LoraState, write_lora
 from soppu.data import UserText
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
-from soppu.server.store import RunFolder
+from soppu.server.store import RunFolder, parse_served, served_label
 from soppu.train_config import TrainConfig
 
 CANDIDATES = ("base", "global", "personal")  # a tie goes to the earlier one
@@ -45,13 +55,19 @@ CANDIDATES = ("base", "global", "personal")  # a tie goes to the earlier one
 
 def choose(losses: dict[str, float], beat_base: set[str] | None = None) -> str:
     """The lowest validation loss among the base model and the candidates in `beat_base`
-    (those significantly better than it; None: every candidate); ties go to the simpler."""
+    (those significantly better than it; None: every candidate); ties go to the simpler:
+    base, then global, then personal, and the strength nearest 1."""
     present = [
         c
-        for c in CANDIDATES
-        if losses.get(c) is not None and (c == "base" or beat_base is None or c in beat_base)
+        for c in losses
+        if losses[c] is not None and (c == "base" or beat_base is None or c in beat_base)
     ]
-    return min(present, key=lambda c: (losses[c], CANDIDATES.index(c)))
+
+    def simpler(label: str) -> tuple[float, int, float]:
+        kind, scale = parse_served(label)
+        return losses[label], CANDIDATES.index(kind), abs(math.log(scale))
+
+    return min(present, key=simpler)
 
 
 def select_served(
@@ -61,12 +77,15 @@ def select_served(
     users: dict[str, UserText],
     config: TrainConfig,
     progress: Callable[[str, int, int], None] = lambda user, done, total: None,
+    scales: Sequence[float] = (1.0,),
 ) -> dict[str, dict[str, Any]]:
-    """Score every stored user's candidates on their validation text, choose, write
-    RUN/selection.json (and the all-zero adapter if anyone is served the base model)."""
+    """Score every stored user's candidates (each adapter at every strength in `scales`) on
+    their validation text, choose, write RUN/selection.json, the scaled adapters served
+    (RUN/scaled/) and, if anyone is served the base model, the all-zero adapter."""
     global_lora = run.global_adapter()
     stored = run.users()
     chosen: dict[str, dict[str, Any]] = {}
+    served_scaled: dict[str, tuple[str, LoraState]] = {}
     for done, user in enumerate(stored):
         progress(user, done, len(stored))
         text = users[user].validation if user in users else ""
@@ -74,11 +93,10 @@ def select_served(
         if not blocks:
             chosen[user] = {"served": "personal", "why": "no validation text", "validation": {}}
             continue
-        candidates = {"base": None, "global": global_lora, "personal": run.latest(user)}
+        candidates = _candidates(global_lora, run.latest(user), scales)
         scores = {
-            name: scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)
-            for name, lora in candidates.items()
-            if name == "base" or lora is not None
+            label: scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)
+            for label, lora in candidates.items()
         }
         counts = scores["base"][1]
         losses = {name: float(s.sum()) / int(counts.sum()) for name, (s, _) in scores.items()}
@@ -88,8 +106,11 @@ def select_served(
             if name != "base"
         }
         beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
+        label = choose(losses, beat_base)
+        if parse_served(label)[1] != 1.0:
+            served_scaled[user] = (label, candidates[label])
         chosen[user] = {
-            "served": choose(losses, beat_base),
+            "served": label,
             "why": "lowest validation perplexity among those significantly better than base",
             "validation": {name: math.exp(loss) for name, loss in losses.items()},
             "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
@@ -97,8 +118,32 @@ def select_served(
         }
     if any(c["served"] == "base" for c in chosen.values()):
         write_no_adapter(run)
+    if served_scaled:
+        _write_scaled(run, served_scaled)
     atomic.write_json(run.selection, {"users": chosen})
+    if not served_scaled:  # after the choice that names none of them
+        shutil.rmtree(run.scaled, ignore_errors=True)
     return chosen
+
+
+def _candidates(
+    global_lora: LoraState | None, personal: LoraState | None, scales: Sequence[float]
+) -> dict[str, LoraState | None]:
+    """label → adapter: the base model, and each adapter there is at every strength."""
+    found: dict[str, LoraState | None] = {"base": None}
+    for kind, lora in (("global", global_lora), ("personal", personal)):
+        if lora is not None:
+            found |= {served_label(kind, s): lora.scaled(s) for s in scales}
+    return found
+
+
+def _write_scaled(run: RunFolder, served: dict[str, tuple[str, LoraState]]) -> None:
+    """RUN/scaled/<user>/ for every user served an adapter at a strength ≠ 1, replaced whole
+    (a user no longer scaled leaves no dir behind). Written before RUN/selection.json names
+    them; a compression round chooses again before it reads either."""
+    with atomic.building_dir(run.scaled, cache=True) as building:
+        for user, (label, lora) in served.items():
+            write_lora(lora, building / user, {"served": label})
 
 
 def write_no_adapter(run: RunFolder) -> Path:

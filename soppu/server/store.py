@@ -5,8 +5,10 @@
     RUN/store/<user>/       the user's latest adapter: PEFT files + training.json
                             (round, metrics, emulator version; PEFT ignores it)
     RUN/global/             the averaged adapter (schemes that have one)
-    RUN/selection.json      what each user is served (personal, global or base) and why
+    RUN/selection.json      what each user is served (personal, global or base, at a
+                            strength λ) and why
     RUN/no-adapter/         an all-zero LoRA: what a user served the base model gets
+    RUN/scaled/<user>/      the adapter a user is served at a strength λ ≠ 1 (λ·ΔW)
     RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
     RUN/rounds.jsonl        one line per round: timings and counts
     RUN/state.json          the last complete round and the last compressed one
@@ -48,6 +50,7 @@ class RunFolder:
         self.global_dir = self.root / "global"
         self.selection = self.root / "selection.json"
         self.no_adapter = self.root / "no-adapter"
+        self.scaled = self.root / "scaled"
         self.metrics = self.root / "metrics.jsonl"
         self.rounds = self.root / "rounds.jsonl"
         self.state_file = self.root / "state.json"
@@ -83,7 +86,8 @@ class RunFolder:
         return read_lora(self.global_dir) if self.global_dir.is_dir() else None
 
     def selection_choices(self) -> dict[str, str]:
-        """user → what they are served ("personal", "global" or "base"); {} before a choice."""
+        """user → what they are served ("personal", "global", "base", or one of the first two
+        at a strength: "personal×0.75", see `served_label`); {} before a choice."""
         if not self.selection.is_file():
             return {}
         users = json.loads(self.selection.read_text())["users"]
@@ -93,12 +97,31 @@ class RunFolder:
         """user → the adapter dir they are served (their own where no choice was made)."""
         choices = self.selection_choices()
         sources = {"global": self.global_dir, "base": self.no_adapter}
-        return {u: sources.get(choices.get(u, "personal"), self.store / u) for u in self.users()}
+        dirs = {}
+        for user in self.users():
+            kind, scale = parse_served(choices.get(user, "personal"))
+            if scale != 1.0:
+                dirs[user] = self.scaled / user
+            else:
+                dirs[user] = sources.get(kind, self.store / user)
+        return dirs
 
     def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def served_label(kind: str, scale: float = 1.0) -> str:
+    """What a user is served, as RUN/selection.json and the manifest name it: the kind
+    ("base", "global", "personal"), and "×λ" after it where the adapter is scaled."""
+    return kind if scale == 1.0 or kind == "base" else f"{kind}×{scale:g}"
+
+
+def parse_served(label: str) -> tuple[str, float]:
+    """`served_label`'s (kind, scale) back."""
+    kind, _, scale = label.partition("×")
+    return kind, float(scale) if scale else 1.0
 
 
 def check_reply(user: str, lora: LoraState, template: dict[str, torch.Size], source: str) -> None:

@@ -16,7 +16,7 @@ where that interval excludes 0. Every candidate is scored on both splits, so the
 show each λ's median held-out gain (no choice). One process; ≈ 2 minutes per user and
 candidate pair of splits on this 2-core CPU.
 
-Writes experiments/results/adapter_scale_<run name>.json and .md.
+Writes experiments/results/adapter_scale_<run name>_l<strengths>.json and .md.
 """
 
 from __future__ import annotations
@@ -170,7 +170,9 @@ def main() -> None:
         "summary": summarise(rows, scales),
         "users": rows,
     }
-    name = args.run.name + (f"-{args.users}users" if args.users else "")
+    # the grid in the name: a run with other strengths never replaces this one's results
+    grid = "-".join(f"{x:g}" for x in scales)
+    name = f"{args.run.name}_l{grid}" + (f"-{args.users}users" if args.users else "")
     write_results(RESULTS / f"adapter_scale_{name}.json", result, markdown(result))
 
 

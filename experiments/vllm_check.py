@@ -271,7 +271,7 @@ def portable(path: Path) -> str:
     for root, label in ((Path.cwd(), ""), (cache_dir(), "$SOPPU_CACHE/")):
         if path.is_relative_to(root.resolve()):
             return label + str(path.relative_to(root.resolve()))
-    return path.name
+    return "…/" + "/".join(path.parts[-4:])  # enough to tell which version and user
 
 
 def _portable_arg(arg: str) -> str:

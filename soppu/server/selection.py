@@ -23,8 +23,8 @@ RUN/scaled/<user>/).
 Why strengths: an adapter trained on the emulator moves the full model by another amount than
 it moved the emulator. On the embedded Shakespeare users every adapter overshoots: at λ = 0.75
 all six were significantly better on held-out text (median served gain 16.9% → 19.4%); on the
-fortune files two of six were better at 1.25 and on sympy's docstrings one user the choice
-gave nothing at λ = 1 was 3.9% better at 0.5; no user of 18 was worse
+fortune files two of six were better at 1.25, and on sympy's docstrings a user served the base
+model at λ = 1 gained 3.9% at 0.5; no user of 18 was worse
 (experiments/adapter_scale.py, docs/benchmarks.md).
 
 The server can score only where it can read the users' text (a simulation); elsewhere every

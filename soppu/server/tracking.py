@@ -78,8 +78,8 @@ class Scalar:
 
 
 def track(run: RunFolder, sinks: Sequence[str] = ("tensorboard",)) -> None:
-    """Rebuild each sink's folder and RUN/rounds.png from what the run has committed; no
-    sinks: nothing."""
+    """Bring each sink and RUN/rounds.png up to date with what the run has committed (the
+    TensorBoard folder and the plot rebuilt, MLflow's store added to); no sinks: nothing."""
     if not sinks or not run.read_jsonl(run.rounds):
         return
     found = scalars(run)

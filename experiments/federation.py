@@ -33,7 +33,7 @@ import platform
 import sys
 from pathlib import Path
 
-from experiments.lib import RESULTS, RUNS, analyse, launch, sweep
+from experiments.lib import RESULTS, RUNS, analyse, launch, provenance, sweep
 from soppu import atomic
 
 
@@ -111,6 +111,7 @@ def main() -> None:
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     if ranks:
         result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens)
+    result = {**provenance("federation"), **result}
     result |= {
         "command_seconds": seconds,
         "extra_args": extra,
@@ -119,7 +120,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = args.name if args.analyse is None else run.name
     atomic.write_text(RESULTS / f"federation_{name}.json", json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
+    head = f"`{result['command']}` at {result['commit']} on {result['date']}\n\n"
+    text = head + markdown(result)
     if seconds is not None:
         text += f"\nThe whole command took {seconds / 60:.1f} minutes.\n"
     atomic.write_text(RESULTS / f"federation_{name}.md", text)

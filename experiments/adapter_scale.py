@@ -33,7 +33,7 @@ from soppu.adapters import LoraState
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import CANDIDATES
+from soppu.server.selection import choose as served_choice
 from soppu.server.store import RunFolder
 
 
@@ -46,17 +46,15 @@ def candidates(run: RunFolder, user: str, scales: list[float]) -> dict[str, Lora
 
 
 def choose(val: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: list[str], seed: int) -> str:
-    """The served choice's rule over `allowed`: lowest validation loss among the base model
-    and the candidates significantly better than it; a tie goes to the simpler one."""
+    """The served choice's own rule (`soppu.server.selection.choose`) over `allowed`."""
     base, counts = val["base"]
-    better = [
+    losses = {name: float(val[name][0].sum()) / float(counts.sum()) for name in allowed}
+    better = {
         name
         for name in allowed
         if name != "base" and paired_gain(base, val[name][0], counts, seed=seed).verdict == "better"
-    ]
-    order = ["base", *better]
-    rank = {c: i for i, c in enumerate(CANDIDATES)}
-    return min(order, key=lambda n: (float(val[n][0].sum()), rank[n.split("×")[0]], n))
+    }
+    return served_choice(losses, better)
 
 
 def measure_user(run, base, config, text, user: str, scales: list[float], seed: int) -> dict:

@@ -28,19 +28,12 @@ import torch
 from experiments.adapter_scale import candidates, choose
 from experiments.lib import RESULTS, pct, provenance, write_results
 from soppu import basemodel, lm, precision
-from soppu.personalize import attached
+from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.store import RunFolder
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def scored(model, lora, blocks, pad: int, batch_size: int, mixed: str):
-    if lora is None:
-        return lm.block_nll(model, blocks, pad, batch_size, mixed)
-    with attached(model, lora) as peft_model:
-        return lm.block_nll(peft_model, blocks, pad, batch_size, mixed)
 
 
 def measure_user(run: RunFolder, base, config, text, user: str, seed: int) -> dict:

@@ -158,9 +158,10 @@ def _middle_parameters(emulator: nn.Module, info: EmulatorInfo) -> list[nn.Param
     adapter = set(info.emulator_adapter_layers)
     params = []
     for j, layer in enumerate(layers):
-        if j not in adapter:
-            layer.requires_grad_(True)
-            params += list(layer.parameters())
+        if j not in adapter:  # a LoRA plugged in (`realign`) stays as it is
+            params += [p for name, p in layer.named_parameters() if "lora_" not in name]
+    for param in params:
+        param.requires_grad_(True)
     if not params:
         raise ValueError("the emulator keeps no middle layers (drop ratio 1): nothing to align")
     return params
@@ -194,6 +195,24 @@ def build_aligned(
         )
         info.version = version_id(emulator, info)
     return emulator, info
+
+
+def realign(
+    full: nn.Module,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    lora: LoraState,
+    public_blocks: Sequence[Tensor],
+    pad_id: int,
+    config: AlignConfig = AlignConfig(),
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> dict:
+    """FedBiOT's bi-level step: `align` with `lora` (full-model keys) plugged into both models,
+    so the emulator's middle layers learn to pass on what the full model does *with* the
+    adapter; the LoRA itself does not move. Tunes the emulator in place."""
+    with attached(full, lora), attached(emulator, info.lora_on_emulator(lora)):
+        # PEFT injects into the modules in place: the bare models now run with the LoRA
+        return align(full, emulator, info, public_blocks, pad_id, config, progress)
 
 
 def gradient_correction(

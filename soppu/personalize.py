@@ -121,13 +121,19 @@ def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> I
 
 
 def scored(
-    model: nn.Module, lora: LoraState | None, blocks: list[Tensor], pad_id: int, batch_size: int
+    model: nn.Module,
+    lora: LoraState | None,
+    blocks: list[Tensor],
+    pad_id: int,
+    batch_size: int,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
-    """`lm.block_nll` of `model` with `lora` attached (None: the bare model)."""
+    """`lm.block_nll` of `model` with `lora` attached (None: the bare model), in `precision`
+    (`soppu.precision`; the run's judge is fp32)."""
     if lora is None:
-        return lm.block_nll(model, blocks, pad_id, batch_size)
+        return lm.block_nll(model, blocks, pad_id, batch_size, precision)
     with attached(model, lora) as peft_model:
-        return lm.block_nll(peft_model, blocks, pad_id, batch_size)
+        return lm.block_nll(peft_model, blocks, pad_id, batch_size, precision)
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:

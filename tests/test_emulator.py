@@ -10,8 +10,11 @@ from helpers import tiny_causal_lm, tiny_tokenizer
 
 from soppu import emulator as E
 from soppu import lm
-from soppu.alignment import AlignConfig, align, build_aligned
+from soppu.adapters import LoraState
+from soppu.alignment import AlignConfig, align, build_aligned, measure, realign
 from soppu.emulator import EmulatorError, EmulatorPlan
+from soppu.personalize import attached, fresh_lora
+from soppu.train_config import TrainConfig
 
 
 def test_plan_keeps_adapter_and_evenly_spaced_middle():
@@ -140,6 +143,57 @@ def test_alignment_lowers_its_loss_and_trains_only_middle_layers():
     for key, value in emulator.state_dict().items():
         if key in fixed:
             assert torch.equal(value, fixed[key]), key
+    assert not torch.equal(
+        emulator.model.layers[1].mlp.up_proj.weight, full.model.layers[3].mlp.up_proj.weight
+    )
+    assert not any(p.requires_grad for p in emulator.parameters())
+
+
+def test_realignment_with_the_adapter_in_both_narrows_their_gap_and_keeps_the_plug_in():
+    """FedBiOT's bi-level step: aligned with a LoRA plugged into both models, the emulator's
+    middle layers move to pass on what the full model does with it; the LoRA, the full model
+    and the emulator's adapter layers stay bit for bit, and both models are left bare."""
+    torch.manual_seed(0)
+    full = tiny_causal_lm(layers=6)
+    tokenizer = tiny_tokenizer()
+    emulator, info = E.build(full, EmulatorPlan(6, top=2, drop=0.5, select="even"), "tiny")
+    lora = fresh_lora(emulator, info, TrainConfig(seed=0))
+    lora = LoraState(
+        {k: v + 0.3 * torch.randn_like(v) for k, v in lora.tensors.items()}, lora.config
+    )
+    start = {k: v.clone() for k, v in lora.tensors.items()}
+    full_state = {k: v.clone() for k, v in full.state_dict().items()}
+    fixed = {
+        k: v.clone()
+        for k, v in emulator.state_dict().items()
+        if not k.startswith(("model.layers.0.", "model.layers.1."))  # the middle: full 0 and 3
+    }
+    text = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(60))
+    blocks = lm.token_blocks(tokenizer, text, 32)
+    pad = tokenizer.pad_token_id
+
+    def gap() -> float:
+        with attached(full, lora), attached(emulator, info.lora_on_emulator(lora)):
+            return measure(full, emulator, info, blocks[:4], pad, 4).total(1.0)
+
+    before = gap()
+    result = realign(
+        full,
+        emulator,
+        info,
+        lora,
+        blocks,
+        pad,
+        AlignConfig(steps=30, lr=3e-4, eval_blocks=4, precision="fp32"),
+    )
+    assert result["before"]["loss"] == pytest.approx(before, rel=1e-5)
+    assert gap() < 0.8 * before
+    assert all(torch.equal(lora.tensors[k], v) for k, v in start.items())
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in full_state.items())
+    assert set(full.state_dict()) == set(full_state)  # bare again: no LoRA left in
+    assert not any("lora_" in k for k in emulator.state_dict())
+    for key, value in fixed.items():
+        assert torch.equal(emulator.state_dict()[key], value), key
     assert not torch.equal(
         emulator.model.layers[1].mlp.up_proj.weight, full.model.layers[3].mlp.up_proj.weight
     )

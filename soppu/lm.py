@@ -121,12 +121,18 @@ def block_nll(
     model.eval()
     for batch in batches(blocks, batch_size, pad_id):
         logits_ = logits(model, batch, precision)
-        target = batch.ids[:, 1:].to(logits_.device)
+        rows, length, vocab = logits_.shape
         keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).to(logits_.device)
+        # Position t predicts token t + 1; the last position and padding predict nothing. The
+        # loss runs over the logits as they lie (rows × length, vocab): over a shifted and
+        # transposed view it took 0.15 s of a 0.7 s batch (4 × 128 tokens, 49k vocabulary,
+        # 2 cores), this way 0.04 s.
+        target = torch.full((rows, length), -100, dtype=torch.long, device=logits_.device)
+        target[:, :-1] = batch.ids[:, 1:].to(logits_.device).masked_fill(keep == 0, -100)
         per_token = F.cross_entropy(
-            logits_[:, :-1].float().transpose(1, 2), target, reduction="none"
+            logits_.reshape(rows * length, vocab).float(), target.view(-1), reduction="none"
         )
-        sums.append((per_token * keep).sum(1).double().cpu())
+        sums.append(per_token.view(rows, length).sum(1).double().cpu())
         counts.append(keep.sum(1).cpu())
     model.train(was_training)
     if not sums:

@@ -94,10 +94,10 @@ def versions_of(folder: Path) -> dict[str, dict[str, str]]:
 
 
 def store_complete(store: Path) -> bool:
-    from soppu.server.compressed_store import StoreError, read_manifest, verify
+    from soppu.server.compressed_store import CompressedStore, StoreError
 
     try:
-        verify(store, read_manifest(store))
+        CompressedStore(store).verified()
         return True
     except StoreError:
         return False

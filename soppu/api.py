@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from soppu.compression import CompressionConfig
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.config import FederationConfig
 from soppu.server.store import RunFolder
 from soppu.server.versions import ServingVersion
 
 __all__ = [
+    "CompressedStore",
     "CompressionConfig",
     "FederationConfig",
     "Run",

@@ -18,7 +18,7 @@ from soppu.cli import app
 from soppu.compression import CompressionConfig
 from soppu.server.add_users import add_adapters
 from soppu.server.compress_store import compress_adapters
-from soppu.server.compressed_store import StoredSlot, read_manifest
+from soppu.server.compressed_store import CompressedStore
 
 
 def _digest(folder):
@@ -30,11 +30,11 @@ def _digest(folder):
 
 
 def _delta(store, user, module):
-    manifest = read_manifest(store)
+    manifest = CompressedStore(store).manifest()
     for entry in manifest["slots"]:
         for i, (u, m) in enumerate(entry["items"]):
             if (u, m) == (user, module):
-                slot = StoredSlot.open(store, entry)
+                slot = CompressedStore(store).slot(entry)
                 return slot.form.Qu.double() @ slot.core(i).double() @ slot.form.Qv.double().T
     raise KeyError((user, module))
 
@@ -71,8 +71,8 @@ def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
             D = (8 / 4) * B.double() @ A.double()
             rebuilt = _delta(tmp_path / "grown", user, module)
             # the best a core on these bases can do: the projection of D
-            Qu = StoredSlot.open(tmp_path / "grown", _entry(manifest, module)).form.Qu.double()
-            Qv = StoredSlot.open(tmp_path / "grown", _entry(manifest, module)).form.Qv.double()
+            Qu = CompressedStore(tmp_path / "grown").slot(_entry(manifest, module)).form.Qu.double()
+            Qv = CompressedStore(tmp_path / "grown").slot(_entry(manifest, module)).form.Qv.double()
             best = Qu @ (Qu.T @ D @ Qv) @ Qv.T
             assert float((rebuilt - best).norm() / D.norm()) < 0.02  # 8-bit codes, nothing more
     errors = {(i["user"], i["module"]): i["error"] for i in report["items"]}
@@ -147,7 +147,9 @@ def test_factored_cores_take_new_users_of_a_smaller_rank_and_refuse_a_larger_one
     old = {u: population[u] for u in list(population)[:4]}
     paths = write_users(tmp_path / "old", old, rank=2, alpha=2)
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=12))
-    assert {s["core_form"] for s in read_manifest(tmp_path / "store")["slots"]} == {"factored"}
+    assert {s["core_form"] for s in CompressedStore(tmp_path / "store").manifest()["slots"]} == {
+        "factored"
+    }
     # the new user: one direction of an old user's delta, so the bases hold it exactly
     first = next(iter(old.values()))
     small = {m: (A[:1], B[:, :1]) for m, (A, B) in first.items()}

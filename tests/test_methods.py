@@ -20,7 +20,7 @@ from soppu.compression.project import project_full
 from soppu.compression.residuals import OrthoForm, squared_errors
 from soppu.server.add_users import add_adapters
 from soppu.server.compress_store import compress_adapters
-from soppu.server.compressed_store import StoredSlot, read_manifest
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.publish import publish
 
 
@@ -83,7 +83,7 @@ def test_a_new_method_goes_through_a_store_add_and_peft(hosvd, tmp_path, tiny_ll
     first = {u: paths[u] for u in sorted(paths)[:5]}
     compress_adapters(first, tmp_path / "store", CompressionConfig(rank=6, sigma="hosvd"))
     add_adapters(tmp_path / "store", {"user05": paths["user05"]}, tmp_path / "grown")
-    manifest = read_manifest(tmp_path / "grown")
+    manifest = CompressedStore(tmp_path / "grown").manifest()
     assert {entry["sigma"] for entry in manifest["slots"]} == {"hosvd"}
     version = publish(tmp_path / "grown", tmp_path / "serving", export_rank=32)
 
@@ -92,7 +92,7 @@ def test_a_new_method_goes_through_a_store_add_and_peft(hosvd, tmp_path, tiny_ll
     merged.load_state_dict(tiny_llama.state_dict())
     with torch.no_grad():
         for entry in manifest["slots"]:
-            slot = StoredSlot.open(tmp_path / "grown", entry)
+            slot = CompressedStore(tmp_path / "grown").slot(entry)
             for i, (user, module) in enumerate(entry["items"]):
                 if user == "user05":  # the added user, projected by the new method
                     delta = slot.form.Qu @ slot.core(i) @ slot.form.Qv.T

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from soppu.compression import CompressionConfig
 from soppu.server import publish as publish_module
 from soppu.server.compress_store import compress_adapters
-from soppu.server.compressed_store import StoredSlot, StoreError, read_manifest
+from soppu.server.compressed_store import CompressedStore, StoreError
 from soppu.server.publish import publish, verify_version
 from soppu.server.versions import ServingVersion, Versions
 
@@ -35,7 +35,7 @@ def stored_delta(store, manifest, user, module):
     for entry in manifest["slots"]:
         for i, (u, m) in enumerate(entry["items"]):
             if (u, m) == (user, module):
-                slot = StoredSlot.open(store, entry)
+                slot = CompressedStore(store).slot(entry)
                 f = slot.form
                 return f.Qu.double() @ slot.core(i).double() @ f.Qv.double().T
     raise KeyError((user, module))
@@ -66,7 +66,7 @@ def test_peft_loads_a_published_user_with_the_compressed_logits(
     _, paths = population
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=6, sigma=sigma))
     version = publish(tmp_path / "store", tmp_path / "serving", export_rank=32)
-    manifest = read_manifest(tmp_path / "store")
+    manifest = CompressedStore(tmp_path / "store").manifest()
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     base_state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
 

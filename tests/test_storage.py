@@ -12,7 +12,7 @@ from helpers import random_factors, tiny_population, write_users
 from soppu.compression import CompressionConfig, compress_slot
 from soppu.compression.storage import Quantized, dequantize, quantize
 from soppu.server.compress_store import compress_adapters
-from soppu.server.compressed_store import StoredSlot, read_manifest
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.publish import publish
 from soppu.server.serving.shared_weights import load_shared
 
@@ -69,12 +69,12 @@ def test_a_quantised_store_publishes_and_serves_what_it_stores(tmp_path, bits):
     assert report["totals"]["bytes_after"] < report["totals"]["params_after"] * 4 / 2
     version = publish(tmp_path / "store", tmp_path / "serving")
     shared = load_shared(version)
-    store_manifest = read_manifest(tmp_path / "store")
+    store_manifest = CompressedStore(tmp_path / "store").manifest()
     model = tiny_causal_lm(layers=2)
     ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(0))
     merged = {k: v.clone() for k, v in model.state_dict().items()}
     for entry in store_manifest["slots"]:
-        slot = StoredSlot.open(tmp_path / "store", entry)
+        slot = CompressedStore(tmp_path / "store").slot(entry)
         for i, (user, module) in enumerate(entry["items"]):
             stored = slot.form.Qu @ slot.core(i) @ slot.form.Qv.T
             served = shared.slots[module]

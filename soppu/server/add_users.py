@@ -44,15 +44,7 @@ from soppu.compression.residuals import OrthoForm, relative, squared_errors
 from soppu.compression.slots import Slot
 from soppu.compression.storage import SlotStorage
 from soppu.server.compress_store import LazySlotItems, Progress, clustered_parts, manifest_slot
-from soppu.server.compressed_store import (
-    StoredSlot,
-    StoreError,
-    read_manifest,
-    verify,
-    write_manifest,
-    write_slot,
-    write_storage,
-)
+from soppu.server.compressed_store import CompressedStore, StoredSlot, StoreError
 
 
 def add_adapters(
@@ -75,8 +67,7 @@ def add_adapters(
     # Long for a reason: one pass over the slots that reads, projects or refits, and writes
     # each in turn, so that no slot's factors outlive its own step.
     store, out = Path(store), Path(out)
-    manifest = read_manifest(store)
-    verify(store, manifest)
+    manifest = CompressedStore(store).verified()
     new = _check_new(store, manifest, read_population(paths))
     # Projection is cheap and the bases are read on the CPU, so adding runs there (a store
     # compressed on a GPU grows on any machine).
@@ -94,7 +85,7 @@ def add_adapters(
             slot = Slot(name, tuple(members[0]["shape"]), _new_items(members, new))
             items = LazySlotItems(slot, new)
             stack = canonicalize(items, device=config.device)
-            stored = [StoredSlot.open(store, member) for member in members]
+            stored = [CompressedStore(store).slot(member) for member in members]
             choice, drift = _assign(stack, stored)
             refit = refit_above is not None and drift > refit_above
             added[name] = {"drift": drift, "refit": refit}
@@ -104,7 +95,11 @@ def add_adapters(
                 found = _originals(store, manifest, originals, members, read_originals)
                 adapters = {**found, **new}
                 made = [
-                    (part, slot_entry(part, result, 0.0), write_slot(tmp, part.name, result))
+                    (
+                        part,
+                        slot_entry(part, result, 0.0),
+                        CompressedStore(tmp).write_slot(part.name, result.stored),
+                    )
                     for part, result in _refit(everyone, adapters, config, stored)
                 ]
             else:
@@ -124,7 +119,7 @@ def add_adapters(
         write_report(report, tmp / "report")
         result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
         result["source"] |= source or {}
-        write_manifest(tmp, result)
+        CompressedStore(tmp).write_manifest(result)
     return result
 
 
@@ -165,7 +160,7 @@ def _append_one(
     if not chosen:  # no new user here: the (sub-)slot as it was
         storage = _read(store, member)
         entry = {**old_slots[member["name"]], "per_item": old_items[member["name"]]}
-        return part, entry, write_storage(tmp, member["name"], storage)
+        return part, entry, CompressedStore(tmp).write_slot(member["name"], storage)
     sub = subset(stack, chosen)
     projected = _project(sub, stored)
     storage = _appended(store, member, stored, projected)
@@ -177,7 +172,7 @@ def _append_one(
         (sub, [lora_ranks[i] for i in chosen]),
         projected,
     )
-    return part, entry, write_storage(tmp, member["name"], storage)
+    return part, entry, CompressedStore(tmp).write_slot(member["name"], storage)
 
 
 def _check_new(

@@ -24,7 +24,7 @@ from soppu.compression.compress import CompressionConfig, SlotResult, cluster_sl
 from soppu.compression.factors import LoRAFactors
 from soppu.compression.report import build_report, slot_entry, write_report
 from soppu.compression.slots import Slot, group_slots
-from soppu.server.compressed_store import write_manifest, write_slot
+from soppu.server.compressed_store import CompressedStore
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -140,7 +140,7 @@ def compress_adapters(
         report = build_report(entries, config.as_dict())
         write_report(report, tmp / "report")
         manifest = _manifest(infos, config, manifest_slots, report["totals"], source)
-        write_manifest(tmp, manifest)
+        CompressedStore(tmp).write_manifest(manifest)
     return manifest
 
 
@@ -164,7 +164,8 @@ def _compress_one(
         if len(fitted) > 1:
             entry["cluster"] = {"of": slot.name, "count": len(fitted)}
         entries.append(entry)
-        manifest_slots.append(manifest_slot(part, entry, write_slot(tmp, part.name, result)))
+        saved = CompressedStore(tmp).write_slot(part.name, result.stored)
+        manifest_slots.append(manifest_slot(part, entry, saved))
 
 
 def clustered_parts(slot: Slot, clustering: Clustering) -> list[tuple[Slot, SlotResult]]:

@@ -8,13 +8,15 @@ Cores are kept in their cheapest exact form (`compression.storage.core_form`): `
 (N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
 k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
 tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
-the tensors' shapes); reading dequantises.
+the tensors' shapes); reading dequantises. `CompressedStore` is the one reader and writer
+of this layout; every other module goes through it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,6 @@ from torch import Tensor
 
 from soppu import atomic
 from soppu.atomic import sha256
-from soppu.compression.compress import SlotResult
 from soppu.compression.residuals import OrthoForm
 from soppu.compression.storage import SlotReader, SlotStorage
 from soppu.errors import SoppuError
@@ -40,41 +41,79 @@ class StoreError(SoppuError, ValueError):
     """A store that is missing, corrupt, or not a store; the message names the file."""
 
 
-def write_slot(directory: Path, name: str, result: SlotResult) -> dict[str, Any]:
-    """Save one slot's tensors; returns its manifest entry (file, checksum, form, bits)."""
-    return write_storage(directory, name, result.stored)
+class CompressedStore:
+    """A compressed store folder, read and written only through here: its manifest (checked
+    on every read, held to the same rules on every write), its slot files (checksums
+    verified), and each slot read back as a `StoredSlot`."""
 
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.manifest_path = self.root / MANIFEST
 
-def write_storage(directory: Path, name: str, stored: SlotStorage) -> dict[str, Any]:
-    if not _SAFE_SLOT.match(name):
-        raise StoreError(f"slot name {name!r} is not safe as a file name")
-    path = Path(directory) / "slots" / f"{name}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(stored.tensors(), path)
-    entry = {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": stored.form}
-    if stored.bits != 32:
-        entry |= {"bits": stored.bits, "shapes": stored.shapes()}
-    return entry
+    def __repr__(self) -> str:
+        return f"CompressedStore({str(self.root)!r})"
 
+    def manifest(self) -> dict[str, Any]:
+        """The manifest, checked: a clear `StoreError` naming the file if it is not one."""
+        path = self.manifest_path
+        if not path.is_file():
+            raise StoreError(f"{path}: missing (is {self.root} a compressed store?)")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise StoreError(f"{path}: nested too deeply to be a store manifest") from None
+        _check_manifest(path, manifest)
+        return manifest
 
-def write_manifest(store: Path, manifest: dict[str, Any]) -> None:
-    """Write a store's manifest (atomically), holding it to what `read_manifest` requires."""
-    _check_manifest(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
-    atomic.write_json(Path(store) / MANIFEST, {**manifest, "format": FORMAT})
+    def verified(self) -> dict[str, Any]:
+        """The manifest, with every slot file present and matching its checksum."""
+        manifest = self.manifest()
+        self.verify(manifest)
+        return manifest
 
+    def verify(self, manifest: dict[str, Any]) -> None:
+        """Every slot file of `manifest` present and matching its checksum."""
+        for slot in manifest["slots"]:
+            path = self.root / slot["file"]
+            if not path.is_file():
+                raise StoreError(f"{path}: missing")
+            if sha256(path) != slot["sha256"]:
+                raise StoreError(f"{path}: checksum mismatch (the file changed or is corrupt)")
 
-def read_manifest(store: Path) -> dict[str, Any]:
-    path = Path(store) / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{path}: missing (is {store} a compressed store?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc})") from exc
-    except RecursionError:
-        raise StoreError(f"{path}: nested too deeply to be a store manifest") from None
-    _check_manifest(path, manifest)
-    return manifest
+    def users(self) -> list[str]:
+        return list(self.manifest()["users"])
+
+    def slot(self, entry: dict[str, Any]) -> StoredSlot:
+        """The slot a manifest entry names, opened for reading."""
+        return StoredSlot.open(self.root, entry)
+
+    def write_slot(self, name: str, stored: SlotStorage) -> dict[str, Any]:
+        """Save one slot's tensors; returns its manifest entry (file, checksum, form, bits)."""
+        if not _SAFE_SLOT.match(name):
+            raise StoreError(f"slot name {name!r} is not safe as a file name")
+        path = self.root / "slots" / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(stored.tensors(), path)
+        entry = {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": stored.form}
+        if stored.bits != 32:
+            entry |= {"bits": stored.bits, "shapes": stored.shapes()}
+        return entry
+
+    def copy_to(self, out: Path) -> CompressedStore:
+        """The slot files and the manifest, copied into a new folder `out` (the shared bases a
+        serving version carries); the report stays behind."""
+        out = Path(out)
+        out.mkdir(parents=True)
+        shutil.copytree(self.root / "slots", out / "slots")
+        shutil.copy2(self.manifest_path, out / MANIFEST)
+        return CompressedStore(out)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest (atomically), held to what `manifest()` requires."""
+        _check_manifest(self.manifest_path, {**manifest, "format": FORMAT})
+        atomic.write_json(self.manifest_path, {**manifest, "format": FORMAT})
 
 
 def _check_manifest(path: Path, manifest: Any) -> None:
@@ -92,16 +131,6 @@ def _check_manifest(path: Path, manifest: Any) -> None:
 
 _MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}
 _SLOT_KEYS = ("name", "file", "sha256", "items", "shape", "core_form", "max_core_rank")
-
-
-def verify(store: Path, manifest: dict[str, Any]) -> None:
-    """Every slot file present and matching its checksum."""
-    for slot in manifest["slots"]:
-        path = Path(store) / slot["file"]
-        if not path.is_file():
-            raise StoreError(f"{path}: missing")
-        if sha256(path) != slot["sha256"]:
-            raise StoreError(f"{path}: checksum mismatch (the file changed or is corrupt)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from soppu.compression.compress import CompressionConfig
 from soppu.emulator import read_info
 from soppu.server.add_users import add_adapters
 from soppu.server.compress_store import Progress, compress_adapters
-from soppu.server.compressed_store import read_manifest
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.publish import publish
 from soppu.server.store import RunFolder, snapshot, stored_round
 from soppu.server.versions import Versions
@@ -77,7 +77,7 @@ def compress_run(
         if previous is None:
             compress_adapters(paths, target, config, progress=progress, source=source)
         else:
-            old = set(read_manifest(previous)["users"])
+            old = set(CompressedStore(previous).users())
             add_adapters(
                 previous,
                 {u: p for u, p in paths.items() if u not in old},
@@ -97,7 +97,7 @@ def _grown_from(run: RunFolder, users: set[str], config: CompressionConfig) -> P
     previous = Versions(run.compressed).newest()
     if previous is None:
         return None
-    manifest = read_manifest(previous)
+    manifest = CompressedStore(previous).manifest()
     if replace(CompressionConfig(**manifest["config"]), device=config.device) != config:
         return None
     old = set(manifest["users"])

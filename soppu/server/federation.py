@@ -29,7 +29,7 @@ from torch import Tensor
 from soppu import messages as m
 from soppu.adapters import LoraState
 from soppu.compression.compress import CompressionConfig
-from soppu.server.compressed_store import read_manifest
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.compression_round import compress_run
 from soppu.server.config import FederationConfig
 from soppu.server.nodes import Nodes
@@ -435,7 +435,7 @@ def compress(fed: Federation, round_: int) -> None:
     )
     fed.run.set_state(compressed_round=round_, compressed=compressed.name, serving=version.name)
     track(fed.run, fed.config.sinks())
-    manifest = read_manifest(compressed)
+    manifest = CompressedStore(compressed).manifest()
     totals, added = manifest["totals"], manifest.get("added")
     if added:
         refit = added["refit_slots"]

@@ -29,14 +29,7 @@ import torch
 from soppu import atomic
 from soppu.adapters import LoraState, lora_config, lora_files
 from soppu.compression.export import SERVING_RANKS, export_lora, serving_rank
-from soppu.server.compressed_store import (
-    MANIFEST,
-    StoredSlot,
-    StoreError,
-    read_manifest,
-    sha256,
-    verify,
-)
+from soppu.server.compressed_store import MANIFEST, CompressedStore, StoreError, sha256
 from soppu.server.versions import ServingVersion, Versions
 from soppu.userids import check_user_id
 
@@ -57,8 +50,7 @@ def publish(
     `num_layers`: the base model's decoder layers, every one of which the published adapters
     cover (default: the store's record of it, else one past the highest layer adapted)."""
     store, serving = Path(store), Path(serving)
-    manifest = read_manifest(store)
-    verify(store, manifest)
+    manifest = CompressedStore(store).verified()
     num_layers = num_layers or manifest.get("source", {}).get("num_layers")
     needed = max((s["max_core_rank"] for s in manifest["slots"]), default=1)
     rank = export_rank or serving_rank(needed)
@@ -70,7 +62,7 @@ def publish(
         version = versions.next().name
         with atomic.building_dir(serving / version, locked=False, kind="serving version") as tmp:
             users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
-            _copy_shared(store, tmp / "shared")
+            CompressedStore(store).copy_to(tmp / "shared")
             if (store / "report").is_dir():
                 shutil.copytree(store / "report", tmp / "report")
             atomic.write_json(
@@ -88,7 +80,7 @@ def _write_users(
     num_layers: int | None,
     progress: Progress | None,
 ) -> dict[str, dict[str, Any]]:
-    slots = [StoredSlot.open(store, entry) for entry in manifest["slots"]]
+    slots = [CompressedStore(store).slot(entry) for entry in manifest["slots"]]
     index: dict[str, list] = {user: [] for user in manifest["users"]}
     shapes: dict[str, tuple[int, int]] = {}
     for slot in slots:
@@ -144,12 +136,6 @@ def every_layer(
     return {**padded, **shapes}
 
 
-def _copy_shared(store: Path, out: Path) -> None:
-    out.mkdir(parents=True)
-    shutil.copytree(store / "slots", out / "slots")
-    shutil.copy2(store / MANIFEST, out / MANIFEST)
-
-
 def _serving_manifest(
     store: Path,
     manifest: dict[str, Any],
@@ -186,7 +172,7 @@ def verify_version(version: Path) -> dict[str, Any]:
     and cores, and each user's published PEFT files; StoreError names the first that does
     not (changed, corrupt, missing). What is served, or called healthy, has passed this."""
     published = ServingVersion(version)
-    verify(published.shared, read_manifest(published.shared))
+    CompressedStore(published.shared).verified()
     for path, digest in published.checksums():
         if not path.is_file():
             raise StoreError(f"{path}: missing")

@@ -35,7 +35,7 @@ from typing import Any
 
 from soppu import atomic
 from soppu.errors import SoppuError
-from soppu.server.compressed_store import read_manifest
+from soppu.server.compressed_store import CompressedStore
 from soppu.server.store import RunFolder
 from soppu.server.versions import Versions
 
@@ -106,7 +106,7 @@ def _rounds(run: RunFolder) -> Iterator[Scalar]:
 
 def _compressions(run: RunFolder) -> Iterator[Scalar]:
     for name in Versions(run.compressed).names():
-        manifest = read_manifest(run.compressed / name)
+        manifest = CompressedStore(run.compressed / name).manifest()
         round_ = manifest.get("source", {}).get("round")
         if isinstance(round_, int):  # a store made by `soppu compress` outside the run: no round
             yield from _pick(manifest["totals"], COMPRESSION_SCALARS, round_)

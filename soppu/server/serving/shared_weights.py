@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from soppu.server.compressed_store import StoredSlot, read_manifest, verify
+from soppu.server.compressed_store import CompressedStore, StoredSlot
 from soppu.server.versions import ServingVersion
 
 
@@ -42,13 +42,12 @@ class SharedAdapters:
 
 def load_shared(version_dir: Path, dtype: torch.dtype = torch.float32) -> SharedAdapters:
     """Read `VERSION/shared/` (checksums verified) into dense per-module tensors."""
-    shared = ServingVersion(version_dir).shared
-    manifest = read_manifest(shared)
-    verify(shared, manifest)
+    shared = CompressedStore(ServingVersion(version_dir).shared)
+    manifest = shared.verified()
     users = {user: row for row, user in enumerate(sorted(manifest["users"]), start=1)}
     parts: dict[str, list[tuple[StoredSlot, list[tuple[int, str]]]]] = {}
     for entry in manifest["slots"]:
-        slot = StoredSlot.open(shared, entry)
+        slot = shared.slot(entry)
         by_module: dict[str, list[tuple[int, str]]] = {}
         for i, (user, module) in enumerate(entry["items"]):
             by_module.setdefault(module, []).append((i, user))

@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from soppu import api, messages
+from soppu import emulator as E
+from soppu.adapters import LoraState
 from soppu.cli import app as cli
 from soppu.clients import client_app, task
 from soppu.emulator import read_info
@@ -369,6 +371,80 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     base = own.unload()
     published = PeftModel.from_pretrained(base, run.serving / "current" / "users" / "user2")
     assert torch.allclose(logits(published, ids), expected, atol=1e-4)
+
+
+def test_re_alignment_ships_a_new_emulator_before_every_round_after_the_first(world):
+    """--realign-steps through real Flower: before rounds 2 and 3 the server re-aligns the
+    emulator at the round's starting adapter and every node trains on the new version (sent
+    to one, found in the machine's cache by the rest); the run's emulator is the last one, its
+    adapter layers still the full model's, so what clients train still plugs in."""
+    config = tiny_config(
+        world,
+        "run-realign",
+        rounds=3,
+        realign_steps=3,
+        final_evaluation=False,
+        validation_fraction=0,
+    )
+    lines = simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 3 and run.state()["compressed_round"] == 3
+    said = [line for line in lines if "emulator re-aligned at the round's starting adapter" in line]
+    assert len(said) == 2 and all("3 steps" in line for line in said), lines
+    versions = [r["emulator"] for r in run.read_jsonl(run.rounds)]
+    assert len(set(versions)) == 3, versions  # one emulator per round
+    assert sum("sent to 1 node(s)" in line for line in lines) == 3
+    for user in USERS:
+        record = json.loads((run.store / user / "training.json").read_text())
+        assert record["round"] == 3 and record["emulator"] == versions[2]
+    info = read_info(run.emulator)
+    assert info.version == versions[2] and info.alignment["realigned"]["round"] == 3
+    full = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32)
+    emulator = AutoModelForCausalLM.from_pretrained(run.emulator, dtype=torch.float32)
+    for j, layer in enumerate(info.full_layers):
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(
+                emulator.model.layers[j].parameters(),
+                full.model.layers[layer].parameters(),
+                strict=True,
+            )
+        )
+        assert same == (layer in info.adapter_layers), layer  # the middle ones moved
+
+
+def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
+    """The re-aligned emulator is saved before its round trains, with the round it is for: a
+    run resumed after that (the round never committed) trains on it as it is, not on an
+    emulator re-aligned twice."""
+    from soppu import basemodel
+    from soppu.emulator import load
+    from soppu.personalize import fresh_lora
+    from soppu.server.prepare_run import round_realignment
+
+    root, model, _ = world
+    config = tiny_config(world, "unused", realign_steps=2, layer_select="even")
+    base = basemodel.load(model)
+    run = RunFolder(tmp_path / "run")
+    emulator, info = E.build(base.model, config.plan(base.num_layers), base.name)
+    E.save(emulator, info, run.emulator)
+    emulator, info = load(run.emulator)
+    lora = fresh_lora(emulator, info, config.train())
+    lora = LoraState({k: v + 0.1 for k, v in lora.tensors.items()}, lora.config)
+    public = [(root / "public.jsonl").read_text()]
+
+    first = info.version
+    version, done = round_realignment(config, base, emulator, info, public, run)(lora, 2)
+    assert done is not None and done["round"] == 2 and version != first
+    assert read_info(run.emulator).version == version
+    saved = {k: v.clone() for k, v in emulator.state_dict().items()}
+    resumed, resumed_info = load(run.emulator)  # what a resumed run's prepare loads
+    again = round_realignment(config, base, resumed, resumed_info, public, run)(lora, 2)
+    assert again == (version, None)
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())
+    assert read_info(run.emulator).version == version
+    later, _ = round_realignment(config, base, resumed, resumed_info, public, run)(lora, 3)
+    assert later != version and read_info(run.emulator).alignment["realigned"]["round"] == 3
 
 
 def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):

@@ -220,6 +220,13 @@ class FederationConfig:
         "Middle layers the emulator keeps: importance or even.",
     )
     align_steps: int = setting(60, "Emulator alignment steps.")
+    # FedBiOT's bi-level step: with the adapter in both models the emulator's middle layers
+    # learn to pass on what the full model does with it (experiments/realign_probe.py)
+    realign_steps: int = setting(
+        0,
+        "Re-align the emulator for N steps before every round after the first, the round's "
+        "starting adapter in it and in the full model; clients then fetch it anew; 0: off.",
+    )
     # text no user owns, to align the emulator and correct gradients on: "generated" (the full
     # model's own samples), "pool" (the embedded Shakespeare pool), or a file; "": the default
     public: str = setting(
@@ -288,6 +295,8 @@ class FederationConfig:
             raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
         if self.threads < 0:
             raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
+        if self.realign_steps < 0:
+            raise ValueError(f"realign-steps must be ≥ 0 (0: off), got {self.realign_steps}")
         for name in ("clip", "weight_cap"):  # soppu/server/schemes/aggregate.py's Robustness
             value = getattr(self, name)
             if not (value == 0 or 1 <= value < float("inf")):

@@ -42,6 +42,7 @@ from soppu.server.schemes import (
     epsilon,
     scheme_for,
 )
+from soppu.server.schemes.base import global_or
 from soppu.server.schemes.personal_pass import PersonalPass
 from soppu.server.store import RoundStage, RunFolder, check_reply, parse_served, recover
 from soppu.server.tracking import track
@@ -49,6 +50,9 @@ from soppu.train_config import TrainConfig
 
 Log = Callable[[str], None]
 Correction = Callable[[LoraState, int], dict[str, Tensor]]  # (starting LoRA, round) → tensors
+# (starting LoRA, round) → the emulator's version now, and what re-aligning it did (None: the
+# round's re-alignment was done before, by a run since resumed)
+Realign = Callable[[LoraState, int], tuple[str, dict[str, Any] | None]]
 Selection = Callable[[], dict[str, dict[str, Any]]]  # → user → what they are served, and why
 
 
@@ -65,6 +69,8 @@ class Federation:
     log: Log = print
     correction: Correction | None = None  # None: the clients train uncorrected
     correction_seconds: float = 0.0  # the last round's
+    # re-aligns the emulator before every round after the first; None: it stays as built
+    realign: Realign | None = None
     # scores each user's candidates on their validation text before a compression round;
     # None: the server cannot read the users' text, everyone is served their own adapter
     select: Selection | None = None
@@ -121,6 +127,7 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     nodes.meet()
     sampled = sample_users(fed, round_)
     fed.log(f"round {round_}/{fed.config.rounds}: training {len(sampled)} users")
+    realign_s = realign_emulator(fed, round_)
     install_began = time.perf_counter()
     nodes.install_emulator(list(sampled), fed.emulator_content)
     install_s = time.perf_counter() - install_began
@@ -152,7 +159,9 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     summary = {
         "round": round_,
         "seconds": time.perf_counter() - began,
+        "emulator": fed.emulator_version,
         "install_seconds": install_s,
+        "realign_seconds": realign_s,
         "correction_seconds": fed.correction_seconds,
         "sampled": len(sampled),
         "trained": len(ok),
@@ -171,6 +180,27 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
         f"{_fmt(summary['eval_loss_before'])} → {_fmt(summary['eval_loss_after'])}"
     )
     return summary
+
+
+def realign_emulator(fed: Federation, round_: int) -> float:
+    """Before a round after the first: the emulator re-aligned at the round's starting adapter
+    (the scheme's correction point, else the global adapter), its new version what the nodes
+    must hold. Seconds."""
+    if fed.realign is None or round_ == 1:  # round 1 starts from the identity adapter
+        return 0.0
+    began = time.perf_counter()
+    point = fed.scheme.correction_point(fed.run, fed.template)
+    version, done = fed.realign(point or global_or(fed.run, fed.template), round_)
+    if version != fed.emulator_version:
+        fed.emulator_version = version
+        _nodes(fed).new_emulator(version)
+    if done is not None:
+        fed.log(
+            f"  emulator re-aligned at the round's starting adapter: {done['config']['steps']} "
+            f"steps, loss {done['before']['loss']:.3f} → {done['after']['loss']:.3f} "
+            f"({done['seconds']:.0f} s); clients fetch {version}"
+        )
+    return time.perf_counter() - began
 
 
 def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:

@@ -55,6 +55,11 @@ class Nodes:
         for node, reason in failed.items():
             self.log(f"node {node} did not introduce itself: {reason}")
 
+    def new_emulator(self, version: str) -> None:
+        """The emulator changed (re-aligned): nobody holds this version until asked again."""
+        self.emulator_version = version
+        self.has_emulator.clear()  # `install_emulator` asks again who holds it
+
     def install_emulator(self, nodes: list[int], content: Callable[[], RecordDict]) -> None:
         """Send the emulator to nodes that lack it: one first, then ask the rest again,
         because nodes on one machine (a simulation) share the first one's disk cache."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from soppu import atomic, basemodel, cache, lm, precision
 from soppu import messages as m
 from soppu.adapters import LoraState
-from soppu.alignment import AlignConfig, build_aligned, gradient_correction
+from soppu.alignment import AlignConfig, build_aligned, gradient_correction, realign
 from soppu.basemodel import BaseModel
 from soppu.cache import cache_dir
 from soppu.data import DataError, UserText, load_users
@@ -34,7 +34,7 @@ from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, v
 from soppu.personalize import fresh_lora
 from soppu.public import default_public, describe, public_texts
 from soppu.server.config import FederationConfig, upgrade
-from soppu.server.federation import Correction, Federation, Log, Selection
+from soppu.server.federation import Correction, Federation, Log, Realign, Selection
 from soppu.server.selection import select_served
 from soppu.server.store import RunFolder
 
@@ -132,9 +132,11 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
             },
         )
     setup = m.Setup(config.data, config.data_options(), tuple(sorted(users)), base.name)
-    correction = None
+    correction = realigner = None
     if config.correction_batches and not info.exact:
         correction = round_correction(config, base, emulator.to(config.device), info, public)
+    if config.realign_steps and not info.exact and public:
+        realigner = round_realignment(config, base, emulator.to(config.device), info, public, run)
     return Federation(
         run=run,
         config=config,
@@ -144,6 +146,7 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
         template=template,
         log=log,
         correction=correction,
+        realign=realigner,
         select=served_choice(run, config, base, users, log),
     )
 
@@ -155,6 +158,7 @@ def say_precision(config: FederationConfig, log: Log) -> None:
         what
         for what, done in (
             ("aligns the emulator", emulated and config.align_steps > 0 and not config.emulator),
+            ("re-aligns it every round", emulated and config.realign_steps > 0),
             ("corrects the clients' gradients", emulated and config.correction_batches > 0),
         )
         if done
@@ -220,6 +224,39 @@ def say_alignment(info: EmulatorInfo, log: Log) -> None:
             f"WARNING: emulator {info.version} ({kept}) is NOT aligned to the full model; "
             "adapters trained on it may make the full model worse"
         )
+
+
+def round_realignment(
+    config: FederationConfig,
+    base: BaseModel,
+    emulator: nn.Module,
+    info: EmulatorInfo,
+    public: list[str],
+    run: RunFolder,
+) -> Realign:
+    """What re-aligns the emulator before a round with the round's starting adapter plugged
+    into both models (FedBiOT's bi-level step), in place (the gradient correction then measures
+    the new one), and saves it as the run's emulator under its new version. A round already
+    re-aligned (a resumed run whose round did not commit) is not re-aligned twice."""
+    blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+
+    def realign_at(lora: LoraState, round_: int) -> tuple[str, dict[str, Any] | None]:
+        if info.alignment.get("realigned", {}).get("round") == round_:
+            return info.version, None
+        align = AlignConfig(
+            steps=config.realign_steps,
+            seed=config.seed * 100_003 + round_,  # other public batches each round
+            precision=config.precision,
+        )
+        result = realign(
+            base.model, emulator, info, lora, blocks, base.tokenizer.pad_token_id, align
+        )
+        info.alignment["realigned"] = {"round": round_, **result}
+        info.version = version_id(emulator, info)
+        save(emulator, info, run.emulator, replace=True, cache=True)
+        return info.version, info.alignment["realigned"]
+
+    return realign_at
 
 
 def round_correction(

@@ -30,12 +30,13 @@ import argparse
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
 from experiments.populations import NAMES, prepare
 from soppu.public import default_public
-from soppu.server.store import RunFolder
+from soppu.server.store import RunFolder, parse_served
 
 
 def run_name(args: argparse.Namespace, population: str, mode: str, public: str) -> Path:
@@ -157,7 +158,9 @@ def markdown(result: dict) -> str:
     ]
     for r in result["runs"]:
         s = r["summary"]
-        counts = s["served_counts"]
+        counts = Counter()  # by kind: "personal×0.75" is a personal adapter
+        for label, n in s["served_counts"].items():
+            counts[parse_served(label)[0]] += n
         lines.append(
             f"| {r['population']} | {r['mode']} | {r['public'] or '–'} | {s['users']} "
             f"| {s['helped']} / {s['harmed']} / {s['unchanged']} "

@@ -1,0 +1,36 @@
+"""A finished run's served choice made again at today's settings, then a compression round.
+
+    python -m experiments.rechoose RUN && soppu compress --run RUN
+
+A run made before a change to the served choice (the strengths of `--serve-scales`, say)
+serves what the old rule chose. To compare it user by user with a run made after the change
+(`experiments/compare_runs.py`) without conflating the two, this scores its users' candidates
+on their validation text by today's rule (soppu/server/selection.py, the run's own settings,
+today's defaults for any it lacks) and rewrites RUN/selection.json and RUN/scaled/; `soppu
+compress --run RUN` then compresses and publishes what it names.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from soppu import basemodel
+from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.selection import select_served
+from soppu.server.store import RunFolder
+
+
+def main() -> None:
+    run = RunFolder(Path(sys.argv[1]))
+    config = stored_config(run)
+    base = basemodel.load(config.base_model or None)
+    users = choose_users(config)
+    chosen = select_served(
+        run, base.model, base.tokenizer, users, config.judge(), scales=config.scales()
+    )
+    print({user: entry["served"] for user, entry in chosen.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.lib import RESULTS, pct, provenance, write_results
+from experiments.lib import RESULTS, interval, pct, provenance, write_results
 from soppu import basemodel, lm
 from soppu.adapters import LoraState
 from soppu.personalize import scored
@@ -106,7 +106,7 @@ def markdown(result: dict) -> str:
         c = r["scaled_over_today"]
         lines.append(
             f"| {r['user']} | {r['today']} | {pct(r['today_gain'])} | {r['scaled']} "
-            f"| {pct(r['scaled_gain'])} | {pct(c['point'])} ({pct(c['low'])} to {pct(c['high'])}) "
+            f"| {pct(r['scaled_gain'])} | {interval(c)} "
             f"| {c['verdict']} |"
         )
     s = result["summary"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from experiments.adapter_scale import candidates, choose
-from experiments.lib import RESULTS, pct, provenance, write_results
+from experiments.lib import RESULTS, interval, pct, provenance, write_results
 from soppu import basemodel, lm, precision
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
@@ -101,7 +101,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['run']} | {r['user']} | {r['choice']['fp32']} | {r['choice']['bf16']} "
             f"| {pct(r['test_gain']['fp32'])} | {pct(r['test_gain']['bf16'])} "
-            f"| {pct(c['point'])} ({pct(c['low'])} to {pct(c['high'])}) "
+            f"| {interval(c)} "
             f"| {r['seconds']['fp32']:.1f} | {r['seconds']['bf16']:.1f} |"
         )
     lines += [

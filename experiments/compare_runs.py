@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.lib import RESULTS, pct, provenance, write_results
+from experiments.lib import RESULTS, interval, pct, provenance, write_results
 from soppu import basemodel, lm
 from soppu.adapters import read_lora
 from soppu.personalize import scored
@@ -87,7 +87,7 @@ def markdown(result: dict) -> str:
         c = r["over_baseline"]
         lines.append(
             f"| {r['run']} | {r['user']} | {pct(r['baseline_gain'])} | {pct(r['gain'])} "
-            f"| {pct(c['point'])} ({pct(c['low'])} to {pct(c['high'])}) | {c['verdict']} |"
+            f"| {interval(c)} | {c['verdict']} |"
         )
     lines += ["", "| run | users | median served gain: baseline | this run | better | worse |"]
     lines.append("|---|---|---|---|---|---|")

@@ -39,6 +39,11 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
+def interval(gain: dict) -> str:
+    """A paired gain with its 95% interval for a results table (`PairedGain.as_dict()`)."""
+    return f"{pct(gain['point'])} ({pct(gain['low'])} to {pct(gain['high'])})"
+
+
 def write_results(target: Path, result: dict, text: str) -> None:
     """A results file and its Markdown beside it, each written whole; the table printed."""
     RESULTS.mkdir(exist_ok=True)

@@ -393,7 +393,8 @@ def test_re_alignment_ships_a_new_emulator_before_every_round_after_the_first(wo
     assert len(said) == 2 and all("3 steps" in line for line in said), lines
     versions = [r["emulator"] for r in run.read_jsonl(run.rounds)]
     assert len(set(versions)) == 3, versions  # one emulator per round
-    assert sum("sent to 1 node(s)" in line for line in lines) == 3
+    for version in versions[1:]:  # round 1's may be in the cache from another test's run
+        assert sum(f"emulator {version}: sent to 1 node(s)" in line for line in lines) == 1
     for user in USERS:
         record = json.loads((run.store / user / "training.json").read_text())
         assert record["round"] == 3 and record["emulator"] == versions[2]

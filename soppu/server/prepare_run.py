@@ -245,6 +245,8 @@ def round_realignment(
             return info.version, None
         align = AlignConfig(
             steps=config.realign_steps,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
             seed=config.seed * 100_003 + round_,  # other public batches each round
             precision=config.precision,
         )

@@ -30,7 +30,7 @@ from soppu import atomic
 from soppu.adapters import LoraState, lora_config, lora_files
 from soppu.compression.export import SERVING_RANKS, export_lora, serving_rank
 from soppu.server.compressed_store import MANIFEST, CompressedStore, StoreError, sha256
-from soppu.server.versions import ServingVersion, Versions
+from soppu.server.versions import REPORT, ServingVersion, Versions
 from soppu.userids import check_user_id
 
 Progress = Callable[[str, int, int], None]
@@ -61,12 +61,14 @@ def publish(
     with versions.lock():  # one publisher at a time takes the next number and moves `current`
         version = versions.next().name
         with atomic.building_dir(serving / version, locked=False, kind="serving version") as tmp:
-            users = _write_users(store, manifest, tmp / "users", rank, num_layers, progress)
-            CompressedStore(store).copy_to(tmp / "shared")
-            if (store / "report").is_dir():
-                shutil.copytree(store / "report", tmp / "report")
+            built = ServingVersion(tmp)  # the layout a version is read by, written here
+            users = _write_users(store, manifest, built.users_dir, rank, num_layers, progress)
+            CompressedStore(store).copy_to(built.shared)
+            if (store / REPORT).is_dir():
+                shutil.copytree(store / REPORT, built.report)
             atomic.write_json(
-                tmp / MANIFEST, _serving_manifest(store, manifest, version, rank, needed, users)
+                built.manifest_path,
+                _serving_manifest(store, manifest, version, rank, needed, users),
             )
         versions.point_current(serving / version)
     return serving / version
@@ -107,7 +109,7 @@ def _write_users(
         for name, data in files.items():
             (out / user / name).write_bytes(data)
         written[user] = {
-            "adapter": f"users/{user}",
+            "adapter": (out / user).relative_to(out.parent).as_posix(),
             "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         }
     return written

@@ -27,10 +27,12 @@ from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.store import RunFolder
+from soppu.server.versions import ServingVersion, Versions
 
 
 def served(run: RunFolder, user: str):
-    return read_lora(run.serving / "current" / "users" / user)
+    """What `user` is served now: their PEFT dir in the run's current serving version."""
+    return read_lora(ServingVersion(Versions(run.serving).require_current()).user_dir(user))
 
 
 def compare(baseline: RunFolder, other: RunFolder, base, texts: dict, config) -> list[dict]:

@@ -6,8 +6,8 @@ A run made before a change to the served choice (the strengths of `--serve-scale
 serves what the old rule chose. To compare it user by user with a run made after the change
 (`experiments/compare_runs.py`) without conflating the two, this scores its users' candidates
 on their validation text by today's rule (soppu/server/selection.py, the run's own settings,
-today's defaults for any it lacks) and rewrites RUN/selection.json and RUN/scaled/; `soppu
-compress --run RUN` then compresses and publishes what it names.
+today's defaults for any it lacks) and rewrites RUN/selection.json; `soppu compress --run
+RUN` then compresses and publishes what it names.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from soppu.adapters import LoraState
 from soppu.cli import app as cli
 from soppu.clients import client_app, task
 from soppu.emulator import read_info
+from soppu.personalize import attached
 from soppu.server.config import FederationConfig
 from soppu.server.selection import choose
 from soppu.server.server_app import server_app
@@ -130,13 +131,12 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
     plain = logits(base, ids)
-    for user, source in list(run.served_dirs().items())[:2]:
+    for user in run.users()[:2]:
         own = PeftModel.from_pretrained(base, run.store / user)
         assert not torch.allclose(logits(own, ids), plain, atol=1e-4)
         base = own.unload()
-        served = PeftModel.from_pretrained(base, source)
-        served_logits = logits(served, ids)
-        base = served.unload()
+        with attached(base, run.served_adapter(user)) as served:
+            served_logits = logits(served, ids)
         published = PeftModel.from_pretrained(base, serving / user)
         assert torch.allclose(logits(published, ids), served_logits, atol=1e-4)
         base = published.unload()
@@ -365,10 +365,8 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     assert not torch.allclose(personal["user0"].tensors[key], personal["user1"].tensors[key])
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
-    served = run.served_dirs()["user2"]  # their own unless it scored worse on validation
-    own = PeftModel.from_pretrained(base, served)
-    expected = logits(own, ids)
-    base = own.unload()
+    with attached(base, run.served_adapter("user2")) as own:  # unless it scored worse
+        expected = logits(own, ids)
     published = PeftModel.from_pretrained(base, run.serving / "current" / "users" / "user2")
     assert torch.allclose(logits(published, ids), expected, atol=1e-4)
 

@@ -12,11 +12,11 @@ from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
 
 from soppu import basemodel, lm
-from soppu.adapters import LoraState, read_lora, write_lora
+from soppu.adapters import LoraState, write_lora
 from soppu.compression import CompressionConfig
 from soppu.data import DataOptions, load_users
 from soppu.emulator import EmulatorPlan, build, save
-from soppu.personalize import fresh_lora, train_lora
+from soppu.personalize import attached, fresh_lora, train_lora
 from soppu.server.compression_round import compress_run
 from soppu.server.config import FederationConfig
 from soppu.server.evaluation import evaluate_run
@@ -129,9 +129,9 @@ def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):
 
 def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_path):
     """loud's own adapter is a good one blown up ×4; tried at strengths 0.25 and 1, it is
-    served at 0.25 (the good one, exactly): written to RUN/scaled/loud/, compressed and
-    published as such, and judged at that strength; chosen again with strength 1 only, the
-    scaled dir goes."""
+    served at 0.25 (the good one, exactly), compressed and published as such, and judged at
+    that strength; when the store moves on, the next compression serves the new adapter at
+    0.25; chosen again with strength 1 only, it is served as it is."""
     torch.set_num_threads(1)
     data = write_users_jsonl(tmp_path / "users.jsonl", {"loud": 6000})
     users = load_users(data, DataOptions(validation_fraction=0.2))
@@ -152,10 +152,10 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
     assert set(entry["validation"]) == {"base", "personal", "personal×0.25"}
     assert entry["served"] == "personal×0.25"
     assert entry["validation"]["personal×0.25"] < entry["validation"]["personal"]
-    served = read_lora(run.scaled / "loud")
+    assert run.served_sources() == {"loud": (run.store / "loud", 0.25)}
+    served = run.served_adapter("loud")
     for key, tensor in good.tensors.items():
         assert torch.allclose(served.tensors[key], tensor, rtol=1e-6, atol=0), key
-    assert run.served_dirs() == {"loud": run.scaled / "loud"}
 
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
     manifest = json.loads((version / "manifest.json").read_text())
@@ -169,6 +169,17 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
         row["gains"]["served_over_base"]["point"], abs=1e-4
     )
 
+    # the store moves on (a later round) before the next compression round chooses again:
+    # what is compressed is the adapter as it is now, at the strength chosen
+    write_lora(good.scaled(8.0), run.store / "loud", {"round": 2}, replace=True)
+    _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attached(base.model, good.scaled(2.0)) as expected:
+        want = expected(input_ids=ids).logits
+    with torch.no_grad():
+        published = PeftModel.from_pretrained(base.model, version / "users" / "loud")
+        assert torch.allclose(published(input_ids=ids).logits, want, atol=1e-4)
+        published.unload()
+
     select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
-    assert not run.scaled.exists()
-    assert run.served_dirs()["loud"] in (run.store / "loud", run.no_adapter)
+    assert run.served_sources()["loud"][1] == 1.0

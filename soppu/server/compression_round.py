@@ -64,7 +64,7 @@ def compress_run(
     compressed = Versions(run.compressed)
     with compressed.lock(), atomic.scratch_dir(run.compressed, "snapshot") as links:
         target = compressed.next()  # one compression round at a time takes the next number
-        paths = snapshot(run, links, run.served_dirs())
+        paths = snapshot(run, links, run.served_sources())
         served = run.selection_choices()
         source: dict[str, Any] = {
             "run": str(run.root.resolve()),

@@ -17,8 +17,8 @@ the one with the lowest validation loss; a tie goes to the simpler: base, global
 and the strength nearest 1. A point estimate alone is not enough: on sympy's docstrings an
 adapter 1.7% better on 1,567 validation tokens was 18% worse on the held-out text. The choice, the
 validation perplexities and gains go to RUN/selection.json and into the compressed store's
-manifest; compression then compresses what each user is served (a scaled adapter from
-RUN/scaled/<user>/).
+manifest; compression then compresses what each user is served: the chosen adapter as it is
+then, at the chosen strength (`RunFolder.served_sources`).
 
 Why strengths: an adapter trained on the emulator moves the full model by another amount than
 it moved the emulator. On the embedded Shakespeare users every adapter overshoots: at λ = 0.75
@@ -34,7 +34,6 @@ user is served their personal adapter, and the log says so.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,12 +79,11 @@ def select_served(
     scales: Sequence[float] = (1.0,),
 ) -> dict[str, dict[str, Any]]:
     """Score every stored user's candidates (each adapter at every strength in `scales`) on
-    their validation text, choose, write RUN/selection.json, the scaled adapters served
-    (RUN/scaled/) and, if anyone is served the base model, the all-zero adapter."""
+    their validation text, choose, write RUN/selection.json and, if anyone is served the base
+    model, the all-zero adapter."""
     global_lora = run.global_adapter()
     stored = run.users()
     chosen: dict[str, dict[str, Any]] = {}
-    served_scaled: dict[str, tuple[str, LoraState]] = {}
     for done, user in enumerate(stored):
         progress(user, done, len(stored))
         text = users[user].validation if user in users else ""
@@ -106,11 +104,8 @@ def select_served(
             if name != "base"
         }
         beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
-        label = choose(losses, beat_base)
-        if parse_served(label)[1] != 1.0:
-            served_scaled[user] = (label, candidates[label])
         chosen[user] = {
-            "served": label,
+            "served": choose(losses, beat_base),
             "why": "lowest validation perplexity among those significantly better than base",
             "validation": {name: math.exp(loss) for name, loss in losses.items()},
             "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
@@ -118,11 +113,7 @@ def select_served(
         }
     if any(c["served"] == "base" for c in chosen.values()):
         write_no_adapter(run)
-    if served_scaled:
-        _write_scaled(run, served_scaled)
     atomic.write_json(run.selection, {"users": chosen})
-    if not served_scaled:  # after the choice that names none of them
-        shutil.rmtree(run.scaled, ignore_errors=True)
     return chosen
 
 
@@ -135,15 +126,6 @@ def _candidates(
         if lora is not None:
             found |= {served_label(kind, s): lora.scaled(s) for s in scales}
     return found
-
-
-def _write_scaled(run: RunFolder, served: dict[str, tuple[str, LoraState]]) -> None:
-    """RUN/scaled/<user>/ for every user served an adapter at a strength ≠ 1, replaced whole
-    (a user no longer scaled leaves no dir behind). Written before RUN/selection.json names
-    them; a compression round chooses again before it reads either."""
-    with atomic.building_dir(run.scaled, cache=True) as building:
-        for user, (label, lora) in served.items():
-            write_lora(lora, building / user, {"served": label})
 
 
 def write_no_adapter(run: RunFolder) -> Path:

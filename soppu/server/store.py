@@ -8,7 +8,6 @@
     RUN/selection.json      what each user is served (personal, global or base, at a
                             strength λ) and why
     RUN/no-adapter/         an all-zero LoRA: what a user served the base model gets
-    RUN/scaled/<user>/      the adapter a user is served at a strength λ ≠ 1 (λ·ΔW)
     RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
     RUN/rounds.jsonl        one line per round: timings and counts
     RUN/state.json          the last complete round and the last compressed one
@@ -50,7 +49,6 @@ class RunFolder:
         self.global_dir = self.root / "global"
         self.selection = self.root / "selection.json"
         self.no_adapter = self.root / "no-adapter"
-        self.scaled = self.root / "scaled"
         self.metrics = self.root / "metrics.jsonl"
         self.rounds = self.root / "rounds.jsonl"
         self.state_file = self.root / "state.json"
@@ -93,18 +91,22 @@ class RunFolder:
         users = json.loads(self.selection.read_text())["users"]
         return {user: entry["served"] for user, entry in users.items()}
 
-    def served_dirs(self) -> dict[str, Path]:
-        """user → the adapter dir they are served (their own where no choice was made)."""
+    def served_sources(self) -> dict[str, tuple[Path, float]]:
+        """user → the adapter dir they are served from now (their own where no choice was
+        made) and the strength λ it is served at (λ·ΔW). The dir is the current one: a user
+        chosen "personal×0.75" rounds ago is served their latest adapter at 0.75."""
         choices = self.selection_choices()
         sources = {"global": self.global_dir, "base": self.no_adapter}
-        dirs = {}
+        found = {}
         for user in self.users():
             kind, scale = parse_served(choices.get(user, "personal"))
-            if scale != 1.0:
-                dirs[user] = self.scaled / user
-            else:
-                dirs[user] = sources.get(kind, self.store / user)
-        return dirs
+            found[user] = (sources.get(kind, self.store / user), scale)
+        return found
+
+    def served_adapter(self, user: str) -> LoraState:
+        """What `user` is served now: `served_sources`' adapter at its strength."""
+        folder, scale = self.served_sources()[user]
+        return read_lora(folder).scaled(scale)
 
     def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
@@ -214,18 +216,26 @@ def stored_round(run: RunFolder, user: str) -> int | None:
     return json.loads(meta.read_text()).get("round") if meta.is_file() else None
 
 
-def snapshot(run: RunFolder, into: Path, sources: dict[str, Path] | None = None) -> dict[str, Path]:
-    """Hard-link every user's served adapter (`sources`: user → dir; default their stored
-    one) into `into` (files are only ever replaced by rename, never rewritten, so links are a
-    consistent, instant copy); user → dir."""
-    paths = {}
+def snapshot(
+    run: RunFolder, into: Path, sources: dict[str, tuple[Path, float]] | None = None
+) -> dict[str, Path]:
+    """Every user's served adapter (`sources`: user → (dir, strength); default their stored
+    one at 1) into `into`: hard links (files are only ever replaced by rename, never
+    rewritten, so links are a consistent, instant copy), and an adapter served at a strength
+    λ ≠ 1 written there scaled, from the links; user → dir."""
+    paths, scales = {}, {}
     with run.locked():
         for user in run.users():
-            source = (sources or {}).get(user, run.store / user)
+            source, scales[user] = (sources or {}).get(user, (run.store / user, 1.0))
             (into / user).mkdir(parents=True)
             for file in source.iterdir():
                 os.link(file, into / user / file.name)
             paths[user] = into / user
     if not paths:
         raise AdapterError(f"{run.store}: no adapters stored yet")
+    for user, scale in scales.items():
+        if scale != 1.0:  # outside the lock: the links hold still
+            scaled = read_lora(paths[user]).scaled(scale)
+            shutil.rmtree(paths[user])  # the links only
+            write_lora(scaled, paths[user], {"strength": scale})
     return paths

@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from soppu import api, messages
+from soppu import api, lm, messages
 from soppu import emulator as E
 from soppu.adapters import LoraState
 from soppu.cli import app as cli
@@ -430,7 +430,7 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
     emulator, info = load(run.emulator)
     lora = fresh_lora(emulator, info, config.train())
     lora = LoraState({k: v + 0.1 for k, v in lora.tensors.items()}, lora.config)
-    public = [(root / "public.jsonl").read_text()]
+    public = lm.token_blocks(base.tokenizer, (root / "public.jsonl").read_text(), config.seq_len)
 
     first = info.version
     version, done = round_realignment(config, base, emulator, info, public, run)(lora, 2)

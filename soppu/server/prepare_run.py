@@ -133,10 +133,14 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
         )
     setup = m.Setup(config.data, config.data_options(), tuple(sorted(users)), base.name)
     correction = realigner = None
-    if config.correction_batches and not info.exact:
-        correction = round_correction(config, base, emulator.to(config.device), info, public)
-    if config.realign_steps and not info.exact and public:
-        realigner = round_realignment(config, base, emulator.to(config.device), info, public, run)
+    if (config.correction_batches or config.realign_steps) and not info.exact:
+        # tokenised once: both measure on the same public text
+        blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+        emulator.to(config.device)
+        if config.correction_batches:
+            correction = round_correction(config, base, emulator, info, blocks)
+        if config.realign_steps and blocks:
+            realigner = round_realignment(config, base, emulator, info, blocks, run)
     return Federation(
         run=run,
         config=config,
@@ -231,14 +235,14 @@ def round_realignment(
     base: BaseModel,
     emulator: nn.Module,
     info: EmulatorInfo,
-    public: list[str],
+    blocks: list[Tensor],
     run: RunFolder,
 ) -> Realign:
     """What re-aligns the emulator before a round with the round's starting adapter plugged
     into both models (FedBiOT's bi-level step), in place (the gradient correction then measures
     the new one), and saves it as the run's emulator under its new version. A round already
-    re-aligned (a resumed run whose round did not commit) is not re-aligned twice."""
-    blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+    re-aligned (a resumed run whose round did not commit) is not re-aligned twice. `blocks`:
+    the public text's token blocks."""
 
     def realign_at(lora: LoraState, round_: int) -> tuple[str, dict[str, Any] | None]:
         if info.alignment.get("realigned", {}).get("round") == round_:
@@ -266,11 +270,10 @@ def round_correction(
     base: BaseModel,
     emulator: nn.Module,
     info: EmulatorInfo,
-    public: list[str],
+    blocks: list[Tensor],
 ) -> Correction:
     """What measures a round's gradient correction at its starting adapter, on public batches
-    that differ from round to round."""
-    blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+    (of `blocks`, the public text's token blocks) that differ from round to round."""
 
     def correction(lora: LoraState, round_: int) -> dict[str, Tensor]:
         return gradient_correction(

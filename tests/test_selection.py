@@ -21,7 +21,7 @@ from soppu.server.compression_round import compress_run
 from soppu.server.config import FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
-from soppu.server.selection import choose, select_served
+from soppu.server.selection import choose, select_served, strength_walk
 from soppu.server.store import RunFolder
 from soppu.train_config import TrainConfig
 
@@ -69,6 +69,30 @@ def _pretrained_tiny_model(path, text: str):
         optimizer.zero_grad()
     model.eval().requires_grad_(False).save_pretrained(folder)
     return basemodel.load(folder)
+
+
+@pytest.mark.parametrize(
+    ("curve", "visited"),
+    [
+        ({0.5: 1.0, 0.75: 2.0, 1.0: 3.0, 1.25: 4.0}, [0.5, 0.75, 1.0]),  # lowest at 0.5
+        ({0.5: 3.0, 0.75: 2.0, 1.0: 2.5, 1.25: 4.0}, [0.5, 0.75, 1.0]),  # at 0.75
+        ({0.5: 3.0, 0.75: 2.0, 1.0: 1.0, 1.25: 4.0}, [0.75, 1.0, 1.25]),  # at 1
+        ({0.5: 4.0, 0.75: 3.0, 1.0: 2.0, 1.25: 1.0}, [0.75, 1.0, 1.25]),  # at 1.25
+        ({0.5: 3.0, 0.75: 2.0, 1.0: 2.0, 1.25: 3.0}, [0.75, 1.0, 1.25]),  # a tie stops
+        ({1.0: 5.0}, [1.0]),
+        ({0.25: 9, 0.5: 8, 0.75: 7, 1.0: 6, 1.25: 5, 1.5: 4, 2: 4.5}, [0.75, 1, 1.25, 1.5, 2]),
+    ],
+)
+def test_the_strength_walk_goes_downhill_from_1_and_scores_nothing_uphill(curve, visited):
+    asked = []
+
+    def score(strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(strength)  # each strength scored once, and only those visited
+        return torch.tensor([curve[strength] * 2], dtype=torch.float64), torch.tensor([2])
+
+    found = strength_walk(sorted(curve), score)
+    assert sorted(asked) == visited and sorted(found) == visited
+    assert min(float(sums) / 2 for sums, _ in found.values()) == min(curve.values())
 
 
 def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):

@@ -47,14 +47,21 @@ def generated_text(
     path = basemodel.cache_dir() / "generated" / f"{digest}.json"
     if path.is_file():
         return json.loads(path.read_text())["texts"]
-    texts = _sample(model, tokenizer, config, progress)
+    texts = sample(model, tokenizer, config, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(path, {"config": asdict(config), "texts": texts})
     return texts
 
 
 @torch.no_grad()
-def _sample(model, tokenizer, config: GenerationConfig, progress) -> list[str]:
+def sample(
+    model: nn.Module,
+    tokenizer,
+    config: GenerationConfig,
+    progress: Callable[[int, int, float], None] = lambda *_: None,
+) -> list[str]:
+    """`config.samples` texts `model` writes now, uncached (a model with an adapter in it has
+    no weights' fingerprint of its own)."""
     generator = torch.Generator().manual_seed(config.seed)
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])

@@ -264,8 +264,8 @@ class FederationConfig:
     # user on validation was significantly better for 9 of 18 users and worse for none
     serve_scales: str = setting(
         "0.5,0.75,1,1.25",
-        "Strengths λ (λ·ΔW) at which the served choice tries each adapter on validation, "
-        "comma-separated; 1 is always tried; '1': as trained only.",
+        "Strengths λ (λ·ΔW) at which each adapter may be served, comma-separated; the choice "
+        "walks them from 1 while the validation loss falls; '1': as trained only.",
     )
     threads: int = setting(0, "torch threads on the server; 0: all.")
     # bf16 autocast for the clients' steps, the alignment and the corrections where the device

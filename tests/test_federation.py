@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -445,62 +444,6 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
     assert read_info(run.emulator).version == version
     later, _ = round_realignment(config, base, resumed, resumed_info, public, run)(lora, 3)
     assert later != version and read_info(run.emulator).alignment["realigned"]["round"] == 3
-
-
-def test_a_steered_correction_measures_on_what_the_adapted_full_model_writes(world):
-    """--correction-text steered: from round 2 the correction is the one measured on text the
-    full model writes with the round's starting adapter in it (seeded: the same text again),
-    text that adapter changes; round 1's fresh adapter (B = 0) changes nothing, so round 1
-    measures on the public text as before. The full model is left bare and unchanged."""
-    from soppu import basemodel
-    from soppu.alignment import gradient_correction
-    from soppu.personalize import fresh_lora
-    from soppu.server.prepare_run import round_correction, steered_blocks
-
-    root, model, _ = world
-    config = tiny_config(world, "unused", correction_text="steered", layer_select="even")
-    base = basemodel.load(model)
-    before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    emulator, info = E.build(base.model, config.plan(base.num_layers), base.name)
-    fresh = fresh_lora(emulator, info, config.train())
-    torch.manual_seed(0)
-    moved = LoraState(
-        {k: v + 0.5 * torch.randn_like(v) for k, v in fresh.tensors.items()}, fresh.config
-    )
-    public = lm.token_blocks(base.tokenizer, (root / "public.jsonl").read_text(), config.seq_len)
-    steered = round_correction(config, base, emulator, info, public)
-    plain = round_correction(
-        replace(config, correction_text="public"), base, emulator, info, public
-    )
-
-    def same(a: dict, b: dict) -> bool:
-        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    assert same(steered(moved, 1), plain(moved, 1))
-    seed = config.seed * 100_003 + 2
-    text = steered_blocks(config, base, moved, seed)
-    assert len(text) >= config.correction_batches  # enough for the correction's batches
-    assert not same(dict(enumerate(text)), dict(enumerate(public[: len(text)])))
-    assert not same(
-        dict(enumerate(text)), dict(enumerate(steered_blocks(config, base, fresh, seed)))
-    )
-    pad = base.tokenizer.pad_token_id
-    expected = gradient_correction(
-        base.model,
-        emulator,
-        info,
-        moved,
-        text,
-        pad,
-        batches=config.correction_batches,
-        batch_size=config.batch_size,
-        seed=seed,
-        precision=config.precision,
-    )
-    assert same(steered(moved, 2), expected)
-    assert not same(steered(moved, 2), plain(moved, 2))
-    assert not any("lora" in name for name, _ in base.model.named_modules())
-    assert same(base.model.state_dict(), before)
 
 
 def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):

@@ -31,7 +31,6 @@ SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not impor
 LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
 LOG_SINKS = ("tensorboard", "mlflow")  # soppu/server/tracking.py
 CLIENT_MODES = ("emulator", "full")
-CORRECTION_TEXTS = ("public", "steered")
 # Each client mode's learning rate and schedule within a round, measured on 16 users (README,
 # "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
 # the full model, every layer trainable, 1.5e-3 left the personal adapter behind the global
@@ -198,15 +197,6 @@ class FederationConfig:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    # after round 1 the server holds the global adapter, which has learned what the users write
-    # together: what the full model writes with it attached is nearer their text than any
-    # public text, and no user's text is read to make it (experiments/steered_probe.py)
-    correction_text: str = setting(
-        "public",
-        "Text each round's gradient correction is measured on: public (the alignment text), or "
-        "steered (from round 2, what the full model writes with the round's starting adapter in "
-        "it).",
-    )
     max_eval_tokens: int = setting(
         2048,
         "Held-out tokens each client checks its adapter on (emulator).",
@@ -288,7 +278,6 @@ class FederationConfig:
             ("client_mode", CLIENT_MODES),
             ("lora_layers", LORA_LAYERS),
             ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
-            ("correction_text", CORRECTION_TEXTS),
             ("device", DEVICES),
         ):
             if getattr(self, name) not in allowed:

@@ -368,11 +368,10 @@ def _corrections(
         if id(start) not in by_start:
             by_start[id(start)] = fed.correction(start, round_)
     fed.correction_seconds = time.perf_counter() - began
-    steered = fed.config.correction_text == "steered" and round_ > 1
-    text = "batches of what the full model writes with it" if steered else "public batches"
     fed.log(
         f"  gradient correction for {len(by_start)} starting adapter(s), "
-        f"{fed.config.correction_batches} {text} each ({fed.correction_seconds:.0f} s)"
+        f"{fed.config.correction_batches} public batches each "
+        f"({fed.correction_seconds:.0f} s)"
     )
     return {user: by_start[id(start)] for user, start in starts.items()}
 

@@ -31,8 +31,7 @@ from soppu.basemodel import BaseModel
 from soppu.cache import cache_dir
 from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
-from soppu.generated import GenerationConfig, sample
-from soppu.personalize import attached, fresh_lora
+from soppu.personalize import fresh_lora
 from soppu.public import default_public, describe, public_texts
 from soppu.server.config import FederationConfig, upgrade
 from soppu.server.federation import Correction, Federation, Log, Realign, Selection
@@ -274,43 +273,23 @@ def round_correction(
     blocks: list[Tensor],
 ) -> Correction:
     """What measures a round's gradient correction at its starting adapter, on public batches
-    (of `blocks`, the public text's token blocks) that differ from round to round, or with
-    `correction_text` steered, from round 2 on text the full model writes with that adapter."""
+    (of `blocks`, the public text's token blocks) that differ from round to round."""
 
     def correction(lora: LoraState, round_: int) -> dict[str, Tensor]:
-        seed = config.seed * 100_003 + round_  # other batches each round
-        steered = config.correction_text == "steered" and round_ > 1
         return gradient_correction(
             base.model,
             emulator,
             info,
             lora,
-            steered_blocks(config, base, lora, seed) if steered else blocks,
+            blocks,
             base.tokenizer.pad_token_id,
             batches=config.correction_batches,
             batch_size=config.batch_size,
-            seed=seed,
+            seed=config.seed * 100_003 + round_,  # other public batches each round
             precision=config.precision,
         )
 
     return correction
-
-
-def steered_blocks(
-    config: FederationConfig, base: BaseModel, lora: LoraState, seed: int
-) -> list[Tensor]:
-    """Blocks of text the full model writes with `lora` in it, as many as the correction's
-    batches take (round 1's fresh adapter changes nothing: its B is zero, so the first round
-    measures on the public text)."""
-    generation = GenerationConfig(
-        samples=config.correction_batches * config.batch_size,
-        tokens=config.seq_len,
-        seed=seed,
-        precision=precision.resolve(config.precision, config.device),
-    )
-    with attached(base.model, lora) as adapted:
-        texts = sample(adapted, base.tokenizer, generation)
-    return lm.token_blocks(base.tokenizer, "\n".join(texts), config.seq_len)
 
 
 def choose_users(config: FederationConfig) -> dict[str, UserText]:

@@ -84,7 +84,7 @@ def errors(deltas: list[Tensor], approx: list[Tensor]) -> tuple[Tensor, Tensor, 
     return err, norm, float(((P - Q) ** 2).sum()), float((P**2).sum())
 
 
-def measure(users: Users, method: str, setting: float) -> dict:
+def measure(users: Users, method: str, setting: float, weights: str) -> dict:
     names = sorted(users)
     modules = sorted(users[names[0]])
     before = after = 0
@@ -96,7 +96,7 @@ def measure(users: Users, method: str, setting: float) -> dict:
         deltas = [f.delta() for f in items]
         before += sum(f.rank * sum(f.shape) for f in items)
         if method == "joint":
-            config = CompressionConfig(energy=setting, bits=32)
+            config = CompressionConfig(energy=setting, bits=32, weights=weights)
             result = compress_slot(items, config)
             approx = [result.reconstruct(i) for i in range(len(items))]
             after += result.params_after()
@@ -122,7 +122,7 @@ def measure(users: Users, method: str, setting: float) -> dict:
     }
 
 
-def run_rows(run: Path, energies: list[float], components: list[int]) -> list[dict]:
+def run_rows(run: Path, energies: list[float], components: list[int], weights: str) -> list[dict]:
     shared = load_users(run)
     rows = []
     for gauge, users in (("shared", shared), ("random", random_gauge(shared))):
@@ -131,14 +131,15 @@ def run_rows(run: Path, energies: list[float], components: list[int]) -> list[di
             if gauge == "random" and method == "joint" and setting != 0.98:
                 continue  # gauge-free: the same numbers as in the shared gauge
             row = {"run": run.name, "users": len(users), "gauge": gauge}
-            rows.append(row | measure(users, method, setting))
+            rows.append(row | measure(users, method, setting, weights))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown(result: dict) -> str:
     lines = [
-        f"`{result['command']}` at {result['commit']} on {result['date']}",
+        f"`{result['command']}` at {result['commit']} on {result['date']}; the joint fit's "
+        f"weights: {result.get('weights', 'uniform')}",
         "",
         "| run | users | gauge | method | setting | storage ratio (fp32) | product error: pooled "
         "| worst user | personal part's error |",
@@ -159,18 +160,22 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="run names under runs/experiments")
     parser.add_argument("--energies", default="0.9,0.95,0.98,0.99,0.999")
     parser.add_argument("--components", default="0,1,2,3")
+    parser.add_argument("--weights", default="norm", help="the joint fit's (the federation's)")
     parser.add_argument("--name", default="")
     args = parser.parse_args()
     torch.set_num_threads(2)
     target = RESULTS / ("factor_space" + (f"_{args.name}" if args.name else "") + ".json")
-    if target.is_file() and json.loads(target.read_text())["runs"] != args.runs:
-        sys.exit(f"{target} holds other runs; choose another --name")
+    if target.is_file():
+        held = json.loads(target.read_text())
+        if (held["runs"], held.get("weights", "uniform")) != (args.runs, args.weights):
+            sys.exit(f"{target} holds other runs or weights; choose another --name")
     energies = [float(e) for e in args.energies.split(",")]
     components = [int(r) for r in args.components.split(",")]
     rows = []
     for name in args.runs.split(","):
-        rows += run_rows(RUNS / name, energies, components)
-    result = {**provenance("factor_space.py"), "runs": args.runs, "rows": rows}
+        rows += run_rows(RUNS / name, energies, components, args.weights)
+    result = {**provenance("factor_space.py"), "runs": args.runs, "weights": args.weights}
+    result["rows"] = rows
     write_results(target, result, markdown(result))
 
 

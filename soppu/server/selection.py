@@ -79,9 +79,9 @@ def select_served(
     progress: Callable[[str, int, int], None] = lambda user, done, total: None,
     scales: Sequence[float] = (1.0,),
 ) -> dict[str, dict[str, Any]]:
-    """Score every stored user's candidates (each adapter at every strength in `scales`) on
-    their validation text, choose, write RUN/selection.json and, if anyone is served the base
-    model, the all-zero adapter."""
+    """Score every stored user's candidates (each adapter at the strengths of `scales` its
+    walk visits) on their validation text, choose, write RUN/selection.json and, if anyone
+    is served the base model, the all-zero adapter."""
     global_lora = run.global_adapter()
     stored = run.users()
     chosen: dict[str, dict[str, Any]] = {}

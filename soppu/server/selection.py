@@ -100,7 +100,7 @@ def select_served(
             scales,
         )
         counts = scores["base"][1]
-        losses = {name: float(s.sum()) / int(counts.sum()) for name, (s, _) in scores.items()}
+        losses = {name: _loss(found) for name, found in scores.items()}
         gains = {
             name: paired_gain(scores["base"][0], s, counts, seed=done)
             for name, (s, _) in scores.items()
@@ -142,10 +142,11 @@ def _candidate_scores(
 def strength_walk(grid: Sequence[float], score: Callable[[float], Scores]) -> dict[float, Scores]:
     """Score an adapter along the ascending strength `grid` (1 among it), walking downhill
     from 1: down while the validation loss falls, else up while it falls. The loss is about
-    unimodal in λ, so this finds the grid's lowest while scoring 3 of 4 strengths: on the
-    60 choices of 18 recorded runs (three populations, four schemes) it chose as scoring
-    every strength did, and found the grid's lowest on 117 of 120 curves. A tie stops the
-    walk: the strength nearer 1 is kept, as `choose` prefers."""
+    unimodal in λ, so this finds the grid's lowest while scoring 3 of 4 strengths: replayed
+    on the 60 recorded choices of 9 runs of three populations it chose as scoring every
+    strength did, and ended at the grid's lowest on 117 of 120 curves
+    (experiments/strength_walk.py). A tie stops the walk: the strength nearer 1 is kept, as
+    `choose` prefers."""
     at = grid.index(1.0)
     seen = {grid[at]: score(grid[at])}
     for step in (-1, 1):

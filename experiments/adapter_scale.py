@@ -59,15 +59,15 @@ def choose(val: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: list[str]
 
 def measure_user(run, base, config, text, user: str, scales: list[float], seed: int) -> dict:
     tokenizer, pad = base.tokenizer, base.tokenizer.pad_token_id
-    cap = config.final_eval_tokens or 2**62
+    cap = config.evaluation.final_eval_tokens or 2**62
     splits = {
-        "val": lm.token_blocks(tokenizer, text.validation, config.seq_len, cap),
-        "test": lm.token_blocks(tokenizer, text.test, config.seq_len, cap),
+        "val": lm.token_blocks(tokenizer, text.validation, config.training.seq_len, cap),
+        "test": lm.token_blocks(tokenizer, text.test, config.training.seq_len, cap),
     }
     scores = {split: {} for split in splits}
     for name, lora in candidates(run, user, scales).items():
         for split, blocks in splits.items():
-            scores[split][name] = scored(base.model, lora, blocks, pad, config.batch_size)
+            scores[split][name] = scored(base.model, lora, blocks, pad, config.training.batch_size)
     names = list(scores["val"])
     today = choose(scores["val"], [n for n in names if n == "base" or n.endswith("×1")], seed)
     scaled_pick = choose(scores["val"], names, seed)

@@ -37,11 +37,11 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def measure_user(run: RunFolder, base, config, text, user: str, seed: int) -> dict:
-    pad, size = base.tokenizer.pad_token_id, config.batch_size
-    cap = config.final_eval_tokens or 2**62
-    val = lm.token_blocks(base.tokenizer, text.validation, config.seq_len, cap)
-    test = lm.token_blocks(base.tokenizer, text.test, config.seq_len, cap)
-    found = candidates(run, user, config.scales())
+    pad, size = base.tokenizer.pad_token_id, config.training.batch_size
+    cap = config.evaluation.final_eval_tokens or 2**62
+    val = lm.token_blocks(base.tokenizer, text.validation, config.training.seq_len, cap)
+    test = lm.token_blocks(base.tokenizer, text.test, config.training.seq_len, cap)
+    found = candidates(run, user, config.evaluation.scales())
     picks, seconds = {}, {}
     for mixed in PRECISIONS:
         began = time.perf_counter()

@@ -42,11 +42,14 @@ def compare(baseline: RunFolder, other: RunFolder, base, texts: dict, config) ->
     for seed, user in enumerate(users):
         print(f"{other.root.name} [{seed + 1}/{len(users)}] {user}", flush=True)
         blocks = lm.token_blocks(
-            base.tokenizer, texts[user].test, config.seq_len, config.final_eval_tokens or 2**62
+            base.tokenizer,
+            texts[user].test,
+            config.training.seq_len,
+            config.evaluation.final_eval_tokens or 2**62,
         )
-        none, counts = scored(base.model, None, blocks, pad, config.batch_size)
-        a, _ = scored(base.model, served(baseline, user), blocks, pad, config.batch_size)
-        b, _ = scored(base.model, served(other, user), blocks, pad, config.batch_size)
+        none, counts = scored(base.model, None, blocks, pad, config.training.batch_size)
+        a, _ = scored(base.model, served(baseline, user), blocks, pad, config.training.batch_size)
+        b, _ = scored(base.model, served(other, user), blocks, pad, config.training.batch_size)
         change = paired_gain(a, b, counts, seed=seed)
         rows.append(
             {

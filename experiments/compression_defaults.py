@@ -42,8 +42,8 @@ def main() -> None:
         results[f"{mode} ({name})"] = sweep_configs(run, configs, max_eval_tokens=2048)
         users = len(json.loads((run / "evaluation.json").read_text())["users"])
     lines = [
-        f"The federation's default: energy {default.compress_energy}, "
-        f"{default.compress_bits} bits. {users} users' adapters from {args.runs}.",
+        f"The federation's default: energy {default.compression.energy}, "
+        f"{default.compression.bits} bits. {users} users' adapters from {args.runs}.",
         "",
         "| mode | energy | bits | storage ratio | kept of the gain over base: median "
         "| kept of the personal gain over global: median | p25 | min |",

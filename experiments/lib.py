@@ -202,7 +202,9 @@ class Judge:
 
         tokenizer = self.base.tokenizer
         text = self.texts[user].test
-        blocks = lm.token_blocks(tokenizer, text, self.config.seq_len, self.max_eval_tokens)
+        blocks = lm.token_blocks(
+            tokenizer, text, self.config.training.seq_len, self.max_eval_tokens
+        )
         with attached(self.base.model, lora) as model:
             return lm.perplexity(model, blocks, tokenizer.pad_token_id)
 

@@ -49,9 +49,11 @@ def measure(run: Path, steps: int, lr: float | None = None, users: int | None = 
     began = time.perf_counter()
     public = public_for(judge.config, print, judge.base)
     measure_at = round_correction(judge.config, judge.base, emulator, info, public)
-    correction = measure_at(start, judge.config.rounds + 1)  # as a next round's server would
+    correction = measure_at(
+        start, judge.config.schedule.rounds + 1
+    )  # as a next round's server would
     correction_s = time.perf_counter() - began
-    next_round = judge.config.train(judge.config.rounds + 1)
+    next_round = judge.config.train(judge.config.schedule.rounds + 1)
     train = replace(next_round, steps=steps, lr=lr or next_round.lr)
     rows = []
     chosen = list(judge.evaluation.items())[:users]

@@ -61,7 +61,7 @@ def honest_round(judge: Judge, run: Path, steps: int, seed: int) -> dict:
     start = folder.global_adapter()
     public = public_for(judge.config, print, judge.base)
     correction = round_correction(judge.config, judge.base, emulator, info, public)(start, 99)
-    train = replace(judge.config.train(judge.config.rounds + 1), steps=steps, seed=seed)
+    train = replace(judge.config.train(judge.config.schedule.rounds + 1), steps=steps, seed=seed)
     replies = {}
     for user in judge.evaluation:
         result = personalize(

@@ -66,11 +66,17 @@ def probe_run(path: Path, steps: list[int], n_users: int, batches: int) -> list[
     pad = base.tokenizer.pad_token_id
     emulator, info = load(run.emulator)
     lora = run.global_adapter()
-    texts = public_texts(config.public, base, config.data, seq_len=config.seq_len, seed=config.seed)
-    public = lm.token_blocks(base.tokenizer, "\n".join(texts), config.seq_len)
+    texts = public_texts(
+        config.emulator.public,
+        base,
+        config.data.source,
+        seq_len=config.training.seq_len,
+        seed=config.seed,
+    )
+    public = lm.token_blocks(base.tokenizer, "\n".join(texts), config.training.seq_len)
     texts_of = choose_users(config)
     users = {
-        u: lm.token_blocks(base.tokenizer, texts_of[u].train, config.seq_len)
+        u: lm.token_blocks(base.tokenizer, texts_of[u].train, config.training.seq_len)
         for u in run.users()[:n_users]
     }
     rows, done, seconds = [], 0, 0.0

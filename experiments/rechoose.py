@@ -32,11 +32,12 @@ def main() -> None:
     run = RunFolder(args.run)
     config = stored_config(run)
     if args.serve_scales:
-        config = replace(config, serve_scales=args.serve_scales)
+        scales = replace(config.evaluation, serve_scales=args.serve_scales)
+        config = replace(config, evaluation=scales)
     base = basemodel.load(config.base_model or None)
     users = choose_users(config)
     chosen = select_served(
-        run, base.model, base.tokenizer, users, config.judge(), scales=config.scales()
+        run, base.model, base.tokenizer, users, config.judge(), scales=config.evaluation.scales()
     )
     print({user: entry["served"] for user, entry in chosen.items()})
 

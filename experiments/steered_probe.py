@@ -54,9 +54,15 @@ def probe_run(path: Path, n_users: int, batches: int, samples: int) -> dict:
     pad, mixed = base.tokenizer.pad_token_id, config.precision
     emulator, info = load(run.emulator)
     lora = run.global_adapter()
-    texts = public_texts(config.public, base, config.data, seq_len=config.seq_len, seed=config.seed)
+    texts = public_texts(
+        config.emulator.public,
+        base,
+        config.data.source,
+        seq_len=config.training.seq_len,
+        seed=config.seed,
+    )
     began = time.perf_counter()
-    steered = steered_texts(base, lora, samples, config.seq_len, mixed)
+    steered = steered_texts(base, lora, samples, config.training.seq_len, mixed)
     seconds = time.perf_counter() - began
     texts_of = choose_users(config)
 
@@ -66,7 +72,7 @@ def probe_run(path: Path, n_users: int, batches: int, samples: int) -> dict:
         )
 
     def blocks_of(text: str) -> list:
-        return lm.token_blocks(base.tokenizer, text, config.seq_len)
+        return lm.token_blocks(base.tokenizer, text, config.training.seq_len)
 
     shared = {
         "public": correction(blocks_of("\n".join(texts))),

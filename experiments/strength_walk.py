@@ -110,7 +110,9 @@ def wide(names: list[str], scales: str) -> list[dict]:
             copy = Path(scratch) / name
             shutil.copytree(RUNS / name, copy, symlinks=True)
             run = RunFolder(copy)
-            config = replace(stored_config(run), serve_scales=scales)
+            stored = stored_config(run)
+            wider = replace(stored.evaluation, serve_scales=scales)
+            config = replace(stored, evaluation=wider)
             before = run.selection_choices()
             base = basemodel.load(config.base_model or None)
             chosen = select_served(
@@ -119,7 +121,7 @@ def wide(names: list[str], scales: str) -> list[dict]:
                 base.tokenizer,
                 choose_users(config),
                 config.judge(),
-                scales=config.scales(),
+                scales=config.evaluation.scales(),
             )
             for user, entry in chosen.items():
                 rows.append(

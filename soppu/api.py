@@ -4,7 +4,8 @@ The `soppu` command wraps these; a notebook or a script calls them directly:
 
     from soppu import api
 
-    run = api.simulate(api.FederationConfig(run_dir="runs/mine", data="users.jsonl", users=8))
+    data = api.DataSettings(source="users.jsonl", users=8)
+    run = api.simulate(api.FederationConfig(run_dir="runs/mine", data=data))
     run.evaluation["summary"]["compressed_gain_median"]   # the median served gain
     manifest = api.compress(["adapters/"], "store", api.CompressionConfig(energy=0.9))
     version = api.publish("store", "serving")             # a ServingVersion
@@ -26,15 +27,35 @@ from typing import Any
 
 from soppu.compression import CompressionConfig
 from soppu.server.compressed_store import CompressedStore
-from soppu.server.config import FederationConfig
+from soppu.server.config import (
+    CentralDP,
+    ClientTraining,
+    CompressionSettings,
+    DataSettings,
+    EmulatorSettings,
+    EvaluationSettings,
+    FederationConfig,
+    RobustMean,
+    RoundSchedule,
+    SchemeSettings,
+)
 from soppu.server.store import RunFolder
 from soppu.server.versions import ServingVersion
 
 __all__ = [
+    "CentralDP",
+    "ClientTraining",
     "CompressedStore",
     "CompressionConfig",
+    "CompressionSettings",
+    "DataSettings",
+    "EmulatorSettings",
+    "EvaluationSettings",
     "FederationConfig",
+    "RobustMean",
+    "RoundSchedule",
     "Run",
+    "SchemeSettings",
     "ServingVersion",
     "add",
     "compress",
@@ -98,7 +119,7 @@ def simulate(
         log(f"{done}; evaluating it again")
         return Run(folder, evaluate(folder.root, log=log))
     nodes = len(choose_users(config))
-    log(f"simulating {nodes} users × {config.rounds} rounds → {config.run_dir}")
+    log(f"simulating {nodes} users × {config.schedule.rounds} rounds → {config.run_dir}")
     run_simulation(
         server_app(config, resume=resume, log=log),
         client_app,
@@ -119,10 +140,10 @@ def _finished(folder: RunFolder, config: FederationConfig) -> str:
     compressed and published, and evaluated where the config asks for it."""
     state = folder.state() if folder.state_file.is_file() else {}
     done = (
-        state.get("round", 0) >= config.rounds
+        state.get("round", 0) >= config.schedule.rounds
         and state.get("compressed_round") == state.get("round")
         and bool(state.get("serving"))
-        and (folder.evaluation.is_file() or not config.final_evaluation)
+        and (folder.evaluation.is_file() or not config.evaluation.final_evaluation)
     )
     return (
         f"{folder.root} is finished: {state['round']} rounds, serving {state['serving']}"
@@ -211,8 +232,8 @@ def compress_run(
     settings = stored_config(folder)
     _, version = compress_round(
         folder,
-        config or settings.compression(),
-        export_rank=export_rank or settings.export_rank or None,
+        config or settings.compression_config(),
+        export_rank=export_rank or settings.compression.export_rank or None,
         incremental=False,
     )
     return ServingVersion(version)

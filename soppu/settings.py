@@ -9,11 +9,18 @@ from dataclasses import Field, field, fields
 from typing import Any
 
 
-def setting(default: Any, help: str, *, flag: str | None = None) -> Any:
-    """A config field: its default, the one line of help every verb shows, and its flag's
-    name where it is not the field's (`--out` for `run_dir`)."""
-    metadata = {"help": help, **({"flag": flag} if flag else {})}
+def setting(default: Any, help: str, *, flag: str | None = None, key: str | None = None) -> Any:
+    """A config field: its default, the one line of help every verb shows, its flag's name
+    where it is not the field's (`--out` for `run_dir`), and, in a nested config, its key in
+    the flat run config where that is not the field's name (`compress_rank` for
+    `compression.rank`)."""
+    metadata = {"help": help, **({"flag": flag} if flag else {}), **({"key": key} if key else {})}
     return field(default=default, metadata=metadata)
+
+
+def key(of: Field) -> str:
+    """A nested config field's name in the flat run config (`_` form)."""
+    return of.metadata.get("key", of.name)
 
 
 def helps(config: type) -> dict[str, str]:
@@ -27,5 +34,5 @@ def flags(config: type) -> dict[str, str]:
 
 
 def flag(of: Field) -> str:
-    """A field's command-line flag: `--` and its flag name, `-` for `_`."""
-    return "--" + of.metadata.get("flag", of.name).replace("_", "-")
+    """A field's command-line flag: `--` and its flag name (else its key), `-` for `_`."""
+    return "--" + of.metadata.get("flag", key(of)).replace("_", "-")

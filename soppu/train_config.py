@@ -28,7 +28,8 @@ class TrainConfig:
     warmup_steps: int = setting(0, "Steps of linear warm-up from 0 (constant ignores it).")
     batch_size: int = setting(4, "Sequences per step.")
     seq_len: int = setting(128, "Tokens per sequence.")
-    rank: int = setting(8, "LoRA rank r.")
+    # --lora-rank and --lora-alpha, as `soppu simulate` names them: --rank is compression's
+    rank: int = setting(8, "LoRA rank r.", flag="lora_rank")
     alpha: float = setting(16.0, "LoRA α.", flag="lora_alpha")
     target_modules: tuple[str, ...] | None = setting(
         None,

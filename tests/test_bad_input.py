@@ -373,7 +373,7 @@ def test_a_target_that_cannot_be_written_is_one_line_and_nothing_changes(
     args = {
         "compress": ("compress", world / "adapters", "--out", target, "--rank", "4"),
         "publish": ("publish", world / "store", "--to", world / "serving"),
-        "synth": ("synth", target, "--users", "2", "--layers", "1", "--rank", "2"),
+        "synth": ("synth", target, "--users", "2", "--layers", "1", "--lora-rank", "2"),
         "report": ("report", world / "store", "--out", target),
     }[verb]
     exit_code, output, exc = run_cli(*args)

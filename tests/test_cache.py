@@ -39,7 +39,7 @@ def config(world, run: str, model: str, **changes) -> FederationConfig:
         align_steps=2,
         threads=1,
     )
-    return FederationConfig(**{**values, **changes})
+    return FederationConfig.from_run_config({**values, **changes})
 
 
 def setup_run(cfg: FederationConfig) -> list[str]:

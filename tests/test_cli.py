@@ -115,7 +115,7 @@ def test_energy_target_picks_ranks_per_slot(tmp_path):
 
 def test_a_rank_above_the_span_is_capped_exact_and_said_once(tmp_path):
     """6 users of rank 4 span 24 directions: --rank 32 gives the lossless result."""
-    invoke("synth", tmp_path / "adapters", "--users", 6, "--layers", 1, "--rank", 4)
+    invoke("synth", tmp_path / "adapters", "--users", 6, "--layers", 1, "--lora-rank", 4)
     code, out = invoke("compress", tmp_path / "adapters", "--out", tmp_path / "store", "--rank", 32)
     assert code == 0, out
     assert out.count("rank 32 is more than") == 1 and "nothing is lost" in out

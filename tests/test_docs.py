@@ -27,6 +27,17 @@ def test_docs_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "python-api" / "index.html").is_file()
+    # the settings reference is generated from the config: every flag, key and default
+    from soppu.server.config import FIELDS, flag
+
+    page = (
+        (tmp_path / "cli" / "index.html").read_text().rsplit("Every setting of a federation", 1)[1]
+    )
+    assert "settings-reference" not in page
+    for key, field in FIELDS.items():
+        row = re.search(rf"<td><code>{re.escape(flag(key))}</code></td>.*?</tr>", page, re.S)
+        assert row and f"<code>{key.replace('_', '-')}</code>" in row.group(0), key
+        assert f"<code>{field.name}</code>" in row.group(0), key
 
 
 def python_blocks(page: Path) -> list[str]:

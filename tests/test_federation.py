@@ -71,7 +71,7 @@ def tiny_config(world, run: str, **changes) -> FederationConfig:
         compress_bits=32,  # ... stored in float32 (the default 8-bit codes are not)
         threads=1,
     )
-    return FederationConfig(**{**values, **changes})
+    return FederationConfig.from_run_config({**values, **changes})
 
 
 def simulate(config: FederationConfig, app: ClientApp = client_app.app) -> list[str]:
@@ -81,7 +81,7 @@ def simulate(config: FederationConfig, app: ClientApp = client_app.app) -> list[
     run_simulation(
         server_app(config, log=lines.append),
         app,
-        num_supernodes=config.users,
+        num_supernodes=config.data.users,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     return lines
@@ -97,7 +97,7 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     the public text, every round sends the gradient correction, and every user ends with a
     global and a personal perplexity."""
     config = tiny_config(world, "run-ok", align_steps=4)
-    assert config.scheme == "fedavg-ft" and config.client_mode == "emulator"
+    assert config.scheme.name == "fedavg-ft" and config.client_mode == "emulator"
     lines = simulate(config)
     run = RunFolder(Path(config.run_dir))
     info = read_info(run.emulator)
@@ -430,7 +430,9 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
     emulator, info = load(run.emulator)
     lora = fresh_lora(emulator, info, config.train())
     lora = LoraState({k: v + 0.1 for k, v in lora.tensors.items()}, lora.config)
-    public = lm.token_blocks(base.tokenizer, (root / "public.jsonl").read_text(), config.seq_len)
+    public = lm.token_blocks(
+        base.tokenizer, (root / "public.jsonl").read_text(), config.training.seq_len
+    )
 
     first = info.version
     version, done = round_realignment(config, base, emulator, info, public, run)(lora, 2)

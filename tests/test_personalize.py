@@ -155,7 +155,7 @@ def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
     """A federation's round r trains on the batches after rounds 1..r-1's: with 10 blocks,
     2 per step and 3 steps a round, two rounds see every block, where two rounds drawn
     from the start would both see the same 6."""
-    from soppu.server.config import FederationConfig
+    from soppu.server.config import ClientTraining, FederationConfig
 
     blocks = [torch.full((4,), i) for i in range(10)]
 
@@ -163,7 +163,7 @@ def test_later_rounds_continue_the_data_order_instead_of_repeating_it():
         batches = lm.training_batches(blocks, 2, config.steps, 0, config.seed, config.first_step)
         return [b.ids[:, 0].tolist() for b in batches]
 
-    federation = FederationConfig(local_steps=3, batch_size=2, seed=5)
+    federation = FederationConfig(training=ClientTraining(local_steps=3, batch_size=2), seed=5)
     rounds = [seen(federation.train(r)) for r in (1, 2)]
     assert rounds[0] + rounds[1] == seen(TrainConfig(steps=6, seed=5))
     first_epoch = [i for step in rounds[0] + rounds[1] for i in step][:10]
@@ -284,7 +284,7 @@ def test_cli_emulator_build_and_personalize(tmp_path):
         3,
         "--seq-len",
         32,
-        "--rank",
+        "--lora-rank",
         4,
         "--threads",
         1,

@@ -403,7 +403,7 @@ def test_at_the_federations_defaults_one_huge_user_cannot_take_the_shared_bases(
     honest = random_factors(6, 48, 40, 4, seed=3, shared=10)
     noise = random_factors(1, 48, 40, 4, seed=4)[0]  # off the honest users' subspace
     hostile = LoRAFactors(noise.A, noise.B * 1e4, 1.0)
-    config = FederationConfig().compression()
+    config = FederationConfig().compression_config()
     alone = compress_slot(honest, config).errors
     defaults = compress_slot([*honest, hostile], config).errors[:6]
     uniform = compress_slot([*honest, hostile], replace(config, weights="uniform")).errors[:6]

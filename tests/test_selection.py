@@ -18,7 +18,7 @@ from soppu.data import DataOptions, load_users
 from soppu.emulator import EmulatorPlan, build, save
 from soppu.personalize import attached, fresh_lora, train_lora
 from soppu.server.compression_round import compress_run
-from soppu.server.config import FederationConfig
+from soppu.server.config import EvaluationSettings, FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
 from soppu.server.selection import choose, select_served, strength_walk
@@ -41,11 +41,11 @@ def test_the_lowest_validation_loss_wins_and_a_tie_goes_to_the_simpler_choice():
     assert choose(scaled) == "global×1.25"
     assert choose({"base": 3.0, "personal×0.5": 2.0, "personal": 2.0}) == "personal"
     assert choose({"base": 3.0, "personal×0.5": 2.0, "personal×1.5": 2.0}) == "personal×1.5"
-    assert FederationConfig().scales() == (0.5, 0.75, 1.0, 1.25)
-    assert FederationConfig(serve_scales="2").scales() == (1.0, 2.0)  # 1 always tried
+    assert FederationConfig().evaluation.scales() == (0.5, 0.75, 1.0, 1.25)
+    assert EvaluationSettings(serve_scales="2").scales() == (1.0, 2.0)  # 1 always tried
     for wrong in ("0", "nan", "5", "x"):
         with pytest.raises(ValueError, match="serve-scales must be numbers in"):
-            FederationConfig(serve_scales=wrong)
+            EvaluationSettings(serve_scales=wrong)
 
 
 def _harmful(lora: LoraState, seed: int) -> LoraState:

@@ -1,5 +1,5 @@
-"""One source per setting: FederationConfig's fields give `soppu simulate` its flags, defaults
-and help, and pyproject's `[tool.flwr.app.config]` the same keys and values."""
+"""One source per setting: FederationConfig's sections' fields give `soppu simulate` its flags,
+defaults and help, and pyproject's `[tool.flwr.app.config]` the same keys and values."""
 
 from __future__ import annotations
 
@@ -14,7 +14,18 @@ from typer.testing import CliRunner
 
 from soppu.cli import app
 from soppu.cli import federation as cli_federation
-from soppu.server.config import FLAGS, HELP, FederationConfig, flag
+from soppu.server.config import (
+    FIELDS,
+    FLAGS,
+    HELP,
+    SECTIONS,
+    ClientTraining,
+    EmulatorSettings,
+    EvaluationSettings,
+    FederationConfig,
+    SchemeSettings,
+    flag,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -26,7 +37,7 @@ def simulate_options() -> dict[str, click.Option]:
 
 def test_every_setting_is_a_flag_with_its_default_and_help():
     options = simulate_options()
-    names = {f.name for f in fields(FederationConfig)}
+    names = set(FIELDS)
     assert set(HELP) == names and set(FLAGS) <= names
     assert set(options) == names | {
         "config_file",
@@ -35,9 +46,9 @@ def test_every_setting_is_a_flag_with_its_default_and_help():
         "print_config",
         "re_evaluate",
     }
-    for field in fields(FederationConfig):
-        option = options[field.name]
-        assert flag(field.name) in option.opts + option.secondary_opts
+    for name, field in FIELDS.items():
+        option = options[name]
+        assert flag(name) in option.opts + option.secondary_opts
         assert option.default is None  # unset flags leave the run's or the file's value
         default = field.default if field.default != "" else "''"
         assert option.help.endswith(f"[default: {default}]"), option.help
@@ -51,7 +62,7 @@ def test_pyproject_holds_every_setting_at_its_default():
     assert generated == FederationConfig(run_dir="runs/flwr").to_toml()  # --print-config's text
     values = dict(tomllib.loads(text)["tool"]["flwr"]["app"]["config"])
     assert values.pop("resume") is False
-    assert set(values) == {f.name.replace("_", "-") for f in fields(FederationConfig)}
+    assert set(values) == {name.replace("_", "-") for name in FIELDS}
     assert FederationConfig.from_run_config(values) == FederationConfig(run_dir=values["run-dir"])
     with pytest.raises(ValueError, match="unknown key 'round'"):
         FederationConfig.from_run_config({"round": 3})
@@ -70,9 +81,9 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = seen["c"]
-    assert (config.rounds, config.lr, config.compress_rank) == (5, 0.01, 7)
-    assert (config.compress_weights, config.compress_group) == ("uniform", "shape")
-    assert config.final_evaluation is False and config.run_dir == str(tmp_path / "run")
+    assert (config.schedule.rounds, config.training.lr, config.compression.rank) == (5, 0.01, 7)
+    assert (config.compression.weights, config.compression.group) == ("uniform", "shape")
+    assert config.evaluation.final_evaluation is False and config.run_dir == str(tmp_path / "run")
     # --print-config writes what the flags and the file made, as a file --config reads back
     result = CliRunner().invoke(app, [*args, "--print-config"])
     assert result.exit_code == 0, result.output
@@ -85,10 +96,60 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path, monkeypa
     assert seen["c"] == config  # the printed file alone makes the same run
     # ... and so does `flwr run . --run-config` with those keys (Flower's run config)
     assert FederationConfig.from_run_config(printed) == config
-    assert (config.scheme, config.prox) == ("ditto", 0.5)
-    compression = config.compression()
+    assert (config.scheme.name, config.scheme.prox) == ("ditto", 0.5)
+    compression = config.compression_config()
     assert (compression.rank, compression.weights, compression.group) == (7, "uniform", "shape")
-    assert config.users == FederationConfig.users  # untouched: the default
+    assert config.data == FederationConfig().data  # untouched: the defaults
+
+
+def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_config():
+    """Each setting lives in one section (or at the top), under one flat key; the flat run
+    config round-trips, and a run folder's flat run.json from before the sections loads."""
+    assert set(SECTIONS) == {
+        "data",
+        "schedule",
+        "scheme",
+        "robust",
+        "privacy",
+        "training",
+        "emulator",
+        "compression",
+        "evaluation",
+    }
+    nested = sum(len(fields(kind)) for kind in SECTIONS.values())
+    assert nested + len(fields(FederationConfig)) - len(SECTIONS) == len(FIELDS) == 66
+    config = FederationConfig(
+        seed=3,
+        training=ClientTraining(local_steps=5, lora_rank=4),
+        emulator=EmulatorSettings(path="emu", drop=0.25),
+        scheme=SchemeSettings(name="ditto", prox=0.3),
+    )
+    flat = config.to_run_config()
+    assert (flat["local-steps"], flat["lora-rank"], flat["emulator"], flat["drop"]) == (
+        5,
+        4,
+        "emu",
+        0.25,
+    )
+    assert (flat["scheme"], flat["prox"], flat["seed"]) == ("ditto", 0.3, 3)
+    assert FederationConfig.from_run_config(flat) == config
+    assert FederationConfig.from_run_config(config.flat()) == config  # run.json's `_` keys
+    # a setting's key, not its name in its section, is what the run config knows
+    with pytest.raises(ValueError, match="unknown key 'path'"):
+        FederationConfig.from_run_config({"path": "emu"})
+    old = {"aggregation": "fedavg", "tracking": False, "compress_rank": 4, "local_steps": "3"}
+    upgraded = FederationConfig.from_run_config(old)
+    assert (upgraded.scheme.name, upgraded.log_to, upgraded.compression.rank) == (
+        "fedavg-ft",
+        "none",
+        4,
+    )
+    assert upgraded.training.local_steps == 3  # coerced to the field's type
+    # every section checks its own values when made, naming the flag
+    with pytest.raises(ValueError, match="serve-scales must be numbers"):
+        EvaluationSettings(serve_scales="0")
+    with pytest.raises(ValueError, match="correction-batches must be ≥ 0"):
+        FederationConfig.from_run_config({"correction-batches": -1})
 
 
 def test_the_config_checks_against_the_modules_that_own_the_choices():
@@ -96,13 +157,13 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
     from soppu.train_config import LORA_LAYERS
 
     with pytest.raises(ValueError, match="lora-layers must be one of"):
-        FederationConfig(lora_layers="some")
+        ClientTraining(lora_layers="some")
     with pytest.raises(ValueError, match="layer-select must be one of"):
-        FederationConfig(layer_select="random")
+        EmulatorSettings(layer_select="random")
     for value in LORA_LAYERS:
-        FederationConfig(lora_layers=value)
+        ClientTraining(lora_layers=value)
     for value in SELECTIONS:
-        FederationConfig(layer_select=value)
+        EmulatorSettings(layer_select=value)
     with pytest.raises(ValueError, match="threads must be ≥ 0"):
         FederationConfig(threads=-1)
     from soppu.server.config import SCHEMES
@@ -110,13 +171,13 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
 
     assert set(SCHEMES) == set(IMPLEMENTED)
     with pytest.raises(ValueError, match="scheme must be one of"):
-        FederationConfig(scheme="fedavg")
+        SchemeSettings(name="fedavg")
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="prox must be finite"):
-            FederationConfig(prox=bad)
+            SchemeSettings(prox=bad)
     # A run folder from before `scheme` names it by its old setting.
-    assert FederationConfig.from_run_config({"aggregation": "none"}).scheme == "local"
-    assert FederationConfig.from_run_config({"aggregation": "fedavg"}).scheme == "fedavg-ft"
+    assert FederationConfig.from_run_config({"aggregation": "none"}).scheme.name == "local"
+    assert FederationConfig.from_run_config({"aggregation": "fedavg"}).scheme.name == "fedavg-ft"
 
 
 def test_personalize_takes_every_training_setting_from_train_config():
@@ -146,9 +207,10 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
         assert options[name].help == simulate[name].help and options[name].default is None
     # ... and the federation's defaults are the emulator's and the alignment's own
     defaults, plan, align = FederationConfig(), EmulatorPlan(30), AlignConfig()
-    assert (defaults.top, defaults.bottom, defaults.drop) == (plan.top, plan.bottom, plan.drop)
-    assert defaults.layer_select == plan.select and defaults.align_steps == align.steps
-    assert (defaults.batch_size, defaults.seq_len) == (align.batch_size, align.seq_len)
+    emulator, training = defaults.emulator, defaults.training
+    assert (emulator.top, emulator.bottom, emulator.drop) == (plan.top, plan.bottom, plan.drop)
+    assert emulator.layer_select == plan.select and emulator.align_steps == align.steps
+    assert (training.batch_size, training.seq_len) == (align.batch_size, align.seq_len)
     assert align.lr == personal.ALIGN_LR
     # an unset flag is the default, a set one wins
     assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS) | {"top": 3})["top"] == 3
@@ -162,7 +224,8 @@ def test_each_client_mode_trains_at_its_measured_lr_unless_one_is_given():
         train = FederationConfig(client_mode=mode).train()
         assert (train.lr, train.lr_scheduler_type) == (lr, schedule)
     assert MODE_SCHEDULES["emulator"] != MODE_SCHEDULES["full"]
-    given = FederationConfig(client_mode="full", lr=2e-3, lr_scheduler_type="cosine").train()
+    training = ClientTraining(lr=2e-3, lr_scheduler_type="cosine")
+    given = FederationConfig(client_mode="full", training=training).train()
     assert (given.lr, given.lr_scheduler_type) == (2e-3, "cosine")
     with pytest.raises(ValueError, match="lr scheduler 'warmup'"):
-        FederationConfig(lr_scheduler_type="warmup")
+        FederationConfig(training=ClientTraining(lr_scheduler_type="warmup"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soppu.adapters import AdapterError, LoraState, read_lora
-from soppu.server.config import FederationConfig
+from soppu.server.config import ClientTraining, FederationConfig, RoundSchedule
 from soppu.server.prepare_run import resolve_config
 from soppu.server.store import COMMITTED, RoundStage, RunFolder, check_reply, recover, snapshot
 from soppu.userids import UnsafeUserId
@@ -132,18 +132,18 @@ def test_snapshot_is_a_consistent_copy(tmp_path):
 
 
 def test_resume_keeps_the_runs_settings(tmp_path):
-    config = FederationConfig(run_dir=str(tmp_path / "run"), rounds=2)
+    config = FederationConfig(run_dir=str(tmp_path / "run"), schedule=RoundSchedule(rounds=2))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         resolve_config(config, resume=True)
     run = RunFolder(tmp_path / "run")
     run.root.mkdir()
-    run.run_json.write_text(json.dumps({"config": {**config.__dict__}}))
+    run.run_json.write_text(json.dumps({"config": config.flat()}))
     with pytest.raises(FileExistsError, match="pass --resume"):
         resolve_config(config, resume=False)
-    more = FederationConfig(run_dir=config.run_dir, rounds=5)
-    assert resolve_config(more, resume=True).rounds == 5  # more rounds: allowed
-    other = FederationConfig(run_dir=config.run_dir, lr=0.1)
-    with pytest.raises(ValueError, match=rf"keeps its settings; lr \(run: {config.lr}, now: 0.1\)"):
+    more = FederationConfig(run_dir=config.run_dir, schedule=RoundSchedule(rounds=5))
+    assert resolve_config(more, resume=True).schedule.rounds == 5  # more rounds: allowed
+    other = FederationConfig(run_dir=config.run_dir, training=ClientTraining(lr=0.1))
+    with pytest.raises(ValueError, match=r"keeps its settings; lr \(run: 0.0, now: 0.1\)"):
         resolve_config(other, resume=True)
 
 

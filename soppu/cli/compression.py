@@ -51,7 +51,7 @@ def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write one PEFT adapter dir per user.")],
     users: Annotated[int, typer.Option(help="Number of users.")] = 16,
     layers: Annotated[int, typer.Option(help="Decoder layers (q_proj, v_proj each).")] = 30,
-    rank: Annotated[int, typer.Option(help="LoRA rank k.")] = 8,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank k.")] = 8,
     structure: Annotated[Structure, typer.Option(help="shared: realistic; random: hard.")] = (
         Structure.shared
     ),
@@ -60,7 +60,7 @@ def synth(
     """Write seeded synthetic per-user adapters with SmolLM2-135M's q/v shapes."""
     from soppu.synthetic import PopulationSpec, write_population
 
-    spec = PopulationSpec(users, layers, rank=rank, structure=structure.value, seed=seed)
+    spec = PopulationSpec(users, layers, rank=lora_rank, structure=structure.value, seed=seed)
     with clear_errors():
         paths = write_population(spec, out)
     console.print(f"wrote {len(paths)} adapters to [bold]{shown(out)}[/]")
@@ -179,9 +179,9 @@ def _compress_run(
     if not folder.run_json.is_file():
         raise ValueError(f"{run}: not a federation run folder (no run.json)")
     stored = stored_config(folder)
-    config = with_run_settings(asked, stored.compression(), given)
+    config = with_run_settings(asked, stored.compression_config(), given)
     if "export_rank" not in given:
-        export_rank = stored.export_rank or None
+        export_rank = stored.compression.export_rank or None
     target = f"rank {config.rank}" if config.rank else f"energy {config.energy:g}"
     console.print(
         f"compressing with {target}, {config.bits}-bit storage, sigma {config.sigma}, "

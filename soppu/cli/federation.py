@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from soppu.cli.common import (
     shown,
     with_signature,
 )
-from soppu.server.config import HELP, flag
+from soppu.server.config import FIELDS, HELP, flag
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +35,6 @@ def register(app: typer.Typer) -> None:
 def _simulate_command() -> Callable[..., None]:
     """`soppu simulate`, its flags derived from `FederationConfig` (name, default, help): a
     flag left out keeps the run's, the --config file's or the config's default, in that order."""
-    from soppu.server.config import FederationConfig
 
     def simulate(
         config_file: Path | None = None,
@@ -50,7 +48,7 @@ def _simulate_command() -> Callable[..., None]:
         from soppu.server.prepare_run import load_config
 
         overrides = {k: v for k, v in settings.items() if v is not None}
-        overrides.setdefault("run_dir", FederationConfig.run_dir)
+        overrides.setdefault("run_dir", FIELDS["run_dir"].default)
         with clear_errors():
             config = load_config(overrides, config_file=config_file, resume=resume)
             if print_config:  # plain text, so that it can be redirected into a --config file
@@ -85,8 +83,8 @@ def _simulate_command() -> Callable[..., None]:
         ),
     ]
     derived = [
-        setting_option(f, flag(f.name), HELP[f.name], *(["-o"] if f.name == "run_dir" else []))
-        for f in fields(FederationConfig)
+        setting_option(f, flag(key), HELP[key], *(["-o"] if key == "run_dir" else []), name=key)
+        for key, f in FIELDS.items()
     ]
     return with_signature(simulate, [*own, *derived])
 

@@ -26,7 +26,7 @@ from soppu.cli.common import (
     shown,
     with_flags,
 )
-from soppu.server.config import HELP, FederationConfig, flag
+from soppu.server.config import FIELDS, HELP, FederationConfig, flag
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
 
@@ -56,7 +56,8 @@ RECIPE_SETTINGS = (
 
 
 def _param(field: str) -> str:
-    """A TrainConfig field's flag and parameter name (`alpha` is the data's, so `lora_alpha`)."""
+    """A TrainConfig field's flag and parameter name (`lora_alpha`: `alpha` is the data's;
+    `lora_rank`: `rank` is compression's, as in `soppu simulate`)."""
     return TRAIN_FLAGS.get(field, field)
 
 
@@ -74,14 +75,13 @@ def _training_flags() -> list[Parameter]:
 
 
 def _recipe_flags() -> list[Parameter]:
-    by_name = {f.name: f for f in fields(FederationConfig)}
-    return [setting_option(by_name[name], flag(name), HELP[name]) for name in RECIPE_SETTINGS]
+    return [setting_option(FIELDS[key], flag(key), HELP[key], name=key) for key in RECIPE_SETTINGS]
 
 
 def _recipe(given: dict[str, Any]) -> dict[str, Any]:
     """The recipe flags' values, the federation's defaults where unset."""
-    defaults = FederationConfig()
-    return {n: getattr(defaults, n) if given[n] is None else given[n] for n in RECIPE_SETTINGS}
+    defaults = FederationConfig().flat()
+    return {n: defaults[n] if given[n] is None else given[n] for n in RECIPE_SETTINGS}
 
 
 PublicOpt = Annotated[

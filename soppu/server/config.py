@@ -1,12 +1,18 @@
-"""The federation's one typed config, the one source of every setting's name, default and help:
-each field carries its help (and its flag, where that is not its name) in its metadata
-(`soppu.settings.setting`, as PEFT's configs do); `soppu simulate`'s flags are derived from
-it, and `[tool.flwr.app.config]` is its `to_toml()` (`soppu simulate --print-config` writes
-it; a test proves pyproject's is).
+"""The federation's one typed config, the one source of every setting's name, default and help.
 
-Flower run-config keys are the field names with `-` for `_` (`local-steps`, `fraction-train`);
-`soppu simulate` flags are the same names, but for the few in `FLAGS`. Empty strings and zeros
-mean "the default" where a run config cannot hold None.
+`FederationConfig` holds a few top-level settings and one torch-free section per concern
+(`data`, `schedule`, `scheme`, `robust`, `privacy`, `training`, `emulator`, `compression`,
+`evaluation`), each a frozen dataclass whose fields carry their help (and their flag, and their
+flat key, where those are not the field's name) in their metadata (`soppu.settings.setting`,
+as PEFT's configs do). Python code reads `config.training.local_steps`.
+
+Flower's run config is flat, so the config flattens only there: `flat()` (field keys, `_`) and
+`to_run_config()` (`-`) write it, `from_run_config()` reads it back (run.json, `--config`,
+`[tool.flwr.app.config]`, which is `to_toml()`; a test proves pyproject's is). A key is its
+field's name, or the `key` its metadata gives (`compress_rank` for `compression.rank`), so
+run folders written before the sections still load. `soppu simulate`'s flags are the keys, but
+for the few with their own `flag`. Empty strings and zeros mean "the default" where a run
+config cannot hold None.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from soppu.compression.methods import HELP as METHOD_HELP
 from soppu.settings import flag as field_flag
-from soppu.settings import flags, helps, setting
+from soppu.settings import key as field_key
+from soppu.settings import setting
 from soppu.train_config import LORA_LAYERS, TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
@@ -39,16 +46,61 @@ MODE_SCHEDULES = {"emulator": (1.5e-3, "constant_with_warmup"), "full": (1e-3, "
 DEVICES = ("cpu", "cuda")
 
 
+def _check_one_of(section: Any, allowed: dict[str, tuple[str, ...]]) -> None:
+    """Each named field of `section` holds one of its allowed values, or a ValueError names
+    the field by its flat key."""
+    for name, values in allowed.items():
+        if getattr(section, name) not in values:
+            key = field_key(next(f for f in fields(section) if f.name == name))
+            raise ValueError(
+                f"{key.replace('_', '-')} must be one of {values}, got {getattr(section, name)!r}"
+            )
+
+
 @dataclass(frozen=True)
-class FederationConfig:
-    run_dir: str = setting("runs/federation", "Run folder.", flag="out")
-    base_model: str = setting("", "HF id or folder ('': the embedded SmolLM2-135M-Instruct).")
-    data: str = setting(
+class DataSettings:
+    """Whose text, and how each user's is split."""
+
+    source: str = setting(
         "",
         "Users' text: a JSONL/CSV/Parquet file, hf:DATASET[@SUBSET] or py:MODULE:FUNCTION ('': the"
         " embedded Shakespeare roles).",
+        key="data",
     )
     users: int = setting(8, "Users (nodes): those with the most text; 0: all.")
+    user_column: str = setting("user_id", "Column with the user id.")
+    text_column: str = setting("text", "Column with the text.")
+    min_chars: int = setting(1000, "Skip users with less text than this.")
+    test_fraction: float = setting(0.2, "Held-out share of each user's text (the last part).")
+    # the share before the held-out part on which each user's served adapter is chosen
+    # (personal, global or none); 0: no choice, every user is served their personal adapter
+    validation_fraction: float = setting(
+        0.1,
+        "Share before the held-out part on which each user's served adapter is chosen (personal, "
+        "global or none); 0: serve the personal one unchosen.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.users < 0:
+            raise ValueError(f"users must be ≥ 0 (0: all), got {self.users}")
+
+    def options(self, seed: int) -> DataOptions:
+        from soppu.data import DataOptions
+
+        return DataOptions(
+            user_column=self.user_column,
+            text_column=self.text_column,
+            min_chars=self.min_chars,
+            test_fraction=self.test_fraction,
+            validation_fraction=self.validation_fraction,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """How many rounds, who trains in each, and how long the server waits."""
+
     rounds: int = setting(2, "Federated rounds.")
     fraction_train: float = setting(1.0, "Share of the users trained each round.")
     min_train_nodes: int = setting(1, "At least this many users trained each round.")
@@ -58,11 +110,27 @@ class FederationConfig:
     )
     round_timeout: float = setting(3600.0, "Seconds a round waits for replies.")
     node_wait: float = setting(120.0, "Seconds to wait for the nodes to connect.")
-    # what users start from, what is averaged, what stays personal (server/schemes/)
-    scheme: str = setting(
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be ≥ 1, got {self.rounds}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.min_train_nodes < 1:
+            raise ValueError(f"min-train-nodes must be ≥ 1, got {self.min_train_nodes}")
+
+
+@dataclass(frozen=True)
+class SchemeSettings:
+    """What users start from, what is averaged, what stays personal (server/schemes/)."""
+
+    name: str = setting(
         "fedavg-ft",
         "fedavg-ft (from the global adapter each round), local (own only), fedsa (A shared, B "
         "personal) or ditto (personal pulled to the global by prox).",
+        key="scheme",
     )
     prox: float = setting(
         0.1,
@@ -80,9 +148,21 @@ class FederationConfig:
         5,
         "The personal pass checks validation loss every this many steps.",
     )
-    # the robust mean of replies (soppu/server/schemes/aggregate.py): updates clipped to clip × the
-    # round's median norm, num-examples capped at weight_cap × the round's median; 0: off;
-    # trim: the share of replies left out at each end of every coordinate (0.5: the median)
+
+    def __post_init__(self) -> None:
+        _check_one_of(self, {"name": SCHEMES})
+        if not (self.prox >= 0 and self.prox < float("inf")):
+            raise ValueError(f"prox must be finite and ≥ 0, got {self.prox}")
+        if self.personal_pass < 0 or self.personal_pass_check < 1:
+            raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
+
+
+@dataclass(frozen=True)
+class RobustMean:
+    """The robust mean of replies (soppu/server/schemes/aggregate.py): updates clipped to clip ×
+    the round's median norm, num-examples capped at weight_cap × the round's median (0: off);
+    trim: the share of replies left out at each end of every coordinate (0.5: the median)."""
+
     clip: float = setting(
         1.0,
         "Robust mean: updates clipped to this × the round's median update norm; 0: off.",
@@ -95,77 +175,49 @@ class FederationConfig:
         0.5,
         "Robust mean: share of replies left out at each end per weight; 0.5: median.",
     )
-    # central differential privacy on the global adapter (soppu/server/schemes/privacy.py):
-    # updates clipped to dp_clip, averaged unweighted, Gaussian noise dp_noise × dp_clip / n;
-    # replaces the robust mean; ε at dp_delta is logged and recorded each round
-    dp_noise: float = setting(
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "weight_cap"):
+            value = getattr(self, name)
+            if not (value == 0 or 1 <= value < float("inf")):
+                key = name.replace("_", "-")
+                raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
+        if not 0 <= self.trim <= 0.5:
+            raise ValueError(f"trim must be a share in [0, 0.5] (0.5: the median), got {self.trim}")
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """Central differential privacy on the global adapter (soppu/server/schemes/privacy.py):
+    updates clipped to `clip`, averaged unweighted, Gaussian noise `noise` × `clip` / n; it
+    replaces the robust mean; ε at `delta` is logged and recorded each round."""
+
+    noise: float = setting(
         0.0,
         "Central DP on the global adapter: noise multiplier (0: off; replaces the robust mean).",
+        key="dp_noise",
     )
-    dp_clip: float = setting(0.0, "Central DP: every user's update clipped to this L2 norm.")
-    dp_delta: float = setting(1e-5, "Central DP: the δ at which ε is reported.")
-    # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
-    client_mode: str = setting(
-        "emulator",
-        "emulator: clients never hold the full model (FedBiOT); full: they do.",
+    clip: float = setting(
+        0.0, "Central DP: every user's update clipped to this L2 norm.", key="dp_clip"
     )
-    compress_every: int = setting(0, "Compress every K rounds; 0: after the last only.")
-    compress_rank: int = setting(
-        0,
-        "Compression: shared rank per slot; 0: choose by --energy.",
-        flag="rank",
-    )
-    # 0.98 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
-    # they keep 96% (100% in full mode) of the personal gain over the global adapter at 23×
-    # (13×), and 97% (99%) on fp32-trained ones, where 0.97 kept 85% at 30×, its p25 80%
-    compress_energy: float = setting(
-        0.98,
-        "Compression: share of the energy kept (when no --rank).",
-        flag="energy",
-    )
-    compress_sigma: str = setting(
-        "full",
-        f"Compression: the per-user core, {METHOD_HELP}",
-        flag="sigma",
-    )
-    compress_bits: int = setting(
-        8,
-        "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
-        flag="bits",
-    )
-    compress_clusters: int = setting(
-        1,
-        "Compression: bases per slot; 0: choose 1–4 per slot.",
-        flag="clusters",
-    )
-    # norm: every user counts alike, so no one user's norm (a hostile reply scaled ×1e4) can
-    # take the shared bases; measured on three populations it costs 1–2% of the storage ratio
-    # and nothing of what users keep (docs/benchmarks.md, "Compression weights")
-    compress_weights: str = setting(
-        "norm",
-        "Compression: uniform, or norm (every user counts alike).",
-        flag="weights",
-    )
-    compress_group: str = setting(
-        "slot",
-        "Compression: slot (a basis per layer and module) or shape.",
-        flag="group",
-    )
-    # users who join after a compression round are projected onto its bases; a slot whose
-    # new users carry more than this share of their energy outside its bases is refit
-    compress_refit_above: float = setting(
-        0.2,
-        "Refit a slot when users joining carry more energy outside it.",
-    )
-    export_rank: int = setting(0, "Serving rank of the published adapters; 0: exact.")
-    final_evaluation: bool = setting(True, "Per-user perplexities on the full model after the run.")
-    log_to: str = setting(
-        "tensorboard",
-        "Log rounds, compressions and the evaluation to tensorboard (RUN/tensorboard), mlflow "
-        "(RUN/mlflow/mlflow.db), both comma-separated, or none; RUN/rounds.png beside.",
-    )
-    # local training
-    # per round; the main job (8 users, 2 rounds) then fits 15 minutes
+    delta: float = setting(1e-5, "Central DP: the δ at which ε is reported.", key="dp_delta")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.noise < float("inf"):
+            raise ValueError(f"dp-noise must be 0 (off) or a finite multiplier > 0: {self.noise}")
+        if self.noise and not (0 < self.clip < float("inf") and 0 < self.delta < 1):
+            raise ValueError(
+                f"central DP needs a finite dp-clip > 0 and dp-delta in (0, 1), got "
+                f"{self.clip}, {self.delta}"
+            )
+
+
+@dataclass(frozen=True)
+class ClientTraining:
+    """Each client's LoRA and its steps in a round (`FederationConfig.train` makes the round's
+    `TrainConfig` of it)."""
+
+    # per round; the main job (8 users, 2 rounds) then fits 10 minutes
     local_steps: int = setting(15, "Client training steps per round.")
     # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
     # higher lr (experiments/lr_schedules.py, 8 users: median gain 16.6% against 14.1% at a
@@ -193,25 +245,25 @@ class FederationConfig:
         "all",
         "all: every layer the client's model has; adapter: top/bottom only.",
     )
-    correction_batches: int = setting(
-        8,
-        "Public batches for each round's gradient correction; 0: off.",
-    )
     max_eval_tokens: int = setting(
         2048,
         "Held-out tokens each client checks its adapter on (emulator).",
     )
-    # the server's judgement on the full model: held-out tokens per user in the final
-    # evaluation, validation tokens in the served choice; enough for intervals that tell a
-    # win from noise (0: all of them)
-    final_eval_tokens: int = setting(
-        8192,
-        "Held-out (validation) tokens per user in the final evaluation (the served choice) on the "
-        "full model; 0: all.",
-    )
-    seed: int = setting(0, "Seed for sampling, data splits and training.")
-    # the emulator
-    emulator: str = setting("", "An emulator folder ('': build one and cache it).")
+
+    def __post_init__(self) -> None:
+        _check_one_of(self, {"lora_layers": LORA_LAYERS})
+
+    @property
+    def targets(self) -> tuple[str, ...] | None:
+        names = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return names or None
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    """The clients' compressed model (FedBiOT), its alignment and the gradient correction."""
+
+    path: str = setting("", "An emulator folder ('': build one and cache it).", key="emulator")
     top: int = setting(2, "Adapter layers: the last N.")
     bottom: int = setting(0, "Adapter layers: also the first N.")
     drop: float = setting(0.5, "Share of the middle layers the emulator drops.")
@@ -234,20 +286,114 @@ class FederationConfig:
         "Text no user owns, to align and correct on: generated (the full model's own samples), "
         "pool (the embedded Shakespeare pool) or a file with a 'text' column; '': the default.",
     )
-    # devices
-    client_gpus: float = setting(0.0, "GPUs per simulated client; > 0: clients train on CUDA.")
-    device: str = setting("cpu", "Server device: alignment, corrections, evaluation, compression.")
-    # the users' data
-    user_column: str = setting("user_id", "Column with the user id.")
-    text_column: str = setting("text", "Column with the text.")
-    min_chars: int = setting(1000, "Skip users with less text than this.")
-    test_fraction: float = setting(0.2, "Held-out share of each user's text (the last part).")
-    # the share before the held-out part on which each user's served adapter is chosen
-    # (personal, global or none); 0: no choice, every user is served their personal adapter
-    validation_fraction: float = setting(
-        0.1,
-        "Share before the held-out part on which each user's served adapter is chosen (personal, "
-        "global or none); 0: serve the personal one unchosen.",
+    correction_batches: int = setting(
+        8,
+        "Public batches for each round's gradient correction; 0: off.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_one_of(self, {"layer_select": ("importance", "even")})  # soppu.emulator.SELECTIONS
+        if self.correction_batches < 0:
+            raise ValueError(f"correction-batches must be ≥ 0, got {self.correction_batches}")
+        if self.realign_steps < 0:
+            raise ValueError(f"realign-steps must be ≥ 0 (0: off), got {self.realign_steps}")
+
+
+@dataclass(frozen=True)
+class CompressionSettings:
+    """How the server compresses every user's adapter, and when (soppu.compression)."""
+
+    every: int = setting(
+        0, "Compress every K rounds; 0: after the last only.", key="compress_every"
+    )
+    rank: int = setting(
+        0,
+        "Compression: shared rank per slot; 0: choose by --energy.",
+        flag="rank",
+        key="compress_rank",
+    )
+    # 0.98 and 8 bits, measured (experiments/compression_defaults.py): on 16 users' adapters
+    # they keep 96% (100% in full mode) of the personal gain over the global adapter at 23×
+    # (13×), and 97% (99%) on fp32-trained ones, where 0.97 kept 85% at 30×, its p25 80%
+    energy: float = setting(
+        0.98,
+        "Compression: share of the energy kept (when no --rank).",
+        flag="energy",
+        key="compress_energy",
+    )
+    sigma: str = setting(
+        "full",
+        f"Compression: the per-user core, {METHOD_HELP}",
+        flag="sigma",
+        key="compress_sigma",
+    )
+    bits: int = setting(
+        8,
+        "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
+        flag="bits",
+        key="compress_bits",
+    )
+    clusters: int = setting(
+        1,
+        "Compression: bases per slot; 0: choose 1–4 per slot.",
+        flag="clusters",
+        key="compress_clusters",
+    )
+    # norm: every user counts alike, so no one user's norm (a hostile reply scaled ×1e4) can
+    # take the shared bases; measured on three populations it costs 1–2% of the storage ratio
+    # and nothing of what users keep (docs/benchmarks.md, "Compression weights")
+    weights: str = setting(
+        "norm",
+        "Compression: uniform, or norm (every user counts alike).",
+        flag="weights",
+        key="compress_weights",
+    )
+    group: str = setting(
+        "slot",
+        "Compression: slot (a basis per layer and module) or shape.",
+        flag="group",
+        key="compress_group",
+    )
+    # users who join after a compression round are projected onto its bases; a slot whose
+    # new users carry more than this share of their energy outside its bases is refit
+    refit_above: float = setting(
+        0.2,
+        "Refit a slot when users joining carry more energy outside it.",
+        key="compress_refit_above",
+    )
+    export_rank: int = setting(0, "Serving rank of the published adapters; 0: exact.")
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"compress-every must be ≥ 0, got {self.every}")
+        self.to_config("cpu")  # validates the compression settings now, not after training
+
+    def to_config(self, device: str) -> CompressionConfig:
+        from soppu.compression.compress import CompressionConfig
+
+        return CompressionConfig(
+            rank=self.rank or None,
+            energy=None if self.rank else self.energy,
+            sigma=self.sigma,
+            bits=self.bits,
+            clusters=self.clusters,
+            weights=self.weights,
+            group=self.group,
+            device=device,
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """The server's judgement on the full model: the final evaluation and the served choice."""
+
+    final_evaluation: bool = setting(True, "Per-user perplexities on the full model after the run.")
+    # held-out tokens per user in the final evaluation, validation tokens in the served choice;
+    # enough for intervals that tell a win from noise (0: all of them)
+    final_eval_tokens: int = setting(
+        8192,
+        "Held-out (validation) tokens per user in the final evaluation (the served choice) on the "
+        "full model; 0: all.",
     )
     # an emulator-trained adapter moves the full model by another amount than it moved the
     # emulator: measured on three populations (experiments/adapter_scale.py), λ chosen per
@@ -257,133 +403,11 @@ class FederationConfig:
         "Strengths λ (λ·ΔW) at which each adapter may be served, comma-separated; the choice "
         "walks them from 1 while the validation loss falls; '1': as trained only.",
     )
-    threads: int = setting(0, "torch threads on the server; 0: all.")
-    # bf16 autocast for the clients' steps, the alignment and the corrections where the device
-    # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
-    precision: str = setting(
-        "auto",
-        "auto: bf16 autocast for training where the device computes bf16 natively; bf16; fp32 (the"
-        " final evaluation is always fp32).",
-    )
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be ≥ 1, got {self.rounds}")
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise ValueError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
-        for name, allowed in (
-            ("scheme", SCHEMES),
-            ("client_mode", CLIENT_MODES),
-            ("lora_layers", LORA_LAYERS),
-            ("layer_select", ("importance", "even")),  # soppu.emulator.SELECTIONS
-            ("device", DEVICES),
-        ):
-            if getattr(self, name) not in allowed:
-                key = name.replace("_", "-")
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, name)!r}")
-        self.sinks()  # validates log-to now, not after the first round
-        self.scales()
-        if not (self.prox >= 0 and self.prox < float("inf")):
-            raise ValueError(f"prox must be finite and ≥ 0, got {self.prox}")
-        if self.correction_batches < 0 or self.client_gpus < 0:
-            raise ValueError("correction-batches and client-gpus must be ≥ 0")
-        if self.compress_every < 0 or self.users < 0 or self.min_train_nodes < 1:
-            raise ValueError("compress-every and users must be ≥ 0, min-train-nodes ≥ 1")
         if self.final_eval_tokens < 0:
             raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
-        if self.realign_steps < 0:
-            raise ValueError(f"realign-steps must be ≥ 0 (0: off), got {self.realign_steps}")
-        for name in ("clip", "weight_cap"):  # soppu/server/schemes/aggregate.py's Robustness
-            value = getattr(self, name)
-            if not (value == 0 or 1 <= value < float("inf")):
-                key = name.replace("_", "-")
-                raise ValueError(f"{key} must be 0 (off) or a finite factor ≥ 1, got {value}")
-        if not 0 <= self.trim <= 0.5:
-            raise ValueError(f"trim must be a share in [0, 0.5] (0.5: the median), got {self.trim}")
-        if not 0 <= self.dp_noise < float("inf"):
-            raise ValueError(
-                f"dp-noise must be 0 (off) or a finite multiplier > 0: {self.dp_noise}"
-            )
-        if self.dp_noise and not (0 < self.dp_clip < float("inf") and 0 < self.dp_delta < 1):
-            raise ValueError(
-                f"central DP needs a finite dp-clip > 0 and dp-delta in (0, 1), got "
-                f"{self.dp_clip}, {self.dp_delta}"
-            )
-        if self.personal_pass < 0 or self.personal_pass_check < 1:
-            raise ValueError("personal-pass must be ≥ 0 and personal-pass-check ≥ 1")
-        if self.personal_pass and (self.scheme == "local" or not self.validation_fraction):
-            raise ValueError(
-                "personal-pass starts from the global adapter and stops on each user's "
-                "validation text: it needs a scheme with a global adapter and "
-                "validation-fraction > 0"
-            )
-        self.train()  # validates the training settings now, not in every client
-        self.compression()  # validates the compression settings now, not after training
-
-    @classmethod
-    def from_run_config(cls, values: dict[str, Any], **overrides: Any) -> FederationConfig:
-        """From Flower's run config (hyphenated keys); unknown keys are refused by name."""
-        types = {f.name: type(f.default) for f in fields(cls)}
-        given = {}
-        for key, value in values.items():
-            name, value = _upgrade(key.replace("-", "_"), value)
-            if name not in types:
-                raise ValueError(f"run config: unknown key {key!r}")
-            given[name] = _coerce(types[name], value, key)
-        return cls(**{**given, **overrides})
-
-    def to_run_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
-
-    def to_toml(self) -> str:
-        """The run config as TOML lines, each with its help: what `[tool.flwr.app.config]`
-        holds and `soppu simulate --config` reads."""
-        return "".join(
-            f"{key} = {_toml_value(value)}  # {HELP[key.replace('-', '_')]}\n"
-            for key, value in self.to_run_config().items()
-        )
-
-    def train(self, round_: int = 1) -> TrainConfig:
-        """Round `round_`'s client training: its data order continues where the earlier rounds'
-        stopped, so a user trains on all their text rather than the first round's batches again."""
-        mode_lr, mode_schedule = MODE_SCHEDULES[self.client_mode]
-        return TrainConfig(
-            steps=self.local_steps,
-            lr=self.lr or mode_lr,
-            lr_scheduler_type=self.lr_scheduler_type or mode_schedule,
-            # a round of fewer steps than the warm-up still ends at the full lr
-            warmup_steps=min(self.warmup_steps, max(self.local_steps - 1, 0)),
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            rank=self.lora_rank,
-            alpha=self.lora_alpha,
-            target_modules=self.targets,
-            lora_layers=self.lora_layers,
-            seed=self.seed,
-            first_step=(round_ - 1) * self.local_steps,
-            max_eval_tokens=self.max_eval_tokens,
-            precision=self.precision,
-        )
-
-    def personal_pass_train(self) -> TrainConfig:
-        """The final pass's training: its own steps at a constant, gentler lr, its data order
-        continuing after the rounds'."""
-        return replace(
-            self.train(self.rounds + 1),
-            steps=self.personal_pass,
-            lr=self.personal_pass_lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-        )
-
-    def judge(self) -> TrainConfig:
-        """The final evaluation's and the served choice's settings: the clients' batch and
-        length, over `final_eval_tokens` of each user's text."""
-        return replace(self.train(), max_eval_tokens=self.final_eval_tokens or 2**62)
+        self.scales()
 
     def scales(self) -> tuple[float, ...]:
         """`serve_scales` as the strengths the served choice tries, 1 among them, ascending."""
@@ -397,6 +421,133 @@ class FederationConfig:
                 f"{self.serve_scales!r}"
             )
         return tuple(sorted(values | {1.0}))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    run_dir: str = setting("runs/federation", "Run folder.", flag="out")
+    base_model: str = setting("", "HF id or folder ('': the embedded SmolLM2-135M-Instruct).")
+    # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
+    client_mode: str = setting(
+        "emulator",
+        "emulator: clients never hold the full model (FedBiOT); full: they do.",
+    )
+    seed: int = setting(0, "Seed for sampling, data splits and training.")
+    data: DataSettings = field(default_factory=DataSettings)
+    schedule: RoundSchedule = field(default_factory=RoundSchedule)
+    scheme: SchemeSettings = field(default_factory=SchemeSettings)
+    robust: RobustMean = field(default_factory=RobustMean)
+    privacy: CentralDP = field(default_factory=CentralDP)
+    training: ClientTraining = field(default_factory=ClientTraining)
+    emulator: EmulatorSettings = field(default_factory=EmulatorSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    log_to: str = setting(
+        "tensorboard",
+        "Log rounds, compressions and the evaluation to tensorboard (RUN/tensorboard), mlflow "
+        "(RUN/mlflow/mlflow.db), both comma-separated, or none; RUN/rounds.png beside.",
+    )
+    # devices
+    client_gpus: float = setting(0.0, "GPUs per simulated client; > 0: clients train on CUDA.")
+    device: str = setting("cpu", "Server device: alignment, corrections, evaluation, compression.")
+    threads: int = setting(0, "torch threads on the server; 0: all.")
+    # bf16 autocast for the clients' steps, the alignment and the corrections where the device
+    # computes bf16 natively (soppu.precision); the final evaluation is fp32 whatever this says
+    precision: str = setting(
+        "auto",
+        "auto: bf16 autocast for training where the device computes bf16 natively; bf16; fp32 (the"
+        " final evaluation is always fp32).",
+    )
+
+    def __post_init__(self) -> None:
+        _check_one_of(self, {"client_mode": CLIENT_MODES, "device": DEVICES})
+        self.sinks()  # validates log-to now, not after the first round
+        if self.client_gpus < 0:
+            raise ValueError(f"client-gpus must be ≥ 0, got {self.client_gpus}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be ≥ 0 (0: all cores), got {self.threads}")
+        if self.scheme.personal_pass and (
+            self.scheme.name == "local" or not self.data.validation_fraction
+        ):
+            raise ValueError(
+                "personal-pass starts from the global adapter and stops on each user's "
+                "validation text: it needs a scheme with a global adapter and "
+                "validation-fraction > 0"
+            )
+        self.train()  # validates the training settings now, not in every client
+
+    @classmethod
+    def from_run_config(cls, values: dict[str, Any], **overrides: Any) -> FederationConfig:
+        """From a flat run config (Flower's, run.json's, a `--config` file's: keys with `-` or
+        `_`, an older run folder's among them) and flat `overrides`; unknown keys are refused
+        by name, values are coerced to each field's type."""
+        given: dict[str | None, dict[str, Any]] = {}
+        for raw, value in {**values, **overrides}.items():
+            name, value = _upgrade(raw.replace("-", "_"), value)
+            if name not in FLAT:
+                raise ValueError(f"run config: unknown key {raw!r}")
+            owner, of = FLAT[name]
+            given.setdefault(owner, {})[of.name] = _coerce(type(of.default), value, raw)
+        sections = {owner: SECTIONS[owner](**values) for owner, values in given.items() if owner}
+        return cls(**given.get(None, {}), **sections)
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat key (`_` form): run.json's `config`."""
+        return {
+            name: getattr(getattr(self, owner) if owner else self, of.name)
+            for name, (owner, of) in FLAT.items()
+        }
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower's run config: every setting by its key, `-` for `_`."""
+        return {name.replace("_", "-"): value for name, value in self.flat().items()}
+
+    def to_toml(self) -> str:
+        """The run config as TOML lines, each with its help: what `[tool.flwr.app.config]`
+        holds and `soppu simulate --config` reads."""
+        return "".join(
+            f"{key.replace('_', '-')} = {_toml_value(value)}  # {HELP[key]}\n"
+            for key, value in self.flat().items()
+        )
+
+    def train(self, round_: int = 1) -> TrainConfig:
+        """Round `round_`'s client training: its data order continues where the earlier rounds'
+        stopped, so a user trains on all their text rather than the first round's batches again."""
+        mode_lr, mode_schedule = MODE_SCHEDULES[self.client_mode]
+        t = self.training
+        return TrainConfig(
+            steps=t.local_steps,
+            lr=t.lr or mode_lr,
+            lr_scheduler_type=t.lr_scheduler_type or mode_schedule,
+            # a round of fewer steps than the warm-up still ends at the full lr
+            warmup_steps=min(t.warmup_steps, max(t.local_steps - 1, 0)),
+            batch_size=t.batch_size,
+            seq_len=t.seq_len,
+            rank=t.lora_rank,
+            alpha=t.lora_alpha,
+            target_modules=t.targets,
+            lora_layers=t.lora_layers,
+            seed=self.seed,
+            first_step=(round_ - 1) * t.local_steps,
+            max_eval_tokens=t.max_eval_tokens,
+            precision=self.precision,
+        )
+
+    def personal_pass_train(self) -> TrainConfig:
+        """The final pass's training: its own steps at a constant, gentler lr, its data order
+        continuing after the rounds'."""
+        return replace(
+            self.train(self.schedule.rounds + 1),
+            steps=self.scheme.personal_pass,
+            lr=self.scheme.personal_pass_lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+        )
+
+    def judge(self) -> TrainConfig:
+        """The final evaluation's and the served choice's settings: the clients' batch and
+        length, over `final_eval_tokens` of each user's text."""
+        return replace(self.train(), max_eval_tokens=self.evaluation.final_eval_tokens or 2**62)
 
     def sinks(self) -> tuple[str, ...]:
         """`log_to` as the sinks it names; () for none."""
@@ -412,54 +563,48 @@ class FederationConfig:
             raise ValueError("log-to mlflow needs MLflow: pip install 'soppu[mlflow]'")
         return names
 
-    @property
-    def targets(self) -> tuple[str, ...] | None:
-        names = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-        return names or None
-
     def data_options(self) -> DataOptions:
-        from soppu.data import DataOptions
-
-        return DataOptions(
-            user_column=self.user_column,
-            text_column=self.text_column,
-            min_chars=self.min_chars,
-            test_fraction=self.test_fraction,
-            validation_fraction=self.validation_fraction,
-            seed=self.seed,
-        )
+        return self.data.options(self.seed)
 
     def plan(self, num_layers: int) -> EmulatorPlan:
         """In full mode the client's model is the full model: an emulator that drops nothing."""
-        drop = 0.0 if self.client_mode == "full" else self.drop
         from soppu.emulator import EmulatorPlan
 
+        e = self.emulator
+        drop = 0.0 if self.client_mode == "full" else e.drop
         return EmulatorPlan(
-            num_layers, top=self.top, bottom=self.bottom, drop=drop, select=self.layer_select
+            num_layers, top=e.top, bottom=e.bottom, drop=drop, select=e.layer_select
         )
 
-    def compression(self) -> CompressionConfig:
-        from soppu.compression.compress import CompressionConfig
-
-        return CompressionConfig(
-            rank=self.compress_rank or None,
-            energy=None if self.compress_rank else self.compress_energy,
-            sigma=self.compress_sigma,
-            bits=self.compress_bits,
-            clusters=self.compress_clusters,
-            weights=self.compress_weights,
-            group=self.compress_group,
-            device=self.device,
-        )
+    def compression_config(self) -> CompressionConfig:
+        return self.compression.to_config(self.device)
 
 
-HELP = helps(FederationConfig)  # each field's help, for --print-config and the verbs' flags
-FLAGS = flags(FederationConfig)  # `soppu simulate` flags that are not the field's name
-FIELDS = {f.name: f for f in fields(FederationConfig)}
+SECTIONS: dict[str, Any] = {  # a section is a field whose default is made by its dataclass
+    f.name: f.default_factory for f in fields(FederationConfig) if f.default_factory is not MISSING
+}
+
+
+def _flat_fields() -> dict[str, tuple[str | None, Field]]:
+    """Flat key → (the section holding it, or None at the top; its field), in order."""
+    flat: dict[str, tuple[str | None, Field]] = {}
+    for top in fields(FederationConfig):
+        kind = SECTIONS.get(top.name)
+        for owner, of in [(top.name, f) for f in fields(kind)] if kind else [(None, top)]:
+            if field_key(of) in flat:
+                raise TypeError(f"two settings have the run-config key {field_key(of)!r}")
+            flat[field_key(of)] = (owner, of)
+    return flat
+
+
+FLAT = _flat_fields()
+FIELDS: dict[str, Field] = {name: of for name, (_, of) in FLAT.items()}  # key → its field
+HELP = {name: of.metadata["help"] for name, of in FIELDS.items()}  # --print-config, the flags
+FLAGS = {name: of.metadata["flag"] for name, of in FIELDS.items() if "flag" in of.metadata}
 
 
 def flag(name: str) -> str:
-    """The `soppu simulate` flag of a field."""
+    """The `soppu simulate` flag of a setting, by its flat key."""
     return field_flag(FIELDS[name])
 
 
@@ -470,11 +615,6 @@ def _upgrade(name: str, value: Any) -> tuple[str, Any]:
     if name == "tracking":  # before `log_to`: TensorBoard or nothing
         return "log_to", "tensorboard" if _coerce(bool, value, name) else "none"
     return name, value
-
-
-def upgrade(values: dict[str, Any]) -> dict[str, Any]:
-    """An older run folder's config (field names) as today's."""
-    return dict(_upgrade(name, value) for name, value in values.items())
 
 
 def _toml_value(value: Any) -> str:

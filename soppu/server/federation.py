@@ -83,9 +83,11 @@ class Federation:
     @property
     def scheme(self) -> Scheme:
         c = self.config
-        robustness = Robustness(c.clip, c.weight_cap, c.trim)
-        privacy = Privacy(c.dp_noise, c.dp_clip, c.dp_delta) if c.dp_noise else None
-        return scheme_for(c.scheme, c.prox, robustness, privacy)
+        robustness = Robustness(c.robust.clip, c.robust.weight_cap, c.robust.trim)
+        privacy = (
+            Privacy(c.privacy.noise, c.privacy.clip, c.privacy.delta) if c.privacy.noise else None
+        )
+        return scheme_for(c.scheme.name, c.scheme.prox, robustness, privacy)
 
 
 def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
@@ -95,30 +97,32 @@ def run_federation(grid: Grid, fed: Federation) -> dict[str, Any]:
         fed.setup,
         fed.emulator_version,
         fed.log,
-        wanted=len(fed.setup.users) or fed.config.users or 1,
-        wait=fed.config.node_wait,
+        wanted=len(fed.setup.users) or fed.config.data.users or 1,
+        wait=fed.config.schedule.node_wait,
     )
     state = recover(fed.run)
     first = state["round"] + 1
-    if first > fed.config.rounds:
-        fed.log(f"all {fed.config.rounds} rounds are done already")
+    if first > fed.config.schedule.rounds:
+        fed.log(f"all {fed.config.schedule.rounds} rounds are done already")
     elif first > 1:
         fed.log(f"resuming after round {state['round']}")
-    passing = fed.config.personal_pass > 0
-    for round_ in range(first, fed.config.rounds + 1):
+    passing = fed.config.scheme.personal_pass > 0
+    for round_ in range(first, fed.config.schedule.rounds + 1):
         run_round(fed, round_)
-        if _compress_now(fed.config, round_) and not (passing and round_ == fed.config.rounds):
+        if _compress_now(fed.config, round_) and not (
+            passing and round_ == fed.config.schedule.rounds
+        ):
             compress(fed, round_)
-    if passing and fed.run.state()["round"] == fed.config.rounds:
-        personal_pass(fed, fed.config.rounds + 1)
+    if passing and fed.run.state()["round"] == fed.config.schedule.rounds:
+        personal_pass(fed, fed.config.schedule.rounds + 1)
     if fed.run.state().get("compressed_round", 0) < fed.run.state()["round"]:
         compress(fed, fed.run.state()["round"])  # the last round committed, then a crash
     return fed.run.state()
 
 
 def _compress_now(config: FederationConfig, round_: int) -> bool:
-    every = config.compress_every
-    return round_ == config.rounds or (every > 0 and round_ % every == 0)
+    every = config.compression.every
+    return round_ == config.schedule.rounds or (every > 0 and round_ % every == 0)
 
 
 def run_round(fed: Federation, round_: int) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
     began = time.perf_counter()
     nodes.meet()
     sampled = sample_users(fed, round_)
-    fed.log(f"round {round_}/{fed.config.rounds}: training {len(sampled)} users")
+    fed.log(f"round {round_}/{fed.config.schedule.rounds}: training {len(sampled)} users")
     realign_s = realign_emulator(fed, round_)
     install_began = time.perf_counter()
     nodes.install_emulator(list(sampled), fed.emulator_content)
@@ -143,17 +147,17 @@ def run_round(fed: Federation, round_: int) -> dict[str, Any]:
             "clipped": averaged.clipped,
             "capped": averaged.capped,
         }
-        if fed.config.dp_noise:
+        if fed.config.privacy.noise:
             record["dp"] = privacy_spent(fed.config, round_)
             fed.log(
-                f"  central DP: noise {fed.config.dp_noise}, clip {fed.config.dp_clip}; "
-                f"ε = {record['dp']['epsilon']:.3g} at δ = {fed.config.dp_delta:g} after "
+                f"  central DP: noise {fed.config.privacy.noise}, clip {fed.config.privacy.clip}; "
+                f"ε = {record['dp']['epsilon']:.3g} at δ = {fed.config.privacy.delta:g} after "
                 f"{round_} rounds (an upper bound)"
             )
         stage.add_global(averaged.lora, record)
         say_robust(averaged, fed.log)
     eval_loss = None
-    if fed.config.fraction_evaluate:
+    if fed.config.schedule.fraction_evaluate:
         eval_loss = evaluate(fed, round_, trained, new_global or fed.run.global_adapter())
     ok = [r for r in rows if r["status"] == "trained"]
     summary = {
@@ -215,7 +219,7 @@ def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
     fed.log(
         f"personal pass: {len(sampled)} users fine-tune the global adapter for up to "
         f"{train.steps} steps at lr {train.lr:g}, each keeping the step best on their "
-        f"validation text (checked every {fed.config.personal_pass_check})"
+        f"validation text (checked every {fed.config.scheme.personal_pass_check})"
     )
     nodes.install_emulator(list(sampled), fed.emulator_content)
     stage = RoundStage(fed.run, round_)
@@ -226,7 +230,7 @@ def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
         stage,
         PersonalPass(),
         train,
-        {"stop-every": fed.config.personal_pass_check},
+        {"stop-every": fed.config.scheme.personal_pass_check},
     )
     ok = [r for r in rows if r["status"] == "trained"]
     summary = {
@@ -262,7 +266,9 @@ def sample_users(fed: Federation, round_: int) -> dict[int, str]:
     samples the same users even though node ids change."""
     by_user = _nodes(fed).node_of()
     users = sorted(by_user)
-    count = max(fed.config.min_train_nodes, round(fed.config.fraction_train * len(users)))
+    count = max(
+        fed.config.schedule.min_train_nodes, round(fed.config.schedule.fraction_train * len(users))
+    )
     chosen = random.Random(f"{fed.config.seed}:{round_}").sample(users, min(count, len(users)))
     return {by_user[u]: u for u in sorted(chosen)}
 
@@ -318,7 +324,7 @@ def _train(
         )
 
     _, failed = _nodes(fed).exchange(
-        list(sampled), "train", content, fed.config.round_timeout, on_reply
+        list(sampled), "train", content, fed.config.schedule.round_timeout, on_reply
     )
     for node, reason in failed.items():
         rows.append(_failure(round_, sampled[node], reason))
@@ -370,7 +376,7 @@ def _corrections(
     fed.correction_seconds = time.perf_counter() - began
     fed.log(
         f"  gradient correction for {len(by_start)} starting adapter(s), "
-        f"{fed.config.correction_batches} public batches each "
+        f"{fed.config.emulator.correction_batches} public batches each "
         f"({fed.correction_seconds:.0f} s)"
     )
     return {user: by_start[id(start)] for user, start in starts.items()}
@@ -425,7 +431,7 @@ def evaluate(
     adapter (where the scheme has one) or their own latest one."""
     transport = _nodes(fed)
     users = sorted(transport.users.values())
-    count = round(fed.config.fraction_evaluate * len(users))
+    count = round(fed.config.schedule.fraction_evaluate * len(users))
     chosen = set(random.Random(f"eval:{fed.config.seed}:{round_}").sample(users, count))
     nodes = [n for n, u in transport.users.items() if u in chosen]
     base_config = m.train_config_record(fed.config.train(), emulator=fed.emulator_version)
@@ -443,7 +449,9 @@ def evaluate(
         records[m.LORA] = m.lora_record(lora)
         return records
 
-    replies, failed = transport.exchange(nodes, "evaluate", content, fed.config.round_timeout)
+    replies, failed = transport.exchange(
+        nodes, "evaluate", content, fed.config.schedule.round_timeout
+    )
     for node, reason in failed.items():
         fed.log(f"  evaluate {transport.users[node]}: failed ({reason})")
     losses = [float(r.content[m.METRICS]["eval-loss"]) for r in replies.values()]
@@ -456,12 +464,12 @@ def compress(fed: Federation, round_: int) -> None:
         began = time.perf_counter()
         chosen = fed.select()
         say_served(chosen, fed.log, time.perf_counter() - began)
-    config: CompressionConfig = fed.config.compression()
+    config: CompressionConfig = fed.config.compression_config()
     compressed, version = compress_run(
         fed.run,
         config,
-        export_rank=fed.config.export_rank or None,
-        refit_above=fed.config.compress_refit_above,
+        export_rank=fed.config.compression.export_rank or None,
+        refit_above=fed.config.compression.refit_above,
     )
     fed.run.set_state(compressed_round=round_, compressed=compressed.name, serving=version.name)
     track(fed.run, fed.config.sinks())
@@ -481,11 +489,11 @@ def compress(fed: Federation, round_: int) -> None:
 
 def privacy_spent(config: FederationConfig, round_: int) -> dict[str, float]:
     """The global adapter's (ε, δ) after `round_` rounds of central DP."""
-    spent = epsilon(config.dp_noise, round_, config.dp_delta)
+    spent = epsilon(config.privacy.noise, round_, config.privacy.delta)
     return {
-        "noise": config.dp_noise,
-        "clip": config.dp_clip,
-        "delta": config.dp_delta,
+        "noise": config.privacy.noise,
+        "clip": config.privacy.clip,
+        "delta": config.privacy.delta,
         "rounds": round_,
         "epsilon": spent,
     }

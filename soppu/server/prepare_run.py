@@ -16,7 +16,7 @@ import time
 import tomllib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
 from soppu.public import default_public, describe, public_texts
-from soppu.server.config import FederationConfig, upgrade
+from soppu.server.config import FederationConfig
 from soppu.server.federation import Correction, Federation, Log, Realign, Selection
 from soppu.server.selection import select_served
 from soppu.server.store import RunFolder
@@ -64,20 +64,22 @@ def resolve_config(requested: FederationConfig, *, resume: bool) -> FederationCo
         return requested
     if not resume:
         raise FileExistsError(f"{run.root} holds a run already; pass --resume to continue it")
-    stored = stored_config(run)
+    stored, asked = stored_config(run).flat(), requested.flat()
     differ = [
-        f"{f.name} (run: {getattr(stored, f.name)!r}, now: {getattr(requested, f.name)!r})"
-        for f in fields(FederationConfig)
-        if f.name not in MAY_CHANGE_ON_RESUME
-        and getattr(stored, f.name) != getattr(requested, f.name)
+        f"{key} (run: {stored[key]!r}, now: {asked[key]!r})"
+        for key in stored
+        if key not in MAY_CHANGE_ON_RESUME and stored[key] != asked[key]
     ]
     if differ:
         raise ValueError(f"{run.run_json}: a resumed run keeps its settings; {'; '.join(differ)}")
-    return replace(stored, **{name: getattr(requested, name) for name in MAY_CHANGE_ON_RESUME})
+    return FederationConfig.from_run_config(
+        stored, **{key: asked[key] for key in MAY_CHANGE_ON_RESUME}
+    )
 
 
 def stored_config(run: RunFolder) -> FederationConfig:
-    return FederationConfig(**upgrade(json.loads(run.run_json.read_text())["config"]))
+    """A run folder's config, from run.json's flat `config` (an older folder's keys upgraded)."""
+    return FederationConfig.from_run_config(json.loads(run.run_json.read_text())["config"])
 
 
 def load_config(
@@ -125,21 +127,21 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
         atomic.write_json(
             run.run_json,
             {
-                "config": asdict(config),
+                "config": config.flat(),
                 "base_model": base.name,
                 "emulator": info.version,
                 "users": sorted(users),
             },
         )
-    setup = m.Setup(config.data, config.data_options(), tuple(sorted(users)), base.name)
+    setup = m.Setup(config.data.source, config.data_options(), tuple(sorted(users)), base.name)
     correction = realigner = None
-    if (config.correction_batches or config.realign_steps) and not info.exact:
+    if (config.emulator.correction_batches or config.emulator.realign_steps) and not info.exact:
         # tokenised once: both measure on the same public text
-        blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.seq_len)
+        blocks = lm.token_blocks(base.tokenizer, "\n".join(public), config.training.seq_len)
         emulator.to(config.device)
-        if config.correction_batches:
+        if config.emulator.correction_batches:
             correction = round_correction(config, base, emulator, info, blocks)
-        if config.realign_steps and blocks:
+        if config.emulator.realign_steps and blocks:
             realigner = round_realignment(config, base, emulator, info, blocks, run)
     return Federation(
         run=run,
@@ -157,13 +159,13 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
 
 def say_precision(config: FederationConfig, log: Log) -> None:
     """The precision of what the server does in this run, and only of that."""
-    emulated = config.client_mode == "emulator"
+    emulated, e = config.client_mode == "emulator", config.emulator
     work = [
         what
         for what, done in (
-            ("aligns the emulator", emulated and config.align_steps > 0 and not config.emulator),
-            ("re-aligns it every round", emulated and config.realign_steps > 0),
-            ("corrects the clients' gradients", emulated and config.correction_batches > 0),
+            ("aligns the emulator", emulated and e.align_steps > 0 and not e.path),
+            ("re-aligns it every round", emulated and e.realign_steps > 0),
+            ("corrects the clients' gradients", emulated and e.correction_batches > 0),
         )
         if done
     ]
@@ -173,7 +175,7 @@ def say_precision(config: FederationConfig, log: Log) -> None:
         f"precision {config.precision} ({resolved} on the server's {config.device}): "
         f"{server}the final evaluation is fp32"
     )
-    if emulated and not config.correction_batches:
+    if emulated and not e.correction_batches:
         log("no gradient correction (correction-batches 0): clients train on the bare emulator")
 
 
@@ -182,14 +184,19 @@ def served_choice(
 ) -> Selection | None:
     """What chooses each user's served adapter on their validation text, where the server can
     read it (a simulation); None, said in the log, where it cannot."""
-    if not users or not config.validation_fraction:
+    if not users or not config.data.validation_fraction:
         why = "validation-fraction 0" if users else "the server cannot read their text"
         log(f"every user is served their own adapter, unchosen ({why})")
         return None
 
     def select() -> dict[str, dict[str, Any]]:
         return select_served(
-            run, base.model, base.tokenizer, users, config.judge(), scales=config.scales()
+            run,
+            base.model,
+            base.tokenizer,
+            users,
+            config.judge(),
+            scales=config.evaluation.scales(),
         )
 
     return select
@@ -201,14 +208,14 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
     and corrects nothing."""
     if config.client_mode == "full":
         return []
-    source = config.public or default_public(config.data)
+    source = config.emulator.public or default_public(config.data.source)
     log(f"public text: {describe(source)}")
-    if source == "pool" and config.data:
+    if source == "pool" and config.data.source:
         log("  the users' data is their own: --public generated or FILE may fit them better")
     return public_texts(
         source,
         base,
-        seq_len=config.seq_len,
+        seq_len=config.training.seq_len,
         seed=config.seed,
         precision=precision.resolve(config.precision, config.device),
         progress=step_logger(log, "writing public text, batch", 1, loss=False),
@@ -248,9 +255,9 @@ def round_realignment(
         if info.alignment.get("realigned", {}).get("round") == round_:
             return info.version, None
         align = AlignConfig(
-            steps=config.realign_steps,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
+            steps=config.emulator.realign_steps,
+            batch_size=config.training.batch_size,
+            seq_len=config.training.seq_len,
             seed=config.seed * 100_003 + round_,  # other public batches each round
             precision=config.precision,
         )
@@ -283,8 +290,8 @@ def round_correction(
             lora,
             blocks,
             base.tokenizer.pad_token_id,
-            batches=config.correction_batches,
-            batch_size=config.batch_size,
+            batches=config.emulator.correction_batches,
+            batch_size=config.training.batch_size,
             seed=config.seed * 100_003 + round_,  # other public batches each round
             precision=config.precision,
         )
@@ -294,9 +301,9 @@ def round_correction(
 
 def choose_users(config: FederationConfig) -> dict[str, UserText]:
     """The `users` users with the most text (ties by id), or all of them."""
-    everyone = load_users(config.data or None, config.data_options())
+    everyone = load_users(config.data.source or None, config.data_options())
     ranked = sorted(everyone.values(), key=lambda u: (-u.chars, u.user_id))
-    chosen = ranked[: config.users or None]
+    chosen = ranked[: config.data.users or None]
     return {u.user_id: u for u in chosen}
 
 
@@ -310,9 +317,9 @@ def _emulator(
     run: RunFolder, config: FederationConfig, base: BaseModel, public: list[str], log: Log
 ):
     if not run.emulator.is_dir():
-        if config.emulator:
-            _check_base(Path(config.emulator), base)
-            _copy(Path(config.emulator), run.emulator)
+        if config.emulator.path:
+            _check_base(Path(config.emulator.path), base)
+            _copy(Path(config.emulator.path), run.emulator)
         else:
             _into_run(_aligned(config, base, public, run, log), run, base)
     _check_base(run.emulator, base)
@@ -352,9 +359,9 @@ def _aligned(
     with nothing to align (full mode, or 0 steps) is built into the run, never cached."""
     plan = config.plan(base.num_layers)
     align = AlignConfig(
-        steps=config.align_steps,
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
+        steps=config.emulator.align_steps,
+        batch_size=config.training.batch_size,
+        seq_len=config.training.seq_len,
         # resolved: an emulator aligned in bf16 is another cache entry than one in fp32
         precision=precision.resolve(config.precision, config.device),
     )

@@ -28,7 +28,7 @@ def federate(grid: Grid, config: FederationConfig, *, resume: bool, log: Log) ->
     base = load_base(config)
     fed = prepare(config, base, log)
     state = run_federation(grid, fed)
-    if not config.final_evaluation:
+    if not config.evaluation.final_evaluation:
         return state
     try:
         users = choose_users(config)

@@ -30,8 +30,7 @@ from soppu import basemodel, lm
 from soppu.alignment import AlignConfig, _lora_gradient, gradient_correction, measure, realign
 from soppu.emulator import load, to_full_keys
 from soppu.personalize import attached
-from soppu.public import public_texts
-from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.prepare_run import choose_users, public_for, stored_config
 from soppu.server.store import RunFolder
 
 
@@ -66,13 +65,7 @@ def probe_run(path: Path, steps: list[int], n_users: int, batches: int) -> list[
     pad = base.tokenizer.pad_token_id
     emulator, info = load(run.emulator)
     lora = run.global_adapter()
-    texts = public_texts(
-        config.emulator.public,
-        base,
-        config.data.source,
-        seq_len=config.training.seq_len,
-        seed=config.seed,
-    )
+    texts = public_for(config, print, base)  # the run's own, as its server made it
     public = lm.token_blocks(base.tokenizer, "\n".join(texts), config.training.seq_len)
     texts_of = choose_users(config)
     users = {

@@ -34,8 +34,7 @@ from soppu.alignment import _lora_gradient, gradient_correction
 from soppu.emulator import load, to_full_keys
 from soppu.generated import GenerationConfig, sample
 from soppu.personalize import attached
-from soppu.public import public_texts
-from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.prepare_run import choose_users, public_for, stored_config
 from soppu.server.store import RunFolder
 
 SOURCES = ("none", "public", "steered", "own")
@@ -54,13 +53,7 @@ def probe_run(path: Path, n_users: int, batches: int, samples: int) -> dict:
     pad, mixed = base.tokenizer.pad_token_id, config.precision
     emulator, info = load(run.emulator)
     lora = run.global_adapter()
-    texts = public_texts(
-        config.emulator.public,
-        base,
-        config.data.source,
-        seq_len=config.training.seq_len,
-        seed=config.seed,
-    )
+    texts = public_for(config, print, base)  # the run's own, as its server made it
     began = time.perf_counter()
     steered = steered_texts(base, lora, samples, config.training.seq_len, mixed)
     seconds = time.perf_counter() - began

@@ -18,6 +18,13 @@ def setting(default: Any, help: str, *, flag: str | None = None, key: str | None
     return field(default=default, metadata=metadata)
 
 
+def same_as(config: type, name: str) -> Any:
+    """A config field with the default and metadata of `config`'s field `name`: one knob that
+    two configs hold has one home (a federation's batch size is its clients' training's)."""
+    of = next(f for f in fields(config) if f.name == name)
+    return field(default=of.default, metadata=dict(of.metadata))
+
+
 def key(of: Field) -> str:
     """A nested config field's name in the flat run config (`_` form)."""
     return of.metadata.get("key", of.name)

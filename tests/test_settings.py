@@ -145,6 +145,19 @@ def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_confi
         4,
     )
     assert upgraded.training.local_steps == 3  # coerced to the field's type
+    # a knob the clients' training or the data reading also holds has its home there
+    from soppu.data import DataOptions
+    from soppu.train_config import TrainConfig
+
+    for key, (home, name) in {
+        "batch_size": (TrainConfig, "batch_size"),
+        "lora_rank": (TrainConfig, "rank"),
+        "lora_layers": (TrainConfig, "lora_layers"),
+        "user_column": (DataOptions, "user_column"),
+        "test_fraction": (DataOptions, "test_fraction"),
+    }.items():
+        theirs = next(f for f in fields(home) if f.name == name)
+        assert (FIELDS[key].default, HELP[key]) == (theirs.default, theirs.metadata["help"])
     # every section checks its own values when made, naming the flag
     with pytest.raises(ValueError, match="serve-scales must be numbers"):
         EvaluationSettings(serve_scales="0")

@@ -24,14 +24,14 @@ from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from soppu.compression.methods import HELP as METHOD_HELP
+from soppu.data import DataOptions  # torch-free, as this module is
 from soppu.settings import flag as field_flag
 from soppu.settings import key as field_key
-from soppu.settings import setting
+from soppu.settings import same_as, setting
 from soppu.train_config import LORA_LAYERS, TrainConfig
 
 if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module without torch
     from soppu.compression.compress import CompressionConfig
-    from soppu.data import DataOptions
     from soppu.emulator import EmulatorPlan
 
 SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not imported: no torch)
@@ -68,10 +68,11 @@ class DataSettings:
         key="data",
     )
     users: int = setting(8, "Users (nodes): those with the most text; 0: all.")
-    user_column: str = setting("user_id", "Column with the user id.")
-    text_column: str = setting("text", "Column with the text.")
-    min_chars: int = setting(1000, "Skip users with less text than this.")
-    test_fraction: float = setting(0.2, "Held-out share of each user's text (the last part).")
+    # read as one user's are (soppu personalize, soppu data): the same settings
+    user_column: str = same_as(DataOptions, "user_column")
+    text_column: str = same_as(DataOptions, "text_column")
+    min_chars: int = same_as(DataOptions, "min_chars")
+    test_fraction: float = same_as(DataOptions, "test_fraction")
     # the share before the held-out part on which each user's served adapter is chosen
     # (personal, global or none); 0: no choice, every user is served their personal adapter
     validation_fraction: float = setting(
@@ -85,8 +86,6 @@ class DataSettings:
             raise ValueError(f"users must be ≥ 0 (0: all), got {self.users}")
 
     def options(self, seed: int) -> DataOptions:
-        from soppu.data import DataOptions
-
         return DataOptions(
             user_column=self.user_column,
             text_column=self.text_column,
@@ -236,15 +235,13 @@ class ClientTraining:
         "Client lr warm-up steps from 0, each round, at most local-steps − 1 (constant ignores "
         "it).",
     )
-    batch_size: int = setting(4, "Sequences per step.")
-    seq_len: int = setting(128, "Tokens per sequence.")
-    lora_rank: int = setting(8, "LoRA rank.")
-    lora_alpha: float = setting(16.0, "LoRA α.")
+    # each round's TrainConfig (`FederationConfig.train`): the same knobs
+    batch_size: int = same_as(TrainConfig, "batch_size")
+    seq_len: int = same_as(TrainConfig, "seq_len")
+    lora_rank: int = same_as(TrainConfig, "rank")
+    lora_alpha: float = same_as(TrainConfig, "alpha")
     target_modules: str = setting("", "LoRA targets, comma-separated ('': q_proj,v_proj).")
-    lora_layers: str = setting(
-        "all",
-        "all: every layer the client's model has; adapter: top/bottom only.",
-    )
+    lora_layers: str = same_as(TrainConfig, "lora_layers")
     max_eval_tokens: int = setting(
         2048,
         "Held-out tokens each client checks its adapter on (emulator).",

@@ -13,7 +13,9 @@ at each run's final global adapter (the start of a next round), per user on thei
 text: the cosine between the full model's LoRA gradient and the emulator's, bare and
 corrected on (a) the run's public text, (b) `--samples` texts the adapted full model writes
 (as `soppu.generated` does, from one random ordinary token each), and (c) other batches of the
-user's own text, the bound no server can reach.
+user's own text, the bound no server can reach. `--betas` adds the public text's correction
+at other strengths β (g_emu + β·correction): a shrunk correction where its text is unlike the
+users'.
 
 Writes experiments/results/steered_probe_<name>.json and .md.
 """
@@ -37,8 +39,6 @@ from soppu.personalize import attached
 from soppu.server.prepare_run import choose_users, public_for, stored_config
 from soppu.server.store import RunFolder
 
-SOURCES = ("none", "public", "steered", "own")
-
 
 def steered_texts(base, lora, samples: int, seq_len: int, precision: str) -> list[str]:
     config = GenerationConfig(samples=samples, tokens=seq_len, seed=1, precision=precision)
@@ -46,7 +46,9 @@ def steered_texts(base, lora, samples: int, seq_len: int, precision: str) -> lis
         return sample(adapted, base.tokenizer, config)
 
 
-def probe_run(path: Path, n_users: int, batches: int, samples: int) -> dict:
+def probe_run(
+    path: Path, n_users: int, batches: int, samples: int, betas: tuple[float, ...] = ()
+) -> dict:
     run = RunFolder(path)
     config = stored_config(run)
     base = basemodel.load(config.base_model or None)
@@ -82,16 +84,17 @@ def probe_run(path: Path, n_users: int, batches: int, samples: int) -> dict:
             base.model, emulator, info, lora, blocks, pad, batches=batches, seed=11, precision=mixed
         )
         shifts = {"none": {k: 0 for k in g_emu}, **shared, "own": own}
+        shifts |= {f"public×{b:g}": {k: b * v for k, v in shared["public"].items()} for b in betas}
         per_user[user] = {
-            source: cosine(g_full, {k: g_emu[k] + shifts[source][k] for k in g_emu})
-            for source in SOURCES
+            source: cosine(g_full, {k: g_emu[k] + shift[k] for k in g_emu})
+            for source, shift in shifts.items()
         }
         print(f"{path.name} {user}: {per_user[user]}", flush=True)
     return {
         "run": path.name,
         "generation_seconds": seconds,
         "steered_sample": steered[0][:300],
-        "median": {s: statistics.median(u[s] for u in per_user.values()) for s in SOURCES},
+        "median": {s: statistics.median(u[s] for u in per_user.values()) for s in shifts},
         "per_user": per_user,
     }
 
@@ -115,6 +118,19 @@ def markdown(result: dict) -> str:
             f"| {r['run']} | {m['none']:.3f} | {m['public']:.3f} | **{m['steered']:.3f}** | "
             f"{m['own']:.3f} | {better} of {len(r['per_user'])} | {r['generation_seconds']:.0f} |"
         )
+    betas = [s for s in result["rows"][0]["median"] if s.startswith("public×")]
+    if betas:
+        lines += [
+            "",
+            "The public text's correction at a strength β (g_emu + β·correction), median cosine:",
+            "",
+            "| run | " + " | ".join(f"β = {s.removeprefix('public×')}" for s in betas) + " |",
+            "|---|" + "---|" * len(betas),
+            *(
+                f"| {r['run']} | " + " | ".join(f"{r['median'][s]:.3f}" for s in betas) + " |"
+                for r in result["rows"]
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -124,12 +140,17 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--samples", type=int, default=32, help="the adapted model's texts")
+    parser.add_argument(
+        "--betas", default="", help="strengths of the public correction, e.g. 0.25,0.5,0.75"
+    )
     parser.add_argument("--name", default="default")
     args = parser.parse_args()
     torch.set_num_threads(2)
     basemodel.quiet_libraries()
+    betas = tuple(float(b) for b in args.betas.split(",") if b.strip())
     rows = [
-        probe_run(Path(p), args.users, args.batches, args.samples) for p in args.runs.split(",")
+        probe_run(Path(p), args.users, args.batches, args.samples, betas)
+        for p in args.runs.split(",")
     ]
     result = {**provenance("steered_probe"), "users": args.users, "rows": rows}
     write_results(RESULTS / f"steered_probe_{args.name}.json", result, markdown(result))

@@ -428,6 +428,8 @@ class EvaluationSettings:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """Every setting of a federation: a few here, the rest in one section per concern."""
+
     run_dir: str = setting("runs/federation", "Run folder.", flag="out")
     base_model: str = setting("", "HF id or folder ('': the embedded SmolLM2-135M-Instruct).")
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
@@ -491,7 +493,7 @@ class FederationConfig:
                 raise ValueError(f"run config: unknown key {raw!r}")
             owner, of = FLAT[name]
             given.setdefault(owner, {})[of.name] = _coerce(type(of.default), value, raw)
-        sections = {owner: SECTIONS[owner](**values) for owner, values in given.items() if owner}
+        sections = {owner: SECTIONS[owner](**chosen) for owner, chosen in given.items() if owner}
         return cls(**given.get(None, {}), **sections)
 
     def flat(self) -> dict[str, Any]:

@@ -287,17 +287,11 @@ class EmulatorSettings:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    correction_rounds: int = setting(
-        0,
-        "Correct the clients' gradients in the first N rounds only; 0: in every round.",
-    )
 
     def __post_init__(self) -> None:
         _check_one_of(self, {"layer_select": ("importance", "even")})  # soppu.emulator.SELECTIONS
         if self.correction_batches < 0:
             raise ValueError(f"correction-batches must be ≥ 0, got {self.correction_batches}")
-        if self.correction_rounds < 0:
-            raise ValueError(f"correction-rounds must be ≥ 0, got {self.correction_rounds}")
         if self.realign_steps < 0:
             raise ValueError(f"realign-steps must be ≥ 0 (0: off), got {self.realign_steps}")
 

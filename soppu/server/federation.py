@@ -366,10 +366,6 @@ def _corrections(
     starts alike), or one at `point` for everyone."""
     if fed.correction is None:
         return {}
-    last = fed.config.emulator.correction_rounds
-    if last and round_ > last:
-        fed.log(f"  no gradient correction after round {last} (correction-rounds {last})")
-        return {}
     began = time.perf_counter()
     if point is not None:
         starts = dict.fromkeys(starts, point)

@@ -27,7 +27,7 @@ def test_docs_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "python-api" / "index.html").is_file()
-    # the settings reference is generated from the config: every flag, key and default
+    # the settings reference is generated from the config: every flag with its key and field
     from soppu.server.config import FIELDS, flag
 
     page = (

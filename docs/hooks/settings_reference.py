@@ -21,7 +21,7 @@ def reference() -> str:
     """One table per section (the top-level settings first): flag, run-config key, default,
     help."""
     top = [f for f in fields(FederationConfig) if f.name not in SECTIONS]
-    parts = [_table("Top level", "`config.<name>`", top)]
+    parts = [_table("Top level", "FederationConfig's own fields, read as `config.<field>`.", top)]
     for name, kind in SECTIONS.items():
         doc = " ".join((kind.__doc__ or "").split())
         parts.append(_table(f"`{name}` ({kind.__name__})", doc, fields(kind)))

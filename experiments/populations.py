@@ -139,6 +139,29 @@ def prepare(name: str, status: Callable[[str], None] = print) -> Path:
     return target
 
 
+def bystanders(name: str, users: int) -> Path:
+    """Text of the population's domain that no user of its federation wrote, as a `--public`
+    file: the records of every user beyond the `users` that `soppu simulate --users N` takes
+    (those with the most text). What a model owner with public text of the users' kind holds;
+    for the Shakespeare roles that is the embedded pool."""
+    from soppu.server.config import DataSettings, FederationConfig
+    from soppu.server.prepare_run import choose_users
+
+    if name == "shakespeare":
+        raise ValueError("the Shakespeare roles' text of their domain is the embedded pool")
+    source = prepare(name)
+    config = FederationConfig(data=DataSettings(source=str(source), users=users))
+    chosen = set(choose_users(config))
+    target = source.with_name(f"bystanders-of-{users}.jsonl")
+    if not target.is_file():
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        others = [{"text": r["text"]} for r in rows if r["user_id"] not in chosen]
+        if not others:
+            raise ValueError(f"{name}: every user is among the {users}; no bystanders' text")
+        atomic.write_text(target, "".join(json.dumps(r) + "\n" for r in others))
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"any of {', '.join(NAMES)} (default: all)")

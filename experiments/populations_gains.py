@@ -10,7 +10,9 @@ For every population of experiments/populations.py (Shakespeare roles, fortune f
 subpackages) it runs the same federation through `soppu simulate` (each its own Ray): once in
 full mode (the ceiling) and once in emulator mode per public-text source the emulator is
 aligned and corrected on (`--public pool`: the embedded Shakespeare pool; `generated`: the full
-model's own samples). Nothing else differs from the defaults. Then, per run:
+model's own samples; `domain`: the text of the population's users the federation leaves out,
+text of the users' kind that none of them wrote). Nothing else differs from the defaults.
+Then, per run:
 
 - what users are served (chosen on their validation text) and how they fare on held-out text:
   helped / harmed / unchanged by the paired 95% interval, the median served gain over the base
@@ -34,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
-from experiments.populations import NAMES, prepare
+from experiments.populations import NAMES, bystanders, prepare
 from soppu.public import default_public
 from soppu.server.store import RunFolder, parse_served
 
@@ -45,10 +47,21 @@ def run_name(args: argparse.Namespace, population: str, mode: str, public: str) 
 
 
 def resolved(population: str, public: str) -> str:
-    """`default` is what a run given no `--public` uses for this population's data."""
+    """`default` is what a run given no `--public` uses for this population's data; `domain`
+    the text of the population's users left out of the federation (the pool for the roles)."""
+    if public == "domain" and population == "shakespeare":
+        return "pool"
     if public != "default":
         return public
     return default_public(None if population == "shakespeare" else "own data")
+
+
+def public_flag(args, population: str, public: str) -> list[str]:
+    if public == "default":
+        return []
+    if public == "domain" and population != "shakespeare":
+        return ["--public", str(bystanders(population, args.users))]
+    return ["--public", resolved(population, public)]
 
 
 def run_one(args, population: str, mode: str, public: str) -> dict:
@@ -56,8 +69,8 @@ def run_one(args, population: str, mode: str, public: str) -> dict:
     extra = ["--client-mode", mode, "--local-steps", str(args.local_steps)]
     if population != "shakespeare":
         extra += ["--data", str(prepare(population))]
-    if mode == "emulator" and public != "default":
-        extra += ["--public", public]
+    if mode == "emulator":
+        extra += public_flag(args, population, public)
     if mode == "emulator":
         extra += args.emulator_flags.split()
     public = resolved(population, public)
@@ -217,7 +230,8 @@ def main() -> None:
     parser.add_argument(
         "--publics",
         default="pool,generated",
-        help="comma-separated: pool, generated, FILE, default (what a run without --public uses)",
+        help="comma-separated: pool, generated, FILE, default (what a run without --public "
+        "uses), domain (the text of the population's users left out of the federation)",
     )
     parser.add_argument("--modes", default="emulator,full")
     parser.add_argument("--users", type=int, default=8)

@@ -8,8 +8,9 @@ Each (source, lr) builds the default recipe's emulator (the federation's plan, b
 length and precision) and aligns it for `--steps`; every `--every` steps the alignment pauses
 (its clock too) while the emulator's KL to the full model is measured on the source's own
 held-out blocks and on the first `--kl-blocks` test blocks of each population's 8 largest
-users. The generated text is made for the longest alignment asked for, so every step reads a
-fresh sample, as `--align-steps` does in a federation.
+users. The generated text is made for the alignment's length, so every step reads a fresh
+sample, as `--align-steps` does in a federation (`--sample-steps 60`: the default 60 steps'
+samples, read again).
 
 Writes experiments/results/align_curve_<name>.json and .md.
 """
@@ -59,7 +60,7 @@ def curve(base, source: str, lr: float, args, held_out: dict[str, list]) -> dict
         None,
         seq_len=align_config.seq_len,
         precision=resolved,
-        align_steps=args.steps,
+        align_steps=args.sample_steps or args.steps,
     )
     generation_seconds = time.perf_counter() - started
     tokenizer, pad = base.tokenizer, base.tokenizer.pad_token_id
@@ -108,14 +109,15 @@ def markdown(result: dict) -> str:
         "source's own held-out blocks and on each population's users' held-out text; seconds "
         "of alignment alone (the measurements paused the clock).",
         "",
-        "| aligned on | lr | steps | seconds | " + " | ".join(names) + " |",
-        "|---|---|---|---|" + "---|" * len(names),
+        "| aligned on | its blocks | lr | steps | seconds | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
     ]
     for row in result["curves"]:
         for point in row["points"]:
             kls = " | ".join(f"{point['kl'][n]:.3f}" for n in names)
             lines.append(
-                f"| {row['source']} | {row['lr']:g} | {point['step']} | {point['seconds']:.0f} "
+                f"| {row['source']} | {row['public_blocks']} | {row['lr']:g} | {point['step']} "
+                f"| {point['seconds']:.0f} "
                 f"| {kls} |"
             )
     made = [r for r in result["curves"] if r["generation_seconds"] is not None]
@@ -134,6 +136,12 @@ def main() -> None:
     parser.add_argument("--lrs", default="1e-3", help="comma-separated alignment lrs")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--every", type=int, default=30)
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=0,
+        help="generate samples for an alignment of N steps (0: --steps); fewer are read again",
+    )
     parser.add_argument("--populations", default="shakespeare,sympy,fortunes")
     parser.add_argument("--kl-blocks", type=int, default=2, help="held-out blocks per user")
     parser.add_argument("--threads", type=int, default=2)

@@ -9,8 +9,7 @@ length and precision) and aligns it for `--steps`; every `--every` steps the ali
 (its clock too) while the emulator's KL to the full model is measured on the source's own
 held-out blocks and on the first `--kl-blocks` test blocks of each population's 8 largest
 users. The generated text is made for the alignment's length, so every step reads a fresh
-sample, as `--align-steps` does in a federation (`--sample-steps 60`: the default 60 steps'
-samples, read again).
+sample (`--sample-steps 60`: the federation's own 320 samples, read again for longer).
 
 Writes experiments/results/align_curve_<name>.json and .md.
 """
@@ -26,6 +25,7 @@ from soppu import basemodel, lm, precision
 from soppu.alignment import AlignConfig, align, measure
 from soppu.data import load_users
 from soppu.emulator import build, layer_importance
+from soppu.generated import GenerationConfig, generated_text
 from soppu.public import public_texts
 from soppu.server.config import FederationConfig
 
@@ -42,6 +42,17 @@ def population_blocks(tokenizer, populations: list[str], blocks: int) -> dict[st
     return texts
 
 
+def generation(args, resolved: str) -> GenerationConfig:
+    """The federation's generated text, with one fresh sample per block an alignment of
+    `--sample-steps` (0: `--steps`) reads beside the default's held-out, importance and
+    correction blocks: `--sample-steps 60` is the federation's own 320 samples."""
+    default = GenerationConfig()
+    spare = default.samples - AlignConfig.steps * AlignConfig.batch_size
+    steps = args.sample_steps or args.steps
+    samples = spare + max(steps, AlignConfig.steps) * AlignConfig.batch_size
+    return GenerationConfig(samples=samples, tokens=default.tokens, precision=resolved)
+
+
 def curve(base, source: str, lr: float, args, held_out: dict[str, list]) -> dict:
     """Align one emulator for `args.steps`, measuring every `args.every` steps."""
     config = FederationConfig()
@@ -54,13 +65,10 @@ def curve(base, source: str, lr: float, args, held_out: dict[str, list]) -> dict
         precision=resolved,
     )
     started = time.perf_counter()
-    public = public_texts(
-        source,
-        base,
-        None,
-        seq_len=align_config.seq_len,
-        precision=resolved,
-        align_steps=args.sample_steps or args.steps,
+    public = (
+        generated_text(base.model, base.tokenizer, generation(args, resolved))
+        if source == "generated"
+        else public_texts(source, base, None)
     )
     generation_seconds = time.perf_counter() - started
     tokenizer, pad = base.tokenizer, base.tokenizer.pad_token_id

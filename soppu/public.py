@@ -33,21 +33,14 @@ def describe(source: str) -> str:
     return source
 
 
-def default_generation(
-    seq_len: int = 128, seed: int = 0, precision: str = "auto", align_steps: int = 60
-):
+def default_generation(seq_len: int = 128, seed: int = 0, precision: str = "auto"):
     """The generation a run with these settings asks for (`soppu prepare` writes the default
-    run's ahead, so that the first federation does not wait for it): one fresh sample per
-    block an alignment of `align_steps` reads, beside the held-out, importance and correction
-    blocks, so a longer alignment reads new text instead of the same samples again."""
+    run's ahead, so that the first federation does not wait for it)."""
     from soppu import precision as precisions
-    from soppu.alignment import AlignConfig
     from soppu.generated import GenerationConfig
 
     resolved = precisions.resolve(precision, "cpu") if precision == "auto" else precision
-    spare = GenerationConfig.samples - AlignConfig.steps * AlignConfig.batch_size
-    samples = spare + max(align_steps, AlignConfig.steps) * AlignConfig.batch_size
-    return GenerationConfig(samples=samples, tokens=seq_len, seed=seed, precision=resolved)
+    return GenerationConfig(tokens=seq_len, seed=seed, precision=resolved)
 
 
 def public_texts(
@@ -58,7 +51,6 @@ def public_texts(
     seq_len: int = 128,
     seed: int = 0,
     precision: str = "fp32",
-    align_steps: int = 60,
     progress: Callable[[int, int, float], None] = lambda *_: None,
 ) -> list[str]:
     """The texts of `source` ("": the default for users' `data`); `base` (a BaseModel) writes
@@ -67,6 +59,6 @@ def public_texts(
 
     source = source or default_public(data)
     if source == "generated":
-        config = default_generation(seq_len, seed, precision, align_steps)
+        config = default_generation(seq_len, seed, precision)
         return generated_text(base.model, base.tokenizer, config, progress)
     return public_text(None if source == "pool" else Path(source))

@@ -218,7 +218,6 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
         seq_len=config.training.seq_len,
         seed=config.seed,
         precision=precision.resolve(config.precision, config.device),
-        align_steps=config.emulator.align_steps,
         progress=step_logger(log, "writing public text, batch", 1, loss=False),
     )
 

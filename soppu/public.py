@@ -18,6 +18,23 @@ from pathlib import Path
 
 from soppu.generated import generated_text
 
+# `align_steps`' default: the resolved source's own number of steps (`align_steps` below)
+SOURCE_STEPS = -1
+
+
+def align_steps(source: str, steps: int = SOURCE_STEPS) -> int:
+    """`steps`, or where it is SOURCE_STEPS the alignment the resolved `source` takes by
+    default: 240 steps on generated text, 60 on the pool or a file. Generated text is every
+    domain the full model knows, and on users' text of other domains the emulator's KL to the
+    full model keeps falling to 240 steps (sympy's docs 1.53 → 1.39, the fortune files 1.37 →
+    1.26; experiments/align_curve.py); a given public text is one domain, the one its users
+    write in, where 60 steps keep the main job within its 10 minutes."""
+    if steps != SOURCE_STEPS:
+        return steps
+    from soppu.alignment import AlignConfig
+
+    return 240 if source == "generated" else AlignConfig.steps
+
 
 def default_public(data: str | None) -> str:
     """What `public = ""` means for users' `data` ("" or None: the embedded users)."""

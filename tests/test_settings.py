@@ -222,7 +222,7 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
     defaults, plan, align = FederationConfig(), EmulatorPlan(30), AlignConfig()
     emulator, training = defaults.emulator, defaults.training
     assert (emulator.top, emulator.bottom, emulator.drop) == (plan.top, plan.bottom, plan.drop)
-    assert emulator.layer_select == plan.select and emulator.align_steps == align.steps
+    assert emulator.layer_select == plan.select and defaults.align_steps() == align.steps
     assert (training.batch_size, training.seq_len) == (align.batch_size, align.seq_len)
     assert align.lr == personal.ALIGN_LR
     # an unset flag is the default, a set one wins
@@ -242,3 +242,25 @@ def test_each_client_mode_trains_at_its_measured_lr_unless_one_is_given():
     assert (given.lr, given.lr_scheduler_type) == (2e-3, "cosine")
     with pytest.raises(ValueError, match="lr scheduler 'warmup'"):
         FederationConfig(training=ClientTraining(lr_scheduler_type="warmup"))
+
+
+def test_alignment_steps_are_the_public_texts_own_unless_given():
+    from soppu.alignment import AlignConfig
+    from soppu.server.config import DataSettings
+
+    own_data = DataSettings(source="users.jsonl")
+    # the embedded users align on their pool for AlignConfig's steps; anyone's own data on the
+    # full model's generated text for four times as many (experiments/align_curve.py)
+    assert FederationConfig().public_source() == "pool"
+    assert FederationConfig().align_steps() == AlignConfig().steps == 60
+    assert FederationConfig(data=own_data).public_source() == "generated"
+    assert FederationConfig(data=own_data).align_steps() == 240
+    for public, steps in (("pool", 60), ("generated", 240), ("public.jsonl", 60)):
+        emulator = EmulatorSettings(public=public)
+        assert FederationConfig(data=own_data, emulator=emulator).align_steps() == steps
+    for given in (0, 7, 240):  # a number given is the number used, 0 (unaligned) included
+        emulator = EmulatorSettings(align_steps=given)
+        assert FederationConfig(data=own_data, emulator=emulator).align_steps() == given
+        assert FederationConfig(emulator=emulator).align_steps() == given
+    with pytest.raises(ValueError, match="align-steps must be ≥ 0, or -1"):
+        EmulatorSettings(align_steps=-2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from inspect import Parameter
 from pathlib import Path
 from typing import Annotated, Any
@@ -149,9 +149,10 @@ def emulator_build(
 def _build_emulator(base, plan, public: str, config):
     """Build and align with a progress bar from the first second; say what it is aligned on."""
     from soppu.alignment import build_aligned
-    from soppu.public import default_public, describe
+    from soppu.public import align_steps, default_public, describe
 
     public = public or default_public(None)  # no users' data: the embedded users' pool
+    config = replace(config, steps=align_steps(public, config.steps))
     texts = _public(base, public, config.seq_len, config.precision)
     if plan.drop > 0 and config.steps > 0:
         console.print(
@@ -277,6 +278,7 @@ def _emulator(folder: Path | None, base, client_mode: str, public: str, precisio
     from soppu.alignment import AlignConfig
     from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
     from soppu.precision import resolve
+    from soppu.public import SOURCE_STEPS
 
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
@@ -289,7 +291,8 @@ def _emulator(folder: Path | None, base, client_mode: str, public: str, precisio
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, _public(base, public, AlignConfig().seq_len, resolve(precision, device))
     console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
-    align = AlignConfig(precision=resolve(precision, device))  # as it ran
+    # as it ran; the steps are the public text's default, as a federation's
+    align = AlignConfig(steps=SOURCE_STEPS, precision=resolve(precision, device))
     return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)
 
 

@@ -268,7 +268,11 @@ class EmulatorSettings:
         "importance",
         "Middle layers the emulator keeps: importance or even.",
     )
-    align_steps: int = setting(60, "Emulator alignment steps.")
+    align_steps: int = setting(
+        -1,
+        "Emulator alignment steps; -1: the public text's default (240 on generated text, "
+        "60 on the pool or a file); 0: none.",
+    )
     # FedBiOT's bi-level step: with the adapter in both models the emulator's middle layers
     # learn to pass on what the full model does with it (experiments/realign_probe.py)
     realign_steps: int = setting(
@@ -292,6 +296,10 @@ class EmulatorSettings:
         _check_one_of(self, {"layer_select": ("importance", "even")})  # soppu.emulator.SELECTIONS
         if self.correction_batches < 0:
             raise ValueError(f"correction-batches must be ≥ 0, got {self.correction_batches}")
+        if self.align_steps < -1:
+            raise ValueError(
+                f"align-steps must be ≥ 0, or -1 for the default, got {self.align_steps}"
+            )
         if self.realign_steps < 0:
             raise ValueError(f"realign-steps must be ≥ 0 (0: off), got {self.realign_steps}")
 
@@ -574,6 +582,18 @@ class FederationConfig:
         return EmulatorPlan(
             num_layers, top=e.top, bottom=e.bottom, drop=drop, select=e.layer_select
         )
+
+    def public_source(self) -> str:
+        """The public text's source, resolved (`soppu.public`: "" is the users' data's default)."""
+        from soppu.public import default_public
+
+        return self.emulator.public or default_public(self.data.source)
+
+    def align_steps(self) -> int:
+        """The emulator's alignment steps, resolved (`-1`: the public text's default)."""
+        from soppu.public import align_steps
+
+        return align_steps(self.public_source(), self.emulator.align_steps)
 
     def compression_config(self) -> CompressionConfig:
         return self.compression.to_config(self.device)

@@ -32,7 +32,7 @@ from soppu.cache import cache_dir
 from soppu.data import DataError, UserText, load_users
 from soppu.emulator import EmulatorError, EmulatorInfo, load, read_info, save, version_id
 from soppu.personalize import fresh_lora
-from soppu.public import default_public, describe, public_texts
+from soppu.public import describe, public_texts
 from soppu.server.config import FederationConfig
 from soppu.server.federation import Correction, Federation, Log, Realign, Selection
 from soppu.server.selection import select_served
@@ -163,7 +163,7 @@ def say_precision(config: FederationConfig, log: Log) -> None:
     work = [
         what
         for what, done in (
-            ("aligns the emulator", emulated and e.align_steps > 0 and not e.path),
+            ("aligns the emulator", emulated and config.align_steps() > 0 and not e.path),
             ("re-aligns it every round", emulated and e.realign_steps > 0),
             ("corrects the clients' gradients", emulated and e.correction_batches > 0),
         )
@@ -208,7 +208,7 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
     and corrects nothing."""
     if config.client_mode == "full":
         return []
-    source = config.emulator.public or default_public(config.data.source)
+    source = config.public_source()
     log(f"public text: {describe(source)}")
     if source == "pool" and config.data.source:
         log("  the users' data is their own: --public generated or FILE may fit them better")
@@ -359,7 +359,7 @@ def _aligned(
     with nothing to align (full mode, or 0 steps) is built into the run, never cached."""
     plan = config.plan(base.num_layers)
     align = AlignConfig(
-        steps=config.emulator.align_steps,
+        steps=config.align_steps(),
         batch_size=config.training.batch_size,
         seq_len=config.training.seq_len,
         # resolved: an emulator aligned in bf16 is another cache entry than one in fp32

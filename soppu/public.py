@@ -27,8 +27,10 @@ def align_steps(source: str, steps: int = SOURCE_STEPS) -> int:
     default: 240 steps on generated text, 60 on the pool or a file. Generated text is every
     domain the full model knows, and on users' text of other domains the emulator's KL to the
     full model keeps falling to 240 steps (sympy's docs 1.53 → 1.39, the fortune files 1.37 →
-    1.26; experiments/align_curve.py); a given public text is one domain, the one its users
-    write in, where 60 steps keep the main job within its 10 minutes."""
+    1.26; experiments/align_curve.py); side by side with 60, all 6 fortune-file users were
+    served 2–5 points more and sympy's were about even (experiments/results/
+    compare_runs_reuse240-*.md). A given public text is one domain, chosen for its users (the
+    pool for the embedded roles), and 60 steps there keep the main job within 10 minutes."""
     if steps != SOURCE_STEPS:
         return steps
     from soppu.alignment import AlignConfig

@@ -264,3 +264,28 @@ def test_alignment_steps_are_the_public_texts_own_unless_given():
         assert FederationConfig(emulator=emulator).align_steps() == given
     with pytest.raises(ValueError, match="align-steps must be ≥ 0, or -1"):
         EmulatorSettings(align_steps=-2)
+
+
+def test_personalize_and_emulator_build_align_for_the_public_texts_own_steps(monkeypatch):
+    import soppu.alignment
+    from soppu.alignment import AlignConfig
+    from soppu.cli import personal
+    from soppu.emulator import EmulatorPlan
+    from soppu.public import SOURCE_STEPS
+
+    asked = []
+    monkeypatch.setattr(personal, "_public", lambda *_: ["text"])
+    monkeypatch.setattr(
+        soppu.alignment, "build_aligned", lambda *a: asked.append(a[5].steps) or ("emu", "info")
+    )
+    base = type("Base", (), {"model": None, "tokenizer": None, "name": "m"})()
+    plan = EmulatorPlan(30)
+    for public, given, steps in (
+        ("generated", SOURCE_STEPS, 240),
+        ("pool", SOURCE_STEPS, 60),
+        ("", SOURCE_STEPS, 60),  # emulator build's default: the pool
+        ("generated", 12, 12),
+        ("generated", 0, 0),
+    ):
+        personal._build_emulator(base, plan, public, AlignConfig(steps=given))
+        assert asked.pop() == steps

@@ -18,28 +18,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 from experiments.lib import RESULTS, provenance, write_results
-from experiments.populations import prepare
+from experiments.populations import held_out_blocks
 from soppu import basemodel, lm, precision
-from soppu.alignment import AlignConfig, align, measure
-from soppu.data import load_users
-from soppu.emulator import build, layer_importance
+from soppu.alignment import AlignConfig, align, build_aligned, measure
 from soppu.generated import GenerationConfig, generated_text
 from soppu.public import public_texts
 from soppu.server.config import FederationConfig
-
-
-def population_blocks(tokenizer, populations: list[str], blocks: int) -> dict[str, list]:
-    """Each population's held-out text: the first `blocks` test blocks of its 8 largest users."""
-    texts = {}
-    for population in populations:
-        users = load_users(None if population == "shakespeare" else prepare(population))
-        ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))[:8]
-        texts[population] = [
-            b for u in ranked for b in lm.token_blocks(tokenizer, u.test, 128)[:blocks]
-        ]
-    return texts
 
 
 def generation(args, resolved: str) -> GenerationConfig:
@@ -73,10 +60,9 @@ def curve(base, source: str, lr: float, args, held_out: dict[str, list]) -> dict
     generation_seconds = time.perf_counter() - started
     tokenizer, pad = base.tokenizer, base.tokenizer.pad_token_id
     blocks = lm.token_blocks(tokenizer, "\n".join(public), align_config.seq_len)
-    plan = config.plan(base.num_layers)
-    sample = blocks[align_config.eval_blocks :][: align_config.importance_blocks]
-    importance = layer_importance(base.model, lm.batches(sample, align_config.batch_size, pad))
-    emulator, info = build(base.model, plan, base.name, importance)
+    plan = config.plan(base.num_layers)  # its layers chosen on this text, as a federation's
+    unaligned = replace(align_config, steps=0)
+    emulator, info = build_aligned(base.model, tokenizer, base.name, plan, public, unaligned)
     texts = {"own": blocks[: align_config.eval_blocks], **held_out}
     points, paused = [], 0.0
 
@@ -159,7 +145,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = basemodel.load()
     populations = args.populations.split(",")
-    held_out = population_blocks(base.tokenizer, populations, args.kl_blocks)
+    held_out = {p: held_out_blocks(base.tokenizer, p, args.kl_blocks) for p in populations}
     curves = [
         curve(base, source, float(lr), args, held_out)
         for source in args.sources.split(",")

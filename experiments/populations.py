@@ -139,6 +139,17 @@ def prepare(name: str, status: Callable[[str], None] = print) -> Path:
     return target
 
 
+def held_out_blocks(tokenizer, name: str, blocks: int) -> list:
+    """A population's held-out text for measuring an emulator on it: the first `blocks` test
+    blocks (128 tokens) of each of its 8 largest users ("shakespeare": the embedded roles)."""
+    from soppu import lm
+    from soppu.data import load_users
+
+    users = load_users(None if name == "shakespeare" else prepare(name))
+    ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))[:8]
+    return [b for u in ranked for b in lm.token_blocks(tokenizer, u.test, 128)[:blocks]]
+
+
 def bystanders(name: str, users: int) -> Path:
     """Text of the population's domain that no user of its federation wrote, as a `--public`
     file: the records of every user beyond the `users` that `soppu simulate --users N` takes

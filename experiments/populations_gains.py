@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenance, write_results
-from experiments.populations import NAMES, bystanders, prepare
+from experiments.populations import NAMES, bystanders, held_out_blocks, prepare
 from soppu.public import default_public
 from soppu.server.store import RunFolder, parse_served
 
@@ -93,19 +93,12 @@ def run_one(args, population: str, mode: str, public: str) -> dict:
 def emulator_kl(runs: list[dict], populations: list[str], blocks: int) -> list[dict]:
     """Each emulator-mode run's emulator against the full model, on each population's held-out
     text (the first `blocks` blocks of every user's test split, pooled)."""
-    from soppu import basemodel, lm
+    from soppu import basemodel
     from soppu.alignment import measure
-    from soppu.data import load_users
     from soppu.emulator import load
 
     base = basemodel.load()
-    texts = {}
-    for population in populations:
-        users = load_users(None if population == "shakespeare" else prepare(population))
-        ranked = sorted(users.values(), key=lambda u: (-u.chars, u.user_id))[:8]
-        texts[population] = [
-            b for u in ranked for b in lm.token_blocks(base.tokenizer, u.test, 128)[:blocks]
-        ]
+    texts = {p: held_out_blocks(base.tokenizer, p, blocks) for p in populations}
     rows, measured = [], {}
     for run in runs:
         if run["mode"] != "emulator":

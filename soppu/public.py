@@ -20,6 +20,7 @@ from soppu.generated import generated_text
 
 # `align_steps`' default: the resolved source's own number of steps (`align_steps` below)
 SOURCE_STEPS = -1
+GENERATED_STEPS = 240  # alignment steps on generated text by default
 
 
 def align_steps(source: str, steps: int = SOURCE_STEPS) -> int:
@@ -35,7 +36,7 @@ def align_steps(source: str, steps: int = SOURCE_STEPS) -> int:
         return steps
     from soppu.alignment import AlignConfig
 
-    return 240 if source == "generated" else AlignConfig.steps
+    return GENERATED_STEPS if source == "generated" else AlignConfig.steps
 
 
 def default_public(data: str | None) -> str:

@@ -21,26 +21,36 @@ from soppu.server.compression_round import compress_run
 from soppu.server.config import EvaluationSettings, FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
-from soppu.server.selection import choose, select_served, strength_walk
+from soppu.server.selection import best_of, choose, select_served, strength_walk
 from soppu.server.store import RunFolder
 from soppu.train_config import TrainConfig
 
 
-def test_the_lowest_validation_loss_wins_and_a_tie_goes_to_the_simpler_choice():
-    assert choose({"base": 3.0, "global": 2.5, "personal": 2.6}) == "global"
-    assert choose({"base": 3.0, "global": 2.5, "personal": 2.4}) == "personal"
+def test_the_users_own_adapter_is_served_unless_the_global_one_is_significantly_better():
+    losses = {"base": 3.0, "global": 2.5, "personal": 2.6}
+    assert choose(losses, {"global", "personal"}) == "personal"  # 2.5 against 2.6: noise
+    assert choose(losses, {"global", "personal"}, global_beats_personal=True) == "global"
+    assert choose(losses) == "personal"  # no significance given: below base's loss will do
+    # The own adapter at its best strength, whatever the other candidates' losses.
+    scaled = {"base": 3.0, "personal": 2.0, "personal×0.75": 1.9, "global×1.25": 1.8}
+    assert choose(scaled, set(scaled) - {"base"}) == "personal×0.75"
+    assert choose(scaled, set(scaled) - {"base"}, global_beats_personal=True) == "global×1.25"
+    assert choose({"base": 3.0, "personal×0.5": 2.0, "personal": 2.0}) == "personal"
+    assert best_of(scaled, "global") == "global×1.25"
+    assert best_of({"base": 3.0, "personal": 2.0}, "global") is None
+
+
+def test_otherwise_the_lowest_loss_significantly_better_than_base_and_ties_go_simpler():
+    losses = {"base": 3.0, "global": 2.5, "personal": 2.4}
+    assert choose(losses, {"global"}) == "global"  # the own one is not significantly better
+    assert choose(losses, set()) == "base"
     assert choose({"base": 2.0, "global": 2.5, "personal": 2.4}) == "base"
     assert choose({"base": 2.0, "global": 2.0, "personal": 2.0}) == "base"
-    assert choose({"base": 2.0, "personal": 1.0}) == "personal"  # no global adapter (none)
-    # Only an adapter significantly better than the base model on validation may be served.
-    losses = {"base": 3.0, "global": 2.5, "personal": 2.4}
-    assert choose(losses, {"global"}) == "global"
-    assert choose(losses, set()) == "base"
+    assert choose({"base": 2.0, "global": 1.0}) == "global"  # no personal adapter
     # Strengths: the lowest loss; on a tie the strength nearest 1, then the simpler kind.
-    scaled = {"base": 3.0, "personal": 2.0, "personal×0.75": 1.9, "global×1.25": 1.9}
-    assert choose(scaled) == "global×1.25"
-    assert choose({"base": 3.0, "personal×0.5": 2.0, "personal": 2.0}) == "personal"
-    assert choose({"base": 3.0, "personal×0.5": 2.0, "personal×1.5": 2.0}) == "personal×1.5"
+    scaled = {"base": 3.0, "global": 2.0, "global×0.75": 1.9, "personal×1.25": 1.9}
+    assert choose(scaled, {"global", "global×0.75"}) == "global×0.75"
+    assert choose({"base": 3.0, "global×0.5": 2.0, "global×1.5": 2.0}) == "global×1.5"
     assert FederationConfig().evaluation.scales() == (0.5, 0.75, 1.0, 1.25)
     assert EvaluationSettings(serve_scales="2").scales() == (1.0, 2.0)  # 1 always tried
     for wrong in ("0", "nan", "5", "x"):
@@ -121,6 +131,8 @@ def test_a_harmful_adapter_is_never_served_and_the_run_says_so(tmp_path):
     assert chosen["wild"]["validation"]["personal"] > 2 * chosen["wild"]["validation"]["base"]
     assert chosen["calm"]["validation_gains"]["personal"]["verdict"] == "better"
     assert chosen["wild"]["validation_gains"]["personal"]["verdict"] == "worse"
+    assert chosen["calm"]["global_over_personal"]["verdict"] == "worse"
+    assert chosen["wild"]["why"].startswith("base model")
     assert json.loads(run.selection.read_text())["users"] == chosen
     lines: list[str] = []
     say_served(chosen, lines.append)
@@ -207,3 +219,35 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
 
     select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
     assert run.served_sources()["loud"][1] == 1.0
+
+
+def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_significantly(tmp_path):
+    """timid's own adapter is a good one at a fifth of its strength: better than the base
+    model, and significantly worse than the global adapter (the good one itself), which is
+    served; with the two swapped, timid is served their own."""
+    torch.set_num_threads(1)
+    data = write_users_jsonl(tmp_path / "users.jsonl", {"timid": 6000})
+    users = load_users(data, DataOptions(validation_fraction=0.2))
+    base = _pretrained_tiny_model(tmp_path / "model", users["timid"].train)
+    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
+    config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
+    blocks = lm.token_blocks(base.tokenizer, users["timid"].train, config.seq_len)
+    pad = base.tokenizer.pad_token_id
+    good, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
+
+    run = RunFolder(tmp_path / "run")
+    save(emulator, info, run.emulator, cache=True)
+    for own, shared, served in (
+        (good.scaled(0.2), good, "global"),
+        (good, good.scaled(0.2), "personal"),
+    ):
+        write_lora(own, run.store / "timid", {"round": 1}, replace=True)
+        write_lora(shared, run.global_dir, {"round": 1}, replace=True)
+        run.set_state(round=1)
+        entry = select_served(run, base.model, base.tokenizer, users, config)["timid"]
+        assert entry["validation_gains"]["personal"]["verdict"] == "better"
+        assert entry["served"] == served
+        rival = entry["global_over_personal"]["verdict"]
+        assert rival == ("better" if served == "global" else "worse")
+        why = {"global": "global adapter: significantly better", "personal": "own adapter"}
+        assert entry["why"].startswith(why[served])

@@ -509,6 +509,13 @@ def say_robust(averaged: Averaged, log: Log) -> None:
         log(f"  num-examples capped for {claims}")
 
 
+# why a user is not served their own adapter, by what they are served instead
+NOT_THEIR_OWN = {
+    "global": ("the global adapter", "their own scored significantly worse or no better than base"),
+    "base": ("no adapter (base model)", "their own scored worse"),
+}
+
+
 def say_served(chosen: dict[str, dict[str, Any]], log: Log, seconds: float = 0.0) -> None:
     """One line per kind of choice: how many users are served what, naming those not served
     their own adapter (an adapter that would harm them on their validation text)."""
@@ -520,10 +527,10 @@ def say_served(chosen: dict[str, dict[str, Any]], log: Log, seconds: float = 0.0
         + ", ".join(f"{choice} {len(users)}" for choice, users in sorted(by_choice.items()))
         + (f" ({seconds:.0f} s)" if seconds else "")
     )
-    for kind, what in (("global", "the global adapter"), ("base", "no adapter (base model)")):
+    for kind, (what, why) in NOT_THEIR_OWN.items():
         named = sorted(u for c, us in by_choice.items() if parse_served(c)[0] == kind for u in us)
         if named:
-            log(f"  {what} for {', '.join(named)}: their own scored worse")
+            log(f"  {what} for {', '.join(named)}: {why}")
     if 2 * len(by_choice.get("base", [])) > len(chosen):
         log(
             "  for most users no adapter of this run beats the base model: the client model "

@@ -11,12 +11,24 @@ else), the candidates:
     personal   the user's own adapter
 
 each adapter at the strengths λ of `--serve-scales` (λ·ΔW, "personal×0.75") that a walk
-from λ = 1 towards a lower validation loss visits (`strength_walk`), and serves,
-among the base model and the adapters that beat it *significantly* on that text (the paired
-95% bootstrap interval of the gain over the base model excludes 0, `soppu/server/intervals.py`),
-the one with the lowest validation loss; a tie goes to the simpler: base, global, personal,
-and the strength nearest 1. A point estimate alone is not enough: on sympy's docstrings an
-adapter 1.7% better on 1,567 validation tokens was 18% worse on the held-out text. The choice, the
+from λ = 1 towards a lower validation loss visits (`strength_walk`), and serves:
+
+- the personal adapter, at the strength its walk found best, where it beats the base model
+  *significantly* on that text (the paired 95% bootstrap interval of the gain excludes 0,
+  `soppu/server/intervals.py`), unless the global adapter at its own best beats *it*
+  significantly there;
+- otherwise, among the base model and the adapters significantly better than it, the one with
+  the lowest validation loss; a tie goes to the simpler: base, global, personal, and the
+  strength nearest 1.
+
+A point estimate alone is not enough. On sympy's docstrings an adapter 1.7% better than the
+base model on 1,567 validation tokens was 18% worse on the held-out text; and among seven
+candidates a few tenths of a percent apart the lowest is partly the luckiest: a user served
+the global adapter at 1.25, 0.3% better than their own on 1,376 validation tokens, was 3.4%
+worse off on held-out text. Replayed on the finished runs of three populations, requiring the
+global adapter to beat the personal one significantly changed 2 of 28 users' choices, both
+to their significant gain on held-out text, and no one's to a loss
+(experiments/choice_rules.py, docs/benchmarks.md). The choice, the
 validation perplexities and gains go to RUN/selection.json and into the compressed store's
 manifest; compression then compresses what each user is served: the chosen adapter as it is
 then, at the chosen strength (`RunFolder.served_sources`).
@@ -53,21 +65,40 @@ from soppu.train_config import TrainConfig
 CANDIDATES = ("base", "global", "personal")  # a tie goes to the earlier one
 
 
-def choose(losses: dict[str, float], beat_base: set[str] | None = None) -> str:
-    """The lowest validation loss among the base model and the candidates in `beat_base`
-    (those significantly better than it; None: every candidate); ties go to the simpler:
-    base, then global, then personal, and the strength nearest 1."""
+def choose(
+    losses: dict[str, float],
+    beat_base: set[str] | None = None,
+    global_beats_personal: bool = False,
+) -> str:
+    """What to serve, from each candidate's validation loss: the personal adapter's best
+    strength where it is significantly better than the base model (in `beat_base`; None:
+    every candidate below the base model's loss is) and the global adapter's best is not
+    significantly better than it (`global_beats_personal`); otherwise the lowest loss among
+    the base model and the candidates in `beat_base`, a tie going to the simpler: base, then
+    global, then personal, and the strength nearest 1."""
+    base = math.inf if losses.get("base") is None else losses["base"]
     present = [
         c
         for c in losses
-        if losses[c] is not None and (c == "base" or beat_base is None or c in beat_base)
+        if losses[c] is not None
+        and (c == "base" or (losses[c] < base if beat_base is None else c in beat_base))
     ]
+    mine = best_of(losses, "personal")
+    if mine in present and not global_beats_personal:
+        return mine
 
     def simpler(label: str) -> tuple[float, int, float]:
         kind, scale = parse_served(label)
         return losses[label], CANDIDATES.index(kind), abs(math.log(scale))
 
     return min(present, key=simpler)
+
+
+def best_of(losses: dict[str, float], kind: str) -> str | None:
+    """The label of `kind` ("global", "personal") with the lowest validation loss (a tie:
+    the strength nearest 1); None where that kind was not scored."""
+    labels = [c for c in losses if losses[c] is not None and parse_served(c)[0] == kind]
+    return min(labels, key=lambda c: (losses[c], abs(math.log(parse_served(c)[1]))), default=None)
 
 
 def select_served(
@@ -107,13 +138,18 @@ def select_served(
             if name != "base"
         }
         beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
+        rival = _global_over_personal(scores, losses, seed=done)
+        beaten = rival is not None and rival.verdict == "better"
+        served = choose(losses, beat_base, global_beats_personal=beaten)
         chosen[user] = {
-            "served": choose(losses, beat_base),
-            "why": "lowest validation perplexity among those significantly better than base",
+            "served": served,
+            "why": _why(served, beat_base, beaten),
             "validation": {name: math.exp(loss) for name, loss in losses.items()},
             "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
             "validation_tokens": int(counts.sum()),
         }
+        if rival is not None:
+            chosen[user]["global_over_personal"] = rival.as_dict()
     if any(c["served"] == "base" for c in chosen.values()):
         write_no_adapter(run)
     atomic.write_json(run.selection, {"users": chosen})
@@ -121,6 +157,26 @@ def select_served(
 
 
 Scores = tuple[Tensor, Tensor]  # per-block NLL sums and token counts (`lm.block_nll`)
+
+
+def _global_over_personal(scores: dict[str, Scores], losses: dict[str, float], seed: int):
+    """The gain of the global adapter's best strength over the personal adapter's, with its
+    paired interval on the validation blocks; None where either was not scored."""
+    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
+    if mine is None or shared is None:
+        return None
+    return paired_gain(scores[mine][0], scores[shared][0], scores[mine][1], seed=seed)
+
+
+def _why(served: str, beat_base: set[str], global_beats_personal: bool) -> str:
+    kind = parse_served(served)[0]
+    if kind == "personal":
+        return "own adapter: significantly better than base, the global one not better than it"
+    if kind == "global" and global_beats_personal:
+        return "global adapter: significantly better than the user's own on validation"
+    if kind == "global":
+        return "global adapter: the user's own is not significantly better than base"
+    return "base model: no adapter significantly better than it on validation"
 
 
 def _candidate_scores(

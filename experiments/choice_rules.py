@@ -1,0 +1,234 @@
+"""Which rule should choose what a user is served? Finished runs' choices replayed under other
+rules, each judged on the users' held-out text.
+
+    python -m experiments.choice_rules --name NAME --runs RUN[,RUN...]
+
+The served choice (soppu/server/selection.py) scores, on a user's validation text, the base
+model and the global and personal adapters at the strengths its walk visits. Until
+2026-12-06 it served the lowest validation loss among the base model and the candidates
+significantly better than it; among seven or so candidates whose validation losses differ by
+tenths of a percent, the lowest is partly the luckiest (the winner's curse): sympy's
+combinatorics user was served the global adapter at 1.25, 0.3% better than their personal
+adapter on 1,376 validation tokens and 3.4% worse on held-out text.
+
+This scores every candidate at every strength of the run's `--serve-scales` on both splits
+(cached in runs/experiments/choice-scores/), then replays, per user:
+
+    lowest          the rule until 2026-12-06, its walk included
+    anchored        the personal adapter as trained (λ = 1) where it beats the base model
+                    significantly on validation text, unless the lowest rule's choice beats
+                    *it* significantly there; else that choice
+    personal-first  the served choice's rule since (`soppu.server.selection.choose`): the
+                    personal adapter at the strength its walk finds best, where that beats
+                    the base model significantly, unless the global adapter at its own best
+                    beats it significantly; else the lowest rule's choice (only the kind, not
+                    the strength, must earn its place)
+
+and judges each rule's choice on held-out text against the lowest rule's (paired 95%
+intervals), and against the base model (harm).
+
+Writes experiments/results/choice_rules_<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
+from soppu import basemodel, lm
+from soppu.personalize import scored
+from soppu.server.intervals import paired_gain
+from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.selection import CANDIDATES, best_of, choose, strength_walk
+from soppu.server.store import RunFolder, parse_served, served_label
+
+Scores = tuple[torch.Tensor, torch.Tensor]  # per-block NLL sums, token counts
+ANCHOR = "personal"
+
+
+def score_run(run: RunFolder) -> dict[str, dict]:
+    """user → {"val"|"test": {label: Scores}}, every candidate at every strength (cached)."""
+    cache = RUNS / "choice-scores" / f"{run.root.name}.pt"
+    if cache.is_file():
+        return torch.load(cache)
+    config = stored_config(run)
+    base = basemodel.load(config.base_model or None)
+    pad, cap = base.tokenizer.pad_token_id, config.evaluation.final_eval_tokens or 2**62
+    texts, grid = choose_users(config), config.evaluation.scales()
+    adapters = {"global": run.global_adapter()}
+    found = {}
+    for i, user in enumerate(run.users()):
+        print(f"  [{i + 1}/{len(run.users())}] {user}", flush=True)
+        loras = {"base": None} | {
+            served_label(kind, s): lora.scaled(s)
+            for kind, lora in (adapters | {"personal": run.latest(user)}).items()
+            for s in grid
+        }
+        found[user] = {}
+        for split in ("val", "test"):
+            text = texts[user].validation if split == "val" else texts[user].test
+            blocks = lm.token_blocks(base.tokenizer, text, config.training.seq_len, cap)
+            found[user][split] = {
+                name: scored(base.model, lora, blocks, pad, config.training.batch_size)
+                for name, lora in loras.items()
+            }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(found, cache)
+    return found
+
+
+def _loss(scores: Scores) -> float:
+    return float(scores[0].sum()) / float(scores[1].sum())
+
+
+def lowest(val: dict[str, Scores], grid: list[float], seed: int) -> str:
+    """The rule until 2026-12-06: each adapter's walk, then the lowest validation loss among
+    the base model and the candidates significantly better than it (a tie: the simpler)."""
+    visited = _visited(val, grid)
+    eligible = {"base"} | _better(val, "base", visited, seed)
+
+    def simpler(label: str) -> tuple[float, int, float]:
+        kind, scale = parse_served(label)
+        return _loss(visited[label]), CANDIDATES.index(kind), abs(math.log(scale))
+
+    return min(eligible, key=simpler)
+
+
+def anchored(val: dict[str, Scores], grid: list[float], seed: int) -> str:
+    """The personal adapter as trained where it beats the base model significantly, unless
+    the lowest rule's choice beats it significantly; else that choice."""
+    pick = lowest(val, grid, seed)
+    if ANCHOR not in _better(val, "base", {ANCHOR: val[ANCHOR]}, seed) or pick == ANCHOR:
+        return pick
+    return pick if _better(val, ANCHOR, {pick: val[pick]}, seed) else ANCHOR
+
+
+def personal_first(val: dict[str, Scores], grid: list[float], seed: int) -> str:
+    """The served choice's rule from 2026-12-06, as `select_served` makes it: the walks, the
+    global adapter's best against the personal one's, then `choose`."""
+    visited = _visited(val, grid)
+    losses = {label: _loss(scores) for label, scores in visited.items()}
+    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
+    beaten = bool(_better(val, mine, {shared: val[shared]}, seed))
+    return choose(losses, _better(val, "base", visited, seed), global_beats_personal=beaten)
+
+
+def _visited(val: dict[str, Scores], grid: list[float]) -> dict[str, Scores]:
+    """The base model and each adapter at the strengths its walk visits."""
+    visited = {"base": val["base"]}
+    for kind in ("global", "personal"):
+        walked = strength_walk(grid, lambda s, kind=kind: val[served_label(kind, s)])
+        visited |= {served_label(kind, s): scores for s, scores in walked.items()}
+    return visited
+
+
+def _better(val: dict[str, Scores], reference: str, among: dict[str, Scores], seed: int) -> set:
+    counts = val[reference][1]
+    return {
+        name
+        for name, (sums, _) in among.items()
+        if name != reference
+        and paired_gain(val[reference][0], sums, counts, seed=seed).verdict == "better"
+    }
+
+
+RULES: dict[str, Callable[[dict, list[float], int], str]] = {
+    "lowest": lowest,
+    "anchored": anchored,
+    "personal-first": personal_first,
+}
+
+
+def judge(scores: dict, grid: list[float], seed: int) -> dict:
+    """Each rule's choice and its held-out gains: over the base model, and over the lowest
+    rule's choice."""
+    test = scores["test"]
+    counts = test["base"][1]
+    picks = {rule: pick(scores["val"], grid, seed) for rule, pick in RULES.items()}
+    return {
+        "picks": picks,
+        "test_tokens": int(counts.sum()),
+        "val_tokens": int(scores["val"]["base"][1].sum()),
+        "over_base": {
+            rule: paired_gain(test["base"][0], test[p][0], counts, seed=seed).as_dict()
+            for rule, p in picks.items()
+        },
+        "over_lowest": {
+            rule: paired_gain(test[picks["lowest"]][0], test[p][0], counts, seed=seed).as_dict()
+            for rule, p in picks.items()
+            if rule != "lowest"
+        },
+    }
+
+
+def summarise(users: dict[str, dict]) -> dict:
+    out = {}
+    for rule in RULES:
+        gains = [u["over_base"][rule] for u in users.values()]
+        row = {
+            "median": statistics.median(g["point"] for g in gains),
+            "harmed": sum(g["verdict"] == "worse" for g in gains),
+            "changed": sum(u["picks"][rule] != u["picks"]["lowest"] for u in users.values()),
+        }
+        if rule != "lowest":
+            verdicts = [u["over_lowest"][rule]["verdict"] for u in users.values()]
+            row |= {"better": verdicts.count("better"), "worse": verdicts.count("worse")}
+        out[rule] = row
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` at {result['commit']} on {result['date']}.",
+        "",
+        "| run | users | rule | median served gain | harmed | choice changed | better / worse "
+        "than lowest (95% paired interval) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        for rule, s in run["summary"].items():
+            against = f"{s['better']} / {s['worse']}" if rule != "lowest" else "–"
+            lines.append(
+                f"| {run['run']} | {len(run['users'])} | {rule} | {pct(s['median'])} "
+                f"| {s['harmed']} | {s['changed']} | {against} |"
+            )
+    lines += ["", "Where a rule changes a choice:", ""]
+    lines += ["| run | user | rule | lowest | the rule's | held-out change (95% interval) |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for user, u in run["users"].items():
+            for rule, pick in u["picks"].items():
+                if pick != u["picks"]["lowest"]:
+                    lines.append(
+                        f"| {run['run']} | {user} | {rule} | {u['picks']['lowest']} | {pick} "
+                        f"| {interval(u['over_lowest'][rule])} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", required=True, help="finished run folders, comma-separated")
+    parser.add_argument("--name", default="replay")
+    args = parser.parse_args()
+    runs = []
+    for path in args.runs.split(","):
+        run = RunFolder(Path(path))
+        print(f"{run.root.name}:", flush=True)
+        grid = list(stored_config(run).evaluation.scales())
+        scores = score_run(run)
+        users = {u: judge(s, grid, seed=i) for i, (u, s) in enumerate(scores.items())}
+        runs.append({"run": run.root.name, "users": users, "summary": summarise(users)})
+    result = {**provenance("choice_rules"), "rules": list(RULES), "runs": runs}
+    write_results(RESULTS / f"choice_rules_{args.name}.json", result, markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

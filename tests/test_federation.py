@@ -114,16 +114,18 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
         training = json.loads((run.store / user / "training.json").read_text())
         assert training["round"] == 2 and training["emulator"].startswith("emu-")
 
-    # What each user is served was chosen on their validation text (the lowest validation loss
-    # among the base model and the adapters significantly better than it), and the published
-    # adapter is that one (rank N·k compresses exactly): the user's own, the global one, or
-    # all zeros (the base model).
+    # What each user is served was chosen on their validation text (their own adapter where
+    # it beats the base model significantly and the global one does not beat it; else the
+    # lowest loss among the base model and the adapters significantly better than it), and
+    # the published adapter is that one (rank N·k compresses exactly): the user's own, the
+    # global one, or all zeros (the base model).
     selection = json.loads(run.selection.read_text())["users"]
     assert sorted(selection) == USERS
     for entry in selection.values():
         gains = entry["validation_gains"]
         beat = {name for name, gain in gains.items() if gain["low"] > 0}
-        assert entry["served"] == choose(entry["validation"], beat)
+        rival = entry["global_over_personal"]["low"] > 0
+        assert entry["served"] == choose(entry["validation"], beat, global_beats_personal=rival)
     assert any("served, chosen on each user's validation text" in line for line in lines)
     manifest = json.loads((run.compressed / "v0001" / "manifest.json").read_text())
     assert manifest["source"]["served"] == {u: e["served"] for u, e in selection.items()}

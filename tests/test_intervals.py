@@ -53,7 +53,8 @@ def test_the_same_seed_gives_the_same_interval_and_bad_shapes_are_refused():
 
 def test_score_advice_takes_only_significant_wins():
     """The deployment-side advice (`soppu score`): a model significantly better than the
-    reference is used, one better by noise is not, and the lowest loss wins among them."""
+    reference is used, one better by noise is not; the first (the user's own) is advised
+    unless another beats it significantly, and else the lowest loss wins."""
     from soppu.server.serving.scoring import Scored, compare
 
     tokens = torch.full((40,), 100)
@@ -67,7 +68,14 @@ def test_score_advice_takes_only_significant_wins():
     assert best == "alice" and gains["alice"].verdict == "better"
     assert gains["bob"].verdict == "same"
     assert compare(reference, [noisy])[1] == ""  # nothing significant: the reference
-    assert compare(reference, [clear, clearer])[1] == "alice-2"
+    assert compare(reference, [clear, clearer])[1] == "alice-2"  # beats the first clearly
+    # The first model is the user's own: another is advised over it only where it beats it
+    # significantly, not where it is lower by noise.
+    near = Scored("global", clear.nll - 0.1 + swing, tokens)
+    assert float(near.nll.sum()) < float(clear.nll.sum())
+    assert compare(reference, [clear, near])[1] == "alice"
+    assert compare(reference, [near, clear])[1] == "global"
+    assert compare(reference, [noisy, clear])[1] == "alice"  # the first beats no one
     worse = Scored("eve", reference.nll + 30, tokens)
     assert compare(reference, [worse])[0]["eve"].verdict == "worse"
     assert compare(reference, [worse])[1] == ""

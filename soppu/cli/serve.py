@@ -144,7 +144,10 @@ def score(
     text: Annotated[Path, typer.Argument(help="Your validation text (UTF-8), never trained on.")],
     model: Annotated[
         list[str],
-        typer.Option(help="An adapter to try (a user id, or vLLM's --lora-modules name)."),
+        typer.Option(
+            help="An adapter to try (a user id, or vLLM's --lora-modules name); the first is "
+            "yours, advised unless another beats it significantly."
+        ),
     ],
     reference: Annotated[
         str, typer.Option(help="What each model is compared with ('': the base model).")
@@ -191,8 +194,9 @@ def score(
         table.add_row(s.model, f"{s.perplexity:.2f}", interval)
     console.print(table)
     console.print(
-        f"use: [bold]{best or 'base'}[/] (lowest loss among the reference and models "
-        "significantly better than it)"
+        f"use: [bold]{best or 'base'}[/] (the first --model where it beats the reference "
+        "significantly and no other beats it so; else the lowest loss among the reference "
+        "and the models significantly better than it)"
     )
 
 

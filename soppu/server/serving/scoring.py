@@ -6,8 +6,10 @@ not go when they use the service: `soppu score` cuts their validation text into 
 server for every token's logprob under each model (OpenAI's legacy completions with `echo`,
 `logprobs: 0`, `max_tokens: 0`, which `soppu serve` and vLLM both answer), and compares each
 adapter with the reference (the base model) by the paired bootstrap of `intervals.py` on
-those blocks. The advice is the lowest-loss model among the reference and those *significantly*
-better than it: the rule the simulation's server applies (`soppu/server/selection.py`).
+those blocks. The advice follows the rule the simulation's server applies
+(`soppu/server/selection.py`): the first model named (the user's own adapter) where it is
+*significantly* better than the reference, unless another is significantly better than it;
+otherwise the lowest-loss model among the reference and those significantly better than it.
 """
 
 from __future__ import annotations
@@ -113,14 +115,23 @@ def score(
 
 
 def compare(reference: Scored, others: list[Scored]) -> tuple[dict[str, Gain], str]:
-    """Each other model's gain over `reference` with its interval, and the advice: the lowest
-    loss among the reference and the models significantly better than it."""
+    """Each other model's gain over `reference` with its interval, and the advice: the first
+    model (the user's own) where it is significantly better than the reference, unless others
+    are significantly better than it (then the lowest of those); otherwise the lowest loss
+    among the reference and the models significantly better than it."""
     for s in others:
         if not torch.equal(s.tokens, reference.tokens):
             raise SoppuError(f"model {s.model!r} was scored on other tokens than the reference")
     gains = {s.model: paired_gain(reference.nll, s.nll, reference.tokens) for s in others}
     winners = [s for s in others if gains[s.model].verdict == "better"]
-    best = min([reference, *winners], key=lambda s: float(s.nll.sum()))
+    candidates = [reference, *winners]
+    if others and others[0] in winners:
+        mine = others[0]
+        rivals = [
+            s for s in winners[1:] if paired_gain(mine.nll, s.nll, mine.tokens).verdict == "better"
+        ]
+        candidates = rivals or [mine]
+    best = min(candidates, key=lambda s: float(s.nll.sum()))
     return gains, best.model
 
 

@@ -33,6 +33,7 @@ from soppu.adapters import LoraState
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.selection import best_of
 from soppu.server.selection import choose as served_choice
 from soppu.server.store import RunFolder
 
@@ -46,7 +47,8 @@ def candidates(run: RunFolder, user: str, scales: list[float]) -> dict[str, Lora
 
 
 def choose(val: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: list[str], seed: int) -> str:
-    """The served choice's own rule (`soppu.server.selection.choose`) over `allowed`."""
+    """The served choice's own rule (`soppu.server.selection.choose`, with its test of the
+    global adapter's best against the personal one's) over `allowed`."""
     base, counts = val["base"]
     losses = {name: float(val[name][0].sum()) / float(counts.sum()) for name in allowed}
     better = {
@@ -54,7 +56,13 @@ def choose(val: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: list[str]
         for name in allowed
         if name != "base" and paired_gain(base, val[name][0], counts, seed=seed).verdict == "better"
     }
-    return served_choice(losses, better)
+    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
+    beaten = (
+        mine is not None
+        and shared is not None
+        and paired_gain(val[mine][0], val[shared][0], counts, seed=seed).verdict == "better"
+    )
+    return served_choice(losses, better, global_beats_personal=beaten)
 
 
 def measure_user(run, base, config, text, user: str, scales: list[float], seed: int) -> dict:

@@ -33,7 +33,6 @@ Writes experiments/results/choice_rules_<name>.json and .md.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +44,8 @@ from soppu import basemodel, lm
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import CANDIDATES, best_of, choose, strength_walk
-from soppu.server.store import RunFolder, parse_served, served_label
+from soppu.server.selection import best_of, choose, strength_walk
+from soppu.server.store import RunFolder, served_label
 
 Scores = tuple[torch.Tensor, torch.Tensor]  # per-block NLL sums, token counts
 ANCHOR = "personal"
@@ -89,15 +88,11 @@ def _loss(scores: Scores) -> float:
 
 def lowest(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     """The rule until 2026-12-06: each adapter's walk, then the lowest validation loss among
-    the base model and the candidates significantly better than it (a tie: the simpler)."""
+    the base model and the candidates significantly better than it (a tie: the simpler),
+    which `choose` applies where the personal adapter has no claim of its own."""
     visited = _visited(val, grid)
-    eligible = {"base"} | _better(val, "base", visited, seed)
-
-    def simpler(label: str) -> tuple[float, int, float]:
-        kind, scale = parse_served(label)
-        return _loss(visited[label]), CANDIDATES.index(kind), abs(math.log(scale))
-
-    return min(eligible, key=simpler)
+    losses = {label: _loss(scores) for label, scores in visited.items()}
+    return choose(losses, _better(val, "base", visited, seed), global_beats_personal=True)
 
 
 def anchored(val: dict[str, Scores], grid: list[float], seed: int) -> str:

@@ -81,6 +81,23 @@ def _pretrained_tiny_model(path, text: str):
     return basemodel.load(folder)
 
 
+def _one_user_and_a_good_adapter(tmp_path, user: str):
+    """A tiny pretrained model, `user`'s text, and a LoRA trained on it in the emulator; the
+    run folder holds that emulator (what `select_served` reads besides the store)."""
+    torch.set_num_threads(1)
+    data = write_users_jsonl(tmp_path / "users.jsonl", {user: 6000})
+    users = load_users(data, DataOptions(validation_fraction=0.2))
+    base = _pretrained_tiny_model(tmp_path / "model", users[user].train)
+    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
+    config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
+    blocks = lm.token_blocks(base.tokenizer, users[user].train, config.seq_len)
+    pad = base.tokenizer.pad_token_id
+    good, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
+    run = RunFolder(tmp_path / "run")
+    save(emulator, info, run.emulator, cache=True)
+    return users, base, config, good, run
+
+
 @pytest.mark.parametrize(
     ("curve", "visited"),
     [
@@ -168,18 +185,7 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
     served at 0.25 (the good one, exactly), compressed and published as such, and judged at
     that strength; when the store moves on, the next compression serves the new adapter at
     0.25; chosen again with strength 1 only, it is served as it is."""
-    torch.set_num_threads(1)
-    data = write_users_jsonl(tmp_path / "users.jsonl", {"loud": 6000})
-    users = load_users(data, DataOptions(validation_fraction=0.2))
-    base = _pretrained_tiny_model(tmp_path / "model", users["loud"].train)
-    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
-    config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
-    blocks = lm.token_blocks(base.tokenizer, users["loud"].train, config.seq_len)
-    pad = base.tokenizer.pad_token_id
-    good, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
-
-    run = RunFolder(tmp_path / "run")
-    save(emulator, info, run.emulator, cache=True)
+    users, base, config, good, run = _one_user_and_a_good_adapter(tmp_path, "loud")
     write_lora(good.scaled(4.0), run.store / "loud", {"round": 1})
     run.set_state(round=1)
 
@@ -225,18 +231,7 @@ def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_signific
     """timid's own adapter is a good one at a fifth of its strength: better than the base
     model, and significantly worse than the global adapter (the good one itself), which is
     served; with the two swapped, timid is served their own."""
-    torch.set_num_threads(1)
-    data = write_users_jsonl(tmp_path / "users.jsonl", {"timid": 6000})
-    users = load_users(data, DataOptions(validation_fraction=0.2))
-    base = _pretrained_tiny_model(tmp_path / "model", users["timid"].train)
-    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
-    config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
-    blocks = lm.token_blocks(base.tokenizer, users["timid"].train, config.seq_len)
-    pad = base.tokenizer.pad_token_id
-    good, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
-
-    run = RunFolder(tmp_path / "run")
-    save(emulator, info, run.emulator, cache=True)
+    users, base, config, good, run = _one_user_and_a_good_adapter(tmp_path, "timid")
     for own, shared, served in (
         (good.scaled(0.2), good, "global"),
         (good, good.scaled(0.2), "personal"),

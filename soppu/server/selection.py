@@ -25,9 +25,9 @@ A point estimate alone is not enough. On sympy's docstrings an adapter 1.7% bett
 base model on 1,567 validation tokens was 18% worse on the held-out text; and among seven
 candidates a few tenths of a percent apart the lowest is partly the luckiest: a user served
 the global adapter at 1.25, 0.3% better than their own on 1,376 validation tokens, was 3.4%
-worse off on held-out text. Replayed on the finished runs of three populations, requiring the
-global adapter to beat the personal one significantly changed 2 of 28 users' choices, both
-to their significant gain on held-out text, and no one's to a loss
+worse off on held-out text. Replayed on 46 users of seven finished runs of three populations,
+requiring the global adapter to beat the personal one significantly changed 3 choices, 2 to
+the user's significant gain on held-out text, 1 within noise, none to a loss
 (experiments/choice_rules.py, docs/benchmarks.md). The choice, the
 validation perplexities and gains go to RUN/selection.json and into the compressed store's
 manifest; compression then compresses what each user is served: the chosen adapter as it is
@@ -143,7 +143,7 @@ def select_served(
         served = choose(losses, beat_base, global_beats_personal=beaten)
         chosen[user] = {
             "served": served,
-            "why": _why(served, beat_base, beaten),
+            "why": _why(served, beaten),
             "validation": {name: math.exp(loss) for name, loss in losses.items()},
             "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
             "validation_tokens": int(counts.sum()),
@@ -168,7 +168,7 @@ def _global_over_personal(scores: dict[str, Scores], losses: dict[str, float], s
     return paired_gain(scores[mine][0], scores[shared][0], scores[mine][1], seed=seed)
 
 
-def _why(served: str, beat_base: set[str], global_beats_personal: bool) -> str:
+def _why(served: str, global_beats_personal: bool) -> str:
     kind = parse_served(served)[0]
     if kind == "personal":
         return "own adapter: significantly better than base, the global one not better than it"

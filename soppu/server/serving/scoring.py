@@ -125,7 +125,7 @@ def compare(reference: Scored, others: list[Scored]) -> tuple[dict[str, Gain], s
     gains = {s.model: paired_gain(reference.nll, s.nll, reference.tokens) for s in others}
     winners = [s for s in others if gains[s.model].verdict == "better"]
     candidates = [reference, *winners]
-    if others and others[0] in winners:
+    if others and gains[others[0].model].verdict == "better":
         mine = others[0]
         rivals = [
             s for s in winners[1:] if paired_gain(mine.nll, s.nll, mine.tokens).verdict == "better"

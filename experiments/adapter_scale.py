@@ -33,8 +33,8 @@ from soppu.adapters import LoraState
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import best_of
 from soppu.server.selection import choose as served_choice
+from soppu.server.selection import global_over_personal
 from soppu.server.store import RunFolder
 
 
@@ -56,12 +56,8 @@ def choose(val: dict[str, tuple[torch.Tensor, torch.Tensor]], allowed: list[str]
         for name in allowed
         if name != "base" and paired_gain(base, val[name][0], counts, seed=seed).verdict == "better"
     }
-    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
-    beaten = (
-        mine is not None
-        and shared is not None
-        and paired_gain(val[mine][0], val[shared][0], counts, seed=seed).verdict == "better"
-    )
+    rival = global_over_personal(val, losses, seed)
+    beaten = rival is not None and rival.verdict == "better"
     return served_choice(losses, better, global_beats_personal=beaten)
 
 

@@ -33,6 +33,7 @@ Writes experiments/results/choice_rules_<name>.json and .md.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -40,11 +41,11 @@ from pathlib import Path
 import torch
 
 from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
-from soppu import basemodel, lm
+from soppu import atomic, basemodel, lm
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import best_of, choose, strength_walk
+from soppu.server.selection import choose, global_over_personal, strength_walk
 from soppu.server.store import RunFolder, served_label
 
 Scores = tuple[torch.Tensor, torch.Tensor]  # per-block NLL sums, token counts
@@ -78,7 +79,9 @@ def score_run(run: RunFolder) -> dict[str, dict]:
                 for name, lora in loras.items()
             }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(found, cache)
+    buffer = io.BytesIO()
+    torch.save(found, buffer)
+    atomic.write_bytes(cache, buffer.getvalue())  # a crash leaves no half-written cache
     return found
 
 
@@ -109,8 +112,8 @@ def personal_first(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     global adapter's best against the personal one's, then `choose`."""
     visited = _visited(val, grid)
     losses = {label: _loss(scores) for label, scores in visited.items()}
-    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
-    beaten = bool(_better(val, mine, {shared: val[shared]}, seed))
+    rival = global_over_personal(visited, losses, seed)
+    beaten = rival is not None and rival.verdict == "better"
     return choose(losses, _better(val, "base", visited, seed), global_beats_personal=beaten)
 
 

@@ -58,7 +58,7 @@ from soppu import atomic, lm
 from soppu.adapters import LoraState, write_lora
 from soppu.data import UserText
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
+from soppu.server.intervals import Gain, paired_gain
 from soppu.server.store import RunFolder, parse_served, served_label
 from soppu.train_config import TrainConfig
 
@@ -138,7 +138,7 @@ def select_served(
             if name != "base"
         }
         beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
-        rival = _global_over_personal(scores, losses, seed=done)
+        rival = global_over_personal(scores, losses, seed=done)
         beaten = rival is not None and rival.verdict == "better"
         served = choose(losses, beat_base, global_beats_personal=beaten)
         chosen[user] = {
@@ -159,7 +159,9 @@ def select_served(
 Scores = tuple[Tensor, Tensor]  # per-block NLL sums and token counts (`lm.block_nll`)
 
 
-def _global_over_personal(scores: dict[str, Scores], losses: dict[str, float], seed: int):
+def global_over_personal(
+    scores: dict[str, Scores], losses: dict[str, float], seed: int = 0
+) -> Gain | None:
     """The gain of the global adapter's best strength over the personal adapter's, with its
     paired interval on the validation blocks; None where either was not scored."""
     mine, shared = best_of(losses, "personal"), best_of(losses, "global")

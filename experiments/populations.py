@@ -98,7 +98,10 @@ def django_translations(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
     msgstr side, plural forms included, fuzzy and untranslated entries left out), in the
     wheel's file order. Each user translates the same English strings; what differs is the
     language, which the base model (trained mostly on English) knows least."""
-    import polib  # the `bench` extra
+    try:
+        import polib
+    except ImportError:
+        sys.exit("the translators population reads .po files with polib: pip install -e '.[bench]'")
 
     for name in sorted(archive.namelist()):
         match = re.search(r"/locale/([A-Za-z_]+)/LC_MESSAGES/[a-z]+\.po$", name)

@@ -217,7 +217,11 @@ def main() -> None:
         for line in path.read_text().split("\n")[:-1]:
             row = json.loads(line)
             chars[row["user_id"]] = chars.get(row["user_id"], 0) + len(row["text"])
-        print(f"{name}: {len(chars)} users, {sum(chars.values()):,} chars → {path}")
+        least, most = min(chars.values()), max(chars.values())
+        print(
+            f"{name}: {len(chars)} users, {sum(chars.values()):,} chars "
+            f"({least:,} to {most:,} each) → {path}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Would serving a blend of the global and personal adapters serve users more? Finished runs'
+choices replayed with blends as extra candidates, each judged on the users' held-out text.
+
+    python -m experiments.blend_choice --name NAME --runs RUN[,RUN...] [--weights 0.25,0.5,0.75]
+
+Issue 22 names the blend G + μ·(P − G) = (1 − μ)·G + μ·P as a served candidate: on
+populations where a user's own adapter falls behind the global one (the translators in
+emulator mode) or where both help differently, a point between them may beat both. A blend is
+still one plain PEFT adapter: the two LoRAs side by side, rank 2r, lora_alpha doubled so each
+keeps its scaling.
+
+For every user of each run this scores the blends at each μ on both splits (cached in
+runs/experiments/choice-scores/<run>.blends.pt, beside the candidates `choice_rules` cached),
+then replays:
+
+    personal-first  today's served choice (`soppu.server.selection.choose`, as
+                    experiments/choice_rules.py replays it)
+    blend-gated     the blend with the lowest validation loss where it beats today's choice
+                    significantly on validation text (and the base model too); else
+                    today's choice
+    oracle          the lowest *held-out* loss among today's candidates and the blends: what
+                    no rule can reach, the most the blends could add
+
+and judges each against today's choice on held-out text (paired 95% intervals) and against the
+base model (harm).
+
+Writes experiments/results/blend_choice_<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+from pathlib import Path
+
+import torch
+
+from experiments.choice_rules import personal_first, score_run
+from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
+from soppu import atomic, basemodel, lm
+from soppu.adapters import LoraState
+from soppu.personalize import scored
+from soppu.server.intervals import paired_gain
+from soppu.server.prepare_run import choose_users, stored_config
+from soppu.server.store import RunFolder
+
+Scores = tuple[torch.Tensor, torch.Tensor]
+
+
+def blended(shared: LoraState, own: LoraState, weight: float) -> LoraState:
+    """(1 − weight)·ΔW_shared + weight·ΔW_own as one LoRA of twice the rank: the factors side
+    by side, lora_alpha doubled so that alpha / r, each part's scaling, is kept."""
+    config = dict(shared.config)
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise SystemExit("blends are built for plain LoRA configs (no rslora, no patterns)")
+    config["r"], config["lora_alpha"] = 2 * config["r"], 2 * config["lora_alpha"]
+    tensors = {}
+    for key, a_shared in shared.tensors.items():
+        if ".lora_A." not in key:
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        tensors[key] = torch.cat([a_shared, own.tensors[key]], dim=0)
+        tensors[b_key] = torch.cat(
+            [(1 - weight) * shared.tensors[b_key], weight * own.tensors[b_key]], dim=1
+        )
+    return LoraState(tensors, config)
+
+
+def blend_label(weight: float) -> str:
+    return f"blend{weight:g}"
+
+
+def score_blends(run: RunFolder, weights: list[float]) -> dict[str, dict]:
+    """user → {"val"|"test": {blend label: Scores}} (cached, extended where weights are new)."""
+    cache = RUNS / "choice-scores" / f"{run.root.name}.blends.pt"
+    found = torch.load(cache) if cache.is_file() else {}
+    wanted = [blend_label(w) for w in weights]
+    if all(all(lab in found.get(u, {}).get("val", {}) for lab in wanted) for u in run.users()):
+        return found
+    config = stored_config(run)
+    base = basemodel.load(config.base_model or None)
+    pad, cap = base.tokenizer.pad_token_id, config.evaluation.final_eval_tokens or 2**62
+    texts, shared = choose_users(config), run.global_adapter()
+    for i, user in enumerate(run.users()):
+        print(f"  [{i + 1}/{len(run.users())}] {user} blends", flush=True)
+        own = run.latest(user)
+        entry = found.setdefault(user, {"val": {}, "test": {}})
+        for split in ("val", "test"):
+            text = texts[user].validation if split == "val" else texts[user].test
+            blocks = lm.token_blocks(base.tokenizer, text, config.training.seq_len, cap)
+            for w in weights:
+                if blend_label(w) not in entry[split]:
+                    entry[split][blend_label(w)] = scored(
+                        base.model,
+                        blended(shared, own, w),
+                        blocks,
+                        pad,
+                        config.training.batch_size,
+                    )
+    buffer = io.BytesIO()
+    torch.save(found, buffer)
+    atomic.write_bytes(cache, buffer.getvalue())
+    return found
+
+
+def _loss(scores: Scores) -> float:
+    return float(scores[0].sum()) / float(scores[1].sum())
+
+
+def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
+    val, test = scores["val"] | blends["val"], scores["test"] | blends["test"]
+    today = personal_first(scores["val"], grid, seed)
+    best_blend = min(blends["val"], key=lambda lab: _loss(val[lab]))
+    counts_val = val["base"][1]
+    beats_today = paired_gain(val[today][0], val[best_blend][0], counts_val, seed=seed)
+    beats_base = paired_gain(val["base"][0], val[best_blend][0], counts_val, seed=seed)
+    gated = (
+        best_blend if beats_today.verdict == "better" and beats_base.verdict == "better" else today
+    )
+    oracle = min(test, key=lambda lab: _loss(test[lab]))
+    picks = {"personal-first": today, "blend-gated": gated, "oracle": oracle}
+    counts = test["base"][1]
+    return {
+        "picks": picks,
+        "over_base": {
+            rule: paired_gain(test["base"][0], test[p][0], counts, seed=seed).as_dict()
+            for rule, p in picks.items()
+        },
+        "over_today": {
+            rule: paired_gain(test[today][0], test[p][0], counts, seed=seed).as_dict()
+            for rule, p in picks.items()
+            if rule != "personal-first"
+        },
+        "blends_test": {
+            lab: paired_gain(test["base"][0], test[lab][0], counts, seed=seed).point
+            for lab in blends["test"]
+        },
+    }
+
+
+def summarise(users: dict[str, dict]) -> dict:
+    out = {}
+    for rule in ("personal-first", "blend-gated", "oracle"):
+        changed = sum(u["picks"][rule] != u["picks"]["personal-first"] for u in users.values())
+        gains = [u["over_base"][rule]["point"] for u in users.values()]
+        row = {
+            "median": statistics.median(gains),
+            "harmed": sum(u["over_base"][rule]["verdict"] == "worse" for u in users.values()),
+        }
+        if rule != "personal-first":
+            verdicts = [u["over_today"][rule]["verdict"] for u in users.values()]
+            row |= {
+                "changed": changed,
+                "better": verdicts.count("better"),
+                "worse": verdicts.count("worse"),
+                "median_change": statistics.median(
+                    u["over_today"][rule]["point"] for u in users.values()
+                ),
+            }
+        out[rule] = row
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` at {result['commit']} on {result['date']}.",
+        "",
+        "| run | users | rule | median served gain | harmed | changed | better / worse than "
+        "today's (95% paired interval) | median change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        for rule, s in run["summary"].items():
+            vs = f"{s['better']} / {s['worse']}" if "better" in s else "–"
+            change = pct(s["median_change"]) if "median_change" in s else "–"
+            lines.append(
+                f"| {run['run']} | {len(run['users'])} | {rule} | {pct(s['median'])} "
+                f"| {s['harmed']} | {s.get('changed', '–')} | {vs} | {change} |"
+            )
+    lines += ["", "Median held-out gain over the base model of each blend, no choice made:", ""]
+    labels = [blend_label(w) for w in result["weights"]]
+    lines += ["| run | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for run in result["runs"]:
+        cells = [
+            pct(statistics.median(u["blends_test"][lab] for u in run["users"].values()))
+            for lab in labels
+        ]
+        lines.append(f"| {run['run']} | " + " | ".join(cells) + " |")
+    lines += ["", "Where a rule changes today's choice:", ""]
+    lines += ["| run | user | rule | today's | the rule's | held-out change (95% interval) |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for user, u in run["users"].items():
+            for rule, pick in u["picks"].items():
+                if pick != u["picks"]["personal-first"]:
+                    lines.append(
+                        f"| {run['run']} | {user} | {rule} | {u['picks']['personal-first']} "
+                        f"| {pick} | {interval(u['over_today'][rule])} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", required=True, help="finished run folders, comma-separated")
+    parser.add_argument("--weights", default="0.25,0.5,0.75", help="the blends' μ")
+    parser.add_argument("--name", default="replay")
+    args = parser.parse_args()
+    weights = [float(w) for w in args.weights.split(",")]
+    torch.set_num_threads(2)
+    runs = []
+    for path in args.runs.split(","):
+        run = RunFolder(Path(path))
+        print(f"{run.root.name}:", flush=True)
+        grid = list(stored_config(run).evaluation.scales())
+        scores, blends = score_run(run), score_blends(run, weights)
+        labels = [blend_label(w) for w in weights]
+        users = {
+            u: judge(
+                s, {split: {lab: blends[u][split][lab] for lab in labels} for split in s}, grid, i
+            )
+            for i, (u, s) in enumerate(scores.items())
+        }
+        runs.append({"run": run.root.name, "users": users, "summary": summarise(users)})
+    result = {**provenance("blend_choice"), "weights": weights, "runs": runs}
+    write_results(RESULTS / f"blend_choice_{args.name}.json", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

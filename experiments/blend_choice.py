@@ -18,6 +18,9 @@ then replays:
     blend-gated     the blend with the lowest validation loss where it beats today's choice
                     significantly on validation text (and the base model too); else
                     today's choice
+    blend-walk      the blends as part of the user's own family: from the personal adapter
+                    (μ = 1) towards the global one while the validation loss falls, then
+                    today's rule with that family's best in place of the personal adapter's
     oracle          the lowest *held-out* loss among today's candidates and the blends: what
                     no rule can reach, the most the blends could add
 
@@ -36,38 +39,21 @@ from pathlib import Path
 
 import torch
 
-from experiments.choice_rules import personal_first, score_run
+from experiments.choice_rules import better_than, personal_first, score_run, visited_candidates
 from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
 from soppu import atomic, basemodel, lm
-from soppu.adapters import LoraState
+from soppu.adapters import blend
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.store import RunFolder
+from soppu.server.selection import choose, global_over_personal, strength_walk
+from soppu.server.store import RunFolder, served_label
 
 Scores = tuple[torch.Tensor, torch.Tensor]
 
 
-def blended(shared: LoraState, own: LoraState, weight: float) -> LoraState:
-    """(1 − weight)·ΔW_shared + weight·ΔW_own as one LoRA of twice the rank: the factors side
-    by side, lora_alpha doubled so that alpha / r, each part's scaling, is kept."""
-    config = dict(shared.config)
-    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise SystemExit("blends are built for plain LoRA configs (no rslora, no patterns)")
-    config["r"], config["lora_alpha"] = 2 * config["r"], 2 * config["lora_alpha"]
-    tensors = {}
-    for key, a_shared in shared.tensors.items():
-        if ".lora_A." not in key:
-            continue
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        tensors[key] = torch.cat([a_shared, own.tensors[key]], dim=0)
-        tensors[b_key] = torch.cat(
-            [(1 - weight) * shared.tensors[b_key], weight * own.tensors[b_key]], dim=1
-        )
-    return LoraState(tensors, config)
-
-
 def blend_label(weight: float) -> str:
+    """The blend's key in the score caches (the product labels it "blend@μ")."""
     return f"blend{weight:g}"
 
 
@@ -93,7 +79,7 @@ def score_blends(run: RunFolder, weights: list[float]) -> dict[str, dict]:
                 if blend_label(w) not in entry[split]:
                     entry[split][blend_label(w)] = scored(
                         base.model,
-                        blended(shared, own, w),
+                        blend(shared, own, w),
                         blocks,
                         pad,
                         config.training.batch_size,
@@ -108,6 +94,22 @@ def _loss(scores: Scores) -> float:
     return float(scores[0].sum()) / float(scores[1].sum())
 
 
+def blend_walk(val: dict, blends: dict, grid: list[float], seed: int) -> str:
+    """The served choice's rule with blends (`soppu.server.selection`, `--serve-blends`):
+    the blends the walk from the personal adapter (μ = 1) towards the global one visits join
+    the user's own family, then `choose`."""
+    visited = visited_candidates(val, grid)
+    weights = sorted({float(lab.removeprefix("blend")) for lab in blends} | {1.0})
+    walked = strength_walk(
+        weights, lambda w: val["personal"] if w == 1.0 else blends[blend_label(w)]
+    )
+    visited |= {served_label("blend", w): s for w, s in walked.items() if w != 1.0}
+    losses = {label: _loss(s) for label, s in visited.items()}
+    rival = global_over_personal(visited, losses, seed)
+    beaten = rival is not None and rival.verdict == "better"
+    return choose(losses, better_than(visited, "base", visited, seed), global_beats_personal=beaten)
+
+
 def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
     val, test = scores["val"] | blends["val"], scores["test"] | blends["test"]
     today = personal_first(scores["val"], grid, seed)
@@ -119,7 +121,8 @@ def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
         best_blend if beats_today.verdict == "better" and beats_base.verdict == "better" else today
     )
     oracle = min(test, key=lambda lab: _loss(test[lab]))
-    picks = {"personal-first": today, "blend-gated": gated, "oracle": oracle}
+    walked = blend_walk(scores["val"], blends["val"], grid, seed).replace("blend@", "blend")
+    picks = {"personal-first": today, "blend-gated": gated, "blend-walk": walked, "oracle": oracle}
     counts = test["base"][1]
     return {
         "picks": picks,
@@ -141,7 +144,7 @@ def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
 
 def summarise(users: dict[str, dict]) -> dict:
     out = {}
-    for rule in ("personal-first", "blend-gated", "oracle"):
+    for rule in ("personal-first", "blend-gated", "blend-walk", "oracle"):
         changed = sum(u["picks"][rule] != u["picks"]["personal-first"] for u in users.values())
         gains = [u["over_base"][rule]["point"] for u in users.values()]
         row = {

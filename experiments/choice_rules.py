@@ -93,31 +93,31 @@ def lowest(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     """The rule until 2026-12-06: each adapter's walk, then the lowest validation loss among
     the base model and the candidates significantly better than it (a tie: the simpler),
     which `choose` applies where the personal adapter has no claim of its own."""
-    visited = _visited(val, grid)
+    visited = visited_candidates(val, grid)
     losses = {label: _loss(scores) for label, scores in visited.items()}
-    return choose(losses, _better(val, "base", visited, seed), global_beats_personal=True)
+    return choose(losses, better_than(val, "base", visited, seed), global_beats_personal=True)
 
 
 def anchored(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     """The personal adapter as trained where it beats the base model significantly, unless
     the lowest rule's choice beats it significantly; else that choice."""
     pick = lowest(val, grid, seed)
-    if ANCHOR not in _better(val, "base", {ANCHOR: val[ANCHOR]}, seed) or pick == ANCHOR:
+    if ANCHOR not in better_than(val, "base", {ANCHOR: val[ANCHOR]}, seed) or pick == ANCHOR:
         return pick
-    return pick if _better(val, ANCHOR, {pick: val[pick]}, seed) else ANCHOR
+    return pick if better_than(val, ANCHOR, {pick: val[pick]}, seed) else ANCHOR
 
 
 def personal_first(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     """The served choice's rule from 2026-12-06, as `select_served` makes it: the walks, the
     global adapter's best against the personal one's, then `choose`."""
-    visited = _visited(val, grid)
+    visited = visited_candidates(val, grid)
     losses = {label: _loss(scores) for label, scores in visited.items()}
     rival = global_over_personal(visited, losses, seed)
     beaten = rival is not None and rival.verdict == "better"
-    return choose(losses, _better(val, "base", visited, seed), global_beats_personal=beaten)
+    return choose(losses, better_than(val, "base", visited, seed), global_beats_personal=beaten)
 
 
-def _visited(val: dict[str, Scores], grid: list[float]) -> dict[str, Scores]:
+def visited_candidates(val: dict[str, Scores], grid: list[float]) -> dict[str, Scores]:
     """The base model and each adapter at the strengths its walk visits."""
     visited = {"base": val["base"]}
     for kind in ("global", "personal"):
@@ -126,7 +126,7 @@ def _visited(val: dict[str, Scores], grid: list[float]) -> dict[str, Scores]:
     return visited
 
 
-def _better(val: dict[str, Scores], reference: str, among: dict[str, Scores], seed: int) -> set:
+def better_than(val: dict[str, Scores], reference: str, among: dict[str, Scores], seed: int) -> set:
     counts = val[reference][1]
     return {
         name

@@ -158,7 +158,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at {result['commit']} on {result['date']}",
         "",
         "| population | mode | public text | users | served: helped / harmed / unchanged "
-        "| served (personal / global / none) | median gain over base: served | personal "
+        "| served (personal / blend / global / none) | median gain over base: served | personal "
         "| global | personal beats global (significantly) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -170,7 +170,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['population']} | {r['mode']} | {r['public'] or '–'} | {s['users']} "
             f"| {s['helped']} / {s['harmed']} / {s['unchanged']} "
-            f"| {counts.get('personal', 0)} / {counts.get('global', 0)} / {counts.get('base', 0)} "
+            f"| {counts['personal']} / {counts['blend']} / {counts['global']} / {counts['base']} "
             f"| **{pct(s['compressed_gain_median'])}** | {pct(s['gain_median'])} "
             f"| {pct(s['global_gain_median'])} | {s['beats_global_significantly']}/"
             f"{s['with_global']} |"

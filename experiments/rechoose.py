@@ -37,7 +37,13 @@ def main() -> None:
     base = basemodel.load(config.base_model or None)
     users = choose_users(config)
     chosen = select_served(
-        run, base.model, base.tokenizer, users, config.judge(), scales=config.evaluation.scales()
+        run,
+        base.model,
+        base.tokenizer,
+        users,
+        config.judge(),
+        scales=config.evaluation.scales(),
+        weights=config.evaluation.blends(),
     )
     print({user: entry["served"] for user, entry in chosen.items()})
 

@@ -347,6 +347,38 @@ class LoraState:
         return LoraConfig(**values)
 
 
+def blend(shared: LoraState, own: LoraState, weight: float) -> LoraState:
+    """ΔW_shared + weight·(ΔW_own − ΔW_shared), exactly, as one plain PEFT LoRA: the two
+    LoRAs side by side (rank r_shared + r_own), each part's scaling and weight folded into
+    its B, lora_alpha = r so that PEFT's scaling is 1. Both must target the same modules and
+    carry no rank or alpha patterns (SOPPU's own adapters never do)."""
+    if set(shared.tensors) != set(own.tensors):
+        raise AdapterError("blend: the two LoRAs target different modules")
+    for lora in (shared, own):
+        if lora.config.get("rank_pattern") or lora.config.get("alpha_pattern"):
+            raise AdapterError("blend: LoRAs with rank or alpha patterns are not blended")
+    rank = shared.config["r"] + own.config["r"]
+    tensors = {}
+    for a_key in (k for k in shared.tensors if k.endswith(".lora_A.weight")):
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        tensors[a_key] = torch.cat([shared.tensors[a_key], own.tensors[a_key]], dim=0)
+        tensors[b_key] = torch.cat(
+            [
+                (1 - weight) * _scaling(shared.config) * shared.tensors[b_key],
+                weight * _scaling(own.config) * own.tensors[b_key],
+            ],
+            dim=1,
+        )
+    config = {**shared.config, "r": rank, "lora_alpha": rank, "use_rslora": False}
+    return LoraState(tensors, config)
+
+
+def _scaling(config: Mapping[str, Any]) -> float:
+    """PEFT's scaling of a LoRA without patterns: alpha / r (rsLoRA: alpha / √r)."""
+    root = math.sqrt(config["r"]) if config.get("use_rslora") else config["r"]
+    return config["lora_alpha"] / root
+
+
 def read_lora(path: Path) -> LoraState:
     """An adapter dir whole, in memory, with every check `read_adapter` makes and every
     value checked (finite, sane); keys written by other tools lose their adapter name."""

@@ -16,6 +16,7 @@ from soppu.adapters import (
     TRAINING_NAME,
     AdapterError,
     LoraState,
+    blend,
     read_adapter,
     read_lora,
     write_lora,
@@ -52,6 +53,55 @@ def test_reads_real_peft_output_with_its_scale(tiny_llama, tmp_path):
         B @ A * scale,
         lora.lora_B["default"].weight @ lora.lora_A["default"].weight * lora.scaling["default"],
     )
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_a_blend_is_one_plain_lora_whose_logits_are_the_blended_updates(
+    tiny_llama, tmp_path, weight
+):
+    """blend(G, P, μ) = ΔW_G + μ·(ΔW_P − ΔW_G) exactly, through PEFT, for LoRAs of other
+    ranks and scalings (one rsLoRA): the logits of the blend are those of a model whose
+    weights carry the blended update."""
+    from peft import PeftModel
+
+    peft_adapter(tiny_llama, tmp_path / "shared", r=4, alpha=8, seed=1).unload()
+    peft_adapter(tiny_llama, tmp_path / "own", r=2, alpha=3, rslora=True, seed=2).unload()
+    shared, own = read_lora(tmp_path / "shared"), read_lora(tmp_path / "own")
+    mixed = blend(shared, own, weight)
+    assert mixed.config["r"] == 6 and not mixed.config["use_rslora"]
+    write_lora(mixed, tmp_path / "mixed")
+    assert (
+        read_adapter(tmp_path / "mixed").modules.keys()
+        == read_adapter(tmp_path / "own").modules.keys()
+    )
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    deltas = {}
+    for name, weight_of in (("shared", 1 - weight), ("own", weight)):
+        info = read_adapter(tmp_path / name)
+        for module in info.modules:
+            A, B, scale = info.load(module)
+            deltas[module] = deltas.get(module, 0) + weight_of * scale * (B @ A)
+    with torch.no_grad():
+        mixed_model = PeftModel.from_pretrained(tiny_llama, tmp_path / "mixed")
+        got = mixed_model(input_ids=ids).logits
+        mixed_model.unload()
+        originals = {}
+        for module, delta in deltas.items():
+            linear = tiny_llama.get_submodule(module)
+            originals[module] = linear.weight.clone()
+            linear.weight += delta
+        want = tiny_llama(input_ids=ids).logits
+        for module, original in originals.items():
+            tiny_llama.get_submodule(module).weight.copy_(original)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    patterned = LoraState(own.tensors, {**own.config, "rank_pattern": {"q_proj": 2}})
+    with pytest.raises(AdapterError, match="patterns are not blended"):
+        blend(shared, patterned, 0.5)
+    fewer = LoraState({k: v for k, v in own.tensors.items() if "layers.0." in k}, own.config)
+    with pytest.raises(AdapterError, match="different modules"):
+        blend(shared, fewer, 0.5)
 
 
 def test_rslora_scale_is_alpha_over_root_r(tiny_llama, tmp_path):

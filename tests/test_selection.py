@@ -22,7 +22,7 @@ from soppu.server.config import EvaluationSettings, FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
 from soppu.server.selection import best_of, choose, select_served, strength_walk
-from soppu.server.store import RunFolder
+from soppu.server.store import RunFolder, ServedSource, parse_served, served_label
 from soppu.train_config import TrainConfig
 
 
@@ -38,6 +38,12 @@ def test_the_users_own_adapter_is_served_unless_the_global_one_is_significantly_
     assert choose({"base": 3.0, "personal×0.5": 2.0, "personal": 2.0}) == "personal"
     assert best_of(scaled, "global") == "global×1.25"
     assert best_of({"base": 3.0, "personal": 2.0}, "global") is None
+    # Blends are the user's own family: its best is served, unless the global one beats it.
+    mixed = {"base": 3.0, "personal": 2.0, "blend@0.5": 1.8, "global": 1.7}
+    assert choose(mixed, set(mixed) - {"base"}) == "blend@0.5"
+    assert choose(mixed, set(mixed) - {"base"}, global_beats_personal=True) == "global"
+    assert choose({"base": 3.0, "personal": 2.0, "blend@0.75": 2.0}) == "personal"  # tie
+    assert best_of(mixed, "personal", "blend") == "blend@0.5"
 
 
 def test_otherwise_the_lowest_loss_significantly_better_than_base_and_ties_go_simpler():
@@ -56,6 +62,11 @@ def test_otherwise_the_lowest_loss_significantly_better_than_base_and_ties_go_si
     for wrong in ("0", "nan", "5", "x"):
         with pytest.raises(ValueError, match="serve-scales must be numbers in"):
             EvaluationSettings(serve_scales=wrong)
+    assert FederationConfig().evaluation.blends() == (0.25, 0.5, 0.75)
+    assert EvaluationSettings(serve_blends="").blends() == ()
+    for wrong in ("0", "1", "nan", "x", "0.5,2"):
+        with pytest.raises(ValueError, match="serve-blends must be numbers in"):
+            EvaluationSettings(serve_blends=wrong)
 
 
 def _harmful(lora: LoraState, seed: int) -> LoraState:
@@ -194,7 +205,7 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
     assert set(entry["validation"]) == {"base", "personal", "personal×0.25"}
     assert entry["served"] == "personal×0.25"
     assert entry["validation"]["personal×0.25"] < entry["validation"]["personal"]
-    assert run.served_sources() == {"loud": (run.store / "loud", 0.25)}
+    assert run.served_sources() == {"loud": ServedSource(run.store / "loud", scale=0.25)}
     served = run.served_adapter("loud")
     for key, tensor in good.tensors.items():
         assert torch.allclose(served.tensors[key], tensor, rtol=1e-6, atol=0), key
@@ -224,7 +235,7 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
         published.unload()
 
     select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
-    assert run.served_sources()["loud"][1] == 1.0
+    assert run.served_sources()["loud"].scale == 1.0
 
 
 def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_significantly(tmp_path):
@@ -246,3 +257,57 @@ def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_signific
         assert rival == ("better" if served == "global" else "worse")
         why = {"global": "global adapter: significantly better", "personal": "own adapter"}
         assert entry["why"].startswith(why[served])
+
+
+def test_labels_name_what_is_served_and_read_back():
+    for kind, value, label in (
+        ("personal", 1.0, "personal"),
+        ("global", 1.25, "global×1.25"),
+        ("base", 0.5, "base"),
+        ("blend", 0.25, "blend@0.25"),
+    ):
+        assert served_label(kind, value) == label
+        assert parse_served(label) == (kind, value if kind != "base" else 1.0)
+
+
+def test_a_blend_of_the_users_own_and_the_global_adapter_is_served_where_it_is_best(tmp_path):
+    """mixed's own adapter overshoots (the good one ×3) and the global one points the other
+    way (×−1): neither is the good one, but their blend at μ = 0.5 is, exactly
+    (0.5·(−1) + 0.5·3 = 1). The walk from μ = 1 finds it and stops past it; it is served,
+    compressed and published as that blend (PEFT logits of the good adapter), and judged;
+    with no blend weights the same user is served their own adapter or the global one."""
+    users, base, config, good, run = _one_user_and_a_good_adapter(tmp_path, "mixed")
+    write_lora(good.scaled(3.0), run.store / "mixed", {"round": 1})
+    write_lora(good.scaled(-1.0), run.global_dir, {"round": 1})
+    run.set_state(round=1)
+
+    weights = (0.25, 0.5, 0.75)
+    entry = select_served(run, base.model, base.tokenizer, users, config, weights=weights)["mixed"]
+    assert entry["served"] == "blend@0.5"
+    assert entry["why"].startswith("own adapter blended with the global one")
+    assert {"blend@0.75", "blend@0.5", "blend@0.25"} == {
+        c for c in entry["validation"] if c.startswith("blend")
+    }  # 0.25 (the base model's update, 0×good) is scored and is worse: the walk stops
+    assert entry["validation"]["blend@0.5"] < entry["validation"]["blend@0.25"]
+    assert run.served_sources()["mixed"] == ServedSource(
+        run.store / "mixed", shared=run.global_dir, weight=0.5
+    )
+
+    _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["source"]["served"] == {"mixed": "blend@0.5"}
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attached(base.model, good) as expected:
+        want = expected(input_ids=ids).logits
+    with torch.no_grad():
+        published = PeftModel.from_pretrained(base.model, version / "users" / "mixed")
+        assert torch.allclose(published(input_ids=ids).logits, want, atol=1e-4)
+        published.unload()
+
+    [row] = evaluate_run(run, base.model, base.tokenizer, users, config)["users"]
+    assert row["served"] == "blend@0.5"
+    assert row["chosen"] < min(row["personal"], row["global"])
+    assert row["gains"]["compression"]["point"] == pytest.approx(0.0, abs=1e-4)
+
+    entry = select_served(run, base.model, base.tokenizer, users, config)["mixed"]
+    assert parse_served(entry["served"])[0] in ("personal", "global", "base")

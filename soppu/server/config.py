@@ -409,10 +409,21 @@ class EvaluationSettings:
         "walks them from 1 while the validation loss falls; '1': as trained only.",
     )
 
+    # part of what a user's 15 steps add to the global adapter is noise; replayed on 32
+    # users of four populations (experiments/blend_choice.py), blends chosen per user on
+    # validation were significantly better for 5 and worse for none
+    serve_blends: str = setting(
+        "0.25,0.5,0.75",
+        "Weights μ in (0, 1) of the blends ΔW_global + μ·(ΔW_personal − ΔW_global) the choice "
+        "may serve, comma-separated; it walks them from the personal adapter (μ = 1) while the "
+        "validation loss falls; '': no blends.",
+    )
+
     def __post_init__(self) -> None:
         if self.final_eval_tokens < 0:
             raise ValueError(f"final-eval-tokens must be ≥ 0 (0: all): {self.final_eval_tokens}")
         self.scales()
+        self.blends()
 
     def scales(self) -> tuple[float, ...]:
         """`serve_scales` as the strengths the served choice tries, 1 among them, ascending."""
@@ -426,6 +437,19 @@ class EvaluationSettings:
                 f"{self.serve_scales!r}"
             )
         return tuple(sorted(values | {1.0}))
+
+    def blends(self) -> tuple[float, ...]:
+        """`serve_blends` as the blend weights the served choice tries, ascending."""
+        try:
+            values = {float(x) for x in self.serve_blends.split(",") if x.strip()}
+        except ValueError:
+            values = {math.nan}
+        if not all(0 < v < 1 for v in values):
+            raise ValueError(
+                "serve-blends must be numbers in (0, 1), comma-separated, or empty; got "
+                f"{self.serve_blends!r}"
+            )
+        return tuple(sorted(values))
 
 
 @dataclass(frozen=True)

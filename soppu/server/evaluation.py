@@ -32,7 +32,7 @@ from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
 from soppu.personalize import TrainConfig, scored
 from soppu.server.intervals import paired_gain
-from soppu.server.store import RunFolder, parse_served
+from soppu.server.store import RunFolder
 from soppu.server.versions import CURRENT, ServingVersion
 
 COLUMNS = ("base", "global", "emulator", "personal", "compressed")
@@ -58,7 +58,7 @@ def evaluate_run(
     serving = ServingVersion(run.serving / CURRENT)
     global_lora = run.global_adapter()
     emulator_loss = _latest_emulator_loss(run)
-    served = run.selection_choices()
+    served, sources = run.selection_choices(), run.served_sources()
     stored = [u for u in run.users() if u in users]
     rows = []
     for done, user in enumerate(stored):
@@ -79,10 +79,8 @@ def evaluate_run(
             "compressed": score(read_lora(published)) if published.is_dir() else None,
         }
         label = served.get(user, "personal")
-        kind, scale = parse_served(label)
-        if scale != 1.0:  # the served choice before compression: that adapter at its strength
-            adapter = global_lora if kind == "global" else personal
-            scores[label] = score(adapter.scaled(scale)) if adapter is not None else None
+        if label not in scores:  # the choice before compression: at a strength, or a blend
+            scores[label] = score(sources[user].lora())
         row = user_row(user, scores, label, seed=done)
         row["emulator"] = math.exp(emulator_loss[user]) if user in emulator_loss else None
         rows.append(row)

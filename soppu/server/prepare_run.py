@@ -197,6 +197,7 @@ def served_choice(
             users,
             config.judge(),
             scales=config.evaluation.scales(),
+            weights=config.evaluation.blends(),
         )
 
     return select

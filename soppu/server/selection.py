@@ -9,17 +9,23 @@ else), the candidates:
     base       no adapter: the base model itself (published as an all-zero LoRA)
     global     the federated-average adapter
     personal   the user's own adapter
+    blend      the global adapter plus μ times the user's own difference from it,
+               ΔW_global + μ·(ΔW_personal − ΔW_global) ("blend@0.5"; one plain LoRA of
+               twice the rank, `soppu.adapters.blend`)
 
 each adapter at the strengths λ of `--serve-scales` (λ·ΔW, "personal×0.75") that a walk
-from λ = 1 towards a lower validation loss visits (`strength_walk`), and serves:
+from λ = 1 towards a lower validation loss visits (`strength_walk`), and the blends at the
+weights μ of `--serve-blends` that the same walk visits from the personal adapter (μ = 1)
+towards the global one. The personal adapter and the blends are the user's own family, and
+the choice serves:
 
-- the personal adapter, at the strength its walk found best, where it beats the base model
-  *significantly* on that text (the paired 95% bootstrap interval of the gain excludes 0,
-  `soppu/server/intervals.py`), unless the global adapter at its own best beats *it*
-  significantly there;
+- the family's best (the personal adapter at its best strength, or a blend), where it beats
+  the base model *significantly* on that text (the paired 95% bootstrap interval of the gain
+  excludes 0, `soppu/server/intervals.py`), unless the global adapter at its own best beats
+  *it* significantly there;
 - otherwise, among the base model and the adapters significantly better than it, the one with
-  the lowest validation loss; a tie goes to the simpler: base, global, personal, and the
-  strength nearest 1.
+  the lowest validation loss; a tie goes to the simpler: base, global, personal, blend, and
+  the strength (the blend's weight) nearest 1.
 
 A point estimate alone is not enough. On sympy's docstrings an adapter 1.7% better than the
 base model on 1,567 validation tokens was 18% worse on the held-out text; and among seven
@@ -31,7 +37,7 @@ the user's significant gain on held-out text, 1 within noise, none to a loss
 (experiments/choice_rules.py, docs/benchmarks.md). The choice, the
 validation perplexities and gains go to RUN/selection.json and into the compressed store's
 manifest; compression then compresses what each user is served: the chosen adapter as it is
-then, at the chosen strength (`RunFolder.served_sources`).
+then, at the chosen strength or blend (`RunFolder.served_sources`).
 
 Why strengths: an adapter trained on the emulator moves the full model by another amount than
 it moved the emulator. On the embedded Shakespeare users every adapter overshoots: at λ = 0.75
@@ -39,6 +45,13 @@ all six were significantly better on held-out text (median served gain 16.9% →
 fortune files two of six were better at 1.25, and on sympy's docstrings a user served the base
 model at λ = 1 gained 3.9% at 0.5; no user of 18 was worse
 (experiments/adapter_scale.py, docs/benchmarks.md).
+
+Why blends: a user's own adapter is the global one plus what 15 steps on their text added,
+and part of that is noise (on an emulator far from the full model, mostly the emulator's
+repair); a point between the two keeps the user's direction at less of its noise. Replayed
+on 32 users of five finished runs of four populations, both client modes, the blends
+changed 14 choices, 5 to the user's significant gain on held-out text, none to a loss
+(experiments/blend_choice.py, docs/benchmarks.md).
 
 The server can score only where it can read the users' text (a simulation); elsewhere every
 user is served their personal adapter, and the log says so.
@@ -55,14 +68,15 @@ import torch
 from torch import Tensor, nn
 
 from soppu import atomic, lm
-from soppu.adapters import LoraState, write_lora
+from soppu.adapters import LoraState, blend, write_lora
 from soppu.data import UserText
 from soppu.personalize import scored
 from soppu.server.intervals import Gain, paired_gain
 from soppu.server.store import RunFolder, parse_served, served_label
 from soppu.train_config import TrainConfig
 
-CANDIDATES = ("base", "global", "personal")  # a tie goes to the earlier one
+CANDIDATES = ("base", "global", "personal", "blend")  # a tie goes to the earlier one
+OWN = ("personal", "blend")  # the user's own family: their adapter, and blends towards global
 
 
 def choose(
@@ -70,12 +84,13 @@ def choose(
     beat_base: set[str] | None = None,
     global_beats_personal: bool = False,
 ) -> str:
-    """What to serve, from each candidate's validation loss: the personal adapter's best
-    strength where it is significantly better than the base model (in `beat_base`; None:
-    every candidate below the base model's loss is) and the global adapter's best is not
-    significantly better than it (`global_beats_personal`); otherwise the lowest loss among
-    the base model and the candidates in `beat_base`, a tie going to the simpler: base, then
-    global, then personal, and the strength nearest 1."""
+    """What to serve, from each candidate's validation loss: the best of the user's own
+    family (the personal adapter's strengths and the blends) where it is significantly better
+    than the base model (in `beat_base`; None: every candidate below the base model's loss
+    is) and the global adapter's best is not significantly better than it
+    (`global_beats_personal`); otherwise the lowest loss among the base model and the
+    candidates in `beat_base`, a tie going to the simpler: base, global, personal, blend, and
+    the strength (the blend's weight) nearest 1."""
     base = math.inf if losses.get("base") is None else losses["base"]
     present = [
         c
@@ -83,22 +98,24 @@ def choose(
         if losses[c] is not None
         and (c == "base" or (losses[c] < base if beat_base is None else c in beat_base))
     ]
-    mine = best_of(losses, "personal")
+    mine = best_of(losses, *OWN)
     if mine in present and not global_beats_personal:
         return mine
 
-    def simpler(label: str) -> tuple[float, int, float]:
-        kind, scale = parse_served(label)
-        return losses[label], CANDIDATES.index(kind), abs(math.log(scale))
-
-    return min(present, key=simpler)
+    return min(present, key=lambda c: (losses[c], *_simplicity(c)))
 
 
-def best_of(losses: dict[str, float], kind: str) -> str | None:
-    """The label of `kind` ("global", "personal") with the lowest validation loss (a tie:
-    the strength nearest 1); None where that kind was not scored."""
-    labels = [c for c in losses if losses[c] is not None and parse_served(c)[0] == kind]
-    return min(labels, key=lambda c: (losses[c], abs(math.log(parse_served(c)[1]))), default=None)
+def best_of(losses: dict[str, float], *kinds: str) -> str | None:
+    """The label of one of `kinds` ("global", "personal", "blend") with the lowest validation
+    loss (a tie: the simpler kind, then the strength or weight nearest 1); None where none
+    was scored."""
+    labels = [c for c in losses if losses[c] is not None and parse_served(c)[0] in kinds]
+    return min(labels, key=lambda c: (losses[c], *_simplicity(c)), default=None)
+
+
+def _simplicity(label: str) -> tuple[int, float]:
+    kind, value = parse_served(label)
+    return CANDIDATES.index(kind), abs(math.log(value))
 
 
 def select_served(
@@ -109,10 +126,12 @@ def select_served(
     config: TrainConfig,
     progress: Callable[[str, int, int], None] = lambda user, done, total: None,
     scales: Sequence[float] = (1.0,),
+    weights: Sequence[float] = (),
 ) -> dict[str, dict[str, Any]]:
     """Score every stored user's candidates (each adapter at the strengths of `scales` its
-    walk visits) on their validation text, choose, write RUN/selection.json and, if anyone
-    is served the base model, the all-zero adapter."""
+    walk visits, the blends at the weights of `weights` theirs visits) on their validation
+    text, choose, write RUN/selection.json and, if anyone is served the base model, the
+    all-zero adapter."""
     global_lora = run.global_adapter()
     stored = run.users()
     chosen: dict[str, dict[str, Any]] = {}
@@ -129,6 +148,7 @@ def select_served(
             ),
             {"global": global_lora, "personal": run.latest(user)},
             scales,
+            weights,
         )
         counts = scores["base"][1]
         losses = {name: _loss(found) for name, found in scores.items()}
@@ -162,9 +182,10 @@ Scores = tuple[Tensor, Tensor]  # per-block NLL sums and token counts (`lm.block
 def global_over_personal(
     scores: dict[str, Scores], losses: dict[str, float], seed: int = 0
 ) -> Gain | None:
-    """The gain of the global adapter's best strength over the personal adapter's, with its
-    paired interval on the validation blocks; None where either was not scored."""
-    mine, shared = best_of(losses, "personal"), best_of(losses, "global")
+    """The gain of the global adapter's best strength over the best of the user's own family
+    (`OWN`), with its paired interval on the validation blocks; None where either was not
+    scored."""
+    mine, shared = best_of(losses, *OWN), best_of(losses, "global")
     if mine is None or shared is None:
         return None
     return paired_gain(scores[mine][0], scores[shared][0], scores[mine][1], seed=seed)
@@ -174,6 +195,11 @@ def _why(served: str, global_beats_personal: bool) -> str:
     kind = parse_served(served)[0]
     if kind == "personal":
         return "own adapter: significantly better than base, the global one not better than it"
+    if kind == "blend":
+        return (
+            "own adapter blended with the global one: significantly better than base, the "
+            "global one not better than it"
+        )
     if kind == "global" and global_beats_personal:
         return "global adapter: significantly better than the user's own on validation"
     if kind == "global":
@@ -185,21 +211,31 @@ def _candidate_scores(
     score: Callable[[LoraState | None], Scores],
     adapters: dict[str, LoraState | None],
     scales: Sequence[float],
+    weights: Sequence[float] = (),
 ) -> dict[str, Scores]:
-    """label → validation scores: the base model, and each adapter there is at the strengths
-    its walk visits."""
+    """label → validation scores: the base model, each adapter there is at the strengths its
+    walk visits, and the blends of the two at the weights the walk from the personal adapter
+    (μ = 1) visits."""
     grid = sorted(set(scales) | {1.0})
     found = {"base": score(None)}
     for kind, lora in adapters.items():
         if lora is not None:
             walked = strength_walk(grid, lambda s, lora=lora: score(lora.scaled(s)))
             found |= {served_label(kind, s): scores for s, scores in walked.items()}
+    shared, own = adapters.get("global"), adapters.get("personal")
+    if weights and shared is not None and own is not None:
+        walked = strength_walk(
+            sorted(set(weights) | {1.0}),
+            lambda w: found["personal"] if w == 1.0 else score(blend(shared, own, w)),
+        )
+        found |= {served_label("blend", w): scores for w, scores in walked.items() if w != 1.0}
     return found
 
 
 def strength_walk(grid: Sequence[float], score: Callable[[float], Scores]) -> dict[float, Scores]:
-    """Score an adapter along the ascending strength `grid` (1 among it), walking downhill
-    from 1: down while the validation loss falls, else up while it falls. The loss is about
+    """Score an adapter along the ascending strength `grid` (1 among it; for blends, the
+    weights μ, 1 being the personal adapter), walking downhill from 1: down while the
+    validation loss falls, else up while it falls. The loss is about
     unimodal in λ, so this finds the grid's lowest while scoring 3 of 4 strengths: replayed
     on the 60 recorded choices of 9 runs of three populations it chose as scoring every
     strength did, and ended at the grid's lowest on 117 of 120 curves

@@ -6,7 +6,7 @@
                             (round, metrics, emulator version; PEFT ignores it)
     RUN/global/             the averaged adapter (schemes that have one)
     RUN/selection.json      what each user is served (personal, global or base, at a
-                            strength λ) and why
+                            strength λ, or a blend of global and personal) and why
     RUN/no-adapter/         an all-zero LoRA: what a user served the base model gets
     RUN/metrics.jsonl       one line per (round, user): trained or failed, with metrics
     RUN/rounds.jsonl        one line per round: timings and counts
@@ -28,13 +28,22 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from soppu import atomic
-from soppu.adapters import TRAINING_NAME, AdapterError, LoraState, check_lora, read_lora, write_lora
+from soppu.adapters import (
+    TRAINING_NAME,
+    AdapterError,
+    LoraState,
+    blend,
+    check_lora,
+    read_lora,
+    write_lora,
+)
 from soppu.userids import check_user_id
 
 COMMITTED = "COMMITTED"
@@ -84,29 +93,33 @@ class RunFolder:
         return read_lora(self.global_dir) if self.global_dir.is_dir() else None
 
     def selection_choices(self) -> dict[str, str]:
-        """user → what they are served ("personal", "global", "base", or one of the first two
-        at a strength: "personal×0.75", see `served_label`); {} before a choice."""
+        """user → what they are served ("personal", "global", "base", one of the first two
+        at a strength: "personal×0.75", or a blend: "blend@0.5", see `served_label`); {}
+        before a choice."""
         if not self.selection.is_file():
             return {}
         users = json.loads(self.selection.read_text())["users"]
         return {user: entry["served"] for user, entry in users.items()}
 
-    def served_sources(self) -> dict[str, tuple[Path, float]]:
-        """user → the adapter dir they are served from now (their own where no choice was
-        made) and the strength λ it is served at (λ·ΔW). The dir is the current one: a user
-        chosen "personal×0.75" rounds ago is served their latest adapter at 0.75."""
+    def served_sources(self) -> dict[str, ServedSource]:
+        """user → where the adapter they are served now comes from (their own where no
+        choice was made). The dirs are the current ones: a user chosen "personal×0.75"
+        rounds ago is served their latest adapter at 0.75."""
         choices = self.selection_choices()
-        sources = {"global": self.global_dir, "base": self.no_adapter}
         found = {}
         for user in self.users():
-            kind, scale = parse_served(choices.get(user, "personal"))
-            found[user] = (sources.get(kind, self.store / user), scale)
+            kind, value = parse_served(choices.get(user, "personal"))
+            own = self.store / user
+            if kind == "blend":
+                found[user] = ServedSource(own, shared=self.global_dir, weight=value)
+            else:
+                folder = {"global": self.global_dir, "base": self.no_adapter}.get(kind, own)
+                found[user] = ServedSource(folder, scale=value)
         return found
 
     def served_adapter(self, user: str) -> LoraState:
-        """What `user` is served now: `served_sources`' adapter at its strength."""
-        folder, scale = self.served_sources()[user]
-        return read_lora(folder).scaled(scale)
+        """What `user` is served now (`served_sources`)."""
+        return self.served_sources()[user].lora()
 
     def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
@@ -114,16 +127,43 @@ class RunFolder:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def served_label(kind: str, scale: float = 1.0) -> str:
+@dataclass(frozen=True)
+class ServedSource:
+    """Where a user's served adapter comes from: the adapter in `folder` at strength `scale`
+    (λ·ΔW), or, where `shared` is set, the blend ΔW_shared + weight·(ΔW_folder − ΔW_shared)."""
+
+    folder: Path
+    scale: float = 1.0
+    shared: Path | None = None
+    weight: float = 1.0
+
+    @property
+    def as_stored(self) -> bool:
+        """Served exactly as the adapter in `folder` is."""
+        return self.shared is None and self.scale == 1.0
+
+    def lora(self, folder: Path | None = None, shared: Path | None = None) -> LoraState:
+        """The served adapter, read from `folder` and `shared` (default: this source's own;
+        `snapshot` passes its links)."""
+        own = read_lora(folder or self.folder)
+        if self.shared is not None:
+            return blend(read_lora(shared or self.shared), own, self.weight)
+        return own.scaled(self.scale)
+
+
+def served_label(kind: str, value: float = 1.0) -> str:
     """What a user is served, as RUN/selection.json and the manifest name it: the kind
-    ("base", "global", "personal"), and "×λ" after it where the adapter is scaled."""
-    return kind if scale == 1.0 or kind == "base" else f"{kind}×{scale:g}"
+    ("base", "global", "personal") and "×λ" after it where the adapter is scaled by λ; for
+    a blend ΔW_global + μ·(ΔW_personal − ΔW_global), "blend@μ"."""
+    if kind == "blend":
+        return f"blend@{value:g}"
+    return kind if value == 1.0 or kind == "base" else f"{kind}×{value:g}"
 
 
 def parse_served(label: str) -> tuple[str, float]:
-    """`served_label`'s (kind, scale) back."""
-    kind, _, scale = label.partition("×")
-    return kind, float(scale) if scale else 1.0
+    """`served_label`'s (kind, λ) back; for a blend ("blend", μ)."""
+    kind, sep, value = label.partition("@") if "@" in label else label.partition("×")
+    return kind, float(value) if sep else 1.0
 
 
 def check_reply(user: str, lora: LoraState, template: dict[str, torch.Size], source: str) -> None:
@@ -217,25 +257,35 @@ def stored_round(run: RunFolder, user: str) -> int | None:
 
 
 def snapshot(
-    run: RunFolder, into: Path, sources: dict[str, tuple[Path, float]] | None = None
+    run: RunFolder, into: Path, sources: dict[str, ServedSource] | None = None
 ) -> dict[str, Path]:
-    """Every user's served adapter (`sources`: user → (dir, strength); default their stored
-    one at 1) into `into`: hard links (files are only ever replaced by rename, never
-    rewritten, so links are a consistent, instant copy), and an adapter served at a strength
-    λ ≠ 1 written there scaled, from the links; user → dir."""
-    paths, scales = {}, {}
+    """Every user's served adapter (`sources`; default their stored one as it is) into
+    `into`: hard links (files are only ever replaced by rename, never rewritten, so links are
+    a consistent, instant copy), and an adapter served at a strength λ ≠ 1 or blended with
+    the global one written there from the links; user → dir."""
+    paths, served = {}, {}
     with run.locked():
         for user in run.users():
-            source, scales[user] = (sources or {}).get(user, (run.store / user, 1.0))
-            (into / user).mkdir(parents=True)
-            for file in source.iterdir():
-                os.link(file, into / user / file.name)
-            paths[user] = into / user
+            source = (sources or {}).get(user, ServedSource(run.store / user))
+            paths[user] = _link_dir(source.folder, into / user)
+            if source.shared is not None:
+                shared = into / ".shared" / user  # not a user id: a dot is never one
+                served[user] = (source, _link_dir(source.shared, shared))
+            elif not source.as_stored:
+                served[user] = (source, None)
     if not paths:
         raise AdapterError(f"{run.store}: no adapters stored yet")
-    for user, scale in scales.items():
-        if scale != 1.0:  # outside the lock: the links hold still
-            scaled = read_lora(paths[user]).scaled(scale)
-            shutil.rmtree(paths[user])  # the links only
-            write_lora(scaled, paths[user], {"strength": scale})
+    for user, (source, shared) in served.items():  # outside the lock: the links hold still
+        lora = source.lora(paths[user], shared)
+        shutil.rmtree(paths[user])  # the links only
+        record = {"strength": source.scale} if shared is None else {"blend": source.weight}
+        write_lora(lora, paths[user], record)
+    shutil.rmtree(into / ".shared", ignore_errors=True)
     return paths
+
+
+def _link_dir(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        os.link(file, target / file.name)
+    return target

@@ -21,6 +21,8 @@ then replays:
     blend-walk      the blends as part of the user's own family: from the personal adapter
                     (μ = 1) towards the global one while the validation loss falls, then
                     today's rule with that family's best in place of the personal adapter's
+    blend-contested the same, but blends are tried only where the user's own adapter is not
+                    significantly ahead of the global one on validation
     oracle          the lowest *held-out* loss among today's candidates and the blends: what
                     no rule can reach, the most the blends could add
 
@@ -39,8 +41,14 @@ from pathlib import Path
 
 import torch
 
-from experiments.choice_rules import better_than, personal_first, score_run, visited_candidates
-from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
+from experiments.choice_rules import (
+    better_than,
+    changed_choices,
+    personal_first,
+    score_run,
+    visited_candidates,
+)
+from experiments.lib import RESULTS, RUNS, pct, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.adapters import blend
 from soppu.personalize import scored
@@ -94,11 +102,18 @@ def _loss(scores: Scores) -> float:
     return float(scores[0].sum()) / float(scores[1].sum())
 
 
-def blend_walk(val: dict, blends: dict, grid: list[float], seed: int) -> str:
+def blend_walk(
+    val: dict, blends: dict, grid: list[float], seed: int, contested: bool = False
+) -> tuple[str, int]:
     """The served choice's rule with blends (`soppu.server.selection`, `--serve-blends`):
     the blends the walk from the personal adapter (μ = 1) towards the global one visits join
     the user's own family, then `choose`."""
     visited = visited_candidates(val, grid)
+    if contested:  # blends only where the user's own adapter is not significantly ahead
+        losses = {label: _loss(s) for label, s in visited.items()}
+        ahead = global_over_personal(visited, losses, seed)
+        if ahead is not None and ahead.verdict == "worse":
+            return personal_first(val, grid, seed), 0
     weights = sorted({float(lab.removeprefix("blend")) for lab in blends} | {1.0})
     walked = strength_walk(
         weights, lambda w: val["personal"] if w == 1.0 else blends[blend_label(w)]
@@ -107,7 +122,8 @@ def blend_walk(val: dict, blends: dict, grid: list[float], seed: int) -> str:
     losses = {label: _loss(s) for label, s in visited.items()}
     rival = global_over_personal(visited, losses, seed)
     beaten = rival is not None and rival.verdict == "better"
-    return choose(losses, better_than(visited, "base", visited, seed), global_beats_personal=beaten)
+    pick = choose(losses, better_than(visited, "base", visited, seed), global_beats_personal=beaten)
+    return pick.replace("blend@", "blend"), len(walked) - 1  # the cache's label; blends scored
 
 
 def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
@@ -121,11 +137,19 @@ def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
         best_blend if beats_today.verdict == "better" and beats_base.verdict == "better" else today
     )
     oracle = min(test, key=lambda lab: _loss(test[lab]))
-    walked = blend_walk(scores["val"], blends["val"], grid, seed).replace("blend@", "blend")
-    picks = {"personal-first": today, "blend-gated": gated, "blend-walk": walked, "oracle": oracle}
+    walked, walk_cost = blend_walk(scores["val"], blends["val"], grid, seed)
+    contested, contested_cost = blend_walk(scores["val"], blends["val"], grid, seed, True)
+    picks = {
+        "personal-first": today,
+        "blend-gated": gated,
+        "blend-walk": walked,
+        "blend-contested": contested,
+        "oracle": oracle,
+    }
     counts = test["base"][1]
     return {
         "picks": picks,
+        "blends_scored": {"blend-walk": walk_cost, "blend-contested": contested_cost},
         "over_base": {
             rule: paired_gain(test["base"][0], test[p][0], counts, seed=seed).as_dict()
             for rule, p in picks.items()
@@ -144,7 +168,7 @@ def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
 
 def summarise(users: dict[str, dict]) -> dict:
     out = {}
-    for rule in ("personal-first", "blend-gated", "blend-walk", "oracle"):
+    for rule in ("personal-first", "blend-gated", "blend-walk", "blend-contested", "oracle"):
         changed = sum(u["picks"][rule] != u["picks"]["personal-first"] for u in users.values())
         gains = [u["over_base"][rule]["point"] for u in users.values()]
         row = {
@@ -161,6 +185,8 @@ def summarise(users: dict[str, dict]) -> dict:
                     u["over_today"][rule]["point"] for u in users.values()
                 ),
             }
+        if rule in ("blend-walk", "blend-contested"):
+            row["blends_scored"] = sum(u["blends_scored"][rule] for u in users.values())
         out[rule] = row
     return out
 
@@ -170,8 +196,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at {result['commit']} on {result['date']}.",
         "",
         "| run | users | rule | median served gain | harmed | changed | better / worse than "
-        "today's (95% paired interval) | median change |",
-        "|---|---|---|---|---|---|---|---|",
+        "today's (95% paired interval) | median change | blends scored |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         for rule, s in run["summary"].items():
@@ -179,7 +205,8 @@ def markdown(result: dict) -> str:
             change = pct(s["median_change"]) if "median_change" in s else "–"
             lines.append(
                 f"| {run['run']} | {len(run['users'])} | {rule} | {pct(s['median'])} "
-                f"| {s['harmed']} | {s.get('changed', '–')} | {vs} | {change} |"
+                f"| {s['harmed']} | {s.get('changed', '–')} | {vs} | {change} "
+                f"| {s.get('blends_scored', '–')} |"
             )
     lines += ["", "Median held-out gain over the base model of each blend, no choice made:", ""]
     labels = [blend_label(w) for w in result["weights"]]
@@ -190,17 +217,8 @@ def markdown(result: dict) -> str:
             for lab in labels
         ]
         lines.append(f"| {run['run']} | " + " | ".join(cells) + " |")
-    lines += ["", "Where a rule changes today's choice:", ""]
-    lines += ["| run | user | rule | today's | the rule's | held-out change (95% interval) |"]
-    lines += ["|---|---|---|---|---|---|"]
-    for run in result["runs"]:
-        for user, u in run["users"].items():
-            for rule, pick in u["picks"].items():
-                if pick != u["picks"]["personal-first"]:
-                    lines.append(
-                        f"| {run['run']} | {user} | {rule} | {u['picks']['personal-first']} "
-                        f"| {pick} | {interval(u['over_today'][rule])} |"
-                    )
+    lines += ["", "Where a rule changes today's choice (personal-first):", ""]
+    lines += changed_choices(result["runs"], "personal-first", "over_today")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@
 
 For every user of a finished run, the served choice's scoring (`select_served`'s candidates on
 the user's validation text, the run's own strengths) is timed without blends and with the
-default blend weights, alternating per user so that the machine's drift falls on both alike;
+blend weights of `--weights`, alternating per user so that the machine's drift falls on both alike;
 nothing of the run is written. Writes experiments/results/choice_cost_<name>.json and .md.
 """
 
@@ -29,13 +29,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--name", default="main")
+    parser.add_argument("--weights", default="0.25,0.5,0.75", help="the blends timed")
     args = parser.parse_args()
     torch.set_num_threads(2)
     run = RunFolder(Path(args.run))
     config = stored_config(run)
     judge, base = config.judge(), basemodel.load(config.base_model or None)
     texts, shared = choose_users(config), run.global_adapter()
-    settings = {"none": (), "default": EvaluationSettings().blends()}
+    blends = EvaluationSettings(serve_blends=args.weights).blends()
+    settings = {"none": (), args.weights: blends}
     seconds, scorings = dict.fromkeys(settings, 0.0), dict.fromkeys(settings, 0)
     for i, user in enumerate(run.users()):
         blocks = lm.token_blocks(

@@ -197,17 +197,24 @@ def markdown(result: dict) -> str:
                 f"| {s['harmed']} | {s['changed']} | {against} |"
             )
     lines += ["", "Where a rule changes a choice:", ""]
-    lines += ["| run | user | rule | lowest | the rule's | held-out change (95% interval) |"]
+    lines += changed_choices(result["runs"], "lowest", "over_lowest")
+    return "\n".join(lines) + "\n"
+
+
+def changed_choices(runs: list[dict], reference: str, against: str) -> list[str]:
+    """A table of every choice a rule changes against the `reference` rule's, with its
+    held-out change (`u[against][rule]`)."""
+    lines = [f"| run | user | rule | {reference} | the rule's | held-out change (95% interval) |"]
     lines += ["|---|---|---|---|---|---|"]
-    for run in result["runs"]:
+    for run in runs:
         for user, u in run["users"].items():
             for rule, pick in u["picks"].items():
-                if pick != u["picks"]["lowest"]:
+                if pick != u["picks"][reference]:
                     lines.append(
-                        f"| {run['run']} | {user} | {rule} | {u['picks']['lowest']} | {pick} "
-                        f"| {interval(u['over_lowest'][rule])} |"
+                        f"| {run['run']} | {user} | {rule} | {u['picks'][reference]} | {pick} "
+                        f"| {interval(u[against][rule])} |"
                     )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:

@@ -19,8 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from soppu import basemodel
-from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import select_served
+from soppu.server.prepare_run import choose_users, served_choice, stored_config
 from soppu.server.store import RunFolder
 
 
@@ -36,15 +35,10 @@ def main() -> None:
         config = replace(config, evaluation=scales)
     base = basemodel.load(config.base_model or None)
     users = choose_users(config)
-    chosen = select_served(
-        run,
-        base.model,
-        base.tokenizer,
-        users,
-        config.judge(),
-        scales=config.evaluation.scales(),
-        weights=config.evaluation.blends(),
-    )
+    select = served_choice(run, config, base, users, print)
+    if select is None:
+        raise SystemExit(f"{run.root}: the served choice needs the users' validation text")
+    chosen = select()
     print({user: entry["served"] for user, entry in chosen.items()})
 
 

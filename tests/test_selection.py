@@ -62,8 +62,8 @@ def test_otherwise_the_lowest_loss_significantly_better_than_base_and_ties_go_si
     for wrong in ("0", "nan", "5", "x"):
         with pytest.raises(ValueError, match="serve-scales must be numbers in"):
             EvaluationSettings(serve_scales=wrong)
-    assert FederationConfig().evaluation.blends() == (0.25, 0.5, 0.75)
-    assert EvaluationSettings(serve_blends="").blends() == ()
+    assert FederationConfig().evaluation.blends() == ()  # an option, off by default
+    assert EvaluationSettings(serve_blends="0.75,0.25").blends() == (0.25, 0.75)
     for wrong in ("0", "1", "nan", "x", "0.5,2"):
         with pytest.raises(ValueError, match="serve-blends must be numbers in"):
             EvaluationSettings(serve_blends=wrong)

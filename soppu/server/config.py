@@ -409,14 +409,14 @@ class EvaluationSettings:
         "walks them from 1 while the validation loss falls; '1': as trained only.",
     )
 
-    # part of what a user's 15 steps add to the global adapter is noise; replayed on 32
-    # users of four populations (experiments/blend_choice.py), blends chosen per user on
-    # validation were significantly better for 5 and worse for none
+    # replayed on 58 users of nine runs of four populations (experiments/blend_choice.py),
+    # blends chosen per user on validation were significantly better for 5 and worse for 1,
+    # at 29% more of the choice's time: an option, off by default
     serve_blends: str = setting(
-        "0.25,0.5,0.75",
+        "",
         "Weights μ in (0, 1) of the blends ΔW_global + μ·(ΔW_personal − ΔW_global) the choice "
-        "may serve, comma-separated; it walks them from the personal adapter (μ = 1) while the "
-        "validation loss falls; '': no blends.",
+        "may serve, comma-separated (e.g. 0.25,0.5,0.75); it walks them from the personal "
+        "adapter (μ = 1) while the validation loss falls; '': no blends.",
     )
 
     def __post_init__(self) -> None:

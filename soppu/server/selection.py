@@ -46,12 +46,14 @@ fortune files two of six were better at 1.25, and on sympy's docstrings a user s
 model at λ = 1 gained 3.9% at 0.5; no user of 18 was worse
 (experiments/adapter_scale.py, docs/benchmarks.md).
 
-Why blends: a user's own adapter is the global one plus what 15 steps on their text added,
-and part of that is noise (on an emulator far from the full model, mostly the emulator's
-repair); a point between the two keeps the user's direction at less of its noise. Replayed
-on 32 users of five finished runs of four populations, both client modes, the blends
-changed 14 choices, 5 to the user's significant gain on held-out text, none to a loss
-(experiments/blend_choice.py, docs/benchmarks.md).
+Why blends, and why off by default (`--serve-blends`): a user's own adapter is the global one
+plus what 15 steps on their text added, and part of that is noise (on an emulator far from
+the full model, mostly the emulator's repair); a point between the two keeps the user's
+direction at less of its noise. Replayed on 58 users of nine finished runs of four
+populations, both client modes, the walk over 0.25, 0.5, 0.75 changed 19 choices, 5 to the
+user's significant gain on held-out text and 1 to a significant loss (−1.6 points), medians
+up by at most 0.3 points, for 29% more of the choice's time (experiments/blend_choice.py,
+docs/benchmarks.md).
 
 The server can score only where it can read the users' text (a simulation); elsewhere every
 user is served their personal adapter, and the log says so.

@@ -45,6 +45,7 @@ from experiments.choice_rules import (
     better_than,
     changed_choices,
     personal_first,
+    rule_summary,
     score_run,
     visited_candidates,
 )
@@ -169,22 +170,7 @@ def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
 def summarise(users: dict[str, dict]) -> dict:
     out = {}
     for rule in ("personal-first", "blend-gated", "blend-walk", "blend-contested", "oracle"):
-        changed = sum(u["picks"][rule] != u["picks"]["personal-first"] for u in users.values())
-        gains = [u["over_base"][rule]["point"] for u in users.values()]
-        row = {
-            "median": statistics.median(gains),
-            "harmed": sum(u["over_base"][rule]["verdict"] == "worse" for u in users.values()),
-        }
-        if rule != "personal-first":
-            verdicts = [u["over_today"][rule]["verdict"] for u in users.values()]
-            row |= {
-                "changed": changed,
-                "better": verdicts.count("better"),
-                "worse": verdicts.count("worse"),
-                "median_change": statistics.median(
-                    u["over_today"][rule]["point"] for u in users.values()
-                ),
-            }
+        row = rule_summary(users, rule, "personal-first", "over_today")
         if rule in ("blend-walk", "blend-contested"):
             row["blends_scored"] = sum(u["blends_scored"][rule] for u in users.values())
         out[rule] = row

@@ -168,17 +168,26 @@ def judge(scores: dict, grid: list[float], seed: int) -> dict:
 def summarise(users: dict[str, dict]) -> dict:
     out = {}
     for rule in RULES:
-        gains = [u["over_base"][rule] for u in users.values()]
-        row = {
-            "median": statistics.median(g["point"] for g in gains),
-            "harmed": sum(g["verdict"] == "worse" for g in gains),
-            "changed": sum(u["picks"][rule] != u["picks"]["lowest"] for u in users.values()),
-        }
-        if rule != "lowest":
-            verdicts = [u["over_lowest"][rule]["verdict"] for u in users.values()]
-            row |= {"better": verdicts.count("better"), "worse": verdicts.count("worse")}
-        out[rule] = row
+        out[rule] = rule_summary(users, rule, "lowest", "over_lowest")
     return out
+
+
+def rule_summary(users: dict[str, dict], rule: str, reference: str, against: str) -> dict:
+    """A rule's median served gain, users harmed, choices changed against the `reference`
+    rule's and, for other rules, how many are significantly better / worse than it
+    (`u[against][rule]`)."""
+    gains = [u["over_base"][rule] for u in users.values()]
+    row = {
+        "median": statistics.median(g["point"] for g in gains),
+        "harmed": sum(g["verdict"] == "worse" for g in gains),
+        "changed": sum(u["picks"][rule] != u["picks"][reference] for u in users.values()),
+    }
+    if rule != reference:
+        changes = [u[against][rule] for u in users.values()]
+        verdicts = [c["verdict"] for c in changes]
+        row |= {"better": verdicts.count("better"), "worse": verdicts.count("worse")}
+        row["median_change"] = statistics.median(c["point"] for c in changes)
+    return row
 
 
 def markdown(result: dict) -> str:

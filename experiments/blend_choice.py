@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 
 from experiments.choice_rules import (
-    better_than,
     changed_choices,
+    choose_among,
+    mean_loss,
     personal_first,
     rule_summary,
     score_run,
@@ -55,7 +56,7 @@ from soppu.adapters import blend
 from soppu.personalize import scored
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
-from soppu.server.selection import choose, global_over_personal, strength_walk
+from soppu.server.selection import global_over_personal, strength_walk
 from soppu.server.store import RunFolder, served_label
 
 Scores = tuple[torch.Tensor, torch.Tensor]
@@ -99,10 +100,6 @@ def score_blends(run: RunFolder, weights: list[float]) -> dict[str, dict]:
     return found
 
 
-def _loss(scores: Scores) -> float:
-    return float(scores[0].sum()) / float(scores[1].sum())
-
-
 def blend_walk(
     val: dict, blends: dict, grid: list[float], seed: int, contested: bool = False
 ) -> tuple[str, int]:
@@ -111,7 +108,7 @@ def blend_walk(
     the user's own family, then `choose`."""
     visited = visited_candidates(val, grid)
     if contested:  # blends only where the user's own adapter is not significantly ahead
-        losses = {label: _loss(s) for label, s in visited.items()}
+        losses = {label: mean_loss(s) for label, s in visited.items()}
         ahead = global_over_personal(visited, losses, seed)
         if ahead is not None and ahead.verdict == "worse":
             return personal_first(val, grid, seed), 0
@@ -120,24 +117,21 @@ def blend_walk(
         weights, lambda w: val["personal"] if w == 1.0 else blends[blend_label(w)]
     )
     visited |= {served_label("blend", w): s for w, s in walked.items() if w != 1.0}
-    losses = {label: _loss(s) for label, s in visited.items()}
-    rival = global_over_personal(visited, losses, seed)
-    beaten = rival is not None and rival.verdict == "better"
-    pick = choose(losses, better_than(visited, "base", visited, seed), global_beats_personal=beaten)
+    pick = choose_among(visited, seed)
     return pick.replace("blend@", "blend"), len(walked) - 1  # the cache's label; blends scored
 
 
 def judge(scores: dict, blends: dict, grid: list[float], seed: int) -> dict:
     val, test = scores["val"] | blends["val"], scores["test"] | blends["test"]
     today = personal_first(scores["val"], grid, seed)
-    best_blend = min(blends["val"], key=lambda lab: _loss(val[lab]))
+    best_blend = min(blends["val"], key=lambda lab: mean_loss(val[lab]))
     counts_val = val["base"][1]
     beats_today = paired_gain(val[today][0], val[best_blend][0], counts_val, seed=seed)
     beats_base = paired_gain(val["base"][0], val[best_blend][0], counts_val, seed=seed)
     gated = (
         best_blend if beats_today.verdict == "better" and beats_base.verdict == "better" else today
     )
-    oracle = min(test, key=lambda lab: _loss(test[lab]))
+    oracle = min(test, key=lambda lab: mean_loss(test[lab]))
     walked, walk_cost = blend_walk(scores["val"], blends["val"], grid, seed)
     contested, contested_cost = blend_walk(scores["val"], blends["val"], grid, seed, True)
     picks = {

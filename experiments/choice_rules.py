@@ -85,7 +85,7 @@ def score_run(run: RunFolder) -> dict[str, dict]:
     return found
 
 
-def _loss(scores: Scores) -> float:
+def mean_loss(scores: Scores) -> float:
     return float(scores[0].sum()) / float(scores[1].sum())
 
 
@@ -94,7 +94,7 @@ def lowest(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     the base model and the candidates significantly better than it (a tie: the simpler),
     which `choose` applies where the personal adapter has no claim of its own."""
     visited = visited_candidates(val, grid)
-    losses = {label: _loss(scores) for label, scores in visited.items()}
+    losses = {label: mean_loss(scores) for label, scores in visited.items()}
     return choose(losses, better_than(val, "base", visited, seed), global_beats_personal=True)
 
 
@@ -110,11 +110,16 @@ def anchored(val: dict[str, Scores], grid: list[float], seed: int) -> str:
 def personal_first(val: dict[str, Scores], grid: list[float], seed: int) -> str:
     """The served choice's rule from 2026-12-06, as `select_served` makes it: the walks, the
     global adapter's best against the personal one's, then `choose`."""
-    visited = visited_candidates(val, grid)
-    losses = {label: _loss(scores) for label, scores in visited.items()}
+    return choose_among(visited_candidates(val, grid), seed)
+
+
+def choose_among(visited: dict[str, Scores], seed: int) -> str:
+    """`choose` on the visited candidates' validation scores, as `select_served` applies it:
+    the global adapter's best against the user's own family's, significance against base."""
+    losses = {label: mean_loss(scores) for label, scores in visited.items()}
     rival = global_over_personal(visited, losses, seed)
     beaten = rival is not None and rival.verdict == "better"
-    return choose(losses, better_than(val, "base", visited, seed), global_beats_personal=beaten)
+    return choose(losses, better_than(visited, "base", visited, seed), global_beats_personal=beaten)
 
 
 def visited_candidates(val: dict[str, Scores], grid: list[float]) -> dict[str, Scores]:

@@ -6,8 +6,8 @@
 
 For each population of experiments/populations.py and each client mode it runs the same
 federation through `soppu simulate` once per scheme (`fedavg-ft`, `ditto`, `fedsa`, `local`,
-`pass`: fedavg-ft with a final personal pass of `--pass-steps`, and `ditto@P`: ditto at prox
-P), each with the defaults
+`local-prox`, `pass`: fedavg-ft with a final personal pass of `--pass-steps`, and `ditto@P` or
+`local-prox@P`: at prox P), each with the defaults
 users get otherwise and the same client budget (users, rounds, local steps). Then, on the full
 model and each user's held-out text (the blocks the runs' own evaluation scores):
 
@@ -37,7 +37,7 @@ from experiments.lib import RESULTS, RUNS, launch_unless_finished, pct, provenan
 from experiments.populations import NAMES, prepare
 from soppu.server.store import RunFolder
 
-SCHEMES = ("fedavg-ft", "ditto", "fedsa", "local", "pass")
+SCHEMES = ("fedavg-ft", "ditto", "fedsa", "local", "local-prox", "pass")
 REFERENCE = "fedavg-ft"  # whose global adapter every scheme is also compared with
 KEEP_OF_LOCAL = 0.8
 
@@ -47,7 +47,7 @@ def run_path(args: argparse.Namespace, population: str, mode: str, scheme: str) 
 
 
 def scheme_flags(scheme: str, pass_steps: int) -> list[str]:
-    """`pass`: fedavg-ft and a final personal pass; `ditto@P`: ditto at prox P."""
+    """`pass`: fedavg-ft and a final personal pass; `ditto@P`, `local-prox@P`: at prox P."""
     if scheme == "pass":
         return ["--scheme", "fedavg-ft", "--personal-pass", str(pass_steps)]
     name, _, prox = scheme.partition("@")

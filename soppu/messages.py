@@ -7,10 +7,11 @@ The two sides meet only through these messages, so both encode and decode here:
     query "install"  server → client: the emulator's weights   client → server: version installed
     train            server → client: setup, training config,  client → server: the LoRA (fp32),
                      the starting LoRA (absent: start fresh),   metrics, its user and emulator;
-                     the gradient correction (absent: none),    with an anchor also the shared
-                     an anchor (two-track schemes: the global   copy trained from the anchor
-                     adapter, which the shared copy starts
-                     from and the personal one is pulled to)
+                     the gradient correction (absent: none),    with an anchor and 2 tracks
+                     an anchor (schemes with a pull: the        also the shared copy trained
+                     global adapter, which the personal one     from the anchor
+                     is pulled to and, with config "tracks"
+                     2 (Ditto), the shared copy starts from)
     evaluate         server → client: setup, a LoRA             client → server: held-out loss
 
 A LoRA travels as an ArrayRecord of its PEFT tensors (full-model layer numbers) beside its
@@ -33,7 +34,7 @@ from soppu.train_config import TrainConfig
 
 SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
 CORRECTION = "correction"  # the emulator's gradient bias at the starting LoRA, LoRA-shaped
-ANCHOR, SHARED = "anchor", "shared"  # two-track schemes (Ditto): the global LoRA; its update
+ANCHOR, SHARED = "anchor", "shared"  # schemes with a pull: the global LoRA; Ditto: its update
 HELLO, INSTALL = "hello", "install"
 NEEDS_EMULATOR = 4090  # error code: this node does not hold the emulator version it was sent
 

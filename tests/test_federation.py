@@ -373,6 +373,78 @@ def test_ditto_runs_two_tracks_through_flower_and_keeps_each_users_own(world):
     assert torch.allclose(logits(published, ids), expected, atol=1e-4)
 
 
+def _recording_train(msg, context):
+    """The real client, with what it was sent and what it replied saved per round and user."""
+    setup = messages.Setup.from_record(msg.content[messages.SETUP])
+    user = task.my_user(context.node_config, setup)
+    config = msg.content[messages.CONFIG]
+    reply = client_app.train(msg, context)
+
+    def lora(content, key):
+        return content[key].to_torch_state_dict() if key in content else None
+
+    record = {
+        "tracks": int(config["tracks"]),
+        "start": lora(msg.content, messages.LORA),
+        "anchor": lora(msg.content, messages.ANCHOR),
+        "reply": lora(reply.content, messages.LORA),
+        "shared": lora(reply.content, messages.SHARED),
+        "examples": int(reply.content[messages.METRICS]["num-examples"]),
+    }
+    folder = Path(os.environ["SOPPU_TEST_RECORD_DIR"])
+    torch.save(record, folder / f"{int(config['round'])}-{user}.pt")
+    return reply
+
+
+def test_local_prox_trains_one_track_and_averages_what_users_keep(world, tmp_path):
+    """local-prox end to end through Flower: each client trains once a round (no shared copy),
+    continuing its own adapter from round 1, pulled to the global adapter it is sent; the next
+    global adapter is the robust mean of the personal adapters measured from that anchor."""
+    from soppu.server.schemes import Robustness, robust_mean
+
+    recording = ClientApp()
+    recording.query()(client_app.query)
+    recording.train()(_recording_train)
+    recording.evaluate()(client_app.evaluate)
+    os.environ["SOPPU_TEST_RECORD_DIR"] = str(tmp_path)  # Ray's workers inherit it
+    config = tiny_config(
+        world, "run-local-prox", scheme="local-prox", prox=0.5, final_evaluation=False
+    )
+    lines = simulate(config, recording)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 2
+    assert sum("gradient correction for 1 starting adapter" in line for line in lines) == 2
+    seen = {(r, u): torch.load(tmp_path / f"{r}-{u}.pt") for r in (1, 2) for u in USERS}
+    assert all(s["tracks"] == 1 and s["shared"] is None for s in seen.values())
+
+    def state(tensors) -> LoraState:
+        return LoraState(tensors, dict(run.global_adapter().config))
+
+    def mean(round_: int) -> LoraState:
+        anchor = state(seen[(round_, USERS[0])]["anchor"])
+        replies = {
+            u: (state(seen[(round_, u)]["reply"]), anchor, seen[(round_, u)]["examples"])
+            for u in USERS
+        }
+        return robust_mean(replies, Robustness()).lora  # the defaults' robust mean
+
+    first = mean(1)
+    for user in USERS:
+        two = seen[(2, user)]
+        for key, value in two["start"].items():  # continues its own, not the average
+            assert torch.equal(value, seen[(1, user)]["reply"][key])
+        for key, value in two["anchor"].items():  # pulled to round 1's average
+            assert torch.allclose(value, first.tensors[key], atol=1e-6)
+        assert json.loads((run.store / user / "training.json").read_text())["scheme"] == (
+            "local-prox"
+        )
+    final, stored = mean(2), run.global_adapter()
+    for key, value in stored.tensors.items():
+        assert torch.allclose(value, final.tensors[key], atol=1e-6), key
+    key = next(iter(stored.tensors))
+    assert not torch.allclose(seen[(2, "user0")]["reply"][key], seen[(2, "user1")]["reply"][key])
+
+
 def test_re_alignment_ships_a_new_emulator_before_every_round_after_the_first(world):
     """--realign-steps through real Flower: before rounds 2 and 3 the server re-aligns the
     emulator at the round's starting adapter and every node trains on the new version (sent

@@ -63,8 +63,10 @@ def train(msg: Message, context: Context) -> Message:
     )
     try:
         # Two tracks (Ditto): the shared copy from the anchor, which the server averages, and
-        # the personal one from the user's own, pulled towards the anchor.
-        shared = run(anchor) if anchor is not None else None
+        # the personal one from the user's own, pulled towards the anchor. One track
+        # (local-prox): only the pulled personal one.
+        two_tracks = anchor is not None and int(config.get("tracks", 2)) == 2
+        shared = run(anchor) if two_tracks else None
         result = run(
             start,
             anchor=anchor,

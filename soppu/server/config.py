@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module witho
     from soppu.compression.compress import CompressionConfig
     from soppu.emulator import EmulatorPlan
 
-SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto")  # server/schemes/ (not imported: no torch)
+# server/schemes/ (not imported here: no torch)
+SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto", "local-prox")
 LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
 LOG_SINKS = ("tensorboard", "mlflow")  # soppu/server/tracking.py
 CLIENT_MODES = ("emulator", "full")
@@ -128,12 +129,13 @@ class SchemeSettings:
     name: str = setting(
         "fedavg-ft",
         "fedavg-ft (from the global adapter each round), local (own only), fedsa (A shared, B "
-        "personal) or ditto (personal pulled to the global by prox).",
+        "personal), ditto (personal pulled to the global by prox, beside a shared copy) or "
+        "local-prox (own, pulled to the global, which is their average).",
         key="scheme",
     )
     prox: float = setting(
         0.1,
-        "ditto: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
+        "ditto, local-prox: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
     )
     # after the last round every user fine-tunes the final global adapter for up to this many
     # steps, keeping the step best on their validation split (0: no pass)

@@ -293,6 +293,7 @@ def _train(
         round=round_,
         device=device,
         prox=scheme.prox,
+        tracks=2 if scheme.two_tracks else 1,
         **(extra or {}),
     )
 
@@ -303,7 +304,7 @@ def _train(
     def on_reply(node: int, reply: Message) -> None:
         user = sampled[node]
         try:
-            accepted, metrics = _accept(fed, user, reply, starts[user], anchor)
+            accepted, metrics = _accept(fed, user, reply, starts[user], anchor, scheme.two_tracks)
         except Exception as exc:  # a bad reply costs that user's round, nothing else
             rows.append(_failure(round_, user, f"bad reply: {exc}"))
             fed.log(f"  {user}: refused ({exc})")
@@ -383,11 +384,16 @@ def _corrections(
 
 
 def _accept(
-    fed: Federation, user: str, reply: Message, start: LoraState, anchor: LoraState | None
+    fed: Federation,
+    user: str,
+    reply: Message,
+    start: LoraState,
+    anchor: LoraState | None,
+    two_tracks: bool,
 ) -> tuple[Reply, dict[str, float]]:
     """The reply as a Reply, or ValueError naming what is wrong with it: its user, its
     tensors (keys, shapes, finite, bounded), its metrics (finite; num-examples ≥ 1), and the
-    shared copy a two-track scheme (one with an `anchor`) must send."""
+    shared copy a two-track scheme must send."""
     about = reply.content[m.CONFIG]
     if str(about["user-id"]) != user:
         raise ValueError(f"reply is for user {about['user-id']!r}, expected {user!r}")
@@ -395,7 +401,7 @@ def _accept(
     lora = LoraState(m.tensors_from(reply.content[m.LORA]), dict(fed.template.config))
     check_reply(user, lora, fed.shapes, f"reply from {user}")
     shared = None
-    if anchor is not None:
+    if two_tracks:
         if m.SHARED not in reply.content:
             raise ValueError(f"reply from {user} lacks the shared copy its scheme trains")
         shared = LoraState(m.tensors_from(reply.content[m.SHARED]), dict(fed.template.config))

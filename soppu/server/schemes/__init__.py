@@ -9,6 +9,8 @@ personal. The round loop (`soppu/server/federation.py`) knows no scheme by name;
     ditto       Ditto: two tracks per user, a shared copy trained from the global adapter (the
                 average of those is the next global one) and the personal adapter continued
                 from the user's own, pulled towards the global one by prox/2 · ‖P − G‖²
+    local-prox  Ditto's personal track alone (L2GD): every user continues their own adapter,
+                pulled towards the global one, and their average is the next global one
 
 Every scheme publishes one plain PEFT adapter per user (the personal one), so compression,
 serving, PEFT and vLLM see no difference; the global adapter, where a scheme has one, is the
@@ -23,9 +25,10 @@ from soppu.server.schemes.ditto import Ditto
 from soppu.server.schemes.fedavg_ft import FedAvgFT
 from soppu.server.schemes.fedsa import FedSA
 from soppu.server.schemes.local import Local
+from soppu.server.schemes.local_prox import LocalProx
 from soppu.server.schemes.privacy import Privacy, epsilon, private_mean
 
-SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FedAvgFT, Local, FedSA, Ditto)}
+SCHEMES: dict[str, type[Scheme]] = {s.name: s for s in (FedAvgFT, Local, FedSA, Ditto, LocalProx)}
 
 __all__ = [
     "SCHEMES",

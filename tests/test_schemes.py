@@ -42,7 +42,7 @@ def committed(tmp_path, global_value: float | None = 5.0) -> RunFolder:
 
 
 def test_every_scheme_is_chosen_by_name_and_unknown_ones_refused():
-    assert set(SCHEMES) == {"fedavg-ft", "local", "fedsa", "ditto"}
+    assert set(SCHEMES) == {"fedavg-ft", "local", "fedsa", "ditto", "local-prox"}
     assert scheme_for("ditto", prox=0.5).prox == 0.5
     with pytest.raises(ValueError, match="scheme must be one of"):
         scheme_for("fedprox")
@@ -119,13 +119,57 @@ def test_ditto_averages_the_shared_copies_and_continues_the_personal_ones(tmp_pa
         ditto.aggregate({"alice": Reply(distinct(1.0), start, 1)})
 
 
+def test_local_prox_continues_the_personal_ones_and_averages_them_from_the_anchor(tmp_path):
+    """One track: each user continues their own (a newcomer the global adapter), pulled to the
+    global one, and the next global adapter is the average of what users keep, measured from
+    that anchor: FedAvg of the personal adapters exactly without robustness."""
+    run = committed(tmp_path)
+    scheme = scheme_for("local-prox", prox=0.01)
+    assert not scheme.two_tracks and scheme.prox == 0.01
+    starts = scheme.starts(run, [*USERS, "dave"], distinct(0.5))
+    for i, user in enumerate(USERS):
+        assert torch.equal(starts[user].tensors[KEY_A], distinct(i + 1.0).tensors[KEY_A])
+    assert torch.equal(starts["dave"].tensors[KEY_B], distinct(5.0).tensors[KEY_B])  # global
+    for point in (scheme.anchor(run, distinct(0.5)), scheme.correction_point(run, distinct(0.5))):
+        assert torch.equal(point.tensors[KEY_B], distinct(5.0).tensors[KEY_B])
+    anchor = distinct(5.0)
+    replies = {
+        "alice": Reply(distinct(4.0), distinct(1.0), 1, anchor=anchor),
+        "bob": Reply(distinct(8.0), distinct(2.0), 3, anchor=anchor),
+    }
+    plain = scheme_for("local-prox", robustness=Robustness(clip=0, weight_cap=0, trim=0))
+    averaged = plain.aggregate(replies).lora  # (4 · 1 + 8 · 3) / 4
+    assert torch.allclose(averaged.tensors[KEY_A], distinct(7.0).tensors[KEY_A])
+    assert torch.allclose(averaged.tensors[KEY_B], distinct(7.0).tensors[KEY_B])
+    with pytest.raises(ValueError, match="without the anchor"):
+        scheme.aggregate({"alice": Reply(distinct(1.0), distinct(1.0), 1)})
+
+
+def test_local_prox_clips_a_personal_adapter_however_far_it_was_before_the_round():
+    """A user whose own adapter is already far off (sent so in an earlier round) and who does
+    not move in this one: measured from its start it has a zero update and would enter the
+    average whole; measured from the anchor it is clipped and left out by the median."""
+    anchor = distinct(5.0)
+    honest = {
+        f"user{i}": Reply(distinct(5.0 + 0.1 * i), distinct(5.0), 10, anchor=anchor)
+        for i in range(5)
+    }
+    far = distinct(1e4)
+    replies = {**honest, "mallory": Reply(far, far, 10, anchor=anchor)}
+    averaged = scheme_for("local-prox").aggregate(replies)
+    assert "mallory" in averaged.clipped
+    assert float(averaged.lora.tensors[KEY_A].max()) < 5.5
+    from_starts = robust_mean({u: (r.personal, r.start, r.examples) for u, r in replies.items()})
+    assert float(from_starts.lora.tensors[KEY_A].max()) > 1e3  # what the anchor avoids
+
+
 def test_a_restarted_server_continues_every_personal_part_exactly(tmp_path):
     """Nothing personal lives in memory: a fresh scheme over the reopened run folder (what a
     resumed run has) starts every user from exactly what their last round stored."""
     committed(tmp_path)
     commit_round(RunFolder(tmp_path / "run"), 2, {"alice": 7.25})
     reopened = RunFolder(tmp_path / "run")
-    for name in ("local", "fedsa", "ditto"):
+    for name in ("local", "fedsa", "ditto", "local-prox"):
         start = scheme_for(name).starts(reopened, ["alice"], distinct(0.5))["alice"]
         assert torch.equal(start.tensors[KEY_B], lora(7.25).tensors[KEY_B]), name
 

@@ -396,7 +396,7 @@ def _recording_train(msg, context):
     return reply
 
 
-def test_local_prox_trains_one_track_and_averages_what_users_keep(world, tmp_path):
+def test_local_prox_trains_one_track_and_averages_what_users_keep(world, tmp_path, monkeypatch):
     """local-prox end to end through Flower: each client trains once a round (no shared copy),
     continuing its own adapter from round 1, pulled to the global adapter it is sent; the next
     global adapter is the robust mean of the personal adapters measured from that anchor."""
@@ -406,7 +406,7 @@ def test_local_prox_trains_one_track_and_averages_what_users_keep(world, tmp_pat
     recording.query()(client_app.query)
     recording.train()(_recording_train)
     recording.evaluate()(client_app.evaluate)
-    os.environ["SOPPU_TEST_RECORD_DIR"] = str(tmp_path)  # Ray's workers inherit it
+    monkeypatch.setenv("SOPPU_TEST_RECORD_DIR", str(tmp_path))  # Ray's workers inherit it
     config = tiny_config(
         world, "run-local-prox", scheme="local-prox", prox=0.5, final_evaluation=False
     )

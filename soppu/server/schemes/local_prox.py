@@ -11,24 +11,16 @@ each continued their own, not of copies fine-tuned from the last global one."""
 
 from __future__ import annotations
 
-from soppu.adapters import LoraState
 from soppu.server.schemes.aggregate import Averaged
-from soppu.server.schemes.base import Reply, Scheme, global_or
-from soppu.server.store import RunFolder
+from soppu.server.schemes.base import Reply
+from soppu.server.schemes.ditto import Ditto
 
 
-class LocalProx(Scheme):
+class LocalProx(Ditto):
+    """Ditto's starts, anchor and correction point; one track, and a different average."""
+
     name = "local-prox"
-
-    def starts(self, run: RunFolder, users: list[str], template: LoraState):
-        shared = global_or(run, template)
-        return {user: run.latest(user) or shared for user in users}
-
-    def anchor(self, run: RunFolder, template: LoraState) -> LoraState | None:
-        return global_or(run, template)
-
-    def correction_point(self, run: RunFolder, template: LoraState) -> LoraState | None:
-        return global_or(run, template)
+    two_tracks = False
 
     def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:
         # Each personal adapter measured from the anchor everyone was pulled to, so the robust

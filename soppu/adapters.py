@@ -315,6 +315,9 @@ def lora_config(
     return config
 
 
+_PREFIX = "base_model.model."  # PEFT's prefix of every LoRA state-dict key
+
+
 @dataclass
 class LoraState:
     """A LoRA in memory: PEFT state-dict keys (`base_model.model.<module>.lora_A.weight`, no
@@ -328,16 +331,24 @@ class LoraState:
         """From module → (A [k, n], B [m, k])."""
         tensors = {}
         for module, (A, B) in factors.items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A
-            tensors[f"base_model.model.{module}.lora_B.weight"] = B
+            tensors[f"{_PREFIX}{module}.lora_A.weight"] = A
+            tensors[f"{_PREFIX}{module}.lora_B.weight"] = B
         return LoraState(tensors, dict(config))
 
-    def scaled(self, scale: float) -> LoraState:
+    def scaled(self, scale: float, modules: Iterable[str] | None = None) -> LoraState:
         """This adapter with its update ΔW = B A scaled by `scale`: B scaled, A and the
-        config kept, so it is a plain PEFT adapter still."""
+        config kept, so it is a plain PEFT adapter still. `modules`: the module-name prefixes
+        ("model.layers.12.") whose update is scaled, the rest kept as trained; where the
+        adapter has none of them (or None), every module's."""
         if scale == 1.0:
             return self
-        tensors = {k: v * scale if ".lora_B." in k else v for k, v in self.tensors.items()}
+        marks = tuple(f"{_PREFIX}{m}" for m in modules or ())
+        if not any(k.startswith(marks) for k in self.tensors):
+            marks = ("",)
+        tensors = {
+            k: v * scale if ".lora_B." in k and k.startswith(marks) else v
+            for k, v in self.tensors.items()
+        }
         return LoraState(tensors, self.config)
 
     def peft_config(self):

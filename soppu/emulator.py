@@ -146,6 +146,21 @@ class EmulatorInfo:
         return LoraState(to_full_keys(lora.tensors, self), config)
 
     @property
+    def strength_modules(self) -> tuple[str, ...] | None:
+        """The layers the emulator stands in for, as `LoraState.scaled`'s modules: its kept
+        middle layers, whose weights the server aligned and whose inputs pass through
+        dropped layers in the full model; not its top (and bottom) layers, the full model's
+        own. An adapter's part on the stand-in layers overshoots on the full model (× 0.5
+        better, × 1.5 worse) while its part on the exact top layers does not (× 0.5 worse on
+        all five populations measured; experiments/layer_transfer.py), so a served strength
+        below 1 scales these only (`RunFolder.strength_modules`). None where nothing is
+        stood in for."""
+        stand_in = [f for f in self.full_layers if f not in self.adapter_layers]
+        if self.exact or not stand_in:
+            return None
+        return tuple(f"{self.layers_path}.{layer}." for layer in stand_in)
+
+    @property
     def exact(self) -> bool:
         """No layer dropped: the emulator is the full model (a client in full mode)."""
         return len(self.full_layers) == self.plan["num_layers"]

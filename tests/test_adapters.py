@@ -104,6 +104,30 @@ def test_a_blend_is_one_plain_lora_whose_logits_are_the_blended_updates(
         blend(shared, fewer, 0.5)
 
 
+def test_a_strength_on_some_modules_scales_only_their_update():
+    """B of the named modules' layers times the strength, every other tensor as it was;
+    modules the adapter does not have: every update scaled, as with none named."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{h}.weight": torch.randn(
+            4, 4, generator=gen
+        )
+        for i in (1, 2, 12)
+        for p in ("q_proj", "v_proj")
+        for h in "AB"
+    }
+    lora = LoraState(tensors, {"r": 4, "lora_alpha": 8})
+    half = lora.scaled(0.5, ("model.layers.1.", "model.layers.2."))
+    for key, tensor in tensors.items():
+        stood_in = ".layers.12." not in key and ".lora_B." in key
+        assert torch.equal(half.tensors[key], tensor * 0.5 if stood_in else tensor), key
+    for elsewhere in (("model.layers.7.",), None, ()):
+        scaled = lora.scaled(2.0, elsewhere)
+        for key, tensor in tensors.items():
+            assert torch.equal(scaled.tensors[key], tensor * 2 if ".lora_B." in key else tensor)
+    assert lora.scaled(1.0, ("model.layers.1.",)) is lora
+
+
 def test_rslora_scale_is_alpha_over_root_r(tiny_llama, tmp_path):
     peft_adapter(tiny_llama, tmp_path / "bob", r=4, alpha=8, rslora=True)
     info = read_adapter(tmp_path / "bob")

@@ -98,10 +98,15 @@ def test_emulator_layers_are_the_full_models_layers():
         emulator.model.embed_tokens.weight.data_ptr() != full.model.embed_tokens.weight.data_ptr()
     )
     assert info.params_emulator < info.params_full
+    # a served strength applies to the layers the emulator stands in for, not to the exact top
+    assert info.strength_modules == ("model.layers.0.", "model.layers.3.")
     # With no layer dropped the emulator is the full model: identical logits.
-    same, _ = E.build(full, EmulatorPlan(6, top=2, drop=0.0), "tiny")
+    same, exact = E.build(full, EmulatorPlan(6, top=2, drop=0.0), "tiny")
     ids = torch.randint(0, 300, (2, 16))
     assert torch.equal(same(input_ids=ids).logits, full(input_ids=ids).logits)
+    assert exact.strength_modules is None  # every layer: full mode's strengths as before
+    _, all_dropped = E.build(full, EmulatorPlan(6, top=2, drop=0.99), "tiny")
+    assert all_dropped.full_layers == [4, 5] and all_dropped.strength_modules is None
 
 
 def test_save_load_round_trip_and_content_version(tmp_path):

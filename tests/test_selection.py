@@ -5,6 +5,7 @@ purpose."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from soppu.adapters import LoraState, write_lora
 from soppu.compression import CompressionConfig
 from soppu.data import DataOptions, load_users
 from soppu.emulator import EmulatorPlan, build, save
-from soppu.personalize import attached, fresh_lora, train_lora
+from soppu.personalize import attached, fresh_lora, scored, train_lora
 from soppu.server.compression_round import compress_run
 from soppu.server.config import EvaluationSettings, FederationConfig
 from soppu.server.evaluation import evaluate_run
@@ -236,6 +237,56 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
 
     select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
     assert run.served_sources()["loud"].scale == 1.0
+
+
+def test_in_emulator_mode_a_strength_scales_the_layers_the_emulator_stands_in_for(tmp_path):
+    """An emulator of layers 1 (stood in for: 0 and 2 dropped around it) and 3 (the exact
+    top). The candidate "personal×0.5" is scored, served, compressed and published as the
+    adapter with layer 1's update halved and layer 3's as trained (PEFT logits); at 1.25
+    every layer's update is scaled."""
+    torch.set_num_threads(1)
+    data = write_users_jsonl(tmp_path / "users.jsonl", {"u": 6000})
+    users = load_users(data, DataOptions(validation_fraction=0.2))
+    base = _pretrained_tiny_model(tmp_path / "model", users["u"].train)
+    emulator, info = build(base.model, EmulatorPlan(4, top=1, drop=0.5, select="even"), "tiny")
+    assert info.full_layers == [1, 3] and info.strength_modules == ("model.layers.1.",)
+    config = TrainConfig(steps=20, lr=1e-2, seq_len=32, max_eval_tokens=4096)
+    pad = base.tokenizer.pad_token_id
+    blocks = lm.token_blocks(base.tokenizer, users["u"].train, config.seq_len)
+    own, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
+    run = RunFolder(tmp_path / "run")
+    save(emulator, info, run.emulator, cache=True)
+    write_lora(own, run.store / "u", {"round": 1})
+    run.set_state(round=1)
+    halved = {
+        k: v * 0.5 if ".layers.1." in k and ".lora_B." in k else v for k, v in own.tensors.items()
+    }
+    by_hand = LoraState(halved, own.config)
+    assert any(".layers.3." in k for k in own.tensors)  # the top layer has a part to keep
+
+    entry = select_served(run, base.model, base.tokenizer, users, config, scales=(0.5, 1.0))["u"]
+    val = lm.token_blocks(base.tokenizer, users["u"].validation, config.seq_len, 4096)
+    sums, counts = scored(base.model, by_hand, val, pad, config.batch_size)
+    want = math.exp(float(sums.sum()) / int(counts.sum()))
+    assert entry["validation"]["personal×0.5"] == pytest.approx(want, rel=1e-6)
+
+    run.selection.write_text(json.dumps({"users": {"u": {"served": "personal×1.25"}}}))
+    louder = run.served_adapter("u")  # above 1 a strength makes up for steps: every layer
+    for key, tensor in own.tensors.items():
+        assert torch.equal(louder.tensors[key], tensor * 1.25 if ".lora_B." in key else tensor)
+    run.selection.write_text(json.dumps({"users": {"u": {"served": "personal×0.5"}}}))
+    assert run.served_sources()["u"].modules == ("model.layers.1.",)
+    served = run.served_adapter("u")
+    for key, tensor in by_hand.tensors.items():
+        assert torch.equal(served.tensors[key], tensor), key
+    _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attached(base.model, by_hand) as expected:
+        want_logits = expected(input_ids=ids).logits
+    with torch.no_grad():
+        published = PeftModel.from_pretrained(base.model, version / "users" / "u")
+        assert torch.allclose(published(input_ids=ids).logits, want_logits, atol=1e-4)
+        published.unload()
 
 
 def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_significantly(tmp_path):

@@ -408,7 +408,9 @@ class EvaluationSettings:
     serve_scales: str = setting(
         "0.5,0.75,1,1.25",
         "Strengths λ (λ·ΔW) at which each adapter may be served, comma-separated; the choice "
-        "walks them from 1 while the validation loss falls; '1': as trained only.",
+        "walks them from 1 while the validation loss falls; '1': as trained only. In emulator "
+        "mode a strength below 1 scales the layers the emulator stands in for, not its exact "
+        "top layers.",
     )
 
     # replayed on 58 users of nine runs of four populations (experiments/blend_choice.py),

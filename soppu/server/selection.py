@@ -13,7 +13,8 @@ else), the candidates:
                ΔW_global + μ·(ΔW_personal − ΔW_global) ("blend@0.5"; one plain LoRA of
                twice the rank, `soppu.adapters.blend`)
 
-each adapter at the strengths λ of `--serve-scales` (λ·ΔW, "personal×0.75") that a walk
+each adapter at the strengths λ of `--serve-scales` (λ·ΔW, "personal×0.75"; below 1 in
+emulator mode on the layers the emulator stands in for only) that a walk
 from λ = 1 towards a lower validation loss visits (`strength_walk`), and the blends at the
 weights μ of `--serve-blends` that the same walk visits from the personal adapter (μ = 1)
 towards the global one. The personal adapter and the blends are the user's own family, and
@@ -44,7 +45,13 @@ it moved the emulator. On the embedded Shakespeare users every adapter overshoot
 all six were significantly better on held-out text (median served gain 16.9% → 19.4%); on the
 fortune files two of six were better at 1.25, and on sympy's docstrings a user served the base
 model at λ = 1 gained 3.9% at 0.5; no user of 18 was worse
-(experiments/adapter_scale.py, docs/benchmarks.md).
+(experiments/adapter_scale.py, docs/benchmarks.md). In emulator mode a strength below 1
+scales only the adapter's part on the layers the emulator stands in for
+(`RunFolder.strength_modules`): that part overshoots on the full model, the part on the
+exact top layers does not (experiments/layer_transfer.py); replayed on 32 users of five
+populations, 10 were served significantly better on held-out text, none worse
+(experiments/strength_layers.py). Above 1 a strength makes up for too few steps, on every
+layer.
 
 Why blends, and why off by default (`--serve-blends`): a user's own adapter is the global one
 plus what 15 steps on their text added, and part of that is noise (on an emulator far from
@@ -151,6 +158,7 @@ def select_served(
             {"global": global_lora, "personal": run.latest(user)},
             scales,
             weights,
+            run.strength_modules,
         )
         counts = scores["base"][1]
         losses = {name: _loss(found) for name, found in scores.items()}
@@ -214,15 +222,16 @@ def _candidate_scores(
     adapters: dict[str, LoraState | None],
     scales: Sequence[float],
     weights: Sequence[float] = (),
+    modules: Callable[[float], Sequence[str] | None] = lambda scale: None,
 ) -> dict[str, Scores]:
     """label → validation scores: the base model, each adapter there is at the strengths its
-    walk visits, and the blends of the two at the weights the walk from the personal adapter
-    (μ = 1) visits."""
+    walk visits (a strength λ on the modules `modules(λ)` names, `LoraState.scaled`), and the
+    blends of the two at the weights the walk from the personal adapter (μ = 1) visits."""
     grid = sorted(set(scales) | {1.0})
     found = {"base": score(None)}
     for kind, lora in adapters.items():
         if lora is not None:
-            walked = strength_walk(grid, lambda s, lora=lora: score(lora.scaled(s)))
+            walked = strength_walk(grid, lambda s, lora=lora: score(lora.scaled(s, modules(s))))
             found |= {served_label(kind, s): scores for s, scores in walked.items()}
     shared, own = adapters.get("global"), adapters.get("personal")
     if weights and shared is not None and own is not None:

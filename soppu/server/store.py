@@ -44,6 +44,7 @@ from soppu.adapters import (
     read_lora,
     write_lora,
 )
+from soppu.emulator import META_NAME, read_info
 from soppu.userids import check_user_id
 
 COMMITTED = "COMMITTED"
@@ -114,8 +115,19 @@ class RunFolder:
                 found[user] = ServedSource(own, shared=self.global_dir, weight=value)
             else:
                 folder = {"global": self.global_dir, "base": self.no_adapter}.get(kind, own)
-                found[user] = ServedSource(folder, scale=value)
+                modules = self.strength_modules(value)
+                found[user] = ServedSource(folder, scale=value, modules=modules)
         return found
+
+    def strength_modules(self, scale: float) -> tuple[str, ...] | None:
+        """Where a served strength `scale` applies in this run: below 1, the layers its
+        emulator stands in for (`EmulatorInfo.strength_modules`: scaling down undoes their
+        overshoot on the full model, which the exact top layers' part does not have); at 1
+        and above, and without an emulator, None: every layer (scaling up makes up for too
+        few steps, wherever they were taken)."""
+        if scale >= 1.0 or not (self.emulator / META_NAME).is_file():
+            return None
+        return read_info(self.emulator).strength_modules
 
     def served_adapter(self, user: str) -> LoraState:
         """What `user` is served now (`served_sources`)."""
@@ -130,12 +142,14 @@ class RunFolder:
 @dataclass(frozen=True)
 class ServedSource:
     """Where a user's served adapter comes from: the adapter in `folder` at strength `scale`
-    (λ·ΔW), or, where `shared` is set, the blend ΔW_shared + weight·(ΔW_folder − ΔW_shared)."""
+    (λ·ΔW on `modules`, the layers the run's emulator stands in for), or, where `shared` is
+    set, the blend ΔW_shared + weight·(ΔW_folder − ΔW_shared)."""
 
     folder: Path
     scale: float = 1.0
     shared: Path | None = None
     weight: float = 1.0
+    modules: tuple[str, ...] | None = None  # where `scale` applies (`LoraState.scaled`)
 
     @property
     def as_stored(self) -> bool:
@@ -148,7 +162,7 @@ class ServedSource:
         own = read_lora(folder or self.folder)
         if self.shared is not None:
             return blend(read_lora(shared or self.shared), own, self.weight)
-        return own.scaled(self.scale)
+        return own.scaled(self.scale, self.modules)
 
 
 def served_label(kind: str, value: float = 1.0) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from experiments.choice_rules import (
     changed_choices,
     choose_among,
     mean_loss,
+    median_table,
     personal_first,
     rule_summary,
     score_run,
@@ -189,14 +189,9 @@ def markdown(result: dict) -> str:
                 f"| {s.get('blends_scored', '–')} |"
             )
     lines += ["", "Median held-out gain over the base model of each blend, no choice made:", ""]
-    labels = [blend_label(w) for w in result["weights"]]
-    lines += ["| run | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for run in result["runs"]:
-        cells = [
-            pct(statistics.median(u["blends_test"][lab] for u in run["users"].values()))
-            for lab in labels
-        ]
-        lines.append(f"| {run['run']} | " + " | ".join(cells) + " |")
+    lines += median_table(
+        result["runs"], "blends_test", [blend_label(w) for w in result["weights"]]
+    )
     lines += ["", "Where a rule changes today's choice (personal-first):", ""]
     lines += changed_choices(result["runs"], "personal-first", "over_today")
     return "\n".join(lines) + "\n"

@@ -215,6 +215,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_table(runs: list[dict], field: str, columns: list[str]) -> list[str]:
+    """A table of each run's median over its users of `u[field][column]`, per column."""
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for run in runs:
+        users = run["users"].values()
+        cells = [pct(statistics.median(u[field][c] for u in users)) for c in columns]
+        lines.append(f"| {run['run']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def changed_choices(runs: list[dict], reference: str, against: str) -> list[str]:
     """A table of every choice a rule changes against the `reference` rule's, with its
     held-out change (`u[against][rule]`)."""

@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 from pathlib import Path
 
 import torch
 
-from experiments.choice_rules import changed_choices, personal_first, rule_summary
+from experiments.choice_rules import (
+    changed_choices,
+    median_table,
+    personal_first,
+    rule_summary,
+)
 from experiments.choice_rules import score_run as score_uniform
 from experiments.layer_transfer import scaled_layers
 from experiments.lib import RESULTS, RUNS, pct, provenance, write_results
@@ -166,13 +170,7 @@ def markdown(result: dict) -> str:
             )
     lines += ["", "Median held-out gain over the base model of each candidate, no choice made:", ""]
     columns = list(next(iter(result["runs"][0]["users"].values()))["no_choice"])
-    lines += ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for run in result["runs"]:
-        cells = [
-            pct(statistics.median(u["no_choice"][c] for u in run["users"].values()))
-            for c in columns
-        ]
-        lines.append(f"| {run['run']} | " + " | ".join(cells) + " |")
+    lines += median_table(result["runs"], "no_choice", columns)
     lines += ["", "Where another rule changes today's (uniform) choice:", ""]
     lines += changed_choices(result["runs"], "uniform", "over_uniform")
     return "\n".join(lines) + "\n"

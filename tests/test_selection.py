@@ -16,7 +16,7 @@ from soppu import basemodel, lm
 from soppu.adapters import LoraState, write_lora
 from soppu.compression import CompressionConfig
 from soppu.data import DataOptions, load_users
-from soppu.emulator import EmulatorPlan, build, save
+from soppu.emulator import EmulatorPlan, build, read_info, save
 from soppu.personalize import attached, fresh_lora, scored, train_lora
 from soppu.server.compression_round import compress_run
 from soppu.server.config import EvaluationSettings, FederationConfig
@@ -93,14 +93,15 @@ def _pretrained_tiny_model(path, text: str):
     return basemodel.load(folder)
 
 
-def _one_user_and_a_good_adapter(tmp_path, user: str):
-    """A tiny pretrained model, `user`'s text, and a LoRA trained on it in the emulator; the
-    run folder holds that emulator (what `select_served` reads besides the store)."""
+def _one_user_and_a_good_adapter(tmp_path, user: str, plan: EmulatorPlan | None = None):
+    """A tiny pretrained model, `user`'s text, and a LoRA trained on it in the emulator of
+    `plan` (default: all 4 layers, full mode's); the run folder holds that emulator (what
+    `select_served` reads besides the store)."""
     torch.set_num_threads(1)
     data = write_users_jsonl(tmp_path / "users.jsonl", {user: 6000})
     users = load_users(data, DataOptions(validation_fraction=0.2))
     base = _pretrained_tiny_model(tmp_path / "model", users[user].train)
-    emulator, info = build(base.model, EmulatorPlan(4, top=2, drop=0.0), base.name)
+    emulator, info = build(base.model, plan or EmulatorPlan(4, top=2, drop=0.0), base.name)
     config = TrainConfig(steps=40, lr=1e-2, seq_len=32, max_eval_tokens=4096)
     blocks = lm.token_blocks(base.tokenizer, users[user].train, config.seq_len)
     pad = base.tokenizer.pad_token_id
@@ -244,18 +245,10 @@ def test_in_emulator_mode_a_strength_scales_the_layers_the_emulator_stands_in_fo
     top). The candidate "personal×0.5" is scored, served, compressed and published as the
     adapter with layer 1's update halved and layer 3's as trained (PEFT logits); at 1.25
     every layer's update is scaled."""
-    torch.set_num_threads(1)
-    data = write_users_jsonl(tmp_path / "users.jsonl", {"u": 6000})
-    users = load_users(data, DataOptions(validation_fraction=0.2))
-    base = _pretrained_tiny_model(tmp_path / "model", users["u"].train)
-    emulator, info = build(base.model, EmulatorPlan(4, top=1, drop=0.5, select="even"), "tiny")
+    plan = EmulatorPlan(4, top=1, drop=0.5, select="even")
+    users, base, config, own, run = _one_user_and_a_good_adapter(tmp_path, "u", plan)
+    info = read_info(run.emulator)
     assert info.full_layers == [1, 3] and info.strength_modules == ("model.layers.1.",)
-    config = TrainConfig(steps=20, lr=1e-2, seq_len=32, max_eval_tokens=4096)
-    pad = base.tokenizer.pad_token_id
-    blocks = lm.token_blocks(base.tokenizer, users["u"].train, config.seq_len)
-    own, _ = train_lora(emulator, info, blocks, pad, config, fresh_lora(emulator, info, config))
-    run = RunFolder(tmp_path / "run")
-    save(emulator, info, run.emulator, cache=True)
     write_lora(own, run.store / "u", {"round": 1})
     run.set_state(round=1)
     halved = {
@@ -266,6 +259,7 @@ def test_in_emulator_mode_a_strength_scales_the_layers_the_emulator_stands_in_fo
 
     entry = select_served(run, base.model, base.tokenizer, users, config, scales=(0.5, 1.0))["u"]
     val = lm.token_blocks(base.tokenizer, users["u"].validation, config.seq_len, 4096)
+    pad = base.tokenizer.pad_token_id
     sums, counts = scored(base.model, by_hand, val, pad, config.batch_size)
     want = math.exp(float(sums.sum()) / int(counts.sum()))
     assert entry["validation"]["personal×0.5"] == pytest.approx(want, rel=1e-6)

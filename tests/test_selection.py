@@ -23,7 +23,7 @@ from soppu.server.config import EvaluationSettings, FederationConfig
 from soppu.server.evaluation import evaluate_run
 from soppu.server.federation import say_served
 from soppu.server.selection import best_of, choose, select_served, strength_walk
-from soppu.server.store import RunFolder, ServedSource, parse_served, served_label
+from soppu.server.store import RunFolder, ServedSource, parse_served, served_label, snapshot
 from soppu.train_config import TrainConfig
 
 
@@ -273,6 +273,9 @@ def test_in_emulator_mode_a_strength_scales_the_layers_the_emulator_stands_in_fo
     served = run.served_adapter("u")
     for key, tensor in by_hand.tensors.items():
         assert torch.equal(served.tensors[key], tensor), key
+    paths = snapshot(run, tmp_path / "snapshot", run.served_sources())
+    record = json.loads((paths["u"] / "training.json").read_text())
+    assert record == {"strength": 0.5, "strength_on": ["model.layers.1."]}
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), attached(base.model, by_hand) as expected:

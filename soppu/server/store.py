@@ -293,6 +293,8 @@ def snapshot(
         lora = source.lora(paths[user], shared)
         shutil.rmtree(paths[user])  # the links only
         record = {"strength": source.scale} if shared is None else {"blend": source.weight}
+        if source.modules is not None and shared is None:
+            record["strength_on"] = list(source.modules)  # the rest as trained
         write_lora(lora, paths[user], record)
     shutil.rmtree(into / ".shared", ignore_errors=True)
     return paths

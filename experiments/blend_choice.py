@@ -46,11 +46,12 @@ from experiments.choice_rules import (
     mean_loss,
     median_table,
     personal_first,
+    rule_rows,
     rule_summary,
     score_run,
     visited_candidates,
 )
-from experiments.lib import RESULTS, RUNS, pct, provenance, write_results
+from experiments.lib import RESULTS, RUNS, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.adapters import blend
 from soppu.personalize import scored
@@ -179,15 +180,7 @@ def markdown(result: dict) -> str:
         "today's (95% paired interval) | median change | blends scored |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in result["runs"]:
-        for rule, s in run["summary"].items():
-            vs = f"{s['better']} / {s['worse']}" if "better" in s else "–"
-            change = pct(s["median_change"]) if "median_change" in s else "–"
-            lines.append(
-                f"| {run['run']} | {len(run['users'])} | {rule} | {pct(s['median'])} "
-                f"| {s['harmed']} | {s.get('changed', '–')} | {vs} | {change} "
-                f"| {s.get('blends_scored', '–')} |"
-            )
+    lines += rule_rows(result["runs"], "blends_scored")
     lines += ["", "Median held-out gain over the base model of each blend, no choice made:", ""]
     lines += median_table(
         result["runs"], "blends_test", [blend_label(w) for w in result["weights"]]

@@ -215,6 +215,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rule_rows(runs: list[dict], *extra: str) -> list[str]:
+    """A row per run and rule: users, median served gain, users harmed, choices changed,
+    better / worse than the reference rule with the median change, then the summary's
+    `extra` fields."""
+    lines = []
+    for run in runs:
+        for rule, s in run["summary"].items():
+            vs = f"{s['better']} / {s['worse']}" if "better" in s else "–"
+            change = pct(s["median_change"]) if "median_change" in s else "–"
+            cells = [run["run"], len(run["users"]), rule, pct(s["median"]), s["harmed"]]
+            cells += [s.get("changed", "–"), vs, change, *(s.get(f, "–") for f in extra)]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
 def median_table(runs: list[dict], field: str, columns: list[str]) -> list[str]:
     """A table of each run's median over its users of `u[field][column]`, per column."""
     lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]

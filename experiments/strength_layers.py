@@ -36,11 +36,12 @@ from experiments.choice_rules import (
     changed_choices,
     median_table,
     personal_first,
+    rule_rows,
     rule_summary,
 )
 from experiments.choice_rules import score_run as score_uniform
 from experiments.layer_transfer import scaled_layers
-from experiments.lib import RESULTS, RUNS, pct, provenance, write_results
+from experiments.lib import RESULTS, RUNS, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.emulator import read_info
 from soppu.personalize import scored
@@ -160,14 +161,7 @@ def markdown(result: dict) -> str:
         "worse than uniform (95% paired interval) | median change |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for run in result["runs"]:
-        for rule, s in run["summary"].items():
-            vs = f"{s['better']} / {s['worse']}" if "better" in s else "–"
-            change = pct(s["median_change"]) if "median_change" in s else "–"
-            lines.append(
-                f"| {run['run']} | {len(run['users'])} | {rule} | {pct(s['median'])} "
-                f"| {s['harmed']} | {s['changed']} | {vs} | {change} |"
-            )
+    lines += rule_rows(result["runs"])
     lines += ["", "Median held-out gain over the base model of each candidate, no choice made:", ""]
     columns = list(next(iter(result["runs"][0]["users"].values()))["no_choice"])
     lines += median_table(result["runs"], "no_choice", columns)

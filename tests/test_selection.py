@@ -93,6 +93,18 @@ def _pretrained_tiny_model(path, text: str):
     return basemodel.load(folder)
 
 
+def _assert_published_as(model, folder, lora: LoraState) -> None:
+    """The adapter published in `folder`, loaded by PEFT, gives `model` the logits that
+    `lora` attached gives it."""
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), attached(model, lora) as expected:
+        want = expected(input_ids=ids).logits
+    with torch.no_grad():
+        published = PeftModel.from_pretrained(model, folder)
+        assert torch.allclose(published(input_ids=ids).logits, want, atol=1e-4)
+        published.unload()
+
+
 def _one_user_and_a_good_adapter(tmp_path, user: str, plan: EmulatorPlan | None = None):
     """A tiny pretrained model, `user`'s text, and a LoRA trained on it in the emulator of
     `plan` (default: all 4 layers, full mode's); the run folder holds that emulator (what
@@ -228,13 +240,7 @@ def test_an_adapter_at_another_strength_is_served_where_validation_says_so(tmp_p
     # what is compressed is the adapter as it is now, at the strength chosen
     write_lora(good.scaled(8.0), run.store / "loud", {"round": 2}, replace=True)
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), attached(base.model, good.scaled(2.0)) as expected:
-        want = expected(input_ids=ids).logits
-    with torch.no_grad():
-        published = PeftModel.from_pretrained(base.model, version / "users" / "loud")
-        assert torch.allclose(published(input_ids=ids).logits, want, atol=1e-4)
-        published.unload()
+    _assert_published_as(base.model, version / "users" / "loud", good.scaled(2.0))
 
     select_served(run, base.model, base.tokenizer, users, config)  # strength 1 only
     assert run.served_sources()["loud"].scale == 1.0
@@ -277,13 +283,7 @@ def test_in_emulator_mode_a_strength_scales_the_layers_the_emulator_stands_in_fo
     record = json.loads((paths["u"] / "training.json").read_text())
     assert record == {"strength": 0.5, "strength_on": ["model.layers.1."]}
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), attached(base.model, by_hand) as expected:
-        want_logits = expected(input_ids=ids).logits
-    with torch.no_grad():
-        published = PeftModel.from_pretrained(base.model, version / "users" / "u")
-        assert torch.allclose(published(input_ids=ids).logits, want_logits, atol=1e-4)
-        published.unload()
+    _assert_published_as(base.model, version / "users" / "u", by_hand)
 
 
 def test_the_global_adapter_is_served_only_where_it_beats_the_users_own_significantly(tmp_path):
@@ -344,13 +344,7 @@ def test_a_blend_of_the_users_own_and_the_global_adapter_is_served_where_it_is_b
     _, version = compress_run(run, CompressionConfig(rank=16, bits=32))
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["source"]["served"] == {"mixed": "blend@0.5"}
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), attached(base.model, good) as expected:
-        want = expected(input_ids=ids).logits
-    with torch.no_grad():
-        published = PeftModel.from_pretrained(base.model, version / "users" / "mixed")
-        assert torch.allclose(published(input_ids=ids).logits, want, atol=1e-4)
-        published.unload()
+    _assert_published_as(base.model, version / "users" / "mixed", good)
 
     [row] = evaluate_run(run, base.model, base.tokenizer, users, config)["users"]
     assert row["served"] == "blend@0.5"

@@ -50,14 +50,10 @@ def layer_groups(top: list[int], trained: list[int], parts: int) -> dict[str, li
     return groups | {f"top {top[0]}–{top[-1]} (exact)": sorted(top)}
 
 
-def scaled_layers(lora: LoraState, layers: list[int], scale: float) -> LoraState:
-    """`lora` with ΔW of the given full-model layers scaled (their B), the rest as trained."""
-    marks = tuple(f".layers.{layer}." for layer in layers)
-    tensors = {
-        key: value * scale if ".lora_B." in key and any(m in key for m in marks) else value
-        for key, value in lora.tensors.items()
-    }
-    return LoraState(tensors, lora.config)
+def scaled_layers(lora: LoraState, layers: list[int], scale: float, path: str) -> LoraState:
+    """`lora` with ΔW of the given full-model layers (under `path`, the decoder's layer list)
+    scaled, the rest as trained."""
+    return lora.scaled(scale, [f"{path}.{layer}." for layer in layers])
 
 
 def probe_run(path: Path, users: int, blocks: int, parts: int, scales: list[float]) -> dict:
@@ -79,7 +75,8 @@ def probe_run(path: Path, users: int, blocks: int, parts: int, scales: list[floa
         row = {"as trained": paired_gain(bare, trained, counts).point}
         for name, layers in groups.items():
             for scale in scales:
-                nll, _ = scored(base.model, scaled_layers(lora, layers, scale), held_out, pad, 4)
+                variant = scaled_layers(lora, layers, scale, info.layers_path)
+                nll, _ = scored(base.model, variant, held_out, pad, 4)
                 gain = paired_gain(trained, nll, counts)
                 row[f"{name} ×{scale:g}"] = {
                     "point": gain.point,

@@ -14,12 +14,13 @@ trained, might serve more than the uniform one at the same number of candidates.
 For every user of each run this scores the global and personal adapters with only the
 aligned layers' part at each λ of the run's `--serve-scales` (λ ≠ 1) on both splits (cached
 in runs/experiments/choice-scores/<run>.emulated.pt, beside the uniform candidates that
-`choice_rules` cached), then replays today's served choice (`choose_among`: the walks, their
+`choice_rules` cached), then replays the served choice (`choose_among`: the walks, their
 own adapter first, significance against the base model) three times: over the uniform
-strengths (today), over the aligned-layers-only ones, and over aligned-layers-only strengths
-below 1 with uniform ones above (scaling down undoes the stand-in layers' overshoot, scaling
-up makes up for too few steps on every layer); each choice judged on held-out text against
-today's (paired 95% intervals) and against the base model (harm).
+strengths (the rule until 2026-12-06), over the aligned-layers-only ones, and over
+aligned-layers-only strengths below 1 with uniform ones above (scaling down undoes the
+stand-in layers' overshoot, scaling up makes up for too few steps on every layer: the rule
+since, `RunFolder.strength_modules`); each choice judged on held-out text against the uniform
+strengths' (paired 95% intervals) and against the base model (harm).
 
 Writes experiments/results/strength_layers_<name>.json and .md.
 """
@@ -40,7 +41,6 @@ from experiments.choice_rules import (
     rule_summary,
 )
 from experiments.choice_rules import score_run as score_uniform
-from experiments.layer_transfer import scaled_layers
 from experiments.lib import RESULTS, RUNS, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.emulator import read_info
@@ -73,8 +73,6 @@ def score_aligned(run: RunFolder, grid: list[float]) -> dict[str, dict]:
     for i, user in enumerate(run.users()):
         print(f"  [{i + 1}/{len(run.users())}] {user} aligned-layer strengths", flush=True)
         adapters = {"global": run.global_adapter(), "personal": run.latest(user)}
-        layers = sorted(set(adapters["personal"].config["layers_to_transform"]))
-        aligned = [layer for layer in layers if layer not in info.adapter_layers]
         found[user] = {}
         for split in ("val", "test"):
             text = texts[user].validation if split == "val" else texts[user].test
@@ -82,7 +80,7 @@ def score_aligned(run: RunFolder, grid: list[float]) -> dict[str, dict]:
             found[user][split] = {
                 aligned_label(kind, s): scored(
                     base.model,
-                    scaled_layers(lora, aligned, s),
+                    lora.scaled(s, info.strength_modules),  # what the product serves
                     blocks,
                     pad,
                     config.training.batch_size,

@@ -1,0 +1,226 @@
+"""Can a client repair its emulator on its own text, from what a serving API already answers?
+A probe on finished runs' emulators: each user trains fresh LoRAs, no federation.
+
+    python -m experiments.local_repair --runs RUN[,RUN...] --users 4 --name NAME
+
+Out of the alignment text's domain the client's steps mostly repair the emulator on the
+user's text (`proxy_probe`: −37% of the emulator's loss, −9 to −22% of the full model's), and
+the server aligning on text of the users' domain carried half of full mode's gain where
+generated text carried a third (benchmarks, "The frontier: the server holding text of the
+users' domain"). The server never reads a user's text, but a user already sends it to the
+serving API to score it (`/v1/completions`, `echo`, `logprobs: 5`): that answer, the full
+model's log-probability of each token and its 5 most likely alternatives, is a teacher on
+exactly the user's text. Here the client first tunes its emulator's middle layers (the
+alignment's parameters) towards that teacher on its own training text, then trains its LoRA
+on the repaired emulator, with the server's gradient correction (measured on the run's public
+text and the emulator as the server holds it, all a real server could send) or without.
+
+Per user, fresh LoRAs of `--steps` steps (`soppu personalize`'s recipe, the same seed):
+`default` (the run's emulator, corrected: today's client); `repaired` and `repaired,
+uncorrected`; `full` (the client holding the full model: the ceiling). Each judged on the
+full model on the first `--blocks` blocks of the user's held-out text against the base model
+and against `default` (paired 95% bootstrap over blocks), with the emulator's KL to the full
+model on that held-out text before and after the repair (does a repair on the training text
+carry to the user's next text?) and the repair's seconds.
+
+Writes experiments/results/local_repair_<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from experiments.lib import RESULTS, provenance, write_results
+from soppu import basemodel, lm
+from soppu.alignment import _middle_parameters, gradient_correction, measure
+from soppu.emulator import full_model_info, load
+from soppu.personalize import TrainConfig, fresh_lora, personalize, scored
+from soppu.server.intervals import paired_gain
+from soppu.server.prepare_run import choose_users, public_for, stored_config
+from soppu.server.store import RunFolder
+
+TOP_K = 5  # the most alternatives OpenAI's legacy completions (and this project's API) return
+
+
+@torch.no_grad()
+def teacher(full, batch: lm.Batch, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What a scoring call answers for each predicted token: the ids and log-probabilities of
+    the k most likely tokens and of the token the text has (ids [n, k+1], logprobs [n, k+1]),
+    and a mask that drops the text's token where it is already among the k."""
+    log_p = F.log_softmax(lm.logits(full, batch).float()[:, :-1], dim=-1)
+    keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).bool()
+    log_p, target = log_p[keep], batch.ids[:, 1:][keep]
+    top_lp, top_ids = log_p.topk(k, dim=-1)
+    ids = torch.cat([top_ids, target[:, None]], dim=1)
+    lps = torch.cat([top_lp, log_p.gather(1, target[:, None])], dim=1)
+    weight = torch.ones_like(lps)
+    weight[:, -1] = (top_ids != target[:, None]).all(dim=1).float()
+    return ids, lps, weight
+
+
+def partition_ce(logits: Tensor, batch: lm.Batch, ids: Tensor, lps: Tensor, weight: Tensor):
+    """Cross-entropy of the student against the teacher over the partition {each listed
+    token, everything else}: the KL of the two distributions coarsened to what the API gave,
+    up to the teacher's constant entropy."""
+    keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).bool()
+    log_q = F.log_softmax(logits.float()[:, :-1][keep], dim=-1).gather(1, ids)
+    p = lps.exp() * weight
+    rest_p = (1 - p.sum(1)).clamp_min(0)
+    rest_q = torch.log1p(-((log_q.exp() * weight).sum(1)).clamp_max(1 - 1e-6))
+    return -((p * log_q).sum(1) + rest_p * rest_q).mean()
+
+
+def repair(full, emulator, info, blocks, pad: int, steps: int, lr: float, precision: str):
+    """Tune the emulator's middle layers in place towards the teacher on `blocks`."""
+    params = _middle_parameters(emulator, info)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    emulator.train()
+    for batch in lm.training_batches(blocks, 4, steps, pad, seed=3):
+        targets = teacher(full, batch, TOP_K)
+        loss = partition_ce(lm.logits(emulator, batch, precision), batch, *targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    emulator.eval().requires_grad_(False)
+
+
+def probe_user(run: RunFolder, user, base, public_blocks, args) -> dict:
+    config = stored_config(run)
+    pad, mixed = base.tokenizer.pad_token_id, config.precision
+    train = TrainConfig(steps=args.steps, precision=mixed)
+    blocks = lm.token_blocks(base.tokenizer, user.train, train.seq_len)
+    held_out = lm.token_blocks(base.tokenizer, user.test, train.seq_len)[: args.blocks]
+    emulator, info = load(run.emulator)
+
+    def correction(model) -> dict:
+        start = fresh_lora(model, info, train)
+        return gradient_correction(
+            base.model, model, info, start, public_blocks, pad, batches=8, precision=mixed
+        )
+
+    def trained(model, model_info, shift) -> list[float]:
+        lora = personalize(user, model, model_info, base.tokenizer, train, correction=shift).lora
+        return scored(base.model, lora, held_out, pad, 4)[0]
+
+    server_correction = correction(emulator)  # what the server measures and sends
+    kl_before = measure(base.model, emulator, info, held_out, pad, 4, mixed).kl
+    nll = {"default": trained(emulator, info, server_correction)}
+    began = time.perf_counter()
+    repair(base.model, emulator, info, blocks, pad, args.repair_steps, args.repair_lr, mixed)
+    seconds = time.perf_counter() - began
+    kl_after = measure(base.model, emulator, info, held_out, pad, 4, mixed).kl
+    nll["repaired"] = trained(emulator, info, server_correction)
+    nll["repaired, uncorrected"] = trained(emulator, info, None)
+    nll["full"] = trained(base.model, full_model_info(base.model, base.name), None)
+    bare, counts = scored(base.model, None, held_out, pad, 4)
+    row = {"kl_before": kl_before, "kl_after": kl_after, "repair_seconds": seconds}
+    for variant, scores in nll.items():
+        row[variant] = {
+            "over_base": paired_gain(bare, scores, counts).as_dict(),
+            "over_default": paired_gain(nll["default"], scores, counts).as_dict(),
+        }
+    return row
+
+
+def probe_run(path: Path, args) -> dict:
+    run = RunFolder(path)
+    config = stored_config(run)
+    base = basemodel.load(config.base_model or None)
+    texts = public_for(config, print, base)  # the run's own public text, as its server made it
+    public_blocks = lm.token_blocks(base.tokenizer, "\n".join(texts), config.training.seq_len)
+    users = choose_users(config)
+    per_user = {}
+    for name in run.users()[: args.users]:
+        per_user[name] = probe_user(run, users[name], base, public_blocks, args)
+        row = per_user[name]
+        print(
+            f"{path.name} {name}: KL {row['kl_before']:.3f} → {row['kl_after']:.3f}; "
+            + ", ".join(f"{v} {row[v]['over_base']['point']:+.1%}" for v in VARIANTS),
+            flush=True,
+        )
+    return {"run": path.name, "per_user": per_user, "summary": summary(per_user)}
+
+
+VARIANTS = ("default", "repaired", "repaired, uncorrected", "full")
+
+
+def summary(per_user: dict) -> dict:
+    rows = per_user.values()
+    out = {
+        "kl_before": statistics.median(r["kl_before"] for r in rows),
+        "kl_after": statistics.median(r["kl_after"] for r in rows),
+        "repair_seconds": statistics.median(r["repair_seconds"] for r in rows),
+    }
+    for variant in VARIANTS:
+        over_default = [r[variant]["over_default"] for r in rows]
+        out[variant] = {
+            "over_base": statistics.median(r[variant]["over_base"]["point"] for r in rows),
+            "over_default": statistics.median(g["point"] for g in over_default),
+            "better": sum(g["low"] > 0 for g in over_default),
+            "worse": sum(g["high"] < 0 for g in over_default),
+            "harmed": sum(r[variant]["over_base"]["high"] < 0 for r in rows),
+        }
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` at {result['commit']} on {result['date']}.",
+        "",
+        f"Fresh LoRAs of {result['steps']} steps per user; the repair: {result['repair_steps']} "
+        f"steps at lr {result['repair_lr']:g} on the user's training text towards the full "
+        f"model's top-{TOP_K} log-probabilities. Medians over {result['users']} users on the "
+        f"first {result['blocks']} held-out blocks; better / worse / harmed: paired 95% "
+        "intervals (against the default client, against the base model).",
+        "",
+        "| run | emulator KL on held-out text: before → after the repair | repair s | variant "
+        "| over the base model | over the default client | better / worse | harmed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        s = row["summary"]
+        for i, variant in enumerate(VARIANTS):
+            head = (
+                f"| {row['run']} | {s['kl_before']:.3f} → {s['kl_after']:.3f} | "
+                f"{s['repair_seconds']:.0f} "
+                if i == 0
+                else "| | | "
+            )
+            v = s[variant]
+            lines.append(
+                f"{head}| {variant} | {v['over_base']:+.1%} | {v['over_default']:+.1%} | "
+                f"{v['better']} / {v['worse']} | {v['harmed']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", required=True, help="finished emulator-mode runs")
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30, help="each LoRA's training steps")
+    parser.add_argument("--repair-steps", type=int, default=40)
+    parser.add_argument("--repair-lr", type=float, default=1e-4)
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--name", default="default")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    basemodel.quiet_libraries()
+    rows = [probe_run(Path(run), args) for run in args.runs.split(",")]
+    result = {
+        **provenance("local_repair"),
+        **{k: getattr(args, k) for k in ("users", "steps", "repair_steps", "repair_lr", "blocks")},
+        "rows": rows,
+    }
+    write_results(RESULTS / f"local_repair_{args.name}.json", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,18 +10,20 @@ generated text carried a third (benchmarks, "The frontier: the server holding te
 users' domain"). The server never reads a user's text, but a user already sends it to the
 serving API to score it (`/v1/completions`, `echo`, `logprobs: 5`): that answer, the full
 model's log-probability of each token and its 5 most likely alternatives, is a teacher on
-exactly the user's text. Here the client first tunes its emulator's middle layers (the
-alignment's parameters) towards that teacher on its own training text, then trains its LoRA
-on the repaired emulator, with the server's gradient correction (measured on the run's public
+exactly the user's text. Here the client first tunes its emulator towards that teacher on its
+own training text (the middle layers' weights, the alignment's parameters; or, with
+`--repair-with lora`, a LoRA on every projection of those layers, merged in after, which
+spares the client an optimizer state for 49 M weights), then trains its LoRA on the repaired
+emulator, with the server's gradient correction (measured on the run's public
 text and the emulator as the server holds it, all a real server could send) or without.
 
 Per user, fresh LoRAs of `--steps` steps (`soppu personalize`'s recipe, the same seed):
 `default` (the run's emulator, corrected: today's client); `repaired` and `repaired,
-uncorrected`; `full` (the client holding the full model: the ceiling). Each judged on the
-full model on the first `--blocks` blocks of the user's held-out text against the base model
-and against `default` (paired 95% bootstrap over blocks), with the emulator's KL to the full
-model on that held-out text before and after the repair (does a repair on the training text
-carry to the user's next text?) and the repair's seconds.
+uncorrected`; `full` (the client holding the full model: the ceiling; `--no-ceiling` skips
+it). Each judged on the full model on the first `--blocks` blocks of the user's held-out
+text against the base model and against `default` (paired 95% bootstrap over blocks), with
+the emulator's KL to the full model on that held-out text before and after the repair (does
+a repair on the training text carry to the user's next text?) and the repair's seconds.
 
 Writes experiments/results/local_repair_<name>.json and .md.
 """
@@ -35,9 +37,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import Tensor
 
 from experiments.lib import RESULTS, provenance, write_results
+from experiments.sweep_recipes import ALL_LINEAR
 from soppu import basemodel, lm
 from soppu.alignment import _middle_parameters, gradient_correction, measure
 from soppu.emulator import full_model_info, load
@@ -77,17 +81,38 @@ def partition_ce(logits: Tensor, batch: lm.Batch, ids: Tensor, lps: Tensor, weig
     return -((p * log_q).sum(1) + rest_p * rest_q).mean()
 
 
-def repair(full, emulator, info, blocks, pad: int, steps: int, lr: float, precision: str):
-    """Tune the emulator's middle layers in place towards the teacher on `blocks`."""
-    params = _middle_parameters(emulator, info)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    emulator.train()
-    for batch in lm.training_batches(blocks, 4, steps, pad, seed=3):
+def repair(full, emulator, info, blocks, pad: int, args, precision: str):
+    """Tune the emulator in place towards the teacher on `blocks`: its middle layers' weights
+    (`--repair-with layers`, the alignment's parameters), or a LoRA of `--repair-rank` on every
+    projection of the middle layers, merged in after (`lora`: the client keeps no optimizer
+    state for 49 M weights)."""
+    model, params = emulator, _middle_parameters(emulator, info)
+    if args.repair_with == "lora":
+        emulator.requires_grad_(False)
+        middle = [
+            j
+            for j in range(len(emulator.get_submodule(info.layers_path)))
+            if j not in info.emulator_adapter_layers
+        ]
+        config = LoraConfig(
+            r=args.repair_rank,
+            lora_alpha=2 * args.repair_rank,
+            target_modules=list(ALL_LINEAR),
+            layers_to_transform=middle,
+            layers_pattern=info.layers_path.rsplit(".", 1)[-1],
+        )
+        model = get_peft_model(emulator, config)
+        params = [p for name, p in model.named_parameters() if "lora_" in name]
+    optimizer = torch.optim.AdamW(params, lr=args.repair_lr, weight_decay=0.0)
+    model.train()
+    for batch in lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3):
         targets = teacher(full, batch, TOP_K)
-        loss = partition_ce(lm.logits(emulator, batch, precision), batch, *targets)
+        loss = partition_ce(lm.logits(model, batch, precision), batch, *targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if model is not emulator:
+        model.merge_and_unload()  # into the emulator's own modules, in place
     emulator.eval().requires_grad_(False)
 
 
@@ -113,12 +138,13 @@ def probe_user(run: RunFolder, user, base, public_blocks, args) -> dict:
     kl_before = measure(base.model, emulator, info, held_out, pad, 4, mixed).kl
     nll = {"default": trained(emulator, info, server_correction)}
     began = time.perf_counter()
-    repair(base.model, emulator, info, blocks, pad, args.repair_steps, args.repair_lr, mixed)
+    repair(base.model, emulator, info, blocks, pad, args, mixed)
     seconds = time.perf_counter() - began
     kl_after = measure(base.model, emulator, info, held_out, pad, 4, mixed).kl
     nll["repaired"] = trained(emulator, info, server_correction)
     nll["repaired, uncorrected"] = trained(emulator, info, None)
-    nll["full"] = trained(base.model, full_model_info(base.model, base.name), None)
+    if args.ceiling:
+        nll["full"] = trained(base.model, full_model_info(base.model, base.name), None)
     bare, counts = scored(base.model, None, held_out, pad, 4)
     row = {"kl_before": kl_before, "kl_after": kl_after, "repair_seconds": seconds}
     for variant, scores in nll.items():
@@ -142,7 +168,7 @@ def probe_run(path: Path, args) -> dict:
         row = per_user[name]
         print(
             f"{path.name} {name}: KL {row['kl_before']:.3f} → {row['kl_after']:.3f}; "
-            + ", ".join(f"{v} {row[v]['over_base']['point']:+.1%}" for v in VARIANTS),
+            + ", ".join(f"{v} {row[v]['over_base']['point']:+.1%}" for v in variants(row)),
             flush=True,
         )
     return {"run": path.name, "per_user": per_user, "summary": summary(per_user)}
@@ -151,14 +177,18 @@ def probe_run(path: Path, args) -> dict:
 VARIANTS = ("default", "repaired", "repaired, uncorrected", "full")
 
 
+def variants(row: dict) -> list[str]:
+    return [v for v in VARIANTS if v in row]
+
+
 def summary(per_user: dict) -> dict:
-    rows = per_user.values()
+    rows = list(per_user.values())
     out = {
         "kl_before": statistics.median(r["kl_before"] for r in rows),
         "kl_after": statistics.median(r["kl_after"] for r in rows),
         "repair_seconds": statistics.median(r["repair_seconds"] for r in rows),
     }
-    for variant in VARIANTS:
+    for variant in variants(rows[0]):
         over_default = [r[variant]["over_default"] for r in rows]
         out[variant] = {
             "over_base": statistics.median(r[variant]["over_base"]["point"] for r in rows),
@@ -170,12 +200,19 @@ def summary(per_user: dict) -> dict:
     return out
 
 
+def repair_what(result: dict) -> str:
+    if result.get("repair_with", "layers") == "layers":
+        return "the emulator's middle layers"
+    return f"a rank-{result['repair_rank']} LoRA on every projection of the middle layers"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"`{result['command']}` at {result['commit']} on {result['date']}.",
         "",
         f"Fresh LoRAs of {result['steps']} steps per user; the repair: {result['repair_steps']} "
-        f"steps at lr {result['repair_lr']:g} on the user's training text towards the full "
+        f"steps at lr {result['repair_lr']:g} of {repair_what(result)} on the user's training "
+        "text towards the full "
         f"model's top-{TOP_K} log-probabilities. Medians over {result['users']} users on the "
         f"first {result['blocks']} held-out blocks; better / worse / harmed: paired 95% "
         "intervals (against the default client, against the base model).",
@@ -186,7 +223,7 @@ def markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         s = row["summary"]
-        for i, variant in enumerate(VARIANTS):
+        for i, variant in enumerate(variants(s)):
             head = (
                 f"| {row['run']} | {s['kl_before']:.3f} → {s['kl_after']:.3f} | "
                 f"{s['repair_seconds']:.0f} "
@@ -201,6 +238,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+KEPT_ARGS = ("users", "steps", "repair_steps", "repair_lr", "repair_with", "repair_rank", "blocks")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", required=True, help="finished emulator-mode runs")
@@ -208,6 +248,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="each LoRA's training steps")
     parser.add_argument("--repair-steps", type=int, default=40)
     parser.add_argument("--repair-lr", type=float, default=1e-4)
+    parser.add_argument("--repair-with", choices=("layers", "lora"), default="layers")
+    parser.add_argument("--repair-rank", type=int, default=16, help="with --repair-with lora")
+    parser.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip full")
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--name", default="default")
     args = parser.parse_args()
@@ -216,7 +259,7 @@ def main() -> None:
     rows = [probe_run(Path(run), args) for run in args.runs.split(",")]
     result = {
         **provenance("local_repair"),
-        **{k: getattr(args, k) for k in ("users", "steps", "repair_steps", "repair_lr", "blocks")},
+        **{k: getattr(args, k) for k in KEPT_ARGS},
         "rows": rows,
     }
     write_results(RESULTS / f"local_repair_{args.name}.json", result, markdown(result))

@@ -81,28 +81,32 @@ def partition_ce(logits: Tensor, batch: lm.Batch, ids: Tensor, lps: Tensor, weig
     return -((p * log_q).sum(1) + rest_p * rest_q).mean()
 
 
+def repair_lora(emulator, info, rank: int):
+    """The emulator under a LoRA on every projection of its middle layers, and its factors."""
+    emulator.requires_grad_(False)
+    layers = emulator.get_submodule(info.layers_path)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(ALL_LINEAR),
+        layers_to_transform=[
+            j for j in range(len(layers)) if j not in info.emulator_adapter_layers
+        ],
+        layers_pattern=info.layers_path.rsplit(".", 1)[-1],
+    )
+    model = get_peft_model(emulator, config)
+    return model, [p for name, p in model.named_parameters() if "lora_" in name]
+
+
 def repair(full, emulator, info, blocks, pad: int, args, precision: str):
     """Tune the emulator in place towards the teacher on `blocks`: its middle layers' weights
     (`--repair-with layers`, the alignment's parameters), or a LoRA of `--repair-rank` on every
     projection of the middle layers, merged in after (`lora`: the client keeps no optimizer
     state for 49 M weights)."""
-    model, params = emulator, _middle_parameters(emulator, info)
     if args.repair_with == "lora":
-        emulator.requires_grad_(False)
-        middle = [
-            j
-            for j in range(len(emulator.get_submodule(info.layers_path)))
-            if j not in info.emulator_adapter_layers
-        ]
-        config = LoraConfig(
-            r=args.repair_rank,
-            lora_alpha=2 * args.repair_rank,
-            target_modules=list(ALL_LINEAR),
-            layers_to_transform=middle,
-            layers_pattern=info.layers_path.rsplit(".", 1)[-1],
-        )
-        model = get_peft_model(emulator, config)
-        params = [p for name, p in model.named_parameters() if "lora_" in name]
+        model, params = repair_lora(emulator, info, args.repair_rank)
+    else:
+        model, params = emulator, _middle_parameters(emulator, info)
     optimizer = torch.optim.AdamW(params, lr=args.repair_lr, weight_decay=0.0)
     model.train()
     for batch in lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3):

@@ -98,30 +98,32 @@ def repair_lora(emulator, info, rank: int):
     return model, [p for name, p in model.named_parameters() if "lora_" in name]
 
 
-def repair(full, emulator, info, blocks, pad: int, args, precision: str):
+def repair(full, emulator, info, blocks, pad: int, args, precision: str, after_step=None):
     """Tune the emulator in place towards the teacher on `blocks`: its middle layers' weights
     (`--repair-with layers`, the alignment's parameters), or a LoRA of `--repair-rank` on every
     projection of the middle layers, merged in after (`lora`: the client keeps no optimizer
-    state for 49 M weights)."""
+    state for 49 M weights). `after_step(step)` runs after each step (`--curve-lrs`)."""
     if args.repair_with == "lora":
         model, params = repair_lora(emulator, info, args.repair_rank)
     else:
         model, params = emulator, _middle_parameters(emulator, info)
     optimizer = torch.optim.AdamW(params, lr=args.repair_lr, weight_decay=0.0)
     model.train()
-    for batch in lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3):
+    batches = lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3)
+    for step, batch in enumerate(batches, start=1):
         targets = teacher(full, batch, TOP_K)
         loss = partition_ce(lm.logits(model, batch, precision), batch, *targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step)
     if model is not emulator:
         model.merge_and_unload()  # into the emulator's own modules, in place
     emulator.eval().requires_grad_(False)
 
 
-def probe_user(run: RunFolder, user, base, public_blocks, args) -> dict:
-    config = stored_config(run)
+def probe_user(run: RunFolder, config, user, base, public_blocks, args) -> dict:
     pad, mixed = base.tokenizer.pad_token_id, config.precision
     train = TrainConfig(steps=args.steps, precision=mixed)
     blocks = lm.token_blocks(base.tokenizer, user.train, train.seq_len)
@@ -168,7 +170,7 @@ def probe_run(path: Path, args) -> dict:
     users = choose_users(config)
     per_user = {}
     for name in run.users()[: args.users]:
-        per_user[name] = probe_user(run, users[name], base, public_blocks, args)
+        per_user[name] = probe_user(run, config, users[name], base, public_blocks, args)
         row = per_user[name]
         print(
             f"{path.name} {name}: KL {row['kl_before']:.3f} → {row['kl_after']:.3f}; "
@@ -176,6 +178,69 @@ def probe_run(path: Path, args) -> dict:
             flush=True,
         )
     return {"run": path.name, "per_user": per_user, "summary": summary(per_user)}
+
+
+def kl_curve(path: Path, args) -> dict:
+    """How the repair's lr moves the emulator's KL on one user's held-out text: for each of
+    `--curve-lrs`, one repair of `--repair-steps` from the run's emulator, the KL measured
+    every `--curve-every` steps. Chooses the probe's lr on one user, not on the results."""
+    run = RunFolder(path)
+    config = stored_config(run)
+    base = basemodel.load(config.base_model or None)
+    mixed = config.precision
+    name = run.users()[args.curve_user]
+    user = choose_users(config)[name]
+    blocks = lm.token_blocks(base.tokenizer, user.train, config.training.seq_len)
+    held_out = lm.token_blocks(base.tokenizer, user.test, config.training.seq_len)[: args.blocks]
+    curves = {}
+    for lr in (float(x) for x in args.curve_lrs.split(",")):
+        curves[f"{lr:g}"] = one_curve(run, base, blocks, held_out, replace_lr(args, lr), mixed)
+        print(f"{path.name} {name} lr {lr:g}: {curves[f'{lr:g}']}", flush=True)
+    return {"run": path.name, "user": name, "curves": curves}
+
+
+def one_curve(run: RunFolder, base, blocks, held_out, args, mixed: str) -> dict[int, float]:
+    emulator, info = load(run.emulator)
+    pad = base.tokenizer.pad_token_id
+
+    def kl() -> float:
+        return measure(base.model, emulator, info, held_out, pad, 4, mixed).kl
+
+    curve = {0: kl()}
+
+    def after_step(step: int) -> None:
+        if step % args.curve_every == 0 or step == args.repair_steps:
+            curve[step] = kl()
+
+    repair(base.model, emulator, info, blocks, pad, args, mixed, after_step)
+    return curve
+
+
+def replace_lr(args, lr: float):
+    return argparse.Namespace(**{**vars(args), "repair_lr": lr})
+
+
+def curve_markdown(result: dict) -> str:
+    steps = list(next(iter(result["curves"].values())))
+    return (
+        "\n".join(
+            [
+                f"`{result['command']}` at {result['commit']} on {result['date']}.",
+                "",
+                f"The emulator's KL to the full model on {result['user']}'s first "
+                f"{result['blocks']} held-out blocks ({result['run']}) as "
+                f"{repair_what(result)} is repaired on their training text, one repair per lr:",
+                "",
+                "| lr | " + " | ".join(f"step {s}" for s in steps) + " |",
+                "|---|" + "---|" * len(steps),
+                *(
+                    f"| {lr} | " + " | ".join(f"{curve[s]:.3f}" for s in steps) + " |"
+                    for lr, curve in result["curves"].items()
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
 VARIANTS = ("default", "repaired", "repaired, uncorrected", "full")
@@ -257,9 +322,21 @@ def main() -> None:
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip full")
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--name", default="default")
+    parser.add_argument("--curve-lrs", default="", help="only the KL curve, e.g. 1e-4,3e-4")
+    parser.add_argument("--curve-every", type=int, default=15)
+    parser.add_argument("--curve-user", type=int, default=1, help="the run's n-th user")
     args = parser.parse_args()
     torch.set_num_threads(2)
     basemodel.quiet_libraries()
+    if args.curve_lrs:
+        result = {
+            **provenance("local_repair"),
+            **{k: getattr(args, k) for k in KEPT_ARGS},
+            **kl_curve(Path(args.runs.split(",")[0]), args),
+        }
+        target = RESULTS / f"local_repair_curve_{args.name}.json"
+        write_results(target, result, curve_markdown(result))
+        return
     rows = [probe_run(Path(run), args) for run in args.runs.split(",")]
     result = {
         **provenance("local_repair"),

@@ -43,7 +43,7 @@ from torch import Tensor
 from experiments.lib import RESULTS, provenance, write_results
 from experiments.sweep_recipes import ALL_LINEAR
 from soppu import basemodel, lm
-from soppu.alignment import _middle_parameters, gradient_correction, measure
+from soppu.alignment import gradient_correction, measure, middle_parameters
 from soppu.emulator import full_model_info, load
 from soppu.personalize import TrainConfig, fresh_lora, personalize, scored
 from soppu.server.intervals import paired_gain
@@ -106,7 +106,7 @@ def repair(full, emulator, info, blocks, pad: int, args, precision: str, after_s
     if args.repair_with == "lora":
         model, params = repair_lora(emulator, info, args.repair_rank)
     else:
-        model, params = emulator, _middle_parameters(emulator, info)
+        model, params = emulator, middle_parameters(emulator, info)
     optimizer = torch.optim.AdamW(params, lr=args.repair_lr, weight_decay=0.0)
     model.train()
     batches = lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3)

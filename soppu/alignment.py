@@ -125,7 +125,7 @@ def align(
         )
     began = time.perf_counter()
     held_out, train = public_blocks[: config.eval_blocks], public_blocks[config.eval_blocks :]
-    params = _middle_parameters(emulator, info)
+    params = middle_parameters(emulator, info)
     mixed = config.precision
     before = measure(full, emulator, info, held_out, pad_id, config.batch_size, mixed)
     progress(0, config.steps, before.total(config.l2_weight))
@@ -150,7 +150,7 @@ def align(
     }
 
 
-def _middle_parameters(emulator: nn.Module, info: EmulatorInfo) -> list[nn.Parameter]:
+def middle_parameters(emulator: nn.Module, info: EmulatorInfo) -> list[nn.Parameter]:
     """Only the kept middle layers learn; embeddings, head and adapter layers stay the full
     model's, so the adapter still plugs back in."""
     emulator.requires_grad_(False)

@@ -64,16 +64,24 @@ def training_batches(
     round continues the epoch instead of repeating the first round's batches)."""
     if not blocks:
         raise ValueError("no training text")
+    for picked in epoch_order(len(blocks), batch_size, steps, seed, first_step):
+        yield collate([blocks[i] for i in picked], pad_id)
+
+
+def epoch_order(
+    count: int, batch_size: int, steps: int, seed: int, first_step: int = 0
+) -> Iterator[list[int]]:
+    """`training_batches`' choice of indices among `count` items, batch by batch."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for step in range(first_step + steps):
         picked = []
-        while len(picked) < min(batch_size, len(blocks)):
+        while len(picked) < min(batch_size, count):
             if not order:
-                order = torch.randperm(len(blocks), generator=generator).tolist()
+                order = torch.randperm(count, generator=generator).tolist()
             picked.append(order.pop())
         if step >= first_step:
-            yield collate([blocks[i] for i in picked], pad_id)
+            yield picked
 
 
 def forward(model: nn.Module, batch: Batch, precision: str = "fp32", **kwargs):

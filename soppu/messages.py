@@ -6,13 +6,14 @@ The two sides meet only through these messages, so both encode and decode here:
                                                                  the emulator versions it holds
     query "install"  server → client: the emulator's weights   client → server: version installed
     train            server → client: setup, training config,  client → server: the LoRA (fp32),
-                     the starting LoRA (absent: start fresh),   metrics, its user and emulator;
+                     the repair asked for (absent: none),       metrics (with a repair made now),
+                     the starting LoRA (absent: start fresh),   its user and emulator;
                      the gradient correction (absent: none),    with an anchor and 2 tracks
                      an anchor (schemes with a pull: the        also the shared copy trained
                      global adapter, which the personal one     from the anchor
                      is pulled to and, with config "tracks"
                      2 (Ditto), the shared copy starts from)
-    evaluate         server → client: setup, a LoRA             client → server: held-out loss
+    evaluate         server → client: setup, a LoRA, the repair client → server: held-out loss
 
 A LoRA travels as an ArrayRecord of its PEFT tensors (full-model layer numbers) beside its
 adapter_config as JSON; the emulator as an ArrayRecord of its state dict beside its model
@@ -30,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from soppu.adapters import LoraState
 from soppu.data import DataOptions
+from soppu.repair import RepairConfig
 from soppu.train_config import TrainConfig
 
 SETUP, CONFIG, LORA, METRICS, EMULATOR = "setup", "config", "lora", "metrics", "emulator"
@@ -37,6 +39,7 @@ CORRECTION = "correction"  # the emulator's gradient bias at the starting LoRA, 
 ANCHOR, SHARED = "anchor", "shared"  # schemes with a pull: the global LoRA; Ditto: its update
 HELLO, INSTALL = "hello", "install"
 NEEDS_EMULATOR = 4090  # error code: this node does not hold the emulator version it was sent
+NO_REPAIR = 4091  # error code: the repair asked for cannot be made (no teacher, or a bad answer)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,25 @@ def train_config_from(record: ConfigRecord) -> TrainConfig:
         else:
             values[f.name] = raw
     return TrainConfig(**values)
+
+
+def repair_fields(steps: int, lr: float) -> dict[str, Any]:
+    """The config entries that ask a client to repair its emulator (none: no repair)."""
+    return {"repair-steps": steps, "repair-lr": lr} if steps > 0 else {}
+
+
+def repair_from(record: ConfigRecord) -> RepairConfig | None:
+    """The repair a train or evaluate message asks for, with the round's batch, seed and
+    precision; None where it asks for none. Its numbers are checked (RepairConfig)."""
+    if int(record.get("repair-steps", 0)) <= 0:
+        return None
+    return RepairConfig(
+        steps=int(record["repair-steps"]),
+        lr=float(record["repair-lr"]),
+        batch_size=int(record["train.batch_size"]),
+        seed=int(record["train.seed"]),
+        precision=str(record["train.precision"]),
+    )
 
 
 def lora_record(lora: LoraState) -> ArrayRecord:

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -484,6 +485,32 @@ def test_re_alignment_ships_a_new_emulator_before_every_round_after_the_first(wo
             )
         )
         assert same == (layer in info.adapter_layers), layer  # the middle ones moved
+
+
+def test_clients_repair_their_emulator_once_on_their_own_text_and_train_on_it(world):
+    """--repair-steps through real Flower: in round 1 every node (simulated: the full model in
+    its own process is the teacher) repairs its emulator on its own text and keeps the
+    repaired middle layers in its cache; round 2 trains on them and repairs nothing."""
+    config = tiny_config(
+        world, "run-repair", repair_steps=3, final_evaluation=False, validation_fraction=0
+    )
+    lines = simulate(config)
+    run = RunFolder(Path(config.run_dir))
+    assert run.state()["round"] == 2
+    assert any("clients repair their emulator on their own text first" in line for line in lines)
+    rows = run.read_jsonl(run.metrics)
+    assert {(r["round"], r["user"]) for r in rows if "repair-seconds" in r} == {
+        (1, u) for u in USERS
+    }
+    pieces = 3 * config.training.batch_size  # every user has more training blocks
+    assert all(r["repair-pieces"] == pieces for r in rows if "repair-pieces" in r)
+    assert sum("repaired its emulator on" in line for line in lines) == len(USERS)
+    version = read_info(run.emulator).version
+    kept = sorted((world[0] / "cache" / "emulators" / version / "repairs").iterdir())
+    assert [p.name.rsplit("-", 1)[0] for p in kept] == USERS
+    emulator = AutoModelForCausalLM.from_pretrained(run.emulator, dtype=torch.float32)
+    middle = load_file(kept[0])
+    assert middle and not any(torch.equal(v, emulator.state_dict()[k]) for k, v in middle.items())
 
 
 def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):

@@ -476,6 +476,28 @@ def test_prompt_logprobs_score_text_as_peft_does(server):
     assert "/v1/completions" in refused.json()["error"]["message"]
 
 
+def test_a_clients_repair_teacher_reads_the_full_models_answer_from_the_live_api(server):
+    """What a node repairs its emulator towards, asked of `soppu serve` (echo, logprobs 5,
+    vLLM's return_tokens_as_token_ids): the base model's ids, its 5 likeliest tokens and the
+    text's logprobs, as the full model in the node's own process computes them."""
+    from soppu.teachers.api import ApiTeacher
+    from soppu.teachers.local import LocalTeacher
+
+    url, serving, _ = server
+    model_dir = json.loads((serving / "current" / "manifest.json").read_text())["base_model"]
+    texts = ["Whether tis nobler in the mind to suffer", "The slings and arrows"]
+    asked = ApiTeacher(url).answer(texts)  # the base model's id from /info
+    local = LocalTeacher(model_dir).answer(texts)
+    assert len(asked) == len(local) == 2
+    for a, b in zip(asked, local, strict=True):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.top_ids, b.top_ids)
+        assert torch.allclose(a.top_logprobs, b.top_logprobs, atol=1e-4)
+        assert torch.allclose(a.token_logprobs, b.token_logprobs, atol=1e-4)
+    body = {"prompt": texts[1], "max_tokens": 0, "echo": True, "logprobs": 2}
+    plain = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    assert "".join(plain["choices"][0]["logprobs"]["tokens"]) == texts[1]  # unchanged unasked
+
+
 def test_soppu_score_compares_a_users_adapter_with_the_base_on_their_text(server, tmp_path):
     """`soppu score` on the live server: each block scored by the route above, the perplexity
     PEFT's on those blocks, the gain with its interval, and advice by the served-choice rule."""

@@ -17,7 +17,13 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from soppu import messages as m
+from soppu import teachers
 from soppu.clients import task
+from soppu.errors import SoppuError
+from soppu.repair import TeacherError
+
+# a repair the node cannot make: no teacher to ask, an unreachable or a bad answer
+REPAIR_FAILURES = (teachers.NoTeacher, TeacherError, SoppuError)
 
 
 def hello(msg: Message, context: Context) -> Message:
@@ -60,14 +66,16 @@ def train(msg: Message, context: Context) -> Message:
         base_model=setup.base_model,
         correction=correction,
         device=_device(config, context),
+        repair=m.repair_from(config),
+        teacher=_teacher(context, setup, train_config.precision),
     )
     try:
         # Two tracks (Ditto): the shared copy from the anchor, which the server averages, and
         # the personal one from the user's own, pulled towards the anchor. One track
         # (local-prox): only the pulled personal one.
         two_tracks = anchor is not None and int(config.get("tracks", 2)) == 2
-        shared = run(anchor) if two_tracks else None
-        result = run(
+        shared, first_repair = run(anchor) if two_tracks else (None, None)
+        result, repaired = run(
             start,
             anchor=anchor,
             prox=float(config.get("prox", 0.0)),
@@ -75,6 +83,9 @@ def train(msg: Message, context: Context) -> Message:
         )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
+    except REPAIR_FAILURES as exc:
+        return Message(Error(m.NO_REPAIR, str(exc)), reply_to=msg)
+    repaired = repaired or first_repair  # made by whichever track ran first
     ppl = result.perplexity
     metrics = m.metrics_record(
         {
@@ -91,6 +102,7 @@ def train(msg: Message, context: Context) -> Message:
             / max(1, train_config.steps),  # with its own checks; both tracks of a two-track scheme
             **_peak_memory(),
             **({"best-step": result.stopping.best_step} if result.stopping else {}),
+            **(_repair_metrics(repaired) if repaired else {}),
         }
     )
     # Tensors only: the LoRA config went one way, from the server, which keeps its own.
@@ -113,14 +125,32 @@ def evaluate(msg: Message, context: Context) -> Message:
             lora,
             setup.base_model,
             _device(config, context),
+            repair=m.repair_from(config),
+            teacher=_teacher(context, setup, str(config["train.precision"])),
         )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
+    except REPAIR_FAILURES as exc:
+        return Message(Error(m.NO_REPAIR, str(exc)), reply_to=msg)
     metrics = MetricRecord(
         {"eval-loss": loss, "num-examples": tokens, "seconds": time.perf_counter() - began}
     )
     about = ConfigRecord({"user-id": user.user_id})
     return Message(RecordDict({m.METRICS: metrics, m.CONFIG: about}), reply_to=msg)
+
+
+def _teacher(context: Context, setup: m.Setup, precision: str):
+    """The node's teacher, made only if a repair needs one (soppu.teachers.for_node)."""
+    return partial(teachers.for_node, context.node_config, setup.base_model, precision)
+
+
+def _repair_metrics(report) -> dict[str, float | int]:
+    return {
+        "repair-seconds": report.seconds,
+        "repair-loss-first": report.loss_first,
+        "repair-loss-last": report.loss_last,
+        "repair-pieces": report.pieces,
+    }
 
 
 def _peak_memory() -> dict[str, float]:

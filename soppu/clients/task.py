@@ -6,6 +6,12 @@ version, in memory and on disk (`$SOPPU_CACHE/emulators/<version>/`). The emulat
 node once, in the server's "install" message; a client that restarts finds it on disk. In
 full mode the "emulator" the server installs is the full model itself (no layer dropped).
 
+Where the server asks for a repair (`repair-steps`), a node first tunes its emulator on its
+user's training text towards what scoring that text answers (`soppu.repair`, its teacher from
+`soppu.teachers`), once per emulator version and repair setting; the repaired middle layers
+stay on the node (`<version>/repairs/<user>-<setting>.safetensors`) and are that user's
+emulator from then on, in training and evaluation.
+
 A client trains on CUDA when the server asks for it (`client-gpus` in the run config) or its
 node config says `device=cuda`, and torch sees a GPU; otherwise on the CPU.
 """
@@ -14,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from soppu import atomic, cache, lm
@@ -29,11 +36,14 @@ from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
 from soppu.messages import Setup
 from soppu.personalize import PersonalizeResult, TrainConfig, attached, personalize
+from soppu.repair import RepairConfig, RepairReport, middle_state, repair
 from soppu.sources import runs_code
+from soppu.teachers import Teacher
 from soppu.userids import check_user_id
 
 quiet_libraries()
-_EMULATORS: dict[tuple[str, str], tuple[nn.Module, EmulatorInfo]] = {}
+# (version, device, repair file name or "") → the emulator; one at a time
+_EMULATORS: dict[tuple[str, str, str], tuple[nn.Module, EmulatorInfo]] = {}
 
 
 class MissingEmulator(LookupError):
@@ -95,14 +105,72 @@ def device_for(requested: str) -> str:
 
 def emulator(version: str, device: str = "cpu") -> tuple[nn.Module, EmulatorInfo]:
     """The emulator of this version, from memory or this node's disk cache."""
-    if (version, device) not in _EMULATORS:
+    return _cached(version, device, "", lambda model, info: None)
+
+
+def _cached(
+    version: str, device: str, name: str, change: Callable
+) -> tuple[nn.Module, EmulatorInfo]:
+    """The emulator of this version as `change(model, info)` leaves it, cached under `name`."""
+    if (version, device, name) not in _EMULATORS:
         folder = emulator_root() / version
         if not (folder / META_NAME).is_file():
             raise MissingEmulator(f"emulator {version} is not installed on this node")
-        _EMULATORS.clear()  # one version at a time: a new one replaces the old in memory
-        _EMULATORS[version, device] = load(folder, device=device)
+        _EMULATORS.clear()  # one at a time: a new one replaces the old in memory
+        model, info = load(folder, device=device)
+        change(model, info)
+        _EMULATORS[version, device, name] = model, info
         cache.mark_used(folder)  # what `soppu cache prune` goes by
-    return _EMULATORS[version, device]
+    return _EMULATORS[version, device, name]
+
+
+def repaired(
+    user: UserText,
+    version: str,
+    config: RepairConfig,
+    seq_len: int,
+    base_model: str,
+    teacher: Callable[[], Teacher],
+    device: str = "cpu",
+) -> tuple[nn.Module, EmulatorInfo, RepairReport | None]:
+    """This user's repaired emulator: from memory, from the node's disk, or repaired now
+    (`teacher()` asked only then), with the report of a repair made now."""
+    path = emulator_root() / version / "repairs" / f"{user.user_id}-{config.key()}.safetensors"
+    made: list[RepairReport] = []
+
+    def change(model: nn.Module, info: EmulatorInfo) -> None:
+        if path.is_file():
+            _load_repair(model, info, path)
+            return
+        tokenizer = tokenizer_for(base_model)
+        texts = repair_texts(user, tokenizer, seq_len, config)
+        answers = teacher().answer(texts)
+        made.append(repair(model, info, answers, tokenizer.pad_token_id, config))
+        path.parent.mkdir(exist_ok=True)
+        atomic.write_bytes(path, save(middle_state(model, info)))
+
+    model, info = _cached(version, device, path.name, change)
+    return model, info, (made[0] if made else None)
+
+
+def repair_texts(user: UserText, tokenizer, seq_len: int, config: RepairConfig) -> list[str]:
+    """The pieces of training text the teacher is asked about: the user's training blocks, a
+    seeded choice of `config.pieces` of them where there are more."""
+    blocks = lm.token_blocks(tokenizer, user.train, seq_len)
+    if not blocks:
+        raise DataError(f"user {user.user_id!r} has no training text to repair on")
+    if len(blocks) > config.pieces:
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))
+        blocks = [blocks[i] for i in sorted(order[: config.pieces].tolist())]
+    return [tokenizer.decode(block) for block in blocks]
+
+
+def _load_repair(model: nn.Module, info: EmulatorInfo, path: Path) -> None:
+    state = load_file(path)
+    expected = middle_state(model, info)
+    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+        raise EmulatorError(f"{path}: not this emulator's middle layers; delete it to repair anew")
+    model.load_state_dict(state, strict=False)
 
 
 def install(files: dict[str, str], state: dict[str, torch.Tensor]) -> str:
@@ -136,10 +204,14 @@ def train(
     anchor: LoraState | None = None,
     prox: float = 0.0,
     stop_every: int = 0,
-) -> PersonalizeResult:
-    model, info = emulator(version, device_for(device))
+    repair: RepairConfig | None = None,
+    teacher: Callable[[], Teacher] | None = None,
+) -> tuple[PersonalizeResult, RepairReport | None]:
+    """The user's LoRA trained on their emulator (repaired first where `repair` asks), and
+    the report of a repair made in this call."""
+    model, info, report = _user_emulator(user, version, config, base_model, device, repair, teacher)
     tokenizer = tokenizer_for(base_model)
-    return personalize(
+    result = personalize(
         user,
         model,
         info,
@@ -151,6 +223,7 @@ def train(
         prox=prox,
         stop_every=stop_every,
     )
+    return result, report
 
 
 def evaluate(
@@ -160,9 +233,12 @@ def evaluate(
     lora: LoraState,
     base_model: str,
     device: str = "cpu",
+    repair: RepairConfig | None = None,
+    teacher: Callable[[], Teacher] | None = None,
 ) -> tuple[float, int]:
-    """Held-out loss (mean per token) of `lora` on the emulator, and the tokens evaluated."""
-    model, info = emulator(version, device_for(device))
+    """Held-out loss (mean per token) of `lora` on the user's emulator, and the tokens
+    evaluated."""
+    model, info, _ = _user_emulator(user, version, config, base_model, device, repair, teacher)
     tokenizer = tokenizer_for(base_model)
     blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
     if not blocks:
@@ -171,3 +247,11 @@ def evaluate(
         pad = tokenizer.pad_token_id
         ppl = lm.perplexity(peft_model, blocks, pad, config.batch_size, config.precision)
     return math.log(ppl), sum(b.numel() for b in blocks)
+
+
+def _user_emulator(user, version, config, base_model, device, repair, teacher):
+    if repair is None:
+        return (*emulator(version, device_for(device)), None)
+    if teacher is None:
+        raise ValueError("a repair needs a teacher")
+    return repaired(user, version, repair, config.seq_len, base_model, teacher, device_for(device))

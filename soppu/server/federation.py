@@ -294,6 +294,7 @@ def _train(
         device=device,
         prox=scheme.prox,
         tracks=2 if scheme.two_tracks else 1,
+        **_repair_fields(fed),
         **(extra or {}),
     )
 
@@ -318,6 +319,12 @@ def _train(
         stage.add(user, accepted.personal, record)
         trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})
+        if "repair-seconds" in metrics:
+            fed.log(
+                f"  {user}: repaired its emulator on {metrics['repair-pieces']:.0f} pieces of "
+                f"its text, partition loss {metrics['repair-loss-first']:.3f} → "
+                f"{metrics['repair-loss-last']:.3f} ({metrics['repair-seconds']:.0f} s)"
+            )
         fed.log(
             f"  [{len(trained)}/{len(sampled)}] {user}: held-out loss "
             f"{metrics['eval-loss-before']:.3f} → {metrics['eval-loss-after']:.3f} "
@@ -331,6 +338,13 @@ def _train(
         rows.append(_failure(round_, sampled[node], reason))
         fed.log(f"  {sampled[node]}: failed ({reason})")
     return rows, trained
+
+
+def _repair_fields(fed: Federation) -> dict[str, Any]:
+    """The repair the clients are asked for: emulator mode only (the full model needs none)."""
+    e = fed.config.emulator
+    steps = e.repair_steps if fed.config.client_mode == "emulator" else 0
+    return m.repair_fields(steps, e.repair_lr)
 
 
 def _requests(
@@ -440,7 +454,9 @@ def evaluate(
     count = round(fed.config.schedule.fraction_evaluate * len(users))
     chosen = set(random.Random(f"eval:{fed.config.seed}:{round_}").sample(users, count))
     nodes = [n for n, u in transport.users.items() if u in chosen]
-    base_config = m.train_config_record(fed.config.train(), emulator=fed.emulator_version)
+    base_config = m.train_config_record(
+        fed.config.train(), emulator=fed.emulator_version, **_repair_fields(fed)
+    )
 
     def content(node: int) -> RecordDict | None:
         user = transport.users[node]

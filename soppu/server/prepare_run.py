@@ -175,6 +175,12 @@ def say_precision(config: FederationConfig, log: Log) -> None:
         f"precision {config.precision} ({resolved} on the server's {config.device}): "
         f"{server}the final evaluation is fp32"
     )
+    if emulated and e.repair_steps:
+        log(
+            f"clients repair their emulator on their own text first ({e.repair_steps} steps at "
+            f"lr {e.repair_lr:g}), taught by what scoring it answers: the serving API a node "
+            "names (teacher-url), in simulation the full model in the client's process"
+        )
     if emulated and not e.correction_batches:
         log("no gradient correction (correction-batches 0): clients train on the bare emulator")
 

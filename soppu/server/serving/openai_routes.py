@@ -76,7 +76,8 @@ async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, cha
     else:
         choice["text"] = prompt + request.text if body.echo else request.text
         if body.logprobs is not None:
-            choice["logprobs"] = logprobs(ctx.engine.tokenizer, request, body.echo)
+            as_ids = body.return_tokens_as_token_ids
+            choice["logprobs"] = logprobs(ctx.engine.tokenizer, request, body.echo, as_ids)
     usage = {
         "prompt_tokens": len(request.prompt),
         "completion_tokens": len(request.tokens),
@@ -85,9 +86,10 @@ async def _complete(http: HttpRequest, body: CompletionRequest, prompt: str, cha
     return {**base, "object": kind, "choices": [choice], "usage": usage}
 
 
-def logprobs(tokenizer, request: Request, echo: bool) -> dict[str, list]:
+def logprobs(tokenizer, request: Request, echo: bool, as_ids: bool = False) -> dict[str, list]:
     """OpenAI's legacy `logprobs` object: the prompt's tokens first when echoed (the first
-    has no logprob: null), then the completion's, with the asked-for alternatives."""
+    has no logprob: null), then the completion's, with the asked-for alternatives; with
+    `as_ids` (vLLM's `return_tokens_as_token_ids`) every token written "token_id:<id>"."""
     ids, scores, tops = [], [], []
     if echo:
         ids += request.prompt
@@ -96,18 +98,21 @@ def logprobs(tokenizer, request: Request, echo: bool) -> dict[str, list]:
     ids += [t.id for t in request.tokens]
     scores += [t.logprob for t in request.tokens]
     tops += request.top or [{}] * len(request.tokens)
+
+    def name(i: int) -> str:
+        return f"token_id:{i}" if as_ids else tokenizer.decode([i])
+
     texts = [tokenizer.decode([i]) for i in ids]
     offsets = [0]
     for text in texts[:-1]:
         offsets.append(offsets[-1] + len(text))
     alternatives = [
-        {tokenizer.decode([i]): v for i, v in top.items()} if request.top_logprobs else None
-        for top in tops
+        {name(i): v for i, v in top.items()} if request.top_logprobs else None for top in tops
     ]
     if echo and alternatives:
         alternatives[0] = None  # nothing predicts the first token
     return {
-        "tokens": texts,
+        "tokens": [name(i) for i in ids] if as_ids else texts,
         "token_logprobs": scores,
         "top_logprobs": alternatives,
         "text_offset": offsets,

@@ -108,6 +108,9 @@ class CompletionRequest(BaseModel):
     stop: str | Stops | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
+    # vLLM's extension: tokens as "token_id:<id>", which a client maps back without the
+    # tokenizer's ambiguity (two ids can decode to one string)
+    return_tokens_as_token_ids: bool = False
 
     @model_validator(mode="after")
     def _something_to_return(self) -> CompletionRequest:

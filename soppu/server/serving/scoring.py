@@ -75,11 +75,16 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
-def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
-    """Each token's logprob given those before it (the first token, unpredicted, left out)."""
+def echoed_logprobs(
+    url: str, model: str, text: str, api_key: str | None = None, **extra: object
+) -> dict:
+    """The `logprobs` object of scoring `text` (echo, `max_tokens` 0): every token's logprob
+    with `extra` asked for too (`logprobs: 5`, vLLM's `return_tokens_as_token_ids`)."""
     body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
     request = urllib.request.Request(
-        f"{url.rstrip('/')}/v1/completions", json.dumps(body).encode(), _headers(api_key)
+        f"{url.rstrip('/')}/v1/completions",
+        json.dumps({**body, **extra}).encode(),
+        _headers(api_key),
     )
     try:
         with urllib.request.urlopen(request, timeout=600) as reply:
@@ -88,10 +93,23 @@ def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None)
         raise SoppuError(f"{url}: model {model!r}: {exc.code} {_error_text(exc)}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise SoppuError(f"{url}: cannot reach the server ({exc})") from None
+    except ValueError:
+        raise SoppuError(f"{url}: model {model!r}: the reply is not JSON") from None
     try:
-        scores = answer["choices"][0]["logprobs"]["token_logprobs"][1:]
-        values = [float(x) for x in scores]
-    except (KeyError, IndexError, TypeError, ValueError):
+        logprobs = answer["choices"][0]["logprobs"]
+        if not isinstance(logprobs, dict):
+            raise TypeError
+    except (KeyError, IndexError, TypeError):
+        raise SoppuError(f"{url}: model {model!r}: the reply has no prompt logprobs") from None
+    return logprobs
+
+
+def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
+    """Each token's logprob given those before it (the first token, unpredicted, left out)."""
+    logprobs = echoed_logprobs(url, model, text, api_key)
+    try:
+        values = [float(x) for x in logprobs["token_logprobs"][1:]]
+    except (KeyError, TypeError, ValueError):
         raise SoppuError(f"{url}: model {model!r}: the reply has no prompt logprobs") from None
     if not all(math.isfinite(v) and v <= 0 for v in values):
         raise SoppuError(f"{url}: model {model!r}: the reply's logprobs are not all ≤ 0")

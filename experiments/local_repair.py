@@ -10,7 +10,10 @@ generated text carried a third (benchmarks, "The frontier: the server holding te
 users' domain"). The server never reads a user's text, but a user already sends it to the
 serving API to score it (`/v1/completions`, `echo`, `logprobs: 5`): that answer, the full
 model's log-probability of each token and its 5 most likely alternatives, is a teacher on
-exactly the user's text. Here the client first tunes its emulator towards that teacher on its
+exactly the user's text. The federation's clients do this with `--repair-steps`
+(`soppu/repair.py`, whose loop this probe runs; before 5bc7b51 the probe's own loop asked the
+teacher per batch about all the user's blocks rather than about a seeded choice of
+steps × batch of them). Here the client first tunes its emulator towards that teacher on its
 own training text (the middle layers' weights, the alignment's parameters; or, with
 `--repair-with lora`, a LoRA on every projection of those layers, merged in after, which
 spares the client an optimizer state for 49 M weights), then trains its LoRA on the repaired
@@ -36,49 +39,29 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from torch import Tensor
 
 from experiments.lib import RESULTS, provenance, write_results
 from experiments.sweep_recipes import ALL_LINEAR
 from soppu import basemodel, lm
-from soppu.alignment import gradient_correction, measure, middle_parameters
+from soppu.alignment import gradient_correction, measure
 from soppu.emulator import full_model_info, load
 from soppu.personalize import TrainConfig, fresh_lora, personalize, scored
+from soppu.repair import TOP_K, RepairConfig, TeacherAnswer, answer_from_logits
+from soppu.repair import repair as soppu_repair
 from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, public_for, stored_config
 from soppu.server.store import RunFolder
 
-TOP_K = 5  # the most alternatives OpenAI's legacy completions (and this project's API) return
 
-
-@torch.no_grad()
-def teacher(full, batch: lm.Batch, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What a scoring call answers for each predicted token: the ids and log-probabilities of
-    the k most likely tokens and of the token the text has (ids [n, k+1], logprobs [n, k+1]),
-    and a mask that drops the text's token where it is already among the k."""
-    log_p = F.log_softmax(lm.logits(full, batch).float()[:, :-1], dim=-1)
-    keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).bool()
-    log_p, target = log_p[keep], batch.ids[:, 1:][keep]
-    top_lp, top_ids = log_p.topk(k, dim=-1)
-    ids = torch.cat([top_ids, target[:, None]], dim=1)
-    lps = torch.cat([top_lp, log_p.gather(1, target[:, None])], dim=1)
-    weight = torch.ones_like(lps)
-    weight[:, -1] = (top_ids != target[:, None]).all(dim=1).float()
-    return ids, lps, weight
-
-
-def partition_ce(logits: Tensor, batch: lm.Batch, ids: Tensor, lps: Tensor, weight: Tensor):
-    """Cross-entropy of the student against the teacher over the partition {each listed
-    token, everything else}: the KL of the two distributions coarsened to what the API gave,
-    up to the teacher's constant entropy."""
-    keep = (batch.mask[:, 1:] * batch.mask[:, :-1]).bool()
-    log_q = F.log_softmax(logits.float()[:, :-1][keep], dim=-1).gather(1, ids)
-    p = lps.exp() * weight
-    rest_p = (1 - p.sum(1)).clamp_min(0)
-    rest_q = torch.log1p(-((log_q.exp() * weight).sum(1)).clamp_max(1 - 1e-6))
-    return -((p * log_q).sum(1) + rest_p * rest_q).mean()
+def answers_for(full, blocks, precision: str) -> list[TeacherAnswer]:
+    """What scoring each block answers (the full model's top-5), as a node's teacher gives."""
+    answers = []
+    with torch.no_grad():
+        for block in blocks:
+            logits = lm.logits(full, lm.collate([block], 0), precision)[0]
+            answers.append(answer_from_logits(block, logits, TOP_K))
+    return answers
 
 
 def repair_lora(emulator, info, rank: int):
@@ -99,25 +82,17 @@ def repair_lora(emulator, info, rank: int):
 
 
 def repair(full, emulator, info, blocks, pad: int, args, precision: str, after_step=None):
-    """Tune the emulator in place towards the teacher on `blocks`: its middle layers' weights
-    (`--repair-with layers`, the alignment's parameters), or a LoRA of `--repair-rank` on every
-    projection of the middle layers, merged in after (`lora`: the client keeps no optimizer
-    state for 49 M weights). `after_step(step)` runs after each step (`--curve-lrs`)."""
+    """Tune the emulator in place towards the teacher on a seeded choice of `blocks`, as a
+    node does (`soppu.repair`): its middle layers' weights (`--repair-with layers`), or a
+    LoRA of `--repair-rank` on every projection of the middle layers, merged in after
+    (`lora`: the client keeps no optimizer state for 49 M weights)."""
+    config = RepairConfig(args.repair_steps, args.repair_lr, 4, seed=3, precision=precision)
+    blocks = config.chosen(blocks)
+    answers = answers_for(full, blocks, precision)
+    model, params = emulator, None
     if args.repair_with == "lora":
         model, params = repair_lora(emulator, info, args.repair_rank)
-    else:
-        model, params = emulator, middle_parameters(emulator, info)
-    optimizer = torch.optim.AdamW(params, lr=args.repair_lr, weight_decay=0.0)
-    model.train()
-    batches = lm.training_batches(blocks, 4, args.repair_steps, pad, seed=3)
-    for step, batch in enumerate(batches, start=1):
-        targets = teacher(full, batch, TOP_K)
-        loss = partition_ce(lm.logits(model, batch, precision), batch, *targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(step)
+    soppu_repair(model, info, answers, pad, config, params, after_step or (lambda step: None))
     if model is not emulator:
         model.merge_and_unload()  # into the emulator's own modules, in place
     emulator.eval().requires_grad_(False)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -137,6 +138,14 @@ class RepairConfig:
         """Pieces of text the teacher answers: one per block the repair's steps can visit."""
         return self.steps * self.batch_size
 
+    def chosen(self, blocks: list) -> list:
+        """The blocks the teacher is asked about: all of them, or a seeded choice of `pieces`
+        in their order where there are more."""
+        if len(blocks) <= self.pieces:
+            return list(blocks)
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.seed))
+        return [blocks[i] for i in sorted(order[: self.pieces].tolist())]
+
     def key(self) -> str:
         """Names a repair made with these settings (its file on the node)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -156,16 +165,19 @@ def repair(
     answers: list[TeacherAnswer],
     pad_id: int,
     config: RepairConfig,
+    params: list[nn.Parameter] | None = None,
+    after_step: Callable[[int], None] = lambda step: None,
 ) -> RepairReport:
-    """Tune the emulator's middle layers in place towards `answers`; AdamW, no weight decay,
-    batches drawn epoch by epoch from a seeded shuffle (`lm.training_batches`)."""
+    """Tune the emulator's middle layers (or `params`, a probe's other choice) in place towards
+    `answers`; AdamW, no weight decay, batches drawn epoch by epoch from a seeded shuffle
+    (`lm.epoch_order`); `after_step(step)` after each step."""
     if not answers:
         raise TeacherError("no teacher answers to repair on")
     began = time.perf_counter()
     vocabulary = emulator.get_output_embeddings().weight.shape[0]
     for answer in answers:
         answer.check_vocabulary(vocabulary)
-    params = middle_parameters(emulator, info)
+    params = middle_parameters(emulator, info) if params is None else params
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     emulator.train()
     order = lm.epoch_order(len(answers), config.batch_size, config.steps, config.seed)
@@ -181,6 +193,7 @@ def repair(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
+            after_step(len(losses))
     finally:
         emulator.eval().requires_grad_(False)
     return RepairReport(losses[0], losses[-1], time.perf_counter() - began, len(answers))

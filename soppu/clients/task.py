@@ -159,10 +159,7 @@ def repair_texts(user: UserText, tokenizer, seq_len: int, config: RepairConfig) 
     blocks = lm.token_blocks(tokenizer, user.train, seq_len)
     if not blocks:
         raise DataError(f"user {user.user_id!r} has no training text to repair on")
-    if len(blocks) > config.pieces:
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(config.seed))
-        blocks = [blocks[i] for i in sorted(order[: config.pieces].tolist())]
-    return [tokenizer.decode(block) for block in blocks]
+    return [tokenizer.decode(block) for block in config.chosen(blocks)]
 
 
 def _load_repair(model: nn.Module, info: EmulatorInfo, path: Path) -> None:

@@ -2,7 +2,8 @@
 
     aligned-emulators/<base>-<recipe>/   the server's aligned emulators, one per recipe and
                                          base model (keyed by the weights, not their folder)
-    emulators/emu-<id>/                  emulators installed on a node (one per version)
+    emulators/emu-<id>/                  emulators installed on a node (one per version),
+                                         with repairs/: its users' repaired middle layers
     models/, data/                       the prepared default model and Shakespeare users
 
 Entries are removed by renaming them aside first, so a reader sees an entry whole or not at

@@ -22,7 +22,11 @@ adapters name: the adapters were trained on those.
 prints (its interpreter swapped for `--vllm-python`, and `--port`, `--dtype float32`,
 `--enforce-eager`, `--gpu-memory-utilization` added, which a CPU needs), checks that
 `GET /v1/models` lists every user, and asks `POST /v1/completions` for each (user, prompt) with
-the user id as the model, greedy: the tokens it returns against PEFT's.
+the user id as the model, greedy: the tokens it returns against PEFT's. And, as a node
+repairing its emulator asks (`soppu.teachers.api`: echo, `logprobs: 5`,
+`return_tokens_as_token_ids`), the base model's answer on the prompts against the full model
+in this process (`soppu.teachers.local`): the same tokens, the same 5 likeliest, the largest
+logprob gap.
 
 Run by hand or on a GPU machine, not in CI. Writes experiments/results/vllm_check.json and .md
 (`--name` for another file).
@@ -44,6 +48,7 @@ import torch
 
 from experiments.bench_serving import run_engine
 from experiments.lib import RESULTS, provenance, write_results
+from soppu.teachers.local import LocalTeacher
 
 PROMPTS = (
     "To be, or not to be, that is the question:",
@@ -170,9 +175,14 @@ def printed_command(version: Path) -> list[str]:
     return shlex.split(line.removeprefix("vLLM: "))
 
 
-def server_rows(python: str, argv: list[str], jobs, tokens: int, memory: float) -> dict:
-    """Start vLLM's OpenAI server from `argv`; every user listed by /v1/models, and each
-    job's greedy tokens and logprobs from /v1/completions (the user id as the model)."""
+def server_rows(
+    python: str, argv: list[str], jobs, tokens: int, memory: float, teacher_texts: list[str]
+) -> dict:
+    """Start vLLM's OpenAI server from `argv`; every user listed by /v1/models, each job's
+    greedy tokens and logprobs from /v1/completions (the user id as the model), and a
+    repairing node's teacher answers on `teacher_texts` from the base model (listed first)."""
+    from soppu.teachers.api import ApiTeacher
+
     port = 8000 + os.getpid() % 1000
     cpu = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", str(memory)]
     argv = [python, *argv[1:], "--port", str(port), *cpu, "--seed", "0"]
@@ -186,11 +196,40 @@ def server_rows(python: str, argv: list[str], jobs, tokens: int, memory: float) 
         started = time.perf_counter() - began
         print(f"vLLM's server answered after {started:.0f} s", flush=True)
         rows = [_completion(url, ids, user, tokens) for ids, user in jobs]
+        answers = ApiTeacher(url, models[0]).answer(teacher_texts)
     finally:
         child.terminate()
         child.wait(60)
         log.close()
-    return {"models": models, "rows": rows, "start_seconds": started, "argv": argv}
+    return {
+        "models": models,
+        "rows": rows,
+        "answers": answers,
+        "start_seconds": started,
+        "argv": argv,
+    }
+
+
+def teacher_check(asked, local) -> dict:
+    """vLLM's answers (a node's teacher) against the full model's in this process."""
+    pairs = list(zip(asked, local, strict=True))
+    gaps = [
+        float((a.token_logprobs - b.token_logprobs).abs().max())
+        for a, b in pairs
+        if torch.equal(a.ids, b.ids)
+    ] + [
+        float((a.top_logprobs - b.top_logprobs).abs().max())
+        for a, b in pairs
+        if torch.equal(a.ids, b.ids)
+    ]
+    return {
+        "texts": len(pairs),
+        "same_ids": sum(torch.equal(a.ids, b.ids) for a, b in pairs),
+        "same_top5": sum(
+            torch.equal(a.top_ids, b.top_ids) for a, b in pairs if torch.equal(a.ids, b.ids)
+        ),
+        "max_logprob_gap": max(gaps) if gaps else None,
+    }
 
 
 def _wait_for_models(url: str, child: subprocess.Popen, began: float) -> list[str]:
@@ -331,7 +370,9 @@ def main() -> None:
     server = None
     if args.server:
         argv = printed_command(version)
-        server = server_rows(args.vllm_python, argv, jobs, args.tokens, args.vllm_memory)
+        server = server_rows(
+            args.vllm_python, argv, jobs, args.tokens, args.vllm_memory, list(PROMPTS)
+        )
     peft = peft_rows(version, users, jobs + base_jobs, args.tokens, base)
     # soppu's engine wraps the base model's layers in place: a fresh copy for it
     soppu_s = soppu_seconds(version, basemodel.load(manifest["base_model"]), jobs, args.tokens)
@@ -366,6 +407,9 @@ def main() -> None:
             "same_tokens": sum(p["same_tokens"] for p in served),
             "max_logprob_gap": max(p["max_logprob_gap"] for p in served),
             "start_seconds": server["start_seconds"],
+            "teacher": teacher_check(
+                server["answers"], LocalTeacher(manifest["base_model"]).answer(list(PROMPTS))
+            ),
         }
     write_results(RESULTS / f"{args.name}.json", result, markdown(result))
 
@@ -411,6 +455,15 @@ def markdown(r: dict) -> str:
             f"{len(v['pairs'])}** |",
             f"| largest gap of the chosen tokens' logprobs | {v['max_logprob_gap']:.2e} |",
         ]
+        if "teacher" in v:
+            c = v["teacher"]
+            gap = "–" if c["max_logprob_gap"] is None else f"{c['max_logprob_gap']:.2e}"
+            lines += [
+                f"| a repairing node's teacher (echo, logprobs 5, token ids), the base model "
+                f"on the {c['texts']} prompts: texts with the full model's tokens / its 5 "
+                f"likeliest | {c['same_ids']} / {c['same_top5']} of {c['texts']} |",
+                f"| the teacher's largest logprob gap to the full model | {gap} |",
+            ]
     return "\n".join(lines) + "\n"
 
 

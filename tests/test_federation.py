@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context
 from flwr.clientapp import ClientApp
 from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
@@ -487,27 +487,46 @@ def test_re_alignment_ships_a_new_emulator_before_every_round_after_the_first(wo
         assert same == (layer in info.adapter_layers), layer  # the middle ones moved
 
 
+def _untaught_train(msg, context):
+    """user3 plays a real node (a user-id of its own) whose config names no teacher-url."""
+    setup = messages.Setup.from_record(msg.content[messages.SETUP])
+    if task.my_user(context.node_config, setup) == "user3":
+        real = {**context.node_config, "user-id": "user3"}
+        context = Context(context.run_id, context.node_id, real, context.state, context.run_config)
+    return client_app.train(msg, context)
+
+
 def test_clients_repair_their_emulator_once_on_their_own_text_and_train_on_it(world):
     """--repair-steps through real Flower: in round 1 every node (simulated: the full model in
     its own process is the teacher) repairs its emulator on its own text and keeps the
-    repaired middle layers in its cache; round 2 trains on them and repairs nothing."""
+    repaired middle layers in its cache; round 2 trains on them and repairs nothing. A real
+    node that names no teacher says so, and only its own rounds are lost."""
+    untaught = ClientApp()
+    untaught.query()(client_app.query)
+    untaught.train()(_untaught_train)
+    untaught.evaluate()(client_app.evaluate)
     config = tiny_config(
         world, "run-repair", repair_steps=3, final_evaluation=False, validation_fraction=0
     )
-    lines = simulate(config)
+    lines = simulate(config, untaught)
     run = RunFolder(Path(config.run_dir))
     assert run.state()["round"] == 2
     assert any("clients repair their emulator on their own text first" in line for line in lines)
     rows = run.read_jsonl(run.metrics)
+    taught = USERS[:3]
     assert {(r["round"], r["user"]) for r in rows if "repair-seconds" in r} == {
-        (1, u) for u in USERS
+        (1, u) for u in taught
     }
+    failed = [r for r in rows if r["user"] == "user3"]
+    assert len(failed) == 2 and all(
+        r["status"] == "failed" and "names no teacher-url" in r["reason"] for r in failed
+    )
     pieces = 3 * config.training.batch_size  # every user has more training blocks
     assert all(r["repair-pieces"] == pieces for r in rows if "repair-pieces" in r)
-    assert sum("repaired its emulator on" in line for line in lines) == len(USERS)
+    assert sum("repaired its emulator on" in line for line in lines) == len(taught)
     version = read_info(run.emulator).version
     kept = sorted((world[0] / "cache" / "emulators" / version / "repairs").iterdir())
-    assert [p.name.rsplit("-", 1)[0] for p in kept] == USERS
+    assert [p.name.rsplit("-", 1)[0] for p in kept] == taught
     emulator = AutoModelForCausalLM.from_pretrained(run.emulator, dtype=torch.float32)
     middle = load_file(kept[0])
     assert middle and not any(torch.equal(v, emulator.state_dict()[k]) for k, v in middle.items())

@@ -293,8 +293,8 @@ class EmulatorSettings:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    # soppu/repair.py; experiments/local_repair.py: on code and sympy users it lowers the
-    # emulator's KL on held-out text by 35-48%; off by default: ~100 s and 600 MB per client
+    # soppu/repair.py. Off: out of domain it serves a point more (code, sympy), on the roles
+    # 2.3 points less (6 of 8 users worse), for ~80 s and up to 1 GB per client (benchmarks)
     repair_steps: int = setting(
         0,
         "Each client first tunes its emulator on its own text towards what scoring that text "

@@ -71,7 +71,8 @@ class TeacherAnswer:
             if not (torch.isfinite(values).all() and (values <= 1e-4).all()):
                 raise TeacherError(f"{name} are not all finite logprobs ≤ 0")
         # The listed tokens are disjoint events: their probabilities cannot sum past 1.
-        if (_listed(self)[1].exp() * _listed(self)[2]).sum(1).max() > 1 + 1e-3:
+        _, logprobs, weight = _listed(self)
+        if (logprobs.exp() * weight).sum(1).max() > 1 + 1e-3:
             raise TeacherError("the listed tokens' probabilities sum past 1")
 
     def check_vocabulary(self, size: int) -> None:

@@ -220,6 +220,7 @@ def test_a_node_repairs_once_keeps_the_repair_and_finds_it_after_a_restart(insta
     config = RepairConfig(steps=6, lr=3e-3, batch_size=2, seed=3)
     model, _, report = task.repaired(user, info.version, config, 32, model_dir, teacher)
     assert report is not None and report.pieces == 12 and asked == [1]
+    assert task.held_versions() == [info.version]  # what the node tells the server it holds
     path = task.emulator_root() / info.version / "repairs" / f"alice-{config.key()}.safetensors"
     assert path.is_file()
     ids = torch.arange(30)[None]
@@ -238,6 +239,17 @@ def test_a_node_repairs_once_keeps_the_repair_and_finds_it_after_a_restart(insta
     path.write_bytes(path.read_bytes()[:100])  # not safetensors any more
     with pytest.raises(Exception, match=r"header|safetensors|deserializ"):
         task.repaired(user, info.version, config, 32, model_dir, teacher)
+
+
+def test_an_unreachable_teacher_is_a_repair_failure_and_leaves_nothing_behind(installed):
+    info, model_dir = installed
+    user = UserText("carol", "text the node would repair on, more and more. " * 60, "held out")
+    config = RepairConfig(steps=2, lr=1e-3, batch_size=2)
+    with pytest.raises(TeacherError, match="cannot reach the server"):
+        task.repaired(
+            user, info.version, config, 32, model_dir, lambda: ApiTeacher("http://127.0.0.1:9", "m")
+        )
+    assert not (task.emulator_root() / info.version / "repairs").exists()  # nothing half-made
 
 
 def test_a_repair_file_of_another_emulator_is_refused_by_name(installed, tmp_path):

@@ -19,11 +19,10 @@ from flwr.clientapp import ClientApp
 from soppu import messages as m
 from soppu import teachers
 from soppu.clients import task
-from soppu.errors import SoppuError
 from soppu.repair import TeacherError
 
-# a repair the node cannot make: no teacher to ask, an unreachable or a bad answer
-REPAIR_FAILURES = (teachers.NoTeacher, TeacherError, SoppuError)
+# a repair the node cannot make: no teacher to ask, or no usable answer from it
+REPAIR_FAILURES = (teachers.NoTeacher, TeacherError)
 
 
 def hello(msg: Message, context: Context) -> Message:

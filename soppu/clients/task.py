@@ -34,9 +34,11 @@ from soppu.basemodel import load_tokenizer, quiet_libraries
 from soppu.cache import cache_dir
 from soppu.data import SHAKESPEARE, DataError, UserText, load_users
 from soppu.emulator import META_NAME, EmulatorError, EmulatorInfo, load, version_id
+from soppu.errors import SoppuError
 from soppu.messages import Setup
 from soppu.personalize import PersonalizeResult, TrainConfig, attached, personalize
-from soppu.repair import RepairConfig, RepairReport, middle_state, repair
+from soppu.repair import RepairConfig, RepairReport, TeacherError, middle_state
+from soppu.repair import repair as repair_middle_layers
 from soppu.sources import runs_code
 from soppu.teachers import Teacher
 from soppu.userids import check_user_id
@@ -95,7 +97,7 @@ def tokenizer_for(base_model: str):
 
 def held_versions() -> list[str]:
     on_disk = {p.name for p in emulator_root().glob("emu-*") if (p / META_NAME).is_file()}
-    return sorted(on_disk | {version for version, _ in _EMULATORS})
+    return sorted(on_disk | {key[0] for key in _EMULATORS})  # (version, device, repair)
 
 
 def device_for(requested: str) -> str:
@@ -144,8 +146,11 @@ def repaired(
             return
         tokenizer = tokenizer_for(base_model)
         texts = repair_texts(user, tokenizer, seq_len, config)
-        answers = teacher().answer(texts)
-        made.append(repair(model, info, answers, tokenizer.pad_token_id, config))
+        try:
+            answers = teacher().answer(texts)
+        except SoppuError as exc:  # an unreachable server, a refusal, a bad answer
+            raise TeacherError(str(exc)) from exc
+        made.append(repair_middle_layers(model, info, answers, tokenizer.pad_token_id, config))
         path.parent.mkdir(exist_ok=True)
         atomic.write_bytes(path, save(middle_state(model, info)))
 
@@ -247,6 +252,7 @@ def evaluate(
 
 
 def _user_emulator(user, version, config, base_model, device, repair, teacher):
+    """The emulator this user trains and evaluates on: repaired where `repair` asks."""
     if repair is None:
         return (*emulator(version, device_for(device)), None)
     if teacher is None:

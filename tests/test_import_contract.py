@@ -33,8 +33,10 @@ ENTRY_POINTS = ("cli", "api.py", "__main__.py")
 SOPPU_LAYERS = [
     {"errors", "settings"},
     {"userids", "atomic", "precision", "train_config", "fetch", "tensor_file", "cache", "sources"},
+    {"completions"},  # the serving API as a client asks it
     {"adapters", "adapter_sets", "data", "lm", "synthetic"},
-    {"basemodel", "emulator", "alignment", "generated", "public", "personalize", "messages"},
+    {"basemodel", "emulator", "alignment", "generated", "public", "personalize", "messages"}
+    | {"repair", "teachers"},
 ]
 
 

@@ -161,6 +161,7 @@ def score(
     from rich.table import Table
 
     from soppu.cli.common import progress_bar
+    from soppu.completions import base_model_id
     from soppu.server.serving import scoring
 
     with clear_errors():
@@ -173,7 +174,7 @@ def score(
             raise ValueError(f"{text}: {len(blocks)} block(s) of text; at least 2 to compare")
         # The base model by the name the server gives it: with API keys, no name is the
         # key's own adapter.
-        reference = reference or scoring.base_model_id(url, api_key)
+        reference = reference or base_model_id(url, api_key)
         scored = []
         with progress_bar("scoring") as update:
             for name in [reference, *model]:

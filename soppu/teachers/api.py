@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from soppu.completions import base_model_id, echoed_logprobs
 from soppu.errors import SoppuError
 from soppu.repair import TOP_K, TeacherAnswer, TeacherError
-from soppu.server.serving.scoring import base_model_id, echoed_logprobs
 
 
 class ApiTeacher:

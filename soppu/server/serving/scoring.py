@@ -14,15 +14,13 @@ otherwise the lowest-loss model among the reference and those significantly bett
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from soppu.completions import echoed_logprobs
 from soppu.errors import SoppuError
 from soppu.server.intervals import Gain, paired_gain
 
@@ -55,53 +53,6 @@ def blocks_of(text: str, chars: int = BLOCK_CHARS) -> list[str]:
             pieces.append(text[start:end])
         start = end
     return pieces
-
-
-def base_model_id(url: str, api_key: str | None = None) -> str:
-    """The name the server gives its base model (`/info`'s `model_id`; soppu serve), "" where
-    it has none to give (vLLM: pass its model name as the reference)."""
-    request = urllib.request.Request(f"{url.rstrip('/')}/info", headers=_headers(api_key))
-    try:
-        with urllib.request.urlopen(request, timeout=60) as reply:
-            return str(json.loads(reply.read()).get("model_id") or "")
-    except (urllib.error.URLError, OSError, ValueError):
-        return ""
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    return headers
-
-
-def echoed_logprobs(
-    url: str, model: str, text: str, api_key: str | None = None, **extra: object
-) -> dict:
-    """The `logprobs` object of scoring `text` (echo, `max_tokens` 0): every token's logprob
-    with `extra` asked for too (`logprobs: 5`, vLLM's `return_tokens_as_token_ids`)."""
-    body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
-    request = urllib.request.Request(
-        f"{url.rstrip('/')}/v1/completions",
-        json.dumps({**body, **extra}).encode(),
-        _headers(api_key),
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=600) as reply:
-            answer = json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        raise SoppuError(f"{url}: model {model!r}: {exc.code} {_error_text(exc)}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise SoppuError(f"{url}: cannot reach the server ({exc})") from None
-    except ValueError:
-        raise SoppuError(f"{url}: model {model!r}: the reply is not JSON") from None
-    try:
-        logprobs = answer["choices"][0]["logprobs"]
-        if not isinstance(logprobs, dict):
-            raise TypeError
-    except (KeyError, IndexError, TypeError):
-        raise SoppuError(f"{url}: model {model!r}: the reply has no prompt logprobs") from None
-    return logprobs
 
 
 def prompt_logprobs(url: str, model: str, text: str, api_key: str | None = None) -> list[float]:
@@ -151,10 +102,3 @@ def compare(reference: Scored, others: list[Scored]) -> tuple[dict[str, Gain], s
         candidates = rivals or [mine]
     best = min(candidates, key=lambda s: float(s.nll.sum()))
     return gains, best.model
-
-
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    try:
-        return str(json.loads(exc.read()).get("error", exc.reason))[:300]
-    except (ValueError, AttributeError, OSError):
-        return str(exc.reason)

@@ -112,6 +112,7 @@ def prepare(config: FederationConfig, base: BaseModel, log: Log) -> Federation:
     run.root.mkdir(parents=True, exist_ok=True)
     public = public_for(config, log, base)
     say_precision(config, log)
+    say_repair(config, log)
     emulator, info = _emulator(run, config, base, public, log)
     say_alignment(info, log)
     try:
@@ -175,14 +176,19 @@ def say_precision(config: FederationConfig, log: Log) -> None:
         f"precision {config.precision} ({resolved} on the server's {config.device}): "
         f"{server}the final evaluation is fp32"
     )
-    if emulated and e.repair_steps:
+    if emulated and not e.correction_batches:
+        log("no gradient correction (correction-batches 0): clients train on the bare emulator")
+
+
+def say_repair(config: FederationConfig, log: Log) -> None:
+    """Where the clients repair their emulator first (soppu.repair), and taught by what."""
+    e = config.emulator
+    if config.client_mode == "emulator" and e.repair_steps:
         log(
             f"clients repair their emulator on their own text first ({e.repair_steps} steps at "
             f"lr {e.repair_lr:g}), taught by what scoring it answers: the serving API a node "
             "names (teacher-url), in simulation the full model in the client's process"
         )
-    if emulated and not e.correction_batches:
-        log("no gradient correction (correction-batches 0): clients train on the bare emulator")
 
 
 def served_choice(

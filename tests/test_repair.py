@@ -181,7 +181,7 @@ def test_a_vllm_style_answer_keeps_the_k_likeliest_and_refuses_names_that_are_no
         parse({**logprobs, "top_logprobs": short})
 
 
-def test_a_node_finds_its_teacher_and_a_real_node_without_one_says_so(tmp_path):
+def test_a_node_finds_its_teacher_and_a_real_node_without_one_says_so():
     assert isinstance(teachers.for_node({"partition-id": 0}, "tiny", "fp32"), LocalTeacher)
     named = teachers.for_node(
         {"user-id": "u", "teacher-url": "http://127.0.0.1:9", "teacher-model": "base"}, "", "fp32"
@@ -252,7 +252,7 @@ def test_an_unreachable_teacher_is_a_repair_failure_and_leaves_nothing_behind(in
     assert not (task.emulator_root() / info.version / "repairs").exists()  # nothing half-made
 
 
-def test_a_repair_file_of_another_emulator_is_refused_by_name(installed, tmp_path):
+def test_a_repair_file_of_another_emulator_is_refused_by_name(installed):
     info, model_dir = installed
     user = UserText("bob", "some text to repair on, again and again. " * 60, "held out")
     config = RepairConfig(steps=2, lr=1e-3, batch_size=2)

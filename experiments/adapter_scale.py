@@ -30,8 +30,8 @@ import torch
 from experiments.lib import RESULTS, interval, pct, provenance, write_results
 from soppu import basemodel, lm
 from soppu.adapters import LoraState
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.selection import choose as served_choice
 from soppu.server.selection import global_over_personal

@@ -54,8 +54,8 @@ from experiments.choice_rules import (
 from experiments.lib import RESULTS, RUNS, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.adapters import blend
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.selection import global_over_personal, strength_walk
 from soppu.server.store import RunFolder, served_label

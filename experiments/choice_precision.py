@@ -28,8 +28,8 @@ import torch
 from experiments.adapter_scale import candidates, choose
 from experiments.lib import RESULTS, interval, pct, provenance, write_results
 from soppu import basemodel, lm, precision
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.store import RunFolder
 

@@ -42,8 +42,8 @@ import torch
 
 from experiments.lib import RESULTS, RUNS, interval, pct, provenance, write_results
 from soppu import atomic, basemodel, lm
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.selection import choose, global_over_personal, strength_walk
 from soppu.server.store import RunFolder, served_label

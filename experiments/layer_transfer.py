@@ -33,8 +33,8 @@ from experiments.lib import RESULTS, provenance, write_results
 from soppu import basemodel, lm
 from soppu.adapters import LoraState
 from soppu.emulator import read_info
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.store import RunFolder
 

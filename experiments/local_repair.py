@@ -46,10 +46,10 @@ from experiments.sweep_recipes import ALL_LINEAR
 from soppu import basemodel, lm
 from soppu.alignment import gradient_correction, measure
 from soppu.emulator import full_model_info, load
+from soppu.intervals import paired_gain
 from soppu.personalize import TrainConfig, fresh_lora, personalize, scored
 from soppu.repair import TOP_K, RepairConfig, TeacherAnswer, answer_from_logits
 from soppu.repair import repair as soppu_repair
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, public_for, stored_config
 from soppu.server.store import RunFolder
 

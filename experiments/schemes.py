@@ -93,8 +93,8 @@ def score_population(runs: dict[str, Path]) -> dict[str, dict[str, dict]]:
     """Per scheme and user: the personal adapter's gain over fedavg-ft's global adapter, and
     local's, paired on the blocks the runs' evaluation scored."""
     from soppu import basemodel, lm
+    from soppu.intervals import paired_gain
     from soppu.personalize import scored
-    from soppu.server.intervals import paired_gain
     from soppu.server.prepare_run import choose_users, stored_config
 
     reference = RunFolder(runs[REFERENCE])

@@ -44,8 +44,8 @@ from experiments.choice_rules import score_run as score_uniform
 from experiments.lib import RESULTS, RUNS, provenance, write_results
 from soppu import atomic, basemodel, lm
 from soppu.emulator import read_info
+from soppu.intervals import paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import paired_gain
 from soppu.server.prepare_run import choose_users, stored_config
 from soppu.server.store import RunFolder, served_label
 

@@ -32,7 +32,8 @@ FORBIDDEN = {
 ENTRY_POINTS = ("cli", "api.py", "__main__.py")
 SOPPU_LAYERS = [
     {"errors", "settings"},
-    {"userids", "atomic", "precision", "train_config", "fetch", "tensor_file", "cache", "sources"},
+    {"userids", "atomic", "precision", "train_config", "fetch", "tensor_file", "cache", "sources"}
+    | {"intervals"},
     {"completions"},  # the serving API as a client asks it
     {"adapters", "adapter_sets", "data", "lm", "synthetic"},
     {"basemodel", "emulator", "alignment", "generated", "public", "personalize", "messages"}

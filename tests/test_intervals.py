@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soppu.server.intervals import Gain, paired_gain
+from soppu.intervals import Gain, paired_gain
 
 
 def test_two_blocks_give_the_hand_computed_bootstrap():

@@ -8,7 +8,7 @@ the user is served: personal, global or none, chosen on their validation text) o
 model.
 
 Every comparison is paired on the same held-out blocks, with a 95% bootstrap interval
-(`soppu/server/intervals.py`): served over base (helped, harmed or unchanged only where the
+(`soppu/intervals.py`): served over base (helped, harmed or unchanged only where the
 interval excludes 0), personal over global, and what compression costs the served choice.
 What compression keeps of a gain is reported only where that gain is significant:
 
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from soppu import atomic, lm
 from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
+from soppu.intervals import paired_gain
 from soppu.personalize import TrainConfig, scored
-from soppu.server.intervals import paired_gain
 from soppu.server.store import RunFolder
 from soppu.server.versions import CURRENT, ServingVersion
 

@@ -22,7 +22,7 @@ the choice serves:
 
 - the family's best (the personal adapter at its best strength, or a blend), where it beats
   the base model *significantly* on that text (the paired 95% bootstrap interval of the gain
-  excludes 0, `soppu/server/intervals.py`), unless the global adapter at its own best beats
+  excludes 0, `soppu/intervals.py`), unless the global adapter at its own best beats
   *it* significantly there;
 - otherwise, among the base model and the adapters significantly better than it, the one with
   the lowest validation loss; a tie goes to the simpler: base, global, personal, blend, and
@@ -79,8 +79,8 @@ from torch import Tensor, nn
 from soppu import atomic, lm
 from soppu.adapters import LoraState, blend, write_lora
 from soppu.data import UserText
+from soppu.intervals import Gain, paired_gain
 from soppu.personalize import scored
-from soppu.server.intervals import Gain, paired_gain
 from soppu.server.store import RunFolder, parse_served, served_label
 from soppu.train_config import TrainConfig
 

@@ -22,7 +22,7 @@ import torch
 
 from soppu.completions import echoed_logprobs
 from soppu.errors import SoppuError
-from soppu.server.intervals import Gain, paired_gain
+from soppu.intervals import Gain, paired_gain
 
 BLOCK_CHARS = 1500  # ≈ 400 tokens: well under a server's input limit, enough blocks to resample
 

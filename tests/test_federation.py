@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.clientapp import ClientApp
 from helpers import write_tiny_model, write_users_jsonl
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -498,16 +499,16 @@ def _untaught_train(msg, context):
 
 def test_clients_repair_their_emulator_once_on_their_own_text_and_train_on_it(world):
     """--repair-steps through real Flower: in round 1 every node (simulated: the full model in
-    its own process is the teacher) repairs its emulator on its own text and keeps the
-    repaired middle layers in its cache; round 2 trains on them and repairs nothing. A real
-    node that names no teacher says so, and only its own rounds are lost."""
+    its own process is the teacher) repairs its emulator on its own text, judges the repair
+    on its validation text and keeps in its cache the repaired middle layers or the record
+    that it undid them (the tiny model's repairs change its validation loss by 0.01%: not
+    significantly, so undone); round 2 repairs nothing. A real node that names no teacher
+    says so, and only its own rounds are lost."""
     untaught = ClientApp()
     untaught.query()(client_app.query)
     untaught.train()(_untaught_train)
     untaught.evaluate()(client_app.evaluate)
-    config = tiny_config(
-        world, "run-repair", repair_steps=3, final_evaluation=False, validation_fraction=0
-    )
+    config = tiny_config(world, "run-repair", repair_steps=3, final_evaluation=False)
     lines = simulate(config, untaught)
     run = RunFolder(Path(config.run_dir))
     assert run.state()["round"] == 2
@@ -524,12 +525,20 @@ def test_clients_repair_their_emulator_once_on_their_own_text_and_train_on_it(wo
     pieces = 3 * config.training.batch_size  # every user has more training blocks
     assert all(r["repair-pieces"] == pieces for r in rows if "repair-pieces" in r)
     assert sum("repaired its emulator on" in line for line in lines) == len(taught)
+    # each node judged its repair on its validation text; its file and its reply agree
     version = read_info(run.emulator).version
-    kept = sorted((world[0] / "cache" / "emulators" / version / "repairs").iterdir())
-    assert [p.name.rsplit("-", 1)[0] for p in kept] == taught
+    files = sorted((world[0] / "cache" / "emulators" / version / "repairs").iterdir())
+    assert [p.name.rsplit("-", 1)[0] for p in files] == taught
     emulator = AutoModelForCausalLM.from_pretrained(run.emulator, dtype=torch.float32)
-    middle = load_file(kept[0])
-    assert middle and not any(torch.equal(v, emulator.state_dict()[k]) for k, v in middle.items())
+    replies = {r["user"]: r for r in rows if "repair-kept" in r}
+    for path in files:
+        reply = replies[path.name.rsplit("-", 1)[0]]
+        assert reply["repair-steps-taken"] == 3 and "repair-check-low" in reply
+        middle = load_file(path)
+        with safe_open(path, "pt") as f:
+            assert f.metadata()["kept"] == ("true" if reply["repair-kept"] else "false")
+        assert bool(middle) == bool(reply["repair-kept"])
+        assert not any(torch.equal(v, emulator.state_dict()[k]) for k, v in middle.items())
 
 
 def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):

@@ -12,13 +12,15 @@ from helpers import tiny_causal_lm, tiny_tokenizer
 
 from soppu import messages, teachers
 from soppu.clients import task
-from soppu.data import UserText
+from soppu.data import DataError, UserText
 from soppu.emulator import EmulatorError, EmulatorPlan, build, save
 from soppu.repair import (
+    CHECK_EVERY,
     RepairConfig,
     TeacherAnswer,
     TeacherError,
     answer_from_logits,
+    block_partition_ce,
     middle_state,
     partition_ce,
     repair,
@@ -134,6 +136,58 @@ def test_a_repair_moves_only_the_middle_layers_towards_the_teacher():
         repair(emulator, info, [beyond], 0, RepairConfig(steps=1))
 
 
+def own_answers(model, blocks) -> list[TeacherAnswer]:
+    """What `model` itself answers: the partition loss is at its minimum there."""
+    with torch.no_grad():
+        return [answer_from_logits(b, model(input_ids=b[None]).logits[0]) for b in blocks]
+
+
+def test_the_block_sums_add_up_to_the_mean_partition_loss():
+    _, emulator, _ = tiny_pair()
+    blocks = [torch.randint(0, 300, (n,)) for n in (16, 5, 16, 9, 2)]  # ragged, padded
+    answers = answers_on(tiny_causal_lm(6, seed=1), blocks)
+    sums, counts = block_partition_ce(emulator, answers, 0, "fp32", batch_size=2)
+    assert counts.tolist() == [15, 4, 15, 8, 1]
+    with torch.no_grad():
+        for total, answer in zip(sums, answers, strict=True):
+            alone = partition_ce(emulator(input_ids=answer.ids[None]).logits, [answer])
+            assert float(total) == pytest.approx(float(alone) * (answer.ids.numel() - 1), rel=1e-5)
+
+
+def test_a_repair_that_does_not_carry_to_the_validation_text_is_stopped_and_undone():
+    """Validation answers the emulator already gives (the loss's minimum: no repair can lower
+    it): the first look stops the repair, and every weight is as it was."""
+    torch.manual_seed(2)
+    _, emulator, info = tiny_pair()
+    blocks = [torch.randint(0, 300, (16,)) for _ in range(8)]
+    answers = answers_on(tiny_causal_lm(6, seed=1), blocks)
+    check = own_answers(emulator, [torch.randint(0, 300, (16,)) for _ in range(4)])
+    before = {k: v.clone() for k, v in emulator.state_dict().items()}
+    config = RepairConfig(steps=3 * CHECK_EVERY, lr=3e-3, batch_size=4)
+    report = repair(emulator, info, answers, 0, config, check=check)
+    assert report.check.steps == CHECK_EVERY and report.check.after > report.check.before
+    assert not report.kept and report.check.gain.high < 0
+    after = emulator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in emulator.parameters()) and not emulator.training
+
+
+def test_a_repair_that_carries_to_the_validation_text_is_kept():
+    """Validation text of the training text's kind, the same teacher: every validation block
+    is better, so the whole interval is."""
+    torch.manual_seed(3)
+    _, emulator, info = tiny_pair()
+    teacher = tiny_causal_lm(6, seed=1)
+    phrase = torch.randint(0, 300, (8,))
+    blocks = [phrase.roll(i).repeat(2) for i in range(12)]  # one phrase, many phases
+    answers, check = answers_on(teacher, blocks[:8]), answers_on(teacher, blocks[8:])
+    config = RepairConfig(steps=2 * CHECK_EVERY, lr=3e-3, batch_size=4)
+    report = repair(emulator, info, answers, 0, config, check=check)
+    assert report.kept and report.check.steps == 2 * CHECK_EVERY
+    assert report.check.gain.low > 0 and report.check.after < report.check.before
+    assert gap(emulator, check, teacher) < gap(tiny_pair()[1], check, teacher)
+
+
 @pytest.mark.parametrize(
     "values, words",
     [
@@ -191,6 +245,20 @@ def test_a_node_finds_its_teacher_and_a_real_node_without_one_says_so():
         teachers.for_node({"user-id": "u"}, "tiny", "fp32")
 
 
+def token_ids(texts: list[str]) -> list[torch.Tensor]:
+    tokenizer = tiny_tokenizer()
+    return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+class SharpTeacher:
+    """A node's teacher far from its emulator (answers_on's), on the texts it is given."""
+
+    kind = "local"
+
+    def answer(self, texts: list[str]) -> list[TeacherAnswer]:
+        return answers_on(tiny_causal_lm(6, seed=1), token_ids(texts))
+
+
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
     """An emulator of a tiny model on this node, and that model's folder (the teacher's)."""
@@ -210,16 +278,17 @@ def installed(tmp_path, monkeypatch):
 
 def test_a_node_repairs_once_keeps_the_repair_and_finds_it_after_a_restart(installed):
     info, model_dir = installed
-    user = UserText("alice", "the quick brown fox jumps over the lazy dog. " * 80, "held out")
+    sentence = "the quick brown fox jumps over the lazy dog. "
+    user = UserText("alice", sentence * 80, "held out", validation=sentence * 12)
     asked = []
 
     def teacher():
         asked.append(1)
-        return LocalTeacher(model_dir)
+        return SharpTeacher()
 
     config = RepairConfig(steps=6, lr=3e-3, batch_size=2, seed=3)
     model, _, report = task.repaired(user, info.version, config, 32, model_dir, teacher)
-    assert report is not None and report.pieces == 12 and asked == [1]
+    assert report is not None and report.pieces == 12 and asked == [1] and report.kept
     assert task.held_versions() == [info.version]  # what the node tells the server it holds
     path = task.emulator_root() / info.version / "repairs" / f"alice-{config.key()}.safetensors"
     assert path.is_file()
@@ -241,9 +310,44 @@ def test_a_node_repairs_once_keeps_the_repair_and_finds_it_after_a_restart(insta
         task.repaired(user, info.version, config, 32, model_dir, teacher)
 
 
+def test_a_node_records_a_repair_it_undid_and_trains_on_the_emulator_as_sent(installed):
+    """A teacher whose answers on the validation text are the emulator's own: the repair
+    cannot lower the loss there, so it is undone, recorded, and never made again."""
+    info, model_dir = installed
+    sentence = "a node whose text the repair cannot help. "
+    user = UserText("dave", sentence * 60, "held out", validation=sentence * 8)
+    pristine = task.emulator(info.version)[0]
+    calls = []
+
+    class Teacher(SharpTeacher):
+        def answer(self, texts):
+            calls.append(len(texts))
+            if len(calls) == 1:  # the training text: a teacher far from the emulator
+                return super().answer(texts)
+            return own_answers(pristine, token_ids(texts))
+
+    config = RepairConfig(steps=3 * CHECK_EVERY, lr=3e-3, batch_size=2)
+    model, _, report = task.repaired(user, info.version, config, 32, model_dir, Teacher)
+    assert not report.kept and report.check.steps == CHECK_EVERY and len(calls) == 2
+    path = task.emulator_root() / info.version / "repairs" / f"dave-{config.key()}.safetensors"
+    assert path.is_file()
+    ids = torch.arange(30)[None]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, pristine(input_ids=ids).logits)
+    task._EMULATORS.clear()  # a restarted node: the record, no second repair
+    again, _, report = task.repaired(user, info.version, config, 32, model_dir, Teacher)
+    assert report is None and len(calls) == 2
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, pristine(input_ids=ids).logits)
+    without = UserText("erin", sentence * 60, "held out")  # no validation text: no check
+    with pytest.raises(DataError, match="no validation text to check a repair on"):
+        task.repaired(without, info.version, config, 32, model_dir, Teacher)
+
+
 def test_an_unreachable_teacher_is_a_repair_failure_and_leaves_nothing_behind(installed):
     info, model_dir = installed
-    user = UserText("carol", "text the node would repair on, more and more. " * 60, "held out")
+    text = "text the node would repair on, more and more. "
+    user = UserText("carol", text * 60, "held out", validation=text * 4)
     config = RepairConfig(steps=2, lr=1e-3, batch_size=2)
     with pytest.raises(TeacherError, match="cannot reach the server"):
         task.repaired(
@@ -279,3 +383,22 @@ def test_the_local_teacher_answers_what_the_full_model_says(installed):
             expected = answer_from_logits(ids, full(input_ids=ids[None]).logits[0])
         assert torch.equal(answer.top_ids, expected.top_ids)
         assert torch.allclose(answer.token_logprobs, expected.token_logprobs, atol=1e-5)
+
+
+def test_the_server_says_what_a_reply_reports_of_a_repair_even_a_partial_one():
+    from soppu.server.federation import repair_line
+
+    reply = {
+        "repair-seconds": 80.4, "repair-pieces": 65, "repair-steps-taken": 40,
+        "repair-loss-first": 2.094, "repair-loss-last": 1.171, "repair-kept": 1,
+        "repair-check-before": 1.9, "repair-check-after": 1.2, "repair-check-gain": 0.5034,
+        "repair-check-low": 0.45, "repair-check-high": 0.55,
+    }  # fmt: skip
+    assert repair_line(reply) == (
+        "repaired its emulator on 65 pieces of its training text (40 steps, 80 s), partition "
+        "loss there 2.094 → 1.171; on its validation text 1.900 → 1.200 (+50.3%, 95% +45.0% to "
+        "+55.0%): kept"
+    )
+    assert repair_line({**reply, "repair-kept": 0}).endswith("undone, the emulator as sent")
+    # a hostile client's reply may leave any of them out: the server's log line still comes
+    assert repair_line({"repair-seconds": 3.0}).startswith("repaired its emulator on 0 pieces")

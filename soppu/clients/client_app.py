@@ -144,11 +144,25 @@ def _teacher(context: Context, setup: m.Setup, precision: str):
 
 
 def _repair_metrics(report) -> dict[str, float | int]:
+    check = report.check
     return {
         "repair-seconds": report.seconds,
         "repair-loss-first": report.loss_first,
         "repair-loss-last": report.loss_last,
         "repair-pieces": report.pieces,
+        "repair-kept": int(report.kept),
+        **(
+            {
+                "repair-steps-taken": check.steps,
+                "repair-check-before": check.before,
+                "repair-check-after": check.after,
+                "repair-check-gain": check.gain.point,
+                "repair-check-low": check.gain.low,
+                "repair-check-high": check.gain.high,
+            }
+            if check
+            else {}
+        ),
     }
 
 

@@ -10,7 +10,9 @@ Where the server asks for a repair (`repair-steps`), a node first tunes its emul
 user's training text towards what scoring that text answers (`soppu.repair`, its teacher from
 `soppu.teachers`), once per emulator version and repair setting; the repaired middle layers
 stay on the node (`<version>/repairs/<user>-<setting>.safetensors`) and are that user's
-emulator from then on, in training and evaluation.
+emulator from then on, in training and evaluation. A repair that does not lower the
+emulator's loss on the user's validation text is undone (`soppu.repair`'s check), and the
+file records only that, so the node trains on the emulator as sent and does not repair again.
 
 A client trains on CUDA when the server asks for it (`client-gpus` in the run config) or its
 node config says `device=cuda`, and torch sees a GPU; otherwise on the CPU.
@@ -25,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
@@ -146,13 +149,22 @@ def repaired(
             return
         tokenizer = tokenizer_for(base_model)
         texts = repair_texts(user, tokenizer, seq_len, config)
+        checks = [tokenizer.decode(b) for b in lm.token_blocks(tokenizer, user.validation, seq_len)]
+        if not checks:
+            raise DataError(f"user {user.user_id!r} has no validation text to check a repair on")
         try:
-            answers = teacher().answer(texts)
+            ask = teacher()
+            answers, check = ask.answer(texts), ask.answer(checks)
         except SoppuError as exc:  # an unreachable server, a refusal, a bad answer
             raise TeacherError(str(exc)) from exc
-        made.append(repair_middle_layers(model, info, answers, tokenizer.pad_token_id, config))
+        report = repair_middle_layers(
+            model, info, answers, tokenizer.pad_token_id, config, check=check
+        )
+        made.append(report)
         path.parent.mkdir(exist_ok=True)
-        atomic.write_bytes(path, save(middle_state(model, info)))
+        # Not kept: recorded too, so the node neither repairs again nor loads anything.
+        state = middle_state(model, info) if report.kept else {}
+        atomic.write_bytes(path, save(state, metadata={"kept": str(report.kept).lower()}))
 
     model, info = _cached(version, device, path.name, change)
     return model, info, (made[0] if made else None)
@@ -168,9 +180,18 @@ def repair_texts(user: UserText, tokenizer, seq_len: int, config: RepairConfig) 
 
 
 def _load_repair(model: nn.Module, info: EmulatorInfo, path: Path) -> None:
+    """A repair the node made before: its middle layers, or nothing where it was not kept."""
+    with safe_open(path, "pt") as f:
+        kept = (f.metadata() or {}).get("kept")
     state = load_file(path)
+    if kept == "false" and not state:
+        return
     expected = middle_state(model, info)
-    if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+    if (
+        kept != "true"
+        or set(state) != set(expected)
+        or any(state[k].shape != v.shape for k, v in expected.items())
+    ):
         raise EmulatorError(f"{path}: not this emulator's middle layers; delete it to repair anew")
     model.load_state_dict(state, strict=False)
 

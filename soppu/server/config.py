@@ -293,8 +293,9 @@ class EmulatorSettings:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    # soppu/repair.py. Off: out of domain it serves a point more (code, sympy), on the roles
-    # 2.3 points less (6 of 8 users worse), for ~80 s and up to 1 GB per client (benchmarks)
+    # soppu/repair.py. Off: out of domain it serves a point more (code, sympy), on the roles,
+    # unchecked, 2.3 points less (6 of 8 users worse), for ~80 s and up to 1 GB per client;
+    # each client now keeps it only where it lowers its validation loss (benchmarks)
     repair_steps: int = setting(
         0,
         "Each client first tunes its emulator on its own text towards what scoring that text "
@@ -520,6 +521,11 @@ class FederationConfig:
                 "personal-pass starts from the global adapter and stops on each user's "
                 "validation text: it needs a scheme with a global adapter and "
                 "validation-fraction > 0"
+            )
+        if self.emulator.repair_steps and not self.data.validation_fraction:
+            raise ValueError(
+                "repair-steps: a client keeps its repair only where it lowers the emulator's "
+                "loss on the user's validation text, so it needs validation-fraction > 0"
             )
         self.train()  # validates the training settings now, not in every client
 

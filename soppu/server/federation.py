@@ -320,11 +320,7 @@ def _train(
         trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})
         if "repair-seconds" in metrics:
-            fed.log(
-                f"  {user}: repaired its emulator on {metrics['repair-pieces']:.0f} pieces of "
-                f"its text, partition loss {metrics['repair-loss-first']:.3f} → "
-                f"{metrics['repair-loss-last']:.3f} ({metrics['repair-seconds']:.0f} s)"
-            )
+            fed.log(f"  {user}: {repair_line(metrics)}")
         fed.log(
             f"  [{len(trained)}/{len(sampled)}] {user}: held-out loss "
             f"{metrics['eval-loss-before']:.3f} → {metrics['eval-loss-after']:.3f} "
@@ -338,6 +334,25 @@ def _train(
         rows.append(_failure(round_, sampled[node], reason))
         fed.log(f"  {sampled[node]}: failed ({reason})")
     return rows, trained
+
+
+def repair_line(metrics: Mapping[str, float]) -> str:
+    """What a client's reply says of the repair it made (its numbers as checked_metrics let
+    them through: finite, not necessarily all there)."""
+    get = metrics.get
+    line = (
+        f"repaired its emulator on {get('repair-pieces', 0):.0f} pieces of its training text "
+        f"({get('repair-steps-taken', 0):.0f} steps, {get('repair-seconds', 0):.0f} s), "
+        f"partition loss there {get('repair-loss-first', 0):.3f} → {get('repair-loss-last', 0):.3f}"
+    )
+    if "repair-check-before" not in metrics:
+        return line
+    return (
+        f"{line}; on its validation text {get('repair-check-before', 0):.3f} → "
+        f"{get('repair-check-after', 0):.3f} ({get('repair-check-gain', 0):+.1%}, 95% "
+        f"{get('repair-check-low', 0):+.1%} to {get('repair-check-high', 0):+.1%}): "
+        + ("kept" if get("repair-kept") == 1 else "undone, the emulator as sent")
+    )
 
 
 def _repair_fields(fed: Federation) -> dict[str, Any]:

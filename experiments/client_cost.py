@@ -5,7 +5,9 @@
 Read from each run's `metrics.jsonl` (what every node reported with its adapter), per run:
 the median over users of the emulator's held-out loss on the user's text before and after
 round 1's training (before: the emulator the node trains on with the fresh adapter, so a
-repaired emulator shows here), the repair's seconds where the node repaired, each round's
+repaired emulator shows here), the repair's seconds where the node repaired, how many repairs
+were kept, the steps each took and what each removed of the emulator's partition loss on the
+user's validation text (a checked repair: `soppu.repair`), each round's
 median handler seconds (all a node's work for its reply: finding data and emulator, repair,
 training and its own checks), and the largest peak resident memory a client process reported
 (in simulation one process serves several nodes, so this is the heaviest process's).
@@ -36,6 +38,14 @@ def cost(path: Path) -> dict:
         "emulator_loss_after": statistics.median(r["eval-loss-after"] for r in first),
         "repair_seconds": statistics.median(repairs) if repairs else None,
         "repaired": len(repairs),
+        # a checked repair (since 846ca90): kept where it lowers the validation loss
+        "kept": sum(r.get("repair-kept", 1) == 1 for r in rows if "repair-seconds" in r),
+        "repair_steps_taken": sorted(
+            int(r["repair-steps-taken"]) for r in rows if "repair-steps-taken" in r
+        ),
+        "repair_check_gains": sorted(
+            r["repair-check-gain"] for r in rows if "repair-check-gain" in r
+        ),
         "handler_seconds": {
             str(n): statistics.median(r["handler-seconds"] for r in rows if r["round"] == n)
             for n in rounds
@@ -50,19 +60,22 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at {result['commit']} on {result['date']}.",
         "",
         "| run | users | emulator's held-out loss, round 1: before → after training | "
-        "repair s (users) | "
+        "repair s (users) | kept | steps taken | validation gain of each repair | "
         + " | ".join(f"handler s, round {n}" for n in rounds)
         + " | peak client RSS |",
-        "|---|---|---|---|" + "---|" * len(rounds) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|" * len(rounds) + "---|",
     ]
     for r in result["runs"]:
         repair = "–" if r["repair_seconds"] is None else f"{r['repair_seconds']:.0f}"
         handlers = " | ".join(
             f"{r['handler_seconds'][n]:.0f}" if n in r["handler_seconds"] else "–" for n in rounds
         )
+        steps = ", ".join(str(n) for n in r.get("repair_steps_taken", [])) or "–"
+        gains = ", ".join(f"{g:+.1%}" for g in r.get("repair_check_gains", [])) or "–"
         lines.append(
             f"| {r['run']} | {r['users']} | {r['emulator_loss_before']:.3f} → "
-            f"{r['emulator_loss_after']:.3f} | {repair} ({r['repaired']}) | {handlers} | "
+            f"{r['emulator_loss_after']:.3f} | {repair} ({r['repaired']}) | "
+            f"{r.get('kept', r['repaired'])} | {steps} | {gains} | {handlers} | "
             f"{r['peak_rss_mib'] / 1024:.1f} GiB |"
         )
     return "\n".join(lines) + "\n"

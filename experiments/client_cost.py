@@ -6,8 +6,8 @@ Read from each run's `metrics.jsonl` (what every node reported with its adapter)
 the median over users of the emulator's held-out loss on the user's text before and after
 round 1's training (before: the emulator the node trains on with the fresh adapter, so a
 repaired emulator shows here), the repair's seconds where the node repaired, how many repairs
-were kept, the steps each took and what each removed of the emulator's partition loss on the
-user's validation text (a checked repair: `soppu.repair`), each round's
+were kept, the steps each took and the share of the emulator's loss gap to the full model on
+the user's validation text each closed (a checked repair: `soppu.repair`), each round's
 median handler seconds (all a node's work for its reply: finding data and emulator, repair,
 training and its own checks), and the largest peak resident memory a client process reported
 (in simulation one process serves several nodes, so this is the heaviest process's).
@@ -23,6 +23,13 @@ from pathlib import Path
 
 from experiments.lib import RESULTS, provenance, write_results
 from soppu.server.store import RunFolder
+
+
+def closed(reply: dict) -> float:
+    """The share of the emulator's loss gap to the full model a repair closed on the
+    validation text (`soppu.repair.RepairCheck.closed`)."""
+    before, after, full = (reply[f"repair-check-{k}"] for k in ("before", "after", "full"))
+    return (before - after) / (before - full) if before - full > 0.01 else 0.0
 
 
 def cost(path: Path) -> dict:
@@ -43,9 +50,7 @@ def cost(path: Path) -> dict:
         "repair_steps_taken": sorted(
             int(r["repair-steps-taken"]) for r in rows if "repair-steps-taken" in r
         ),
-        "repair_check_gains": sorted(
-            r["repair-check-gain"] for r in rows if "repair-check-gain" in r
-        ),
+        "repair_closed": sorted(closed(r) for r in rows if "repair-check-full" in r),
         "handler_seconds": {
             str(n): statistics.median(r["handler-seconds"] for r in rows if r["round"] == n)
             for n in rounds
@@ -60,7 +65,7 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at {result['commit']} on {result['date']}.",
         "",
         "| run | users | emulator's held-out loss, round 1: before → after training | "
-        "repair s (users) | kept | steps taken | validation gain of each repair | "
+        "repair s (users) | kept | steps taken | gap closed on validation text | "
         + " | ".join(f"handler s, round {n}" for n in rounds)
         + " | peak client RSS |",
         "|---|---|---|---|---|---|---|" + "---|" * len(rounds) + "---|",
@@ -71,7 +76,7 @@ def markdown(result: dict) -> str:
             f"{r['handler_seconds'][n]:.0f}" if n in r["handler_seconds"] else "–" for n in rounds
         )
         steps = ", ".join(str(n) for n in r.get("repair_steps_taken", [])) or "–"
-        gains = ", ".join(f"{g:+.1%}" for g in r.get("repair_check_gains", [])) or "–"
+        gains = ", ".join(f"{g:.0%}" for g in r.get("repair_closed", [])) or "–"
         lines.append(
             f"| {r['run']} | {r['users']} | {r['emulator_loss_before']:.3f} → "
             f"{r['emulator_loss_after']:.3f} | {repair} ({r['repaired']}) | "

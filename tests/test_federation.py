@@ -501,9 +501,9 @@ def test_clients_repair_their_emulator_once_on_their_own_text_and_train_on_it(wo
     """--repair-steps through real Flower: in round 1 every node (simulated: the full model in
     its own process is the teacher) repairs its emulator on its own text, judges the repair
     on its validation text and keeps in its cache the repaired middle layers or the record
-    that it undid them (the tiny model's repairs change its validation loss by 0.01%: not
-    significantly, so undone); round 2 repairs nothing. A real node that names no teacher
-    says so, and only its own rounds are lost."""
+    that it undid them (a tiny random model and its emulator are as far from the text as each
+    other: no gap to close, so undone); round 2 repairs nothing. A real node that names no
+    teacher says so, and only its own rounds are lost."""
     untaught = ClientApp()
     untaught.query()(client_app.query)
     untaught.train()(_untaught_train)

@@ -156,6 +156,7 @@ def _repair_metrics(report) -> dict[str, float | int]:
                 "repair-steps-taken": check.steps,
                 "repair-check-before": check.before,
                 "repair-check-after": check.after,
+                "repair-check-full": check.full,
                 "repair-check-gain": check.gain.point,
                 "repair-check-low": check.gain.low,
                 "repair-check-high": check.gain.high,

@@ -347,10 +347,13 @@ def repair_line(metrics: Mapping[str, float]) -> str:
     )
     if "repair-check-before" not in metrics:
         return line
+    before, after, full = (get(f"repair-check-{k}", 0) for k in ("before", "after", "full"))
+    closed = (before - after) / (before - full) if before > full else 0.0
     return (
-        f"{line}; on its validation text {get('repair-check-before', 0):.3f} → "
-        f"{get('repair-check-after', 0):.3f} ({get('repair-check-gain', 0):+.1%}, 95% "
-        f"{get('repair-check-low', 0):+.1%} to {get('repair-check-high', 0):+.1%}): "
+        f"{line}; on its validation text the emulator's loss {before:.3f} → {after:.3f}, the "
+        f"full model's {full:.3f} ({closed:.0%} of the gap closed; perplexity "
+        f"{get('repair-check-gain', 0):+.1%}, 95% {get('repair-check-low', 0):+.1%} to "
+        f"{get('repair-check-high', 0):+.1%}): "
         + ("kept" if get("repair-kept") == 1 else "undone, the emulator as sent")
     )
 

@@ -178,7 +178,7 @@ class RepairConfig:
 
     def key(self) -> str:
         """Names a repair made with these settings (its file on the node)."""
-        named = {**asdict(self), "check-every": CHECK_EVERY}  # the check's rule names it too
+        named = {**asdict(self), "check": [CHECK_EVERY, MIN_CLOSED]}  # the check's rule too
         return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
 

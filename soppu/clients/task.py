@@ -10,9 +10,10 @@ Where the server asks for a repair (`repair-steps`), a node first tunes its emul
 user's training text towards what scoring that text answers (`soppu.repair`, its teacher from
 `soppu.teachers`), once per emulator version and repair setting; the repaired middle layers
 stay on the node (`<version>/repairs/<user>-<setting>.safetensors`) and are that user's
-emulator from then on, in training and evaluation. A repair that does not lower the
-emulator's loss on the user's validation text is undone (`soppu.repair`'s check), and the
-file records only that, so the node trains on the emulator as sent and does not repair again.
+emulator from then on, in training and evaluation. A repair that does not close enough of
+the emulator's gap to the full model on the user's validation text is undone (`soppu.repair`'s
+check), and the file records only that: the node trains on the emulator as sent and does not
+repair again.
 
 A client trains on CUDA when the server asks for it (`client-gpus` in the run config) or its
 node config says `device=cuda`, and torch sees a GPU; otherwise on the CPU.

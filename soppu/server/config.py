@@ -293,9 +293,10 @@ class EmulatorSettings:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    # soppu/repair.py. Off: out of domain it serves a point more (code, sympy), on the roles,
-    # unchecked, 2.3 points less (6 of 8 users worse), for ~80 s and up to 1 GB per client;
-    # each client now keeps it only where it lowers its validation loss (benchmarks)
+    # soppu/repair.py. Off: it asks every real node for a teacher, and buys a point out of
+    # domain (code, sympy) for ~100 s and up to 1 GB per client; each node keeps it only where
+    # it closes the emulator's gap on its validation text, so on the roles it undoes itself
+    # (unchecked it cost them 2.3 points) (benchmarks)
     repair_steps: int = setting(
         0,
         "Each client first tunes its emulator on its own text towards what scoring that text "

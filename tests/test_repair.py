@@ -397,6 +397,7 @@ def test_the_server_says_what_a_reply_reports_of_a_repair_even_a_partial_one():
         "repair-seconds": 80.4, "repair-pieces": 65, "repair-steps-taken": 40,
         "repair-loss-first": 2.094, "repair-loss-last": 1.171, "repair-kept": 1,
         "repair-check-before": 3.9, "repair-check-after": 3.3, "repair-check-full": 2.7,
+        "repair-check-closed": 0.5,
         "repair-check-gain": 0.4512, "repair-check-low": 0.40, "repair-check-high": 0.50,
     }  # fmt: skip
     assert repair_line(reply) == (

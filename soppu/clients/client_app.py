@@ -157,6 +157,7 @@ def _repair_metrics(report) -> dict[str, float | int]:
                 "repair-check-before": check.before,
                 "repair-check-after": check.after,
                 "repair-check-full": check.full,
+                "repair-check-closed": check.closed,
                 "repair-check-gain": check.gain.point,
                 "repair-check-low": check.gain.low,
                 "repair-check-high": check.gain.high,

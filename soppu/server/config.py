@@ -525,8 +525,9 @@ class FederationConfig:
             )
         if self.emulator.repair_steps and not self.data.validation_fraction:
             raise ValueError(
-                "repair-steps: a client keeps its repair only where it lowers the emulator's "
-                "loss on the user's validation text, so it needs validation-fraction > 0"
+                "repair-steps: a client keeps its repair only where it closes the emulator's "
+                "gap to the full model on the user's validation text, so it needs "
+                "validation-fraction > 0"
             )
         self.train()  # validates the training settings now, not in every client
 

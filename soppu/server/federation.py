@@ -348,10 +348,10 @@ def repair_line(metrics: Mapping[str, float]) -> str:
     if "repair-check-before" not in metrics:
         return line
     before, after, full = (get(f"repair-check-{k}", 0) for k in ("before", "after", "full"))
-    closed = (before - after) / (before - full) if before > full else 0.0
     return (
         f"{line}; on its validation text the emulator's loss {before:.3f} → {after:.3f}, the "
-        f"full model's {full:.3f} ({closed:.0%} of the gap closed; perplexity "
+        f"full model's {full:.3f} ({get('repair-check-closed', 0):.0%} of the gap closed; "
+        "perplexity "
         f"{get('repair-check-gain', 0):+.1%}, 95% {get('repair-check-low', 0):+.1%} to "
         f"{get('repair-check-high', 0):+.1%}): "
         + ("kept" if get("repair-kept") == 1 else "undone, the emulator as sent")

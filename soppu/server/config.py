@@ -293,10 +293,9 @@ class EmulatorSettings:
         8,
         "Public batches for each round's gradient correction; 0: off.",
     )
-    # soppu/repair.py. Off: it asks every real node for a teacher, and buys a point out of
-    # domain (code, sympy) for ~100 s and up to 1 GB per client; each node keeps it only where
-    # it closes the emulator's gap on its validation text, so on the roles it undoes itself
-    # (unchecked it cost them 2.3 points) (benchmarks)
+    # soppu/repair.py. Off: it buys a point on code and sympy for ~100 s and up to 1 GB per
+    # client, undoes itself on the roles (unchecked it cost them 2.3 points), serves Django's
+    # translators 1.5 points less, and asks every real node for a teacher (benchmarks)
     repair_steps: int = setting(
         0,
         "Each client first tunes its emulator on its own text towards what scoring that text "

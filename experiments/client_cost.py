@@ -22,6 +22,7 @@ import statistics
 from pathlib import Path
 
 from experiments.lib import RESULTS, provenance, write_results
+from soppu.repair import gap_closed
 from soppu.server.store import RunFolder
 
 
@@ -30,8 +31,7 @@ def closed(reply: dict) -> float:
     validation text (`soppu.repair.RepairCheck.closed`; the runs made at 5549aa0 lack it)."""
     if "repair-check-closed" in reply:
         return reply["repair-check-closed"]
-    before, after, full = (reply[f"repair-check-{k}"] for k in ("before", "after", "full"))
-    return (before - after) / (before - full)
+    return gap_closed(*(reply[f"repair-check-{k}"] for k in ("before", "after", "full")))
 
 
 def cost(path: Path) -> dict:

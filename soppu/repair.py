@@ -199,15 +199,16 @@ class RepairCheck:
     @property
     def closed(self) -> float:
         """The share of the emulator's gap to the full model the repair closed."""
-        return _closed(self.before, self.after, self.full)
+        return gap_closed(self.before, self.after, self.full)
 
     @property
     def kept(self) -> bool:
         return self.gain.verdict == "better" and self.closed >= MIN_CLOSED
 
 
-def _closed(before: float, after: float, full: float) -> float:
-    # An emulator within 1% of the full model's perplexity on the text has nothing to repair.
+def gap_closed(before: float, after: float, full: float) -> float:
+    """The share of the emulator's loss gap to the full model (per-token losses) a repair
+    closed; an emulator within 1% of the full model's perplexity has nothing to close."""
     return (before - after) / (before - full) if before - full > 0.01 else 0.0
 
 
@@ -295,8 +296,8 @@ class _Look:
     def on_course(self, step: int) -> bool:
         """Has the repair closed at least half the bar by this look?"""
         self.seen = step, self.score()[0]
-        now = self.per_token(self.seen[1])
-        return _closed(self.per_token(self.first), now, self.full / self.tokens) >= MIN_CLOSED / 2
+        first, now = self.per_token(self.first), self.per_token(self.seen[1])
+        return gap_closed(first, now, self.full / self.tokens) >= MIN_CLOSED / 2
 
     def verdict(self, steps: int) -> RepairCheck:
         last = self.seen[1] if self.seen and self.seen[0] == steps else self.score()[0]

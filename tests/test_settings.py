@@ -117,7 +117,7 @@ def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_confi
         "evaluation",
     }
     nested = sum(len(fields(kind)) for kind in SECTIONS.values())
-    assert nested + len(fields(FederationConfig)) - len(SECTIONS) == len(FIELDS) == 69
+    assert nested + len(fields(FederationConfig)) - len(SECTIONS) == len(FIELDS) == 70
     config = FederationConfig(
         seed=3,
         training=ClientTraining(local_steps=5, lora_rank=4),

@@ -302,9 +302,19 @@ class EmulatorSettings:
         "through the serving API answers (top-5 logprobs), N steps, once per emulator; 0: off.",
     )
     repair_lr: float = setting(3e-4, "The clients' emulator repair: its lr (AdamW).")
+    # "pass": the rounds (and so the global adapter every user shares) train on the emulator
+    # as sent; only each user's final personal pass trains on their repaired one
+    repair_for: str = setting(
+        "rounds",
+        "Where clients train on their repaired emulator: rounds (every round and the personal "
+        "pass) or pass (only the final personal pass; the global adapter never sees a repair).",
+    )
 
     def __post_init__(self) -> None:
-        _check_one_of(self, {"layer_select": ("importance", "even")})  # soppu.emulator.SELECTIONS
+        _check_one_of(
+            self,
+            {"layer_select": ("importance", "even"), "repair_for": ("rounds", "pass")},
+        )  # layer_select: soppu.emulator.SELECTIONS
         if not 0 <= self.repair_steps <= 100_000:
             raise ValueError(f"repair-steps must be in [0, 100000] (0: off): {self.repair_steps}")
         if not (math.isfinite(self.repair_lr) and 0 < self.repair_lr <= 1):
@@ -527,6 +537,11 @@ class FederationConfig:
                 "repair-steps: a client keeps its repair only where it closes the emulator's "
                 "gap to the full model on the user's validation text, so it needs "
                 "validation-fraction > 0"
+            )
+        if self.emulator.repair_for == "pass" and not self.scheme.personal_pass:
+            raise ValueError(
+                "repair-for pass repairs the emulator for the final personal pass only: it "
+                "needs personal-pass > 0"
             )
         self.train()  # validates the training settings now, not in every client
 

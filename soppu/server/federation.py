@@ -231,6 +231,7 @@ def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
         PersonalPass(),
         train,
         {"stop-every": fed.config.scheme.personal_pass_check},
+        final_pass=True,
     )
     ok = [r for r in rows if r["status"] == "trained"]
     summary = {
@@ -281,6 +282,7 @@ def _train(
     scheme: Scheme,
     train: TrainConfig,
     extra: dict[str, Any] | None = None,
+    final_pass: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Reply]]:
     """Send each sampled user their start (the scheme's) and `train`, stage valid replies."""
     starts = scheme.starts(fed.run, sorted(sampled.values()), fed.template)
@@ -294,7 +296,7 @@ def _train(
         device=device,
         prox=scheme.prox,
         tracks=2 if scheme.two_tracks else 1,
-        **_repair_fields(fed),
+        **_repair_fields(fed, final_pass),
         **(extra or {}),
     )
 
@@ -358,10 +360,12 @@ def repair_line(metrics: Mapping[str, float]) -> str:
     )
 
 
-def _repair_fields(fed: Federation) -> dict[str, Any]:
-    """The repair the clients are asked for: emulator mode only (the full model needs none)."""
+def _repair_fields(fed: Federation, final_pass: bool = False) -> dict[str, Any]:
+    """The repair the clients are asked for: emulator mode only (the full model needs none),
+    and with `repair-for pass` in the final personal pass only."""
     e = fed.config.emulator
-    steps = e.repair_steps if fed.config.client_mode == "emulator" else 0
+    wanted = final_pass or e.repair_for == "rounds"
+    steps = e.repair_steps if fed.config.client_mode == "emulator" and wanted else 0
     return m.repair_fields(steps, e.repair_lr)
 
 

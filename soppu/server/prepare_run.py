@@ -184,9 +184,10 @@ def say_repair(config: FederationConfig, log: Log) -> None:
     """Where the clients repair their emulator first (soppu.repair), and taught by what."""
     e = config.emulator
     if config.client_mode == "emulator" and e.repair_steps:
+        when = "first" if e.repair_for == "rounds" else "for the final personal pass only"
         log(
-            f"clients repair their emulator on their own text first ({e.repair_steps} steps at "
-            f"lr {e.repair_lr:g}), taught by what scoring it answers: the serving API a node "
+            f"clients repair their emulator on their own text {when} ({e.repair_steps} steps "
+            f"at lr {e.repair_lr:g}), taught by what scoring it answers: the serving API a node "
             "names (teacher-url), in simulation the full model in the client's process"
         )
 

@@ -580,7 +580,9 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
 def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     """--personal-pass: after the last round every user fine-tunes the final global adapter,
     keeping the step best on their validation text (the global adapter itself where no step
-    beats it); it commits as one more round and the run compresses once, after it."""
+    beats it); it commits as one more round and the run compresses once, after it. With
+    --repair-for pass the clients repair their emulator for the pass only: round 1 (and so
+    the global adapter) trains on the emulator as sent."""
     config = tiny_config(
         world,
         "run-pass",
@@ -588,6 +590,8 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
         personal_pass=6,
         personal_pass_check=2,
         personal_pass_lr=5e-3,
+        repair_steps=2,
+        repair_for="pass",
         log_to="tensorboard,mlflow",
     )
     lines = simulate(config)
@@ -595,7 +599,12 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     assert run.state()["round"] == 2 and run.state()["compressed_round"] == 2
     assert run.compressed.is_dir() and [p.name for p in run.compressed.glob("v*")] == ["v0001"]
     assert any(line.startswith("personal pass: 4 users") for line in lines)
-    rows = [r for r in run.read_jsonl(run.metrics) if r["round"] == 2]
+    assert any("their own text for the final personal pass only" in line for line in lines)
+    every = run.read_jsonl(run.metrics)
+    assert {(r["round"], r["user"]) for r in every if "repair-seconds" in r} == {
+        (2, u) for u in USERS
+    }
+    rows = [r for r in every if r["round"] == 2]
     assert sorted(r["user"] for r in rows) == USERS
     global_lora = run.global_adapter()
     assert json.loads((run.global_dir / "training.json").read_text())["round"] == 1

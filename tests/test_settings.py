@@ -166,6 +166,8 @@ def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_confi
     # and where two sections meet, the config: a repair is kept on validation text only
     with pytest.raises(ValueError, match=r"repair-steps.*validation-fraction > 0"):
         FederationConfig.from_run_config({"repair-steps": 40, "validation-fraction": 0})
+    with pytest.raises(ValueError, match=r"repair-for pass.*personal-pass > 0"):
+        FederationConfig.from_run_config({"repair-steps": 40, "repair-for": "pass"})
 
 
 def test_the_config_checks_against_the_modules_that_own_the_choices():

@@ -538,7 +538,8 @@ class FederationConfig:
                 "gap to the full model on the user's validation text, so it needs "
                 "validation-fraction > 0"
             )
-        if self.emulator.repair_for == "pass" and not self.scheme.personal_pass:
+        e = self.emulator
+        if e.repair_steps and e.repair_for == "pass" and not self.scheme.personal_pass:
             raise ValueError(
                 "repair-for pass repairs the emulator for the final personal pass only: it "
                 "needs personal-pass > 0"

@@ -580,9 +580,10 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
 def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     """--personal-pass: after the last round every user fine-tunes the final global adapter,
     keeping the step best on their validation text (the global adapter itself where no step
-    beats it); it commits as one more round and the run compresses once, after it. With
-    --repair-for pass the clients repair their emulator for the pass only: round 1 (and so
-    the global adapter) trains on the emulator as sent."""
+    beats it, and then the user keeps the adapter round 1 left them); it commits as one more
+    round and the run compresses once, after it. With --repair-for pass the clients repair
+    their emulator for the pass only: round 1 (and so the global adapter) trains on the
+    emulator as sent."""
     config = tiny_config(
         world,
         "run-pass",
@@ -608,11 +609,13 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     assert sorted(r["user"] for r in rows) == USERS
     global_lora = run.global_adapter()
     assert json.loads((run.global_dir / "training.json").read_text())["round"] == 1
-    for row in rows:
+    for row in rows:  # a pass that beat the global adapter nowhere leaves round 1's adapter
         assert row["best-step"] in (0, 2, 4, 6)
         mine = run.latest(row["user"])
+        record = json.loads((run.store / row["user"] / "training.json").read_text())
+        assert record["round"] == (2 if row["best-step"] else 1), row
         same = all(torch.equal(mine.tensors[k], v) for k, v in global_lora.tensors.items())
-        assert same == (row["best-step"] == 0), row
+        assert not same, row  # round 1's fine-tune, or the pass's steps past the global
     summary = run.read_jsonl(run.rounds)[-1]
     assert summary["personal_pass"] and summary["best_steps"] == {
         r["user"]: r["best-step"] for r in rows

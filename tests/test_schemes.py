@@ -385,6 +385,20 @@ def test_early_stopping_keeps_the_step_best_on_validation_text():
         EarlyStopping([], every=2)
 
 
+def test_a_pass_that_beats_the_global_adapter_nowhere_leaves_the_users_adapter():
+    """The final pass replaces what a user keeps only where it kept a step past its start;
+    a round of any scheme replaces it always."""
+    from soppu.server.schemes.personal_pass import PersonalPass
+
+    assert [PersonalPass().replaces({"best-step": s}) for s in (0.0, 5.0, 30.0)] == [
+        False,
+        True,
+        True,
+    ]
+    assert not PersonalPass().replaces({})  # a reply that does not say: nothing replaced
+    assert all(scheme_for(name).replaces({"best-step": 0.0}) for name in SCHEMES)
+
+
 def test_the_private_mean_clips_to_the_fixed_norm_averages_unweighted_and_adds_the_noise():
     """Updates of norm 0.5 and 8 (clip 1: the second scaled by 1/8), claims 1 and 1e12 (not
     used): the mean of the starts plus the clipped updates' mean, plus N(0, (z·clip/n)²) drawn

@@ -250,7 +250,8 @@ def personal_pass(fed: Federation, round_: int) -> dict[str, Any]:
     kept = sum(1 for r in ok if r.get("best-step"))
     fed.log(
         f"personal pass done in {summary['seconds']:.0f} s: {kept} of {len(ok)} users kept a "
-        f"step past the global adapter; held-out loss on the emulator "
+        f"step past the global adapter (the others keep the adapter the rounds left them); "
+        f"held-out loss on the emulator "
         f"{_fmt(summary['eval_loss_before'])} → {_fmt(summary['eval_loss_after'])}"
     )
     return summary
@@ -318,7 +319,8 @@ def _train(
             "scheme": scheme.name,
             "metrics": metrics,
         }
-        stage.add(user, accepted.personal, record)
+        if scheme.replaces(metrics):
+            stage.add(user, accepted.personal, record)
         trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})
         if "repair-seconds" in metrics:

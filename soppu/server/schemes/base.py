@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +53,11 @@ class Scheme(ABC):
         start). The emulator's bias moves slowly with the adapter, so schemes whose starts
         differ only in their personal part measure it once, at the global adapter."""
         return None
+
+    def replaces(self, metrics: Mapping[str, float]) -> bool:
+        """Whether a user's accepted reply replaces the adapter they keep (else theirs stays
+        as the last round left it)."""
+        return True
 
     @abstractmethod
     def aggregate(self, replies: dict[str, Reply]) -> Averaged | None:

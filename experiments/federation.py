@@ -72,6 +72,8 @@ def markdown(result: dict) -> str:
             f"{r['handler_s_per_worker']:.0f} s | {r['flower_overhead']:.1%} | "
             f"{r['outside_training']:.1%} |"
         )
+    for r in result.get("personal_pass", []):
+        lines.append(f"\nThe personal pass (round {r['round']}) took {r['wall_s']:.0f} s.")
     if result.get("sweep"):
         lines += [
             "",

@@ -129,8 +129,11 @@ def analyse(run: Path, workers: int) -> dict:
     current = Versions(folder.serving).require_current()
     report = json.loads((current / "report" / "report.json").read_text())
     rounds = folder.read_jsonl(folder.rounds)
-    overhead = []
+    overhead, passes = [], []
     for r in rounds:
+        if r.get("personal_pass"):  # no clients' timings in its summary: its wall only
+            passes.append({"round": r["round"], "wall_s": r["seconds"], "trained": r["trained"]})
+            continue
         useful = r["client_seconds"] / workers
         handler = r.get("handler_seconds", r["client_seconds"]) / workers
         server = r.get("correction_seconds", 0.0)  # the server's own work in the round
@@ -153,6 +156,7 @@ def analyse(run: Path, workers: int) -> dict:
         "run": str(run),
         "users": evaluation["users"],
         "summary": evaluation["summary"],
+        "personal_pass": passes,
         "compression": {
             "ratio": totals["ratio"],
             "params_before": totals["params_before"],

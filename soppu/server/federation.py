@@ -319,7 +319,7 @@ def _train(
             "scheme": scheme.name,
             "metrics": metrics,
         }
-        if scheme.replaces(metrics):
+        if scheme.replaces(metrics) or user not in fed.run.users():  # none yet: take it
             stage.add(user, accepted.personal, record)
         trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})

@@ -56,7 +56,7 @@ class Scheme(ABC):
 
     def replaces(self, metrics: Mapping[str, float]) -> bool:
         """Whether a user's accepted reply replaces the adapter they keep (else theirs stays
-        as the last round left it)."""
+        as the last round left it; a user who has none yet takes the reply's)."""
         return True
 
     @abstractmethod

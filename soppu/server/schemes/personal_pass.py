@@ -2,7 +2,8 @@
 fine-tunes the final global adapter for up to N steps and keeps the step whose adapter is best
 on their own validation text (the start counts, so a user's pass never ends worse there than
 the global adapter). A user whose pass beats the global adapter at no step keeps the adapter
-the rounds left them (their last fine-tune, or a scheme's personal part): the pass offers
+the rounds left them (their last fine-tune, or a scheme's personal part; one the rounds left
+nothing takes the global adapter): the pass offers
 nothing better, and the served choice still weighs that adapter against the global one on
 the full model. Not a scheme of its own: it follows any scheme with a global adapter, so
 the round loop runs it as one more round whose starts are this object's."""

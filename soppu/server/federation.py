@@ -304,6 +304,7 @@ def _train(
     content = _requests(fed, sampled, starts, corrections, anchor, base_config)
     rows: list[dict[str, Any]] = []
     trained: dict[str, Reply] = {}
+    holding = set(fed.run.users())  # users with an adapter of their own already
 
     def on_reply(node: int, reply: Message) -> None:
         user = sampled[node]
@@ -319,7 +320,7 @@ def _train(
             "scheme": scheme.name,
             "metrics": metrics,
         }
-        if scheme.replaces(metrics) or user not in fed.run.users():  # none yet: take it
+        if scheme.replaces(metrics) or user not in holding:
             stage.add(user, accepted.personal, record)
         trained[user] = accepted
         rows.append({"round": round_, "user": user, "status": "trained", **metrics})

@@ -577,7 +577,9 @@ def test_a_resumed_round_is_not_re_aligned_twice(world, tmp_path):
     assert later != version and read_info(run.emulator).alignment["realigned"]["round"] == 3
 
 
-def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
+# at 5e-3 every pass keeps steps past the global adapter; at 100 some keep none
+@pytest.mark.parametrize("lr", [5e-3, 100.0])
+def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world, lr):
     """--personal-pass: after the last round every user fine-tunes the final global adapter,
     keeping the step best on their validation text (the global adapter itself where no step
     beats it, and then the user keeps the adapter round 1 left them, or takes the global one
@@ -586,13 +588,13 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     only: round 1 (and so the global adapter) trains on the emulator as sent."""
     config = tiny_config(
         world,
-        "run-pass",
+        f"run-pass-{lr:g}",
         rounds=1,
         fraction_train=0.5,  # two users have no adapter of their own before the pass
         personal_pass=6,
         personal_pass_check=2,
-        personal_pass_lr=5e-3,
-        repair_steps=2,
+        personal_pass_lr=lr,
+        repair_steps=2 if lr < 1 else 4,  # its own repairs (a node keeps them; 3: run-repair)
         repair_for="pass",
         log_to="tensorboard,mlflow",
     )
@@ -610,8 +612,10 @@ def test_a_personal_pass_after_the_last_round_keeps_each_users_best_step(world):
     assert sorted(r["user"] for r in rows) == USERS
     global_lora = run.global_adapter()
     assert json.loads((run.global_dir / "training.json").read_text())["round"] == 1
-    first = {r["user"] for r in run.read_jsonl(run.metrics) if r["round"] == 1}
+    first = {r["user"] for r in every if r["round"] == 1}
     assert len(first) == 2
+    kept_steps = [r["best-step"] > 0 for r in rows]
+    assert all(kept_steps) if lr < 1 else not all(kept_steps)  # both paths, a run each
     for row in rows:  # a pass that beat the global adapter nowhere leaves round 1's adapter
         assert row["best-step"] in (0, 2, 4, 6)
         mine = run.latest(row["user"])

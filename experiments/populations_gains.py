@@ -124,11 +124,12 @@ def emulator_kl(runs: list[dict], populations: list[str], blocks: int) -> list[d
 
 
 def verdicts(runs: list[dict]) -> list[dict]:
-    """Per population and emulator-mode source: the targets against full mode's gain."""
+    """Per population, emulator-mode source and split run: the targets against full mode's
+    gain."""
     full = {r["population"]: r["summary"] for r in runs if r["mode"] == "full"}
     out = []
     for r in runs:
-        if r["mode"] != "emulator":
+        if r["mode"] == "full":
             continue
         s, ceiling = r["summary"], full.get(r["population"])
         served = s["compressed_gain_median"]
@@ -271,8 +272,11 @@ def main() -> None:
         "kl": emulator_kl(runs, populations, args.kl_blocks),
     }
     write_results(target, result, markdown(result))
-    medians = [r["summary"]["compressed_gain_median"] for r in runs if r["mode"] == "emulator"]
-    print(f"median of the emulator runs' served gains: {statistics.median(medians):.1%}")
+    medians = [r["summary"]["compressed_gain_median"] for r in runs if r["mode"] != "full"]
+    if medians:
+        print(
+            f"median of the emulator and split runs' served gains: {statistics.median(medians):.1%}"
+        )
 
 
 if __name__ == "__main__":

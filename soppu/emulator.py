@@ -7,7 +7,11 @@ stream most on public text, ShortGPT's block influence), or an evenly spaced sub
 Embeddings, final norm and head stay. Every emulator layer is some full-model layer, so a LoRA
 trained on the emulator plugs into the full model once its keys and `layers_to_transform`
 carry the full model's layer indices (`to_full_keys`). With drop 0 the emulator is the full
-model itself: what a client in full mode trains against.
+model itself: what a client in full mode trains against. A *split* plan keeps the top layers
+only: the full model's own layers below them run where the full model is, and what they
+compute for the client's text, the hidden states entering the top layers, reaches the client
+as features (`soppu.features`): its LoRA on those layers then trains exactly as on the full
+model.
 
 On disk an emulator is a plain Hugging Face folder (it loads with `from_pretrained`) plus
 `soppu_emulator.json`: its version id, the base model and the full-model layer each of its
@@ -52,8 +56,14 @@ class EmulatorPlan:
     bottom: int = 0
     drop: float = 0.5
     select: str = "importance"  # which middle layers stay: "importance" or "even"
+    split: bool = False  # the top layers only, fed the full model's hidden states below them
 
     def __post_init__(self) -> None:
+        if self.split and self.bottom:
+            raise EmulatorError(
+                "a split client holds the top layers only: the features enter the first of "
+                f"them, so it takes no bottom layers (got bottom {self.bottom})"
+            )
         if self.top < 1 or self.bottom < 0 or self.top + self.bottom > self.num_layers:
             raise EmulatorError(
                 f"adapter of {self.bottom} bottom + {self.top} top layers does not fit a "
@@ -75,6 +85,8 @@ class EmulatorPlan:
 
     @property
     def keep_count(self) -> int:
+        if self.split:
+            return 0
         return len(self.middle) - round(self.drop * len(self.middle))
 
     @property
@@ -162,8 +174,22 @@ class EmulatorInfo:
 
     @property
     def exact(self) -> bool:
-        """No layer dropped: the emulator is the full model (a client in full mode)."""
-        return len(self.full_layers) == self.plan["num_layers"]
+        """The client's LoRA computes what it would on the full model: no layer dropped (a
+        client in full mode), or split, the dropped layers' output arriving as features.
+        Nothing to align or correct."""
+        return self.split or len(self.full_layers) == self.plan["num_layers"]
+
+    @property
+    def split(self) -> bool:
+        """The top layers only, fed the hidden states entering `features_layer`."""
+        return bool(self.plan.get("split", False))
+
+    @property
+    def features_layer(self) -> int:
+        """The full-model layer whose input a split client receives as features."""
+        if not self.split:
+            raise EmulatorError("only a split emulator takes features")
+        return self.full_layers[0]
 
     @property
     def aligned(self) -> bool:

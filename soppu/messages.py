@@ -40,6 +40,7 @@ ANCHOR, SHARED = "anchor", "shared"  # schemes with a pull: the global LoRA; Dit
 HELLO, INSTALL = "hello", "install"
 NEEDS_EMULATOR = 4090  # error code: this node does not hold the emulator version it was sent
 NO_REPAIR = 4091  # error code: the repair asked for cannot be made (no teacher, or a bad answer)
+NO_FEATURES = 4092  # error code: a split client has no features for its text (no source, a bad one)
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,15 @@ class EarlyStopping:
             raise ValueError("early stopping needs validation text and a check every ≥ 1 steps")
 
 
-def new_lora_config(info: EmulatorInfo, model_type: str, config: TrainConfig) -> dict:
-    """A full-model LoRA config: on every layer the emulator keeps, or on the adapter layers."""
-    targets = list(config.target_modules or default_target_modules(model_type))
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear projection of the decoder layers
+
+
+def new_lora_config(info: EmulatorInfo, model: nn.Module, config: TrainConfig) -> dict:
+    """A full-model LoRA config: on every layer the emulator keeps, or on the adapter layers.
+    `all-linear` is written out as the projections' names, which vLLM and LoRAX read."""
+    targets = list(config.target_modules or default_target_modules(model.config.model_type))
+    if targets == [ALL_LINEAR]:
+        targets = linear_projections(model, info)
     layers = info.full_layers if config.lora_layers == "all" else info.adapter_layers
     lora = LoraConfig(
         r=config.rank,
@@ -81,6 +87,19 @@ def new_lora_config(info: EmulatorInfo, model_type: str, config: TrainConfig) ->
         task_type="CAUSAL_LM",
     )
     return _jsonable_config(lora)
+
+
+def linear_projections(model: nn.Module, info: EmulatorInfo) -> list[str]:
+    """The names of the linear projections (nn.Linear, GPT-2's Conv1D) in the decoder layers."""
+    layers = model.get_submodule(info.layers_path)
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in layers.named_modules()
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    }
+    if not names:
+        raise AdapterError(f"{info.layers_path}: no linear projection to put a LoRA on")
+    return sorted(names)
 
 
 def _jsonable_config(config: LoraConfig) -> dict:
@@ -244,7 +263,7 @@ def _check_correction(
 
 def fresh_lora(emulator: nn.Module, info: EmulatorInfo, config: TrainConfig) -> LoraState:
     """PEFT's own initialisation (A random, B zero): the adapter starts as the identity."""
-    full_config = new_lora_config(info, emulator.config.model_type, config)
+    full_config = new_lora_config(info, emulator, config)
     on_emulator = info.lora_on_emulator(LoraState({}, full_config))
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(emulator, on_emulator.peft_config())

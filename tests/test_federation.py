@@ -6,6 +6,7 @@ Each simulation starts Ray (about 10 s), so the tests share a few runs and check
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from typer.testing import CliRunner
 
 from soppu import api, lm, messages
 from soppu import emulator as E
-from soppu.adapters import LoraState
+from soppu.adapters import LoraState, read_lora
 from soppu.cli import app as cli
 from soppu.clients import client_app, task
 from soppu.emulator import read_info
@@ -665,3 +666,48 @@ def test_central_privacy_noises_the_global_adapter_and_accounts_epsilon(world):
     assert sorted(record["clipped"]) == USERS  # every real update is longer than 1e-3
     with pytest.raises(ValueError, match="dp-clip"):
         tiny_config(world, "run-dp-bad", dp_noise=1.0)
+
+
+def test_split_clients_train_the_top_layers_exactly_through_flower(world):
+    """client-mode split through real Flower: the clients hold the top 2 of 6 layers, fed by
+    the full model in their own process (simulated nodes), nothing is aligned or corrected,
+    each client's own held-out loss on its split model is the full model's with the adapter
+    it returns, and what is published sits on the top layers' every projection and loads in
+    PEFT. A real node, with nowhere to ask for its features, loses only its own rounds."""
+    features_app = ClientApp()
+    features_app.query()(client_app.query)
+    features_app.train()(_untaught_train)
+    features_app.evaluate()(client_app.evaluate)
+    config = tiny_config(world, "run-split", client_mode="split", top=2, precision="fp32")
+    lines = simulate(config, features_app)
+    run = RunFolder(Path(config.run_dir))
+    info = read_info(run.emulator)
+    assert info.split and info.full_layers == [4, 5] and not info.aligned
+    assert any("split mode" in line and "layer 4" in line for line in lines)
+    assert not any("gradient correction" in line or "public text" in line for line in lines)
+    rows = run.read_jsonl(run.metrics)
+    trained = [r for r in rows if r["status"] == "trained"]
+    assert sorted({r["user"] for r in trained}) == USERS[:3]
+    failed = [r for r in rows if r["user"] == "user3"]
+    assert len(failed) == 2 and all("only a simulated node" in r["reason"] for r in failed)
+    base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
+    tokenizer = task.tokenizer_for(str(world[1]))
+    users = task._users(str(world[2]), json.dumps(config.data_options().__dict__, sort_keys=True))
+    for row in (r for r in trained if r["round"] == 2):
+        user = row["user"]
+        adapter = read_lora(run.store / user)
+        assert adapter.config["layers_to_transform"] == [4, 5]
+        assert set(adapter.config["target_modules"]) == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        }  # fmt: skip
+        blocks = lm.token_blocks(tokenizer, users[user].test, 32, 256)
+        with attached(base, adapter) as model:
+            full_loss = math.log(lm.perplexity(model, blocks, tokenizer.pad_token_id))
+        assert row["eval-loss-after"] == pytest.approx(full_loss, abs=1e-4)
+    served = run.serving / "current" / "users" / USERS[0]
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = logits(base, ids)
+    peft = PeftModel.from_pretrained(base, served)  # (injects the LoRA into `base`)
+    assert not torch.allclose(logits(peft, ids), plain, atol=1e-5) or (
+        json.loads(run.selection.read_text())["users"][USERS[0]]["served"] == "none"
+    )

@@ -18,6 +18,7 @@ from soppu.server.config import (
     FIELDS,
     FLAGS,
     HELP,
+    MODE_TOPS,
     SECTIONS,
     ClientTraining,
     EmulatorSettings,
@@ -226,7 +227,8 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
     # ... and the federation's defaults are the emulator's and the alignment's own
     defaults, plan, align = FederationConfig(), EmulatorPlan(30), AlignConfig()
     emulator, training = defaults.emulator, defaults.training
-    assert (emulator.top, emulator.bottom, emulator.drop) == (plan.top, plan.bottom, plan.drop)
+    assert (emulator.top, MODE_TOPS["emulator"]) == (0, plan.top)  # 0: the client mode's
+    assert (emulator.bottom, emulator.drop) == (plan.bottom, plan.drop)
     assert emulator.layer_select == plan.select and defaults.align_steps() == align.steps
     assert (training.batch_size, training.seq_len) == (align.batch_size, align.seq_len)
     assert align.lr == personal.ALIGN_LR

@@ -26,7 +26,7 @@ from soppu.cli.common import (
     shown,
     with_flags,
 )
-from soppu.server.config import FIELDS, HELP, FederationConfig, flag
+from soppu.server.config import FIELDS, HELP, MODE_TOPS, FederationConfig, flag
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
 
@@ -121,7 +121,7 @@ def emulator_build(
         base = basemodel.load(base_model, device=_device(device))
         plan = EmulatorPlan(
             base.num_layers,
-            top=r["top"],
+            top=r["top"] or MODE_TOPS["emulator"],
             bottom=r["bottom"],
             drop=r["drop"],
             select=r["layer_select"],

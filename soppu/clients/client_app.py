@@ -16,13 +16,15 @@ from functools import partial
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from soppu import features, teachers
 from soppu import messages as m
-from soppu import teachers
 from soppu.clients import task
 from soppu.repair import TeacherError
 
 # a repair the node cannot make: no teacher to ask, or no usable answer from it
 REPAIR_FAILURES = (teachers.NoTeacher, TeacherError)
+# a split client without its features: nowhere to ask, or an answer that does not fit
+FEATURE_FAILURES = (features.NoFeatures, features.FeatureError)
 
 
 def hello(msg: Message, context: Context) -> Message:
@@ -67,6 +69,7 @@ def train(msg: Message, context: Context) -> Message:
         device=_device(config, context),
         repair=m.repair_from(config),
         teacher=_teacher(context, setup, train_config.precision),
+        feature_source=_feature_source(context, setup),
     )
     try:
         # Two tracks (Ditto): the shared copy from the anchor, which the server averages, and
@@ -84,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
     except REPAIR_FAILURES as exc:
         return Message(Error(m.NO_REPAIR, str(exc)), reply_to=msg)
+    except FEATURE_FAILURES as exc:
+        return Message(Error(m.NO_FEATURES, str(exc)), reply_to=msg)
     repaired = repaired or first_repair  # made by whichever track ran first
     ppl = result.perplexity
     metrics = m.metrics_record(
@@ -126,11 +131,14 @@ def evaluate(msg: Message, context: Context) -> Message:
             _device(config, context),
             repair=m.repair_from(config),
             teacher=_teacher(context, setup, str(config["train.precision"])),
+            feature_source=_feature_source(context, setup),
         )
     except task.MissingEmulator as exc:
         return Message(Error(m.NEEDS_EMULATOR, str(exc)), reply_to=msg)
     except REPAIR_FAILURES as exc:
         return Message(Error(m.NO_REPAIR, str(exc)), reply_to=msg)
+    except FEATURE_FAILURES as exc:
+        return Message(Error(m.NO_FEATURES, str(exc)), reply_to=msg)
     metrics = MetricRecord(
         {"eval-loss": loss, "num-examples": tokens, "seconds": time.perf_counter() - began}
     )
@@ -176,6 +184,12 @@ def _peak_memory() -> dict[str, float]:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak-rss-mib": peak / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
+def _feature_source(context: Context, setup: m.Setup):
+    """The node's feature source for a split layer, made only if its emulator is split
+    (soppu.features.for_node)."""
+    return partial(features.for_node, context.node_config, setup.base_model)
 
 
 def _device(config: ConfigRecord, context: Context) -> str:

@@ -15,6 +15,10 @@ the emulator's gap to the full model on the user's validation text is undone (`s
 check), and the file records only that: the node trains on the emulator as sent and does not
 repair again.
 
+A split emulator (`--client-mode split`) holds the top layers only; the hidden states entering
+them for the user's text come from the node's feature source (`soppu.features`), asked once
+per block where the emulator first meets it.
+
 A client trains on CUDA when the server asks for it (`client-gpus` in the run config) or its
 node config says `device=cuda`, and torch sees a GPU; otherwise on the CPU.
 """
@@ -32,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from soppu import atomic, cache, lm
+from soppu import atomic, cache, features, lm
 from soppu.adapters import LoraState
 from soppu.basemodel import load_tokenizer, quiet_libraries
 from soppu.cache import cache_dir
@@ -109,9 +113,21 @@ def device_for(requested: str) -> str:
     return "cuda" if requested == "cuda" and torch.cuda.is_available() else "cpu"
 
 
-def emulator(version: str, device: str = "cpu") -> tuple[nn.Module, EmulatorInfo]:
-    """The emulator of this version, from memory or this node's disk cache."""
-    return _cached(version, device, "", lambda model, info: None)
+FeatureFactory = Callable[[int], features.FeatureSource]  # the split layer → the node's source
+
+
+def emulator(
+    version: str, device: str = "cpu", feature_source: FeatureFactory | None = None
+) -> tuple[nn.Module, EmulatorInfo]:
+    """The emulator of this version, from memory or this node's disk cache; a split one asks
+    this node's `feature_source(layer)` for the features of blocks it has not met."""
+    model, info = _cached(version, device, "", lambda model, info: None)
+    if info.split:
+        if feature_source is None:
+            raise features.NoFeatures(f"emulator {version} is split: it needs a feature source")
+        # asked every time: the emulator is cached per process, the source is this node's
+        features.attach(model, info, feature_source(info.features_layer))
+    return model, info
 
 
 def _cached(
@@ -230,10 +246,13 @@ def train(
     stop_every: int = 0,
     repair: RepairConfig | None = None,
     teacher: Callable[[], Teacher] | None = None,
+    feature_source: FeatureFactory | None = None,
 ) -> tuple[PersonalizeResult, RepairReport | None]:
-    """The user's LoRA trained on their emulator (repaired first where `repair` asks), and
-    the report of a repair made in this call."""
-    model, info, report = _user_emulator(user, version, config, base_model, device, repair, teacher)
+    """The user's LoRA trained on their emulator (repaired first where `repair` asks; fed its
+    features where it is split), and the report of a repair made in this call."""
+    model, info, report = _user_emulator(
+        user, version, config, base_model, device, repair, teacher, feature_source
+    )
     tokenizer = tokenizer_for(base_model)
     result = personalize(
         user,
@@ -259,10 +278,13 @@ def evaluate(
     device: str = "cpu",
     repair: RepairConfig | None = None,
     teacher: Callable[[], Teacher] | None = None,
+    feature_source: FeatureFactory | None = None,
 ) -> tuple[float, int]:
     """Held-out loss (mean per token) of `lora` on the user's emulator, and the tokens
     evaluated."""
-    model, info, _ = _user_emulator(user, version, config, base_model, device, repair, teacher)
+    model, info, _ = _user_emulator(
+        user, version, config, base_model, device, repair, teacher, feature_source
+    )
     tokenizer = tokenizer_for(base_model)
     blocks = lm.token_blocks(tokenizer, user.test, config.seq_len, config.max_eval_tokens)
     if not blocks:
@@ -273,10 +295,10 @@ def evaluate(
     return math.log(ppl), sum(b.numel() for b in blocks)
 
 
-def _user_emulator(user, version, config, base_model, device, repair, teacher):
+def _user_emulator(user, version, config, base_model, device, repair, teacher, feature_source):
     """The emulator this user trains and evaluates on: repaired where `repair` asks."""
     if repair is None:
-        return (*emulator(version, device_for(device)), None)
+        return (*emulator(version, device_for(device), feature_source), None)
     if teacher is None:
         raise ValueError("a repair needs a teacher")
     return repaired(user, version, repair, config.seq_len, base_model, teacher, device_for(device))

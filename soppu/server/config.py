@@ -38,12 +38,26 @@ if TYPE_CHECKING:  # imported where used: `soppu --help` reads this module witho
 SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto", "local-prox")
 LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
 LOG_SINKS = ("tensorboard", "mlflow")  # soppu/server/tracking.py
-CLIENT_MODES = ("emulator", "full")
+CLIENT_MODES = ("emulator", "full", "split")
 # Each client mode's learning rate and schedule within a round, measured on 16 users (README,
 # "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
 # the full model, every layer trainable, 1.5e-3 left the personal adapter behind the global
 # one for 6 of 16 users and a constant 1e-3 for 3 (28.8% gain against 29.9%)
-MODE_SCHEDULES = {"emulator": (1.5e-3, "constant_with_warmup"), "full": (1e-3, "constant")}
+# (split mode: the full model's own top layers, exact, at full mode's schedule)
+MODE_SCHEDULES = {
+    "emulator": (1.5e-3, "constant_with_warmup"),
+    "full": (1e-3, "constant"),
+    "split": (1e-3, "constant"),
+}
+# Each client mode's adapter layers (`top` 0) and LoRA targets (`target-modules` ""): a split
+# client holds the top 8 layers and puts its LoRA on all their projections, which on the
+# networkx code's users gained as much as full mode's q/v on every layer (experiments/split.py)
+MODE_TOPS = {"emulator": 2, "full": 2, "split": 8}
+MODE_TARGETS: dict[str, tuple[str, ...] | None] = {
+    "emulator": None,  # the architecture's attention q and v (soppu.basemodel)
+    "full": None,
+    "split": ("all-linear",),
+}
 DEVICES = ("cpu", "cuda")
 
 
@@ -242,7 +256,10 @@ class ClientTraining:
     seq_len: int = same_as(TrainConfig, "seq_len")
     lora_rank: int = same_as(TrainConfig, "rank")
     lora_alpha: float = same_as(TrainConfig, "alpha")
-    target_modules: str = setting("", "LoRA targets, comma-separated ('': q_proj,v_proj).")
+    target_modules: str = setting(
+        "",
+        "LoRA targets, comma-separated, or all-linear ('': q_proj,v_proj; split mode all-linear).",
+    )
     lora_layers: str = same_as(TrainConfig, "lora_layers")
     max_eval_tokens: int = setting(
         2048,
@@ -263,7 +280,7 @@ class EmulatorSettings:
     """The clients' compressed model (FedBiOT), its alignment and the gradient correction."""
 
     path: str = setting("", "An emulator folder ('': build one and cache it).", key="emulator")
-    top: int = setting(2, "Adapter layers: the last N.")
+    top: int = setting(0, "Adapter layers: the last N (0: 2; split mode 8, the client's only).")
     bottom: int = setting(0, "Adapter layers: also the first N.")
     drop: float = setting(0.5, "Share of the middle layers the emulator drops.")
     layer_select: str = setting(
@@ -488,7 +505,8 @@ class FederationConfig:
     # emulator: clients hold the emulator only (FedBiOT); full: clients hold the full model
     client_mode: str = setting(
         "emulator",
-        "emulator: clients never hold the full model (FedBiOT); full: they do.",
+        "emulator: clients never hold the full model (FedBiOT); full: they do; split: they hold"
+        " its top layers, fed the full model's hidden states below them for their text.",
     )
     seed: int = setting(0, "Seed for sampling, data splits and training.")
     data: DataSettings = field(default_factory=DataSettings)
@@ -539,6 +557,13 @@ class FederationConfig:
                 "validation-fraction > 0"
             )
         e = self.emulator
+        if self.client_mode == "split" and (e.bottom or e.repair_steps):
+            raise ValueError(
+                "client-mode split: the client holds the top layers only and trains them "
+                "exactly, so it takes no bottom layers and no repair (bottom, repair-steps)"
+            )
+        if e.top < 0:
+            raise ValueError(f"top must be ≥ 0 (0: the client mode's), got {e.top}")
         if e.repair_steps and e.repair_for == "pass" and not self.scheme.personal_pass:
             raise ValueError(
                 "repair-for pass repairs the emulator for the final personal pass only: it "
@@ -595,7 +620,7 @@ class FederationConfig:
             seq_len=t.seq_len,
             rank=t.lora_rank,
             alpha=t.lora_alpha,
-            target_modules=t.targets,
+            target_modules=t.targets or MODE_TARGETS[self.client_mode],
             lora_layers=t.lora_layers,
             seed=self.seed,
             first_step=(round_ - 1) * t.local_steps,
@@ -637,13 +662,19 @@ class FederationConfig:
         return self.data.options(self.seed)
 
     def plan(self, num_layers: int) -> EmulatorPlan:
-        """In full mode the client's model is the full model: an emulator that drops nothing."""
+        """In full mode the client's model is the full model: an emulator that drops nothing;
+        in split mode its top layers only."""
         from soppu.emulator import EmulatorPlan
 
         e = self.emulator
         drop = 0.0 if self.client_mode == "full" else e.drop
         return EmulatorPlan(
-            num_layers, top=e.top, bottom=e.bottom, drop=drop, select=e.layer_select
+            num_layers,
+            top=e.top or MODE_TOPS[self.client_mode],
+            bottom=e.bottom,
+            drop=drop,
+            select=e.layer_select,
+            split=self.client_mode == "split",
         )
 
     def public_source(self) -> str:

@@ -218,9 +218,9 @@ def served_choice(
 
 def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]:
     """The run's public text (`soppu.public`), said in the log, with a word where the users'
-    data is their own and the pool may not share its domain. None in full mode, which aligns
-    and corrects nothing."""
-    if config.client_mode == "full":
+    data is their own and the pool may not share its domain. None in full and split mode,
+    which align and correct nothing."""
+    if config.client_mode in ("full", "split"):
         return []
     source = config.public_source()
     log(f"public text: {describe(source)}")
@@ -239,7 +239,13 @@ def public_for(config: FederationConfig, log: Log, base: BaseModel) -> list[str]
 def say_alignment(info: EmulatorInfo, log: Log) -> None:
     """Name what the clients will train against; an unaligned emulator is never silent."""
     kept = f"{len(info.full_layers)} of {info.plan['num_layers']} layers"
-    if info.exact:
+    if info.split:
+        log(
+            f"clients hold the top {kept} (split mode) and train them exactly: the hidden "
+            f"states entering layer {info.features_layer} for their text reach them as "
+            "features (in simulation, the full model in each client's process computes them)"
+        )
+    elif info.exact:
         log(f"clients train against the full model ({kept}): full mode")
     elif info.aligned:
         after = info.alignment["after"]
@@ -387,7 +393,9 @@ def _aligned(
             cache.mark_used(folder)
             return folder
         cache.remove(folder)  # an unaligned entry never stands in for an aligned one
-    if plan.drop == 0:
+    if plan.split:
+        log(f"split mode: the clients' model is the full model's top {plan.top} layers")
+    elif plan.drop == 0:
         log("full mode: the clients' model is the full model itself (nothing to align)")
     else:
         log(
@@ -435,7 +443,9 @@ def step_logger(
 def _recipe_key(base: BaseModel, plan: Any, align: AlignConfig, public: list[str]) -> str:
     """`<model>-<hash>`: the base model by its weights (the same model in another folder is
     the same entry), the plan, the alignment settings and the public text."""
-    identity = [basemodel.fingerprint(base.model), asdict(plan), asdict(align), len(public)]
+    # (a split plan is never cached; leaving its flag out keeps the entries made before it)
+    described = {k: v for k, v in asdict(plan).items() if k != "split"}
+    identity = [basemodel.fingerprint(base.model), described, asdict(align), len(public)]
     digest = hashlib.sha256(json.dumps(identity).encode())
     for text in public:
         digest.update(text.encode())

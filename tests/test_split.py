@@ -1,0 +1,146 @@
+"""Split mode: a client holding the top layers only, fed the full model's hidden states below
+them, trains exactly as on the full model: the same loss, the same gradient, the same adapter."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import tiny_causal_lm, tiny_tokenizer, write_tiny_model
+
+from soppu import emulator as E
+from soppu import features, lm
+from soppu.data import UserText
+from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info
+from soppu.personalize import ALL_LINEAR, attached, fresh_lora, lora_parameters, personalize
+from soppu.server.config import FederationConfig
+from soppu.train_config import TrainConfig
+
+TEXT = "\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(30))
+USER = UserText("alice", TEXT, "line 99: the lazy dog sleeps", validation="line 98: a fox")
+CONFIG = TrainConfig(steps=3, lr=1e-2, batch_size=2, seq_len=24, rank=4, alpha=8, precision="fp32")
+
+
+class FullModelFeatures:
+    """What LocalFeatures computes, from a model in hand (it loads one by name)."""
+
+    kind = "test"
+
+    def __init__(self, model, layer: int) -> None:
+        self.model, self.layer, self.asked = model, layer, 0
+
+    def hidden_states(self, blocks):
+        self.asked += len(blocks)
+        states = features.entering(self.model, lm.collate(blocks, 0), self.layer)
+        return [states[i, : len(b)] for i, b in enumerate(blocks)]
+
+
+def split_of(full, top: int = 2):
+    emulator, info = E.build(full, EmulatorPlan(6, top=top, split=True), "tiny")
+    source = FullModelFeatures(full, info.features_layer)
+    features.attach(emulator, info, source)
+    return emulator, info, source
+
+
+def test_split_plan_keeps_the_top_layers_and_needs_nothing_aligned():
+    plan = EmulatorPlan(6, top=2, split=True)
+    assert plan.full_layers() == [4, 5] and plan.keep_count == 0 and not plan.needs_importance
+    with pytest.raises(EmulatorError, match="no bottom layers"):
+        EmulatorPlan(6, top=2, bottom=1, split=True)
+    _, info = E.build(tiny_causal_lm(), plan, "tiny")
+    assert info.split and info.exact and info.features_layer == 4
+    assert info.strength_modules is None  # nothing stood in for
+    _, plain = E.build(tiny_causal_lm(), EmulatorPlan(6, top=2, select="even"), "tiny")
+    with pytest.raises(EmulatorError, match="only a split emulator"):
+        _ = plain.features_layer
+
+
+def test_split_loss_and_gradient_are_the_full_models():
+    full = tiny_causal_lm()
+    emulator, info, source = split_of(full)
+    config = replace(CONFIG, target_modules=(ALL_LINEAR,))
+    lora = fresh_lora(emulator, info, config)
+    assert lora.config["layers_to_transform"] == [4, 5]
+    assert set(lora.config["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }  # fmt: skip
+    torch.manual_seed(1)  # B ≠ 0, so the LoRA changes what the layers compute
+    lora = type(lora)({k: torch.randn_like(v) * 0.1 for k, v in lora.tensors.items()}, lora.config)
+    ids = [torch.randint(2, 300, (n,)) for n in (20, 13, 7)]  # padded rows of three lengths
+    batch = lm.collate(ids, 0)
+
+    def loss_and_grads(model, on_model):
+        with attached(model, on_model, trainable=True) as peft_model:
+            loss = lm.lm_loss(peft_model, batch)
+            loss.backward()
+            grads = {k: p.grad.clone() for k, p in lora_parameters(peft_model).items()}
+        return float(loss.detach()), grads
+
+    split_loss, split_grads = loss_and_grads(emulator, info.lora_on_emulator(lora))
+    full_loss, full_grads = loss_and_grads(full, lora)
+    assert split_loss == pytest.approx(full_loss, rel=1e-5)
+    split_grads = E.to_full_keys(split_grads, info)
+    assert split_grads.keys() == full_grads.keys()
+    for key, grad in full_grads.items():
+        torch.testing.assert_close(split_grads[key], grad, rtol=1e-4, atol=1e-6)
+    asked = source.asked
+    loss_and_grads(emulator, info.lora_on_emulator(lora))  # the same blocks: answered once
+    assert source.asked == asked == 3
+
+
+def test_training_a_split_client_gives_the_full_models_adapter():
+    full, tokenizer = tiny_causal_lm(), tiny_tokenizer()
+    emulator, info, _ = split_of(full)
+    full_info = full_model_info(full, "tiny", top=2)
+    on_full = replace(CONFIG, lora_layers="adapter")
+    start = fresh_lora(full, full_info, on_full)
+    split = personalize(USER, emulator, info, tokenizer, CONFIG, start=start)
+    reference = personalize(USER, full, full_info, tokenizer, on_full, start=start)
+    assert split.lora.config["layers_to_transform"] == [4, 5]
+    for key, tensor in reference.lora.tensors.items():
+        torch.testing.assert_close(split.lora.tensors[key], tensor, rtol=1e-4, atol=1e-6)
+    assert split.train_loss == pytest.approx(reference.train_loss, rel=1e-4)
+
+
+def test_local_features_load_the_full_model_and_stop_at_the_split_layer(tmp_path):
+    folder = write_tiny_model(tmp_path / "tiny")
+    full = tiny_causal_lm()
+    ids = [torch.randint(2, 300, (n,)) for n in (9, 4, 6, 5, 8)]  # two batches of 4
+    answers = features.LocalFeatures(str(folder), layer=3).hidden_states(ids)
+    with torch.no_grad():
+        for block, states in zip(ids, answers, strict=True):
+            hidden = full(input_ids=block[None], output_hidden_states=True).hidden_states
+            torch.testing.assert_close(states, hidden[3][0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_real_node_has_no_features_and_a_bad_answer_is_refused():
+    with pytest.raises(features.NoFeatures, match="only a simulated node"):
+        features.for_node({"user-id": "alice"}, "tiny", 4)
+    assert isinstance(features.for_node({"partition-id": 0}, "tiny", 4), features.LocalFeatures)
+
+    class Wrong:
+        kind = "test"
+
+        def hidden_states(self, blocks):
+            return [torch.zeros(len(b), 7) for b in blocks]  # not the hidden size
+
+    emulator, info = E.build(tiny_causal_lm(), EmulatorPlan(6, top=2, split=True), "tiny")
+    features.attach(emulator, info, Wrong())
+    with pytest.raises(features.FeatureError, match="hidden size 64"):
+        emulator(input_ids=torch.randint(2, 300, (1, 5)))
+
+
+def test_split_mode_config():
+    split = FederationConfig(client_mode="split")
+    plan = split.plan(30)
+    assert plan.split and plan.top == 8 and plan.full_layers() == list(range(22, 30))
+    assert split.train().target_modules == (ALL_LINEAR,) and split.train().lr == 1e-3
+    default = FederationConfig()
+    assert default.plan(30).top == 2 and default.train().target_modules is None
+    four = FederationConfig.from_run_config({"client-mode": "split", "top": 4})
+    assert four.plan(30).full_layers() == [26, 27, 28, 29]
+    with pytest.raises(ValueError, match="no bottom layers and no repair"):
+        FederationConfig.from_run_config({"client-mode": "split", "bottom": 1})
+    with pytest.raises(ValueError, match="no bottom layers and no repair"):
+        FederationConfig.from_run_config({"client-mode": "split", "repair-steps": 5})

@@ -7,7 +7,8 @@ client's LoRA (which sits on the top layers only), so it is asked for once per b
 client trains on it exactly as on the full model: the same loss, the same gradient (tested).
 
 `FeatureSource` is the interface; `LocalFeatures` computes the answer with the full model in the
-client's own process (simulation, where the client's machine is the server's). `attach` makes a
+client's own process (simulation, where the client's machine is the server's), `ModelFeatures`
+with a full model already in hand (`soppu personalize`). `attach` makes a
 split emulator take the features of whatever batch it is given, from a bounded cache of blocks
 already answered, asking the source for the rest.
 """
@@ -42,23 +43,35 @@ class FeatureSource(Protocol):
         ...
 
 
-class LocalFeatures:
-    """The full model in this process stops at the split layer: what the server would answer."""
+class ModelFeatures:
+    """The full model in hand stops at the split layer: what the server would answer."""
 
-    kind = "local"
+    kind = "model"
 
-    def __init__(self, base_model: str, layer: int, batch_size: int = 4) -> None:
-        self.base_model, self.layer, self.batch_size = base_model, layer, batch_size
+    def __init__(self, model: nn.Module, pad_id: int, layer: int, batch_size: int = 4) -> None:
+        self.model, self.pad_id, self.layer, self.batch_size = model, pad_id, layer, batch_size
 
     @torch.no_grad()
     def hidden_states(self, blocks: list[Tensor]) -> list[Tensor]:
-        model, pad_id = _full_model(self.base_model)
         answers = []
         for start in range(0, len(blocks), self.batch_size):
             rows = blocks[start : start + self.batch_size]
-            states = entering(model, lm.collate(rows, pad_id), self.layer)
+            states = entering(self.model, lm.collate(rows, self.pad_id), self.layer)
             answers += [states[i, : len(ids)].float().cpu() for i, ids in enumerate(rows)]
         return answers
+
+
+class LocalFeatures:
+    """The full model loaded in this process (once, kept): a simulated node's source."""
+
+    kind = "local"
+
+    def __init__(self, base_model: str, layer: int) -> None:
+        self.base_model, self.layer = base_model, layer
+
+    def hidden_states(self, blocks: list[Tensor]) -> list[Tensor]:
+        model, pad_id = _full_model(self.base_model)
+        return ModelFeatures(model, pad_id, self.layer).hidden_states(blocks)
 
 
 @lru_cache(maxsize=1)

@@ -37,7 +37,7 @@ SOPPU_LAYERS = [
     {"completions"},  # the serving API as a client asks it
     {"adapters", "adapter_sets", "data", "lm", "synthetic"},
     {"basemodel", "emulator", "alignment", "generated", "public", "personalize", "messages"}
-    | {"repair", "teachers"},
+    | {"repair", "teachers", "features"},
 ]
 
 

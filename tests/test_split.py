@@ -22,23 +22,17 @@ USER = UserText("alice", TEXT, "line 99: the lazy dog sleeps", validation="line 
 CONFIG = TrainConfig(steps=3, lr=1e-2, batch_size=2, seq_len=24, rank=4, alpha=8, precision="fp32")
 
 
-class FullModelFeatures:
-    """What LocalFeatures computes, from a model in hand (it loads one by name)."""
-
-    kind = "test"
-
-    def __init__(self, model, layer: int) -> None:
-        self.model, self.layer, self.asked = model, layer, 0
+class Counted(features.ModelFeatures):
+    asked = 0
 
     def hidden_states(self, blocks):
         self.asked += len(blocks)
-        states = features.entering(self.model, lm.collate(blocks, 0), self.layer)
-        return [states[i, : len(b)] for i, b in enumerate(blocks)]
+        return super().hidden_states(blocks)
 
 
 def split_of(full, top: int = 2):
     emulator, info = E.build(full, EmulatorPlan(6, top=top, split=True), "tiny")
-    source = FullModelFeatures(full, info.features_layer)
+    source = Counted(full, 0, info.features_layer)
     features.attach(emulator, info, source)
     return emulator, info, source
 
@@ -144,3 +138,36 @@ def test_split_mode_config():
         FederationConfig.from_run_config({"client-mode": "split", "bottom": 1})
     with pytest.raises(ValueError, match="no bottom layers and no repair"):
         FederationConfig.from_run_config({"client-mode": "split", "repair-steps": 5})
+
+
+def test_gpt2_style_split_is_exact_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=64, n_layer=6, n_head=4, n_positions=128)
+    full = GPT2LMHeadModel(config).eval().requires_grad_(False)
+    emulator, info = E.build(full, EmulatorPlan(6, top=2, split=True), "tiny-gpt2")
+    features.attach(emulator, info, features.ModelFeatures(full, 0, info.features_layer))
+    batch = lm.collate([torch.randint(2, 300, (n,)) for n in (12, 5)], 0)
+    with torch.no_grad():
+        assert float(lm.lm_loss(emulator, batch)) == pytest.approx(
+            float(lm.lm_loss(full, batch)), rel=1e-5
+        )
+
+
+def test_personalize_in_split_mode_writes_a_top_layers_adapter(tmp_path):
+    from helpers import write_users_jsonl
+    from typer.testing import CliRunner
+
+    from soppu.adapters import read_lora
+    from soppu.cli import app
+
+    model = write_tiny_model(tmp_path / "tiny")
+    data = write_users_jsonl(tmp_path / "users.jsonl", {"alice": 3000})
+    flags = ["--user", "alice", "--out", str(tmp_path / "a"), "--base-model", str(model)]
+    flags += ["--data", str(data), "--client-mode", "split", "--steps", "2", "--seq-len", "32"]
+    result = CliRunner().invoke(app, ["personalize", *flags, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "full model + adapter" in result.output
+    lora = read_lora(tmp_path / "a")
+    assert lora.config["layers_to_transform"] == [4, 5] and len(lora.config["target_modules"]) == 7

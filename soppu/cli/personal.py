@@ -26,7 +26,16 @@ from soppu.cli.common import (
     shown,
     with_flags,
 )
-from soppu.server.config import FIELDS, HELP, MODE_TOPS, FederationConfig, flag
+from soppu.server.config import (
+    CLIENT_MODES,
+    FIELDS,
+    HELP,
+    MODE_TARGETS,
+    MODE_TOPS,
+    FederationConfig,
+    default_top,
+    flag,
+)
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
 
@@ -205,7 +214,11 @@ def personalize(
     base_model: BaseModelOpt = None,
     data: DataOpt = None,
     client_mode: Annotated[
-        str, typer.Option(help="emulator: train on the emulator; full: on the full model.")
+        str,
+        typer.Option(
+            help="emulator: train on the emulator; full: on the full model; split: on its top "
+            "8 layers' every projection, fed the hidden states below them."
+        ),
     ] = "emulator",
     emulator: Annotated[
         Path | None, typer.Option(help="An emulator from `soppu emulator build` (else built).")
@@ -234,11 +247,13 @@ def personalize(
     with clear_errors():
         given = {f.name: flags[_param(f.name)] for f in fields(TrainConfig)}
         given = {k: v for k, v in given.items() if v is not None}
+        if client_mode not in CLIENT_MODES:
+            raise ValueError(f"client mode {client_mode!r} is not one of {', '.join(CLIENT_MODES)}")
         if given.get("target_modules"):
             given["target_modules"] = tuple(given["target_modules"])
+        elif MODE_TARGETS[client_mode]:
+            given["target_modules"] = MODE_TARGETS[client_mode]
         config = TrainConfig(**given)
-        if client_mode not in ("emulator", "full"):
-            raise ValueError(f"client mode {client_mode!r} is not one of emulator, full")
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, open_users(data).label)
         base = basemodel.load(base_model, device=_device(device))
@@ -273,15 +288,22 @@ def _public(base, public: str, seq_len: int, precision: str) -> list[str]:
 
 
 def _emulator(folder: Path | None, base, client_mode: str, public: str, precision: str = "auto"):
-    """(model, info, public texts): the given emulator, the full model itself (full mode), or
-    the default emulator built and aligned now."""
+    """(model, info, public texts): the given emulator, the full model itself (full mode), its
+    top layers fed by it (split mode), or the default emulator built and aligned now."""
     from soppu.alignment import AlignConfig
-    from soppu.emulator import EmulatorError, EmulatorPlan, full_model_info, load
+    from soppu.emulator import EmulatorError, EmulatorPlan, build, full_model_info, load
+    from soppu.features import ModelFeatures, attach
     from soppu.precision import resolve
     from soppu.public import SOURCE_STEPS
 
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
+    if client_mode == "split":  # the full model in hand computes the features
+        plan = EmulatorPlan(base.num_layers, top=default_top("split", base.num_layers), split=True)
+        model, info = build(base.model, plan, base.name)
+        layer = info.features_layer
+        attach(model, info, ModelFeatures(base.model, base.tokenizer.pad_token_id, layer))
+        return model, info, []
     device = str(next(base.model.parameters()).device)
     if folder is not None:
         model, info = load(folder, device=device)

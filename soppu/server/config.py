@@ -53,6 +53,15 @@ MODE_SCHEDULES = {
 # client holds the top 8 layers and puts its LoRA on all their projections, which on the
 # networkx code's users gained as much as full mode's q/v on every layer (experiments/split.py)
 MODE_TOPS = {"emulator": 2, "full": 2, "split": 8}
+
+
+def default_top(client_mode: str, num_layers: int) -> int:
+    """`top` 0 resolved: the mode's; a split client's at most a third of a smaller model."""
+    if client_mode == "split":
+        return max(1, min(MODE_TOPS["split"], num_layers // 3))
+    return MODE_TOPS[client_mode]
+
+
 MODE_TARGETS: dict[str, tuple[str, ...] | None] = {
     "emulator": None,  # the architecture's attention q and v (soppu.basemodel)
     "full": None,
@@ -280,7 +289,9 @@ class EmulatorSettings:
     """The clients' compressed model (FedBiOT), its alignment and the gradient correction."""
 
     path: str = setting("", "An emulator folder ('': build one and cache it).", key="emulator")
-    top: int = setting(0, "Adapter layers: the last N (0: 2; split mode 8, the client's only).")
+    top: int = setting(
+        0, "Adapter layers: the last N (0: 2; split mode 8, or a third of a smaller model)."
+    )
     bottom: int = setting(0, "Adapter layers: also the first N.")
     drop: float = setting(0.5, "Share of the middle layers the emulator drops.")
     layer_select: str = setting(
@@ -670,7 +681,7 @@ class FederationConfig:
         drop = 0.0 if self.client_mode == "full" else e.drop
         return EmulatorPlan(
             num_layers,
-            top=e.top or MODE_TOPS[self.client_mode],
+            top=e.top or default_top(self.client_mode, num_layers),
             bottom=e.bottom,
             drop=drop,
             select=e.layer_select,

@@ -150,7 +150,10 @@ class _Bank:
         if ids is None:
             raise FeatureError("a split client's model is run on token ids only")
         mask = torch.ones_like(ids) if mask is None else mask
-        rows = [row[: int(m.sum())].cpu() for row, m in zip(ids, mask, strict=True)]
+        lengths = [int(m.sum()) for m in mask]
+        if any(not bool(m[:n].all()) for m, n in zip(mask, lengths, strict=True)):
+            raise FeatureError("a split client's batches are padded on the right only")
+        rows = [row[:n].cpu() for row, n in zip(ids, lengths, strict=True)]
         found = self.lookup(rows)
         out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
         for i, states in enumerate(found):

@@ -1,0 +1,135 @@
+"""What a client pays in each client mode: one training step's seconds, peak memory, weights held.
+
+    python -m experiments.split_cost            # ≈ 2 minutes
+
+Side by side, each in a fresh process on 1 thread (peak RSS is the process's own), on the
+same batch of 4 × 128 public tokens at the run's default precision: the default emulator (16 of
+30 layers, LoRA on q/v of each), split mode's client (the top 8 layers, LoRA on all their
+projections, its features for the batch read from a file: in a deployment the model owner's
+side computes them), and the full model (LoRA on q/v of every layer). A split client's one-off
+cost per block is its features: 128 × hidden numbers. Writes experiments/results/split_cost.json
+and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from experiments.lib import RESULTS, provenance, write_results
+
+CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)
+from safetensors.torch import load_file
+from soppu import basemodel, features, lm
+from soppu.emulator import full_model_info, load
+from soppu.personalize import fresh_lora, time_training_step
+from soppu.server.config import FederationConfig
+mode, folder, batch_file, precision = sys.argv[1:5]
+saved = load_file(batch_file)
+batch = lm.Batch(saved["ids"], saved["mask"])
+with open("/proc/self/clear_refs", "w") as refs:  # count the model, not the start-up
+    refs.write("5")
+if mode == "full":
+    base = basemodel.load()
+    model, info = base.model, full_model_info(base.model, base.name)
+else:
+    model, info = load(folder)
+if mode == "split":
+    class FromFile:  # the answers the model owner's side would send
+        kind = "file"
+        def hidden_states(self, blocks):
+            rows = {saved["ids"][i, : len(b)].numpy().tobytes(): i for i, b in enumerate(blocks)}
+            return [saved["features"][rows[b.numpy().tobytes()], : len(b)] for b in blocks]
+    features.attach(model, info, FromFile())
+config = FederationConfig(client_mode=mode).train()
+lora = info.lora_on_emulator(fresh_lora(model, info, config))
+seconds = time_training_step(model, lora, batch, repeats=5, precision=precision)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+weights = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+lora_weights = sum(t.numel() for t in lora.tensors.values())
+print(json.dumps({"mode": mode, "step_s": seconds, "peak_rss_mib": peak,
+                  "weights": weights, "lora_weights": lora_weights}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--emulator", type=Path, default=Path("runs/experiments/main-now/emulator"))
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+
+    from soppu import basemodel, lm
+    from soppu import emulator as E
+    from soppu.data import public_text
+    from soppu.features import ModelFeatures
+    from soppu.precision import resolve
+    from soppu.server.config import FederationConfig
+
+    precision = resolve(args.precision, "cpu")
+    base = basemodel.load()
+    blocks = lm.token_blocks(base.tokenizer, "\n".join(public_text()[:3000]), 128)[100:104]
+    batch = lm.collate(blocks, base.tokenizer.pad_token_id)
+    plan = FederationConfig(client_mode="split").plan(base.num_layers)
+    split, info = E.build(base.model, plan, base.name)
+    pad = base.tokenizer.pad_token_id
+    states = ModelFeatures(base.model, pad, info.features_layer).hidden_states(blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        E.save(split, info, Path(tmp) / "split")
+        del split
+        batch_file = Path(tmp) / "batch.safetensors"
+        save_file(
+            {"ids": batch.ids, "mask": batch.mask, "features": torch.stack(states)}, batch_file
+        )
+        folders = {"emulator": args.emulator, "split": Path(tmp) / "split", "full": Path(".")}
+        rows = [child(mode, folder, batch_file, precision) for mode, folder in folders.items()]
+    hidden = base.model.config.hidden_size
+    result = {
+        **provenance("split_cost.py"),
+        "precision": precision,
+        "feature_bytes_per_block": 128 * hidden * 4,
+        "rows": rows,
+    }
+    write_results(RESULTS / "split_cost.json", result, markdown(result))
+
+
+def child(mode: str, folder: Path, batch_file: Path, precision: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(folder), str(batch_file), precision],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"`{result['command']}` at {result['commit']} on {result['date']} "
+        f"({result['precision']}, 1 thread, 4 × 128 tokens)",
+        "",
+        "| client mode | weights held | LoRA weights | step | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['weights'] / 1e6:.1f} M | {r['lora_weights'] / 1e3:.0f} K "
+            f"| {r['step_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB |"
+        )
+    kib = result["feature_bytes_per_block"] / 1024
+    lines += ["", f"A split client's features: {kib:.0f} KiB a block of 128 tokens in float32."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

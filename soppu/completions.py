@@ -1,5 +1,6 @@
 """The serving API's completions route as a client asks it: scoring text (`echo`,
-`max_tokens: 0`, `logprobs`), and the base model's name (`/info`).
+`max_tokens: 0`, `logprobs`), the base model's name (`/info`), and for a split client the
+base model's hidden states entering a layer (`soppu serve`'s `/v1/hidden_states`).
 
 Plain HTTP with the standard library, so that whatever scores text on the user's side (`soppu
 score`, a node's repair teacher) asks `soppu serve` and vLLM alike, and says in one line what
@@ -8,9 +9,13 @@ went wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import urllib.error
 import urllib.request
+
+import numpy as np
 
 from soppu.errors import SoppuError
 
@@ -60,6 +65,39 @@ def echoed_logprobs(
     except (KeyError, IndexError, TypeError):
         raise SoppuError(f"{url}: model {model!r}: the reply has no prompt logprobs") from None
     return logprobs
+
+
+def hidden_states(
+    url: str, blocks: list[list[int]], layer: int, api_key: str | None = None
+) -> list[np.ndarray]:
+    """Each block's hidden states entering `layer` ([len(block), hidden] float32), as
+    `soppu serve` computes them with its base model; the answer is checked before it is used."""
+    body = {"input_ids": blocks, "layer": layer}
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/hidden_states", json.dumps(body).encode(), _headers(api_key)
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            data = json.loads(reply.read())["data"]
+        states = [_decode(item) for item in data]
+    except urllib.error.HTTPError as exc:
+        raise SoppuError(f"{url}: hidden states: {exc.code} {_error_text(exc)}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SoppuError(f"{url}: cannot reach the server ({exc})") from None
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise SoppuError(f"{url}: hidden states: a malformed answer ({exc})") from None
+    if len(states) != len(blocks) or any(
+        s.ndim != 2 or s.shape[0] != len(b) or not np.isfinite(s).all()
+        for s, b in zip(states, blocks, strict=False)
+    ):
+        raise SoppuError(f"{url}: hidden states: the answer does not fit the blocks sent")
+    return states
+
+
+def _decode(item: dict) -> np.ndarray:
+    shape = [int(n) for n in item["shape"]]
+    values = np.frombuffer(base64.b64decode(item["b64"], validate=True), dtype="<f4")
+    return values.reshape(shape).copy()
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:

@@ -6,15 +6,17 @@ the user's text, the hidden states entering the client's first layer, does not d
 client's LoRA (which sits on the top layers only), so it is asked for once per block and the
 client trains on it exactly as on the full model: the same loss, the same gradient (tested).
 
-`FeatureSource` is the interface; `LocalFeatures` computes the answer with the full model in the
-client's own process (simulation, where the client's machine is the server's), `ModelFeatures`
-with a full model already in hand (`soppu personalize`). `attach` makes a
+`FeatureSource` is the interface; `ApiFeatures` asks `soppu serve` (`/v1/hidden_states`, a real
+node's `teacher-url`), `LocalFeatures` computes the answer with the full model in the client's
+own process (simulation, where the client's machine is the server's), `ModelFeatures` with a
+full model already in hand (`soppu personalize`, and the serving route itself). `attach` makes a
 split emulator take the features of whatever batch it is given, from a bounded cache of blocks
 already answered, asking the source for the rest.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
@@ -181,17 +183,45 @@ class _Bank:
         return found
 
 
+class ApiFeatures:
+    """`soppu serve`'s `/v1/hidden_states`: the model owner's side computes them."""
+
+    kind = "api"
+    BLOCKS = 16  # per request, the route's limit
+
+    def __init__(self, url: str, layer: int, api_key: str | None = None) -> None:
+        self.url, self.layer, self.api_key = url, layer, api_key
+
+    def hidden_states(self, blocks: list[Tensor]) -> list[Tensor]:
+        from soppu.completions import hidden_states
+
+        answers = []
+        for start in range(0, len(blocks), self.BLOCKS):
+            rows = [b.tolist() for b in blocks[start : start + self.BLOCKS]]
+            try:
+                states = hidden_states(self.url, rows, self.layer, self.api_key)
+            except SoppuError as exc:
+                raise FeatureError(str(exc)) from None
+            answers += [torch.from_numpy(s) for s in states]
+        return answers
+
+
 class NoFeatures(LookupError):
     """A split client with nowhere to ask for its features."""
 
 
 def for_node(node_config: Mapping[str, object], base_model: str, layer: int) -> FeatureSource:
-    """A simulated node (no `user-id` of its own): the full model in this process. A real node
-    has nowhere to ask yet: `soppu serve` answers logprobs, not hidden states."""
+    """`teacher-url` (with `teacher-key`, else $SOPPU_API_KEY): that `soppu serve`, which must
+    serve the run's base model; a simulated node (no `user-id` of its own): the full model in
+    this process; a real node without a teacher-url has nowhere to ask."""
+    url = str(node_config.get("teacher-url", ""))
+    if url:
+        key = str(node_config.get("teacher-key", "")) or os.environ.get("SOPPU_API_KEY")
+        return ApiFeatures(url, layer, key or None)
     if "user-id" in node_config:
         raise NoFeatures(
             "the server runs split mode (client-mode split), whose clients need the full "
-            "model's hidden states for their text; only a simulated node computes them (its "
-            "own process holds the full model): a real node cannot take part yet"
+            "model's hidden states for their text, and this node's config names no teacher-url "
+            "(a soppu serve of the run's base model, whose /v1/hidden_states answers them)"
         )
     return LocalFeatures(base_model, layer)

@@ -689,7 +689,7 @@ def test_split_clients_train_the_top_layers_exactly_through_flower(world):
     trained = [r for r in rows if r["status"] == "trained"]
     assert sorted({r["user"] for r in trained}) == USERS[:3]
     failed = [r for r in rows if r["user"] == "user3"]
-    assert len(failed) == 2 and all("only a simulated node" in r["reason"] for r in failed)
+    assert len(failed) == 2 and all("names no teacher-url" in r["reason"] for r in failed)
     base = AutoModelForCausalLM.from_pretrained(world[1], dtype=torch.float32).eval()
     tokenizer = task.tokenizer_for(str(world[1]))
     users = task._users(str(world[2]), json.dumps(config.data_options().__dict__, sort_keys=True))

@@ -165,3 +165,25 @@ def test_keys_commands_name_what_they_need(tmp_path):
     assert result.exit_code == 2 and "no key with id 'nope'" in result.output
     result = CliRunner().invoke(app, ["keys", "add", "../evil", "--serving", str(tmp_path)])
     assert result.exit_code == 2 and not (tmp_path / "keys.json").exists()
+
+
+def test_a_split_clients_hidden_states_need_a_valid_key(guarded):
+    """The base model's hidden states: any valid key, none without one (the ApiFeatures a
+    real split node uses sends its node's teacher-key)."""
+    import torch
+
+    from soppu import features
+
+    url, _serving, tokens, _ = guarded
+    body = {"input_ids": [[1, 2, 3]], "layer": 1}
+    assert requests.post(f"{url}/v1/hidden_states", json=body, timeout=60).status_code == 401
+    wrong = requests.post(f"{url}/v1/hidden_states", json=body, headers=bearer("nope"), timeout=60)
+    assert wrong.status_code == 401
+    ok = requests.post(
+        f"{url}/v1/hidden_states", json=body, headers=bearer(tokens["user01"]), timeout=60
+    )
+    assert ok.status_code == 200 and ok.json()["data"][0]["shape"][0] == 3
+    states = features.ApiFeatures(url, 1, tokens["admin"]).hidden_states([torch.tensor([1, 2])])
+    assert states[0].shape[0] == 2
+    with pytest.raises(features.FeatureError, match="401"):
+        features.ApiFeatures(url, 1).hidden_states([torch.tensor([1, 2])])

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers import tiny_causal_lm, tiny_tokenizer, write_tiny_model
+from transformers import AutoModelForCausalLM
 
 from soppu import emulator as E
 from soppu import features, lm
@@ -108,10 +109,16 @@ def test_local_features_load_the_full_model_and_stop_at_the_split_layer(tmp_path
             torch.testing.assert_close(states, hidden[3][0], rtol=1e-5, atol=1e-6)
 
 
-def test_a_real_node_has_no_features_and_a_bad_answer_is_refused():
-    with pytest.raises(features.NoFeatures, match="only a simulated node"):
+def test_each_node_asks_where_its_config_says_and_a_bad_answer_is_refused():
+    with pytest.raises(features.NoFeatures, match="names no teacher-url"):
         features.for_node({"user-id": "alice"}, "tiny", 4)
     assert isinstance(features.for_node({"partition-id": 0}, "tiny", 4), features.LocalFeatures)
+    real = features.for_node(
+        {"user-id": "alice", "teacher-url": "http://x", "teacher-key": "k"}, "", 4
+    )
+    assert isinstance(real, features.ApiFeatures) and (real.url, real.api_key) == ("http://x", "k")
+    with pytest.raises(features.FeatureError, match="cannot reach"):
+        features.ApiFeatures("http://127.0.0.1:9", 4).hidden_states([torch.tensor([1, 2])])
 
     class Wrong:
         kind = "test"
@@ -171,3 +178,36 @@ def test_personalize_in_split_mode_writes_a_top_layers_adapter(tmp_path):
     assert "full model + adapter" in result.output
     lora = read_lora(tmp_path / "a")
     assert lora.config["layers_to_transform"] == [4, 5] and len(lora.config["target_modules"]) == 7
+
+
+def test_soppu_serve_answers_a_split_clients_hidden_states(tmp_path):
+    """The route on a live `soppu serve`: the base model's hidden states entering the layer,
+    exactly (not the served adapters'), for blocks of several lengths; a split emulator fed
+    by it computes the full model's loss; bad requests get one line each."""
+    import requests
+    from helpers import make_served
+    from test_serving_faults import live
+
+    root, model = make_served(tmp_path)
+    full = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = [torch.randint(2, 300, (n,)) for n in (7, 3, 5)]
+    with live(root / "serving", model) as (url, _engine):
+        answers = features.ApiFeatures(url, 1).hidden_states(ids)  # a 2-layer model
+        with torch.no_grad():
+            for block, states in zip(ids, answers, strict=True):
+                hidden = full(input_ids=block[None], output_hidden_states=True).hidden_states
+                torch.testing.assert_close(states, hidden[1][0], rtol=1e-5, atol=1e-5)
+        emulator, info = E.build(full, EmulatorPlan(2, top=1, split=True), "tiny")
+        features.attach(emulator, info, features.ApiFeatures(url, info.features_layer))
+        batch = lm.collate(ids, 0)
+        with torch.no_grad():
+            split_loss, full_loss = lm.lm_loss(emulator, batch), lm.lm_loss(full, batch)
+        assert float(split_loss) == pytest.approx(float(full_loss), rel=1e-5)
+        for body, problem in [
+            ({"input_ids": [[1, 2]], "layer": 2}, "layer 2 is not one of 1..1"),
+            ({"input_ids": [[1, 999]], "layer": 1}, "a token id outside 0..299"),
+            ({"input_ids": [[]], "layer": 1}, "0 tokens"),
+            ({"input_ids": [[1]] * 17, "layer": 1}, "input_ids"),
+        ]:
+            reply = requests.post(f"{url}/v1/hidden_states", json=body, timeout=60)
+            assert reply.status_code == 422 and problem in reply.text

@@ -4,6 +4,8 @@
          a one-element list, or events when "stream" is true)        lorax_routes.py
     POST /v1/completions, /v1/chat/completions   OpenAI style; `model` is the user id
                                                                      openai_routes.py
+    POST /v1/hidden_states   the base model's hidden states for a split client
+                                                                     features_route.py
     GET  /health, /info, /metrics (Prometheus)                       here
 
 `parameters.adapter_id` is the user id, or (adapter_source "local") the path of a published
@@ -32,7 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from soppu.server.serving import lorax_routes, openai_routes
+from soppu.server.serving import features_route, lorax_routes, openai_routes
 from soppu.server.serving.asgi import DEFAULT_MAX_BODY, BodyLimit, CountRequests, Metrics
 from soppu.server.serving.engine import Engine
 from soppu.server.serving.generation import AppContext, context
@@ -73,7 +75,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(CountRequests, metrics=ctx.metrics, routes=lambda: _paths(app))
     _error_handlers(app)
-    for routes in (lorax_routes.router, openai_routes.router, router):
+    for routes in (lorax_routes.router, openai_routes.router, features_route.router, router):
         for route in routes.routes:  # flat on the app, so `_paths` and the metrics see them
             app.add_api_route(route.path, route.endpoint, methods=sorted(route.methods))
     return app

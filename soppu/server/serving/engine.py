@@ -13,6 +13,9 @@ version that does not fit the loaded model (modules, shapes, base model) is refu
 Faults stay where they start. A row whose logits are NaN, or whose sampling or decoding
 raises, fails alone: its request gets the error, the other rows go on. A step that raises
 fails the rows in it. A cancelled request (its client went away) leaves at the next step.
+Other work on the model (the base model's hidden states for a split client, `call`) runs on
+the same thread between two steps, so it never races a step for the model.
+
 Only an exception outside any step stops the thread: it is kept in `died`, every open request
 is answered with an error, and `on_death` is called so that the server can exit.
 """
@@ -24,6 +27,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +91,7 @@ class Engine:
         self.eos = {tokenizer.eos_token_id} - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.jobs: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.open: dict[int, Request] = {}  # every request submitted and not yet ended
         self.pending_adapters: SharedAdapters | None = None
         self.active: list[Request] = []
@@ -130,6 +136,21 @@ class Engine:
         if not self.alive:  # it stopped meanwhile, perhaps after its last look at the queue
             self._close_all(self.why_stopped())
 
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run `work()` on the engine thread between two steps; its result or exception
+        comes in the future (EngineStopped where the engine stops first)."""
+        if not self.alive:
+            raise EngineStopped(self.why_stopped())
+        future: Future = Future()
+        self.jobs.put((work, future))
+        if not self.alive:  # it stopped meanwhile, perhaps after its last look at the jobs
+            self._fail_jobs(self.why_stopped())
+        return future
+
+    def base_rows(self, rows: int):
+        """A context in which the model computes the base model for `rows` rows."""
+        return batch_users(self.layers, torch.zeros(rows, dtype=torch.long))
+
     def cancel(self, request: Request) -> None:
         """From any thread: the request's row leaves the batch at the next step."""
         request.cancelled = True
@@ -172,6 +193,7 @@ class Engine:
         self._close_all("the server is shutting down")
 
     def _turn(self) -> None:
+        self._run_jobs()
         if self.pending_adapters is not None:
             self._apply_swap()
         self._prune()
@@ -390,6 +412,30 @@ class Engine:
         self._keep([])
         while not self.waiting.empty():
             self.waiting.get_nowait()
+        self._fail_jobs(message)
+
+    def _run_jobs(self) -> None:
+        """The work `call` queued, each alone: one that raises fails its own future only."""
+        while True:
+            try:
+                work, future = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _fail_jobs(self, message: str) -> None:
+        while True:
+            try:
+                _, future = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped(message))
 
     def _keep(self, keep: list[int]) -> None:
         if not keep:

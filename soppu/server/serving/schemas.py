@@ -19,6 +19,7 @@ from soppu.server.serving.sampling import Sampling
 SEED_MAX = 2**64 - 1
 MAX_STOP = 16  # each stop sequence is checked after every token of the row
 MAX_LOGPROBS = 5  # alternatives per position, as OpenAI's legacy completions allow
+MAX_FEATURE_BLOCKS = 16  # blocks of token ids per hidden-states request
 
 
 class ApiError(Exception):
@@ -189,3 +190,12 @@ def local_user(adapter: str, serving: Path | None) -> str:
     if resolved.parent.name != "users" or resolved.parent.parent.parent != root:
         raise refused
     return resolved.name
+
+
+class HiddenStatesRequest(BaseModel):
+    """A split client's blocks, as token ids, and the layer whose input it wants for them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_ids: list[list[int]] = Field(min_length=1, max_length=MAX_FEATURE_BLOCKS)
+    layer: int

@@ -37,8 +37,6 @@ class FeatureError(SoppuError, RuntimeError):
 
 
 class FeatureSource(Protocol):
-    kind: str  # "local": what the node reports
-
     def hidden_states(self, blocks: list[Tensor]) -> list[Tensor]:
         """For each block of token ids, the hidden states entering the split layer, one row
         per token: [len(block), hidden]."""
@@ -47,8 +45,6 @@ class FeatureSource(Protocol):
 
 class ModelFeatures:
     """The full model in hand stops at the split layer: what the server would answer."""
-
-    kind = "model"
 
     def __init__(self, model: nn.Module, pad_id: int, layer: int, batch_size: int = 4) -> None:
         self.model, self.pad_id, self.layer, self.batch_size = model, pad_id, layer, batch_size
@@ -65,8 +61,6 @@ class ModelFeatures:
 
 class LocalFeatures:
     """The full model loaded in this process (once, kept): a simulated node's source."""
-
-    kind = "local"
 
     def __init__(self, base_model: str, layer: int) -> None:
         self.base_model, self.layer = base_model, layer
@@ -186,7 +180,6 @@ class _Bank:
 class ApiFeatures:
     """`soppu serve`'s `/v1/hidden_states`: the model owner's side computes them."""
 
-    kind = "api"
     BLOCKS = 16  # per request, the route's limit
 
     def __init__(self, url: str, layer: int, api_key: str | None = None) -> None:

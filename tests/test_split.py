@@ -121,8 +121,6 @@ def test_each_node_asks_where_its_config_says_and_a_bad_answer_is_refused():
         features.ApiFeatures("http://127.0.0.1:9", 4).hidden_states([torch.tensor([1, 2])])
 
     class Wrong:
-        kind = "test"
-
         def hidden_states(self, blocks):
             return [torch.zeros(len(b), 7) for b in blocks]  # not the hidden size
 

@@ -51,7 +51,8 @@ MODE_SCHEDULES = {
 }
 # Each client mode's adapter layers (`top` 0) and LoRA targets (`target-modules` ""): a split
 # client holds the top 8 layers and puts its LoRA on all their projections, which on the
-# networkx code's users gained as much as full mode's q/v on every layer (experiments/split.py)
+# networkx code's users gained as much as full mode's q/v on every layer
+# (experiments/split_layers.py)
 MODE_TOPS = {"emulator": 2, "full": 2, "split": 8}
 
 

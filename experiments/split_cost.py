@@ -1,14 +1,19 @@
 """What a client pays in each client mode: one training step's seconds, peak memory, weights held.
 
     python -m experiments.split_cost            # ≈ 2 minutes
+    python -m experiments.split_cost --name exact-top \
+        --emulator runs/experiments/pop-top8all-code-emulator-generated/emulator \
+        --before runs/experiments/main-now/emulator
 
 Side by side, each in a fresh process on 1 thread (peak RSS is the process's own), on the
-same batch of 4 × 128 public tokens at the run's default precision: the default emulator (16 of
-30 layers, LoRA on q/v of each), split mode's client (the top 8 layers, LoRA on all their
-projections, its features for the batch read from a file: in a deployment the model owner's
-side computes them), and the full model (LoRA on q/v of every layer). A split client's one-off
-cost per block is its features: 128 × hidden numbers. Writes experiments/results/split_cost.json
-and .md.
+same batch of 4 × 128 public tokens at the run's default precision, each mode's LoRA as its
+recipe (`MODE_RECIPES`) has it: the emulator in `--emulator`, split mode's client (the top 8
+layers, LoRA on all their projections, its features for the batch read from a file: in a
+deployment the model owner's side computes them), and the full model (LoRA on q/v of every
+layer); with `--before`, also the emulator recipe before 2026-12-07 on that emulator (2 exact
+top layers under 14 stand-ins, LoRA on q/v of all 16). A split client's one-off cost per block
+is its features: 128 × hidden numbers. Writes experiments/results/split_cost[_NAME].json and
+.md.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from experiments.lib import RESULTS, provenance, write_results
 
 CHILD = """
 import json, sys, torch
+from dataclasses import replace
 torch.set_num_threads(1)
 from safetensors.torch import load_file
 from soppu import basemodel, features, lm
 from soppu.emulator import full_model_info, load
 from soppu.personalize import fresh_lora, time_training_step
 from soppu.server.config import FederationConfig
-mode, folder, batch_file, precision = sys.argv[1:5]
+mode, folder, batch_file, precision, targets, layers = sys.argv[1:7]
 saved = load_file(batch_file)
 batch = lm.Batch(saved["ids"], saved["mask"])
 with open("/proc/self/clear_refs", "w") as refs:  # count the model, not the start-up
@@ -47,6 +53,8 @@ if mode == "split":
             return [saved["features"][rows[b.numpy().tobytes()], : len(b)] for b in blocks]
     features.attach(model, info, FromFile())
 config = FederationConfig(client_mode=mode).train()
+if targets:  # a recipe other than the mode's: the emulator's before 2026-12-07
+    config = replace(config, target_modules=tuple(targets.split(",")), lora_layers=layers)
 lora = info.lora_on_emulator(fresh_lora(model, info, config))
 seconds = time_training_step(model, lora, batch, repeats=5, precision=precision)
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
@@ -61,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--emulator", type=Path, default=Path("runs/experiments/main-now/emulator"))
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--before", type=Path, help="An emulator of the recipe before 2026-12-07.")
+    parser.add_argument("--name", default="", help="Results under split_cost_NAME.")
     args = parser.parse_args()
 
     import torch
@@ -88,8 +98,14 @@ def main() -> None:
         save_file(
             {"ids": batch.ids, "mask": batch.mask, "features": torch.stack(states)}, batch_file
         )
-        folders = {"emulator": args.emulator, "split": Path(tmp) / "split", "full": Path(".")}
-        rows = [child(mode, folder, batch_file, precision) for mode, folder in folders.items()]
+        rows = [child("emulator", args.emulator, batch_file, precision)]
+        if args.before:  # its architecture's q and v on every layer it holds
+            qv = ",".join(basemodel.default_target_modules(base.model.config.model_type))
+            rows.append(child("emulator", args.before, batch_file, precision, qv, "all"))
+        rows += [
+            child("split", Path(tmp) / "split", batch_file, precision),
+            child("full", Path("."), batch_file, precision),
+        ]
     hidden = base.model.config.hidden_size
     result = {
         **provenance("split_cost.py"),
@@ -97,17 +113,24 @@ def main() -> None:
         "feature_bytes_per_block": 128 * hidden * 4,
         "rows": rows,
     }
-    write_results(RESULTS / "split_cost.json", result, markdown(result))
+    name = f"split_cost_{args.name}" if args.name else "split_cost"
+    write_results(RESULTS / f"{name}.json", result, markdown(result))
 
 
-def child(mode: str, folder: Path, batch_file: Path, precision: str) -> dict:
+def child(
+    mode: str, folder: Path, batch_file: Path, precision: str, targets: str = "", layers: str = ""
+) -> dict:
+    """One mode's row, in a fresh process; `targets` and `layers`: a LoRA other than the
+    mode's recipe."""
+    args = [mode, str(folder), str(batch_file), precision, targets, layers]
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(folder), str(batch_file), precision],
+        [sys.executable, "-c", CHILD, *args],
         capture_output=True,
         text=True,
         check=True,
     )
     row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["recipe"] = f"{targets} on {layers} layers" if targets else "the mode's"
     print(json.dumps(row), flush=True)
     return row
 
@@ -117,12 +140,13 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` at {result['commit']} on {result['date']} "
         f"({result['precision']}, 1 thread, 4 × 128 tokens)",
         "",
-        "| client mode | weights held | LoRA weights | step | peak RSS |",
-        "|---|---|---|---|---|",
+        "| client mode | LoRA | weights held | LoRA weights | step | peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['mode']} | {r['weights'] / 1e6:.1f} M | {r['lora_weights'] / 1e3:.0f} K "
+            f"| {r['mode']} | {r.get('recipe', '')} | {r['weights'] / 1e6:.1f} M "
+            f"| {r['lora_weights'] / 1e3:.0f} K "
             f"| {r['step_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB |"
         )
     kib = result["feature_bytes_per_block"] / 1024

@@ -45,20 +45,37 @@ class EmulatorError(SoppuError, ValueError):
 
 
 SELECTIONS = ("importance", "even")
+# The exact top layers a client's LoRA sits on. An adapter on all projections of the full
+# model's top 8 layers, trained on the full model, gained as much as one on q/v of every layer
+# (networkx code, 4 users: 29.6% against 27.6%; experiments/split_layers.py), and on an
+# emulator whose 8 other layers stand in for the 22 below them it served code, sympy and the
+# translators 4–9 points more than 2 exact layers under 14 stand-ins (docs/benchmarks.md,
+# "Exact top layers on the emulator").
+EXACT_TOP = 8
+
+
+def default_top(num_layers: int) -> int:
+    """The adapter's top layers where none are given: `EXACT_TOP`, at most a third of a
+    smaller model (a 6-layer model: 2)."""
+    return max(1, min(EXACT_TOP, num_layers // 3))
 
 
 @dataclass(frozen=True)
 class EmulatorPlan:
-    """Which full-model layers the emulator keeps, in order, and which of them are the adapter."""
+    """Which full-model layers the emulator keeps, in order, and which of them are the adapter.
+    `top` 0: `default_top`. The default drop keeps the emulator at about half the model: of a
+    30-layer model the top 8 and 8 of the 22 below them."""
 
     num_layers: int
-    top: int = 2
+    top: int = 0
     bottom: int = 0
-    drop: float = 0.5
+    drop: float = 0.64
     select: str = "importance"  # which middle layers stay: "importance" or "even"
     split: bool = False  # the top layers only, fed the full model's hidden states below them
 
     def __post_init__(self) -> None:
+        if self.top == 0:  # frozen: resolved once, so the plan (and its id) names its layers
+            object.__setattr__(self, "top", default_top(self.num_layers))
         if self.split and self.bottom:
             raise EmulatorError(
                 "a split client holds the top layers only: the features enter the first of "
@@ -255,7 +272,7 @@ def build(
     return emulator, info
 
 
-def full_model_info(model: nn.Module, base_model: str, top: int = 2) -> EmulatorInfo:
+def full_model_info(model: nn.Module, base_model: str, top: int = 0) -> EmulatorInfo:
     """The full model described as an emulator that drops nothing, without copying it: what a
     client in full mode trains against."""
     n = model.config.num_hidden_layers

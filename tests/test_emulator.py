@@ -77,11 +77,18 @@ def test_build_aligned_chooses_layers_on_public_text_and_records_them(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"top": 0}, "top ≥ 1"), ({"top": 5, "bottom": 4}, "does not fit"), ({"drop": 1.0}, "drop")],
+    [({"top": -1}, "top ≥ 1"), ({"top": 5, "bottom": 4}, "does not fit"), ({"drop": 1.0}, "drop")],
 )
 def test_bad_plans_are_refused(kwargs, message):
     with pytest.raises(EmulatorError, match=message):
         EmulatorPlan(8, **kwargs)
+
+
+def test_the_default_top_is_eight_exact_layers_or_a_third_of_a_smaller_model():
+    assert [EmulatorPlan(n).top for n in (30, 24, 12, 6, 2)] == [8, 8, 4, 2, 1]
+    default = EmulatorPlan(30)  # about half the model: the top 8 and 8 of the 22 below
+    assert (default.keep_count, default.adapter_layers) == (8, list(range(22, 30)))
+    assert EmulatorPlan(30, top=3).top == 3
 
 
 def test_emulator_layers_are_the_full_models_layers():

@@ -18,7 +18,7 @@ from soppu.server.config import (
     FIELDS,
     FLAGS,
     HELP,
-    MODE_TOPS,
+    MODE_RECIPES,
     SECTIONS,
     ClientTraining,
     EmulatorSettings,
@@ -153,7 +153,6 @@ def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_confi
     for key, (home, name) in {
         "batch_size": (TrainConfig, "batch_size"),
         "lora_rank": (TrainConfig, "rank"),
-        "lora_layers": (TrainConfig, "lora_layers"),
         "user_column": (DataOptions, "user_column"),
         "test_fraction": (DataOptions, "test_fraction"),
     }.items():
@@ -179,7 +178,7 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
         ClientTraining(lora_layers="some")
     with pytest.raises(ValueError, match="layer-select must be one of"):
         EmulatorSettings(layer_select="random")
-    for value in LORA_LAYERS:
+    for value in ("", *LORA_LAYERS):  # '': the client mode's
         ClientTraining(lora_layers=value)
     for value in SELECTIONS:
         EmulatorSettings(layer_select=value)
@@ -200,6 +199,7 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
 
 
 def test_personalize_takes_every_training_setting_from_train_config():
+    from soppu.cli import personal
     from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
 
     command = typer.main.get_command(app).commands["personalize"]
@@ -207,8 +207,10 @@ def test_personalize_takes_every_training_setting_from_train_config():
     assert set(TRAIN_HELP) == {f.name for f in fields(TrainConfig)}
     for field in fields(TrainConfig):
         option = options[TRAIN_FLAGS.get(field.name, field.name)]
-        assert option.default is None  # unset: TrainConfig's own default
-        if field.default is not None:
+        assert option.default is None  # unset: TrainConfig's own default, or the mode's
+        if field.name in personal.MODE_HELP:  # the client mode's targets and layers
+            assert "client mode's" in option.help
+        elif field.default is not None:
             assert option.help.endswith(f"[default: {field.default}]"), option.help
     assert options["alpha"].help.startswith("dirichlet")  # the data's alpha, not LoRA's
 
@@ -227,7 +229,7 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
     # ... and the federation's defaults are the emulator's and the alignment's own
     defaults, plan, align = FederationConfig(), EmulatorPlan(30), AlignConfig()
     emulator, training = defaults.emulator, defaults.training
-    assert (emulator.top, MODE_TOPS["emulator"]) == (0, plan.top)  # 0: the client mode's
+    assert (emulator.top, plan.top) == (0, 8)  # 0: EXACT_TOP, a third of a smaller model
     assert (emulator.bottom, emulator.drop) == (plan.bottom, plan.drop)
     assert emulator.layer_select == plan.select and defaults.align_steps() == align.steps
     assert (training.batch_size, training.seq_len) == (align.batch_size, align.seq_len)
@@ -237,16 +239,20 @@ def test_emulator_build_takes_its_recipe_from_the_federation_config():
     assert personal._recipe(dict.fromkeys(personal.RECIPE_SETTINGS))["drop"] == plan.drop
 
 
-def test_each_client_mode_trains_at_its_measured_lr_unless_one_is_given():
-    from soppu.server.config import MODE_SCHEDULES
-
-    for mode, (lr, schedule) in MODE_SCHEDULES.items():
+def test_each_client_mode_trains_its_measured_recipe_unless_one_is_given():
+    for mode, recipe in MODE_RECIPES.items():
         train = FederationConfig(client_mode=mode).train()
-        assert (train.lr, train.lr_scheduler_type) == (lr, schedule)
-    assert MODE_SCHEDULES["emulator"] != MODE_SCHEDULES["full"]
-    training = ClientTraining(lr=2e-3, lr_scheduler_type="cosine")
-    given = FederationConfig(client_mode="full", training=training).train()
+        assert (train.lr, train.lr_scheduler_type) == (recipe.lr, recipe.schedule)
+        assert (train.target_modules, train.lora_layers) == (recipe.targets, recipe.lora_layers)
+    # the emulator's and split mode's LoRA: every projection of the exact top layers
+    assert MODE_RECIPES["emulator"].targets == ("all-linear",) != MODE_RECIPES["full"].targets
+    assert MODE_RECIPES["emulator"].lora_layers == "adapter"
+    training = ClientTraining(
+        lr=2e-3, lr_scheduler_type="cosine", target_modules="q_proj", lora_layers="all"
+    )
+    given = FederationConfig(client_mode="emulator", training=training).train()
     assert (given.lr, given.lr_scheduler_type) == (2e-3, "cosine")
+    assert (given.target_modules, given.lora_layers) == (("q_proj",), "all")
     with pytest.raises(ValueError, match="lr scheduler 'warmup'"):
         FederationConfig(training=ClientTraining(lr_scheduler_type="warmup"))
 

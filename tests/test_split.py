@@ -135,8 +135,11 @@ def test_split_mode_config():
     plan = split.plan(30)
     assert plan.split and plan.top == 8 and plan.full_layers() == list(range(22, 30))
     assert split.train().target_modules == (ALL_LINEAR,) and split.train().lr == 1e-3
-    default = FederationConfig()
-    assert default.plan(30).top == 2 and default.train().target_modules is None
+    default = FederationConfig()  # the emulator's LoRA: the same exact top 8, below them stand-ins
+    plan, train = default.plan(30), default.train()
+    assert (plan.top, plan.keep_count, train.target_modules) == (8, 8, (ALL_LINEAR,))
+    full = FederationConfig(client_mode="full").train()
+    assert (full.target_modules, full.lora_layers) == (None, "all")  # q/v on every layer
     four = FederationConfig.from_run_config({"client-mode": "split", "top": 4})
     assert four.plan(30).full_layers() == [26, 27, 28, 29]
     with pytest.raises(ValueError, match="no bottom layers and no repair"):

@@ -30,10 +30,8 @@ from soppu.server.config import (
     CLIENT_MODES,
     FIELDS,
     HELP,
-    MODE_TARGETS,
-    MODE_TOPS,
+    MODE_RECIPES,
     FederationConfig,
-    default_top,
     flag,
 )
 from soppu.train_config import TRAIN_FLAGS, TRAIN_HELP, TrainConfig
@@ -70,12 +68,20 @@ def _param(field: str) -> str:
     return TRAIN_FLAGS.get(field, field)
 
 
+# unset, the client mode's (MODE_RECIPES); TrainConfig's own defaults are the library's
+MODE_HELP = {
+    "target_modules": "LoRA targets, repeat the flag for each, or all-linear (default: the "
+    "client mode's: all-linear; full mode attention q and v).",
+    "lora_layers": HELP["lora_layers"],
+}
+
+
 def _training_flags() -> list[Parameter]:
     return [
         setting_option(
-            f,
+            FIELDS["lora_layers"] if f.name == "lora_layers" else f,
             "--" + _param(f.name).replace("_", "-"),
-            TRAIN_HELP[f.name],
+            MODE_HELP.get(f.name, TRAIN_HELP[f.name]),
             kind=list[str] if f.name == "target_modules" else None,  # a repeated flag
             name=_param(f.name),
         )
@@ -130,7 +136,7 @@ def emulator_build(
         base = basemodel.load(base_model, device=_device(device))
         plan = EmulatorPlan(
             base.num_layers,
-            top=r["top"] or MODE_TOPS["emulator"],
+            top=r["top"],
             bottom=r["bottom"],
             drop=r["drop"],
             select=r["layer_select"],
@@ -249,10 +255,9 @@ def personalize(
         given = {k: v for k, v in given.items() if v is not None}
         if client_mode not in CLIENT_MODES:
             raise ValueError(f"client mode {client_mode!r} is not one of {', '.join(CLIENT_MODES)}")
-        if given.get("target_modules"):
-            given["target_modules"] = tuple(given["target_modules"])
-        elif MODE_TARGETS[client_mode]:
-            given["target_modules"] = MODE_TARGETS[client_mode]
+        mode = MODE_RECIPES[client_mode]  # the targets and layers the mode trains, unless given
+        given["target_modules"] = tuple(given.get("target_modules") or ()) or mode.targets
+        given["lora_layers"] = given.get("lora_layers") or mode.lora_layers
         config = TrainConfig(**given)
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, open_users(data).label)
@@ -299,7 +304,7 @@ def _emulator(folder: Path | None, base, client_mode: str, public: str, precisio
     if client_mode == "full":
         return base.model, full_model_info(base.model, base.name), []
     if client_mode == "split":  # the full model in hand computes the features
-        plan = EmulatorPlan(base.num_layers, top=default_top("split", base.num_layers), split=True)
+        plan = EmulatorPlan(base.num_layers, split=True)
         model, info = build(base.model, plan, base.name)
         layer = info.features_layer
         attach(model, info, ModelFeatures(base.model, base.tokenizer.pad_token_id, layer))
@@ -312,10 +317,14 @@ def _emulator(folder: Path | None, base, client_mode: str, public: str, precisio
         if not info.exact and not info.aligned:
             console.print(f"[bold red]{shown(folder)} is NOT aligned to the full model[/]")
         return model, info, _public(base, public, AlignConfig().seq_len, resolve(precision, device))
-    console.print("no --emulator: building the default one (drop 0.5, top 2, by importance)")
+    plan = EmulatorPlan(base.num_layers)
+    console.print(
+        f"no --emulator: building the default one (top {plan.top}, {plan.keep_count} of the "
+        f"{len(plan.middle)} layers below kept by importance)"
+    )
     # as it ran; the steps are the public text's default, as a federation's
     align = AlignConfig(steps=SOURCE_STEPS, precision=resolve(precision, device))
-    return _build_emulator(base, EmulatorPlan(base.num_layers), public, align)
+    return _build_emulator(base, plan, public, align)
 
 
 def _device(device: str) -> str:

@@ -39,34 +39,30 @@ SCHEMES = ("fedavg-ft", "local", "fedsa", "ditto", "local-prox")
 LEGACY_AGGREGATION = {"fedavg": "fedavg-ft", "none": "local"}  # run folders before `scheme`
 LOG_SINKS = ("tensorboard", "mlflow")  # soppu/server/tracking.py
 CLIENT_MODES = ("emulator", "full", "split")
-# Each client mode's learning rate and schedule within a round, measured on 16 users (README,
-# "Each user's gain"): on the emulator a 3-step warm-up lets 1.5e-3 lift the shared gain; on
-# the full model, every layer trainable, 1.5e-3 left the personal adapter behind the global
-# one for 6 of 16 users and a constant 1e-3 for 3 (28.8% gain against 29.9%)
-# (split mode: the full model's own top layers, exact, at full mode's schedule)
-MODE_SCHEDULES = {
-    "emulator": (1.5e-3, "constant_with_warmup"),
-    "full": (1e-3, "constant"),
-    "split": (1e-3, "constant"),
-}
-# Each client mode's adapter layers (`top` 0) and LoRA targets (`target-modules` ""): a split
-# client holds the top 8 layers and puts its LoRA on all their projections, which on the
-# networkx code's users gained as much as full mode's q/v on every layer
-# (experiments/split_layers.py)
-MODE_TOPS = {"emulator": 2, "full": 2, "split": 8}
 
 
-def default_top(client_mode: str, num_layers: int) -> int:
-    """`top` 0 resolved: the mode's; a split client's at most a third of a smaller model."""
-    if client_mode == "split":
-        return max(1, min(MODE_TOPS["split"], num_layers // 3))
-    return MODE_TOPS[client_mode]
+@dataclass(frozen=True)
+class ModeRecipe:
+    """What a client mode trains with where the settings leave it open (lr 0, ''): its lr and
+    schedule within a round, its LoRA's targets (None: the architecture's attention q and v,
+    `soppu.basemodel`) and layers (`TrainConfig.lora_layers`)."""
+
+    lr: float
+    schedule: str
+    targets: tuple[str, ...] | None
+    lora_layers: str
 
 
-MODE_TARGETS: dict[str, tuple[str, ...] | None] = {
-    "emulator": None,  # the architecture's attention q and v (soppu.basemodel)
-    "full": None,
-    "split": ("all-linear",),
+# Emulator and split mode put the LoRA on all projections of the exact top layers
+# (`soppu.emulator.EXACT_TOP`), full mode on q/v of every layer; each at a constant 1e-3. On the
+# emulator that replaced q/v on 16 layers (2 exact, 14 stand-ins) at 1.5e-3 with a warm-up: 4–9
+# points more on code, sympy and the translators (docs/benchmarks.md, "Exact top layers on the
+# emulator"); on the full model 1.5e-3 left the personal adapter behind the global one for 6 of
+# 16 users and a constant 1e-3 for 3 (28.8% gain against 29.9%).
+MODE_RECIPES = {
+    "emulator": ModeRecipe(1e-3, "constant", ("all-linear",), "adapter"),
+    "full": ModeRecipe(1e-3, "constant", None, "all"),
+    "split": ModeRecipe(1e-3, "constant", ("all-linear",), "all"),
 }
 DEVICES = ("cpu", "cuda")
 
@@ -244,17 +240,12 @@ class ClientTraining:
 
     # per round; the main job (8 users, 2 rounds) then fits 10 minutes
     local_steps: int = setting(15, "Client training steps per round.")
-    # every round's AdamW starts afresh from the global adapter; a 3-step warm-up lets it take a
-    # higher lr (experiments/lr_schedules.py, 8 users: median gain 16.6% against 14.1% at a
-    # constant 1e-3, and 13.6% with the warm-up at 1e-3); 0 and "": the mode's MODE_SCHEDULES
-    lr: float = setting(
-        0.0,
-        "Client learning rate; 0: the client mode's (emulator 1.5e-3, full 1e-3).",
-    )
+    # 0 and "": the client mode's (MODE_RECIPES)
+    lr: float = setting(0.0, "Client learning rate; 0: the client mode's (1e-3 in each).")
     lr_scheduler_type: str = setting(
         "",
         "Client lr schedule, each round: constant, constant_with_warmup, linear, cosine; '': the "
-        "client mode's (emulator constant_with_warmup, full constant).",
+        "client mode's (constant in each).",
     )
     warmup_steps: int = setting(
         3,
@@ -268,16 +259,21 @@ class ClientTraining:
     lora_alpha: float = same_as(TrainConfig, "alpha")
     target_modules: str = setting(
         "",
-        "LoRA targets, comma-separated, or all-linear ('': q_proj,v_proj; split mode all-linear).",
+        "LoRA targets, comma-separated, or all-linear ('': the client mode's: all-linear; full "
+        "mode q_proj,v_proj).",
     )
-    lora_layers: str = same_as(TrainConfig, "lora_layers")
+    lora_layers: str = setting(
+        "",
+        "LoRA layers: all (every layer the client's model holds) or adapter (its exact top "
+        "layers); '': the client mode's (emulator adapter; full, split all).",
+    )
     max_eval_tokens: int = setting(
         2048,
         "Held-out tokens each client checks its adapter on (emulator).",
     )
 
     def __post_init__(self) -> None:
-        _check_one_of(self, {"lora_layers": LORA_LAYERS})
+        _check_one_of(self, {"lora_layers": ("", *LORA_LAYERS)})
 
     @property
     def targets(self) -> tuple[str, ...] | None:
@@ -290,11 +286,9 @@ class EmulatorSettings:
     """The clients' compressed model (FedBiOT), its alignment and the gradient correction."""
 
     path: str = setting("", "An emulator folder ('': build one and cache it).", key="emulator")
-    top: int = setting(
-        0, "Adapter layers: the last N (0: 2; split mode 8, or a third of a smaller model)."
-    )
+    top: int = setting(0, "Adapter layers: the last N (0: 8, or a third of a smaller model).")
     bottom: int = setting(0, "Adapter layers: also the first N.")
-    drop: float = setting(0.5, "Share of the middle layers the emulator drops.")
+    drop: float = setting(0.64, "Share of the middle layers the emulator drops.")
     layer_select: str = setting(
         "importance",
         "Middle layers the emulator keeps: importance or even.",
@@ -620,20 +614,20 @@ class FederationConfig:
     def train(self, round_: int = 1) -> TrainConfig:
         """Round `round_`'s client training: its data order continues where the earlier rounds'
         stopped, so a user trains on all their text rather than the first round's batches again."""
-        mode_lr, mode_schedule = MODE_SCHEDULES[self.client_mode]
+        mode = MODE_RECIPES[self.client_mode]
         t = self.training
         return TrainConfig(
             steps=t.local_steps,
-            lr=t.lr or mode_lr,
-            lr_scheduler_type=t.lr_scheduler_type or mode_schedule,
+            lr=t.lr or mode.lr,
+            lr_scheduler_type=t.lr_scheduler_type or mode.schedule,
             # a round of fewer steps than the warm-up still ends at the full lr
             warmup_steps=min(t.warmup_steps, max(t.local_steps - 1, 0)),
             batch_size=t.batch_size,
             seq_len=t.seq_len,
             rank=t.lora_rank,
             alpha=t.lora_alpha,
-            target_modules=t.targets or MODE_TARGETS[self.client_mode],
-            lora_layers=t.lora_layers,
+            target_modules=t.targets or mode.targets,
+            lora_layers=t.lora_layers or mode.lora_layers,
             seed=self.seed,
             first_step=(round_ - 1) * t.local_steps,
             max_eval_tokens=t.max_eval_tokens,
@@ -682,7 +676,7 @@ class FederationConfig:
         drop = 0.0 if self.client_mode == "full" else e.drop
         return EmulatorPlan(
             num_layers,
-            top=e.top or default_top(self.client_mode, num_layers),
+            top=e.top,
             bottom=e.bottom,
             drop=drop,
             select=e.layer_select,

@@ -45,13 +45,15 @@ it moved the emulator. On the embedded Shakespeare users every adapter overshoot
 all six were significantly better on held-out text (median served gain 16.9% → 19.4%); on the
 fortune files two of six were better at 1.25, and on sympy's docstrings a user served the base
 model at λ = 1 gained 3.9% at 0.5; no user of 18 was worse
-(experiments/adapter_scale.py, docs/benchmarks.md). In emulator mode a strength below 1
-scales only the adapter's part on the layers the emulator stands in for
-(`RunFolder.strength_modules`): that part overshoots on the full model, the part on the
-exact top layers does not (experiments/layer_transfer.py); replayed on 58 users of nine
-runs of five populations, 19 were served significantly better on held-out text and 1 worse
-(−0.6 points), nobody harmed (experiments/strength_layers.py). Above 1 a strength makes up
-for too few steps, on every layer.
+(experiments/adapter_scale.py, docs/benchmarks.md). In emulator mode, where the adapter has a
+part on the layers the emulator stands in for (`--lora-layers all`), a strength below 1
+scales only that part (`RunFolder.strength_modules`): it overshoots on the full model, the
+part on the exact top layers does not (experiments/layer_transfer.py); replayed on 58 users
+of nine runs of five populations, 19 were served significantly better on held-out text and 1
+worse (−0.6 points), nobody harmed (experiments/strength_layers.py). The default LoRA sits on
+the exact layers only, and a strength scales all of it (their inputs still come from the
+stand-ins: on the translators 4 of 6 users were served their adapter at 0.5 or 0.75). Above 1
+a strength makes up for too few steps, on every layer.
 
 Why blends, and why off by default (`--serve-blends`): a user's own adapter is the global one
 plus what 15 steps on their text added, and part of that is noise (on an emulator far from

@@ -48,9 +48,9 @@ SELECTIONS = ("importance", "even")
 # The exact top layers a client's LoRA sits on. An adapter on all projections of the full
 # model's top 8 layers, trained on the full model, gained as much as one on q/v of every layer
 # (networkx code, 4 users: 29.6% against 27.6%; experiments/split_layers.py), and on an
-# emulator whose 8 other layers stand in for the 22 below them it served code, sympy and the
-# translators 4–9 points more than 2 exact layers under 14 stand-ins (docs/benchmarks.md,
-# "Exact top layers on the emulator").
+# emulator whose 8 other layers stand in for the 22 below them it served more than 2 exact
+# layers under 14 stand-ins on every population measured (docs/benchmarks.md, "Exact top
+# layers on the emulator").
 EXACT_TOP = 8
 
 

@@ -293,9 +293,10 @@ def test_cli_emulator_build_and_personalize(tmp_path):
     training = json.loads((tmp_path / "alice" / "training.json").read_text())
     assert training["emulator"] == info.version and len(training["train_loss"]) == 3
     assert read_adapter(tmp_path / "alice").modules  # a valid PEFT dir for the compressor
-    # unset, the emulator mode's LoRA: every projection of the exact top layers only
+    # unset, the emulator mode's LoRA: every projection of every layer the emulator holds
     config = json.loads((tmp_path / "alice" / "adapter_config.json").read_text())
-    assert config["layers_to_transform"] == [4, 5] and "down_proj" in config["target_modules"]
+    assert config["layers_to_transform"] == info.full_layers and len(info.full_layers) == 3
+    assert {"down_proj", "k_proj", "q_proj"} <= set(config["target_modules"])
 
     result = runner.invoke(
         app,

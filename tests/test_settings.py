@@ -153,6 +153,7 @@ def test_the_sections_nest_every_setting_once_and_flatten_only_for_the_run_confi
     for key, (home, name) in {
         "batch_size": (TrainConfig, "batch_size"),
         "lora_rank": (TrainConfig, "rank"),
+        "lora_layers": (TrainConfig, "lora_layers"),
         "user_column": (DataOptions, "user_column"),
         "test_fraction": (DataOptions, "test_fraction"),
     }.items():
@@ -178,7 +179,7 @@ def test_the_config_checks_against_the_modules_that_own_the_choices():
         ClientTraining(lora_layers="some")
     with pytest.raises(ValueError, match="layer-select must be one of"):
         EmulatorSettings(layer_select="random")
-    for value in ("", *LORA_LAYERS):  # '': the client mode's
+    for value in LORA_LAYERS:
         ClientTraining(lora_layers=value)
     for value in SELECTIONS:
         EmulatorSettings(layer_select=value)
@@ -243,16 +244,15 @@ def test_each_client_mode_trains_its_measured_recipe_unless_one_is_given():
     for mode, recipe in MODE_RECIPES.items():
         train = FederationConfig(client_mode=mode).train()
         assert (train.lr, train.lr_scheduler_type) == (recipe.lr, recipe.schedule)
-        assert (train.target_modules, train.lora_layers) == (recipe.targets, recipe.lora_layers)
-    # the emulator's and split mode's LoRA: every projection of the exact top layers
+        assert (train.target_modules, train.lora_layers) == (recipe.targets, "all")
+    # the emulator's and split mode's LoRA: every projection of every layer the client holds
     assert MODE_RECIPES["emulator"].targets == ("all-linear",) != MODE_RECIPES["full"].targets
-    assert MODE_RECIPES["emulator"].lora_layers == "adapter"
     training = ClientTraining(
-        lr=2e-3, lr_scheduler_type="cosine", target_modules="q_proj", lora_layers="all"
+        lr=2e-3, lr_scheduler_type="cosine", target_modules="q_proj", lora_layers="adapter"
     )
     given = FederationConfig(client_mode="emulator", training=training).train()
     assert (given.lr, given.lr_scheduler_type) == (2e-3, "cosine")
-    assert (given.target_modules, given.lora_layers) == (("q_proj",), "all")
+    assert (given.target_modules, given.lora_layers) == (("q_proj",), "adapter")
     with pytest.raises(ValueError, match="lr scheduler 'warmup'"):
         FederationConfig(training=ClientTraining(lr_scheduler_type="warmup"))
 

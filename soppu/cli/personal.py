@@ -68,18 +68,17 @@ def _param(field: str) -> str:
     return TRAIN_FLAGS.get(field, field)
 
 
-# unset, the client mode's (MODE_RECIPES); TrainConfig's own defaults are the library's
+# unset, the client mode's (MODE_RECIPES); TrainConfig's own default is the library's
 MODE_HELP = {
     "target_modules": "LoRA targets, repeat the flag for each, or all-linear (default: the "
     "client mode's: all-linear; full mode attention q and v).",
-    "lora_layers": HELP["lora_layers"],
 }
 
 
 def _training_flags() -> list[Parameter]:
     return [
         setting_option(
-            FIELDS["lora_layers"] if f.name == "lora_layers" else f,
+            f,
             "--" + _param(f.name).replace("_", "-"),
             MODE_HELP.get(f.name, TRAIN_HELP[f.name]),
             kind=list[str] if f.name == "target_modules" else None,  # a repeated flag
@@ -255,9 +254,8 @@ def personalize(
         given = {k: v for k, v in given.items() if v is not None}
         if client_mode not in CLIENT_MODES:
             raise ValueError(f"client mode {client_mode!r} is not one of {', '.join(CLIENT_MODES)}")
-        mode = MODE_RECIPES[client_mode]  # the targets and layers the mode trains, unless given
+        mode = MODE_RECIPES[client_mode]  # the targets the mode trains, unless given
         given["target_modules"] = tuple(given.get("target_modules") or ()) or mode.targets
-        given["lora_layers"] = given.get("lora_layers") or mode.lora_layers
         config = TrainConfig(**given)
         atomic.check_target(out, replace=overwrite, inputs=[p for p in (emulator, start) if p])
         person = pick_user(load_users(data, options), user, open_users(data).label)

@@ -44,25 +44,25 @@ CLIENT_MODES = ("emulator", "full", "split")
 @dataclass(frozen=True)
 class ModeRecipe:
     """What a client mode trains with where the settings leave it open (lr 0, ''): its lr and
-    schedule within a round, its LoRA's targets (None: the architecture's attention q and v,
-    `soppu.basemodel`) and layers (`TrainConfig.lora_layers`)."""
+    schedule within a round and its LoRA's targets (None: the architecture's attention q and
+    v, `soppu.basemodel`)."""
 
     lr: float
     schedule: str
     targets: tuple[str, ...] | None
-    lora_layers: str
 
 
-# Emulator and split mode put the LoRA on all projections of the exact top layers
-# (`soppu.emulator.EXACT_TOP`), full mode on q/v of every layer; each at a constant 1e-3. On the
-# emulator that replaced q/v on 16 layers (2 exact, 14 stand-ins) at 1.5e-3 with a warm-up: 4–9
-# points more on code, sympy and the translators (docs/benchmarks.md, "Exact top layers on the
-# emulator"); on the full model 1.5e-3 left the personal adapter behind the global one for 6 of
-# 16 users and a constant 1e-3 for 3 (28.8% gain against 29.9%).
+# Emulator and split mode put the LoRA on all projections of every layer the client holds
+# (the emulator's top `soppu.emulator.EXACT_TOP` exact, as many stand-ins below), full mode on
+# q/v of every layer; each at a constant 1e-3. On the emulator that replaced q/v on 16 layers
+# (2 exact, 14 stand-ins) at 1.5e-3 with a warm-up: 3.4–12.0 points more on each of the four
+# populations measured (docs/benchmarks.md, "Exact top layers on the emulator"); on the full model
+# 1.5e-3 left the personal adapter behind the global one for 6 of 16 users and a constant 1e-3
+# for 3 (28.8% gain against 29.9%).
 MODE_RECIPES = {
-    "emulator": ModeRecipe(1e-3, "constant", ("all-linear",), "adapter"),
-    "full": ModeRecipe(1e-3, "constant", None, "all"),
-    "split": ModeRecipe(1e-3, "constant", ("all-linear",), "all"),
+    "emulator": ModeRecipe(1e-3, "constant", ("all-linear",)),
+    "full": ModeRecipe(1e-3, "constant", None),
+    "split": ModeRecipe(1e-3, "constant", ("all-linear",)),
 }
 DEVICES = ("cpu", "cuda")
 
@@ -262,18 +262,14 @@ class ClientTraining:
         "LoRA targets, comma-separated, or all-linear ('': the client mode's: all-linear; full "
         "mode q_proj,v_proj).",
     )
-    lora_layers: str = setting(
-        "",
-        "LoRA layers: all (every layer the client's model holds) or adapter (its exact top "
-        "layers); '': the client mode's (emulator adapter; full, split all).",
-    )
+    lora_layers: str = same_as(TrainConfig, "lora_layers")
     max_eval_tokens: int = setting(
         2048,
         "Held-out tokens each client checks its adapter on (emulator).",
     )
 
     def __post_init__(self) -> None:
-        _check_one_of(self, {"lora_layers": ("", *LORA_LAYERS)})
+        _check_one_of(self, {"lora_layers": LORA_LAYERS})
 
     @property
     def targets(self) -> tuple[str, ...] | None:
@@ -627,7 +623,7 @@ class FederationConfig:
             rank=t.lora_rank,
             alpha=t.lora_alpha,
             target_modules=t.targets or mode.targets,
-            lora_layers=t.lora_layers or mode.lora_layers,
+            lora_layers=t.lora_layers,
             seed=self.seed,
             first_step=(round_ - 1) * t.local_steps,
             max_eval_tokens=t.max_eval_tokens,

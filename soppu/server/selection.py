@@ -50,10 +50,10 @@ part on the layers the emulator stands in for (`--lora-layers all`), a strength 
 scales only that part (`RunFolder.strength_modules`): it overshoots on the full model, the
 part on the exact top layers does not (experiments/layer_transfer.py); replayed on 58 users
 of nine runs of five populations, 19 were served significantly better on held-out text and 1
-worse (−0.6 points), nobody harmed (experiments/strength_layers.py). The default LoRA sits on
-the exact layers only, and a strength scales all of it (their inputs still come from the
-stand-ins: on the translators 4 of 6 users were served their adapter at 0.5 or 0.75). Above 1
-a strength makes up for too few steps, on every layer.
+worse (−0.6 points), nobody harmed (experiments/strength_layers.py); on today's layout (8
+exact layers, 8 stand-ins) most users' choice is 0.5 or 0.75. An adapter on the exact layers
+only (`--lora-layers adapter`) is scaled as a whole. Above 1 a strength makes up for too few
+steps, on every layer.
 
 Why blends, and why off by default (`--serve-blends`): a user's own adapter is the global one
 plus what 15 steps on their text added, and part of that is noise (on an emulator far from

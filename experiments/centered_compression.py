@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.lib import RESULTS, RUNS, Judge, share_summary
+from experiments.lib import RESULTS, RUNS, Judge, share_summaries
 from soppu import atomic
 from soppu.adapters import LoraState, read_adapter
 from soppu.compression.compress import CompressionConfig, compress_slot
@@ -80,14 +80,13 @@ def measure(args: argparse.Namespace) -> dict:
                     adapters[user], {**lora_config, "r": r, "lora_alpha": r}
                 )
 
-            kept, over_global = judge.shares(lora_of)
+            shares = judge.shares(lora_of)
             rows.append(
                 {
                     "scheme": scheme,
                     "rank": rank,
                     "ratio": before / after,
-                    **share_summary("kept", kept),
-                    **share_summary("kept_over_global", over_global),
+                    **share_summaries(shares),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

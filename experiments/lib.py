@@ -212,19 +212,32 @@ class Judge:
         with attached(self.base.model, lora) as model:
             return lm.perplexity(model, blocks, tokenizer.pad_token_id)
 
-    def shares(self, lora_of) -> tuple[list[float], list[float]]:
+    def shares(self, lora_of) -> dict[str, list[float]]:
         """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
-        personal adapter's gain over the base, and over the global adapter."""
+        personal adapter's gain over the base (`kept`), over the global adapter
+        (`kept_over_global`), and over the global adapter among users whose personal gain over
+        it is significant in the run's evaluation (`kept_over_global_significant`: issue 23's
+        measure, where a share of a gain inside the noise means nothing)."""
         from soppu.server.evaluation import gain_kept
 
-        kept, kept_over_global = [], []
+        shares: dict[str, list[float]] = {
+            "kept": [],
+            "kept_over_global": [],
+            "kept_over_global_significant": [],
+        }
         for user, row in self.evaluation.items():
             ppl = self.perplexity(user, lora_of(user))
-            for shares, reference in ((kept, row["base"]), (kept_over_global, row["global"])):
-                share = gain_kept(reference, row["personal"], ppl)
+            over_global = gain_kept(row["global"], row["personal"], ppl)
+            verdict = row.get("gains", {}).get("personal_over_global", {}).get("verdict")
+            significant = verdict == "better"
+            for key, share in (
+                ("kept", gain_kept(row["base"], row["personal"], ppl)),
+                ("kept_over_global", over_global),
+                ("kept_over_global_significant", over_global if significant else None),
+            ):
                 if share is not None:
-                    shares.append(share)
-        return kept, kept_over_global
+                    shares[key].append(share)
+        return shares
 
 
 def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
@@ -244,7 +257,7 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
     for i, compression in enumerate(configs):
         store = scratch / f"c{i}"
         version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
-        kept, kept_over_global = judge.shares(lambda user, v=version: read_lora(v / "users" / user))
+        shares = judge.shares(lambda user, v=version: read_lora(v / "users" / user))
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         rows.append(
             {
@@ -253,8 +266,7 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
                 "bits": compression.bits,
                 "ratio": totals["ratio"],
                 "error_mean": totals["mean"],
-                **share_summary("kept", kept),
-                **share_summary("kept_over_global", kept_over_global),
+                **share_summaries(shares),
             }
         )
         what = f"rank {compression.rank}" if compression.rank else f"energy {compression.energy}"
@@ -266,6 +278,11 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
         )
     shutil.rmtree(scratch, ignore_errors=True)
     return rows
+
+
+def share_summaries(shares: dict[str, list[float]]) -> dict:
+    """`share_summary` of each list in `shares`, side by side."""
+    return {k: v for key, values in shares.items() for k, v in share_summary(key, values).items()}
 
 
 def share_summary(key: str, values: list[float]) -> dict:

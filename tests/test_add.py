@@ -39,7 +39,14 @@ def _delta(store, user, module):
     raise KeyError((user, module))
 
 
-@pytest.fixture(params=[32, 8], ids=["float", "8-bit"])
+# by storage bits: the error a core on the stored bases may add to the projection of D, and
+# the drift of users who lie in the old span (4-bit bases' rounding leaves ≈ 0.03 of their
+# energy outside, well under the refit threshold's 0.2)
+CODE_ERROR = {32: 0.02, 8: 0.02, 4: 0.2}
+SPAN_DRIFT = {32: 0.05, 8: 0.05, 4: 0.1}
+
+
+@pytest.fixture(params=[32, 8, 4], ids=["float", "8-bit", "4-bit"])
 def stored(tmp_path, request):
     """6 users sharing 6-dim subspaces per slot, compressed at rank 6 (their span)."""
     population = tiny_population(8, k=4, layers=2, shared=6)
@@ -47,11 +54,11 @@ def stored(tmp_path, request):
     new = {u: population[u] for u in list(population)[6:]}
     paths = write_users(tmp_path / "old", old, rank=4, alpha=8)
     compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=6, bits=request.param))
-    return tmp_path, old, new, write_users(tmp_path / "new", new, rank=4, alpha=8)
+    return tmp_path, old, new, write_users(tmp_path / "new", new, rank=4, alpha=8), request.param
 
 
 def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
-    tmp_path, old, new, new_paths = stored
+    tmp_path, old, new, new_paths, bits = stored
     before = _digest(tmp_path / "store")
     manifest = add_adapters(tmp_path / "store", new_paths, tmp_path / "grown")
     assert _digest(tmp_path / "store") == before  # the input store is never touched
@@ -74,12 +81,12 @@ def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
             Qu = CompressedStore(tmp_path / "grown").slot(_entry(manifest, module)).form.Qu.double()
             Qv = CompressedStore(tmp_path / "grown").slot(_entry(manifest, module)).form.Qv.double()
             best = Qu @ (Qu.T @ D @ Qv) @ Qv.T
-            assert float((rebuilt - best).norm() / D.norm()) < 0.02  # 8-bit codes, nothing more
+            assert float((rebuilt - best).norm() / D.norm()) < CODE_ERROR[bits]  # codes only
     errors = {(i["user"], i["module"]): i["error"] for i in report["items"]}
     old_report = json.loads((tmp_path / "store" / "report" / "report.json").read_text())
     for item in old_report["items"]:  # old users' numbers are what they were
         assert errors[item["user"], item["module"]] == item["error"]
-    assert all(0 <= s["drift"] < 0.05 for s in report["slots"])
+    assert all(0 <= s["drift"] < SPAN_DRIFT[bits] for s in report["slots"])
 
 
 def _entry(manifest, module):
@@ -87,7 +94,7 @@ def _entry(manifest, module):
 
 
 def test_a_user_unlike_the_others_raises_the_drift_flag_and_refits_that_slot(stored):
-    tmp_path, old, _new, _ = stored
+    tmp_path, old, _new, _, _ = stored
     gen = torch.Generator().manual_seed(99)
     stranger = {
         module: (
@@ -113,7 +120,7 @@ def _items(store):
 
 
 def test_bad_additions_are_refused_by_name_before_anything_is_written(stored):
-    tmp_path, old, new, _new_paths = stored
+    tmp_path, old, new, _new_paths, _ = stored
     again = write_users(tmp_path / "again", {"user00": old["user00"]}, rank=4, alpha=8)
     with pytest.raises(AdapterError, match="already holds user00"):
         add_adapters(tmp_path / "store", again, tmp_path / "out")
@@ -131,7 +138,7 @@ def test_bad_additions_are_refused_by_name_before_anything_is_written(stored):
 
 
 def test_cli_add_reports_errors_and_drift(stored):
-    tmp_path, _old, _new, _ = stored
+    tmp_path, _old, _new, _, _ = stored
     result = CliRunner().invoke(
         app, ["add", str(tmp_path / "store"), str(tmp_path / "new"), "--out", str(tmp_path / "cli")]
     )

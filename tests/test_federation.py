@@ -71,7 +71,7 @@ def tiny_config(world, run: str, **changes) -> FederationConfig:
         align_steps=0,
         public=str(root / "public.jsonl"),
         compress_rank=32,  # = 4 users × LoRA rank 8: the compression is exact ...
-        compress_bits=32,  # ... stored in float32 (the default 8-bit codes are not)
+        compress_bits=32,  # ... stored in float32 (the default 4-bit codes are not)
         threads=1,
     )
     return FederationConfig.from_run_config({**values, **changes})

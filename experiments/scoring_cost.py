@@ -89,20 +89,31 @@ def main() -> None:
     threads = set_threads(None)
     with tempfile.TemporaryDirectory() as scratch:
         rows = measure(args.run, Path(scratch) / "run")
+    result = {
+        **provenance(__file__),
+        "run": str(args.run),
+        "users": len(RunFolder(args.run).users()),
+        "threads": threads,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+    write_results(RESULTS / f"scoring_cost_{args.name}.json", result, markdown(result))
+
+
+def markdown(result: dict) -> str:
     lines = [
-        f"`{provenance(__file__)['command']}`: {len(RunFolder(args.run).users())} users of "
-        f"`{args.run}`, fp32 on {threads} threads ({torch.__version__}).",
+        f"`{result['command']}` at {result['commit']} on {result['date']}: {result['users']} "
+        f"users of `{result['run']}`, fp32 on {result['threads']} threads ({result['torch']}).",
         "",
         "| phase | wall | scorings | their seconds | tokens scored | tokens / s |",
         "|---|---|---|---|---|---|",
         *(
             f"| {r['phase']} | {r['seconds']:.1f} s | {r['scorings']} | "
             f"{r['scoring_seconds']:.1f} s | {r['tokens']:,} | {r['tokens_per_s']:.0f} |"
-            for r in rows
+            for r in result["rows"]
         ),
     ]
-    result = {**provenance(__file__), "run": str(args.run), "threads": threads, "rows": rows}
-    write_results(RESULTS / f"scoring_cost_{args.name}.json", result, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

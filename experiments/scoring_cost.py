@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import soppu.server.evaluation as evaluation
 import soppu.server.selection as selection
 from experiments.lib import RESULTS, provenance, write_results
 from soppu.basemodel import set_threads
-from soppu.server.prepare_run import choose_users, load_base, stored_config
+from soppu.server.prepare_run import choose_users, load_base, served_choice, stored_config
 from soppu.server.store import RunFolder
 
 
@@ -65,15 +66,10 @@ def measure(source: Path, into: Path) -> list[dict]:
     evaluation.scored = selection.scored = timed  # both modules call it by this name
     rows = []
     start = time.perf_counter()
-    selection.select_served(
-        run,
-        base.model,
-        base.tokenizer,
-        users,
-        config.judge(),
-        scales=config.evaluation.scales(),
-        weights=config.evaluation.blends(),
-    )
+    choose = served_choice(run, config, base, users, print)  # the run's own, its settings
+    if choose is None:
+        sys.exit(f"{source}: no served choice to time (its log says why above)")
+    choose()
     rows.append(timed.phase("served choice (validation text)", time.perf_counter() - start))
     start = time.perf_counter()
     evaluation.evaluate_run(run, base.model, base.tokenizer, users, config.judge())

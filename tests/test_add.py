@@ -40,8 +40,8 @@ def _delta(store, user, module):
 
 
 # by storage bits: the error a core on the stored bases may add to the projection of D, and
-# the drift of users who lie in the old span (4-bit bases' rounding leaves ≈ 0.03 of their
-# energy outside, well under the refit threshold's 0.2)
+# the drift of users who lie in the old span (4-bit bases' rounding leaves a little of their
+# energy outside the stored span, well under the refit threshold's default 0.2)
 CODE_ERROR = {32: 0.02, 8: 0.02, 4: 0.2}
 SPAN_DRIFT = {32: 0.05, 8: 0.05, 4: 0.1}
 

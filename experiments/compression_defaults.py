@@ -18,10 +18,16 @@ experiments/results/compression_defaults[_NAME].json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from experiments.lib import RESULTS, RUNS, provenance, sweep_configs, write_results
+from experiments.lib import (
+    RESULTS,
+    RUNS,
+    provenance,
+    refuse_other_settings,
+    sweep_configs,
+    write_results,
+)
 from soppu.compression.compress import CompressionConfig
 from soppu.server.config import FederationConfig
 from soppu.server.prepare_run import stored_config
@@ -47,8 +53,7 @@ def main() -> None:
     stem = "compression_defaults" + (f"_{args.name}" if args.name else "")
     settings = {"runs": args.runs, "candidates": args.candidates}
     target = RESULTS / f"{stem}.json"
-    if target.is_file() and json.loads(target.read_text()).get("settings") != settings:
-        sys.exit(f"{target} holds other runs or candidates; choose another --name")
+    refuse_other_settings(target, settings)
     default = FederationConfig()
     configs = [CompressionConfig(energy=e, bits=b) for e, b in candidates(args.candidates)]
     results = {}

@@ -44,6 +44,13 @@ def interval(gain: dict) -> str:
     return f"{pct(gain['point'])} ({pct(gain['low'])} to {pct(gain['high'])})"
 
 
+def refuse_other_settings(target: Path, settings: dict) -> None:
+    """Exit, naming `target`, if it holds results made with other `settings` (or with none
+    recorded): a results file is never replaced by a run of another configuration."""
+    if target.is_file() and json.loads(target.read_text()).get("settings") != settings:
+        sys.exit(f"{target} holds results of other settings; choose another --name")
+
+
 def write_results(target: Path, result: dict, text: str) -> None:
     """A results file and its Markdown beside it, each written whole; the table printed."""
     RESULTS.mkdir(exist_ok=True)

@@ -24,7 +24,7 @@ import torch
 
 import soppu.server.evaluation as evaluation
 import soppu.server.selection as selection
-from experiments.lib import RESULTS, provenance, write_results
+from experiments.lib import RESULTS, provenance, refuse_other_settings, write_results
 from soppu.basemodel import set_threads
 from soppu.server.prepare_run import choose_users, load_base, served_choice, stored_config
 from soppu.server.store import RunFolder
@@ -82,18 +82,21 @@ def main() -> None:
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--name", default="main")
     args = parser.parse_args()
+    target = RESULTS / f"scoring_cost_{args.name}.json"
+    refuse_other_settings(target, {"run": str(args.run)})
     threads = set_threads(None)
     with tempfile.TemporaryDirectory() as scratch:
         rows = measure(args.run, Path(scratch) / "run")
     result = {
         **provenance(__file__),
+        "settings": {"run": str(args.run)},
         "run": str(args.run),
         "users": len(RunFolder(args.run).users()),
         "threads": threads,
         "torch": torch.__version__,
         "rows": rows,
     }
-    write_results(RESULTS / f"scoring_cost_{args.name}.json", result, markdown(result))
+    write_results(target, result, markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.lib import RESULTS, provenance, write_results
+from experiments.lib import RESULTS, provenance, refuse_other_settings, write_results
 
 CHILD = """
 import json, sys, torch
@@ -72,6 +72,13 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="An emulator of the recipe before 2026-12-07.")
     parser.add_argument("--name", default="", help="Results under split_cost_NAME.")
     args = parser.parse_args()
+    target = RESULTS / (f"split_cost_{args.name}.json" if args.name else "split_cost.json")
+    settings = {
+        "emulator": str(args.emulator),
+        "before": str(args.before or ""),
+        "precision": args.precision,
+    }
+    refuse_other_settings(target, settings)
 
     import torch
     from safetensors.torch import save_file
@@ -109,12 +116,12 @@ def main() -> None:
     hidden = base.model.config.hidden_size
     result = {
         **provenance("split_cost.py"),
+        "settings": settings,
         "precision": precision,
         "feature_bytes_per_block": 128 * hidden * 4,
         "rows": rows,
     }
-    name = f"split_cost_{args.name}" if args.name else "split_cost"
-    write_results(RESULTS / f"{name}.json", result, markdown(result))
+    write_results(target, result, markdown(result))
 
 
 def child(

@@ -31,6 +31,7 @@ from soppu.server.config import (
     FIELDS,
     HELP,
     MODE_RECIPES,
+    MODE_TARGETS_HELP,
     FederationConfig,
     flag,
 )
@@ -70,8 +71,8 @@ def _param(field: str) -> str:
 
 # unset, the client mode's (MODE_RECIPES); TrainConfig's own default is the library's
 MODE_HELP = {
-    "target_modules": "LoRA targets, repeat the flag for each, or all-linear (default: the "
-    "client mode's: all-linear; full mode attention q and v).",
+    "target_modules": "LoRA targets, repeat the flag for each, or all-linear (default: "
+    f"{MODE_TARGETS_HELP}).",
 }
 
 

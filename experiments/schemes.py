@@ -16,7 +16,9 @@ model and each user's held-out text (the blocks the runs' own evaluation scores)
   the median with a bootstrap interval over users; how many users it beats significantly;
 - what users are served, helped / harmed by the served-over-base interval;
 - the users whose purely local adapter beats fedavg-ft's global adapter significantly, and
-  whether each scheme's personal adapter beats it too and keeps ≥ 80% of local's margin;
+  whether each scheme's personal adapter beats it too and keeps ≥ 80% of local's margin
+  (each share with its paired interval, `soppu.intervals.paired_share`: a share is below
+  80% or above it only where its interval says so);
 - the client's cost from the runs' own replies: seconds per local step (its checks included,
   both tracks of a two-track scheme) and the client process's peak memory.
 
@@ -89,11 +91,12 @@ def median_interval(points: list[float], seed: int = 0, resamples: int = 2000) -
     }
 
 
-def score_population(runs: dict[str, Path]) -> dict[str, dict[str, dict]]:
-    """Per scheme and user: the personal adapter's gain over fedavg-ft's global adapter, and
-    local's, paired on the blocks the runs' evaluation scored."""
+def score_population(runs: dict[str, Path]) -> tuple[dict, dict]:
+    """Per scheme and user: the personal adapter's gain over fedavg-ft's global adapter, paired
+    on the blocks the runs' evaluation scored; and, for every user whose local adapter beats
+    that global one significantly, the share of local's margin each scheme keeps."""
     from soppu import basemodel, lm
-    from soppu.intervals import paired_gain
+    from soppu.intervals import paired_gain, paired_share
     from soppu.personalize import scored
     from soppu.server.prepare_run import choose_users, stored_config
 
@@ -104,6 +107,7 @@ def score_population(runs: dict[str, Path]) -> dict[str, dict[str, dict]]:
     texts = choose_users(config)
     reference_global = reference.global_adapter()
     gains: dict[str, dict[str, dict]] = {scheme: {} for scheme in runs}
+    shares: dict[str, dict[str, dict]] = {scheme: {} for scheme in runs}
     for seed, user in enumerate(sorted(reference.users())):
         blocks = lm.token_blocks(
             base.tokenizer, texts[user].test, judge.seq_len, judge.max_eval_tokens
@@ -113,16 +117,26 @@ def score_population(runs: dict[str, Path]) -> dict[str, dict[str, dict]]:
             return scored(base.model, lora, blocks, base.tokenizer.pad_token_id, judge.batch_size)
 
         nll_global, counts = score(reference_global)
+        nll = {}
         for scheme, run in runs.items():
             personal = RunFolder(run).latest(user)
             if personal is not None:
-                nll = score(personal)[0]
-                gains[scheme][user] = paired_gain(nll_global, nll, counts, seed=seed).as_dict()
+                nll[scheme] = score(personal)[0]
+                gains[scheme][user] = paired_gain(
+                    nll_global, nll[scheme], counts, seed=seed
+                ).as_dict()
+        if gains.get("local", {}).get(user, {}).get("verdict") == "better":
+            for scheme, mine in nll.items():
+                share = paired_share(nll_global, mine, nll["local"], counts, seed=seed)
+                shares[scheme][user] = share.as_dict()
         print(f"  scored {user}", flush=True)
-    return gains
+    return gains, shares
 
 
-def summarise(scheme: str, run: Path, over_reference: dict[str, dict], local: dict) -> dict:
+def summarise(
+    scheme: str, run: Path, over_reference: dict[str, dict], local: dict, kept: dict
+) -> dict:
+    """One scheme's row; `kept`: the share of local's margin it keeps, per local winner."""
     evaluation = json.loads(RunFolder(run).evaluation.read_text())
     users, s = evaluation["users"], evaluation["summary"]
     own = [
@@ -130,9 +144,6 @@ def summarise(scheme: str, run: Path, over_reference: dict[str, dict], local: di
     ]
     ref = list(over_reference.values())
     winners = [u for u, g in local.items() if g["verdict"] == "better"]
-    kept = {
-        u: over_reference[u]["point"] / local[u]["point"] for u in winners if u in over_reference
-    }
     return {
         "scheme": scheme,
         "run": str(run),
@@ -151,7 +162,10 @@ def summarise(scheme: str, run: Path, over_reference: dict[str, dict], local: di
         "over_reference_worse": sum(g["verdict"] == "worse" for g in ref),
         "local_winners": len(winners),
         "local_winners_beaten": sum(over_reference[u]["verdict"] == "better" for u in kept),
-        "local_winners_kept": sum(k >= KEEP_OF_LOCAL for k in kept.values()),
+        "local_winners_kept": sum(k["point"] >= KEEP_OF_LOCAL for k in kept.values()),
+        "local_winners_kept_significantly_below": sum(
+            k["high"] < KEEP_OF_LOCAL for k in kept.values()
+        ),
         "kept_of_local": kept,
         "per_user_over_reference": over_reference,
         **client_cost(run),
@@ -160,6 +174,31 @@ def summarise(scheme: str, run: Path, over_reference: dict[str, dict], local: di
 
 def interval(m: dict | None) -> str:
     return "–" if m is None else f"{m['median']:.1%} [{m['low']:.1%}, {m['high']:.1%}]"
+
+
+def kept_table(rows: list[dict]) -> list[str]:
+    """Each local winner's share of local's margin per scheme, with its paired interval."""
+    winners = sorted({u for r in rows for u in r["kept_of_local"]})
+    if not winners:
+        return []
+    schemes = [r for r in rows if r["scheme"] != "local"]
+    lines = [
+        "Share of the local adapter's margin over fedavg-ft's global adapter that each scheme's "
+        "personal adapter keeps, per user whose local adapter beats it significantly "
+        "[paired 95% bootstrap interval]:",
+        "",
+        "| user | " + " | ".join(r["scheme"] for r in schemes) + " |",
+        "|---|" + "---|" * len(schemes),
+    ]
+    for user in winners:
+        cells = []
+        for r in schemes:
+            k = r["kept_of_local"].get(user)
+            cells.append(
+                "–" if k is None else f"{k['point']:.0%} [{k['low']:.0%}, {k['high']:.0%}]"
+            )
+        lines.append(f"| {user} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def markdown(result: dict) -> str:
@@ -188,7 +227,7 @@ def markdown(result: dict) -> str:
                 f"of {r['local_winners']} "
                 f"| {step} | {peak} |"
             )
-        lines.append("")
+        lines += ["", *kept_table(block["rows"])]
     if result["not_run"]:
         lines.append(f"Not run: {', '.join(result['not_run'])}.")
     return "\n".join(lines) + "\n"
@@ -228,9 +267,9 @@ def main() -> None:
             if REFERENCE not in runs:
                 continue
             print(f"scoring {population}, {mode} mode", flush=True)
-            gains = score_population(runs)
+            gains, shares = score_population(runs)
             local = gains.get("local", {})
-            rows = [summarise(s, run, gains[s], local) for s, run in runs.items()]
+            rows = [summarise(s, run, gains[s], local, shares[s]) for s, run in runs.items()]
             blocks.append({"population": population, "mode": mode, "rows": rows})
     result = {
         **provenance("schemes.py"),

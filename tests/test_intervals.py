@@ -79,3 +79,28 @@ def test_score_advice_takes_only_significant_wins():
     worse = Scored("eve", reference.nll + 30, tokens)
     assert compare(reference, [worse])[0]["eve"].verdict == "worse"
     assert compare(reference, [worse])[1] == ""
+
+
+def test_a_share_of_a_gain_has_the_hand_computed_paired_interval():
+    """`whole` saves 2 nats on each of two 10-token blocks, `part` 1 on the first and 0.5 on
+    the second: the pure resamples give the extreme shares, as in the test above."""
+    from soppu.intervals import paired_share
+
+    reference = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    part = torch.tensor([29.0, 19.5], dtype=torch.float64)
+    whole = torch.tensor([28.0, 18.0], dtype=torch.float64)
+    counts = torch.tensor([10, 10])
+    share = paired_share(reference, part, whole, counts, resamples=20_000)
+    whole_gain = 1 - math.exp(-4 / 20)
+    assert share.point == pytest.approx((1 - math.exp(-1.5 / 20)) / whole_gain, abs=1e-12)
+    assert share.low == pytest.approx((1 - math.exp(-1 / 20)) / whole_gain, abs=1e-12)
+    assert share.high == pytest.approx((1 - math.exp(-2 / 20)) / whole_gain, abs=1e-12)
+    assert paired_share(reference, whole, whole, counts).as_dict() == {
+        "point": 1.0,
+        "low": 1.0,
+        "high": 1.0,
+    }
+    with pytest.raises(ValueError, match="gains nothing"):
+        paired_share(reference, part, reference, counts)
+    with pytest.raises(ValueError, match="one length"):
+        paired_share(reference, part[:1], whole, counts)

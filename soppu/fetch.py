@@ -68,6 +68,7 @@ def fetch_npm_tarball(spec: str, into: Path, status: Callable[[str], None]) -> P
         with urllib.request.urlopen(url, timeout=180) as response, target.open("wb") as out:
             shutil.copyfileobj(response, out)
     except (urllib.error.URLError, OSError) as error:
+        target.unlink(missing_ok=True)  # no half-downloaded tarball left behind
         raise FetchError(
             f"could not fetch {url} ({error}); check the network or NPM_CONFIG_REGISTRY"
         ) from error

@@ -100,7 +100,7 @@ def test_federation_trains_every_user_and_publishes_what_peft_loads(world):
     the public text, every round sends the gradient correction, and every user ends with a
     global and a personal perplexity."""
     config = tiny_config(world, "run-ok", align_steps=4)
-    assert config.scheme.name == "fedavg-ft" and config.client_mode == "emulator"
+    assert config.scheme.name == "local-prox" and config.client_mode == "emulator"
     lines = simulate(config)
     run = RunFolder(Path(config.run_dir))
     info = read_info(run.emulator)

@@ -152,14 +152,14 @@ class SchemeSettings:
     """What users start from, what is averaged, what stays personal (server/schemes/)."""
 
     name: str = setting(
-        "fedavg-ft",
-        "fedavg-ft (from the global adapter each round), local (own only), fedsa (A shared, B "
-        "personal), ditto (personal pulled to the global by prox, beside a shared copy) or "
-        "local-prox (own, pulled to the global, which is their average).",
+        "local-prox",
+        "local-prox (own, pulled to the global, which is their average), fedavg-ft (from the "
+        "global adapter each round), local (own only), fedsa (A shared, B personal) or ditto "
+        "(personal pulled to the global by prox, beside a shared copy).",
         key="scheme",
     )
     prox: float = setting(
-        0.1,
+        0.01,
         "ditto, local-prox: the pull prox/2·‖P − G‖² of each personal adapter to the global one.",
     )
     # after the last round every user fine-tunes the final global adapter for up to this many

@@ -9,8 +9,9 @@ personal. The round loop (`soppu/server/federation.py`) knows no scheme by name;
     ditto       Ditto: two tracks per user, a shared copy trained from the global adapter (the
                 average of those is the next global one) and the personal adapter continued
                 from the user's own, pulled towards the global one by prox/2 · ‖P − G‖²
-    local-prox  Ditto's personal track alone (L2GD): every user continues their own adapter,
-                pulled towards the global one, and their average is the next global one
+    local-prox  the default: Ditto's personal track alone (L2GD), every user continues their
+                own adapter, pulled towards the global one, and their average is the next
+                global one
 
 Every scheme publishes one plain PEFT adapter per user (the personal one), so compression,
 serving, PEFT and vLLM see no difference; the global adapter, where a scheme has one, is the

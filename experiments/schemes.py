@@ -18,7 +18,7 @@ model and each user's held-out text (the blocks the runs' own evaluation scores)
 - the users whose purely local adapter beats fedavg-ft's global adapter significantly, and
   whether each scheme's personal adapter beats it too and keeps ≥ 80% of local's margin
   (each share with its paired interval, `soppu.intervals.paired_share`: a share is below
-  80% or above it only where its interval says so);
+  80% only where its personal adapter's gain is below 0.8 times local's significantly);
 - the client's cost from the runs' own replies: seconds per local step (its checks included,
   both tracks of a two-track scheme) and the client process's peak memory.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -185,7 +186,7 @@ def kept_table(rows: list[dict]) -> list[str]:
     lines = [
         "Share of the local adapter's margin over fedavg-ft's global adapter that each scheme's "
         "personal adapter keeps, per user whose local adapter beats it significantly "
-        "[paired 95% bootstrap interval]:",
+        "[paired 95% bootstrap interval, by test inversion]:",
         "",
         "| user | " + " | ".join(r["scheme"] for r in schemes) + " |",
         "|---|" + "---|" * len(schemes),
@@ -195,10 +196,14 @@ def kept_table(rows: list[dict]) -> list[str]:
         for r in schemes:
             k = r["kept_of_local"].get(user)
             cells.append(
-                "–" if k is None else f"{k['point']:.0%} [{k['low']:.0%}, {k['high']:.0%}]"
+                "–" if k is None else f"{k['point']:.0%} [{_share(k['low'])}, {_share(k['high'])}]"
             )
         lines.append(f"| {user} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _share(bound: float) -> str:
+    return "−∞" if bound == -math.inf else "∞" if bound == math.inf else f"{bound:.0%}"
 
 
 def markdown(result: dict) -> str:

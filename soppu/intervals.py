@@ -11,7 +11,8 @@ win or a loss only when its interval excludes 0; otherwise the two are indisting
 this much text.
 
 A share of a gain (how much of what `whole` gains over `reference` the model `part` gains,
-`paired_share`) takes its interval from the same resamples, all three models paired.
+`paired_share`) takes its interval from the same resamples, all three models paired, by test
+inversion: the shares θ at which gain(part) − θ·gain(whole) is not significantly off 0.
 """
 
 from __future__ import annotations
@@ -88,10 +89,14 @@ def paired_share(
     level: float = LEVEL,
     seed: int = 0,
 ) -> Share:
-    """The share gain(part over reference) / gain(whole over reference) with its paired
-    percentile-bootstrap interval: every resample takes the same blocks for all three.
-    Meaningful only where `whole`'s own gain is significant (a resample near 0 there
-    divides by about nothing)."""
+    """The share θ = gain(part over reference) / gain(whole over reference) with its paired
+    bootstrap interval by test inversion (Fieller's idea): every θ at which the paired test of
+    gain(part) − θ·gain(whole) does not reject 0, all three models on the same resampled
+    blocks. Percentiles of the resampled ratios would divide by resamples where the whole's
+    gain is near 0 and swing wildly; a shares' bound is here where part − θ·whole changes
+    sign, so "below 80%" means gain(part) < 0.8·gain(whole) significantly. A bound that no
+    θ in ±`SHARE_LIMIT` reaches is ±inf. Meaningful where the whole's own gain is
+    significant."""
     if not (reference.shape == part.shape == whole.shape == counts.shape) or counts.ndim != 1:
         raise ValueError("reference, part, whole and counts must be 1-D and of one length")
     tokens = float(counts.sum())
@@ -103,8 +108,33 @@ def paired_share(
         resampled.append(_resampled_gains(diff, counts, picks))
     if points[1] == 0:
         raise ValueError("the whole gains nothing over the reference; no share of it")
-    low, high = _percentiles(resampled[0] / resampled[1], level)
+    tail = (1.0 - level) / 2
+    # A quantile of part − θ·whole over the resamples falls in θ where the whole gains: θ is
+    # rejected as too small while even the lower quantile is above 0, as too large once even
+    # the upper one is below it
+    low = _root(lambda theta: _quantile(resampled[0] - theta * resampled[1], tail))
+    high = _root(lambda theta: _quantile(resampled[0] - theta * resampled[1], 1.0 - tail))
     return Share(points[0] / points[1], low, high)
+
+
+SHARE_LIMIT = 100.0  # shares beyond ±10,000% are reported as ±inf
+
+
+def _root(falling, steps: int = 80) -> float:
+    """Where `falling` (decreasing in θ) crosses 0, by bisection within ±SHARE_LIMIT."""
+    lo, hi = -SHARE_LIMIT, SHARE_LIMIT
+    if falling(lo) < 0:
+        return -math.inf
+    if falling(hi) > 0:
+        return math.inf
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if falling(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _quantile(values: Tensor, q: float) -> float:
+    return float(torch.quantile(values, q))
 
 
 def _picks(blocks: int, resamples: int, seed: int) -> Tensor:

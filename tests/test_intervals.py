@@ -104,3 +104,42 @@ def test_a_share_of_a_gain_has_the_hand_computed_paired_interval():
         paired_share(reference, part, reference, counts)
     with pytest.raises(ValueError, match="one length"):
         paired_share(reference, part[:1], whole, counts)
+
+
+def test_a_share_is_the_set_of_shares_the_paired_test_does_not_reject():
+    """By test inversion: with two blocks whose whole gains differ (2 and 0.2 nats), every
+    resample is one of three, each ≥ 25% likely, so the bounds are the smallest and largest
+    resampled ratio; and where the whole gains nothing significant, no share is rejected,
+    even where part and whole are the same model (a ratio's percentiles would say exactly 1)."""
+    from soppu.intervals import paired_share
+
+    counts = torch.tensor([10, 10])
+    reference = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    whole = reference - torch.tensor([2.0, 0.2], dtype=torch.float64)
+    part = reference - torch.tensor([1.0, 0.4], dtype=torch.float64)
+    share = paired_share(reference, part, whole, counts, resamples=20_000)
+
+    def ratio(part_saved: float, whole_saved: float) -> float:
+        return (1 - math.exp(-part_saved / 20)) / (1 - math.exp(-whole_saved / 20))
+
+    assert share.point == pytest.approx(ratio(1.4, 2.2), abs=1e-12)
+    assert share.low == pytest.approx(ratio(2.0, 4.0), abs=1e-9)  # the first block twice
+    assert share.high == pytest.approx(ratio(0.8, 0.4), abs=1e-9)  # the second twice
+
+    tokens = torch.full((40,), 100)
+    swing = torch.tensor([30.0, -30.0] * 20, dtype=torch.float64)
+    reference = torch.full((40,), 400.0, dtype=torch.float64)
+    unclear = reference - 0.1 + swing  # 0.1 nats better on average, the blocks ±30
+    assert paired_share(reference, unclear, unclear, tokens).as_dict() == {
+        "point": 1.0,
+        "low": -math.inf,
+        "high": math.inf,
+    }
+    # A part that saves half the NLL a clear whole saves, block by block: it keeps 52%
+    # of the whole's gain, significantly below 80%.
+    noise = torch.linspace(-1, 1, 40, dtype=torch.float64)
+    clear = reference - 20 + noise
+    half = reference - 10 + noise / 2
+    kept = paired_share(reference, half, clear, tokens)
+    assert kept.point == pytest.approx((1 - math.exp(-0.1)) / (1 - math.exp(-0.2)), rel=1e-9)
+    assert kept.low < kept.point < kept.high < 0.8

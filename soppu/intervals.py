@@ -18,6 +18,7 @@ inversion: the shares θ at which gain(part) − θ·gain(whole) is not signific
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -93,9 +94,9 @@ def paired_share(
     bootstrap interval by test inversion (Fieller's idea): every θ at which the paired test of
     gain(part) − θ·gain(whole) does not reject 0, all three models on the same resampled
     blocks. Percentiles of the resampled ratios would divide by resamples where the whole's
-    gain is near 0 and swing wildly; a shares' bound is here where part − θ·whole changes
-    sign, so "below 80%" means gain(part) < 0.8·gain(whole) significantly. A bound that no
-    θ in ±`SHARE_LIMIT` reaches is ±inf. Meaningful where the whole's own gain is
+    gain is near 0 and swing wildly; here a bound is where a quantile of part − θ·whole
+    changes sign, so "below 80%" means gain(part) < 0.8·gain(whole), significantly. A bound
+    that no θ in ±`SHARE_LIMIT` reaches is ±inf. Meaningful where the whole's own gain is
     significant."""
     if not (reference.shape == part.shape == whole.shape == counts.shape) or counts.ndim != 1:
         raise ValueError("reference, part, whole and counts must be 1-D and of one length")
@@ -120,7 +121,7 @@ def paired_share(
 SHARE_LIMIT = 100.0  # shares beyond ±10,000% are reported as ±inf
 
 
-def _root(falling, steps: int = 80) -> float:
+def _root(falling: Callable[[float], float], steps: int = 80) -> float:
     """Where `falling` (decreasing in θ) crosses 0, by bisection within ±SHARE_LIMIT."""
     lo, hi = -SHARE_LIMIT, SHARE_LIMIT
     if falling(lo) < 0:

@@ -107,7 +107,7 @@ def paired_share(
         diff = (model.double() - reference.double()).cpu()
         points.append(1.0 - math.exp(float(diff.sum()) / tokens))
         resampled.append(_resampled_gains(diff, counts, picks))
-    if points[1] == 0:
+    if points[1] <= 0:  # the inversion below needs part − θ·whole to fall in θ
         raise ValueError("the whole gains nothing over the reference; no share of it")
     tail = (1.0 - level) / 2
     # A quantile of part − θ·whole over the resamples falls in θ where the whole gains: θ is

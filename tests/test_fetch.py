@@ -4,12 +4,13 @@ and a population read out of it."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from experiments.populations import Population, state_of_the_union
+from experiments.populations import Population, spdx_licences, state_of_the_union
 from soppu import atomic
 from soppu.fetch import FetchError, check_sha256, fetch_npm_tarball
 
@@ -82,3 +83,37 @@ def test_a_tarball_of_another_digest_is_refused_before_reading(tmp_path, monkeyp
         population.archive(tmp_path / "into", lambda line: None),
     ):
         pass
+
+
+class Files:
+    """An archive of named texts, read like a wheel or a tarball."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+
+    def namelist(self) -> list[str]:
+        return list(self.files)
+
+    def read(self, name: str) -> bytes:
+        return self.files[name].encode()
+
+
+def test_licences_are_grouped_by_family_each_text_once_a_record_per_paragraph():
+    texts = {
+        "GPL-2.0-only": "GNU GPL two.\n\n  Preamble.\n",
+        "GPL-2.0-or-later": "GNU GPL two, or later.",  # a variant of GPL-2.0: left out
+        "GPL-3.0": "GNU GPL three.",
+        "MIT": "Permission is hereby granted.\n \nTHE SOFTWARE IS PROVIDED AS IS.",
+        "MIT-0": "Permission is hereby granted.\n \nTHE SOFTWARE IS PROVIDED AS IS.",  # same
+        "CC-BY-4.0": "Attribution 4.0 International",
+    }
+    listed = {k: {"name": k, "licenseText": v} for k, v in texts.items()}
+    archive = Files({"package/spdx-full.json": json.dumps(listed), "package/index.js": ""})
+    assert list(spdx_licences(archive)) == [
+        ("cc", "Attribution 4.0 International"),
+        ("gpl", "GNU GPL two."),
+        ("gpl", "  Preamble."),
+        ("gpl", "GNU GPL three."),
+        ("mit", "Permission is hereby granted."),
+        ("mit", "THE SOFTWARE IS PROVIDED AS IS."),
+    ]

@@ -6,7 +6,7 @@
 
 Cores are kept in their cheapest exact form (`compression.storage.core_form`): `cores`
 (N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
-k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
+k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8, 4 or 3 each
 tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
 the tensors' shapes); reading dequantises. `CompressedStore` is the one reader and writer
 of this layout; every other module goes through it.
@@ -29,7 +29,7 @@ from torch import Tensor
 from soppu import atomic
 from soppu.atomic import sha256
 from soppu.compression.residuals import OrthoForm
-from soppu.compression.storage import SlotReader, SlotStorage
+from soppu.compression.storage import BITS, SlotReader, SlotStorage
 from soppu.errors import SoppuError
 
 FORMAT = "soppu-compressed/1"
@@ -127,6 +127,8 @@ def _check_manifest(path: Path, manifest: Any) -> None:
         missing = [k for k in _SLOT_KEYS if not isinstance(slot, dict) or k not in slot]
         if missing:
             raise StoreError(f"{path}: slots[{i}] lacks {', '.join(missing)}")
+        if slot.get("bits", 32) not in BITS:
+            raise StoreError(f"{path}: slots[{i}] has bits {slot['bits']!r}, not one of {BITS}")
 
 
 _MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}

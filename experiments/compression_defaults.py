@@ -8,10 +8,12 @@ gain over the global adapter that each candidate keeps, and at what storage, on 
         --runs main-lall,pop-lall-code-emulator-generated      # other candidates, other runs
 
 Candidates (`--candidates ENERGY:BITS,...`): by default energy 0.9 in float32 (the first
-default), and energy 0.97, 0.98 and 0.99 in 8-bit codes. An energy target, not a fixed rank,
-because the rank a population needs grows with it. The share of the personal gain over the
-global adapter is given over every user whose personal adapter beats the global one, and over
-those whose personal gain is significant in the run's evaluation (issue 23's measure). Writes
+default), and energy 0.97, 0.98 and 0.99 in 8-bit codes; every other compression setting is
+the federation's default (since 2026-12-07; before, the library's: uniform user weights).
+An energy target, not a fixed rank, because the rank a population needs grows with it. The
+share of the personal gain over the global adapter is given over every user whose personal
+adapter beats the global one, and over those whose personal gain is significant in the
+run's evaluation (issue 23's measure). Writes
 experiments/results/compression_defaults[_NAME].json and .md.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from experiments.lib import (
     RESULTS,
@@ -28,7 +31,6 @@ from experiments.lib import (
     sweep_configs,
     write_results,
 )
-from soppu.compression.compress import CompressionConfig
 from soppu.server.config import FederationConfig
 from soppu.server.prepare_run import stored_config
 from soppu.server.store import RunFolder
@@ -55,7 +57,10 @@ def main() -> None:
     target = RESULTS / f"{stem}.json"
     refuse_other_settings(target, settings)
     default = FederationConfig()
-    configs = [CompressionConfig(energy=e, bits=b) for e, b in candidates(args.candidates)]
+    # The federation's own compression settings (user weights, cores, clusters) but for
+    # each candidate's energy and bits.
+    federation = default.compression.to_config("cpu")
+    configs = [replace(federation, energy=e, bits=b) for e, b in candidates(args.candidates)]
     results = {}
     for name in args.runs.split(","):
         run = RUNS / name

@@ -17,50 +17,23 @@ from soppu.server.publish import publish
 from soppu.server.serving.shared_weights import load_shared
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shape", [(7, 5), (3, 9, 4), (2, 5, 11)])
-def test_codes_round_trip_within_half_a_step_inside_the_range(bits, shape):
+def test_codes_round_trip_within_half_a_step(bits, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3
     x[0] = 0.0  # an all-zero slice is coded exactly
     axis = 1 if len(shape) == 3 else 0
     q = quantize(x, bits, axis)
     back = dequantize(q)
     step = q.scales.float()
-    end = step * (2 ** (bits - 1) - 1)  # the range's end: values past it are clipped to it
-    inside = x.abs() <= end
     assert back.shape == x.shape and q.scales.dtype == torch.float16
-    assert bool(((back - x).abs() <= step / 2 + 1e-6 * step)[inside].all())
-    assert torch.equal(back[~inside], (torch.sign(x) * end).expand_as(x)[~inside])
+    assert bool(((back - x).abs() <= step / 2 + 1e-6 * step).all())
     assert bool((back[0] == 0).all())
-    packed = q.packed()
-    if bits < 8:  # packed: 4-bit codes two a byte, 3-bit codes eight to three bytes
-        assert packed.dtype == torch.uint8 and packed.numel() == (x.numel() * bits + 7) // 8
-    again = Quantized.unpacked(packed, q.scales, bits, tuple(x.shape))
-    assert torch.equal(again.codes, q.codes)
-
-
-def test_packed_codes_have_the_documented_layout():
-    three = torch.tensor([-3, -2, -1, 0, 1, 2, 3, 0, 3], dtype=torch.int8)
-    # offset by 4: 1..7, then 4, the first code in the lowest bits of 3 little-endian bytes
-    assert Quantized(three, torch.ones(1), 3).packed().tolist() == [209, 88, 159, 7]
-    four = torch.tensor([-7, 7, 0], dtype=torch.int8)  # offset by 8, the first in the low nibble
-    assert Quantized(four, torch.ones(1), 4).packed().tolist() == [1 | 15 << 4, 8]
-
-
-@pytest.mark.parametrize("bits", [8, 4, 3])
-def test_each_scale_has_no_more_rounding_error_than_the_largest_values(bits):
-    x = torch.randn(1536, 16, generator=torch.Generator().manual_seed(1))
-    x[0] *= 6  # one outlier row: a largest value's scale would set every other entry's step
-    levels = 2 ** (bits - 1) - 1
-    peak = x.abs().amax(0, keepdim=True)
-    step = (peak / levels).to(torch.float16).float()  # as float16 holds it, clipping nothing:
-    step = torch.where(step * levels < peak, step * (1 + 2**-10), step).to(torch.float16).float()
-    assert bool((step * levels >= peak).all())
-    by_peak = (torch.round(x / step).clamp(-levels, levels) * step - x).square().sum(0)
-    chosen = (dequantize(quantize(x, bits, 0)) - x).square().sum(0)
-    assert bool((chosen <= by_peak).all())
-    if bits < 8:
-        assert float(chosen.sum()) < 0.7 * float(by_peak.sum())
+    if bits == 4:  # two codes a byte on disk
+        packed = q.packed()
+        assert packed.dtype == torch.uint8 and packed.numel() == (x.numel() + 1) // 2
+        again = Quantized.unpacked(packed, q.scales, 4, tuple(x.shape))
+        assert torch.equal(again.codes, q.codes)
 
 
 def test_eight_bit_storage_is_smaller_at_little_error_and_reads_back_exactly():
@@ -69,13 +42,10 @@ def test_eight_bit_storage_is_smaller_at_little_error_and_reads_back_exactly():
     plain = compress_slot(items, CompressionConfig(rank=32))
     eight = compress_slot(items, CompressionConfig(rank=32, bits=8))
     four = compress_slot(items, CompressionConfig(rank=32, bits=4))
-    three = compress_slot(items, CompressionConfig(rank=32, bits=3))
     assert plain.bytes_after() >= 3.5 * eight.bytes_after()
     assert plain.bytes_after() >= 6.5 * four.bytes_after()
-    assert plain.bytes_after() >= 8.5 * three.bytes_after()
     assert float(eight.errors.mean()) <= float(plain.errors.mean()) + 0.01
     assert float(four.errors.mean()) > float(eight.errors.mean())  # coarser codes cost more
-    assert float(three.errors.mean()) > float(four.errors.mean())
     torch.testing.assert_close(eight.sq_errors_float, plain.sq_errors, rtol=1e-6, atol=0)
     # The errors are those of what is stored: recompute them densely from the read-back form.
     for i in (0, 45):
@@ -84,7 +54,7 @@ def test_eight_bit_storage_is_smaller_at_little_error_and_reads_back_exactly():
         assert dense == pytest.approx(float(eight.errors[i]), rel=1e-4)
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
+@pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantised_store_publishes_and_serves_what_it_stores(tmp_path, bits):
     from helpers import tiny_causal_lm
     from peft import PeftModel

@@ -99,7 +99,7 @@ def compress(
     ] = None,
     sigma: Annotated[Sigma, typer.Option(help=SIGMA_HELP)] = SIGMA_DEFAULT,
     bits: Annotated[
-        int, typer.Option(help="32, or 8/4/3: bases and cores stored as codes with column scales.")
+        int, typer.Option(help="32, or 8/4: bases and cores stored as codes with column scales.")
     ] = 32,
     clusters: Annotated[
         int,

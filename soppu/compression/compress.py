@@ -44,7 +44,7 @@ class CompressionConfig:
     max_rank: int = 1024  # ceiling for energy-chosen ranks
     device: str = "cpu"
     personal_error: bool = True  # costs one dense m × n mean per module
-    bits: int = 32  # 8, 4 or 3: bases and cores stored as integer codes, a scale per column
+    bits: int = 32  # 8 or 4: bases and cores stored as integer codes, a scale per column
     clusters: int = 1  # bases per slot; 0: choose 1–4 per slot at the one-basis budget
 
     def __post_init__(self) -> None:

@@ -2,15 +2,11 @@
 
 A slot stores its bases U, V and every core in the cheapest exact form (`core_form`): dense
 r_U × r_V cores, or the r_U × k times k × r_V product when k·(r_U + r_V) < r_U·r_V, or the r
-numbers of a diagonal core. With `bits` 8, 4 or 3 every stored tensor becomes integer codes
-with a float16 scale per column (symmetric): each basis column, and each user's core columns
-along its longer side, so a small user's core is never coded on a big user's scale and a
-scale always covers enough numbers to cost little. Each scale is the one, among clipping
-ranges from the column's largest value down to a third of it, with the least squared
-rounding error: a few large entries then no longer set every other entry's step (for
-Gaussian columns of 1,536 numbers, 41% less squared rounding error than the largest value's
-scale at 4 bits, 60% less at 3, the same at 8). 4-bit codes are packed two to a byte, 3-bit
-codes eight to three bytes. Sizes are counted in bytes, codes and scales both.
+numbers of a diagonal core. With `bits` 8 or 4 every stored tensor becomes integer codes with
+a float16 scale per column (symmetric, absmax): each basis column, and each user's core
+columns along its longer side, so a small user's core is never coded on a big user's scale
+and a scale always covers enough numbers to cost little. 4-bit codes are packed two to a
+byte. Sizes are counted in bytes, codes and scales both.
 
 Reading back gives orthonormal bases and per-item cores whatever was stored: quantised bases
 are no longer orthonormal, so U' = Q_u R_u and V' = Q_v R_v are re-factored and the R's folded
@@ -29,9 +25,7 @@ from soppu.compression.joint import SlotFit
 from soppu.compression.methods import method_named
 from soppu.compression.residuals import OrthoForm
 
-BITS = (32, 8, 4, 3)
-PACKED = (4, 3)  # codes narrower than a byte, packed on disk
-CLIPS = torch.linspace(1.0, 1 / 3, 25)  # scale candidates: shares of a slice's largest value
+BITS = (32, 8, 4)
 FORMS = ("dense", "factored", "diag")
 
 
@@ -55,7 +49,7 @@ def reduced_axis(name: str, shape: tuple[int, ...]) -> int:
 
 @dataclass
 class Quantized:
-    codes: Tensor  # int8, one per number (narrower codes are packed only on disk)
+    codes: Tensor  # int8, one per number (4-bit codes are packed only on disk)
     scales: Tensor  # float16, the tensor's shape with the reduced axis of size 1
     bits: int
 
@@ -65,16 +59,16 @@ class Quantized:
 
     @property
     def nbytes(self) -> int:
-        code_bytes = (self.codes.numel() * self.bits + 7) // 8
+        code_bytes = self.codes.numel() if self.bits == 8 else (self.codes.numel() + 1) // 2
         return code_bytes + self.scales.numel() * 2
 
     def packed(self) -> Tensor:
-        """The codes as the file holds them: int8, or 4- and 3-bit codes packed in uint8."""
-        return _pack(self.codes, self.bits) if self.bits in PACKED else self.codes
+        """The codes as the file holds them: int8, or 4-bit pairs packed in uint8."""
+        return _pack4(self.codes) if self.bits == 4 else self.codes
 
     @staticmethod
     def unpacked(codes: Tensor, scales: Tensor, bits: int, shape: tuple[int, ...]) -> Quantized:
-        return Quantized(_unpack(codes, bits, shape) if bits in PACKED else codes, scales, bits)
+        return Quantized(_unpack4(codes, shape) if bits == 4 else codes, scales, bits)
 
     def cat(self, other: Quantized) -> Quantized:
         """Rows appended (axis 0): each row keeps its own scales."""
@@ -84,51 +78,36 @@ class Quantized:
 
 
 def quantize(tensor: Tensor, bits: int, axis: int) -> Quantized:
-    """Symmetric quantisation with one scale per slice along `axis`: the scale, among the
-    `CLIPS` shares of the slice's largest value, with the least squared error (values past
-    the range are clipped to its end)."""
-    if bits not in BITS[1:]:
-        raise ValueError(f"bits must be one of {BITS[1:]} to quantise, got {bits}")
-    levels = 2 ** (bits - 1) - 1  # 127, 7 or 3: zero is exact, the range symmetric
+    """Symmetric absmax quantisation with one scale per slice along `axis`."""
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4 to quantise, got {bits}")
+    levels = 2 ** (bits - 1) - 1  # 127 or 7: zero is exact, the range symmetric
     x = tensor.detach().float().cpu()
     peak = x.abs().amax(dim=axis, keepdim=True)
-    # Each candidate as float16 stores it, its codes computed against that very scale; the
-    # first, the largest value's, rounded up so that it clips nothing.
-    candidates = (CLIPS.view(-1, *[1] * x.dim()) * peak / levels).clamp(6e-8, 6e4)
-    candidates = candidates.to(torch.float16).float()
-    first = candidates[0]
-    candidates[0] = torch.where(first * levels < peak, first * (1 + 2**-10), first)
-    candidates = candidates.to(torch.float16).float()
-    codes = torch.round(x / candidates).clamp(-levels, levels)
-    errors = (codes * candidates - x).square().sum(dim=1 + axis, keepdim=True)
-    best = errors.argmin(dim=0, keepdim=True)
-    scales = candidates.take_along_dim(best, dim=0)[0]
-    codes = codes.take_along_dim(best.expand(1, *x.shape), dim=0)[0]
-    return Quantized(codes.to(torch.int8), scales.to(torch.float16), bits)
+    # The scale as float16 stores it (rounded up, so the largest value stays in range); codes
+    # are computed against that very scale.
+    scales = (peak / levels).clamp(6e-8, 6e4).to(torch.float16)
+    scales = torch.where(scales.float() * levels < peak, scales.float() * (1 + 2**-10), scales)
+    scales = scales.to(torch.float16)
+    codes = torch.round(x / scales.float()).clamp(-levels, levels).to(torch.int8)
+    return Quantized(codes, scales, bits)
 
 
 def dequantize(q: Quantized) -> Tensor:
     return q.codes.float() * q.scales.float()
 
 
-def _pack(codes: Tensor, bits: int) -> Tensor:
-    """Eight codes of `bits` bits to `bits` bytes, the first code in the lowest bits (4 bits:
-    two codes a byte, the first in the low nibble), cut to the bytes the codes need."""
-    count = codes.numel()
-    flat = codes.flatten().to(torch.int64) + 2 ** (bits - 1)  # -7..7 → 1..15, -3..3 → 1..7
-    flat = torch.cat([flat, flat.new_zeros(-count % 8)]).view(-1, 8)
-    words = (flat << (torch.arange(8) * bits)).sum(dim=1, keepdim=True)
-    packed = (words >> (torch.arange(bits) * 8)) & 0xFF
-    return packed.flatten()[: (count * bits + 7) // 8].to(torch.uint8)
+def _pack4(codes: Tensor) -> Tensor:
+    flat = (codes.flatten().to(torch.int16) + 8).to(torch.uint8)  # -7..7 → 1..15
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
 
 
-def _unpack(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
-    flat = packed.flatten().to(torch.int64)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % bits)]).view(-1, bits)
-    words = (flat << (torch.arange(bits) * 8)).sum(dim=1, keepdim=True)
-    codes = (words >> (torch.arange(8) * bits)) & (2**bits - 1)
-    codes = codes.flatten()[: _numel(shape)] - 2 ** (bits - 1)
-    return codes.to(torch.int8).view(shape)
+def _unpack4(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    flat = torch.stack([low, high], dim=1).flatten()[: _numel(shape)]
+    return (flat.to(torch.int16) - 8).to(torch.int8).view(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -145,7 +124,7 @@ class SlotStorage:
     form: str
     bits: int
     floats: dict[str, Tensor]  # bits 32
-    quantized: dict[str, Quantized]  # bits 8, 4 or 3
+    quantized: dict[str, Quantized]  # bits 8 or 4
 
     @staticmethod
     def of(fit: SlotFit, bits: int = 32) -> SlotStorage:
@@ -208,7 +187,7 @@ class SlotStorage:
         return out
 
     def shapes(self) -> dict[str, list[int]]:
-        """The quantised tensors' shapes (4- and 3-bit codes are packed flat)."""
+        """The quantised tensors' shapes (4-bit codes are packed flat)."""
         return {name: list(q.shape) for name, q in self.quantized.items()}
 
     def form_read_back(self, device: torch.device | str = "cpu", start: int = 0) -> OrthoForm:
@@ -240,7 +219,7 @@ class SlotReader:
             raise ValueError(f"bits {bits!r} is not one of {BITS}")
         self.form, self.bits, self._get, self._shapes = form, bits, get, shapes
         self._slice = slice_of
-        self._decoded: dict[str, Tensor] = {}  # packed tensors, decoded once
+        self._decoded: dict[str, Tensor] = {}  # 4-bit tensors, decoded once
         U, V = self._tensor("U"), self._tensor("V")
         self._R: tuple[Tensor, Tensor] | None = None
         if form == "diag" or bits != 32:  # not orthonormal as stored: re-factor
@@ -306,4 +285,4 @@ class SlotReader:
             codes = self._slice(f"{name}.codes", index)
             scales = self._slice(f"{name}.scales", index)
             return codes.float() * scales.float()
-        return self._tensor(name)[index]  # packed codes are decoded once, whole
+        return self._tensor(name)[index]  # 4-bit codes are packed flat: decoded once, whole

@@ -6,7 +6,7 @@
 
 Cores are kept in their cheapest exact form (`compression.storage.core_form`): `cores`
 (N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
-k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8, 4 or 3 each
+k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
 tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
 the tensors' shapes); reading dequantises. `CompressedStore` is the one reader and writer
 of this layout; every other module goes through it.

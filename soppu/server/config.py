@@ -384,7 +384,7 @@ class CompressionSettings:
     )
     bits: int = setting(
         4,
-        "Compression: 32, or 8/4/3 (bases and cores stored as integer codes).",
+        "Compression: 32, or 8/4 (bases and cores stored as integer codes).",
         flag="bits",
         key="compress_bits",
     )

@@ -147,8 +147,6 @@ class SlotStorage:
         form: str, bits: int, tensors: dict[str, Tensor], shapes: dict[str, list[int]]
     ) -> SlotStorage:
         """A slot as `tensors()` wrote it."""
-        if bits not in BITS:
-            raise ValueError(f"bits {bits!r} is not one of {BITS}")
         if bits == 32:
             return SlotStorage(form, bits, dict(tensors), {})
         quantized = {
@@ -215,8 +213,6 @@ class SlotReader:
     ):
         if form not in FORMS:
             raise ValueError(f"core form {form!r} is not one of {FORMS}")
-        if bits not in BITS:
-            raise ValueError(f"bits {bits!r} is not one of {BITS}")
         self.form, self.bits, self._get, self._shapes = form, bits, get, shapes
         self._slice = slice_of
         self._decoded: dict[str, Tensor] = {}  # 4-bit tensors, decoded once

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from soppu.adapters import AdapterError
 from soppu.cli import app
 from soppu.compression import CompressionConfig
+from soppu.compression.storage import SlotStorage
 from soppu.server.add_users import add_adapters
 from soppu.server.compress_store import compress_adapters
 from soppu.server.compressed_store import CompressedStore
@@ -64,11 +65,9 @@ def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
     assert _digest(tmp_path / "store") == before  # the input store is never touched
     assert manifest["users"] == sorted([*old, *new])
     assert manifest["added"]["users"] == sorted(new) and manifest["added"]["refit_slots"] == []
-    old_slot = load_file(
-        tmp_path / "store" / "slots" / f"{manifest['slots'][0]['name']}.safetensors"
-    )
-    grown = load_file(tmp_path / "grown" / manifest["slots"][0]["file"])
-    for name, tensor in old_slot.items():  # bases identical, old rows identical
+    old_slot = _stored(tmp_path / "store", CompressedStore(tmp_path / "store").manifest())
+    grown = _stored(tmp_path / "grown", manifest)
+    for name, tensor in old_slot.items():  # bases identical, old rows' codes identical
         assert torch.equal(grown[name][: tensor.shape[0]], tensor) or name.startswith(("U", "V"))
         if name.startswith(("U", "V")):
             assert torch.equal(grown[name], tensor)
@@ -87,6 +86,20 @@ def test_new_users_get_optimal_cores_and_old_users_keep_their_bytes(stored):
     for item in old_report["items"]:  # old users' numbers are what they were
         assert errors[item["user"], item["module"]] == item["error"]
     assert all(0 <= s["drift"] < SPAN_DRIFT[bits] for s in report["slots"])
+
+
+def _stored(store, manifest):
+    """The first slot's tensors as stored: floats, or codes (4-bit ones inflated) and scales."""
+    entry = manifest["slots"][0]
+    storage = SlotStorage.from_file(
+        entry["core_form"],
+        entry.get("bits", 32),
+        load_file(store / entry["file"]),
+        entry.get("shapes", {}),
+        entry.get("codec", "raw"),
+    )
+    coded = {f"{k}.codes": q.codes for k, q in storage.quantized.items()}
+    return storage.floats | coded | {f"{k}.scales": q.scales for k, q in storage.quantized.items()}
 
 
 def _entry(manifest, module):

@@ -11,8 +11,8 @@ from pathlib import Path
 from soppu.adapter_sets import discover
 from soppu.adapters import CONFIG_NAME, AdapterError, read_adapter
 from soppu.cli.common import shown
-from soppu.server.compressed_store import FORMAT as STORE_FORMAT
 from soppu.server.compressed_store import MANIFEST, StoreError
+from soppu.server.compressed_store import READS as STORE_FORMATS
 from soppu.server.publish import SERVING_FORMAT, verify_version
 from soppu.server.store import RunFolder
 from soppu.server.versions import Versions
@@ -38,7 +38,7 @@ def _describe(path: Path) -> Iterator[str]:
         return
     manifest = _json(path / MANIFEST)
     versions = Versions(path)
-    if manifest and manifest.get("format") == STORE_FORMAT:
+    if manifest and manifest.get("format") in STORE_FORMATS:
         yield from _store(path, manifest)
     elif manifest and manifest.get("format") == SERVING_FORMAT:
         yield from _version(path, manifest)

@@ -119,7 +119,7 @@ def add_adapters(
         write_report(report, tmp / "report")
         result = _new_manifest(manifest, manifest_slots, report, new, added, refit_above)
         result["source"] |= source or {}
-        CompressedStore(tmp).write_manifest(result)
+        result = CompressedStore(tmp).write_manifest(result)
     return result
 
 
@@ -160,6 +160,8 @@ def _append_one(
     if not chosen:  # no new user here: the (sub-)slot as it was
         storage = _read(store, member)
         entry = {**old_slots[member["name"]], "per_item": old_items[member["name"]]}
+        entry["bytes_after"] = storage.nbytes  # a format-1 slot is re-written in format 2
+        entry["ratio"] = entry["bytes_before"] / storage.nbytes
         return part, entry, CompressedStore(tmp).write_slot(member["name"], storage)
     sub = subset(stack, chosen)
     projected = _project(sub, stored)
@@ -266,6 +268,7 @@ def _read(store: Path, slot_manifest: dict[str, Any]) -> SlotStorage:
         int(slot_manifest.get("bits", 32)),
         load_file(store / slot_manifest["file"]),
         slot_manifest.get("shapes", {}),
+        slot_manifest.get("codec", "raw"),
     )
 
 

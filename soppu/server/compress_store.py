@@ -140,7 +140,7 @@ def compress_adapters(
         report = build_report(entries, config.as_dict())
         write_report(report, tmp / "report")
         manifest = _manifest(infos, config, manifest_slots, report["totals"], source)
-        CompressedStore(tmp).write_manifest(manifest)
+        manifest = CompressedStore(tmp).write_manifest(manifest)
     return manifest
 
 

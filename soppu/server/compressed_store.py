@@ -7,8 +7,9 @@
 Cores are kept in their cheapest exact form (`compression.storage.core_form`): `cores`
 (N × r_U × r_V), or `core_left` (N × r_U × k) with `core_right` (N × k × r_V) when
 k·(r_U + r_V) < r_U·r_V, or `sigma` (N × r) for diagonal cores. With `bits` 8 or 4 each
-tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits and
-the tensors' shapes); reading dequantises. `CompressedStore` is the one reader and writer
+tensor NAME is stored as `NAME.codes` and `NAME.scales` (the manifest entry says the bits, the
+tensors' shapes and the codec: format 2 deflates 4-bit codes, format 1 wrote them raw and is
+still read); reading dequantises. `CompressedStore` is the one reader and writer
 of this layout; every other module goes through it.
 """
 
@@ -29,10 +30,11 @@ from torch import Tensor
 from soppu import atomic
 from soppu.atomic import sha256
 from soppu.compression.residuals import OrthoForm
-from soppu.compression.storage import BITS, SlotReader, SlotStorage
+from soppu.compression.storage import BITS, CODECS, SlotReader, SlotStorage
 from soppu.errors import SoppuError
 
-FORMAT = "soppu-compressed/1"
+FORMAT = "soppu-compressed/2"  # what is written; 2: 4-bit codes deflated
+READS = ("soppu-compressed/1", FORMAT)
 MANIFEST = "manifest.json"
 _SAFE_SLOT = re.compile(r"^[\w.\-]+$")
 
@@ -98,7 +100,7 @@ class CompressedStore:
         save_file(stored.tensors(), path)
         entry = {"file": f"slots/{path.name}", "sha256": sha256(path), "core_form": stored.form}
         if stored.bits != 32:
-            entry |= {"bits": stored.bits, "shapes": stored.shapes()}
+            entry |= {"bits": stored.bits, "shapes": stored.shapes(), "codec": stored.codec}
         return entry
 
     def copy_to(self, out: Path) -> CompressedStore:
@@ -110,16 +112,19 @@ class CompressedStore:
         shutil.copy2(self.manifest_path, out / MANIFEST)
         return CompressedStore(out)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest (atomically), held to what `manifest()` requires."""
-        _check_manifest(self.manifest_path, {**manifest, "format": FORMAT})
-        atomic.write_json(self.manifest_path, {**manifest, "format": FORMAT})
+    def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the manifest (atomically) in this version's format, held to what
+        `manifest()` requires; returns it as written."""
+        written = {**manifest, "format": FORMAT}
+        _check_manifest(self.manifest_path, written)
+        atomic.write_json(self.manifest_path, written)
+        return written
 
 
 def _check_manifest(path: Path, manifest: Any) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READS:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise StoreError(f"{path}: format {found!r}, expected {FORMAT!r}")
+        raise StoreError(f"{path}: format {found!r}, expected one of {READS}")
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"{path}: {key!r} missing or not a {kind.__name__}")
@@ -129,6 +134,8 @@ def _check_manifest(path: Path, manifest: Any) -> None:
             raise StoreError(f"{path}: slots[{i}] lacks {', '.join(missing)}")
         if slot.get("bits", 32) not in BITS:
             raise StoreError(f"{path}: slots[{i}] has bits {slot['bits']!r}, not one of {BITS}")
+        if slot.get("codec", "raw") not in CODECS:
+            raise StoreError(f"{path}: slots[{i}] has codec {slot['codec']!r}, not one of {CODECS}")
 
 
 _MANIFEST_KEYS = {"slots": list, "users": list, "config": dict}
@@ -155,6 +162,7 @@ class StoredSlot:
                 handle.get_tensor,
                 entry.get("shapes", {}),
                 lambda name, i: handle.get_slice(name)[i : i + 1][0],
+                codec=entry.get("codec", "raw"),
             )
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             raise StoreError(f"{path}: cannot read ({exc})") from exc

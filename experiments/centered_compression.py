@@ -64,7 +64,7 @@ def compress_all(users: dict[str, Factors], center: Factors | None, rank: int):
 
 
 def measure(args: argparse.Namespace) -> dict:
-    judge = Judge(args.run, args.eval_tokens)
+    judge = Judge(args.run)
     folder = RunFolder(args.run)
     lora_config = read_adapter(folder.global_dir).config
     users = {u: factors(folder.root / "store" / u) for u in judge.evaluation}
@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace) -> dict:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    return {"run": str(args.run), "eval_tokens": args.eval_tokens, "rows": rows}
+    return {"run": str(args.run), "eval_tokens": judge.max_eval_tokens, "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -115,7 +115,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=RUNS / "gains-main-emulator")
     parser.add_argument("--ranks", default="2,4,8")
-    parser.add_argument("--eval-tokens", type=int, default=2048, help="as gains.py's sweep")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -13,7 +13,10 @@ the federation's default (since 2026-12-07; before, the library's: uniform user 
 An energy target, not a fixed rank, because the rank a population needs grows with it. The
 share of the personal gain over the global adapter is given over every user whose personal
 adapter beats the global one, and over those whose personal gain is significant in the
-run's evaluation (issue 23's measure). Writes
+run's evaluation (issue 23's measure), that median with its paired bootstrap interval
+(`intervals.median_share`). Every adapter is scored on the blocks the run's own evaluation
+used (until 2026-12-08 on each user's first 2,048 tokens, against global and personal
+perplexities over all of them: shares of users with more text mixed two texts). Writes
 experiments/results/compression_defaults[_NAME].json and .md.
 """
 
@@ -67,23 +70,25 @@ def main() -> None:
         if not (run / "evaluation.json").is_file():
             sys.exit(f"{run}: run experiments/gains.py first")
         mode = stored_config(RunFolder(run)).client_mode
-        results[f"{mode} ({name})"] = sweep_configs(run, configs, max_eval_tokens=2048)
+        results[f"{mode} ({name})"] = sweep_configs(run, configs, intervals=True)
     lines = [
         f"The federation's default: energy {default.compression.energy}, "
         f"{default.compression.bits} bits. Adapters from {args.runs}.",
         "",
         "| run | energy | bits | storage ratio | kept of the gain over base: median "
         "| kept of the personal gain over global: median | p25 | min "
-        "| users with a significant personal gain: median kept (users) |",
+        "| users with a significant personal gain: median kept [95% interval] (users) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, rows in results.items():
         for r in rows:
+            span = r["kept_over_global_significant_interval"]
+            bounds = f" [{span['low']:.1%}, {span['high']:.1%}]" if span else ""
             lines.append(
                 f"| {mode} | {r['energy']} | {r['bits']} | {r['ratio']:.1f}× "
                 f"| {r['kept_median']:.1%} | **{r['kept_over_global_median']:.1%}** "
                 f"| {r['kept_over_global_p25']:.1%} | {r['kept_over_global_min']:.1%} "
-                f"| **{r['kept_over_global_significant_median']:.1%}** "
+                f"| **{r['kept_over_global_significant_median']:.1%}**{bounds} "
                 f"({r['kept_over_global_significant_users']}) |"
             )
     result = {**provenance(__file__), "settings": settings, "results": results}

@@ -39,7 +39,7 @@ WEIGHTS = ("uniform", "norm")
 
 
 def measure(run: Path) -> list[dict]:
-    judge = Judge(run, judge_tokens(run))
+    judge = Judge(run)
     scratch = run / "weights-sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     paths = snapshot(RunFolder(run), scratch / "adapters")
@@ -78,12 +78,6 @@ def measure(run: Path) -> list[dict]:
         )
     shutil.rmtree(scratch, ignore_errors=True)
     return rows
-
-
-def judge_tokens(run: Path) -> int:
-    from soppu.server.prepare_run import stored_config
-
-    return stored_config(RunFolder(run)).judge().max_eval_tokens
 
 
 def _spread(values: list[float]) -> dict:

@@ -100,7 +100,6 @@ def main() -> None:
     parser.add_argument("--analyse", type=Path, help="Only read this finished run folder.")
     parser.add_argument("--sweep-ranks", default="", help="e.g. 8,16,32")
     parser.add_argument("--cold", action="store_true", help="Align the emulator afresh.")
-    parser.add_argument("--sweep-eval-tokens", type=int, default=1024)
     args, extra = parser.parse_known_args()
     workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
     run = args.analyse or RUNS / args.name
@@ -112,7 +111,7 @@ def main() -> None:
     result = analyse(run, workers)
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     if ranks:
-        result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens)
+        result["sweep"] = sweep(run, ranks)
     result = {**provenance("federation"), **result}
     result |= {
         "command_seconds": seconds,

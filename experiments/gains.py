@@ -44,7 +44,7 @@ def run_mode(args: argparse.Namespace, mode: str, extra: list[str]) -> dict:
     result = analyse(run, workers)
     ranks = [int(r) for r in args.sweep_ranks.split(",") if r]
     bits = tuple(int(b) for b in args.sweep_bits.split(",") if b)
-    result["sweep"] = sweep(run, ranks, args.sweep_eval_tokens, bits) if ranks else []
+    result["sweep"] = sweep(run, ranks, bits) if ranks else []
     result["command_seconds"] = seconds
     return result
 
@@ -146,7 +146,6 @@ def main() -> None:
     parser.add_argument("--client-cpus", type=float, default=1.0)
     parser.add_argument("--sweep-ranks", default="4,8,16,32")
     parser.add_argument("--sweep-bits", default="32,8", help="storage widths swept")
-    parser.add_argument("--sweep-eval-tokens", type=int, default=2048)
     args, extra = parser.parse_known_args()
     args.cold = False
     extra = ["--local-steps", str(args.local_steps), "--min-chars", "10000", *extra]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,22 +178,20 @@ def analyse(run: Path, workers: int) -> dict:
     }
 
 
-def sweep(
-    run: Path, ranks: list[int], max_eval_tokens: int, bits: tuple[int, ...] = (32,)
-) -> list[dict]:
+def sweep(run: Path, ranks: list[int], bits: tuple[int, ...] = (32,)) -> list[dict]:
     """Storage ratio and share of gain kept at other shared ranks (and storage bits), on the
     same adapters."""
     from soppu.compression.compress import CompressionConfig
 
     configs = [CompressionConfig(rank=r, bits=b) for b in bits for r in ranks]
-    return sweep_configs(run, configs, max_eval_tokens)
+    return sweep_configs(run, configs)
 
 
 class Judge:
     """A finished run's users' held-out text and the full model, for scoring other adapters
     for the same users against the run's own evaluation (base, global, personal)."""
 
-    def __init__(self, run: Path, max_eval_tokens: int):
+    def __init__(self, run: Path):
         from soppu import basemodel
         from soppu.server.prepare_run import choose_users, stored_config
         from soppu.server.store import RunFolder
@@ -203,11 +202,24 @@ class Judge:
         self.texts = choose_users(self.config)
         rows = json.loads(folder.evaluation.read_text())["users"]
         self.evaluation = {row["user"]: row for row in rows}
-        self.max_eval_tokens = max_eval_tokens
+        # the evaluation's own cap: a share mixing perplexities of other blocks means nothing
+        self.max_eval_tokens = self.config.judge().max_eval_tokens
+        self.run = run
+        self._references: dict = {}  # user → the global and personal adapters' block NLLs
 
     def perplexity(self, user: str, lora) -> float:
         """`user`'s held-out perplexity on the full model with `lora`, on the blocks the
-        run's evaluation used (at this judge's token cap)."""
+        run's evaluation used."""
+        sums, counts = self.block_nll(user, lora)
+        if int(counts.sum()) != self.evaluation[user]["tokens"]:
+            raise ValueError(
+                f"{self.run}: {user} scored on {int(counts.sum())} tokens, the run's evaluation "
+                f"on {self.evaluation[user]['tokens']}; shares would mix other text"
+            )
+        return math.exp(float(sums.sum()) / int(counts.sum()))
+
+    def block_nll(self, user: str, lora):
+        """Per held-out block: the summed NLL and its tokens (`lm.block_nll`)."""
         from soppu import lm
         from soppu.personalize import attached
 
@@ -217,7 +229,37 @@ class Judge:
             tokenizer, text, self.config.training.seq_len, self.max_eval_tokens
         )
         with attached(self.base.model, lora) as model:
-            return lm.perplexity(model, blocks, tokenizer.pad_token_id)
+            return lm.block_nll(model, blocks, tokenizer.pad_token_id)
+
+    def median_kept_interval(self, lora_of) -> dict | None:
+        """The median share of the significant personal gains over the global adapter that
+        `lora_of(user)` keeps, with its paired bootstrap interval (`intervals.median_share`:
+        every such user's blocks resampled, global, personal and `lora_of` scored on them
+        alike); None where no user's personal gain is significant."""
+        from soppu.adapters import read_lora
+        from soppu.intervals import median_share
+        from soppu.server.store import RunFolder
+
+        folder = RunFolder(self.run)
+        scored = []
+        for user in self.significant_users():
+            if user not in self._references:  # the run's own adapters, scored once
+                global_nll = self.block_nll(user, folder.global_adapter())[0]
+                personal_nll, counts = self.block_nll(user, read_lora(folder.store / user))
+                self._references[user] = (global_nll, personal_nll, counts)
+            global_nll, personal_nll, counts = self._references[user]
+            part = self.block_nll(user, lora_of(user))[0]
+            scored.append((global_nll, part, personal_nll, counts))
+        return median_share(scored).as_dict() if scored else None
+
+    def significant_users(self) -> list[str]:
+        """Users whose personal adapter beats the global one significantly in the run's
+        evaluation."""
+        return [
+            user
+            for user, row in self.evaluation.items()
+            if row.get("gains", {}).get("personal_over_global", {}).get("verdict") == "better"
+        ]
 
     def shares(self, lora_of) -> dict[str, list[float]]:
         """Per user with such a gain, the share kept by `lora_of(user)` (a LoraState) of the
@@ -247,16 +289,18 @@ class Judge:
         return shares
 
 
-def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
+def sweep_configs(run: Path, configs: list, intervals: bool = False) -> list[dict]:
     """The run's stored adapters re-compressed and published with each CompressionConfig;
-    per config the storage ratio and the shares of both gains the published adapters keep."""
+    per config the storage ratio and the shares of both gains the published adapters keep
+    (with `intervals`, the median significant share's interval too: each such user's
+    published, global and personal adapters scored block by block)."""
     import shutil
 
     from soppu.adapters import read_lora
     from soppu.server.compression_round import compress_and_publish
     from soppu.server.store import RunFolder, snapshot
 
-    judge = Judge(run, max_eval_tokens)
+    judge = Judge(run)
     scratch = run / "sweep"
     shutil.rmtree(scratch, ignore_errors=True)
     paths = snapshot(RunFolder(run), scratch / "adapters")
@@ -264,7 +308,8 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
     for i, compression in enumerate(configs):
         store = scratch / f"c{i}"
         version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
-        shares = judge.shares(lambda user, v=version: read_lora(v / "users" / user))
+        published = lambda user, v=version: read_lora(v / "users" / user)  # noqa: E731
+        shares = judge.shares(published)
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         rows.append(
             {
@@ -274,6 +319,9 @@ def sweep_configs(run: Path, configs: list, max_eval_tokens: int) -> list[dict]:
                 "ratio": totals["ratio"],
                 "error_mean": totals["mean"],
                 **share_summaries(shares),
+                "kept_over_global_significant_interval": (
+                    judge.median_kept_interval(published) if intervals else None
+                ),
             }
         )
         what = f"rank {compression.rank}" if compression.rank else f"energy {compression.energy}"

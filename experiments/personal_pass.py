@@ -35,13 +35,13 @@ from soppu import atomic
 from soppu import emulator as E
 from soppu.personalize import personalize
 from soppu.server.evaluation import relative_gain
-from soppu.server.prepare_run import public_for, round_correction, stored_config
+from soppu.server.prepare_run import public_for, round_correction
 from soppu.server.store import RunFolder
 
 
 def measure(run: Path, steps: int, lr: float | None = None, users: int | None = None) -> dict:
     folder = RunFolder(run)
-    judge = Judge(run, stored_config(folder).max_eval_tokens)
+    judge = Judge(run)
     emulator, info = E.load(folder.emulator)
     start = folder.global_adapter()
     if start is None:

@@ -39,7 +39,7 @@ from soppu.adapters import LoraState
 from soppu.personalize import personalize
 from soppu.server.evaluation import relative_gain
 from soppu.server.federation import checked_metrics
-from soppu.server.prepare_run import public_for, round_correction, stored_config
+from soppu.server.prepare_run import public_for, round_correction
 from soppu.server.schemes import Robustness, robust_mean
 from soppu.server.store import RunFolder
 
@@ -138,7 +138,7 @@ def main() -> None:
     if target.is_file() and json.loads(target.read_text())["rules"] != rules:
         sys.exit(f"{target} holds a run of other rules; choose another --name")
     # the blocks (and cap) the run's own evaluation judged base and served on
-    judge = Judge(run, stored_config(RunFolder(run)).final_eval_tokens)
+    judge = Judge(run)
     cache = RUNS / f"poisoning-{run.name}-steps{args.steps}.pt"  # the honest rounds, once
     if cache.is_file():
         rounds = torch.load(cache, weights_only=False)

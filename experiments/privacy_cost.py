@@ -55,7 +55,7 @@ def main() -> None:
         sys.exit(f"{cache}: no honest round; run experiments/poisoning.py --run {run} first")
     replies = torch.load(cache, weights_only=False)[0]
     rounds = stored_config(RunFolder(run)).rounds + 1
-    judge = Judge(run, stored_config(RunFolder(run)).final_eval_tokens)
+    judge = Judge(run)
     norms = [_norm(_update(trained, start)) for trained, start, _ in replies.values()]
     clip = statistics.median(norms)
     rows = [

@@ -145,3 +145,31 @@ def test_a_share_is_the_set_of_shares_the_paired_test_does_not_reject():
     kept = paired_share(reference, half, clear, tokens)
     assert kept.point == pytest.approx((1 - math.exp(-0.1)) / (1 - math.exp(-0.2)), rel=1e-9)
     assert kept.low < kept.point < kept.high < 0.8
+
+
+def test_a_median_share_over_users_has_the_hand_computed_interval():
+    """One user as in the hand-computed share above: the median is that user's share, and its
+    interval the extreme resamples' ratios (each 25% likely). Users whose part is their whole
+    (share 1 in every resample) or their reference (0) pin the median exactly."""
+    from soppu.intervals import median_share
+
+    reference = torch.tensor([30.0, 20.0], dtype=torch.float64)
+    part = torch.tensor([29.0, 19.5], dtype=torch.float64)
+    whole = torch.tensor([28.0, 18.0], dtype=torch.float64)
+    counts = torch.tensor([10, 10])
+
+    def ratio(part_saved: float) -> float:
+        return (1 - math.exp(-part_saved / 20)) / (1 - math.exp(-4 / 20))
+
+    alone = median_share([(reference, part, whole, counts)], resamples=20_000)
+    assert alone.point == pytest.approx(ratio(1.5), abs=1e-12)
+    assert alone.low == pytest.approx(ratio(1.0), abs=1e-12)
+    assert alone.high == pytest.approx(ratio(2.0), abs=1e-12)
+    kept, lost = (reference, whole, whole, counts), (reference, reference, whole, counts)
+    assert median_share([kept, lost, kept]).as_dict() == {"point": 1.0, "low": 1.0, "high": 1.0}
+    two = median_share([kept, lost]).as_dict()  # an even count: the middle two's mean
+    assert two == {"point": 0.5, "low": 0.5, "high": 0.5}
+    with pytest.raises(ValueError, match="no users"):
+        median_share([])
+    with pytest.raises(ValueError, match="user 1"):
+        median_share([kept, (reference, part[:1], whole, counts)])

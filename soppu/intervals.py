@@ -149,6 +149,8 @@ def median_share(
             1.0 - math.exp(float((m.double() - reference.double()).sum()) / tokens)
             for m in (part, whole)
         )
+        if gain_whole <= 0:
+            raise ValueError(f"user {i}: the whole gains nothing over the reference")
         points.append(gain_part / gain_whole)
     medians = torch.quantile(torch.stack(resampled), 0.5, dim=0)  # the mean of the middle two
     point = float(torch.quantile(torch.tensor(points, dtype=torch.float64), 0.5))

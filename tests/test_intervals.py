@@ -173,3 +173,5 @@ def test_a_median_share_over_users_has_the_hand_computed_interval():
         median_share([])
     with pytest.raises(ValueError, match="user 1"):
         median_share([kept, (reference, part[:1], whole, counts)])
+    with pytest.raises(ValueError, match="user 0: the whole gains nothing"):
+        median_share([(reference, part, reference, counts)])

@@ -153,6 +153,7 @@ STORE_CASES = [
     ("deeply nested", lambda s: (s / "manifest.json").write_text(NESTED), "nested too deeply"),
     ("slot file changed", lambda s: next((s / "slots").iterdir()).write_bytes(b"x"), "checksum"),
     ("codes of no width", edit_manifest(lambda m: m["slots"][0].update(bits=5)), "bits 5"),
+    ("an unknown codec", edit_manifest(lambda m: m["slots"][0].update(codec="lz4")), "'lz4'"),
 ]
 
 

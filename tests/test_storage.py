@@ -168,3 +168,28 @@ def test_a_format_one_store_with_raw_codes_reads_the_same_and_grows_into_format_
         for t in load_file(tmp_path / "grown" / entry["file"]).values()
     )
     assert grown["totals"]["bytes_after"] == written
+
+
+def test_four_bit_cores_that_do_not_inflate_are_refused_naming_the_file(tmp_path):
+    """A slot file whose checksum matches (written so) but whose cores' codes are cut short:
+    the bases read, and the first core read says which file is bad."""
+    from safetensors.torch import load_file, save_file
+
+    from soppu.atomic import sha256
+    from soppu.server.compressed_store import StoreError
+
+    paths = write_users(tmp_path / "adapters", tiny_population(4, k=4, layers=1), rank=4, alpha=8)
+    compress_adapters(paths, tmp_path / "store", CompressionConfig(rank=6, bits=4))
+    store = CompressedStore(tmp_path / "store")
+    manifest = store.manifest()
+    entry = manifest["slots"][0]
+    path = tmp_path / "store" / entry["file"]
+    tensors = load_file(path)
+    name = next(k for k in tensors if k.startswith("core") and k.endswith(".codes"))
+    tensors[name] = tensors[name][:-4].clone()
+    save_file(tensors, path)
+    entry["sha256"] = sha256(path)
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    slot = store.slot(store.verified()["slots"][0])
+    with pytest.raises(StoreError, match=f"{path}: cannot read item 0's core .*inflate"):
+        slot.core(0)

@@ -170,4 +170,7 @@ class StoredSlot:
 
     def core(self, index: int) -> Tensor:
         """Item `index`'s r_U × r_V core in the orthonormal bases (Qu, Qv)."""
-        return self.reader.core(index)
+        try:  # cores decode on first use: a bad one is found here, not on opening
+            return self.reader.core(index)
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"{self.path}: cannot read item {index}'s core ({exc})") from exc

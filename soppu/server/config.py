@@ -365,11 +365,12 @@ class CompressionSettings:
         flag="rank",
         key="compress_rank",
     )
-    # 0.97 and 4 bits, measured (experiments/compression_defaults.py) on the default's adapters
-    # of five populations: 21.6–34.7× the float32 adapters, keeping 96–155% (median over the
-    # users whose personal gain over the global adapter is significant) of that gain and
-    # 98–105% of the gain over the base model; 0.98 and 8 bits kept as much at 9.5–14.0×. The
-    # 4-bit codes double the reconstruction error (≈ 0.27 against 0.14) but not the loss of gain
+    # 0.97 and 4 bits (Huffman-coded), measured (experiments/compression_defaults.py, name
+    # s18-deflate) on local-prox's adapters of six populations: 23.3–38.3× the float32
+    # adapters, keeping 91.0–103.9% (median over the users whose personal gain over the global
+    # adapter is significant) of that gain and 98–102% of the gain over the base model; 0.975
+    # and 0.98 kept no more where shares are tight (the roles). The 4-bit codes double the
+    # reconstruction error (≈ 0.27 against 0.14) but not the loss of gain
     energy: float = setting(
         0.97,
         "Compression: share of the energy kept (when no --rank).",

@@ -65,6 +65,9 @@ def test_corrupt_or_overlong_four_bit_codes_are_refused():
             Quantized.unpacked(codes, q.scales, 4, shape, codec)
     with pytest.raises(ValueError, match="codec"):
         Quantized.unpacked(q.packed(), q.scales, 4, shape, "lz4")
+    eight = quantize(torch.randn(64, 8), 8, 0)
+    with pytest.raises(ValueError, match="8-bit codes are stored raw"):
+        Quantized.unpacked(eight.packed(), eight.scales, 8, shape, "deflate")
 
 
 def test_eight_bit_storage_is_smaller_at_little_error_and_reads_back_exactly():

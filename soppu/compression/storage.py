@@ -90,6 +90,8 @@ class Quantized:
         if codec not in CODECS:
             raise ValueError(f"codec {codec!r} is not one of {CODECS}")
         if bits != 4:
+            if codec != "raw":
+                raise ValueError(f"{bits}-bit codes are stored raw, not {codec!r}")
             return Quantized(codes, scales, bits)
         if codec == "deflate":
             codes = _inflate(codes, (_numel(shape) + 1) // 2)

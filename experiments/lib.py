@@ -241,10 +241,13 @@ class Judge:
         from soppu.server.store import RunFolder
 
         folder = RunFolder(self.run)
+        global_lora = folder.global_adapter()
+        if global_lora is None:  # a scheme without one: no gain over it to keep
+            return None
         scored = []
         for user in self.significant_users():
             if user not in self._references:  # the run's own adapters, scored once
-                global_nll = self.block_nll(user, folder.global_adapter())[0]
+                global_nll = self.block_nll(user, global_lora)[0]
                 personal_nll, counts = self.block_nll(user, read_lora(folder.store / user))
                 self._references[user] = (global_nll, personal_nll, counts)
             global_nll, personal_nll, counts = self._references[user]
@@ -274,11 +277,11 @@ class Judge:
             "kept_over_global": [],
             "kept_over_global_significant": [],
         }
+        winners = set(self.significant_users())
         for user, row in self.evaluation.items():
             ppl = self.perplexity(user, lora_of(user))
             over_global = gain_kept(row["global"], row["personal"], ppl)
-            verdict = row.get("gains", {}).get("personal_over_global", {}).get("verdict")
-            significant = verdict == "better"
+            significant = user in winners
             for key, share in (
                 ("kept", gain_kept(row["base"], row["personal"], ppl)),
                 ("kept_over_global", over_global),
@@ -308,7 +311,10 @@ def sweep_configs(run: Path, configs: list, intervals: bool = False) -> list[dic
     for i, compression in enumerate(configs):
         store = scratch / f"c{i}"
         version = compress_and_publish(paths, store, scratch / f"serving-c{i}", compression)
-        published = lambda user, v=version: read_lora(v / "users" / user)  # noqa: E731
+
+        def published(user: str, version: Path = version):
+            return read_lora(version / "users" / user)
+
         shares = judge.shares(published)
         totals = json.loads((store / "manifest.json").read_text())["totals"]
         rows.append(
